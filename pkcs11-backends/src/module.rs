@@ -1,0 +1,131 @@
+//! The process-wide registry of loaded PKCS#11 modules.
+//!
+//! A module is loaded and C_Initialize'd **once per process** per path (concurrent C_Initialize
+//! crashes some modules, SoftHSM2 among them), with OS locking allowed, tolerating
+//! CKR_CRYPTOKI_ALREADY_INITIALIZED (another component of the process got there first).
+//!
+//! [`Module::reinitialize`] is the hook for a token that was pulled and re-inserted (krill's approach):
+//! C_Finalize + C_Initialize on the same loaded library. Every re-initialisation bumps the module's
+//! *generation*; sessions remember the generation they were opened in and refuse to run (kind
+//! `Stale`) once it changed, so no call ever reaches the library with a handle from before.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, RwLock, RwLockReadGuard};
+
+use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
+use cryptoki::error::RvError;
+
+use crate::error::{Error, ErrorKind, Result};
+
+pub(crate) struct ModuleState {
+    pub(crate) ctx: Pkcs11,
+    pub(crate) generation: u64,
+}
+
+/// One loaded PKCS#11 library, shared by every token on it in this process.
+pub struct Module {
+    path: PathBuf,
+    state: RwLock<ModuleState>,
+    /// Serialises administrative operations (C_InitToken and friends) in this process.
+    admin: Mutex<()>,
+}
+
+impl std::fmt::Debug for Module {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Module")
+            .field("path", &self.path)
+            .finish_non_exhaustive()
+    }
+}
+
+fn registry() -> &'static Mutex<HashMap<PathBuf, Arc<Module>>> {
+    static REGISTRY: OnceLock<Mutex<HashMap<PathBuf, Arc<Module>>>> = OnceLock::new();
+    REGISTRY.get_or_init(|| Mutex::new(HashMap::new()))
+}
+
+fn initialize(ctx: &Pkcs11) -> Result<()> {
+    match ctx.initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK)) {
+        Ok(()) => Ok(()),
+        Err(cryptoki::error::Error::Pkcs11(RvError::CryptokiAlreadyInitialized, _)) => {
+            tracing::debug!("PKCS#11 library already initialised in this process; sharing it");
+            Ok(())
+        }
+        Err(e) => Err(Error::pkcs11("C_Initialize failed", e)),
+    }
+}
+
+impl Module {
+    /// The module at `path`, loading and initialising it on first use in this process.
+    pub fn get(path: &Path) -> Result<Arc<Module>> {
+        let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = reg.get(path) {
+            return Ok(m.clone());
+        }
+        if !path.exists() {
+            return Err(Error::new(
+                ErrorKind::ModuleLoad,
+                format!("PKCS#11 module {} does not exist", path.display()),
+            ));
+        }
+        let ctx = Pkcs11::new(path).map_err(|e| {
+            Error::pkcs11(format!("cannot load PKCS#11 module {}", path.display()), e)
+        })?;
+        initialize(&ctx)?;
+        let m = Arc::new(Module {
+            path: path.to_path_buf(),
+            state: RwLock::new(ModuleState { ctx, generation: 0 }),
+            admin: Mutex::new(()),
+        });
+        reg.insert(path.to_path_buf(), m.clone());
+        tracing::info!(module = %path.display(), "PKCS#11 module loaded and initialised");
+        Ok(m)
+    }
+
+    /// The module's path.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The library's manufacturer and description (C_GetInfo), e.g. ("SoftHSM", "Implementation of PKCS11").
+    pub fn library_info(&self) -> Result<(String, String)> {
+        let st = self.read();
+        let info = st
+            .ctx
+            .get_library_info()
+            .map_err(|e| Error::pkcs11("C_GetInfo failed", e))?;
+        Ok((
+            info.manufacturer_id().trim().to_string(),
+            info.library_description().trim().to_string(),
+        ))
+    }
+
+    pub(crate) fn read(&self) -> RwLockReadGuard<'_, ModuleState> {
+        self.state.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn admin_lock(&self) -> MutexGuard<'_, ()> {
+        self.admin.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current generation (bumped by every re-initialisation).
+    pub fn generation(&self) -> u64 {
+        self.read().generation
+    }
+
+    /// Re-initialises the library (C_Finalize + C_Initialize) if it is still at `seen_generation`;
+    /// if another thread already did it, does nothing. Every session opened before becomes stale and
+    /// must be re-opened. Waits for calls in flight on other sessions to finish first.
+    pub fn reinitialize(&self, seen_generation: u64) -> Result<()> {
+        let mut st = self.state.write().unwrap_or_else(|p| p.into_inner());
+        if st.generation != seen_generation {
+            return Ok(());
+        }
+        tracing::warn!(module = %self.path.display(), "re-initialising the PKCS#11 library");
+        if let Err(e) = st.ctx.clone().finalize() {
+            tracing::warn!(error = %e, "C_Finalize failed during re-initialisation; continuing");
+        }
+        st.generation += 1;
+        initialize(&st.ctx)
+    }
+}

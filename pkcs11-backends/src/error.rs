@@ -108,12 +108,15 @@ impl RvClass {
 /// The classification table. Every CK_RV not listed as transient is permanent.
 ///
 /// Decisions worth explaining:
-/// - `CKR_GENERAL_ERROR` is **transient (re-initialise)**. The spec calls it unrecoverable *for the
-///   library instance*, and network HSM clients return it when the link to the appliance dropped. The
-///   only recovery short of restarting the process is C_Finalize/C_Initialize, which the layer can do;
-///   signing is idempotent so a bounded retry cannot do harm, while calling it permanent would fail
-///   requests that a re-initialisation fixes. Callers must bound retries (and must not blindly retry
-///   key generation, which is not idempotent).
+/// - `CKR_GENERAL_ERROR` is **transient, recovery: re-open the session** (retry once on a fresh
+///   session; if it persists, escalate to re-initialising the library or report it). Network HSM
+///   clients return it when the link to the appliance dropped, and signing is idempotent, so a bounded
+///   retry cannot do harm while calling it permanent would fail requests that a fresh session fixes.
+///   But it is not *re-initialise* straight away: SoftHSM2 also answers plain request errors with it
+///   (a key-type/mechanism mismatch at C_Sign returns CKR_GENERAL_ERROR, found by our tests), and a
+///   re-initialisation disturbs every session in the process. The layer checks key type and
+///   algorithm before calling the token, so such requests do not reach it. Callers must bound
+///   retries (and must not blindly retry key generation, which is not idempotent).
 /// - `CKR_FUNCTION_FAILED` is **transient (retry)**: the spec says the same call may succeed again.
 /// - `CKR_SESSION_COUNT` is **transient (retry)**: another session may close; back off first.
 /// - `CKR_USER_NOT_LOGGED_IN` and `CKR_OPERATION_ACTIVE` are **transient (re-open)**: a token that was
@@ -129,9 +132,9 @@ pub fn classify_rv(rv: RvError) -> RvClass {
         RvError::DeviceError
         | RvError::DeviceRemoved
         | RvError::TokenNotPresent
-        | RvError::GeneralError
         | RvError::CryptokiNotInitialized => RvClass::Reinitialize,
-        RvError::SessionClosed
+        RvError::GeneralError
+        | RvError::SessionClosed
         | RvError::SessionHandleInvalid
         | RvError::UserNotLoggedIn
         | RvError::OperationActive
@@ -331,7 +334,7 @@ mod tests {
         (RvError::DeviceError, RvClass::Reinitialize),
         (RvError::DeviceRemoved, RvClass::Reinitialize),
         (RvError::TokenNotPresent, RvClass::Reinitialize),
-        (RvError::GeneralError, RvClass::Reinitialize),
+        (RvError::GeneralError, RvClass::ReopenSession),
         (RvError::CryptokiNotInitialized, RvClass::Reinitialize),
         (RvError::SessionClosed, RvClass::ReopenSession),
         (RvError::SessionHandleInvalid, RvClass::ReopenSession),

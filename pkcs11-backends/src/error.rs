@@ -299,11 +299,7 @@ impl fmt::Display for Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.message)?;
         if let Some(rv) = self.rv() {
-            write!(f, " ({rv:?}")?;
-            if self.kind == ErrorKind::NotSupported {
-                f.write_str(": not supported by this token")?;
-            }
-            f.write_str(")")?;
+            write!(f, ": {} ({rv:?})", self.kind)?;
         } else if let Some(src) = &self.source {
             write!(f, ": {src}")?;
         }

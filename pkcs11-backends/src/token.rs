@@ -18,6 +18,17 @@ use crate::session::TokenSession;
 /// The default module path (SoftHSM2 on Debian/Ubuntu).
 pub const DEFAULT_MODULE: &str = "/usr/lib/softhsm/libsofthsm2.so";
 
+/// The mechanisms the layer uses, checked once when a token is opened.
+const LAYER_MECHANISMS: [MechanismType; 7] = [
+    MechanismType::ECC_KEY_PAIR_GEN,
+    MechanismType::ECDSA,
+    MechanismType::RSA_PKCS_KEY_PAIR_GEN,
+    MechanismType::RSA_PKCS,
+    MechanismType::RSA_PKCS_PSS,
+    MechanismType::ECC_EDWARDS_KEY_PAIR_GEN,
+    MechanismType::EDDSA,
+];
+
 /// Which token on the module.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TokenSelector {
@@ -268,12 +279,11 @@ impl Token {
                 Profile::detect(&lm, &ld, &summary.manufacturer, &summary.model)
             }
         };
-        let mechanisms = module
-            .read()
-            .ctx
-            .get_mechanism_list(slot)
-            .map_err(|e| Error::pkcs11("C_GetMechanismList failed", e))?
+        // Ask for the mechanisms the layer uses one by one (C_GetMechanismInfo): the full
+        // C_GetMechanismList makes cryptoki log an error for every vendor mechanism it does not know.
+        let mechanisms = LAYER_MECHANISMS
             .into_iter()
+            .filter(|m| module.read().ctx.get_mechanism_info(slot, *m).is_ok())
             .collect();
         let token = Token {
             inner: Arc::new(TokenInner {
@@ -321,9 +331,17 @@ impl Token {
         self.slot().id()
     }
 
-    /// Whether the token lists `mechanism`.
+    /// Whether the token supports `mechanism` (C_GetMechanismInfo; cached for the layer's own).
     pub fn has_mechanism(&self, mechanism: MechanismType) -> bool {
-        self.inner.mechanisms.contains(&mechanism)
+        if LAYER_MECHANISMS.contains(&mechanism) {
+            return self.inner.mechanisms.contains(&mechanism);
+        }
+        self.inner
+            .module
+            .read()
+            .ctx
+            .get_mechanism_info(self.slot(), mechanism)
+            .is_ok()
     }
 
     /// Why this token cannot generate and sign with `key_type`, if it cannot: the profile's known
@@ -347,7 +365,7 @@ impl Token {
         };
         for m in [gen_mech, sign_mech] {
             if !self.has_mechanism(m) {
-                return Some(format!("the token does not list {m}"));
+                return Some(format!("the token does not support {m}"));
             }
         }
         if let Some(bits) = key_type.rsa_bits()

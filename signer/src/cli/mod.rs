@@ -1,0 +1,91 @@
+//! signet's command line (clap derive).
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+mod token;
+
+/// signet: a high-throughput signing appliance for SPIFFE identities, CA keys in PKCS#11 tokens.
+#[derive(Debug, Parser)]
+#[command(name = "signet", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage PKCS#11 tokens and the keys on them.
+    Token(token::TokenCli),
+}
+
+/// Parses the command line, runs it, and reports errors on stderr with a non-zero exit status.
+pub fn main() -> ExitCode {
+    let _ = tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .try_init();
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Token(t) => token::run(t),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e}");
+            e.exit_code()
+        }
+    }
+}
+
+/// A CLI failure: a message and an exit status.
+#[derive(Debug)]
+pub struct CliError {
+    message: String,
+    code: u8,
+}
+
+impl CliError {
+    fn new(message: impl Into<String>) -> Self {
+        CliError {
+            message: message.into(),
+            code: 1,
+        }
+    }
+
+    fn exit_code(&self) -> ExitCode {
+        ExitCode::from(self.code)
+    }
+}
+
+impl std::fmt::Display for CliError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl From<signet_pkcs11::Error> for CliError {
+    fn from(e: signet_pkcs11::Error) -> Self {
+        use signet_pkcs11::ErrorKind;
+        // 2 is clap's usage error; 3: authentication (PIN); 4: not found; 1: anything else.
+        let code = match e.kind() {
+            ErrorKind::PinIncorrect | ErrorKind::PinLocked | ErrorKind::PinUnavailable => 3,
+            ErrorKind::TokenNotFound | ErrorKind::KeyNotFound => 4,
+            _ => 1,
+        };
+        CliError {
+            message: e.to_string(),
+            code,
+        }
+    }
+}
+
+impl From<std::io::Error> for CliError {
+    fn from(e: std::io::Error) -> Self {
+        CliError::new(format!("I/O error: {e}"))
+    }
+}

@@ -58,15 +58,17 @@ fn initialize(ctx: &Pkcs11) -> Result<()> {
 impl Module {
     /// The module at `path`, loading and initialising it on first use in this process.
     pub fn get(path: &Path) -> Result<Arc<Module>> {
-        let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(m) = reg.get(path) {
-            return Ok(m.clone());
-        }
-        if !path.exists() {
+        // Keyed by the canonical path, so that two spellings of one library share one context.
+        let Ok(path) = std::fs::canonicalize(path) else {
             return Err(Error::new(
                 ErrorKind::ModuleLoad,
                 format!("PKCS#11 module {} does not exist", path.display()),
             ));
+        };
+        let path = path.as_path();
+        let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(m) = reg.get(path) {
+            return Ok(m.clone());
         }
         let ctx = Pkcs11::new(path).map_err(|e| {
             Error::pkcs11(format!("cannot load PKCS#11 module {}", path.display()), e)

@@ -34,6 +34,11 @@ static EPOCHS: AtomicU64 = AtomicU64::new(1);
 
 /// A logged-in R/W session on a token. `Send`, not `Sync`: one per worker thread (see the module
 /// docs). Closed (and, if it is the application's last session on the token, logged out) on drop.
+///
+/// ```compile_fail
+/// fn shared_between_threads<T: Sync>() {}
+/// shared_between_threads::<signet_pkcs11::TokenSession>(); // not Sync: one session per thread
+/// ```
 pub struct TokenSession {
     token: Token,
     session: Option<Session>,

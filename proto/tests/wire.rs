@@ -2,6 +2,8 @@
 //! types, read back from the compiled descriptors; byte-level encodings of a few messages; and a round trip
 //! of the generated client and server over loopback gRPC.
 
+#![allow(clippy::expect_used, clippy::unwrap_used, clippy::panic)] // test code: a failed expectation is the test failing
+
 use prost::Message;
 use prost_types::field_descriptor_proto::Type;
 use prost_types::{DescriptorProto, FileDescriptorSet};

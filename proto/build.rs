@@ -1,0 +1,35 @@
+//! Compiles the .proto files with protox (a protobuf compiler in pure Rust, so no `protoc` is needed on the
+//! machine) and generates prost messages and tonic clients and servers from the result. The encoded file
+//! descriptor set is written next to the generated code for gRPC server reflection.
+
+use std::path::PathBuf;
+
+const PROTOS: &[&str] = &[
+    "spire/plugin/types/x509certificate.proto",
+    "spire/plugin/types/jwtkey.proto",
+    "spire/plugin/server/upstreamauthority/v1/upstreamauthority.proto",
+    "spire/plugin/server/keymanager/v1/keymanager.proto",
+    "spire/service/common/config/v1/config.proto",
+    "spire/service/private/init/v1/init.proto",
+    "plugin/go_plugin.proto",
+    "signet/v1/signet.proto",
+];
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("proto");
+    let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    let files: Vec<PathBuf> = PROTOS.iter().map(|p| root.join(p)).collect();
+    for file in &files {
+        println!("cargo:rerun-if-changed={}", file.display());
+    }
+    let fds = protox::compile(&files, [&root])?;
+    std::fs::write(
+        out_dir.join("signet_descriptor.bin"),
+        prost::Message::encode_to_vec(&fds),
+    )?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

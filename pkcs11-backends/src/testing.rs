@@ -28,10 +28,19 @@ pub const USER_PIN: &str = "1234";
 /// The SO PIN of test tokens.
 pub const SO_PIN: &str = "12345678";
 
-/// Whether SoftHSM2 is installed; if not, prints a loud SKIP line naming `test`.
+/// Set in the environment (the test script does) to make a missing SoftHSM2 fail the tests instead of
+/// skipping them, so that a suite which ran without its token can never pass.
+pub const REQUIRE_ENV: &str = "SIGNET_REQUIRE_SOFTHSM";
+
+/// Whether SoftHSM2 is installed; if not, prints a loud SKIP line naming `test`, or panics when
+/// [`REQUIRE_ENV`] is set.
 pub fn softhsm_available(test: &str) -> bool {
     if Path::new(SOFTHSM_MODULE).exists() {
         true
+    } else if std::env::var_os(REQUIRE_ENV).is_some() {
+        panic!(
+            "{test}: SoftHSM2 is required ({REQUIRE_ENV} is set) but {SOFTHSM_MODULE} is missing"
+        );
     } else {
         eprintln!(
             "SKIP {test}: SoftHSM2 is not installed ({SOFTHSM_MODULE} missing); install the softhsm2 package (./scripts/test does)"

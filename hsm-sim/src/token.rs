@@ -1214,7 +1214,8 @@ impl Device {
             attrs.entry(CKA_LABEL).or_default();
             attrs.entry(CKA_ID).or_default();
             attrs.entry(CKA_MODIFIABLE).or_insert_with(|| b(true));
-            attrs.entry(CKA_DERIVE).or_insert_with(|| b(false));
+            // The token offers no key derivation, whatever the template asked for.
+            attrs.insert(CKA_DERIVE, b(false));
             if let Some(p) = &ec_params {
                 attrs.insert(CKA_EC_PARAMS, p.clone());
             }

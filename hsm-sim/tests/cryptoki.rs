@@ -3,6 +3,12 @@
 //! gets its own environment and its own copy of the module, and so a restart is a real new process.
 //! Signatures are verified with ring.
 
+#![allow(
+    clippy::expect_used,
+    clippy::unwrap_used,
+    reason = "test code: a failed expectation is a failed test"
+)]
+
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error, RvError};
 use cryptoki::mechanism::Mechanism;

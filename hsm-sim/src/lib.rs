@@ -31,6 +31,20 @@
 //! sessions, corrupt signatures. Set them in the configuration or, while a process runs, with
 //! [`control::Control`], which writes the control file and reads back [`faults::Counters`].
 //!
+//! # Loading it
+//! - As a module file: `Pkcs11::new(path_to_libhsm_sim.so)`. Cargo builds the cdylib next to the rlib
+//!   (`target/<profile>/libhsm_sim.so` for this package, `target/<profile>/deps/libhsm_sim.so` when another
+//!   package depends on it).
+//! - Embedded in a binary: depend on this crate, reference [`C_GetFunctionList`] so the linker keeps it, and
+//!   export that one symbol from the executable, e.g. in the binary's `build.rs`:
+//!   `cargo:rustc-link-arg-bins=-Wl,--export-dynamic-symbol=C_GetFunctionList` (GNU ld 2.35+ or lld). Then
+//!   `Pkcs11::new_from_self()` finds it. Without the export it fails with "Missing PKCS#11 symbol".
+//!   Only `C_GetFunctionList` is exported; the function list points at private functions, so a vendor module
+//!   loaded beside it keeps its own entry points.
+//!
+//! The module holds one device per process (C_Initialize / C_Finalize as PKCS#11 says). Token files are meant
+//! for one process at a time: a second process sees objects created by the first only after it re-initialises.
+//!
 //! # Layout
 //! [`token::Device`] is the whole token in safe Rust; [`crypto`] the keys and mechanisms; [`store`] the sealed
 //! files; [`limiter`] the rate limit; the `ffi` module is the C ABI and the only place with `unsafe`.
@@ -44,6 +58,10 @@ pub mod limiter;
 pub mod rv;
 pub mod store;
 pub mod token;
+
+/// The PKCS#11 entry point, re-exported so a binary that embeds hsm-sim links it in (see the crate docs on
+/// `Pkcs11::new_from_self`).
+pub use ffi::C_GetFunctionList;
 
 pub use config::Config;
 pub use control::Control;

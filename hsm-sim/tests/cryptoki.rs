@@ -75,8 +75,14 @@ fn run_child(test: &str, env: &[(&str, &Path)], extra: &[(&str, &str)]) {
     );
 }
 
+/// The `child_*` tests only make sense in the process their parent test starts with the module's environment.
 fn in_child() -> bool {
-    std::env::var_os("HSM_SIM_MODULE").is_some()
+    let yes = std::env::var_os("HSM_SIM_MODULE").is_some();
+    assert!(
+        yes,
+        "this test is a step of another test that runs it in a child process; run that one instead"
+    );
+    yes
 }
 
 fn load() -> Pkcs11 {

@@ -288,7 +288,7 @@ impl Faults {
         };
         if corrupt && !signature.is_empty() {
             // Flip one bit in the middle: same length, still well-formed, does not verify.
-            let i = signature.len() / 2 - 1;
+            let i = (signature.len() / 2).saturating_sub(1);
             signature[i] ^= 0x01;
             self.counters.corrupted_signatures += 1;
             self.dirty = true;

@@ -19,8 +19,14 @@ impl TokenBucket {
     /// A full bucket refilled at `rate_per_sec`, holding at most `burst` permits (at least one).
     pub fn new(rate_per_sec: f64, burst: u64, now: Instant) -> TokenBucket {
         let burst = (burst.max(1)) as f64;
+        // Below one signature a day the bucket is as good as closed; the floor keeps the arithmetic finite.
+        let rate = if rate_per_sec.is_finite() {
+            rate_per_sec.max(1e-6)
+        } else {
+            1e-6
+        };
         TokenBucket {
-            rate: rate_per_sec.max(f64::MIN_POSITIVE),
+            rate,
             burst,
             tokens: burst,
             last: now,
@@ -43,7 +49,7 @@ impl TokenBucket {
         if self.tokens >= 0.0 {
             Duration::ZERO
         } else {
-            Duration::from_secs_f64(-self.tokens / self.rate)
+            Duration::try_from_secs_f64(-self.tokens / self.rate).unwrap_or(Duration::MAX)
         }
     }
 

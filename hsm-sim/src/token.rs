@@ -1106,7 +1106,7 @@ impl Device {
             .find
             .as_mut()
             .ok_or(Rv(CKR_OPERATION_NOT_INITIALIZED))?;
-        let end = (*pos + max).min(found.len());
+        let end = pos.saturating_add(max).min(found.len());
         let out = found[*pos..end].to_vec();
         *pos = end;
         Ok(out)

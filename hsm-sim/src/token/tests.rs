@@ -428,6 +428,20 @@ fn token_keys_persist_across_reopen_and_need_the_pin() {
     UnparsedPublicKey::new(&rs::ECDSA_P256_SHA256_FIXED, &point)
         .verify(msg, &sig)
         .unwrap();
+    // A private object's label change is sealed and survives another restart (a read-only session may not).
+    assert_eq!(
+        d.set_attributes(s, keys[0], &[(CKA_LABEL, b"x".to_vec())]),
+        Err(Rv(CKR_SESSION_READ_ONLY))
+    );
+    let rw = d.open_session(true).unwrap();
+    d.set_attributes(rw, keys[0], &[(CKA_LABEL, b"ca-root-2026".to_vec())])
+        .unwrap();
+    drop(d);
+    let d = Device::open(config(dir.path())).unwrap();
+    let s = d.open_session(true).unwrap();
+    d.login(s, CKU_USER, USER_PIN).unwrap();
+    let keys = find(&d, s, &label("ca-root-2026"));
+    assert_eq!(keys.len(), 1);
     // Logging out hides it again; the handle is no longer usable.
     d.logout(s).unwrap();
     assert_eq!(find(&d, s, &label("ca-root")).len(), 0);

@@ -988,6 +988,64 @@ mod tests {
     use super::*;
 
     #[test]
+    fn before_initialize_and_bad_initialize_arguments() {
+        // This is the only test in the crate that touches the module-wide device; it never initialises it.
+        let list = unsafe {
+            let mut p: *mut CK_FUNCTION_LIST = std::ptr::null_mut();
+            assert_eq!(C_GetFunctionList(&mut p), CKR_OK);
+            &*p
+        };
+        assert_eq!((list.version.major, list.version.minor), (2, 40));
+        unsafe {
+            let mut count: CK_ULONG = 0;
+            assert_eq!(
+                list.C_GetSlotList.unwrap()(1, std::ptr::null_mut(), &mut count),
+                CKR_CRYPTOKI_NOT_INITIALIZED
+            );
+            assert_eq!(
+                list.C_Finalize.unwrap()(std::ptr::null_mut()),
+                CKR_CRYPTOKI_NOT_INITIALIZED
+            );
+            assert_eq!(
+                list.C_Encrypt.unwrap()(
+                    0,
+                    std::ptr::null_mut(),
+                    0,
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut()
+                ),
+                CKR_CRYPTOKI_NOT_INITIALIZED
+            );
+            let mut reserved = 0u8;
+            let mut args = CK_C_INITIALIZE_ARGS {
+                CreateMutex: None,
+                DestroyMutex: None,
+                LockMutex: None,
+                UnlockMutex: None,
+                flags: CKF_OS_LOCKING_OK,
+                pReserved: (&mut reserved as *mut u8).cast(),
+            };
+            let p = (&mut args as *mut CK_C_INITIALIZE_ARGS).cast();
+            assert_eq!(
+                list.C_Initialize.unwrap()(p),
+                CKR_ARGUMENTS_BAD,
+                "pReserved must be null"
+            );
+            args.pReserved = std::ptr::null_mut();
+            unsafe extern "C" fn create(_: *mut *mut c_void) -> CK_RV {
+                CKR_OK
+            }
+            args.CreateMutex = Some(create);
+            let p = (&mut args as *mut CK_C_INITIALIZE_ARGS).cast();
+            assert_eq!(
+                list.C_Initialize.unwrap()(p),
+                CKR_ARGUMENTS_BAD,
+                "all four mutex callbacks or none"
+            );
+        }
+    }
+
+    #[test]
     fn two_call_convention_for_bytes() {
         let data = [1u8, 2, 3, 4];
         let mut len: CK_ULONG = 0;

@@ -49,6 +49,7 @@ fn fixture() -> Fixture {
         subject,
         ttl: Duration::from_secs(86400),
         path_len: None,
+        subject_der: None,
     };
     let root =
         Authority::self_signed_root(root_key.clone(), &req, OffsetDateTime::now_utc()).unwrap();

@@ -627,6 +627,21 @@ fn faulty_and_failing_keys() {
         |e| e.rule(),
         "authority",
     );
+    // A non-root CA given without the roots it chains to.
+    let ikey = SoftwareKeys.make(KeyType::EcP256).unwrap();
+    let ireq = signet::x509::IntermediateRequest {
+        subject_key: SubjectKey::from_spki_der(ikey.spki_der()).unwrap(),
+        subject: root_subject("i"),
+        ttl: Duration::from_secs(600),
+        path_len: Some(0),
+    };
+    let inter = root.issue_intermediate(&ireq, now()).unwrap();
+    expect_rule(
+        "intermediate without roots",
+        Authority::new(inter.der, ikey, td(), vec![], vec![]).map(|_| ()),
+        |e| e.rule(),
+        "authority",
+    );
     // SoftwareKey refuses a scheme its type cannot do.
     let err = inner
         .sign(signet::keys::SignatureScheme::RsaPkcs1Sha256, b"x")

@@ -183,6 +183,19 @@ impl KeyError {
         }
     }
 
+    /// A signing failure caused by `source` (e.g. a PKCS#11 return value), classified by the caller.
+    pub fn signing_with_source(
+        message: impl Into<String>,
+        transient: bool,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        KeyError::Signing {
+            message: message.into(),
+            transient,
+            source: Some(Box::new(source)),
+        }
+    }
+
     /// Whether retrying the same operation may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(

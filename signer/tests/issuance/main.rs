@@ -11,6 +11,7 @@ mod bundle;
 mod common;
 mod ids;
 mod jwt;
+mod keys;
 mod lint_metric;
 mod negative;
 mod props;

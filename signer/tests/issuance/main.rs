@@ -14,5 +14,6 @@ mod jwt;
 mod keys;
 mod lint_metric;
 mod negative;
+mod oracles;
 mod props;
 mod x509;

@@ -256,7 +256,9 @@ impl LeafRequest {
         })
     }
 
-    /// A request from a verified CSR: its SPIFFE ID, DNS names, subject and key.
+    /// A request from a verified CSR: its SPIFFE ID, DNS names and key. The CSR's subject is NOT copied (a
+    /// requester must not choose names that other systems may authorize on); the leaf gets an empty subject and a
+    /// critical SAN unless the caller sets [`LeafRequest::subject`] from its own policy.
     pub fn from_csr(csr: &VerifiedCsr, ttl: Duration) -> Result<Self, IssueError> {
         let spiffe_id = csr
             .spiffe_id()
@@ -266,7 +268,7 @@ impl LeafRequest {
             spiffe_id,
             subject_key: csr.subject_key().clone(),
             dns_names: csr.dns_names().to_vec(),
-            subject: csr.subject().clone(),
+            subject: DistinguishedName::new(),
             ttl,
         })
     }

@@ -266,11 +266,16 @@ fn leaf_with_subject_has_non_critical_san_and_verifies() {
     let root = root(&SoftwareKeys, KeyType::EcP256).unwrap();
     let key = workload_key(KeyType::EcP256);
     let csr_der = csr(&key, &["spiffe://example.org/web"], &[], spire_subject());
-    let req = LeafRequest::from_csr(
+    let mut req = LeafRequest::from_csr(
         &parse_and_verify_csr(&csr_der).unwrap(),
         Duration::from_secs(60),
     )
     .unwrap();
+    assert!(
+        req.subject.iter().next().is_none(),
+        "the CSR subject is not copied"
+    );
+    req.subject = spire_subject();
     let leaf = root.issue_x509_svid(&req, now()).unwrap();
     let (_, lc) = parse_x509_certificate(&leaf.der).unwrap();
     assert!(!ext(&lc, &oid_registry::OID_X509_EXT_SUBJECT_ALT_NAME).1);

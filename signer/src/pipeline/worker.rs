@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use crossbeam::channel::{RecvTimeoutError, select};
+use crossbeam::channel::{RecvTimeoutError, TryRecvError, select};
 use signet_pkcs11::{Key, RvClass};
 
 use super::error::PipelineError;
@@ -62,6 +62,10 @@ impl Worker {
                     return;
                 }
                 continue;
+            }
+            // A stopping pipeline takes no new batch: what is queued is answered `ShuttingDown` by `shutdown`.
+            if let Err(TryRecvError::Disconnected) = self.shared.stop_rx.try_recv() {
+                return;
             }
             let first = select! {
                 recv(self.shared.retry_rx) -> j => j.ok(),

@@ -33,7 +33,7 @@ use signet_pkcs11::cryptoki::mechanism::Mechanism;
 use signet_pkcs11::{KeyGenOptions, KeyType, SignAlgorithm, Token};
 use time::OffsetDateTime;
 
-/// Concurrent submitters (async tasks) offering load to the pipeline.
+/// Concurrent submitters (async tasks, on a tokio runtime with one worker per core) offering load to the pipeline.
 const SUBMITTERS: u64 = 64;
 const LABEL: &str = "bench-ca";
 
@@ -100,7 +100,7 @@ fn cores() -> usize {
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(cores())
         .enable_all()
         .build()
         .unwrap()

@@ -338,7 +338,7 @@ fn bench_issue(c: &mut Criterion, token: &Token, sessions: usize, csrs: &Arc<Vec
     g.bench_function("direct_pipeline", |b| {
         b.iter_custom(|iters| {
             let (issuer, csrs) = (issuer.clone(), csrs.clone());
-            let e = measured("issue.direct.pipeline", iters, || {
+            measured("issue.direct.pipeline", iters, || {
                 concurrent(&rt, iters, move |i| {
                     let f = issuer.issue_x509_svid(
                         csrs[i as usize % csrs.len()].clone(),
@@ -349,8 +349,7 @@ fn bench_issue(c: &mut Criterion, token: &Token, sessions: usize, csrs: &Arc<Vec
                         std::hint::black_box(f.await.unwrap());
                     }
                 })
-            });
-            e
+            })
         })
     });
 
@@ -400,7 +399,7 @@ fn bench_issue(c: &mut Criterion, token: &Token, sessions: usize, csrs: &Arc<Vec
     g.bench_function("delegated_pipeline", |b| {
         b.iter_custom(|iters| {
             let (issuer, csrs) = (del.clone(), csrs.clone());
-            let e = measured("issue.delegated.pipeline", iters, || {
+            measured("issue.delegated.pipeline", iters, || {
                 concurrent(&rt, iters, move |i| {
                     let f = issuer.issue_x509_svid(
                         csrs[i as usize % csrs.len()].clone(),
@@ -411,8 +410,7 @@ fn bench_issue(c: &mut Criterion, token: &Token, sessions: usize, csrs: &Arc<Vec
                         std::hint::black_box(f.await.unwrap());
                     }
                 })
-            });
-            e
+            })
         })
     });
     p.shutdown();

@@ -418,7 +418,7 @@ pub fn destroy(f: &Fixture) {
         .filter(|k| k.label.starts_with(f.bed.key_prefix()))
         .map(|k| k.label)
         .collect();
-    assert_eq!(mine, [b.clone()]);
+    assert_eq!(mine, std::slice::from_ref(&b));
     s.sign_by_label(&b, SignAlgorithm::default_for(kt), MSG)
         .unwrap();
 }

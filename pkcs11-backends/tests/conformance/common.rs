@@ -69,24 +69,6 @@ impl Fixture {
     }
 }
 
-impl Drop for Fixture {
-    /// On a shared token, removes this test's keys (best effort: the token may be gone).
-    fn drop(&mut self) {
-        if self.bed.fresh() {
-            return;
-        }
-        let prefix = self.bed.key_prefix().to_string();
-        let Ok(mut s) = self.token.session() else {
-            return;
-        };
-        if let Ok(keys) = s.list_keys() {
-            for k in keys.iter().filter(|k| k.label.starts_with(&prefix)) {
-                let _ = s.destroy_key(&k.label);
-            }
-        }
-    }
-}
-
 /// A fresh SoftHSM2 token, or None (after a loud SKIP) without SoftHSM2.
 pub fn softhsm() -> Option<Fixture> {
     let bed = SoftHsm::new()?;

@@ -184,3 +184,32 @@ fn tpm_restart_mid_run_fails_transiently_and_recovers_in_process() {
     );
     s.destroy_key(&label).unwrap();
 }
+
+/// Destroying a key on one session leaves the handles other sessions cached for other keys valid.
+#[test]
+fn tpm_handles_survive_destroying_other_keys() {
+    let Some(f) = tpm() else { return };
+    let mut s = f.token.session().unwrap();
+    let (a, b) = (f.label("handle-a"), f.label("handle-b"));
+    for l in [&a, &b] {
+        s.generate_key(l, KeyType::EcP256, KeyGenOptions::default())
+            .unwrap();
+    }
+    let kb = s.find_key(&b).unwrap();
+    let spki_b = s.public_key_der(&b).unwrap();
+    let mut other = f.token.session().unwrap();
+    other.destroy_key(&a).unwrap();
+    assert_eq!(
+        other.find_key(&b).unwrap().private_handle(),
+        kb.private_handle()
+    );
+    let sig = s.sign(&kb, SignAlgorithm::EcdsaSha256, b"m").unwrap();
+    verify_spki(
+        &spki_b,
+        KeyType::EcP256,
+        SignAlgorithm::EcdsaSha256,
+        b"m",
+        &sig,
+        false,
+    );
+}

@@ -258,6 +258,14 @@ pub fn wrong_pin(f: &Fixture) {
     assert!(!e.is_transient());
     assert!(e.to_string().contains("logging in"), "{e}");
     assert!(!format!("{e:?}").contains("0000"));
+    // While a session of this process is logged in, C_Login answers USER_ALREADY_LOGGED_IN without
+    // looking at the PIN: the layer must still refuse the wrong one.
+    let held = f.token.session().unwrap();
+    let e = Token::open(&cfg).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PinIncorrect, "{e}");
+    assert!(!e.is_transient());
+    assert!(e.to_string().contains("logging in"), "{e}");
+    drop(held);
     // The right PIN still works afterwards.
     Token::open(&f.bed.config()).unwrap();
 }

@@ -711,8 +711,14 @@ impl Device {
             return Err(Rv(CKR_PIN_INCORRECT));
         };
         let mut st = self.write();
-        if st.login != LoginState::Public {
-            return Err(Rv(CKR_USER_ANOTHER_ALREADY_LOGGED_IN));
+        // Another session may have logged in while the PIN was hashed: the same user is "already
+        // logged in" (the application is), only the other user type is refused.
+        match (st.login, user) {
+            (LoginState::Public, _) => {}
+            (LoginState::User, true) | (LoginState::So, false) => {
+                return Err(Rv(CKR_USER_ALREADY_LOGGED_IN));
+            }
+            _ => return Err(Rv(CKR_USER_ANOTHER_ALREADY_LOGGED_IN)),
         }
         if rec.failures > 0
             && let Some(r) = st.record.as_mut()

@@ -10,7 +10,9 @@
 //! - Errors ([`Error`]) have a [`kind`](Error::kind) and know whether they are transient
 //!   ([`Error::is_transient`], [`classify_rv`]).
 //! - [`Profile`]s know token quirks (SoftHSM2, tpm2-pkcs11, generic).
-//! - Feature `testing`: [`testing::SoftHsm`], a throwaway SoftHSM2 token per test.
+//! - Feature `testing`: test beds ([`testing::TokenBed`]): [`testing::SoftHsm`], a throwaway
+//!   SoftHSM2 token per test; [`testing::HsmSim`], the workspace's simulator; [`testing::Tpm`], a
+//!   TPM 2.0 through tpm2-pkcs11 started by `scripts/tpm-rig`.
 //!
 //! ```no_run
 //! use signet_pkcs11::{KeyGenOptions, KeyType, PinSource, SignAlgorithm, Token, TokenConfig};

@@ -17,6 +17,7 @@ use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::RvError;
 
 use crate::error::{Error, ErrorKind, Result};
+use crate::pin::Pin;
 
 pub(crate) struct ModuleState {
     pub(crate) ctx: Pkcs11,
@@ -29,6 +30,12 @@ pub struct Module {
     state: RwLock<ModuleState>,
     /// Serialises administrative operations (C_InitToken and friends) in this process.
     admin: Mutex<()>,
+    /// Serialises every call of tokens whose profile signs on one session at a time (tpm2-pkcs11:
+    /// concurrent logins on two sessions corrupt its TPM context).
+    serial: Mutex<()>,
+    /// SHA-256 of the user PIN of each slot this process logged in to (C_Login answered CKR_OK): the
+    /// check of a PIN when the token answers CKR_USER_ALREADY_LOGGED_IN.
+    logins: Mutex<HashMap<u64, Vec<u8>>>,
 }
 
 impl std::fmt::Debug for Module {
@@ -78,6 +85,8 @@ impl Module {
             path: path.to_path_buf(),
             state: RwLock::new(ModuleState { ctx, generation: 0 }),
             admin: Mutex::new(()),
+            serial: Mutex::new(()),
+            logins: Mutex::new(HashMap::new()),
         });
         reg.insert(path.to_path_buf(), m.clone());
         tracing::info!(module = %path.display(), "PKCS#11 module loaded and initialised");
@@ -110,6 +119,34 @@ impl Module {
         self.admin.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    pub(crate) fn serial(&self) -> MutexGuard<'_, ()> {
+        self.serial.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn pin_digest(pin: &Pin) -> Vec<u8> {
+        ring::digest::digest(&ring::digest::SHA256, pin.expose().as_bytes())
+            .as_ref()
+            .to_vec()
+    }
+
+    /// Remembers that this process logged in to `slot` with `pin`.
+    pub(crate) fn record_login(&self, slot: u64, pin: &Pin) {
+        self.logins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(slot, Self::pin_digest(pin));
+    }
+
+    /// Whether `pin` is the PIN this process logged in to `slot` with (`None`: it did not log in
+    /// itself; another component of the process did).
+    pub(crate) fn login_matches(&self, slot: u64, pin: &Pin) -> Option<bool> {
+        self.logins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&slot)
+            .map(|d| *d == Self::pin_digest(pin))
+    }
+
     /// The current generation (bumped by every re-initialisation).
     pub fn generation(&self) -> u64 {
         self.read().generation
@@ -128,6 +165,10 @@ impl Module {
             tracing::warn!(error = %e, "C_Finalize failed during re-initialisation; continuing");
         }
         st.generation += 1;
+        self.logins
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
         initialize(&st.ctx)
     }
 }

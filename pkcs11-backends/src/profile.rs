@@ -12,7 +12,8 @@ pub enum Profile {
     /// SoftHSM2 (`/usr/lib/softhsm/libsofthsm2.so`): software token, everything fast, many sessions.
     SoftHsm2,
     /// tpm2-pkcs11: no session objects, RSA up to 3072 bits, one effective session (the TPM serialises
-    /// everything), slow key generation (tens of seconds for RSA).
+    /// everything, and concurrent logins corrupt the module's TPM context, so the layer serialises
+    /// every call on the module itself), slow key generation (tens of seconds for RSA on a real TPM).
     Tpm2,
     /// Any other (vendor) module: trust its mechanism list, assume nothing else.
     Generic,
@@ -55,7 +56,8 @@ impl Profile {
     }
 
     /// The number of sessions that actually sign in parallel (`None`: no known limit). A signing
-    /// pipeline should not open more worker sessions than this.
+    /// pipeline should not open more worker sessions than this. With `Some(1)` the layer serialises
+    /// every call of every session on the module.
     pub fn effective_sessions(self) -> Option<usize> {
         match self {
             Profile::Tpm2 => Some(1),

@@ -12,8 +12,8 @@
 
 use std::collections::HashMap;
 use std::fmt;
-use std::sync::RwLockReadGuard;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{MutexGuard, RwLockReadGuard};
 
 use cryptoki::error::RvError;
 use cryptoki::mechanism::eddsa::{EddsaParams, EddsaSignatureScheme};
@@ -58,6 +58,13 @@ impl fmt::Debug for TokenSession {
     }
 }
 
+/// What a call on the session holds: the module's call lock when the profile serialises calls, and
+/// the module's state (so that no re-initialisation happens during the call).
+struct Held<'a> {
+    _serial: Option<MutexGuard<'a, ()>>,
+    _state: RwLockReadGuard<'a, ModuleState>,
+}
+
 fn stale() -> Error {
     Error::new(
         ErrorKind::Stale,
@@ -84,6 +91,7 @@ impl TokenSession {
     pub fn reopen(&mut self) -> Result<()> {
         self.close_inner();
         self.keys.clear();
+        let _serial = self.token.serialized();
         let st = self.token.inner.module.read();
         let slot = self.token.slot();
         let session = st.ctx.open_rw_session_no_drop(slot).map_err(|e| {
@@ -95,8 +103,25 @@ impl TokenSession {
                 e,
             )
         })?;
-        match session.login(UserType::User, Some(&self.token.inner.pin.auth())) {
-            Ok(()) | Err(cryptoki::error::Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {}
+        let pin = &self.token.inner.pin;
+        let module = &self.token.inner.module;
+        match session.login(UserType::User, Some(&pin.auth())) {
+            Ok(()) => module.record_login(slot.id(), pin),
+            // Login state is per application: another session logged in already, and the token
+            // did not look at this PIN. Check it against the one that logged in.
+            Err(cryptoki::error::Error::Pkcs11(RvError::UserAlreadyLoggedIn, _)) => {
+                if module.login_matches(slot.id(), pin) == Some(false) {
+                    let _ = session.close();
+                    return Err(Error::new(
+                        ErrorKind::PinIncorrect,
+                        format!(
+                            "logging in to token with {} failed: the PIN differs from the one this \
+                             process is logged in with",
+                            self.token.inner.selector
+                        ),
+                    ));
+                }
+            }
             Err(e) => {
                 let _ = session.close();
                 return Err(Error::pkcs11(
@@ -116,6 +141,7 @@ impl TokenSession {
 
     fn close_inner(&mut self) {
         if let Some(session) = self.session.take() {
+            let _serial = self.token.serialized();
             let st = self.token.inner.module.read();
             if st.generation == self.generation
                 && let Err(e) = session.close()
@@ -137,10 +163,17 @@ impl TokenSession {
         &self.token
     }
 
-    fn guard(&self) -> Result<(RwLockReadGuard<'_, ModuleState>, &Session)> {
+    fn guard(&self) -> Result<(Held<'_>, &Session)> {
+        let serial = self.token.serialized();
         let st = self.token.inner.module.read();
         match &self.session {
-            Some(s) if st.generation == self.generation => Ok((st, s)),
+            Some(s) if st.generation == self.generation => Ok((
+                Held {
+                    _serial: serial,
+                    _state: st,
+                },
+                s,
+            )),
             _ => Err(stale()),
         }
     }
@@ -148,18 +181,18 @@ impl TokenSession {
     /// Runs `f` with the raw cryptoki session (e.g. to compare against the bare library in benchmarks).
     /// The library cannot be re-initialised while `f` runs.
     pub fn with_raw_session<R>(&self, f: impl FnOnce(&Session) -> R) -> Result<R> {
-        let (_st, s) = self.guard()?;
+        let (_held, s) = self.guard()?;
         Ok(f(s))
     }
 
     fn find(&self, template: &[Attribute]) -> Result<Vec<ObjectHandle>> {
-        let (_st, s) = self.guard()?;
+        let (_held, s) = self.guard()?;
         s.find_objects(template)
             .map_err(|e| Error::pkcs11("C_FindObjects failed", e))
     }
 
     fn attributes(&self, object: ObjectHandle, types: &[AttributeType]) -> Result<Vec<Attribute>> {
-        let (_st, s) = self.guard()?;
+        let (_held, s) = self.guard()?;
         s.get_attributes(object, types)
             .map_err(|e| Error::pkcs11("C_GetAttributeValue failed", e))
     }
@@ -196,7 +229,7 @@ impl TokenSession {
                     ),
                 ));
             }
-            let (_st, s) = self.guard()?;
+            let (_held, s) = self.guard()?;
             for h in existing {
                 s.destroy_object(h)
                     .map_err(|e| Error::pkcs11("C_DestroyObject failed", e))?;
@@ -250,7 +283,7 @@ impl TokenSession {
         };
         let started = std::time::Instant::now();
         {
-            let (_st, s) = self.guard()?;
+            let (_held, s) = self.guard()?;
             s.generate_key_pair(&mechanism, &public, &private)
                 .map_err(|e| {
                     Error::pkcs11(format!("generating a {key_type} key pair failed"), e)
@@ -403,18 +436,29 @@ impl TokenSession {
     }
 
     /// The key pairs on the token (one entry per private key).
+    /// A key destroyed by another session (or process) between the search and the reading of its
+    /// attributes is left out.
     pub fn list_keys(&mut self) -> Result<Vec<KeyInfo>> {
         let mut out = Vec::new();
         for h in self.find(&[Attribute::Class(ObjectClass::PRIVATE_KEY)])? {
-            let (label, id) = self.label_and_id(h)?;
-            let key_type = self.key_type_of(h)?;
-            let has_public = self.public_of(&id)?.is_some();
-            out.push(KeyInfo {
-                label,
-                id,
-                key_type,
-                has_public,
-            });
+            let read = || -> Result<KeyInfo> {
+                let (label, id) = self.label_and_id(h)?;
+                let key_type = self.key_type_of(h)?;
+                let has_public = self.public_of(&id)?.is_some();
+                Ok(KeyInfo {
+                    label,
+                    id,
+                    key_type,
+                    has_public,
+                })
+            };
+            match read() {
+                Ok(info) => out.push(info),
+                Err(e) if e.rv() == Some(RvError::ObjectHandleInvalid) => {
+                    tracing::debug!("a key vanished while the keys were listed");
+                }
+                Err(e) => return Err(e),
+            }
         }
         out.sort_by(|a, b| a.label.cmp(&b.label));
         Ok(out)
@@ -502,7 +546,7 @@ impl TokenSession {
             ));
         }
         self.keys.remove(label);
-        let (_st, s) = self.guard()?;
+        let (_held, s) = self.guard()?;
         for h in found {
             s.destroy_object(h)
                 .map_err(|e| Error::pkcs11("C_DestroyObject failed", e))?;
@@ -606,7 +650,7 @@ impl TokenSession {
                 ),
             ));
         }
-        let (_st, s) = self.guard()?;
+        let (_held, s) = self.guard()?;
         s.sign(mechanism, key.private, data)
             .map_err(|e| Error::pkcs11(format!("signing with key {:?} failed", key.label), e))
     }

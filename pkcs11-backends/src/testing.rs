@@ -1,4 +1,11 @@
-//! A SoftHSM2 test bed for everyone's tests and benchmarks (feature `testing`).
+//! Test beds for everyone's tests and benchmarks (feature `testing`): real tokens to run against.
+//!
+//! - [`SoftHsm`]: a fresh SoftHSM2 token per test (this module).
+//! - [`HsmSim`]: the workspace's own simulated HSM (`hsm-sim`), one token per process.
+//! - [`Tpm`]: a TPM 2.0 through tpm2-pkcs11, started by `scripts/tpm-rig` and found through its
+//!   environment.
+//!
+//! Each implements [`TokenBed`], so one conformance suite can run the same cases against all of them.
 //!
 //! SoftHSM2 reads its configuration from `SOFTHSM2_CONF` once, when the module is first initialised
 //! in the process. So the test bed writes **one** configuration (and token directory) per test
@@ -13,6 +20,14 @@
 //! let Some(hsm) = signet_pkcs11::testing::SoftHsm::new() else { return };
 //! let token = hsm.open();
 //! ```
+
+mod bed;
+mod hsm_sim;
+mod tpm;
+
+pub use bed::TokenBed;
+pub use hsm_sim::{HSM_SIM_MODULE_ENV, HsmSim, hsm_sim_module};
+pub use tpm::{REQUIRE_TPM_ENV, Rig, Tpm};
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -158,5 +173,20 @@ impl SoftHsm {
     #[allow(clippy::expect_used)]
     pub fn open(&self) -> Token {
         Token::open(&self.config()).expect("opening the SoftHSM2 test token")
+    }
+}
+
+impl TokenBed for SoftHsm {
+    fn provider(&self) -> &str {
+        "softhsm2"
+    }
+    fn config(&self) -> TokenConfig {
+        SoftHsm::config(self)
+    }
+    fn key_prefix(&self) -> &str {
+        ""
+    }
+    fn fresh(&self) -> bool {
+        true
     }
 }

@@ -322,6 +322,12 @@ impl Token {
         &self.inner.module
     }
 
+    /// Holds the module's call lock when the profile allows one effective session (calls of all
+    /// sessions on such tokens are serialised by the layer, not left to the module).
+    pub(crate) fn serialized(&self) -> Option<std::sync::MutexGuard<'_, ()>> {
+        (self.inner.profile.effective_sessions() == Some(1)).then(|| self.inner.module.serial())
+    }
+
     pub(crate) fn slot(&self) -> Slot {
         *self.inner.slot.read().unwrap_or_else(|p| p.into_inner())
     }

@@ -19,6 +19,17 @@ use std::sync::{Arc, PoisonError, RwLock};
 
 static DEVICE: RwLock<Option<Arc<Device>>> = RwLock::new(None);
 
+/// The configuration a program that embeds hsm-sim handed over (see [`set_embedded_config`]).
+static EMBEDDED_CONFIG: std::sync::OnceLock<Config> = std::sync::OnceLock::new();
+
+/// Gives the embedded device its configuration: `C_Initialize` uses it instead of reading `HSM_SIM_CONFIG` and
+/// the `HSM_SIM_*` variables. For programs that link hsm-sim in (setting environment variables in a running,
+/// multi-threaded program is unsound); call it before the module is first initialised. Returns false, and
+/// keeps the first, when a configuration was set already.
+pub fn set_embedded_config(config: Config) -> bool {
+    EMBEDDED_CONFIG.set(config).is_ok()
+}
+
 const MANUFACTURER: &str = "signet hsm-sim";
 const LIBRARY_DESCRIPTION: &str = "hsm-sim simulated network HSM";
 const SLOT_DESCRIPTION: &str = "hsm-sim slot 0";
@@ -252,7 +263,11 @@ unsafe extern "C" fn initialize(args: *mut c_void) -> CK_RV {
         if slot.is_some() {
             return CKR_CRYPTOKI_ALREADY_INITIALIZED;
         }
-        let opened = Config::from_env()
+        let config = match EMBEDDED_CONFIG.get() {
+            Some(config) => Ok(config.clone()),
+            None => Config::from_env(),
+        };
+        let opened = config
             .map_err(crate::token::DeviceError::from)
             .and_then(Device::open);
         match opened {

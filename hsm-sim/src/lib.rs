@@ -40,7 +40,8 @@
 //!   `cargo:rustc-link-arg-bins=-Wl,--export-dynamic-symbol=C_GetFunctionList` (GNU ld 2.35+ or lld). Then
 //!   `Pkcs11::new_from_self()` finds it. Without the export it fails with "Missing PKCS#11 symbol".
 //!   Only `C_GetFunctionList` is exported; the function list points at private functions, so a vendor module
-//!   loaded beside it keeps its own entry points.
+//!   loaded beside it keeps its own entry points. A program that embeds hsm-sim can hand it its configuration
+//!   with [`set_embedded_config`] before the first `C_Initialize`, instead of through environment variables.
 //!
 //! The module holds one device per process (C_Initialize / C_Finalize as PKCS#11 says). Token files are meant
 //! for one process at a time: a second process sees objects created by the first only after it re-initialises.
@@ -66,5 +67,6 @@ pub use ffi::C_GetFunctionList;
 pub use config::Config;
 pub use control::Control;
 pub use faults::{Counters, FaultPlan, OpKind};
+pub use ffi::set_embedded_config;
 pub use rv::Rv;
 pub use token::Device;

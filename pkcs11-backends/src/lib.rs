@@ -47,7 +47,7 @@ pub use error::{
     Error, ErrorKind, Result, RvClass, RvError, classify_rv, is_transient_in_chain, rv_in_chain,
 };
 pub use keys::{Key, KeyGenOptions, KeyInfo, KeyType};
-pub use module::Module;
+pub use module::{BUILTIN_MODULE, Module};
 pub use pin::{Pin, PinSource};
 pub use profile::Profile;
 pub use session::TokenSession;

@@ -62,23 +62,45 @@ fn initialize(ctx: &Pkcs11) -> Result<()> {
     }
 }
 
+/// The module path that names the PKCS#11 module linked into the running program instead of a library file.
+pub const BUILTIN_MODULE: &str = "builtin:";
+
 impl Module {
     /// The module at `path`, loading and initialising it on first use in this process.
+    ///
+    /// [`BUILTIN_MODULE`] names the module linked into the running program (its exported `C_GetFunctionList`),
+    /// e.g. the simulator the `signet` binary embeds as its default token.
     pub fn get(path: &Path) -> Result<Arc<Module>> {
+        let builtin = path == Path::new(BUILTIN_MODULE);
         // Keyed by the canonical path, so that two spellings of one library share one context.
-        let Ok(path) = std::fs::canonicalize(path) else {
-            return Err(Error::new(
-                ErrorKind::ModuleLoad,
-                format!("PKCS#11 module {} does not exist", path.display()),
-            ));
+        let path = if builtin {
+            path.to_path_buf()
+        } else {
+            std::fs::canonicalize(path).map_err(|_| {
+                Error::new(
+                    ErrorKind::ModuleLoad,
+                    format!("PKCS#11 module {} does not exist", path.display()),
+                )
+            })?
         };
         let path = path.as_path();
         let mut reg = registry().lock().unwrap_or_else(|p| p.into_inner());
         if let Some(m) = reg.get(path) {
             return Ok(m.clone());
         }
-        let ctx = Pkcs11::new(path).map_err(|e| {
-            Error::pkcs11(format!("cannot load PKCS#11 module {}", path.display()), e)
+        let loaded = if builtin {
+            Pkcs11::new_from_self()
+        } else {
+            Pkcs11::new(path)
+        };
+        let ctx = loaded.map_err(|e| {
+            let what = if builtin {
+                "this program has no built-in PKCS#11 module (C_GetFunctionList is not exported)"
+                    .to_string()
+            } else {
+                format!("cannot load PKCS#11 module {}", path.display())
+            };
+            Error::pkcs11(what, e)
         })?;
         initialize(&ctx)?;
         let m = Arc::new(Module {
@@ -170,5 +192,27 @@ impl Module {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
         initialize(&st.ctx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_module_missing_is_a_clear_error() {
+        // This test program links no PKCS#11 module and exports no C_GetFunctionList.
+        let err = Module::get(Path::new(BUILTIN_MODULE)).expect_err("no built-in module here");
+        assert!(
+            err.to_string().contains("no built-in PKCS#11 module"),
+            "unexpected message: {err}"
+        );
+    }
+
+    #[test]
+    fn missing_module_file_is_a_clear_error() {
+        let err = Module::get(Path::new("/nonexistent/libpkcs11.so")).expect_err("no such file");
+        assert_eq!(err.kind(), ErrorKind::ModuleLoad);
+        assert!(err.to_string().contains("does not exist"), "{err}");
     }
 }

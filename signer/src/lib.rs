@@ -1,1 +1,22 @@
-//! placeholder
+//! signet: a signing appliance for SPIFFE identities whose CA keys live in PKCS#11 tokens.
+//!
+//! This library holds the SPIFFE-conformant issuance core:
+//! - [`keys`]: the [`keys::AuthorityKey`] seam every signature goes through, and the ring-backed
+//!   [`keys::SoftwareKey`];
+//! - [`spiffe`]: SPIFFE IDs, trust domains and the bundle document;
+//! - [`x509`]: CSR checks, X509-SVID / CA / root issuance and the pre-issuance lint;
+//! - [`jwt`]: JWT-SVID issuance with the same lint-then-sign-then-verify discipline;
+//! - [`lint`]: the lint failure type and its metric;
+//! - [`keys_token`]: [`keys_token::TokenKey`], a token-backed [`keys::AuthorityKey`] for direct, non-pipelined use;
+//! - [`pipeline`]: the batching signer (queue -> HSM workers -> replies), the CPU pool, [`pipeline::PipelineKey`]
+//!   and X509-SVID issuance in direct and delegated mode.
+#![forbid(unsafe_code)]
+
+pub mod jwt;
+pub mod keys;
+pub mod keys_token;
+pub mod lint;
+pub mod pipeline;
+pub mod spiffe;
+pub mod spki;
+pub mod x509;

@@ -1,0 +1,208 @@
+//! The CPU pool: a fixed set of threads for CPU-bound issuance work (CSR verification, DER building, lint, post-sign
+//! verification, software signing in delegated mode), off tokio's reactor threads and out of the HSM workers.
+//!
+//! Tasks go through a bounded queue; a full queue refuses at once with `Overloaded`. A task whose caller has gone
+//! (its result future dropped) is skipped when a thread picks it up. Size the pool so that at least as many jobs are
+//! in flight as there are HSM sessions: in direct mode a CPU thread waits for the token's answer inside rcgen's
+//! synchronous `sign`.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::thread::JoinHandle;
+
+use crossbeam::channel::{self, Receiver, Sender, TrySendError};
+use tokio::sync::oneshot;
+
+use super::error::PipelineError;
+
+type Task = Box<dyn FnOnce() + Send + 'static>;
+
+struct CpuInner {
+    tx: Sender<Task>,
+    rx: Receiver<Task>,
+    closed: AtomicBool,
+    capacity: usize,
+    threads: usize,
+    stop: Mutex<Option<Sender<()>>>,
+    handles: Mutex<Vec<JoinHandle<()>>>,
+}
+
+/// A fixed pool of CPU threads with a bounded task queue (see the module docs). Cheap to clone.
+#[derive(Clone)]
+pub struct CpuPool {
+    inner: Arc<CpuInner>,
+}
+
+impl std::fmt::Debug for CpuPool {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CpuPool")
+            .field("threads", &self.inner.threads)
+            .field("queued", &self.inner.tx.len())
+            .field("capacity", &self.inner.capacity)
+            .finish()
+    }
+}
+
+/// The result of a task run on the [`CpuPool`]: a future.
+#[derive(Debug)]
+pub struct CpuTask<T> {
+    state: CpuTaskState<T>,
+}
+
+#[derive(Debug)]
+enum CpuTaskState<T> {
+    Refused(Option<PipelineError>),
+    Waiting(oneshot::Receiver<T>),
+}
+
+impl<T> Future for CpuTask<T> {
+    type Output = Result<T, PipelineError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // `CpuTask` holds no self-references: it is `Unpin` whenever `T` is, and we never move `T` out of a pin.
+        let this = self.get_mut();
+        match &mut this.state {
+            CpuTaskState::Refused(e) => {
+                Poll::Ready(Err(e.take().unwrap_or(PipelineError::ShuttingDown)))
+            }
+            CpuTaskState::Waiting(rx) => Pin::new(rx)
+                .poll(cx)
+                .map(|r| r.map_err(|_| PipelineError::ShuttingDown)),
+        }
+    }
+}
+
+impl CpuPool {
+    /// Starts `threads` threads (at least 1) with a queue of `capacity` tasks (at least 1).
+    pub fn new(threads: usize, capacity: usize) -> std::io::Result<Self> {
+        let threads = threads.max(1);
+        let capacity = capacity.max(1);
+        let (tx, rx) = channel::bounded::<Task>(capacity);
+        let (stop_tx, stop_rx) = channel::bounded::<()>(0);
+        let mut handles = Vec::with_capacity(threads);
+        for i in 0..threads {
+            let rx = rx.clone();
+            let stop_rx = stop_rx.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("signet-cpu-{i}"))
+                .spawn(move || run(rx, stop_rx));
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    drop(stop_tx);
+                    for h in handles {
+                        let _ = h.join();
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(Self {
+            inner: Arc::new(CpuInner {
+                tx,
+                rx,
+                closed: AtomicBool::new(false),
+                capacity,
+                threads,
+                stop: Mutex::new(Some(stop_tx)),
+                handles: Mutex::new(handles),
+            }),
+        })
+    }
+
+    /// The number of threads.
+    pub fn threads(&self) -> usize {
+        self.inner.threads
+    }
+
+    /// Runs `f` on a pool thread; the returned future resolves to its result. Refuses at once with `Overloaded` when
+    /// the queue is full and `ShuttingDown` after [`shutdown`](Self::shutdown).
+    pub fn run<T, F>(&self, f: F) -> CpuTask<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return CpuTask {
+                state: CpuTaskState::Refused(Some(PipelineError::ShuttingDown)),
+            };
+        }
+        let (tx, rx) = oneshot::channel();
+        let task: Task = Box::new(move || {
+            if tx.is_closed() {
+                return; // the caller gave up: skip the work
+            }
+            let _ = tx.send(f());
+        });
+        match self.inner.tx.try_send(task) {
+            Ok(()) => {
+                if self.inner.closed.load(Ordering::SeqCst) {
+                    self.drain();
+                }
+                CpuTask {
+                    state: CpuTaskState::Waiting(rx),
+                }
+            }
+            Err(TrySendError::Full(_)) => {
+                metrics::counter!(super::metrics::CPU_REFUSED).increment(1);
+                CpuTask {
+                    state: CpuTaskState::Refused(Some(PipelineError::Overloaded {
+                        capacity: self.inner.capacity,
+                    })),
+                }
+            }
+            Err(TrySendError::Disconnected(_)) => CpuTask {
+                state: CpuTaskState::Refused(Some(PipelineError::ShuttingDown)),
+            },
+        }
+    }
+
+    /// Runs `f` on a pool thread without waiting for it. Returns false if the pool refused it.
+    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) -> bool {
+        !self.inner.closed.load(Ordering::SeqCst) && self.inner.tx.try_send(Box::new(f)).is_ok()
+    }
+
+    /// Drops every queued task unrun (their futures resolve to `ShuttingDown`).
+    fn drain(&self) {
+        while let Ok(task) = self.inner.rx.try_recv() {
+            drop(task);
+        }
+    }
+
+    /// Stops the threads after the task each is running; queued tasks are dropped (their futures resolve to
+    /// `ShuttingDown`). Idempotent.
+    pub fn shutdown(&self) {
+        self.inner.closed.store(true, Ordering::SeqCst);
+        let stop = self
+            .inner
+            .stop
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        drop(stop);
+        let handles: Vec<_> =
+            std::mem::take(&mut *self.inner.handles.lock().unwrap_or_else(|p| p.into_inner()));
+        let me = std::thread::current().id();
+        for h in handles {
+            if h.thread().id() != me {
+                let _ = h.join();
+            }
+        }
+        // Whatever is still queued is dropped unrun: the futures see a closed channel (`ShuttingDown`).
+        self.drain();
+    }
+}
+
+fn run(rx: Receiver<Task>, stop: Receiver<()>) {
+    loop {
+        crossbeam::channel::select! {
+            recv(rx) -> task => match task {
+                Ok(task) => task(),
+                Err(_) => return,
+            },
+            recv(stop) -> _ => return,
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! A signing job and its reply.
+//!
+//! A [`Job`] carries what the token needs (key slot, algorithm, a digest or, for Ed25519, the message), its deadline
+//! and its own reply channel (a `tokio::sync::oneshot`). It is answered exactly once: [`Job::answer`] consumes it,
+//! and a job dropped unanswered (a queue torn down, a thread that died) answers `ShuttingDown` from its `Drop`, so
+//! no caller ever waits forever.
+//!
+//! The reply is awaitable from async code ([`Reply`] is a future) and blockable from a sync thread
+//! ([`Reply::wait_until`], which parks the thread; it does not need or touch a tokio runtime).
+
+use std::cell::Cell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+use std::time::Instant;
+
+use signet_pkcs11::SignAlgorithm;
+use tokio::sync::oneshot;
+
+use super::error::PipelineError;
+
+pub(crate) type SignResult = Result<Vec<u8>, PipelineError>;
+
+/// One signing job on its way through the queue to a worker.
+pub(crate) struct Job {
+    pub(crate) id: u64,
+    pub(crate) key: u32,
+    pub(crate) alg: SignAlgorithm,
+    /// The digest (or the message, for Ed25519).
+    pub(crate) data: Vec<u8>,
+    pub(crate) deadline: Instant,
+    pub(crate) enqueued: Instant,
+    /// Sign attempts that failed transiently so far (on any token).
+    pub(crate) attempts: u32,
+    reply: Option<oneshot::Sender<SignResult>>,
+}
+
+impl Job {
+    pub(crate) fn new(
+        id: u64,
+        key: u32,
+        alg: SignAlgorithm,
+        data: Vec<u8>,
+        deadline: Instant,
+    ) -> (Job, Reply) {
+        let (tx, rx) = oneshot::channel();
+        let job = Job {
+            id,
+            key,
+            alg,
+            data,
+            deadline,
+            enqueued: Instant::now(),
+            attempts: 0,
+            reply: Some(tx),
+        };
+        (job, Reply { rx })
+    }
+
+    /// Whether the caller has given up (its reply receiver was dropped).
+    pub(crate) fn abandoned(&self) -> bool {
+        self.reply.as_ref().is_none_or(|r| r.is_closed())
+    }
+
+    /// Answers the job. Returns whether the caller was still there to receive it.
+    pub(crate) fn answer(mut self, result: SignResult) -> bool {
+        match self.reply.take() {
+            Some(tx) => tx.send(result).is_ok(),
+            None => false,
+        }
+    }
+
+    /// Drops the job without answering (its caller already got an answer another way, e.g. a refused submit).
+    pub(crate) fn disarm(mut self) {
+        self.reply = None;
+    }
+}
+
+impl Drop for Job {
+    fn drop(&mut self) {
+        if let Some(tx) = self.reply.take() {
+            let _ = tx.send(Err(PipelineError::ShuttingDown));
+        }
+    }
+}
+
+/// The reply to one job: a future for async callers, or [`wait_until`](Self::wait_until) for sync threads. Dropping
+/// it tells the pipeline the caller gave up: the job is then dropped before it reaches the token.
+#[derive(Debug)]
+pub struct Reply {
+    rx: oneshot::Receiver<SignResult>,
+}
+
+impl Future for Reply {
+    type Output = SignResult;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SignResult> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(PipelineError::ShuttingDown)))
+    }
+}
+
+struct ThreadWaker(std::thread::Thread);
+
+impl Wake for ThreadWaker {
+    fn wake(self: Arc<Self>) {
+        self.0.unpark();
+    }
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.0.unpark();
+    }
+}
+
+thread_local! {
+    static WAKER: Waker = Waker::from(Arc::new(ThreadWaker(std::thread::current())));
+    static DEADLINE: Cell<Option<Instant>> = const { Cell::new(None) };
+}
+
+impl Reply {
+    /// Blocks the calling (non-async) thread until the answer arrives or `deadline` passes (then
+    /// `DeadlineExceeded`, and the job is abandoned). Parks the thread; never needs a runtime.
+    pub fn wait_until(mut self, deadline: Instant) -> SignResult {
+        WAKER.with(|waker| {
+            let mut cx = Context::from_waker(waker);
+            loop {
+                if let Poll::Ready(r) = Pin::new(&mut self).poll(&mut cx) {
+                    return r;
+                }
+                let now = Instant::now();
+                if now >= deadline {
+                    return Err(PipelineError::DeadlineExceeded);
+                }
+                std::thread::park_timeout(deadline - now);
+            }
+        })
+    }
+}
+
+/// Runs `f` with `deadline` as the deadline of every pipeline signature made on this thread inside it (through
+/// [`PipelineKey`](super::PipelineKey), whose `sign` has no deadline parameter: rcgen calls it).
+pub fn with_deadline<R>(deadline: Instant, f: impl FnOnce() -> R) -> R {
+    struct Restore(Option<Instant>);
+    impl Drop for Restore {
+        fn drop(&mut self) {
+            DEADLINE.with(|d| d.set(self.0));
+        }
+    }
+    let _restore = Restore(DEADLINE.with(|d| d.replace(Some(deadline))));
+    f()
+}
+
+/// The deadline set by [`with_deadline`] on this thread, if any.
+pub(crate) fn current_deadline() -> Option<Instant> {
+    DEADLINE.with(|d| d.get())
+}

@@ -1,0 +1,151 @@
+//! [`PipelineKey`]: an [`AuthorityKey`] whose signatures go through the pipeline.
+//!
+//! `sign(scheme, message)` hashes on the calling thread, submits the digest (Ed25519: the message) and blocks that
+//! thread until the reply arrives or the deadline passes. It is meant for CPU-pool threads (rcgen's synchronous
+//! `SigningKey::sign(tbs)`), never for an async task: from async code use
+//! [`Pipeline::submit_digest`](super::Pipeline::submit_digest). The deadline is the one set with
+//! [`with_deadline`](super::with_deadline), else now + the pipeline's `default_timeout`.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use signet_pkcs11::SignAlgorithm;
+
+use super::error::PipelineError;
+use super::job::current_deadline;
+use super::{Pipeline, RegisteredKey};
+use crate::keys::{AuthorityKey, KeyError, KeyType, SignatureScheme};
+use crate::keys_token::sign_algorithm;
+
+/// A key on the pipeline's tokens, as an [`AuthorityKey`] (see the module docs). Cheap to clone.
+#[derive(Clone)]
+pub struct PipelineKey {
+    pipeline: Pipeline,
+    index: u32,
+    reg: Arc<RegisteredKey>,
+}
+
+impl std::fmt::Debug for PipelineKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PipelineKey")
+            .field("label", &self.reg.label)
+            .field("key_type", &self.reg.key_type)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PipelineKey {
+    pub(crate) fn new(pipeline: Pipeline, index: u32, reg: Arc<RegisteredKey>) -> Self {
+        Self {
+            pipeline,
+            index,
+            reg,
+        }
+    }
+
+    pub(crate) fn index(&self) -> u32 {
+        self.index
+    }
+
+    /// The key's label on the tokens.
+    pub fn label(&self) -> &str {
+        &self.reg.label
+    }
+
+    /// The pipeline this key signs through.
+    pub fn pipeline(&self) -> &Pipeline {
+        &self.pipeline
+    }
+
+    /// Checks that `alg` fits the key and `data` has the digest length `alg` needs.
+    pub(crate) fn check_request(
+        &self,
+        alg: SignAlgorithm,
+        data: &[u8],
+    ) -> Result<Arc<RegisteredKey>, PipelineError> {
+        let fits = match self.reg.key_type {
+            KeyType::EcP256 => alg == SignAlgorithm::EcdsaSha256,
+            KeyType::EcP384 => alg == SignAlgorithm::EcdsaSha384,
+            KeyType::Ed25519 => alg == SignAlgorithm::Ed25519,
+            KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => matches!(
+                alg,
+                SignAlgorithm::RsaPkcs1Sha256
+                    | SignAlgorithm::RsaPkcs1Sha384
+                    | SignAlgorithm::RsaPkcs1Sha512
+                    | SignAlgorithm::RsaPssSha256
+                    | SignAlgorithm::RsaPssSha384
+                    | SignAlgorithm::RsaPssSha512
+            ),
+        };
+        if !fits {
+            return Err(PipelineError::InvalidRequest(format!(
+                "a {} key cannot make a {alg:?} signature",
+                self.reg.key_type
+            )));
+        }
+        match alg.hash() {
+            Some(h) if h.output_len() != data.len() => Err(PipelineError::InvalidRequest(format!(
+                "a {h:?} digest has {} bytes, got {}",
+                h.output_len(),
+                data.len()
+            ))),
+            None if data.is_empty() => Err(PipelineError::InvalidRequest(
+                "an Ed25519 signature needs the message".into(),
+            )),
+            _ => Ok(self.reg.clone()),
+        }
+    }
+
+    /// Submits `message` (hashed here) and returns the reply without waiting.
+    pub fn submit_message(
+        &self,
+        scheme: SignatureScheme,
+        message: &[u8],
+        deadline: Instant,
+    ) -> Result<super::Reply, PipelineError> {
+        if !self.reg.key_type.supports(scheme) {
+            return Err(PipelineError::InvalidRequest(format!(
+                "a {} key cannot sign with {scheme:?}",
+                self.reg.key_type
+            )));
+        }
+        let alg = sign_algorithm(scheme);
+        let data = match alg.hash() {
+            Some(h) => h.digest(message).as_ref().to_vec(),
+            None => message.to_vec(),
+        };
+        self.pipeline.submit(self.index, alg, data, deadline)
+    }
+}
+
+fn to_key_error(e: PipelineError) -> KeyError {
+    KeyError::Signing {
+        message: format!("the signing pipeline: {e}"),
+        transient: e.is_retryable(),
+        source: Some(Box::new(e)),
+    }
+}
+
+impl AuthorityKey for PipelineKey {
+    fn key_type(&self) -> KeyType {
+        self.reg.key_type
+    }
+
+    fn spki_der(&self) -> &[u8] {
+        &self.reg.spki
+    }
+
+    fn sign(&self, scheme: SignatureScheme, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+        if !self.reg.key_type.supports(scheme) {
+            return Err(KeyError::UnsupportedScheme {
+                key_type: self.reg.key_type,
+                scheme,
+            });
+        }
+        let deadline = current_deadline()
+            .unwrap_or_else(|| Instant::now() + self.pipeline.config().default_timeout);
+        self.submit_message(scheme, message, deadline)
+            .and_then(|reply| reply.wait_until(deadline))
+            .map_err(to_key_error)
+    }
+}

@@ -1,0 +1,587 @@
+//! The batching signer pipeline: many concurrent requests in, a steady stream of token signatures out.
+//!
+//! How a job travels:
+//! 1. A submitter hashes on its own thread (never in a worker) and submits the digest (Ed25519: the message) with a
+//!    key, an algorithm and a deadline: [`Pipeline::submit_digest`] from async code (SPIRE's KeyManager
+//!    `SignData`), or [`PipelineKey`]'s `AuthorityKey::sign` from a CPU-pool thread (rcgen's synchronous
+//!    `SigningKey::sign(tbs)` while issuing a certificate). The job carries its own reply channel.
+//! 2. The job enters one bounded queue shared by every worker of every token behind the authority. A full queue
+//!    refuses at once with [`PipelineError::Overloaded`] (memory stays bounded whatever the offered load); a closed
+//!    pipeline with `ShuttingDown`; no token in rotation with `Unavailable`.
+//! 3. An HSM worker ([`worker`]; N per token, each owning one logged-in session and caching key handles) blocks for
+//!    the first job, drains what else is queued up to the batch bound and signs the batch back to back with
+//!    `C_Sign`. Jobs whose caller gave up or whose deadline passed are dropped before they reach the token.
+//!    Transient token errors are retried on a fresh session within the job's deadline; a token whose session cannot
+//!    be recovered is taken out of rotation (probed again with backoff) and its unfinished jobs go to the others.
+//! 4. The worker answers the job on its reply channel, exactly once: a signature or an error. On shutdown the queue
+//!    is drained and every job still in it is answered `ShuttingDown`.
+//! 5. Before a credential leaves, its signature is checked against the public key: X.509 and JWT signatures by the
+//!    issuance core (ring, over the whole message), bare P-256 digests here ([`VerifyPolicy`]).
+//!
+//! CPU work (CSR verification, DER building, lint, post-sign verification, delegated mode's software signing) runs
+//! on the pipeline's [`CpuPool`], never on tokio's reactor threads and never in the HSM workers. [`X509SvidIssuer`]
+//! puts it together: `issue_x509_svid(csr, ttl, deadline).await` in `direct` or `delegated` mode.
+
+mod cpu;
+mod error;
+mod job;
+mod key;
+pub mod metrics;
+mod session;
+mod svid;
+mod worker;
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{self, Receiver, Sender, TrySendError};
+use signet_pkcs11::SignAlgorithm;
+
+pub use cpu::{CpuPool, CpuTask};
+pub use error::PipelineError;
+pub use job::{Reply, with_deadline};
+pub use key::PipelineKey;
+pub use session::{HsmSession, SessionOpener};
+pub use svid::{DelegatedConfig, SigningMode, SvidError, X509Svid, X509SvidIssuer};
+
+use crate::keys::KeyType;
+use job::Job;
+
+/// How signatures over bare digests are checked after signing (X.509 and JWT signatures are always checked by the
+/// issuance core, over the whole message).
+///
+/// ring cannot verify ECDSA over a prehashed digest, so P-256 digests are checked with the `p256` crate (about
+/// 0.1-0.2 ms of CPU each, on the CPU pool: comparable to the token's own signing cost on a software token, which is
+/// why sampling exists). P-384, RSA and Ed25519 bare-digest signatures are not checked here.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum VerifyPolicy {
+    /// Check every P-256 digest signature.
+    Always,
+    /// Check one in `n` (n >= 1) P-256 digest signatures.
+    Sample(u32),
+    /// Never check bare-digest signatures.
+    Never,
+}
+
+/// Pipeline settings.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    /// Jobs the queue holds; beyond it submissions are refused with `Overloaded`.
+    pub queue_capacity: usize,
+    /// Most jobs a worker takes per wake-up.
+    pub batch: usize,
+    /// Sign attempts per job (over all tokens) before transient failures are reported as `Unavailable`.
+    pub max_attempts: u32,
+    /// First wait before probing a token taken out of rotation; doubled per failed probe.
+    pub backoff_initial: Duration,
+    /// Longest wait between probes.
+    pub backoff_max: Duration,
+    /// Deadline of a [`PipelineKey`] signature when the caller set none ([`with_deadline`]).
+    pub default_timeout: Duration,
+    /// CPU-pool threads; 0 picks available cores + 2 x the HSM sessions (a CPU thread waits while the token signs).
+    pub cpu_threads: usize,
+    /// CPU-pool queue length.
+    pub cpu_queue: usize,
+    /// Post-sign check of bare-digest signatures.
+    pub verify_digests: VerifyPolicy,
+}
+
+impl Default for PipelineConfig {
+    fn default() -> Self {
+        Self {
+            queue_capacity: 65_536,
+            batch: 64,
+            max_attempts: 4,
+            backoff_initial: Duration::from_millis(100),
+            backoff_max: Duration::from_secs(10),
+            default_timeout: Duration::from_secs(5),
+            cpu_threads: 0,
+            cpu_queue: 65_536,
+            verify_digests: VerifyPolicy::Sample(64),
+        }
+    }
+}
+
+/// One token (or slot) behind the authority, with its number of worker sessions.
+#[derive(Debug, Clone)]
+pub struct TokenMember {
+    /// A name for logs and metrics (e.g. the configured token name).
+    pub name: String,
+    /// How workers open sessions on it (a [`signet_pkcs11::Token`]).
+    pub opener: Arc<dyn SessionOpener>,
+    /// Worker sessions (threads) on this token.
+    pub sessions: usize,
+}
+
+impl TokenMember {
+    /// A member for `token` with `sessions` workers.
+    pub fn new(name: impl Into<String>, token: signet_pkcs11::Token, sessions: usize) -> Self {
+        Self {
+            name: name.into(),
+            opener: Arc::new(token),
+            sessions,
+        }
+    }
+}
+
+/// A token's state as the pipeline sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct TokenStatus {
+    /// The member's name.
+    pub name: String,
+    /// Whether it is in rotation.
+    pub healthy: bool,
+    /// Signatures its workers made.
+    pub signatures: u64,
+    /// Transient failures seen on it.
+    pub failures: u64,
+}
+
+pub(crate) struct TokenState {
+    pub(crate) name: String,
+    pub(crate) opener: Arc<dyn SessionOpener>,
+    pub(crate) healthy: AtomicBool,
+    pub(crate) signatures: AtomicU64,
+    pub(crate) failures: AtomicU64,
+    healthy_gauge: ::metrics::Gauge,
+    pub(crate) failure_counter: ::metrics::Counter,
+}
+
+pub(crate) struct RegisteredKey {
+    pub(crate) label: Arc<str>,
+    pub(crate) key_type: KeyType,
+    pub(crate) spki: Arc<[u8]>,
+    pub(crate) p256: Option<p256::ecdsa::VerifyingKey>,
+}
+
+pub(crate) struct Shared {
+    pub(crate) config: PipelineConfig,
+    tx: Sender<Job>,
+    pub(crate) rx: Receiver<Job>,
+    pub(crate) retry_tx: Sender<Job>,
+    pub(crate) retry_rx: Receiver<Job>,
+    stop_tx: Mutex<Option<Sender<()>>>,
+    pub(crate) stop_rx: Receiver<()>,
+    closed: AtomicBool,
+    tokens: Vec<Arc<TokenState>>,
+    pub(crate) healthy_tokens: AtomicUsize,
+    keys: RwLock<Vec<Arc<RegisteredKey>>>,
+    next_id: AtomicU64,
+    workers: Mutex<Vec<JoinHandle<()>>>,
+    handles: metrics::Handles,
+    cpu: CpuPool,
+    verified: AtomicU64,
+    verify_counter: ::metrics::Counter,
+}
+
+impl Shared {
+    pub(crate) fn registered(&self, index: u32) -> Option<Arc<RegisteredKey>> {
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(index as usize)
+            .cloned()
+    }
+
+    pub(crate) fn mark_down(&self, token: &TokenState, reason: &str) {
+        if token.healthy.swap(false, Ordering::AcqRel) {
+            self.healthy_tokens.fetch_sub(1, Ordering::AcqRel);
+            token.healthy_gauge.set(0.0);
+            tracing::warn!(token = %token.name, reason, "token taken out of rotation");
+        }
+    }
+
+    pub(crate) fn mark_up(&self, token: &TokenState) {
+        if !token.healthy.swap(true, Ordering::AcqRel) {
+            self.healthy_tokens.fetch_add(1, Ordering::AcqRel);
+            token.healthy_gauge.set(1.0);
+            tracing::info!(token = %token.name, "token back in rotation");
+        }
+    }
+
+    /// Answers every queued job `Unavailable` (no token can take it).
+    pub(crate) fn fail_queued(&self, reason: &str) {
+        while let Ok(job) = self.retry_rx.try_recv().or_else(|_| self.rx.try_recv()) {
+            let e = PipelineError::Unavailable {
+                reason: reason.to_string(),
+                retry_after: self.config.backoff_initial,
+            };
+            self.handles.outcome(e.outcome());
+            job.answer(Err(e));
+        }
+    }
+
+    /// Answers every queued job `ShuttingDown`.
+    fn drain_shutting_down(&self) {
+        while let Ok(job) = self.retry_rx.try_recv().or_else(|_| self.rx.try_recv()) {
+            self.handles.outcome("shutting_down");
+            job.answer(Err(PipelineError::ShuttingDown));
+        }
+    }
+}
+
+/// The batching signer (see the module docs). Cheap to clone; call [`shutdown`](Self::shutdown) once to stop it.
+#[derive(Clone)]
+pub struct Pipeline {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for Pipeline {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipeline")
+            .field("queued", &self.shared.rx.len())
+            .field("tokens", &self.shared.tokens.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pipeline {
+    /// Starts the pipeline: opens every worker's session, starts the workers and the CPU pool. A token whose
+    /// sessions fail transiently starts out of rotation (and is probed); a permanent failure (wrong PIN, ...) is an
+    /// error, as is a pipeline with no session at all.
+    pub fn start(config: PipelineConfig, members: Vec<TokenMember>) -> Result<Self, PipelineError> {
+        let sessions: usize = members.iter().map(|m| m.sessions.max(1)).sum();
+        if members.is_empty() {
+            return Err(PipelineError::InvalidRequest(
+                "a pipeline needs at least one token".into(),
+            ));
+        }
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let cpu_threads = if config.cpu_threads == 0 {
+            cores + 2 * sessions
+        } else {
+            config.cpu_threads
+        };
+        let cpu = CpuPool::new(cpu_threads, config.cpu_queue).map_err(|e| {
+            PipelineError::Unavailable {
+                reason: format!("cannot start CPU threads: {e}"),
+                retry_after: Duration::from_secs(1),
+            }
+        })?;
+        let (tx, rx) = channel::bounded(config.queue_capacity.max(1));
+        // Unbounded, but it only ever holds jobs that were in a worker's hands: at most workers x batch.
+        let (retry_tx, retry_rx) = channel::unbounded();
+        let (stop_tx, stop_rx) = channel::bounded(0);
+
+        let mut opened = Vec::new();
+        let mut tokens = Vec::new();
+        for m in &members {
+            let state = Arc::new(TokenState {
+                name: m.name.clone(),
+                opener: m.opener.clone(),
+                healthy: AtomicBool::new(true),
+                signatures: AtomicU64::new(0),
+                failures: AtomicU64::new(0),
+                healthy_gauge: ::metrics::gauge!(metrics::TOKEN_HEALTHY, "token" => m.name.clone()),
+                failure_counter: ::metrics::counter!(metrics::TOKEN_FAILURES, "token" => m.name.clone()),
+            });
+            for _ in 0..m.sessions.max(1) {
+                match m.opener.open() {
+                    Ok(s) => opened.push((state.clone(), Some(s))),
+                    Err(e) if e.is_transient() => {
+                        tracing::warn!(token = %m.name, error = %e, "cannot open a worker session; token starts out of rotation");
+                        state.healthy.store(false, Ordering::Release);
+                        opened.push((state.clone(), None));
+                    }
+                    Err(e) => {
+                        cpu.shutdown();
+                        return Err(PipelineError::Key(format!(
+                            "token {:?}: cannot open a worker session: {e}",
+                            m.name
+                        )));
+                    }
+                }
+            }
+            state
+                .healthy_gauge
+                .set(if state.healthy.load(Ordering::Acquire) {
+                    1.0
+                } else {
+                    0.0
+                });
+            tokens.push(state);
+        }
+        let healthy = tokens
+            .iter()
+            .filter(|t| t.healthy.load(Ordering::Acquire))
+            .count();
+        let shared = Arc::new(Shared {
+            config,
+            tx,
+            rx,
+            retry_tx,
+            retry_rx,
+            stop_tx: Mutex::new(Some(stop_tx)),
+            stop_rx,
+            closed: AtomicBool::new(false),
+            tokens,
+            healthy_tokens: AtomicUsize::new(healthy),
+            keys: RwLock::new(Vec::new()),
+            next_id: AtomicU64::new(1),
+            workers: Mutex::new(Vec::new()),
+            handles: metrics::Handles::new(),
+            cpu,
+            verified: AtomicU64::new(0),
+            verify_counter: ::metrics::counter!(metrics::DIGEST_VERIFIED),
+        });
+        let mut handles = Vec::new();
+        for (i, (state, session)) in opened.into_iter().enumerate() {
+            let w = worker::Worker::new(shared.clone(), state.clone(), session);
+            let spawned = std::thread::Builder::new()
+                .name(format!("signet-hsm-{}-{i}", state.name))
+                .spawn(move || w.run());
+            match spawned {
+                Ok(h) => handles.push(h),
+                Err(e) => {
+                    *shared.workers.lock().unwrap_or_else(|p| p.into_inner()) = handles;
+                    let p = Pipeline { shared };
+                    p.shutdown();
+                    return Err(PipelineError::Unavailable {
+                        reason: format!("cannot start HSM worker threads: {e}"),
+                        retry_after: Duration::from_secs(1),
+                    });
+                }
+            }
+        }
+        *shared.workers.lock().unwrap_or_else(|p| p.into_inner()) = handles;
+        Ok(Pipeline { shared })
+    }
+
+    /// The CPU pool of this pipeline (for issuance work).
+    pub fn cpu(&self) -> &CpuPool {
+        &self.shared.cpu
+    }
+
+    /// The settings.
+    pub fn config(&self) -> &PipelineConfig {
+        &self.shared.config
+    }
+
+    /// Registers the key labelled `label` (it must be on every token) and returns it as an
+    /// [`AuthorityKey`](crate::keys::AuthorityKey). Reads the public key through a short-lived session on the first
+    /// token in rotation. Registering the same label again returns the same key.
+    pub fn key(&self, label: &str) -> Result<PipelineKey, PipelineError> {
+        if let Some((i, reg)) = self
+            .shared
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .enumerate()
+            .find(|(_, k)| &*k.label == label)
+        {
+            return Ok(PipelineKey::new(self.clone(), i as u32, reg.clone()));
+        }
+        let mut last = None;
+        let mut found = None;
+        for t in &self.shared.tokens {
+            if !t.healthy.load(Ordering::Acquire) {
+                continue;
+            }
+            let r = t.opener.open().and_then(|mut s| {
+                let k = s.find_key(label)?;
+                let spki = s.public_key_der(label)?;
+                Ok((k.key_type(), spki))
+            });
+            match r {
+                Ok(v) => {
+                    found = Some(v);
+                    break;
+                }
+                Err(e) if e.is_transient() => last = Some(e),
+                Err(e) => {
+                    return Err(PipelineError::Key(format!(
+                        "key {label:?} on token {:?}: {e}",
+                        t.name
+                    )));
+                }
+            }
+        }
+        let Some((token_type, spki)) = found else {
+            return Err(PipelineError::Unavailable {
+                reason: match last {
+                    Some(e) => format!("cannot read key {label:?}: {e}"),
+                    None => "no token is in rotation".into(),
+                },
+                retry_after: self.shared.config.backoff_initial,
+            });
+        };
+        let key_type = crate::keys_token::key_type_of(token_type)
+            .map_err(|e| PipelineError::Key(e.to_string()))?;
+        let p256 = match key_type {
+            KeyType::EcP256 => signet_pkcs11::spki_subject_public_key(&spki)
+                .ok()
+                .and_then(|point| p256::ecdsa::VerifyingKey::from_sec1_bytes(&point).ok()),
+            _ => None,
+        };
+        let reg = Arc::new(RegisteredKey {
+            label: Arc::from(label),
+            key_type,
+            spki: Arc::from(spki),
+            p256,
+        });
+        let mut keys = self.shared.keys.write().unwrap_or_else(|p| p.into_inner());
+        if let Some((i, existing)) = keys.iter().enumerate().find(|(_, k)| &*k.label == label) {
+            return Ok(PipelineKey::new(self.clone(), i as u32, existing.clone()));
+        }
+        let index = u32::try_from(keys.len())
+            .map_err(|_| PipelineError::InvalidRequest("too many keys registered".into()))?;
+        keys.push(reg.clone());
+        Ok(PipelineKey::new(self.clone(), index, reg))
+    }
+
+    /// Queues one job. The digest (or Ed25519 message) is already computed; errors come back at once.
+    pub(crate) fn submit(
+        &self,
+        key: u32,
+        alg: SignAlgorithm,
+        data: Vec<u8>,
+        deadline: Instant,
+    ) -> Result<Reply, PipelineError> {
+        let s = &self.shared;
+        let refuse = |e: PipelineError| {
+            s.handles.outcome(e.outcome());
+            Err(e)
+        };
+        if s.closed.load(Ordering::SeqCst) {
+            return refuse(PipelineError::ShuttingDown);
+        }
+        if s.healthy_tokens.load(Ordering::Acquire) == 0 {
+            return refuse(PipelineError::Unavailable {
+                reason: "every token is out of rotation".into(),
+                retry_after: s.config.backoff_initial,
+            });
+        }
+        if Instant::now() >= deadline {
+            return refuse(PipelineError::DeadlineExceeded);
+        }
+        let id = s.next_id.fetch_add(1, Ordering::Relaxed);
+        let (job, reply) = Job::new(id, key, alg, data, deadline);
+        match s.tx.try_send(job) {
+            Ok(()) => {}
+            Err(TrySendError::Full(job)) => {
+                job.disarm();
+                s.handles.queue_depth.set(s.rx.len() as f64);
+                return refuse(PipelineError::Overloaded {
+                    capacity: s.config.queue_capacity,
+                });
+            }
+            Err(TrySendError::Disconnected(job)) => {
+                job.disarm();
+                return refuse(PipelineError::ShuttingDown);
+            }
+        }
+        // A shutdown that raced with this submission may have drained the queue already: drain again so the job is
+        // answered rather than left behind.
+        if s.closed.load(Ordering::SeqCst) {
+            s.drain_shutting_down();
+        }
+        Ok(reply)
+    }
+
+    /// Signs a bare digest computed by the caller (SPIRE KeyManager `SignData`): `digest` must have the length of
+    /// `alg`'s hash (for Ed25519, pass the message). ECDSA signatures come back raw r||s
+    /// ([`ecdsa_raw_to_der`](crate::keys::ecdsa_raw_to_der) for DER). The job is refused at once when the queue is
+    /// full; dropping the future abandons the job (it is then never signed). P-256 signatures are checked against
+    /// the public key per [`VerifyPolicy`] (on the CPU pool) before they are returned.
+    pub fn submit_digest(
+        &self,
+        key: &PipelineKey,
+        alg: SignAlgorithm,
+        digest: &[u8],
+        deadline: Instant,
+    ) -> impl Future<Output = Result<Vec<u8>, PipelineError>> + Send + 'static {
+        let checked = key.check_request(alg, digest).map(|reg| {
+            let verify = reg.p256.is_some() && self.should_verify();
+            let reply = self.submit(key.index(), alg, digest.to_vec(), deadline);
+            (reg, verify, reply)
+        });
+        let digest_copy = digest.to_vec();
+        let cpu = self.shared.cpu.clone();
+        let shared = self.shared.clone();
+        async move {
+            let (reg, verify, reply) = checked?;
+            let sig = reply?.await?;
+            if !verify {
+                return Ok(sig);
+            }
+            let checked = cpu
+                .run(move || verify_p256(&reg, &digest_copy, &sig).map(|()| sig))
+                .await?;
+            shared.verified.fetch_add(1, Ordering::Relaxed);
+            shared.verify_counter.increment(1);
+            checked
+        }
+    }
+
+    fn should_verify(&self) -> bool {
+        match self.shared.config.verify_digests {
+            VerifyPolicy::Always => true,
+            VerifyPolicy::Never => false,
+            VerifyPolicy::Sample(n) => {
+                let n = u64::from(n.max(1));
+                self.shared
+                    .next_id
+                    .load(Ordering::Relaxed)
+                    .is_multiple_of(n)
+            }
+        }
+    }
+
+    /// The state of every token behind the pipeline.
+    pub fn token_status(&self) -> Vec<TokenStatus> {
+        self.shared
+            .tokens
+            .iter()
+            .map(|t| TokenStatus {
+                name: t.name.clone(),
+                healthy: t.healthy.load(Ordering::Acquire),
+                signatures: t.signatures.load(Ordering::Relaxed),
+                failures: t.failures.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+
+    /// Bare-digest signatures checked after signing so far.
+    pub fn digests_verified(&self) -> u64 {
+        self.shared.verified.load(Ordering::Relaxed)
+    }
+
+    /// Jobs waiting in the queue now.
+    pub fn queued(&self) -> usize {
+        self.shared.rx.len() + self.shared.retry_rx.len()
+    }
+
+    /// Stops the pipeline: refuses new jobs (`ShuttingDown`), lets each worker finish the batch in its hands, then
+    /// answers every job still queued with `ShuttingDown`, and stops the CPU pool. Idempotent; blocks until the
+    /// worker threads have exited (do not call it from an async task without `spawn_blocking`).
+    pub fn shutdown(&self) {
+        let s = &self.shared;
+        s.closed.store(true, Ordering::SeqCst);
+        drop(s.stop_tx.lock().unwrap_or_else(|p| p.into_inner()).take());
+        let workers = std::mem::take(&mut *s.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        for w in workers {
+            let _ = w.join();
+        }
+        s.drain_shutting_down();
+        s.cpu.shutdown();
+    }
+}
+
+fn verify_p256(reg: &RegisteredKey, digest: &[u8], sig: &[u8]) -> Result<(), PipelineError> {
+    use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
+    let Some(vk) = reg.p256.as_ref() else {
+        return Ok(());
+    };
+    let signature = p256::ecdsa::Signature::from_slice(sig)
+        .map_err(|e| PipelineError::PostSignCheck(format!("not a P-256 r||s signature: {e}")))?;
+    vk.verify_prehash(digest, &signature).map_err(|_| {
+        tracing::error!(key = %reg.label, "token signature over a digest does not verify");
+        PipelineError::PostSignCheck(format!("key {:?}", reg.label))
+    })
+}

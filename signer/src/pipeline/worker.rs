@@ -1,0 +1,309 @@
+//! The HSM worker: one thread, one logged-in session, cached key handles.
+//!
+//! A worker blocks for the first job (retried jobs first, then the shared queue), drains what else is queued up to
+//! the batch bound, and signs the batch back to back. Per job: a job whose caller gave up or whose deadline passed is
+//! dropped before it reaches the token; a transient failure is retried on a fresh session (after re-initialising the
+//! library when the device went away) within the job's deadline and attempt budget; when the session cannot be
+//! recovered the token is taken out of rotation, the worker's unfinished jobs go to the retry queue for the other
+//! tokens, and the worker probes the token with exponential backoff until a session opens again.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use crossbeam::channel::{RecvTimeoutError, TryRecvError, select};
+use signet_pkcs11::{Key, RvClass};
+
+use super::error::PipelineError;
+use super::job::Job;
+use super::metrics::Handles;
+use super::session::HsmSession;
+use super::{Shared, TokenState};
+
+enum Flow {
+    Continue,
+    TokenDown,
+}
+
+pub(crate) struct Worker {
+    shared: Arc<Shared>,
+    token: Arc<TokenState>,
+    session: Option<Box<dyn HsmSession>>,
+    keys: Vec<Option<Key>>,
+    handles: Handles,
+    sign_seconds: metrics::Histogram,
+    batch: Vec<Job>,
+}
+
+impl Worker {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        token: Arc<TokenState>,
+        session: Option<Box<dyn HsmSession>>,
+    ) -> Self {
+        let batch = Vec::with_capacity(shared.config.batch);
+        let sign_seconds =
+            metrics::histogram!(super::metrics::SIGN_SECONDS, "token" => token.name.clone());
+        Self {
+            shared,
+            token,
+            session,
+            keys: Vec::new(),
+            handles: Handles::new(),
+            sign_seconds,
+            batch,
+        }
+    }
+
+    pub(crate) fn run(mut self) {
+        loop {
+            if self.session.is_none() || !self.token.healthy.load(Ordering::Acquire) {
+                if !self.recover() {
+                    return;
+                }
+                continue;
+            }
+            // A stopping pipeline takes no new batch: what is queued is answered `ShuttingDown` by `shutdown`.
+            if let Err(TryRecvError::Disconnected) = self.shared.stop_rx.try_recv() {
+                return;
+            }
+            let first = select! {
+                recv(self.shared.retry_rx) -> j => j.ok(),
+                recv(self.shared.rx) -> j => j.ok(),
+                recv(self.shared.stop_rx) -> _ => None,
+            };
+            let Some(first) = first else { return };
+            self.batch.push(first);
+            while self.batch.len() < self.shared.config.batch {
+                match self
+                    .shared
+                    .retry_rx
+                    .try_recv()
+                    .or_else(|_| self.shared.rx.try_recv())
+                {
+                    Ok(j) => self.batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            self.handles.batch_size.record(self.batch.len() as f64);
+            self.handles.queue_depth.set(self.shared.rx.len() as f64);
+            let mut jobs = std::mem::take(&mut self.batch);
+            let mut down = false;
+            for job in jobs.drain(..) {
+                if down {
+                    self.requeue(job);
+                    continue;
+                }
+                if let Flow::TokenDown = self.process(job) {
+                    down = true;
+                }
+            }
+            self.batch = jobs;
+        }
+    }
+
+    /// Sends a job back to the retry queue (for another worker, usually on another token).
+    fn requeue(&self, job: Job) {
+        if let Err(e) = self.shared.retry_tx.send(job) {
+            // Cannot happen while the pipeline exists (it holds the receiver); answer rather than lose it.
+            e.into_inner().answer(Err(PipelineError::ShuttingDown));
+        }
+    }
+
+    fn finish(&self, job: Job, result: Result<Vec<u8>, PipelineError>) {
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(e) => e.outcome(),
+        };
+        if job.answer(result) {
+            self.handles.outcome(outcome);
+        } else {
+            self.handles.outcome("abandoned");
+        }
+    }
+
+    fn key(&mut self, index: u32) -> Result<Key, signet_pkcs11::Error> {
+        let i = index as usize;
+        if let Some(Some(k)) = self.keys.get(i) {
+            return Ok(k.clone());
+        }
+        let Some(reg) = self.shared.registered(index) else {
+            return Err(signet_pkcs11::Error::new(
+                signet_pkcs11::ErrorKind::KeyNotFound,
+                format!("no key registered with the pipeline under slot {index}"),
+            ));
+        };
+        let Some(session) = self.session.as_mut() else {
+            return Err(signet_pkcs11::Error::new(
+                signet_pkcs11::ErrorKind::Stale,
+                "the worker has no open session",
+            ));
+        };
+        let key = session.find_key(&reg.label)?;
+        // Every token behind the authority must hold the same key: check the public half once per session.
+        let spki = session.public_key_der(&reg.label)?;
+        if spki.as_slice() != &*reg.spki {
+            return Err(signet_pkcs11::Error::new(
+                signet_pkcs11::ErrorKind::KeyTypeMismatch,
+                format!(
+                    "token {:?} holds a different key under label {:?} than the pipeline registered",
+                    self.token.name, reg.label
+                ),
+            ));
+        }
+        if self.keys.len() <= i {
+            self.keys.resize(i + 1, None);
+        }
+        if let Some(slot) = self.keys.get_mut(i) {
+            *slot = Some(key.clone());
+        }
+        Ok(key)
+    }
+
+    fn process(&mut self, mut job: Job) -> Flow {
+        if job.abandoned() {
+            self.handles.outcome("abandoned");
+            job.disarm();
+            return Flow::Continue;
+        }
+        if Instant::now() >= job.deadline {
+            self.finish(job, Err(PipelineError::DeadlineExceeded));
+            return Flow::Continue;
+        }
+        let _span =
+            tracing::trace_span!("sign_job", job = job.id, attempts = job.attempts).entered();
+        self.handles
+            .queue_wait
+            .record(job.enqueued.elapsed().as_secs_f64());
+        loop {
+            let result = self.key(job.key).and_then(|key| {
+                let Some(session) = self.session.as_mut() else {
+                    return Err(signet_pkcs11::Error::new(
+                        signet_pkcs11::ErrorKind::Stale,
+                        "the worker has no open session",
+                    ));
+                };
+                let started = Instant::now();
+                let r = if job.alg.hash().is_some() {
+                    session.sign_digest(&key, job.alg, &job.data)
+                } else {
+                    session.sign_message(&key, job.alg, &job.data)
+                };
+                self.sign_seconds.record(started.elapsed().as_secs_f64());
+                r
+            });
+            let err = match result {
+                Ok(sig) => {
+                    self.token.signatures.fetch_add(1, Ordering::Relaxed);
+                    self.finish(job, Ok(sig));
+                    return Flow::Continue;
+                }
+                Err(e) => e,
+            };
+            if !err.is_transient() {
+                tracing::warn!(token = %self.token.name, error = %err, "permanent token error");
+                let e = match err.kind() {
+                    signet_pkcs11::ErrorKind::InvalidInput => {
+                        PipelineError::InvalidRequest(err.to_string())
+                    }
+                    _ => PipelineError::Key(format!("token {:?}: {err}", self.token.name)),
+                };
+                self.finish(job, Err(e));
+                return Flow::Continue;
+            }
+            self.token.failures.fetch_add(1, Ordering::Relaxed);
+            self.token.failure_counter.increment(1);
+            job.attempts += 1;
+            tracing::warn!(token = %self.token.name, error = %err, attempts = job.attempts, "transient token error");
+            if job.attempts >= self.shared.config.max_attempts {
+                self.finish(
+                    job,
+                    Err(PipelineError::Unavailable {
+                        reason: format!(
+                            "{} attempts failed transiently, last on token {:?}: {err}",
+                            self.shared.config.max_attempts, self.token.name
+                        ),
+                        retry_after: self.shared.config.backoff_initial,
+                    }),
+                );
+                return Flow::Continue;
+            }
+            if Instant::now() >= job.deadline {
+                self.finish(job, Err(PipelineError::DeadlineExceeded));
+                return Flow::Continue;
+            }
+            if let Err(re) = self.recover_session(err.recovery()) {
+                self.shared.mark_down(&self.token, &re.to_string());
+                self.session = None;
+                self.keys.clear();
+                self.requeue(job);
+                return Flow::TokenDown;
+            }
+        }
+    }
+
+    /// Recovers the session in place after a transient failure.
+    fn recover_session(&mut self, class: RvClass) -> Result<(), signet_pkcs11::Error> {
+        let Some(session) = self.session.as_mut() else {
+            let s = self.token.opener.open()?;
+            self.session = Some(s);
+            self.keys.clear();
+            return Ok(());
+        };
+        match class {
+            RvClass::Retry => std::thread::sleep(Duration::from_millis(1)),
+            RvClass::Reinitialize => {
+                self.token.opener.reinitialize(session.generation())?;
+                self.keys.clear();
+                session.reopen()?;
+            }
+            _ => {
+                self.keys.clear();
+                session.reopen()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The token is out of rotation (or this worker has no session): wait with backoff and probe until a session
+    /// opens. While no token at all is in rotation, queued jobs are answered `Unavailable` at once. Returns false
+    /// when the pipeline stops.
+    fn recover(&mut self) -> bool {
+        let cfg = &self.shared.config;
+        let mut backoff = cfg.backoff_initial;
+        loop {
+            if self.shared.healthy_tokens.load(Ordering::Acquire) == 0 {
+                self.shared.fail_queued(&format!(
+                    "every token is out of rotation (last: {:?})",
+                    self.token.name
+                ));
+            }
+            match self.shared.stop_rx.recv_timeout(backoff) {
+                Err(RecvTimeoutError::Timeout) => {}
+                _ => return false,
+            }
+            let probe = match self.session.as_mut() {
+                Some(s) => s.reopen(),
+                None => self.token.opener.open().map(|s| {
+                    self.session = Some(s);
+                }),
+            };
+            match probe {
+                Ok(()) => {
+                    self.keys.clear();
+                    self.shared.mark_up(&self.token);
+                    return true;
+                }
+                Err(e) => {
+                    tracing::debug!(token = %self.token.name, error = %e, "token still unavailable");
+                    if e.recovery() == RvClass::Reinitialize
+                        && let Some(s) = self.session.as_ref()
+                    {
+                        let _ = self.token.opener.reinitialize(s.generation());
+                    }
+                    backoff = (backoff * 2).min(cfg.backoff_max);
+                }
+            }
+        }
+    }
+}

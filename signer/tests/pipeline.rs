@@ -1,0 +1,1026 @@
+//! The batching signer pipeline against real SoftHSM2 tokens.
+//!
+//! Faults are injected at the worker's session seam by [`support::FaultyOpener`], a thin decorator over real token
+//! sessions that also counts the signatures that reached the token. Signatures are checked with ring / the `p256`
+//! crate; certificates with `openssl verify -x509_strict`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support {
+    use std::collections::VecDeque;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::{Arc, Condvar, Mutex};
+    use std::time::{Duration, Instant};
+
+    use signet::pipeline::{HsmSession, PipelineConfig, SessionOpener, TokenMember};
+    use signet_pkcs11::cryptoki::context::Function;
+    use signet_pkcs11::cryptoki::error::{Error as CkError, RvError};
+    use signet_pkcs11::{Error, Key, KeyGenOptions, KeyType, SignAlgorithm, Token, TokenSession};
+
+    /// What the decorator injects, and what it counted.
+    #[derive(Debug, Default)]
+    pub struct Faults {
+        /// C_Sign calls that reached the real token.
+        pub signs: AtomicU64,
+        /// Session re-opens.
+        pub reopens: AtomicU64,
+        /// Library re-initialisations asked for (counted, not performed: it would disturb the other tests' tokens).
+        pub reinits: AtomicU64,
+        /// Sign calls currently held at the gate.
+        pub held: AtomicU64,
+        /// Errors for the next sign calls, one each.
+        pub next_errors: Mutex<VecDeque<RvError>>,
+        /// While set, the device is "removed": sign, open and reopen fail with CKR_DEVICE_REMOVED.
+        pub down: AtomicBool,
+        gate: Mutex<bool>,
+        gate_cv: Condvar,
+    }
+
+    fn rv_error(rv: RvError) -> Error {
+        Error::pkcs11("injected fault", CkError::Pkcs11(rv, Function::Sign))
+    }
+
+    impl Faults {
+        pub fn hold(&self) {
+            *self.gate.lock().unwrap() = true;
+        }
+        pub fn release(&self) {
+            *self.gate.lock().unwrap() = false;
+            self.gate_cv.notify_all();
+        }
+        pub fn inject(&self, rv: RvError) {
+            self.next_errors.lock().unwrap().push_back(rv);
+        }
+        /// Waits (bounded) until `n` sign calls are held at the gate.
+        pub fn wait_held(&self, n: u64) {
+            let until = Instant::now() + Duration::from_secs(30);
+            while self.held.load(Ordering::SeqCst) < n {
+                assert!(Instant::now() < until, "workers never reached the token");
+                std::thread::sleep(Duration::from_millis(2));
+            }
+        }
+        fn before_sign(&self) -> Result<(), Error> {
+            let mut g = self.gate.lock().unwrap();
+            if *g {
+                self.held.fetch_add(1, Ordering::SeqCst);
+                while *g {
+                    g = self.gate_cv.wait(g).unwrap();
+                }
+                self.held.fetch_sub(1, Ordering::SeqCst);
+            }
+            drop(g);
+            if self.down.load(Ordering::SeqCst) {
+                return Err(rv_error(RvError::DeviceRemoved));
+            }
+            if let Some(rv) = self.next_errors.lock().unwrap().pop_front() {
+                return Err(rv_error(rv));
+            }
+            Ok(())
+        }
+    }
+
+    pub struct FaultySession {
+        inner: TokenSession,
+        faults: Arc<Faults>,
+    }
+
+    impl HsmSession for FaultySession {
+        fn find_key(&mut self, label: &str) -> Result<Key, Error> {
+            self.inner.find_key(label)
+        }
+        fn public_key_der(&mut self, label: &str) -> Result<Vec<u8>, Error> {
+            self.inner.public_key_der(label)
+        }
+        fn sign_digest(
+            &mut self,
+            key: &Key,
+            alg: SignAlgorithm,
+            digest: &[u8],
+        ) -> Result<Vec<u8>, Error> {
+            self.faults.before_sign()?;
+            let r = self.inner.sign_digest(key, alg, digest);
+            self.faults.signs.fetch_add(1, Ordering::SeqCst);
+            r
+        }
+        fn sign_message(
+            &mut self,
+            key: &Key,
+            alg: SignAlgorithm,
+            message: &[u8],
+        ) -> Result<Vec<u8>, Error> {
+            self.faults.before_sign()?;
+            let r = self.inner.sign(key, alg, message);
+            self.faults.signs.fetch_add(1, Ordering::SeqCst);
+            r
+        }
+        fn reopen(&mut self) -> Result<(), Error> {
+            self.faults.reopens.fetch_add(1, Ordering::SeqCst);
+            if self.faults.down.load(Ordering::SeqCst) {
+                return Err(rv_error(RvError::DeviceRemoved));
+            }
+            self.inner.reopen()
+        }
+        fn generation(&self) -> u64 {
+            self.inner.generation()
+        }
+    }
+
+    #[derive(Debug)]
+    pub struct FaultyOpener {
+        pub token: Token,
+        pub faults: Arc<Faults>,
+    }
+
+    impl SessionOpener for FaultyOpener {
+        fn open(&self) -> Result<Box<dyn HsmSession>, Error> {
+            if self.faults.down.load(Ordering::SeqCst) {
+                return Err(rv_error(RvError::DeviceRemoved));
+            }
+            Ok(Box::new(FaultySession {
+                inner: self.token.session()?,
+                faults: self.faults.clone(),
+            }))
+        }
+        fn reinitialize(&self, _seen_generation: u64) -> Result<(), Error> {
+            self.faults.reinits.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    /// A fresh SoftHSM2 token with a P-256 key `label`; `None` (test skipped loudly) without SoftHSM2.
+    pub fn token_with_key(label: &str, key_type: KeyType) -> Option<Token> {
+        let hsm = signet_pkcs11::testing::SoftHsm::new()?;
+        let token = hsm.open();
+        token
+            .session()
+            .unwrap()
+            .generate_key(label, key_type, KeyGenOptions::default())
+            .unwrap();
+        Some(token)
+    }
+
+    /// A member over `token` behind the fault decorator.
+    pub fn member(name: &str, token: Token, sessions: usize) -> (TokenMember, Arc<Faults>) {
+        let faults = Arc::new(Faults::default());
+        let m = TokenMember {
+            name: name.into(),
+            opener: Arc::new(FaultyOpener {
+                token,
+                faults: faults.clone(),
+            }),
+            sessions,
+        };
+        (m, faults)
+    }
+
+    pub fn config() -> PipelineConfig {
+        PipelineConfig {
+            backoff_initial: Duration::from_millis(20),
+            backoff_max: Duration::from_millis(200),
+            cpu_threads: 4,
+            ..PipelineConfig::default()
+        }
+    }
+
+    /// Imports the same P-256 private key (and its public half) into `tokens` under `label`, so several tokens can
+    /// stand behind one authority. Returns the SEC1 public point.
+    pub fn import_shared_p256(tokens: &[&Token], label: &str) -> Vec<u8> {
+        use ring::rand::SecureRandom as _;
+        use signet_pkcs11::cryptoki::object::{Attribute, KeyType as CkKeyType, ObjectClass};
+        let mut d = [0u8; 32];
+        ring::rand::SystemRandom::new().fill(&mut d).unwrap();
+        let secret = p256::SecretKey::from_slice(&d).unwrap();
+        let point = secret.public_key().to_sec1_bytes().to_vec();
+        let mut ec_point = vec![0x04, point.len() as u8];
+        ec_point.extend_from_slice(&point);
+        let params = vec![0x06, 0x08, 0x2a, 0x86, 0x48, 0xce, 0x3d, 0x03, 0x01, 0x07];
+        let id = b"shared-key-id".to_vec();
+        for t in tokens {
+            let s = t.session().unwrap();
+            s.with_raw_session(|raw| {
+                raw.create_object(&[
+                    Attribute::Class(ObjectClass::PRIVATE_KEY),
+                    Attribute::KeyType(CkKeyType::EC),
+                    Attribute::Token(true),
+                    Attribute::Private(true),
+                    Attribute::Sensitive(true),
+                    Attribute::Extractable(false),
+                    Attribute::Sign(true),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                    Attribute::Id(id.clone()),
+                    Attribute::EcParams(params.clone()),
+                    Attribute::Value(d.to_vec()),
+                ])
+                .unwrap();
+                raw.create_object(&[
+                    Attribute::Class(ObjectClass::PUBLIC_KEY),
+                    Attribute::KeyType(CkKeyType::EC),
+                    Attribute::Token(true),
+                    Attribute::Verify(true),
+                    Attribute::Label(label.as_bytes().to_vec()),
+                    Attribute::Id(id.clone()),
+                    Attribute::EcParams(params.clone()),
+                    Attribute::EcPoint(ec_point.clone()),
+                ])
+                .unwrap();
+            })
+            .unwrap();
+        }
+        point
+    }
+
+    pub fn digest(i: u64) -> Vec<u8> {
+        ring::digest::digest(&ring::digest::SHA256, &i.to_be_bytes())
+            .as_ref()
+            .to_vec()
+    }
+
+    /// Checks a raw r||s P-256 signature over a SHA-256 digest (independent of the pipeline's own check).
+    pub fn verify_digest(spki: &[u8], digest: &[u8], sig: &[u8]) -> bool {
+        use p256::ecdsa::signature::hazmat::PrehashVerifier as _;
+        let point = signet_pkcs11::spki_subject_public_key(spki).unwrap();
+        let vk = p256::ecdsa::VerifyingKey::from_sec1_bytes(&point).unwrap();
+        let sig = p256::ecdsa::Signature::from_slice(sig).unwrap();
+        vk.verify_prehash(digest, &sig).is_ok()
+    }
+
+    pub fn far() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    pub fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+}
+
+mod token_key {
+    use std::sync::Arc;
+
+    use signet::keys::{AuthorityKey, KeyError, SignatureScheme, verify_signature};
+    use signet::keys_token::TokenKey;
+    use signet_pkcs11::KeyType;
+
+    #[test]
+    fn signs_from_many_threads_through_a_small_session_pool() {
+        let Some(token) = super::support::token_with_key("tk", KeyType::EcP256) else {
+            return;
+        };
+        let key = Arc::new(TokenKey::open(token, "tk", 2).unwrap());
+        let threads: Vec<_> = (0..6)
+            .map(|t| {
+                let key = key.clone();
+                std::thread::spawn(move || {
+                    for i in 0..20 {
+                        let msg = format!("message {t}/{i}");
+                        let sig = key
+                            .sign(SignatureScheme::EcdsaP256Sha256, msg.as_bytes())
+                            .unwrap();
+                        verify_signature(
+                            key.spki_der(),
+                            SignatureScheme::EcdsaP256Sha256,
+                            msg.as_bytes(),
+                            &sig,
+                        )
+                        .unwrap();
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        let e = key
+            .sign(SignatureScheme::EcdsaP384Sha384, b"x")
+            .unwrap_err();
+        assert!(matches!(e, KeyError::UnsupportedScheme { .. }), "{e}");
+        assert!(!e.is_transient());
+        assert!(TokenKey::open(key.token().clone(), "missing", 1).is_err());
+    }
+}
+
+mod queue {
+    use std::collections::HashSet;
+    use std::future::Future as _;
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    use signet::keys::{AuthorityKey, SignatureScheme, verify_signature};
+    use signet::pipeline::{Pipeline, PipelineConfig, PipelineError};
+    use signet_pkcs11::{KeyType, SignAlgorithm};
+
+    use super::support::{config, digest, far, member, runtime, token_with_key, verify_digest};
+
+    /// Many threads (sync `sign`) and many async tasks (`submit_digest`) at once: every job gets exactly one answer,
+    /// every answer is a valid signature, and the token made exactly as many signatures as there were jobs.
+    #[test]
+    fn every_job_answered_exactly_once_under_concurrency() {
+        let Some(token) = token_with_key("k", KeyType::EcP256) else {
+            return;
+        };
+        let (m, faults) = member("a", token, 2);
+        let cfg = PipelineConfig {
+            verify_digests: signet::pipeline::VerifyPolicy::Always,
+            ..config()
+        };
+        let p = Pipeline::start(cfg, vec![m]).unwrap();
+        let key = p.key("k").unwrap();
+
+        const THREADS: u64 = 6;
+        const PER_THREAD: u64 = 60;
+        let sync_threads: Vec<_> = (0..THREADS)
+            .map(|t| {
+                let key = key.clone();
+                std::thread::spawn(move || {
+                    let mut ok = 0u64;
+                    for i in 0..PER_THREAD {
+                        let msg = format!("sync {t} {i}");
+                        let sig = key
+                            .sign(SignatureScheme::EcdsaP256Sha256, msg.as_bytes())
+                            .unwrap();
+                        verify_signature(
+                            key.spki_der(),
+                            SignatureScheme::EcdsaP256Sha256,
+                            msg.as_bytes(),
+                            &sig,
+                        )
+                        .unwrap();
+                        ok += 1;
+                    }
+                    ok
+                })
+            })
+            .collect();
+
+        const TASKS: u64 = 100;
+        const PER_TASK: u64 = 5;
+        let rt = runtime();
+        let async_ok = rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for t in 0..TASKS {
+                let (p, key) = (p.clone(), key.clone());
+                set.spawn(async move {
+                    let mut answers = Vec::new();
+                    for i in 0..PER_TASK {
+                        let d = digest(t * 1000 + i);
+                        let sig = p
+                            .submit_digest(&key, SignAlgorithm::EcdsaSha256, &d, far())
+                            .await
+                            .unwrap();
+                        assert!(verify_digest(key.spki_der(), &d, &sig));
+                        answers.push((t, i));
+                    }
+                    answers
+                });
+            }
+            let mut seen = HashSet::new();
+            while let Some(r) = set.join_next().await {
+                for a in r.unwrap() {
+                    assert!(seen.insert(a), "answer {a:?} twice");
+                }
+            }
+            seen.len() as u64
+        });
+        let sync_ok: u64 = sync_threads.into_iter().map(|t| t.join().unwrap()).sum();
+        assert_eq!(sync_ok, THREADS * PER_THREAD);
+        assert_eq!(async_ok, TASKS * PER_TASK);
+        // No job was signed twice, none was lost.
+        let total = THREADS * PER_THREAD + TASKS * PER_TASK;
+        assert_eq!(faults.signs.load(Ordering::SeqCst), total);
+        assert_eq!(p.token_status()[0].signatures, total);
+        assert_eq!(p.digests_verified(), TASKS * PER_TASK);
+        p.shutdown();
+    }
+
+    /// Jobs whose deadline passed, or whose caller gave up, never reach the token.
+    #[test]
+    fn expired_and_abandoned_jobs_never_reach_the_token() {
+        let Some(token) = token_with_key("k", KeyType::EcP256) else {
+            return;
+        };
+        let (m, faults) = member("a", token, 1);
+        let p = Pipeline::start(config(), vec![m]).unwrap();
+        let key = p.key("k").unwrap();
+        let rt = runtime();
+
+        faults.hold();
+        let blocker =
+            rt.spawn(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(0), far()));
+        faults.wait_held(1);
+        // Short deadlines, queued behind the held worker.
+        let short = Instant::now() + Duration::from_millis(50);
+        let expiring: Vec<_> = (1..=20)
+            .map(|i| rt.spawn(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(i), short)))
+            .collect();
+        // Callers that give up: their futures are dropped.
+        for i in 21..=30 {
+            drop(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(i), far()));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(Instant::now() > short);
+        faults.release();
+
+        assert!(rt.block_on(blocker).unwrap().is_ok());
+        for j in expiring {
+            assert_eq!(
+                rt.block_on(j).unwrap(),
+                Err(PipelineError::DeadlineExceeded)
+            );
+        }
+        // Only the blocker was signed.
+        assert_eq!(faults.signs.load(Ordering::SeqCst), 1);
+        // A job submitted past its deadline is refused at once.
+        let past = Instant::now();
+        let e = rt
+            .block_on(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(99), past))
+            .unwrap_err();
+        assert_eq!(e, PipelineError::DeadlineExceeded);
+        assert!(e.is_retryable());
+        // The pipeline still works.
+        let d = digest(100);
+        let sig = rt
+            .block_on(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &d, far()))
+            .unwrap();
+        assert!(verify_digest(key.spki_der(), &d, &sig));
+        assert_eq!(faults.signs.load(Ordering::SeqCst), 2);
+        p.shutdown();
+    }
+
+    /// A full queue answers at once with a retryable `Overloaded`; what was accepted is signed.
+    #[test]
+    fn full_queue_refuses_with_overloaded() {
+        let Some(token) = token_with_key("k", KeyType::EcP256) else {
+            return;
+        };
+        let (m, faults) = member("a", token, 1);
+        let cfg = PipelineConfig {
+            queue_capacity: 16,
+            batch: 4,
+            ..config()
+        };
+        let p = Pipeline::start(cfg, vec![m]).unwrap();
+        let key = p.key("k").unwrap();
+        let rt = runtime();
+        faults.hold();
+        let first = rt.spawn(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(0), far()));
+        faults.wait_held(1);
+        // Poll each submission once: a refused one is ready at once (it never waits for the held worker), an
+        // accepted one is pending.
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let mut waiting = Vec::new();
+        let mut refused = 0;
+        for i in 1..=100u64 {
+            let mut f =
+                Box::pin(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(i), far()));
+            match f.as_mut().poll(&mut cx) {
+                std::task::Poll::Ready(r) => {
+                    let e = r.unwrap_err();
+                    assert!(
+                        matches!(e, PipelineError::Overloaded { capacity: 16 }),
+                        "{e}"
+                    );
+                    assert!(e.is_retryable());
+                    refused += 1;
+                }
+                std::task::Poll::Pending => waiting.push(f),
+            }
+        }
+        // The queue holds 16 and the worker is held on the first job: everything else was refused.
+        assert_eq!(waiting.len(), 16);
+        assert_eq!(refused, 100 - 16);
+        faults.release();
+        assert!(rt.block_on(first).unwrap().is_ok());
+        for f in waiting {
+            assert!(rt.block_on(f).is_ok());
+        }
+        assert_eq!(faults.signs.load(Ordering::SeqCst), 17);
+        p.shutdown();
+    }
+
+    /// Shutdown lets the batch in hand finish, answers everything still queued with `ShuttingDown`, and refuses
+    /// new work; every job is answered exactly once.
+    #[test]
+    fn shutdown_answers_everything() {
+        let Some(token) = token_with_key("k", KeyType::EcP256) else {
+            return;
+        };
+        let (m, faults) = member("a", token, 1);
+        let p = Pipeline::start(config(), vec![m]).unwrap();
+        let key = p.key("k").unwrap();
+        let rt = runtime();
+        faults.hold();
+        let first = rt.spawn(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(0), far()));
+        faults.wait_held(1);
+        let queued: Vec<_> = (1..=50)
+            .map(|i| rt.spawn(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(i), far())))
+            .collect();
+        let sync_waiters: Vec<_> = (0..4)
+            .map(|i| {
+                let key = key.clone();
+                std::thread::spawn(move || key.sign(SignatureScheme::EcdsaP256Sha256, &[i]))
+            })
+            .collect();
+        while p.queued() < 54 {
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let stopper = {
+            let p = p.clone();
+            std::thread::spawn(move || p.shutdown())
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        faults.release();
+        stopper.join().unwrap();
+
+        assert!(rt.block_on(first).unwrap().is_ok());
+        let (mut ok, mut down) = (0, 0);
+        for j in queued {
+            match rt.block_on(j).unwrap() {
+                Ok(_) => ok += 1,
+                Err(PipelineError::ShuttingDown) => down += 1,
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+        for t in sync_waiters {
+            match t.join().unwrap() {
+                Ok(_) => ok += 1,
+                Err(e) => {
+                    assert_eq!(
+                        PipelineError::in_chain(&e),
+                        Some(PipelineError::ShuttingDown),
+                        "{e}"
+                    );
+                    down += 1;
+                }
+            }
+        }
+        assert_eq!(ok + down, 54);
+        assert_eq!(faults.signs.load(Ordering::SeqCst), 1 + ok);
+        let e = rt
+            .block_on(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(7), far()))
+            .unwrap_err();
+        assert_eq!(e, PipelineError::ShuttingDown);
+        // Idempotent.
+        p.shutdown();
+    }
+
+    /// Requests that cannot be signed are refused before they are queued.
+    #[test]
+    fn malformed_requests_are_refused() {
+        let Some(token) = token_with_key("k", KeyType::EcP256) else {
+            return;
+        };
+        let (m, faults) = member("a", token, 1);
+        let p = Pipeline::start(config(), vec![m]).unwrap();
+        let key = p.key("k").unwrap();
+        let rt = runtime();
+        let e = rt
+            .block_on(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &[0u8; 20], far()))
+            .unwrap_err();
+        assert!(matches!(e, PipelineError::InvalidRequest(_)), "{e}");
+        assert!(!e.is_retryable());
+        let e = rt
+            .block_on(p.submit_digest(&key, SignAlgorithm::RsaPkcs1Sha256, &[0u8; 32], far()))
+            .unwrap_err();
+        assert!(matches!(e, PipelineError::InvalidRequest(_)), "{e}");
+        assert!(matches!(p.key("nope"), Err(PipelineError::Key(_))));
+        assert_eq!(faults.signs.load(Ordering::SeqCst), 0);
+        p.shutdown();
+    }
+
+    /// Ed25519 ships the message (the token hashes); checked with ring.
+    #[test]
+    fn ed25519_signs_the_message() {
+        let Some(token) = token_with_key("ed", KeyType::Ed25519) else {
+            return;
+        };
+        let (m, _faults) = member("a", token, 1);
+        let p = Pipeline::start(config(), vec![m]).unwrap();
+        let key = p.key("ed").unwrap();
+        let rt = runtime();
+        let msg = b"an Ed25519 message of any length".to_vec();
+        let sig = rt
+            .block_on(p.submit_digest(&key, SignAlgorithm::Ed25519, &msg, far()))
+            .unwrap();
+        verify_signature(key.spki_der(), SignatureScheme::Ed25519, &msg, &sig).unwrap();
+        let sig = key.sign(SignatureScheme::Ed25519, &msg).unwrap();
+        verify_signature(key.spki_der(), SignatureScheme::Ed25519, &msg, &sig).unwrap();
+        p.shutdown();
+    }
+}
+
+mod faults {
+    use std::sync::atomic::Ordering;
+    use std::time::{Duration, Instant};
+
+    use signet::keys::AuthorityKey;
+    use signet::pipeline::{Pipeline, PipelineError};
+    use signet_pkcs11::cryptoki::error::RvError;
+    use signet_pkcs11::{KeyType, SignAlgorithm};
+
+    use super::support::{
+        config, digest, far, import_shared_p256, member, runtime, token_with_key, verify_digest,
+    };
+
+    /// A transient error injected into one session is retried on a fresh session and the job succeeds.
+    #[test]
+    fn transient_error_is_retried_on_a_fresh_session() {
+        let Some(token) = token_with_key("k", KeyType::EcP256) else {
+            return;
+        };
+        let (m, faults) = member("a", token, 1);
+        let p = Pipeline::start(config(), vec![m]).unwrap();
+        let key = p.key("k").unwrap();
+        let rt = runtime();
+        faults.inject(RvError::SessionHandleInvalid);
+        let d = digest(1);
+        let sig = rt
+            .block_on(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &d, far()))
+            .unwrap();
+        assert!(verify_digest(key.spki_der(), &d, &sig));
+        assert_eq!(faults.reopens.load(Ordering::SeqCst), 1);
+        assert_eq!(p.token_status()[0].failures, 1);
+        assert!(p.token_status()[0].healthy);
+
+        // Device removed: the library is re-initialised (counted by the decorator), the session re-opened.
+        faults.inject(RvError::DeviceRemoved);
+        let sig = rt
+            .block_on(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &d, far()))
+            .unwrap();
+        assert!(verify_digest(key.spki_der(), &d, &sig));
+        assert_eq!(faults.reinits.load(Ordering::SeqCst), 1);
+        assert_eq!(faults.reopens.load(Ordering::SeqCst), 2);
+        p.shutdown();
+    }
+
+    /// A permanent error fails the job with a clear, non-retryable error, and the worker keeps serving.
+    #[test]
+    fn permanent_error_is_reported() {
+        let Some(token) = token_with_key("k", KeyType::EcP256) else {
+            return;
+        };
+        let (m, faults) = member("a", token, 1);
+        let p = Pipeline::start(config(), vec![m]).unwrap();
+        let key = p.key("k").unwrap();
+        let rt = runtime();
+        faults.inject(RvError::KeyFunctionNotPermitted);
+        let e = rt
+            .block_on(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(1), far()))
+            .unwrap_err();
+        assert!(matches!(e, PipelineError::Key(_)), "{e}");
+        assert!(!e.is_retryable());
+        assert!(e.to_string().contains("cannot sign"), "{e}");
+        assert_eq!(faults.reopens.load(Ordering::SeqCst), 0);
+        let d = digest(2);
+        let sig = rt
+            .block_on(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &d, far()))
+            .unwrap();
+        assert!(verify_digest(key.spki_der(), &d, &sig));
+        p.shutdown();
+    }
+
+    /// Two tokens hold the same key. One fails (device removed, sessions cannot be re-opened): it is taken out of
+    /// rotation, its jobs go to the other, every job succeeds; when it comes back it is probed back into rotation.
+    #[test]
+    fn failing_token_is_taken_out_and_the_rest_carry_the_load() {
+        let Some(ta) = signet_pkcs11::testing::SoftHsm::new().map(|h| h.open()) else {
+            return;
+        };
+        let Some(tb) = signet_pkcs11::testing::SoftHsm::new().map(|h| h.open()) else {
+            return;
+        };
+        import_shared_p256(&[&ta, &tb], "shared");
+        let (ma, fa) = member("a", ta, 2);
+        let (mb, fb) = member("b", tb, 2);
+        let p = Pipeline::start(config(), vec![ma, mb]).unwrap();
+        let key = p.key("shared").unwrap();
+        let rt = runtime();
+        let run = |from: u64, n: u64| {
+            rt.block_on(async {
+                let mut set = tokio::task::JoinSet::new();
+                for i in from..from + n {
+                    let (p, key) = (p.clone(), key.clone());
+                    set.spawn(async move {
+                        let d = digest(i);
+                        let sig = p
+                            .submit_digest(&key, SignAlgorithm::EcdsaSha256, &d, far())
+                            .await
+                            .unwrap();
+                        assert!(verify_digest(key.spki_der(), &d, &sig));
+                    });
+                }
+                while let Some(r) = set.join_next().await {
+                    r.unwrap();
+                }
+            })
+        };
+        run(0, 200);
+        let a_before = fa.signs.load(Ordering::SeqCst);
+        fa.down.store(true, Ordering::SeqCst);
+        run(1000, 400);
+        let status = p.token_status();
+        assert!(!status[0].healthy, "{status:?}");
+        assert!(status[1].healthy, "{status:?}");
+        // Token a made no good signature while down: every job was carried by b.
+        assert_eq!(status[0].signatures, a_before);
+        assert_eq!(
+            status[0].signatures + status[1].signatures,
+            200 + 400,
+            "{status:?}"
+        );
+        assert!(fb.signs.load(Ordering::SeqCst) >= 400);
+
+        // The device comes back: a probe puts the token back into rotation.
+        fa.down.store(false, Ordering::SeqCst);
+        let until = Instant::now() + Duration::from_secs(30);
+        while !p.token_status()[0].healthy {
+            assert!(Instant::now() < until, "token a never came back");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        // Both down: jobs are answered Unavailable at once rather than queued forever.
+        fa.down.store(true, Ordering::SeqCst);
+        fb.down.store(true, Ordering::SeqCst);
+        let e = loop {
+            match rt.block_on(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(5), far()))
+            {
+                Ok(_) => continue, // a worker had not noticed yet
+                Err(e) => break e,
+            }
+        };
+        assert!(matches!(e, PipelineError::Unavailable { .. }), "{e}");
+        assert!(e.is_retryable());
+        p.shutdown();
+    }
+}
+
+mod issuance {
+    use std::io::Write as _;
+    use std::process::Command;
+    use std::sync::Arc;
+    use std::time::{Duration, Instant};
+
+    use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
+    use signet::keys::AuthorityKey;
+    use signet::pipeline::{
+        DelegatedConfig, Pipeline, SigningMode, SvidError, X509Svid, X509SvidIssuer,
+    };
+    use signet::spiffe::TrustDomain;
+    use signet::x509::{Authority, RootRequest};
+    use signet_pkcs11::KeyType;
+
+    use super::support::{config, member, runtime, token_with_key};
+
+    fn csr(path: &str) -> Vec<u8> {
+        csr_and_key(path).0
+    }
+
+    /// A CSR for `spiffe://example.org/<path>` and its PKCS#8 private key.
+    fn csr_and_key(path: &str) -> (Vec<u8>, Vec<u8>) {
+        let kp = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = DistinguishedName::new();
+        params.subject_alt_names = vec![SanType::URI(
+            format!("spiffe://example.org/{path}").try_into().unwrap(),
+        )];
+        let der = params.serialize_request(&kp).unwrap().der().to_vec();
+        (der, kp.serialize_der())
+    }
+
+    /// The `spiffe` crate's view of the SVID (SAN, KeyUsage, BasicConstraints, ID syntax, key match).
+    fn spiffe_check(svid: &X509Svid, key_pkcs8: &[u8], path: &str) {
+        let mut chain = svid.cert_der.clone();
+        for c in &svid.chain {
+            chain.extend_from_slice(c);
+        }
+        let parsed = spiffe::X509Svid::parse_from_der(&chain, key_pkcs8).unwrap();
+        assert_eq!(
+            parsed.spiffe_id().to_string(),
+            format!("spiffe://example.org/{path}")
+        );
+    }
+
+    fn pem(der: &[u8]) -> String {
+        pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+    }
+
+    /// `openssl verify -x509_strict` of the SVID against the roots, with its chain as untrusted intermediates.
+    fn openssl_verify(roots: &[Vec<u8>], svid: &X509Svid) {
+        let dir = tempfile::tempdir().unwrap();
+        let write = |name: &str, ders: &[Vec<u8>]| {
+            let path = dir.path().join(name);
+            let mut f = std::fs::File::create(&path).unwrap();
+            for d in ders {
+                f.write_all(pem(d).as_bytes()).unwrap();
+            }
+            path
+        };
+        let root = write("root.pem", roots);
+        let leaf = write("leaf.pem", std::slice::from_ref(&svid.cert_der));
+        let mut cmd = Command::new("openssl");
+        cmd.args(["verify", "-x509_strict", "-purpose", "any", "-CAfile"])
+            .arg(&root);
+        if !svid.chain.is_empty() {
+            cmd.arg("-untrusted").arg(write("chain.pem", &svid.chain));
+        }
+        let out = cmd.arg(&leaf).output().expect("running openssl");
+        assert!(
+            out.status.success(),
+            "openssl verify failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    fn root_through_pipeline(p: &Pipeline) -> Authority {
+        let key: Arc<dyn AuthorityKey> = Arc::new(p.key("root").unwrap());
+        let mut subject = DistinguishedName::new();
+        subject.push(DnType::OrganizationName, "signet test");
+        subject.push(DnType::CommonName, "signet test root");
+        let req = RootRequest {
+            trust_domain: TrustDomain::parse("example.org").unwrap(),
+            subject,
+            ttl: Duration::from_secs(24 * 3600),
+            path_len: None,
+        };
+        // PipelineKey::sign blocks its thread: run it off the test's async runtime.
+        Authority::self_signed_root(key, &req, time::OffsetDateTime::now_utc()).unwrap()
+    }
+
+    fn in_60s() -> Instant {
+        Instant::now() + Duration::from_secs(60)
+    }
+
+    #[test]
+    fn direct_mode_svids_verify_with_openssl() {
+        let Some(token) = token_with_key("root", KeyType::EcP256) else {
+            return;
+        };
+        let (m, faults) = member("a", token, 2);
+        let p = Pipeline::start(config(), vec![m]).unwrap();
+        let root = root_through_pipeline(&p);
+        let rt = runtime();
+        let issuer = rt
+            .block_on(X509SvidIssuer::start(
+                root,
+                SigningMode::Direct,
+                p.cpu().clone(),
+            ))
+            .unwrap();
+        let svids = rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..40 {
+                let issuer = issuer.clone();
+                set.spawn(async move {
+                    let path = format!("w/{i}");
+                    let (der, key) = csr_and_key(&path);
+                    let svid = issuer
+                        .issue_x509_svid(der, Duration::from_secs(600), in_60s())
+                        .await;
+                    (svid, key, path)
+                });
+            }
+            let mut out = Vec::new();
+            while let Some(r) = set.join_next().await {
+                let (svid, key, path) = r.unwrap();
+                let svid = svid.unwrap();
+                spiffe_check(&svid, &key, &path);
+                out.push(svid);
+            }
+            out
+        });
+        assert_eq!(svids.len(), 40);
+        // The root and every leaf were signed by the token.
+        assert_eq!(faults.signs.load(std::sync::atomic::Ordering::SeqCst), 41);
+        for s in &svids {
+            assert!(s.chain.is_empty());
+        }
+        for s in svids.iter().take(5) {
+            openssl_verify(&issuer.roots(), s);
+        }
+        // A CSR whose signature does not verify is refused, not signed.
+        let mut bad = csr("w/bad");
+        let n = bad.len();
+        bad[n - 5] ^= 0x01;
+        let e = rt
+            .block_on(issuer.issue_x509_svid(bad, Duration::from_secs(600), in_60s()))
+            .unwrap_err();
+        assert!(matches!(e, SvidError::Issue(_)), "{e}");
+        assert!(!e.is_retryable());
+        assert_eq!(faults.signs.load(std::sync::atomic::Ordering::SeqCst), 41);
+        p.shutdown();
+    }
+
+    #[test]
+    fn delegated_mode_svids_chain_through_a_rotating_intermediate() {
+        let Some(token) = token_with_key("root", KeyType::EcP256) else {
+            return;
+        };
+        let (m, faults) = member("a", token, 1);
+        let p = Pipeline::start(config(), vec![m]).unwrap();
+        let root = root_through_pipeline(&p);
+        let rt = runtime();
+        let cfg = DelegatedConfig {
+            intermediate_ttl: Duration::from_secs(3600),
+            ..DelegatedConfig::default()
+        };
+        let issuer = rt
+            .block_on(X509SvidIssuer::start(
+                root,
+                SigningMode::Delegated(cfg),
+                p.cpu().clone(),
+            ))
+            .unwrap();
+        let signs = || faults.signs.load(std::sync::atomic::Ordering::SeqCst);
+        // Root + first intermediate.
+        assert_eq!(signs(), 2);
+        let first_int = issuer.current_intermediate().unwrap();
+        let (a_csr, a_key) = csr_and_key("w/a");
+        let a = rt
+            .block_on(issuer.issue_x509_svid(a_csr, Duration::from_secs(600), in_60s()))
+            .unwrap();
+        assert_eq!(a.chain, vec![first_int.clone()]);
+        spiffe_check(&a, &a_key, "w/a");
+        // Leaves are signed in software: the token signed nothing more.
+        assert_eq!(signs(), 2);
+        openssl_verify(&issuer.roots(), &a);
+
+        // Rotation while requests are in flight: none fails, each chains to the intermediate that signed it.
+        let svids = rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for i in 0..60 {
+                let issuer = issuer.clone();
+                set.spawn(async move {
+                    issuer
+                        .issue_x509_svid(csr(&format!("w/{i}")), Duration::from_secs(600), in_60s())
+                        .await
+                });
+            }
+            issuer.rotate().await.unwrap();
+            let mut out = Vec::new();
+            while let Some(r) = set.join_next().await {
+                out.push(r.unwrap().unwrap());
+            }
+            out
+        });
+        let second_int = issuer.current_intermediate().unwrap();
+        assert_ne!(first_int, second_int);
+        assert_eq!(signs(), 3);
+        for s in svids.iter().take(3) {
+            openssl_verify(&issuer.roots(), s);
+        }
+        let b = rt
+            .block_on(issuer.issue_x509_svid(csr("w/b"), Duration::from_secs(600), in_60s()))
+            .unwrap();
+        assert_eq!(b.chain, vec![second_int]);
+        openssl_verify(&issuer.roots(), &b);
+        // Leaf TTLs are capped at the intermediate's remaining life.
+        let c = rt
+            .block_on(issuer.issue_x509_svid(csr("w/c"), Duration::from_secs(100 * 3600), in_60s()))
+            .unwrap();
+        assert!(c.not_after <= time::OffsetDateTime::now_utc() + Duration::from_secs(3600));
+        openssl_verify(&issuer.roots(), &c);
+        p.shutdown();
+    }
+
+    /// With `rotate_at = 0`, the intermediate is due at once: the next request starts a background rotation.
+    #[test]
+    fn delegated_mode_rotates_on_its_own_when_due() {
+        let Some(token) = token_with_key("root", KeyType::EcP256) else {
+            return;
+        };
+        let (m, _faults) = member("a", token, 1);
+        let p = Pipeline::start(config(), vec![m]).unwrap();
+        let root = root_through_pipeline(&p);
+        let rt = runtime();
+        let cfg = DelegatedConfig {
+            rotate_at: 0.0,
+            ..DelegatedConfig::default()
+        };
+        let issuer = rt
+            .block_on(X509SvidIssuer::start(
+                root,
+                SigningMode::Delegated(cfg),
+                p.cpu().clone(),
+            ))
+            .unwrap();
+        let first = issuer.current_intermediate().unwrap();
+        let until = Instant::now() + Duration::from_secs(30);
+        let mut i = 0;
+        while issuer.current_intermediate().unwrap() == first {
+            assert!(Instant::now() < until, "no rotation happened");
+            let s = rt
+                .block_on(issuer.issue_x509_svid(
+                    csr(&format!("w/{i}")),
+                    Duration::from_secs(60),
+                    in_60s(),
+                ))
+                .unwrap();
+            openssl_verify(&issuer.roots(), &s);
+            i += 1;
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        p.shutdown();
+    }
+}

@@ -183,6 +183,19 @@ impl KeyError {
         }
     }
 
+    /// A signing failure caused by `source` (e.g. a PKCS#11 return value), classified by the caller.
+    pub fn signing_with_source(
+        message: impl Into<String>,
+        transient: bool,
+        source: impl std::error::Error + Send + Sync + 'static,
+    ) -> Self {
+        KeyError::Signing {
+            message: message.into(),
+            transient,
+            source: Some(Box::new(source)),
+        }
+    }
+
     /// Whether retrying the same operation may succeed.
     pub fn is_transient(&self) -> bool {
         matches!(
@@ -420,7 +433,7 @@ pub fn verify_signature(
 
 /// Re-encode a raw ECDSA signature (r||s, each half `len/2` bytes) as the DER `ECDSA-Sig-Value` X.509 wants.
 pub fn ecdsa_raw_to_der(raw: &[u8]) -> Result<Vec<u8>, KeyError> {
-    if raw.is_empty() || raw.len() % 2 != 0 {
+    if raw.is_empty() || !raw.len().is_multiple_of(2) {
         return Err(KeyError::signing(
             format!(
                 "an ECDSA signature of {} bytes is not r||s of two equal halves",

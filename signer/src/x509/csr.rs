@@ -63,7 +63,7 @@ impl CsrError {
             CsrError::SubjectKey(_) => "csr.subject-key",
             CsrError::MultipleUriSans(_) => "csr.uri-san-count",
             CsrError::NonSpiffeUri(_) => "csr.uri-san-scheme",
-            CsrError::InvalidSpiffeId(_) => "csr.spiffe-id",
+            CsrError::InvalidSpiffeId(e) => e.rule(),
             CsrError::UnsupportedSan(_) => "csr.san-type",
             CsrError::BadDnsName(_) => "csr.dns-name",
             CsrError::Subject(_) => "csr.subject",

@@ -256,7 +256,9 @@ impl LeafRequest {
         })
     }
 
-    /// A request from a verified CSR: its SPIFFE ID, DNS names, subject and key.
+    /// A request from a verified CSR: its SPIFFE ID, DNS names and key. The CSR's subject is NOT copied (a
+    /// requester must not choose names that other systems may authorize on); the leaf gets an empty subject and a
+    /// critical SAN unless the caller sets [`LeafRequest::subject`] from its own policy.
     pub fn from_csr(csr: &VerifiedCsr, ttl: Duration) -> Result<Self, IssueError> {
         let spiffe_id = csr
             .spiffe_id()
@@ -266,7 +268,7 @@ impl LeafRequest {
             spiffe_id,
             subject_key: csr.subject_key().clone(),
             dns_names: csr.dns_names().to_vec(),
-            subject: csr.subject().clone(),
+            subject: DistinguishedName::new(),
             ttl,
         })
     }
@@ -406,10 +408,15 @@ impl Authority {
         issuer_params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         let not_after = cert.validity().not_after.to_datetime();
         let subject_der = cert.subject().as_raw().to_vec();
-        let roots = if roots.is_empty() {
-            vec![cert_der.clone()]
-        } else {
-            roots
+        let self_issued = cert.subject().as_raw() == cert.issuer().as_raw();
+        let roots = match (roots.is_empty(), self_issued) {
+            (false, _) => roots,
+            (true, true) => vec![cert_der.clone()],
+            (true, false) => {
+                return Err(bad(
+                    "the CA is not self-signed: give the roots it chains to".into(),
+                ));
+            }
         };
         Ok(Self {
             key,
@@ -465,6 +472,7 @@ impl Authority {
             signature_oid,
             issuer: None,
             path_len: req.path_len.map(u32::from),
+            subject_der: None,
         };
         let signer = LintingSigner::new(key.as_ref(), ctx)?;
         let der = signer.finish(params.self_signed(&signer))?;
@@ -536,6 +544,7 @@ impl Authority {
                 not_after: self.not_after.unix_timestamp(),
             }),
             path_len,
+            subject_der: None,
         }
     }
 
@@ -605,7 +614,14 @@ impl Authority {
         let (now, _) = validity(now)?;
         let not_after = add_ttl(now, req.ttl)?;
         self.check_within_issuer(not_after)?;
-        self.issue_ca(&req.subject_key, &req.subject, not_after, req.path_len, now)
+        self.issue_ca(
+            &req.subject_key,
+            &req.subject,
+            None,
+            not_after,
+            req.path_len,
+            now,
+        )
     }
 
     /// SPIRE's `MintX509CA`: sign the CSR of a SPIRE server's CA. The CSR's URI SAN must be exactly
@@ -647,7 +663,14 @@ impl Authority {
                 "this authority has expired; rotate it".into(),
             ));
         }
-        let issued = self.issue_ca(csr.subject_key(), csr.subject(), not_after, Some(0), now)?;
+        let issued = self.issue_ca(
+            csr.subject_key(),
+            csr.subject(),
+            Some(csr.subject_der()),
+            not_after,
+            Some(0),
+            now,
+        )?;
         let mut x509_ca_chain = vec![issued.der];
         x509_ca_chain.extend(self.chain());
         Ok(MintedCa {
@@ -661,6 +684,7 @@ impl Authority {
         &self,
         subject_key: &SubjectKey,
         subject: &DistinguishedName,
+        subject_der: Option<&[u8]>,
         not_after: OffsetDateTime,
         path_len: Option<u8>,
         now: OffsetDateTime,
@@ -684,11 +708,12 @@ impl Authority {
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         params.use_authority_key_identifier_extension = true;
         params.key_identifier_method = KeyIdMethod::PreSpecified(subject_key.key_identifier());
-        let ctx = self.lint_context(
+        let mut ctx = self.lint_context(
             Profile::IntermediateCa,
             subject_key.spki_der(),
             path_len.map(u32::from),
         );
+        ctx.subject_der = subject_der;
         let der = self.sign_params(&params, subject_key, ctx)?;
         Ok(IssuedCertificate { der, not_after })
     }

@@ -55,6 +55,8 @@ pub struct LintContext<'a> {
     pub issuer: Option<IssuerFacts<'a>>,
     /// The pathLenConstraint a CA must carry (`None`: absent).
     pub path_len: Option<u32>,
+    /// The exact subject DER the certificate must carry, when it is copied from a request (SPIRE's CA subject).
+    pub subject_der: Option<&'a [u8]>,
 }
 
 /// Lint a TBSCertificate DER for `ctx`.
@@ -137,6 +139,12 @@ pub fn lint_tbs(tbs_der: &[u8], ctx: &LintContext<'_>) -> Result<(), LintFailure
                 || "a self-signed root must have issuer == subject".into(),
             )?;
         }
+    }
+
+    if let Some(expected) = ctx.subject_der {
+        ensure(tbs.subject.as_raw() == expected, "x509.subject", || {
+            "the subject is not byte-identical to the requested subject".into()
+        })?;
     }
 
     // Subject key.

@@ -1,1 +1,491 @@
-fn main() {}
+//! The batching signer pipeline against a SoftHSM2 token, each figure next to its baseline measured in the same run:
+//!
+//! - R_sign: bare P-256 digests through the pipeline (many concurrent async submitters) / a bare cryptoki `C_Sign`
+//!   loop on the same token with the same number of sessions;
+//! - R_issue: X509-SVIDs from CSRs through the pipeline in direct mode / a tight loop doing the same per-certificate
+//!   work (CSR verify + template + lint + C_Sign + post-sign verify) on the same number of threads as cores;
+//! - delegated mode X509-SVIDs from CSRs / a ring-only tight loop of the same work;
+//! - memory: peak RSS (VmHWM) when 100,000 jobs are offered at once (the excess is refused).
+//!
+//! Run: `cargo bench -p signet-bench --bench pipeline`.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::future::Future as _;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use criterion::Criterion;
+use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
+use signet::keys::{AuthorityKey, KeyType as CoreKeyType, SoftwareKey};
+use signet::keys_token::TokenKey;
+use signet::pipeline::{
+    DelegatedConfig, Pipeline, PipelineConfig, PipelineKey, SigningMode, TokenMember, VerifyPolicy,
+    X509SvidIssuer,
+};
+use signet::spiffe::TrustDomain;
+use signet::spki::SubjectKey;
+use signet::x509::{
+    Authority, IntermediateRequest, LeafRequest, RootRequest, parse_and_verify_csr,
+};
+use signet_pkcs11::cryptoki::mechanism::Mechanism;
+use signet_pkcs11::{KeyGenOptions, KeyType, SignAlgorithm, Token};
+use time::OffsetDateTime;
+
+/// Concurrent submitters (async tasks) offering load to the pipeline.
+const SUBMITTERS: u64 = 64;
+const LABEL: &str = "bench-ca";
+
+static RATES: Mutex<Vec<(&'static str, u64, f64)>> = Mutex::new(Vec::new());
+
+fn record(name: &'static str, iters: u64, elapsed: Duration) {
+    let mut r = RATES.lock().unwrap();
+    match r.iter_mut().find(|(n, _, _)| *n == name) {
+        Some(e) => {
+            e.1 += iters;
+            e.2 += elapsed.as_secs_f64();
+        }
+        None => r.push((name, iters, elapsed.as_secs_f64())),
+    }
+}
+
+fn rate(name: &str) -> f64 {
+    let r = RATES.lock().unwrap();
+    r.iter()
+        .find(|(n, _, _)| *n == name)
+        .map_or(0.0, |(_, i, s)| *i as f64 / s.max(1e-9))
+}
+
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get())
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn vm_hwm_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn vm_rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn digest(i: u64) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, &i.to_be_bytes())
+        .as_ref()
+        .to_vec()
+}
+
+fn far() -> Instant {
+    Instant::now() + Duration::from_secs(120)
+}
+
+fn csrs(n: usize) -> Vec<Vec<u8>> {
+    (0..n)
+        .map(|i| {
+            let kp = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let mut params = CertificateParams::default();
+            params.distinguished_name = DistinguishedName::new();
+            params.subject_alt_names = vec![SanType::URI(
+                format!("spiffe://example.org/bench/{i}")
+                    .try_into()
+                    .unwrap(),
+            )];
+            params.serialize_request(&kp).unwrap().der().to_vec()
+        })
+        .collect()
+}
+
+fn root(key: Arc<dyn AuthorityKey>) -> Authority {
+    let mut subject = DistinguishedName::new();
+    subject.push(DnType::OrganizationName, "signet bench");
+    subject.push(DnType::CommonName, "signet bench root");
+    let req = RootRequest {
+        trust_domain: TrustDomain::parse("example.org").unwrap(),
+        subject,
+        ttl: Duration::from_secs(24 * 3600),
+        path_len: None,
+    };
+    Authority::self_signed_root(key, &req, OffsetDateTime::now_utc()).unwrap()
+}
+
+/// The per-certificate work of a tight loop: CSR verify, template, lint, sign, post-sign verify.
+fn issue_one(authority: &Authority, csr: &[u8]) {
+    let csr = parse_and_verify_csr(csr).unwrap();
+    let req = LeafRequest::from_csr(&csr, Duration::from_secs(600)).unwrap();
+    let cert = authority
+        .issue_x509_svid(&req, OffsetDateTime::now_utc())
+        .unwrap();
+    std::hint::black_box(cert);
+}
+
+/// Runs `iters` operations split over `threads` threads, each running `op(i)`; returns the wall time.
+fn threaded(iters: u64, threads: usize, op: &(dyn Fn(u64) + Sync)) -> Duration {
+    let per = iters.div_ceil(threads as u64);
+    let start = Instant::now();
+    std::thread::scope(|s| {
+        for t in 0..threads as u64 {
+            s.spawn(move || {
+                for i in t * per..((t + 1) * per).min(iters) {
+                    op(i);
+                }
+            });
+        }
+    });
+    start.elapsed()
+}
+
+/// Runs `iters` futures from `SUBMITTERS` concurrent tasks; returns the wall time.
+fn concurrent<F, Fut>(rt: &tokio::runtime::Runtime, iters: u64, make: F) -> Duration
+where
+    F: Fn(u64) -> Fut + Send + Sync + 'static + Clone,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    let per = iters.div_ceil(SUBMITTERS);
+    let start = Instant::now();
+    rt.block_on(async {
+        let mut set = tokio::task::JoinSet::new();
+        for t in 0..SUBMITTERS {
+            let make = make.clone();
+            set.spawn(async move {
+                for i in t * per..((t + 1) * per).min(iters) {
+                    make(i).await;
+                }
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.unwrap();
+        }
+    });
+    start.elapsed()
+}
+
+fn start_pipeline(token: &Token, sessions: usize, verify: VerifyPolicy) -> (Pipeline, PipelineKey) {
+    let cfg = PipelineConfig {
+        verify_digests: verify,
+        ..PipelineConfig::default()
+    };
+    let p = Pipeline::start(
+        cfg,
+        vec![TokenMember::new("softhsm", token.clone(), sessions)],
+    )
+    .unwrap();
+    let key = p.key(LABEL).unwrap();
+    (p, key)
+}
+
+fn bench_sign(c: &mut Criterion, token: &Token, sessions: usize) {
+    let mut g = c.benchmark_group("sign_p256_digest");
+    g.throughput(criterion::Throughput::Elements(1));
+    // Bare cryptoki: one session per thread, the key handle found once, C_Sign in a loop.
+    let raw: Vec<_> = (0..sessions)
+        .map(|_| {
+            let mut s = token.session().unwrap();
+            let k = s.find_key(LABEL).unwrap();
+            Mutex::new((s, k))
+        })
+        .collect();
+    let d = digest(1);
+    g.bench_function("bare_cryptoki_c_sign", |b| {
+        b.iter_custom(|iters| {
+            let per = iters.div_ceil(sessions as u64);
+            let start = Instant::now();
+            std::thread::scope(|s| {
+                for (t, m) in raw.iter().enumerate() {
+                    let d = &d;
+                    s.spawn(move || {
+                        let g = m.lock().unwrap();
+                        let n = ((t as u64 + 1) * per)
+                            .min(iters)
+                            .saturating_sub(t as u64 * per);
+                        g.0.with_raw_session(|raw| {
+                            for _ in 0..n {
+                                std::hint::black_box(
+                                    raw.sign(&Mechanism::Ecdsa, g.1.private_handle(), d)
+                                        .unwrap(),
+                                );
+                            }
+                        })
+                        .unwrap();
+                    });
+                }
+            });
+            let e = start.elapsed();
+            record("sign.bare", iters, e);
+            e
+        })
+    });
+    drop(raw);
+    for (name, policy, tag) in [
+        ("pipeline", VerifyPolicy::Sample(64), "sign.pipeline"),
+        (
+            "pipeline_verify_always",
+            VerifyPolicy::Always,
+            "sign.pipeline.verify_always",
+        ),
+    ] {
+        let (p, key) = start_pipeline(token, sessions, policy);
+        let rt = runtime();
+        g.bench_function(name, |b| {
+            b.iter_custom(|iters| {
+                let (p, key) = (p.clone(), key.clone());
+                let e = concurrent(&rt, iters, move |i| {
+                    let f = p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(i), far());
+                    async move {
+                        std::hint::black_box(f.await.unwrap());
+                    }
+                });
+                record(tag, iters, e);
+                e
+            })
+        });
+        p.shutdown();
+    }
+    g.finish();
+}
+
+fn bench_issue(c: &mut Criterion, token: &Token, sessions: usize, csrs: &Arc<Vec<Vec<u8>>>) {
+    let mut g = c.benchmark_group("x509_svid_from_csr");
+    g.throughput(criterion::Throughput::Elements(1));
+    let threads = cores();
+
+    // Direct, tight loop: one thread per core, the token key through a session pool of the same size.
+    let tk: Arc<dyn AuthorityKey> =
+        Arc::new(TokenKey::open(token.clone(), LABEL, sessions).unwrap());
+    let tight_root = root(tk.clone());
+    g.bench_function("direct_tight_loop", |b| {
+        b.iter_custom(|iters| {
+            let e = threaded(iters, threads, &|i| {
+                issue_one(&tight_root, &csrs[i as usize % csrs.len()]);
+            });
+            record("issue.direct.tight", iters, e);
+            e
+        })
+    });
+
+    // Direct, pipeline.
+    let (p, key) = start_pipeline(token, sessions, VerifyPolicy::Sample(64));
+    let rt = runtime();
+    let pipe_root = root(Arc::new(key));
+    let issuer = rt
+        .block_on(X509SvidIssuer::start(
+            pipe_root,
+            SigningMode::Direct,
+            p.cpu().clone(),
+        ))
+        .unwrap();
+    g.bench_function("direct_pipeline", |b| {
+        b.iter_custom(|iters| {
+            let (issuer, csrs) = (issuer.clone(), csrs.clone());
+            let e = concurrent(&rt, iters, move |i| {
+                let f = issuer.issue_x509_svid(
+                    csrs[i as usize % csrs.len()].clone(),
+                    Duration::from_secs(600),
+                    far(),
+                );
+                async move {
+                    std::hint::black_box(f.await.unwrap());
+                }
+            });
+            record("issue.direct.pipeline", iters, e);
+            e
+        })
+    });
+
+    // Delegated, ring-only tight loop: an in-memory intermediate signs the leaves.
+    let (soft, _) = SoftwareKey::generate(CoreKeyType::EcP256).unwrap();
+    let mut subject = DistinguishedName::new();
+    subject.push(DnType::CommonName, "bench issuing CA");
+    let int = tight_root
+        .issue_intermediate(
+            &IntermediateRequest {
+                subject_key: SubjectKey::from_spki_der(soft.spki_der()).unwrap(),
+                subject,
+                ttl: Duration::from_secs(3600),
+                path_len: Some(0),
+            },
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
+    let soft: Arc<dyn AuthorityKey> = Arc::new(soft);
+    let int_auth = Authority::new(
+        int.der,
+        soft,
+        tight_root.trust_domain().clone(),
+        tight_root.chain(),
+        tight_root.roots().to_vec(),
+    )
+    .unwrap();
+    g.bench_function("delegated_tight_loop", |b| {
+        b.iter_custom(|iters| {
+            let e = threaded(iters, threads, &|i| {
+                issue_one(&int_auth, &csrs[i as usize % csrs.len()]);
+            });
+            record("issue.delegated.tight", iters, e);
+            e
+        })
+    });
+
+    // Delegated, pipeline.
+    let del_root = root(Arc::new(p.key(LABEL).unwrap()));
+    let del = rt
+        .block_on(X509SvidIssuer::start(
+            del_root,
+            SigningMode::Delegated(DelegatedConfig::default()),
+            p.cpu().clone(),
+        ))
+        .unwrap();
+    g.bench_function("delegated_pipeline", |b| {
+        b.iter_custom(|iters| {
+            let (issuer, csrs) = (del.clone(), csrs.clone());
+            let e = concurrent(&rt, iters, move |i| {
+                let f = issuer.issue_x509_svid(
+                    csrs[i as usize % csrs.len()].clone(),
+                    Duration::from_secs(600),
+                    far(),
+                );
+                async move {
+                    std::hint::black_box(f.await.unwrap());
+                }
+            });
+            record("issue.delegated.pipeline", iters, e);
+            e
+        })
+    });
+    p.shutdown();
+    g.finish();
+}
+
+/// Offers 100,000 digest jobs at once (no awaiting between submissions): what the queue cannot hold is refused at
+/// once; peak RSS is read from VmHWM.
+fn memory(token: &Token, sessions: usize) -> HashMap<&'static str, u64> {
+    const OFFERED: u64 = 100_000;
+    let (p, key) = start_pipeline(token, sessions, VerifyPolicy::Sample(64));
+    let rt = runtime();
+    let before = vm_rss_kib();
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    let mut accepted = Vec::new();
+    let mut refused = 0u64;
+    let start = Instant::now();
+    for i in 0..OFFERED {
+        let mut f = Box::pin(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(i), far()));
+        match f.as_mut().poll(&mut cx) {
+            std::task::Poll::Ready(Ok(_)) => {}
+            std::task::Poll::Ready(Err(e)) => {
+                assert!(e.is_retryable(), "{e}");
+                refused += 1;
+            }
+            std::task::Poll::Pending => accepted.push(f),
+        }
+    }
+    let offer_ms = start.elapsed().as_millis() as u64;
+    let n_accepted = accepted.len() as u64;
+    let ok = rt.block_on(async {
+        let mut ok = 0u64;
+        for f in accepted {
+            if f.await.is_ok() {
+                ok += 1;
+            }
+        }
+        ok
+    });
+    let drain_ms = start.elapsed().as_millis() as u64 - offer_ms;
+    p.shutdown();
+    HashMap::from([
+        ("rss_before_kib", before),
+        ("vm_hwm_kib", vm_hwm_kib()),
+        ("accepted", n_accepted),
+        ("refused", refused),
+        ("signed_ok", ok),
+        ("offer_ms", offer_ms),
+        ("drain_ms", drain_ms),
+    ])
+}
+
+fn main() {
+    let Some(hsm) = signet_pkcs11::testing::SoftHsm::new() else {
+        return;
+    };
+    let token = hsm.open();
+    token
+        .session()
+        .unwrap()
+        .generate_key(LABEL, KeyType::EcP256, KeyGenOptions::default())
+        .unwrap();
+    let sessions = cores();
+    // First, so that VmHWM is this scenario's peak.
+    let mem = memory(&token, sessions);
+    let csrs = Arc::new(csrs(256));
+
+    let mut c = Criterion::default()
+        .sample_size(10)
+        .warm_up_time(Duration::from_millis(500))
+        .measurement_time(Duration::from_secs(3))
+        .configure_from_args();
+    bench_sign(&mut c, &token, sessions);
+    bench_issue(&mut c, &token, sessions, &csrs);
+    c.final_summary();
+
+    let r = |a: &str, b: &str| rate(a) / rate(b).max(1e-9);
+    println!();
+    println!(
+        "== signet pipeline (SoftHSM2, P-256, {sessions} sessions, {SUBMITTERS} concurrent submitters, {} cores) ==",
+        cores()
+    );
+    println!(
+        "R_sign    = {:>8.0}/s pipeline / {:>8.0}/s bare C_Sign = {:.3}  (goal >= 0.90)",
+        rate("sign.pipeline"),
+        rate("sign.bare"),
+        r("sign.pipeline", "sign.bare")
+    );
+    println!(
+        "            verify every digest: {:>8.0}/s = {:.3} of bare (cost of VerifyPolicy::Always)",
+        rate("sign.pipeline.verify_always"),
+        r("sign.pipeline.verify_always", "sign.bare")
+    );
+    println!(
+        "R_issue   = {:>8.0}/s pipeline direct / {:>8.0}/s tight loop = {:.3}  (goal >= 0.85)",
+        rate("issue.direct.pipeline"),
+        rate("issue.direct.tight"),
+        r("issue.direct.pipeline", "issue.direct.tight")
+    );
+    println!(
+        "R_deleg   = {:>8.0}/s pipeline delegated / {:>8.0}/s ring tight loop = {:.3}  (goal >= 0.85)",
+        rate("issue.delegated.pipeline"),
+        rate("issue.delegated.tight"),
+        r("issue.delegated.pipeline", "issue.delegated.tight")
+    );
+    println!(
+        "memory    = VmHWM {:.1} MiB (RSS before offering {:.1} MiB) with 100000 jobs offered at once: {} accepted, {} refused (Overloaded), {} signed; offered in {} ms, drained in {} ms  (goal < 256 MiB)",
+        mem["vm_hwm_kib"] as f64 / 1024.0,
+        mem["rss_before_kib"] as f64 / 1024.0,
+        mem["accepted"],
+        mem["refused"],
+        mem["signed_ok"],
+        mem["offer_ms"],
+        mem["drain_ms"],
+    );
+}

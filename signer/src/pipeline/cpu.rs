@@ -199,7 +199,13 @@ fn run(rx: Receiver<Task>, stop: Receiver<()>) {
     loop {
         crossbeam::channel::select! {
             recv(rx) -> task => match task {
-                Ok(task) => task(),
+                // A task that panics must not take the thread with it: its caller sees `ShuttingDown` (its reply
+                // sender was dropped) and the thread serves the next task.
+                Ok(task) => {
+                    if std::panic::catch_unwind(std::panic::AssertUnwindSafe(task)).is_err() {
+                        tracing::error!("a CPU-pool task panicked");
+                    }
+                }
                 Err(_) => return,
             },
             recv(stop) -> _ => return,

@@ -495,7 +495,7 @@ impl Pipeline {
         alg: SignAlgorithm,
         digest: &[u8],
         deadline: Instant,
-    ) -> impl Future<Output = Result<Vec<u8>, PipelineError>> + Send + 'static {
+    ) -> impl Future<Output = Result<Vec<u8>, PipelineError>> + Send + 'static + use<> {
         let checked = key.check_request(alg, digest).map(|reg| {
             let verify = reg.p256.is_some() && self.should_verify();
             let reply = self.submit(key.index(), alg, digest.to_vec(), deadline);

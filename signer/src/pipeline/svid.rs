@@ -10,6 +10,7 @@
 //!   a rotation on the CPU pool while requests keep using the current intermediate, which stays valid; the new one is
 //!   swapped in atomically. Leaf TTLs are capped at the intermediate's remaining life.
 
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
@@ -267,27 +268,26 @@ impl X509SvidIssuer {
 
     /// Issues an X509-SVID for a DER CSR: on the CPU pool, verify the CSR's signature, build the template, lint it,
     /// sign (through the pipeline in direct mode, with the in-memory intermediate in delegated mode) and verify the
-    /// signature. `ttl` is capped at the issuing intermediate's remaining life in delegated mode. Work not started
-    /// by `deadline` is dropped.
-    pub async fn issue_x509_svid(
+    /// signature. `ttl` is capped at the issuing intermediate's remaining life in delegated mode. The work is queued
+    /// when this is called (a full CPU queue answers `Overloaded` at once); work not started by `deadline`, or whose
+    /// future was dropped, is skipped.
+    pub fn issue_x509_svid(
         &self,
         csr_der: Vec<u8>,
         ttl: Duration,
         deadline: Instant,
-    ) -> Result<X509Svid, SvidError> {
+    ) -> impl Future<Output = Result<X509Svid, SvidError>> + Send + 'static + use<> {
         let authority = self.signer();
         let delegated = self.inner.delegated.is_some();
-        self.inner
-            .cpu
-            .run(move || {
-                if Instant::now() >= deadline {
-                    return Err(SvidError::Pipeline(PipelineError::DeadlineExceeded));
-                }
-                with_deadline(deadline, || {
-                    issue_leaf(&authority, &csr_der, ttl, delegated)
-                })
+        let task = self.inner.cpu.run(move || {
+            if Instant::now() >= deadline {
+                return Err(SvidError::Pipeline(PipelineError::DeadlineExceeded));
+            }
+            with_deadline(deadline, || {
+                issue_leaf(&authority, &csr_der, ttl, delegated)
             })
-            .await?
+        });
+        async move { task.await? }
     }
 }
 

@@ -636,10 +636,32 @@ impl Appliance {
         cfg.validate()?;
         let policy = Policy::from_rules(&cfg.policy, cfg.authority.jwt.max_ttl.0)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        // The recorder goes in before anything registers a metric (handles taken earlier would be no-ops).
+        let mut background = Vec::new();
+        let metrics_addr = match cfg.server.metrics.as_deref().map(str::trim) {
+            Some(m) if !m.is_empty() => {
+                let a: SocketAddr = m.parse().map_err(|e| {
+                    ConfigError::Invalid(format!("server.metrics = {m:?} is not an address: {e}"))
+                })?;
+                Some(start_metrics(a, &mut background)?)
+            }
+            _ => None,
+        };
+
         let cfg2 = cfg.clone();
         let boot = tokio::task::spawn_blocking(move || bootstrap(&cfg2, embedded.as_ref()))
             .await
-            .map_err(|e| ServeError::Server(format!("start-up task failed: {e}")))??;
+            .map_err(|e| ServeError::Server(format!("start-up task failed: {e}")))
+            .and_then(|r| r);
+        let boot = match boot {
+            Ok(b) => b,
+            Err(e) => {
+                for b in &background {
+                    b.abort();
+                }
+                return Err(e);
+            }
+        };
         let mode = match cfg.authority.x509.mode {
             ModeSetting::Direct => SigningMode::Direct,
             ModeSetting::Delegated => SigningMode::Delegated(DelegatedConfig {
@@ -706,17 +728,6 @@ impl Appliance {
         let addr = listener
             .local_addr()
             .map_err(io("reading the listen address"))?;
-        let mut background = Vec::new();
-        let metrics_addr = match cfg.server.metrics.as_deref().map(str::trim) {
-            Some(m) if !m.is_empty() => {
-                let a: SocketAddr = m.parse().map_err(|e| {
-                    ConfigError::Invalid(format!("server.metrics = {m:?} is not an address: {e}"))
-                })?;
-                Some(start_metrics(a, &mut background)?)
-            }
-            _ => None,
-        };
-
         let (incoming_tx, incoming_rx) = mpsc::channel(64);
         background.push(tokio::spawn(accept_loop(
             listener,

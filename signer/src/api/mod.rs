@@ -173,6 +173,7 @@ impl AppState {
         if let Some(s) = subject {
             s.apply(&mut r);
         }
+        count(std::slice::from_ref(&r));
         match self.audit.record(&[r]).await {
             Ok(()) => status,
             Err(e) => Status::unavailable(e.to_string()),
@@ -181,6 +182,7 @@ impl AppState {
 
     /// Writes `records` (flushed) or fails with UNAVAILABLE.
     pub async fn audit(&self, records: &[AuditRecord]) -> Result<(), Status> {
+        count(records);
         self.audit
             .record(records)
             .await
@@ -354,4 +356,24 @@ pub fn cert_ski(der: &[u8]) -> Option<String> {
 /// Resolves once `shutdown` turns true (or its sender is gone).
 pub async fn until_shutdown(shutdown: &mut watch::Receiver<bool>) {
     let _ = shutdown.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// Counts audited outcomes per service, method and outcome (`signet_api_outcomes_total`).
+fn count(records: &[AuditRecord]) {
+    for r in records {
+        let outcome = match r.outcome {
+            Outcome::Issued => "issued",
+            Outcome::KeyUsed => "key_used",
+            Outcome::Published => "published",
+            Outcome::Refused => "refused",
+            Outcome::Failed => "failed",
+        };
+        metrics::counter!(
+            "signet_api_outcomes_total",
+            "service" => r.service,
+            "method" => r.method,
+            "outcome" => outcome
+        )
+        .increment(1);
+    }
 }

@@ -13,5 +13,6 @@ mod cli;
 mod common;
 mod issuer;
 mod keymanager;
+mod ops;
 mod security;
 mod upstream;

@@ -101,7 +101,7 @@ impl pb::issuer_server::Issuer for IssuerService {
             })
             .await
             .map_err(|e| super::pipeline_status(&e))?;
-        let deadline = st.deadline();
+        let deadline = caller.deadline;
         let mut pending = Vec::with_capacity(reqs.len());
         for (req, id) in reqs.into_iter().zip(ids) {
             let checked = (|| {
@@ -114,10 +114,8 @@ impl pb::issuer_server::Issuer for IssuerService {
             })();
             match checked {
                 Ok((id, ttl)) => {
-                    let issuer = st.x509.clone();
-                    let task = tokio::spawn(async move {
-                        issuer.issue_x509_svid(req.csr, ttl, deadline).await
-                    });
+                    // Queued now (all of the batch runs in parallel on the CPU pool); dropped if the caller goes.
+                    let task = st.x509.issue_x509_svid(req.csr, ttl, deadline);
                     pending.push(Ok((id, task)));
                 }
                 Err(e) => pending.push(Err(e)),
@@ -132,10 +130,7 @@ impl pb::issuer_server::Issuer for IssuerService {
                     results.push(failure(status.code(), status.message().to_string()));
                 }
                 Ok((id, task)) => {
-                    let issued = task
-                        .await
-                        .map_err(|e| Status::internal(format!("issuance task failed: {e}")))
-                        .and_then(|r| r.map_err(|e| svid_status(&e)));
+                    let issued = task.await.map_err(|e| svid_status(&e));
                     match issued {
                         Ok(svid) => {
                             let (serial, authority) = cert_facts(&svid.cert_der);
@@ -209,7 +204,7 @@ impl pb::issuer_server::Issuer for IssuerService {
             }
         };
         let jwt = st.jwt.clone();
-        let deadline = st.deadline();
+        let deadline = caller.deadline;
         let audience = req.audience.clone();
         let now = time::OffsetDateTime::now_utc();
         let issued = st

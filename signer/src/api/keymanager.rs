@@ -49,7 +49,9 @@ impl KmKey {
 pub struct KeyStore {
     token: Token,
     pipeline: Pipeline,
-    keys: Mutex<HashMap<(String, String), Arc<KmKey>>>,
+    keys: std::sync::RwLock<HashMap<(String, String), Arc<KmKey>>>,
+    /// Serialises key generation (rare: SPIRE rotations), never held while signing.
+    generating: Mutex<()>,
 }
 
 /// The namespace of a caller's keys.
@@ -108,7 +110,7 @@ impl KeyStore {
                 continue;
             };
             match newest.get(&(ns.clone(), id.clone())) {
-                Some((g, old)) if *g >= generation => stale.push(k.label.clone()),
+                Some((g, _)) if *g >= generation => stale.push(k.label.clone()),
                 Some((_, old)) => {
                     stale.push(old.clone());
                     newest.insert((ns, id), (generation, k.label.clone()));
@@ -131,16 +133,24 @@ impl KeyStore {
         Ok(Self {
             token,
             pipeline,
-            keys: Mutex::new(keys),
+            keys: std::sync::RwLock::new(keys),
+            generating: Mutex::new(()),
         })
     }
 
-    async fn get(&self, caller: &str, id: &str) -> Option<Arc<KmKey>> {
+    fn get(&self, caller: &str, id: &str) -> Option<Arc<KmKey>> {
         self.keys
-            .lock()
-            .await
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .get(&(namespace(caller), id.to_string()))
             .cloned()
+    }
+
+    fn insert(&self, ns: String, id: String, key: Arc<KmKey>) {
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((ns, id), key);
     }
 }
 
@@ -306,12 +316,12 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
         let ns = namespace(&caller.id);
         // One generation at a time per store: key generation is rare (SPIRE rotations) and must not interleave
         // with the replacement of the same id.
-        let mut keys = ks.keys.lock().await;
+        let generating = ks.generating.lock().await;
         let generation = time::OffsetDateTime::now_utc()
             .unix_timestamp_nanos()
             .max(0) as u128;
         let label = format!("{LABEL_PREFIX}{ns}/{}/{generation:x}", req.key_id);
-        let old = keys.get(&(ns.clone(), req.key_id.clone())).cloned();
+        let old = ks.get(&caller.id, &req.key_id);
         let (token, pipeline, l) = (ks.token.clone(), ks.pipeline.clone(), label.clone());
         let made = tokio::task::spawn_blocking(move || {
             let mut s = token.session().map_err(|e| e.to_string())?;
@@ -340,8 +350,8 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
         r.authority = Some(made.fingerprint.clone());
         r.reason = Some(format!("generated {}", kt.as_str_name()));
         st.audit(&[r]).await?;
-        keys.insert((ns, req.key_id.clone()), made.clone());
-        drop(keys);
+        ks.insert(ns, req.key_id.clone(), made.clone());
+        drop(generating);
         if let Some(old) = old {
             let token = ks.token.clone();
             let _ = tokio::task::spawn_blocking(move || {
@@ -365,7 +375,7 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
             .admit(&request, Service::KeyManager, "GetPublicKey")
             .await?;
         let id = request.into_inner().key_id;
-        match st.keys.get(&caller.id, &id).await {
+        match st.keys.get(&caller.id, &id) {
             Some(k) => Ok(Response::new(pb::GetPublicKeyResponse {
                 public_key: Some(k.public_key(&id)),
             })),
@@ -387,8 +397,8 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
         let mut public_keys: Vec<pb::PublicKey> = st
             .keys
             .keys
-            .lock()
-            .await
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
             .iter()
             .filter(|((n, _), _)| *n == ns)
             .map(|((_, id), k)| k.public_key(id))
@@ -405,7 +415,7 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
         let caller = st.admit(&request, Service::KeyManager, "SignData").await?;
         let req = request.into_inner();
         let subject = || Some(Subject::KeyId(req.key_id.clone()));
-        let Some(k) = st.keys.get(&caller.id, &req.key_id).await else {
+        let Some(k) = st.keys.get(&caller.id, &req.key_id) else {
             let s = Status::not_found(format!(
                 "no key {:?} for this caller: call GenerateKey first",
                 req.key_id
@@ -435,7 +445,7 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
         let signed = k
             .key
             .pipeline()
-            .submit_digest(&k.key, alg, &req.data, st.deadline())
+            .submit_digest(&k.key, alg, &req.data, caller.deadline)
             .await;
         let sig = match signed {
             Ok(raw) if matches!(k.key_type, pb::KeyType::EcP256 | pb::KeyType::EcP384) => {

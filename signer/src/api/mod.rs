@@ -97,9 +97,16 @@ impl AppState {
         }
     }
 
-    /// The deadline of a request starting now.
-    pub fn deadline(&self) -> Instant {
-        Instant::now() + self.request_timeout
+    /// The deadline of a request starting now: the client's `grpc-timeout` when it sets a shorter one than
+    /// `pipeline.default_timeout`, so work for a caller that has given up is dropped before it reaches the token.
+    pub fn deadline_of<T>(&self, req: &tonic::Request<T>) -> Instant {
+        let own = self.request_timeout;
+        let theirs = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        Instant::now() + theirs.map_or(own, |t| t.min(own))
     }
 
     fn client_trust(&self) -> Result<tls::ClientTrust, String> {
@@ -145,6 +152,7 @@ impl AppState {
             id: caller,
             service,
             method,
+            deadline: self.deadline_of(req),
         };
         if let Err(d) = self.policy.authorize(&caller.id, service) {
             return Err(self.refuse(&caller, denied_status(&d), None).await);
@@ -218,6 +226,8 @@ pub struct Caller {
     pub service: Service,
     /// The RPC.
     pub method: &'static str,
+    /// When the answer is due.
+    pub deadline: Instant,
 }
 
 impl Caller {
@@ -226,6 +236,7 @@ impl Caller {
             id: String::new(),
             service,
             method,
+            deadline: Instant::now(),
         }
     }
 
@@ -375,5 +386,41 @@ fn count(records: &[AuditRecord]) {
             "outcome" => outcome
         )
         .increment(1);
+    }
+}
+
+/// Parses a gRPC `grpc-timeout` header value (up to 8 digits and a unit: H, M, S, m, u, n).
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("30S"), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_grpc_timeout("1500m"),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("S"), None);
+        assert_eq!(parse_grpc_timeout("10x"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
     }
 }

@@ -139,7 +139,7 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
         }
         let ttl = i32::try_from(ttl).unwrap_or(i32::MAX);
         let root = st.root.clone();
-        let deadline = st.deadline();
+        let deadline = caller.deadline;
         let csr = req.csr;
         let minted = st
             .pipeline

@@ -6,7 +6,8 @@
 //! with one from another CA gets a gRPC UNAUTHENTICATED that says why, and the refusal is in the audit log, instead
 //! of a bare handshake failure; and a root added to the bundle is trusted at once, without a new TLS configuration.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
@@ -34,10 +35,32 @@ fn verifier_for(roots: &[Vec<u8>]) -> Result<Arc<dyn ClientCertVerifier>, String
 }
 
 /// Verifies client X509-SVIDs against a set of roots.
+///
+/// A chain that verified once is remembered (by the SHA-256 of its certificates) until the earliest NotAfter in it,
+/// so a connection's RPCs after the first cost a hash and a map lookup, not a signature check. The memory belongs to
+/// one set of roots: a bundle change builds a new `ClientTrust` and starts afresh.
 #[derive(Clone)]
 pub struct ClientTrust {
     verifier: Arc<dyn ClientCertVerifier>,
     trust_domain: TrustDomain,
+    verified: Arc<Mutex<Verified>>,
+}
+
+/// Verified chains: digest -> (SPIFFE ID, trusted until, Unix seconds).
+type Verified = HashMap<[u8; 32], (String, i64)>;
+
+/// Most verified chains remembered; beyond it the memory starts afresh.
+const MAX_REMEMBERED: usize = 10_000;
+
+fn chain_digest(certs: &[CertificateDer<'static>]) -> [u8; 32] {
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for c in certs {
+        ctx.update(&(c.len() as u64).to_be_bytes());
+        ctx.update(c);
+    }
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ctx.finish().as_ref());
+    out
 }
 
 impl std::fmt::Debug for ClientTrust {
@@ -54,6 +77,7 @@ impl ClientTrust {
         Ok(Self {
             verifier: verifier_for(roots)?,
             trust_domain,
+            verified: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
@@ -68,6 +92,18 @@ impl ClientTrust {
                 "no client certificate: present an X509-SVID of trust domain {td} (mTLS)"
             ));
         };
+        let all = certs.unwrap_or_default();
+        let digest = chain_digest(all);
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if let Some((id, until)) = self
+            .verified
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&digest)
+            && now < *until
+        {
+            return Ok(id.clone());
+        }
         self.verifier
             .verify_client_cert(leaf, intermediates, UnixTime::now())
             .map_err(|e| {
@@ -93,6 +129,17 @@ impl ClientTrust {
             .map_err(|e| format!("the client certificate's URI SAN is not a SPIFFE ID: {e}"))?;
         id.require_trust_domain(td)
             .map_err(|e| format!("the client certificate's SPIFFE ID is not accepted: {e}"))?;
+        let until = all
+            .iter()
+            .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
+            .map(|(_, c)| c.validity().not_after.timestamp())
+            .min()
+            .unwrap_or(now);
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if verified.len() >= MAX_REMEMBERED {
+            verified.clear();
+        }
+        verified.insert(digest, (id.as_str().to_string(), until));
         Ok(id.as_str().to_string())
     }
 }

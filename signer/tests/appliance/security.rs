@@ -198,3 +198,22 @@ async fn the_policy_decides_who_gets_what() {
     );
     bed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trust_follows_the_bundle() {
+    let Some(bed) = Bed::start().await else {
+        return;
+    };
+    let mut admin = AdminClient::new(bed.channel(Some(&bed.admin())).await);
+    admin.get_status(pb::GetStatusRequest {}).await.unwrap();
+    // A client verified before is not trusted any more once its root leaves the bundle, on the same connection.
+    let root = bed.app.bundle().current().x509_roots[0].clone();
+    let (foreign, _) = foreign_ca();
+    assert!(bed.app.bundle().add_x509_root(foreign.der().to_vec()));
+    assert!(bed.app.bundle().remove_x509_root(&root));
+    let e = admin.get_status(pb::GetStatusRequest {}).await.unwrap_err();
+    assert_eq!(e.code(), Code::Unauthenticated, "{e:?}");
+    assert!(bed.app.bundle().add_x509_root(root));
+    admin.get_status(pb::GetStatusRequest {}).await.unwrap();
+    bed.stop().await;
+}

@@ -51,7 +51,7 @@ pub struct AuditRecord {
     /// The key used or created (KeyManager: `key_id`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub key_id: Option<String>,
-    /// Serial number of an issued certificate (hex) or `jti`-less token's expiry for JWTs.
+    /// Serial number of an issued certificate (lowercase hex).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub serial: Option<String>,
     /// The authority that signed (X.509: the issuer's key identifier in hex; JWT: the kid; KeyManager: the key's

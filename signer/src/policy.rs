@@ -89,6 +89,18 @@ pub enum Denied {
         /// Allowed seconds.
         max: u64,
     },
+    /// One request asks for more credentials than the caller's bucket can ever hold.
+    #[error(
+        "a request for {cost} credentials exceeds the burst of {burst} allowed to caller {caller}: split it"
+    )]
+    BeyondBurst {
+        /// The caller.
+        caller: String,
+        /// What the request costs.
+        cost: u32,
+        /// The bucket size.
+        burst: u32,
+    },
     /// The caller's rate limit is spent.
     #[error(
         "rate limit of {rate}/s (burst {burst}) for caller {caller} exceeded: retry in {retry_after_ms} ms"
@@ -320,7 +332,11 @@ impl Grant<'_> {
             retry_after_ms,
         };
         if cost > burst {
-            return Err(denied(u64::MAX));
+            return Err(Denied::BeyondBurst {
+                caller: self.caller.to_string(),
+                cost,
+                burst,
+            });
         }
         let now = Instant::now();
         let mut buckets = self
@@ -443,7 +459,7 @@ mod tests {
         assert!(g.take(2).is_ok());
         assert!(g.take(1).is_ok());
         assert!(matches!(g.take(1), Err(Denied::RateLimited { .. })));
-        assert!(matches!(g.take(4), Err(Denied::RateLimited { .. })));
+        assert!(matches!(g.take(4), Err(Denied::BeyondBurst { .. })));
     }
 
     #[test]

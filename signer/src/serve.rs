@@ -343,7 +343,7 @@ fn service_svid(
     cert_path: &Path,
     key_path: &Path,
 ) -> Result<(Vec<Vec<u8>>, Vec<u8>), ServeError> {
-    if let Some(kept) = reuse_svid(root, id, cert_path, key_path, ttl) {
+    if let Some(kept) = reuse_svid(root, id, dns, cert_path, key_path, ttl) {
         return Ok(kept);
     }
     let ttl = ttl.min(
@@ -374,6 +374,7 @@ fn service_svid(
 fn reuse_svid(
     root: &Authority,
     id: &SpiffeId,
+    dns: &[String],
     cert_path: &Path,
     key_path: &Path,
     ttl: Duration,
@@ -399,6 +400,23 @@ fn reuse_svid(
         .general_names
         .iter()
         .any(|n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == id.as_str()));
+    let mut names: Vec<String> = cert
+        .subject_alternative_name()
+        .ok()??
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+            _ => None,
+        })
+        .collect();
+    let mut wanted = dns.to_vec();
+    names.sort();
+    wanted.sort();
+    if names != wanted {
+        return None;
+    }
     let kp = rcgen::KeyPair::try_from(key.as_slice()).ok()?;
     let same_key = rcgen::PublicKeyData::subject_public_key_info(&kp) == cert.public_key().raw;
     (has_id && same_key && left.whole_seconds() > i64::try_from(ttl.as_secs() / 2).ok()?)

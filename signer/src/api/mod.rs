@@ -249,7 +249,9 @@ impl Caller {
 /// The gRPC status of a policy refusal.
 pub fn denied_status(d: &Denied) -> Status {
     match d {
-        Denied::RateLimited { .. } => Status::resource_exhausted(d.to_string()),
+        Denied::RateLimited { .. } | Denied::BeyondBurst { .. } => {
+            Status::resource_exhausted(d.to_string())
+        }
         _ => Status::permission_denied(d.to_string()),
     }
 }

@@ -135,6 +135,13 @@ fn print_banner(a: &Appliance, td: &str, embedded: &str) {
     println!("  signet mint x509-svid{data_flag} --spiffe-id spiffe://{td}/demo --out ./svid");
     println!("  signet mint jwt-svid{data_flag} --spiffe-id spiffe://{td}/demo --audience demo");
     println!("  signet bundle{data_flag}");
+    println!(
+        "  grpcurl -cacert {} -cert {} -key {} localhost:{} list",
+        p.bundle.display(),
+        p.admin_cert.display(),
+        p.admin_key.display(),
+        a.addr().port()
+    );
     println!("Stop with Ctrl-C (SIGINT) or SIGTERM.");
 }
 

@@ -92,3 +92,26 @@ async fn an_unwritable_audit_log_stops_issuance() {
     assert_eq!(e.code(), Code::Unavailable, "{e:?}");
     bed.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_ends_open_subscriptions() {
+    use signet_proto::spire::plugin::server::upstreamauthority::v1 as ua;
+    use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authority_client::UpstreamAuthorityClient;
+    let Some(bed) = Bed::start().await else {
+        return;
+    };
+    let spire = bed.credential_for(SPIRE_A).await;
+    let mut c = UpstreamAuthorityClient::new(bed.channel(Some(&spire)).await);
+    let mut s = c
+        .subscribe_to_local_bundle(ua::SubscribeToLocalBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    next(&mut s).await;
+    // The appliance stops although a subscriber is connected, and the subscriber sees its stream end.
+    bed.stop().await;
+    let end = tokio::time::timeout(std::time::Duration::from_secs(60), s.message())
+        .await
+        .expect("the stream ends after shutdown");
+    assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+}

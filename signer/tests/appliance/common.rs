@@ -30,6 +30,7 @@ pub struct Credential {
 pub struct Bed {
     pub app: Appliance,
     pub dir: tempfile::TempDir,
+    cfg: Config,
     _hsm: SoftHsm,
 }
 
@@ -103,10 +104,13 @@ impl Bed {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(&hsm, dir.path());
         tweak(&mut cfg);
-        let app = Appliance::start(cfg).await.expect("the appliance starts");
+        let app = Appliance::start(cfg.clone())
+            .await
+            .expect("the appliance starts");
         Some(Bed {
             app,
             dir,
+            cfg,
             _hsm: hsm,
         })
     }
@@ -168,6 +172,26 @@ impl Bed {
             .lines()
             .map(|l| serde_json::from_str(l).unwrap())
             .collect()
+    }
+
+    /// Stops the appliance and starts it again on the same token and data directory.
+    pub async fn restart(self) -> Bed {
+        let Bed {
+            app,
+            dir,
+            cfg,
+            _hsm,
+        } = self;
+        app.shutdown().await.unwrap();
+        let app = Appliance::start(cfg.clone())
+            .await
+            .expect("the appliance restarts");
+        Bed {
+            app,
+            dir,
+            cfg,
+            _hsm,
+        }
     }
 
     pub async fn stop(self) {

@@ -163,6 +163,29 @@ async fn keys_sign_verifiably_and_are_distinct_per_caller() {
             .iter()
             .any(|l| l["outcome"] == "key_used")
     );
+
+    // After a restart the keys are found on the token again, with the same fingerprints (the replaced key is gone).
+    let root_before = bed.app.bundle().current().x509_roots.clone();
+    let bed = bed.restart().await;
+    assert_eq!(
+        bed.app.bundle().current().x509_roots,
+        root_before,
+        "the root is reused"
+    );
+    let mut ka = KeyManagerClient::new(bed.channel(Some(&a)).await);
+    let after = ka
+        .get_public_keys(pb::GetPublicKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let fps: Vec<&str> = after
+        .public_keys
+        .iter()
+        .map(|k| k.fingerprint.as_str())
+        .collect();
+    assert_eq!(after.public_keys.len(), 2);
+    assert!(fps.contains(&pa2.fingerprint.as_str()));
+    assert!(!fps.contains(&pa.fingerprint.as_str()));
     bed.stop().await;
 }
 

@@ -11,6 +11,7 @@
 mod bad_input;
 mod cli;
 mod common;
+mod figures;
 mod issuer;
 mod keymanager;
 mod ops;

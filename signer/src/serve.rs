@@ -451,6 +451,15 @@ fn bootstrap(cfg: &Config, embedded: &dyn EmbeddedToken) -> Result<Bootstrapped,
         let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
     }
     let paths = DataPaths::new(&dir);
+    let audit_path = if cfg.server.audit_log.is_absolute() {
+        cfg.server.audit_log.clone()
+    } else {
+        dir.join(&cfg.server.audit_log)
+    };
+    let audit = AuditLog::open(&audit_path, false).map_err(io(format!(
+        "opening the audit log {}",
+        audit_path.display()
+    )))?;
     let settings = if cfg.tokens.is_empty() {
         vec![embedded.provision(&dir)?]
     } else {
@@ -498,6 +507,20 @@ fn bootstrap(cfg: &Config, embedded: &dyn EmbeddedToken) -> Result<Bootstrapped,
         )?;
     }
     let _ = first_settings;
+    // KeyManager keys: on the configured token (the first by default); they share the authority's pipeline when it
+    // signs with that token alone, else they get a pipeline of their own.
+    let km_name = cfg
+        .key_manager
+        .token
+        .clone()
+        .unwrap_or_else(|| first_settings.name.clone());
+    let (km_settings, km_token) =
+        tokens
+            .iter()
+            .find(|(s, _)| s.name == km_name)
+            .ok_or_else(|| {
+                ServeError::Authority(format!("key_manager.token {km_name:?} is not defined"))
+            })?;
     let pcfg = cfg.pipeline.pipeline_config()?;
     let pipeline = Pipeline::start(
         pcfg.clone(),
@@ -569,45 +592,37 @@ fn bootstrap(cfg: &Config, embedded: &dyn EmbeddedToken) -> Result<Bootstrapped,
             return Err(e);
         }
     };
-    // KeyManager keys: on the configured token (the first by default); they share the authority's pipeline when it
-    // signs with that token alone, else they get a pipeline of their own.
-    let km_name = cfg
-        .key_manager
-        .token
-        .clone()
-        .unwrap_or_else(|| first_settings.name.clone());
-    let (km_settings, km_token) =
-        tokens
-            .iter()
-            .find(|(s, _)| s.name == km_name)
-            .ok_or_else(|| {
-                ServeError::Authority(format!("key_manager.token {km_name:?} is not defined"))
-            })?;
     let km_pipeline = if single && first_settings.name == km_name {
         None
     } else {
-        Some(
-            Pipeline::start(
-                pcfg,
-                vec![TokenMember::new(
-                    km_name.clone(),
-                    km_token.clone(),
-                    km_settings.sessions,
-                )],
-            )
-            .map_err(|e| ServeError::Authority(format!("key manager pipeline: {e}")))?,
-        )
+        match Pipeline::start(
+            pcfg,
+            vec![TokenMember::new(
+                km_name.clone(),
+                km_token.clone(),
+                km_settings.sessions,
+            )],
+        ) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                pipeline.shutdown();
+                return Err(ServeError::Authority(format!("key manager pipeline: {e}")));
+            }
+        }
     };
-    let keys = KeyStore::load(
+    let keys = match KeyStore::load(
         km_token.clone(),
         km_pipeline.clone().unwrap_or_else(|| pipeline.clone()),
-    )
-    .map_err(ServeError::Authority)?;
-    let audit_path = cfg.in_data_dir(&cfg.server.audit_log);
-    let audit = AuditLog::open(&audit_path, false).map_err(io(format!(
-        "opening the audit log {}",
-        audit_path.display()
-    )))?;
+    ) {
+        Ok(k) => k,
+        Err(e) => {
+            pipeline.shutdown();
+            if let Some(p) = &km_pipeline {
+                p.shutdown();
+            }
+            return Err(ServeError::Authority(e));
+        }
+    };
     Ok(Bootstrapped {
         td,
         paths,

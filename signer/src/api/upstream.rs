@@ -59,11 +59,12 @@ fn jwt_keys(b: &BundleSnapshot) -> Vec<PbJwtKey> {
         .collect()
 }
 
-/// Follows the bundle and sends `make(snapshot)` whenever `changed(previous, snapshot)` says so, until the client
-/// goes away or the appliance shuts down.
+/// Sends `first(snapshot)`, then follows the bundle and sends `make(snapshot)` whenever `changed(previous, snapshot)`
+/// says so, until the client goes away or the appliance shuts down. The first message is built from the version the
+/// subscription starts at, so no change can fall between the two.
 fn follow<T: Send + 'static>(
     state: &AppState,
-    first: T,
+    first: impl FnOnce(&BundleSnapshot) -> T,
     changed: fn(&BundleSnapshot, &BundleSnapshot) -> bool,
     make: fn(&BundleSnapshot) -> T,
 ) -> Stream2<T> {
@@ -71,6 +72,7 @@ fn follow<T: Send + 'static>(
     let mut bundle = state.bundle.subscribe();
     let mut shutdown = state.shutdown.clone();
     let mut last = bundle.borrow_and_update().clone();
+    let first = first(&last);
     tokio::spawn(async move {
         if tx.send(Ok(first)).await.is_err() {
             return;
@@ -163,17 +165,17 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
         r.authority = authority;
         r.expires_at = Some(minted.not_after.unix_timestamp());
         st.audit(&[r]).await?;
-        let snapshot = st.bundle.current();
-        let first = pb::MintX509caResponse {
-            x509_ca_chain: minted
-                .x509_ca_chain
-                .into_iter()
-                .map(|asn1| X509Certificate {
-                    asn1,
-                    tainted: false,
-                })
-                .collect(),
-            upstream_x509_roots: roots(&snapshot),
+        let chain: Vec<X509Certificate> = minted
+            .x509_ca_chain
+            .into_iter()
+            .map(|asn1| X509Certificate {
+                asn1,
+                tainted: false,
+            })
+            .collect();
+        let first = move |b: &BundleSnapshot| pb::MintX509caResponse {
+            x509_ca_chain: chain,
+            upstream_x509_roots: roots(b),
         };
         Ok(Response::new(follow(
             st,
@@ -231,9 +233,8 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
         r.key_id = Some(key.key_id.clone());
         r.expires_at = Some(key.expires_at);
         st.audit(&[r]).await?;
-        let snapshot = st.bundle.current();
-        let first = pb::PublishJwtKeyResponse {
-            upstream_jwt_keys: jwt_keys(&snapshot),
+        let first = |b: &BundleSnapshot| pb::PublishJwtKeyResponse {
+            upstream_jwt_keys: jwt_keys(b),
         };
         Ok(Response::new(follow(
             st,
@@ -256,14 +257,13 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
             "SubscribeToLocalBundle",
         )
         .await?;
-        let snapshot = st.bundle.current();
         let make = |b: &BundleSnapshot| pb::SubscribeToLocalBundleResponse {
             upstream_x509_roots: roots(b),
             upstream_jwt_keys: jwt_keys(b),
         };
         Ok(Response::new(follow(
             st,
-            make(&snapshot),
+            make,
             |a, b| a.x509_roots != b.x509_roots || a.jwt_keys != b.jwt_keys,
             make,
         )))

@@ -436,6 +436,7 @@ struct Bootstrapped {
     keys: KeyStore,
     audit: AuditLog,
     token_names: Vec<String>,
+    token_sessions: Vec<(String, u32)>,
 }
 
 fn bootstrap(cfg: &Config, embedded: &dyn EmbeddedToken) -> Result<Bootstrapped, ServeError> {
@@ -636,6 +637,15 @@ fn bootstrap(cfg: &Config, embedded: &dyn EmbeddedToken) -> Result<Bootstrapped,
         keys,
         audit,
         token_names: settings.iter().map(|s| s.name.clone()).collect(),
+        token_sessions: settings
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    u32::try_from(s.sessions).unwrap_or(u32::MAX),
+                )
+            })
+            .collect(),
     })
 }
 
@@ -740,20 +750,23 @@ impl Appliance {
             std::slice::from_ref(&boot.root_der),
         )
         .map_err(ServeError::Server)?;
-        let state = Arc::new(AppState::new(
-            boot.td.clone(),
-            policy,
-            boot.audit.clone(),
-            boot.root.clone(),
-            x509,
-            boot.jwt.clone(),
-            boot.pipeline.clone(),
-            bundle,
-            boot.keys,
-            cfg.server.max_batch,
-            cfg.pipeline.default_timeout.0,
-            shutdown_rx.clone(),
-        ));
+        let state = Arc::new(
+            AppState::new(
+                boot.td.clone(),
+                policy,
+                boot.audit.clone(),
+                boot.root.clone(),
+                x509,
+                boot.jwt.clone(),
+                boot.pipeline.clone(),
+                bundle,
+                boot.keys,
+                cfg.server.max_batch,
+                cfg.pipeline.default_timeout.0,
+                shutdown_rx.clone(),
+            )
+            .with_token_sessions(boot.token_sessions.clone()),
+        );
 
         let listener = TcpListener::bind(cfg.server.listen)
             .await

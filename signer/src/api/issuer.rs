@@ -319,9 +319,9 @@ impl pb::admin_server::Admin for AdminService {
             .token_status()
             .into_iter()
             .map(|t| pb::TokenStatus {
+                sessions: st.token_sessions(&t.name),
                 name: t.name,
                 healthy: t.healthy,
-                sessions: 0,
                 last_error: if t.failures > 0 {
                     format!("{} transient failures so far", t.failures)
                 } else {

@@ -61,6 +61,7 @@ pub struct AppState {
     /// Turns true when the server shuts down (ends the subscription streams).
     pub shutdown: watch::Receiver<bool>,
     client_verifier: Mutex<Option<(u64, tls::ClientTrust)>>,
+    token_sessions: std::collections::HashMap<String, u32>,
 }
 
 impl AppState {
@@ -94,7 +95,22 @@ impl AppState {
             request_timeout,
             shutdown,
             client_verifier: Mutex::new(None),
+            token_sessions: std::collections::HashMap::new(),
         }
+    }
+
+    /// Records how many worker sessions each token has (reported by `Admin.GetStatus`).
+    pub fn with_token_sessions(
+        mut self,
+        sessions: impl IntoIterator<Item = (String, u32)>,
+    ) -> Self {
+        self.token_sessions = sessions.into_iter().collect();
+        self
+    }
+
+    /// Worker sessions of the token `name` (0 if unknown).
+    pub fn token_sessions(&self, name: &str) -> u32 {
+        self.token_sessions.get(name).copied().unwrap_or(0)
     }
 
     /// The deadline of a request starting now: the client's `grpc-timeout` when it sets a shorter one than

@@ -149,6 +149,7 @@ async fn admin_status_reports_authorities_tokens_and_sequence() {
     assert_eq!(s.trust_domain, TD);
     assert_eq!(s.tokens.len(), 1);
     assert!(s.tokens[0].healthy);
+    assert_eq!(s.tokens[0].sessions, 1);
     assert!(
         s.authorities
             .iter()

@@ -507,7 +507,6 @@ fn bootstrap(cfg: &Config, embedded: &dyn EmbeddedToken) -> Result<Bootstrapped,
             single,
         )?;
     }
-    let _ = first_settings;
     // KeyManager keys: on the configured token (the first by default); they share the authority's pipeline when it
     // signs with that token alone, else they get a pipeline of their own.
     let km_name = cfg

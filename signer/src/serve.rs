@@ -648,6 +648,9 @@ fn bootstrap(cfg: &Config, embedded: &dyn EmbeddedToken) -> Result<Bootstrapped,
     })
 }
 
+/// Concurrent HTTP/2 streams (RPCs) one connection may hold open.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
 /// A running appliance.
 #[derive(Debug)]
 pub struct Appliance {
@@ -796,7 +799,12 @@ impl Appliance {
         use signet_proto::signet::v1::{admin_server::AdminServer, issuer_server::IssuerServer};
         use signet_proto::spire::plugin::server::keymanager::v1::key_manager_server::KeyManagerServer;
         use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authority_server::UpstreamAuthorityServer;
+        // Subscription streams live for hours: HTTP/2 pings find dead peers (and end their streams); the stream
+        // limit bounds what one connection can hold open.
         let router = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_service(health_service)
             .add_service(reflection)
             .add_service(

@@ -33,28 +33,65 @@ use signet_pkcs11::cryptoki::mechanism::Mechanism;
 use signet_pkcs11::{KeyGenOptions, KeyType, SignAlgorithm, Token};
 use time::OffsetDateTime;
 
-/// Concurrent submitters (async tasks) offering load to the pipeline.
+/// Concurrent submitters (async tasks, on a tokio runtime with one worker per core) offering load to the pipeline.
 const SUBMITTERS: u64 = 64;
 const LABEL: &str = "bench-ca";
 
-static RATES: Mutex<Vec<(&'static str, u64, f64)>> = Mutex::new(Vec::new());
+/// Per measured scenario: iterations, wall seconds, process CPU seconds.
+type Rates = Vec<(&'static str, u64, f64, f64)>;
+static RATES: Mutex<Rates> = Mutex::new(Vec::new());
 
-fn record(name: &'static str, iters: u64, elapsed: Duration) {
-    let mut r = RATES.lock().unwrap();
-    match r.iter_mut().find(|(n, _, _)| *n == name) {
-        Some(e) => {
-            e.1 += iters;
-            e.2 += elapsed.as_secs_f64();
-        }
-        None => r.push((name, iters, elapsed.as_secs_f64())),
-    }
+/// CPU time of the whole process so far (user + system), from /proc/self/stat (clock ticks of 10 ms).
+fn process_cpu() -> f64 {
+    let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    // Fields after the command name (which is in parentheses and may hold spaces).
+    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    // utime and stime are fields 14 and 15 of the full line: 11 and 12 after the command name.
+    (ticks(11) + ticks(12)) / 100.0
 }
 
+/// Measures `f` (which returns the wall time it measured) and records iterations, wall time and CPU time.
+fn measured(name: &'static str, iters: u64, f: impl FnOnce() -> Duration) -> Duration {
+    let cpu0 = process_cpu();
+    let wall = f();
+    let cpu = process_cpu() - cpu0;
+    let mut r = RATES.lock().unwrap();
+    match r.iter_mut().find(|(n, ..)| *n == name) {
+        Some(e) => {
+            e.1 += iters;
+            e.2 += wall.as_secs_f64();
+            e.3 += cpu;
+        }
+        None => r.push((name, iters, wall.as_secs_f64(), cpu)),
+    }
+    wall
+}
+
+/// Operations per second of wall time.
 fn rate(name: &str) -> f64 {
     let r = RATES.lock().unwrap();
     r.iter()
-        .find(|(n, _, _)| *n == name)
-        .map_or(0.0, |(_, i, s)| *i as f64 / s.max(1e-9))
+        .find(|(n, ..)| *n == name)
+        .map_or(0.0, |(_, i, s, _)| *i as f64 / s.max(1e-9))
+}
+
+/// Process CPU microseconds per operation.
+fn cpu_us(name: &str) -> f64 {
+    let r = RATES.lock().unwrap();
+    r.iter()
+        .find(|(n, ..)| *n == name)
+        .map_or(0.0, |(_, i, _, c)| *c * 1e6 / (*i as f64).max(1.0))
+}
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 fn cores() -> usize {
@@ -63,7 +100,7 @@ fn cores() -> usize {
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
+        .worker_threads(cores())
         .enable_all()
         .build()
         .unwrap()
@@ -211,31 +248,31 @@ fn bench_sign(c: &mut Criterion, token: &Token, sessions: usize) {
     let d = digest(1);
     g.bench_function("bare_cryptoki_c_sign", |b| {
         b.iter_custom(|iters| {
-            let per = iters.div_ceil(sessions as u64);
-            let start = Instant::now();
-            std::thread::scope(|s| {
-                for (t, m) in raw.iter().enumerate() {
-                    let d = &d;
-                    s.spawn(move || {
-                        let g = m.lock().unwrap();
-                        let n = ((t as u64 + 1) * per)
-                            .min(iters)
-                            .saturating_sub(t as u64 * per);
-                        g.0.with_raw_session(|raw| {
-                            for _ in 0..n {
-                                std::hint::black_box(
-                                    raw.sign(&Mechanism::Ecdsa, g.1.private_handle(), d)
-                                        .unwrap(),
-                                );
-                            }
-                        })
-                        .unwrap();
-                    });
-                }
-            });
-            let e = start.elapsed();
-            record("sign.bare", iters, e);
-            e
+            measured("sign.bare", iters, || {
+                let per = iters.div_ceil(sessions as u64);
+                let start = Instant::now();
+                std::thread::scope(|s| {
+                    for (t, m) in raw.iter().enumerate() {
+                        let d = &d;
+                        s.spawn(move || {
+                            let g = m.lock().unwrap();
+                            let n = ((t as u64 + 1) * per)
+                                .min(iters)
+                                .saturating_sub(t as u64 * per);
+                            g.0.with_raw_session(|raw| {
+                                for _ in 0..n {
+                                    std::hint::black_box(
+                                        raw.sign(&Mechanism::Ecdsa, g.1.private_handle(), d)
+                                            .unwrap(),
+                                    );
+                                }
+                            })
+                            .unwrap();
+                        });
+                    }
+                });
+                start.elapsed()
+            })
         })
     });
     drop(raw);
@@ -252,14 +289,15 @@ fn bench_sign(c: &mut Criterion, token: &Token, sessions: usize) {
         g.bench_function(name, |b| {
             b.iter_custom(|iters| {
                 let (p, key) = (p.clone(), key.clone());
-                let e = concurrent(&rt, iters, move |i| {
-                    let f = p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(i), far());
-                    async move {
-                        std::hint::black_box(f.await.unwrap());
-                    }
-                });
-                record(tag, iters, e);
-                e
+                measured(tag, iters, || {
+                    concurrent(&rt, iters, move |i| {
+                        let f =
+                            p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(i), far());
+                        async move {
+                            std::hint::black_box(f.await.unwrap());
+                        }
+                    })
+                })
             })
         });
         p.shutdown();
@@ -278,11 +316,11 @@ fn bench_issue(c: &mut Criterion, token: &Token, sessions: usize, csrs: &Arc<Vec
     let tight_root = root(tk.clone());
     g.bench_function("direct_tight_loop", |b| {
         b.iter_custom(|iters| {
-            let e = threaded(iters, threads, &|i| {
-                issue_one(&tight_root, &csrs[i as usize % csrs.len()]);
-            });
-            record("issue.direct.tight", iters, e);
-            e
+            measured("issue.direct.tight", iters, || {
+                threaded(iters, threads, &|i| {
+                    issue_one(&tight_root, &csrs[i as usize % csrs.len()]);
+                })
+            })
         })
     });
 
@@ -300,18 +338,18 @@ fn bench_issue(c: &mut Criterion, token: &Token, sessions: usize, csrs: &Arc<Vec
     g.bench_function("direct_pipeline", |b| {
         b.iter_custom(|iters| {
             let (issuer, csrs) = (issuer.clone(), csrs.clone());
-            let e = concurrent(&rt, iters, move |i| {
-                let f = issuer.issue_x509_svid(
-                    csrs[i as usize % csrs.len()].clone(),
-                    Duration::from_secs(600),
-                    far(),
-                );
-                async move {
-                    std::hint::black_box(f.await.unwrap());
-                }
-            });
-            record("issue.direct.pipeline", iters, e);
-            e
+            measured("issue.direct.pipeline", iters, || {
+                concurrent(&rt, iters, move |i| {
+                    let f = issuer.issue_x509_svid(
+                        csrs[i as usize % csrs.len()].clone(),
+                        Duration::from_secs(600),
+                        far(),
+                    );
+                    async move {
+                        std::hint::black_box(f.await.unwrap());
+                    }
+                })
+            })
         })
     });
 
@@ -341,11 +379,11 @@ fn bench_issue(c: &mut Criterion, token: &Token, sessions: usize, csrs: &Arc<Vec
     .unwrap();
     g.bench_function("delegated_tight_loop", |b| {
         b.iter_custom(|iters| {
-            let e = threaded(iters, threads, &|i| {
-                issue_one(&int_auth, &csrs[i as usize % csrs.len()]);
-            });
-            record("issue.delegated.tight", iters, e);
-            e
+            measured("issue.delegated.tight", iters, || {
+                threaded(iters, threads, &|i| {
+                    issue_one(&int_auth, &csrs[i as usize % csrs.len()]);
+                })
+            })
         })
     });
 
@@ -361,18 +399,18 @@ fn bench_issue(c: &mut Criterion, token: &Token, sessions: usize, csrs: &Arc<Vec
     g.bench_function("delegated_pipeline", |b| {
         b.iter_custom(|iters| {
             let (issuer, csrs) = (del.clone(), csrs.clone());
-            let e = concurrent(&rt, iters, move |i| {
-                let f = issuer.issue_x509_svid(
-                    csrs[i as usize % csrs.len()].clone(),
-                    Duration::from_secs(600),
-                    far(),
-                );
-                async move {
-                    std::hint::black_box(f.await.unwrap());
-                }
-            });
-            record("issue.delegated.pipeline", iters, e);
-            e
+            measured("issue.delegated.pipeline", iters, || {
+                concurrent(&rt, iters, move |i| {
+                    let f = issuer.issue_x509_svid(
+                        csrs[i as usize % csrs.len()].clone(),
+                        Duration::from_secs(600),
+                        far(),
+                    );
+                    async move {
+                        std::hint::black_box(f.await.unwrap());
+                    }
+                })
+            })
         })
     });
     p.shutdown();
@@ -436,6 +474,7 @@ fn main() {
         .generate_key(LABEL, KeyType::EcP256, KeyGenOptions::default())
         .unwrap();
     let sessions = cores();
+    let load_start = loadavg();
     // First, so that VmHWM is this scenario's peak.
     let mem = memory(&token, sessions);
     let csrs = Arc::new(csrs(256));
@@ -450,7 +489,22 @@ fn main() {
     c.final_summary();
 
     let r = |a: &str, b: &str| rate(a) / rate(b).max(1e-9);
+    // CPU efficiency: baseline CPU per operation / pipeline CPU per operation (what the ratio would be on cores
+    // the process has to itself, when both are CPU-bound).
+    let e = |a: &str, b: &str| cpu_us(b) / cpu_us(a).max(1e-9);
     println!();
+    println!(
+        "load average at the end: {} (start: {load_start})",
+        loadavg()
+    );
+    let names: Vec<&str> = RATES.lock().unwrap().iter().map(|(n, ..)| *n).collect();
+    for n in names {
+        println!(
+            "  {n:<28} {:>8.0}/s wall  {:>7.1} us CPU/op",
+            rate(n),
+            cpu_us(n)
+        );
+    }
     println!(
         "== signet pipeline (SoftHSM2, P-256, {sessions} sessions, {SUBMITTERS} concurrent submitters, {} cores) ==",
         cores()
@@ -460,6 +514,10 @@ fn main() {
         rate("sign.pipeline"),
         rate("sign.bare"),
         r("sign.pipeline", "sign.bare")
+    );
+    println!(
+        "            CPU/op efficiency bare/pipeline = {:.3}",
+        e("sign.pipeline", "sign.bare")
     );
     println!(
         "            verify every digest: {:>8.0}/s = {:.3} of bare (cost of VerifyPolicy::Always)",
@@ -473,10 +531,18 @@ fn main() {
         r("issue.direct.pipeline", "issue.direct.tight")
     );
     println!(
+        "            CPU/op efficiency tight/pipeline = {:.3}",
+        e("issue.direct.pipeline", "issue.direct.tight")
+    );
+    println!(
         "R_deleg   = {:>8.0}/s pipeline delegated / {:>8.0}/s ring tight loop = {:.3}  (goal >= 0.85)",
         rate("issue.delegated.pipeline"),
         rate("issue.delegated.tight"),
         r("issue.delegated.pipeline", "issue.delegated.tight")
+    );
+    println!(
+        "            CPU/op efficiency tight/pipeline = {:.3}",
+        e("issue.delegated.pipeline", "issue.delegated.tight")
     );
     println!(
         "memory    = VmHWM {:.1} MiB (RSS before offering {:.1} MiB) with 100000 jobs offered at once: {} accepted, {} refused (Overloaded), {} signed; offered in {} ms, drained in {} ms  (goal < 256 MiB)",

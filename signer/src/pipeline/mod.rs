@@ -497,19 +497,19 @@ impl Pipeline {
         deadline: Instant,
     ) -> impl Future<Output = Result<Vec<u8>, PipelineError>> + Send + 'static + use<> {
         let checked = key.check_request(alg, digest).map(|reg| {
-            let verify = reg.p256.is_some() && self.should_verify();
+            // Keep a copy of the digest only for the signatures that will be checked.
+            let verify = (reg.p256.is_some() && self.should_verify()).then(|| digest.to_vec());
             let reply = self.submit(key.index(), alg, digest.to_vec(), deadline);
             (reg, verify, reply)
         });
-        let digest_copy = digest.to_vec();
         let cpu = self.shared.cpu.clone();
         let shared = self.shared.clone();
         async move {
             let (reg, verify, reply) = checked?;
             let sig = reply?.await?;
-            if !verify {
+            let Some(digest_copy) = verify else {
                 return Ok(sig);
-            }
+            };
             let checked = cpu
                 .run(move || verify_p256(&reg, &digest_copy, &sig).map(|()| sig))
                 .await?;

@@ -94,6 +94,14 @@ fn software_keys_bundle_round_trip() {
 }
 
 #[test]
+fn softhsm2_keys_bundle_round_trip() {
+    let Some(keys) = SoftHsmKeys::new() else {
+        return;
+    };
+    bundle_suite(&keys);
+}
+
+#[test]
 fn empty_bundle_keeps_keys_array() {
     let json = BundleDocument::default().to_json().unwrap();
     let v: serde_json::Value = serde_json::from_str(&json).unwrap();

@@ -260,3 +260,56 @@ impl AuthorityKey for ProbeKey {
         Ok(sig)
     }
 }
+
+/// Keys generated on a real SoftHSM2 token (one fresh token per factory), signing through [`TokenKey`]: the
+/// signature comes from the token, the issuance core lints, assembles and checks it.
+///
+/// [`TokenKey`]: signet::keys_token::TokenKey
+pub struct SoftHsmKeys {
+    _hsm: signet_pkcs11::testing::SoftHsm,
+    token: signet_pkcs11::Token,
+    next: std::sync::atomic::AtomicU32,
+}
+
+impl SoftHsmKeys {
+    /// A factory over a fresh SoftHSM2 token, or `None` (after a loud SKIP line) when SoftHSM2 is missing.
+    pub fn new() -> Option<Self> {
+        let hsm = signet_pkcs11::testing::SoftHsm::new()?;
+        let token = hsm.open();
+        Some(Self {
+            _hsm: hsm,
+            token,
+            next: std::sync::atomic::AtomicU32::new(0),
+        })
+    }
+}
+
+impl KeyFactory for SoftHsmKeys {
+    fn name(&self) -> &str {
+        "softhsm2"
+    }
+    fn make(&self, key_type: KeyType) -> Option<Arc<dyn AuthorityKey>> {
+        use signet_pkcs11::KeyType as T;
+        let token_type = match key_type {
+            KeyType::EcP256 => T::EcP256,
+            KeyType::EcP384 => T::EcP384,
+            KeyType::Rsa2048 => T::Rsa2048,
+            KeyType::Rsa3072 => T::Rsa3072,
+            KeyType::Rsa4096 => T::Rsa4096,
+            KeyType::Ed25519 => T::Ed25519,
+            other => panic!("no token key type for {other}"),
+        };
+        if !self.token.supports(token_type) {
+            eprintln!("SKIP softhsm2 {key_type}: not supported by this token");
+            return None;
+        }
+        let n = self.next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let label = format!("issuance-{key_type}-{n}");
+        let mut session = self.token.session().unwrap();
+        session
+            .generate_key(&label, token_type, signet_pkcs11::KeyGenOptions::default())
+            .unwrap();
+        let key = signet::keys_token::TokenKey::open(self.token.clone(), &label, 2).unwrap();
+        Some(Arc::new(key))
+    }
+}

@@ -96,6 +96,14 @@ fn software_keys_issue_jwt_svids_the_spiffe_crate_accepts() {
 }
 
 #[test]
+fn softhsm2_keys_issue_jwt_svids_the_spiffe_crate_accepts() {
+    let Some(keys) = SoftHsmKeys::new() else {
+        return;
+    };
+    jwt_suite(&keys);
+}
+
+#[test]
 fn ed25519_cannot_sign_jwt_svids() {
     let key = SoftwareKeys.make(KeyType::Ed25519).unwrap();
     let err =

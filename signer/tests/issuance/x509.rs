@@ -237,6 +237,14 @@ fn software_keys_issue_roots_leaves_and_spire_cas() {
 }
 
 #[test]
+fn softhsm2_keys_issue_roots_leaves_and_spire_cas() {
+    let Some(keys) = SoftHsmKeys::new() else {
+        return;
+    };
+    x509_suite(&keys);
+}
+
+#[test]
 fn three_level_chain_root_intermediate_spire_ca_leaf() {
     let root = root(&SoftwareKeys, KeyType::EcP384).unwrap();
     let (ikey, _) = SoftwareKey::generate(KeyType::EcP256).unwrap();

@@ -1,4 +1,4 @@
-//! The client commands: `signet mint x509-svid`, `signet mint jwt-svid` and `signet bundle`.
+//! The client commands: `signet mint x509-svid`, `signet mint jwt-svid`, `signet bundle` and `signet status`.
 //!
 //! They connect with mTLS to the address in `<data dir>/endpoint` (written by `signet serve`), trusting
 //! `<data dir>/bundle.pem` and presenting the admin credential `<data dir>/admin.pem` + `admin.key`; every one of
@@ -292,6 +292,57 @@ pub fn bundle(args: BundleArgs) -> Result<(), CliError> {
                 println!("{}", String::from_utf8_lossy(&b.spiffe_bundle));
             }
             BundleFormat::Pem => print!("{}", roots_pem(&b.x509_authorities)),
+        }
+        Ok(())
+    })
+}
+
+/// `signet status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    conn: Connection,
+}
+
+/// Runs `signet status`: the trust domain, the authorities, the tokens and the bundle sequence.
+pub fn status_cmd(args: StatusArgs) -> Result<(), CliError> {
+    use signet_proto::signet::v1::admin_client::AdminClient;
+    runtime()?.block_on(async move {
+        let mut client = AdminClient::new(args.conn.channel().await?);
+        let s = client
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .map_err(status)?
+            .into_inner();
+        println!("trust domain     {}", s.trust_domain);
+        println!("bundle sequence  {}", s.bundle_sequence);
+        for a in &s.authorities {
+            println!(
+                "authority        {} {} id={} not_after={} token={}{}",
+                a.kind,
+                a.state,
+                a.id,
+                a.not_after,
+                a.token,
+                if a.tainted { " TAINTED" } else { "" }
+            );
+        }
+        for t in &s.tokens {
+            println!(
+                "token            {} {} sessions={}{}",
+                t.name,
+                if t.healthy {
+                    "healthy"
+                } else {
+                    "OUT OF ROTATION"
+                },
+                t.sessions,
+                if t.last_error.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", t.last_error)
+                }
+            );
         }
         Ok(())
     })

@@ -26,6 +26,8 @@ enum Command {
     Mint(client::MintArgs),
     /// Print the trust domain's bundle.
     Bundle(client::BundleArgs),
+    /// Show the appliance's authorities, tokens and bundle sequence.
+    Status(client::StatusArgs),
 }
 
 /// Parses the command line, runs it, and reports errors on stderr with a non-zero exit status.
@@ -53,6 +55,7 @@ pub fn main() -> ExitCode {
         Command::Serve(s) => serve::run(s),
         Command::Mint(m) => client::mint(m),
         Command::Bundle(b) => client::bundle(b),
+        Command::Status(s) => client::status_cmd(s),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

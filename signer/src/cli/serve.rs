@@ -135,6 +135,7 @@ fn print_banner(a: &Appliance, td: &str, embedded: &str) {
     println!("  signet mint x509-svid{data_flag} --spiffe-id spiffe://{td}/demo --out ./svid");
     println!("  signet mint jwt-svid{data_flag} --spiffe-id spiffe://{td}/demo --audience demo");
     println!("  signet bundle{data_flag}");
+    println!("  signet status{data_flag}");
     println!(
         "  grpcurl -cacert {} -cert {} -key {} localhost:{} list",
         p.bundle.display(),

@@ -171,6 +171,19 @@ fn serve_then_mint_and_bundle_as_processes() {
     let out = run(cwd, &["bundle", "--format", "pem"]);
     assert_eq!(out.stdout, std::fs::read(data.join("bundle.pem")).unwrap());
 
+    let out = run(cwd, &["status"]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("trust domain     example.org"), "{text}");
+    assert!(
+        text.contains("token            embedded healthy sessions=2"),
+        "{text}"
+    );
+
     // A refusal exits non-zero with the server's reason.
     let out = run(
         cwd,

@@ -1,4 +1,4 @@
-//! The `signet` binary. Subcommands live in `cli/`: `signet serve` runs the appliance, `signet mint` and
+//! The `signet` binary. Subcommands live in `cli/`: `signet serve` runs the appliance, `signet mint`, `signet status` and
 //! `signet bundle` are its clients, `signet token ...` manages PKCS#11 tokens and keys.
 
 mod cli;

@@ -9,14 +9,22 @@
 //! - [`lint`]: the lint failure type and its metric;
 //! - [`keys_token`]: [`keys_token::TokenKey`], a token-backed [`keys::AuthorityKey`] for direct, non-pipelined use;
 //! - [`pipeline`]: the batching signer (queue -> HSM workers -> replies), the CPU pool, [`pipeline::PipelineKey`]
-//!   and X509-SVID issuance in direct and delegated mode.
+//!   and X509-SVID issuance in direct and delegated mode;
+//! - [`config`], [`policy`], [`audit`], [`api`] and [`serve`]: the appliance itself (`signet serve`): its
+//!   configuration, who may do what, the audit log, the gRPC services (SPIRE UpstreamAuthority and KeyManager,
+//!   signet Issuer and Admin) with mTLS, and start-up / shutdown.
 #![forbid(unsafe_code)]
 
+pub mod api;
+pub mod audit;
+pub mod config;
 pub mod jwt;
 pub mod keys;
 pub mod keys_token;
 pub mod lint;
 pub mod pipeline;
+pub mod policy;
+pub mod serve;
 pub mod spiffe;
 pub mod spki;
 pub mod x509;

@@ -1,5 +1,5 @@
-//! The `signet` binary. Subcommands live in `cli/` (`signet token ...` manages PKCS#11 tokens and
-//! keys).
+//! The `signet` binary. Subcommands live in `cli/`: `signet serve` runs the appliance; `signet mint`,
+//! `signet bundle` and `signet status` are its clients; `signet token ...` manages PKCS#11 tokens and keys.
 
 mod cli;
 

@@ -4,6 +4,8 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod client;
+mod serve;
 mod token;
 
 /// signet: a high-throughput signing appliance for SPIFFE identities, CA keys in PKCS#11 tokens.
@@ -18,20 +20,42 @@ struct Cli {
 enum Command {
     /// Manage PKCS#11 tokens and the keys on them.
     Token(token::TokenCli),
+    /// Run the appliance (gRPC APIs with mTLS); without --config, the embedded default in ./signet-data/.
+    Serve(serve::ServeArgs),
+    /// Mint an X509-SVID or a JWT-SVID from a running appliance.
+    Mint(client::MintArgs),
+    /// Print the trust domain's bundle.
+    Bundle(client::BundleArgs),
+    /// Show the appliance's authorities, tokens and bundle sequence.
+    Status(client::StatusArgs),
 }
 
 /// Parses the command line, runs it, and reports errors on stderr with a non-zero exit status.
 pub fn main() -> ExitCode {
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
-        )
-        .try_init();
     let cli = Cli::parse();
+    let serving = matches!(cli.command, Command::Serve(_));
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(if serving { "info" } else { "warn" })
+    });
+    // The server logs JSON lines (for log pipelines); the client commands plain text.
+    let _ = if serving {
+        tracing_subscriber::fmt()
+            .json()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .try_init()
+    } else {
+        tracing_subscriber::fmt()
+            .with_writer(std::io::stderr)
+            .with_env_filter(filter)
+            .try_init()
+    };
     let result = match cli.command {
         Command::Token(t) => token::run(t),
+        Command::Serve(s) => serve::run(s),
+        Command::Mint(m) => client::mint(m),
+        Command::Bundle(b) => client::bundle(b),
+        Command::Status(s) => client::status_cmd(s),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,339 @@
+//! signet's own API: `signet.v1.Issuer` (X509-SVIDs in batches, JWT-SVIDs, the bundle) and `signet.v1.Admin`.
+//!
+//! `BatchMintX509SVID` answers each CSR on its own, in request order: a CSR refused by the policy or the issuance
+//! checks gets a `Failure` with the status code and reason, the others are issued. The batch is bounded
+//! (`server.max_batch`); the caller's rate limit is charged one token per CSR. All of a batch's audit lines are
+//! written with one flush before the answer goes out.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use signet_proto::signet::v1 as pb;
+use tonic::{Code, Request, Response, Status};
+
+use super::{AppState, Caller, Subject, cert_facts, cert_ski, code_name, jwt_status, svid_status};
+use crate::audit::{AuditRecord, Outcome};
+use crate::pipeline::with_deadline;
+use crate::policy::Service;
+use crate::spiffe::SpiffeId;
+
+/// The Issuer service.
+#[derive(Debug, Clone)]
+pub struct IssuerService {
+    state: Arc<AppState>,
+}
+
+impl IssuerService {
+    /// The service over `state`.
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+}
+
+fn failure(code: Code, message: String) -> pb::X509svidResult {
+    pb::X509svidResult {
+        result: Some(pb::x509svid_result::Result::Failure(pb::Failure {
+            code: code as i32,
+            message,
+        })),
+    }
+}
+
+fn refused(caller: &Caller, id: Option<String>, status: &Status) -> AuditRecord {
+    let mut r = caller.record(Outcome::Refused);
+    r.spiffe_id = id;
+    r.code = Some(code_name(status.code()));
+    r.reason = Some(status.message().to_string());
+    r
+}
+
+fn ttl_of(secs: i64) -> Result<Duration, Status> {
+    u64::try_from(secs)
+        .map(Duration::from_secs)
+        .map_err(|_| Status::invalid_argument(format!("ttl_seconds {secs} is negative")))
+}
+
+#[tonic::async_trait]
+impl pb::issuer_server::Issuer for IssuerService {
+    async fn batch_mint_x509svid(
+        &self,
+        request: Request<pb::BatchMintX509svidRequest>,
+    ) -> Result<Response<pb::BatchMintX509svidResponse>, Status> {
+        let st = &self.state;
+        let caller = st
+            .admit(&request, Service::Issuer, "BatchMintX509SVID")
+            .await?;
+        let reqs = request.into_inner().requests;
+        if reqs.is_empty() {
+            let s = Status::invalid_argument("the batch is empty: send at least one CSR");
+            return Err(st.refuse(&caller, s, None).await);
+        }
+        if reqs.len() > st.max_batch {
+            let s = Status::invalid_argument(format!(
+                "the batch holds {} CSRs, more than the limit of {}: split it",
+                reqs.len(),
+                st.max_batch
+            ));
+            return Err(st.refuse(&caller, s, None).await);
+        }
+        let grant = st.grant(&caller)?;
+        if let Err(d) = grant.take(u32::try_from(reqs.len()).unwrap_or(u32::MAX)) {
+            return Err(st.refuse(&caller, super::denied_status(&d), None).await);
+        }
+        // The SPIFFE IDs, for the policy, read on the CPU pool (the CSR's signature is verified when it is issued).
+        let csrs: Vec<Vec<u8>> = reqs.iter().map(|r| r.csr.clone()).collect();
+        let ids = st
+            .pipeline
+            .cpu()
+            .run(move || {
+                csrs.iter()
+                    .map(|c| {
+                        let csr =
+                            crate::x509::parse_csr_unverified(c).map_err(|e| e.to_string())?;
+                        csr.spiffe_id()
+                            .map(|id| id.as_str().to_string())
+                            .ok_or_else(|| {
+                                "the CSR has no URI SAN: an X509-SVID needs exactly one SPIFFE ID"
+                                    .into()
+                            })
+                    })
+                    .collect::<Vec<Result<String, String>>>()
+            })
+            .await
+            .map_err(|e| super::pipeline_status(&e))?;
+        let deadline = caller.deadline;
+        let mut pending = Vec::with_capacity(reqs.len());
+        for (req, id) in reqs.into_iter().zip(ids) {
+            let checked = (|| {
+                let id = id.map_err(|m| (None, Status::invalid_argument(m)))?;
+                let ttl = ttl_of(req.ttl_seconds).map_err(|s| (Some(id.clone()), s))?;
+                match grant.check_id(&id).and_then(|()| grant.x509_ttl(ttl)) {
+                    Ok(ttl) => Ok((id, ttl)),
+                    Err(d) => Err((Some(id), super::denied_status(&d))),
+                }
+            })();
+            match checked {
+                Ok((id, ttl)) => {
+                    // Queued now (all of the batch runs in parallel on the CPU pool); dropped if the caller goes.
+                    let task = st.x509.issue_x509_svid(req.csr, ttl, deadline);
+                    pending.push(Ok((id, task)));
+                }
+                Err(e) => pending.push(Err(e)),
+            }
+        }
+        let mut results = Vec::with_capacity(pending.len());
+        let mut records = Vec::with_capacity(pending.len());
+        for p in pending {
+            match p {
+                Err((id, status)) => {
+                    records.push(refused(&caller, id, &status));
+                    results.push(failure(status.code(), status.message().to_string()));
+                }
+                Ok((id, task)) => {
+                    let issued = task.await.map_err(|e| svid_status(&e));
+                    match issued {
+                        Ok(svid) => {
+                            let (serial, authority) = cert_facts(&svid.cert_der);
+                            let mut r = caller.record(Outcome::Issued);
+                            r.spiffe_id = Some(id.clone());
+                            r.serial = Some(serial.clone());
+                            r.authority = authority;
+                            r.expires_at = Some(svid.not_after.unix_timestamp());
+                            records.push(r);
+                            let mut cert_chain = vec![svid.cert_der];
+                            cert_chain.extend(svid.chain);
+                            results.push(pb::X509svidResult {
+                                result: Some(pb::x509svid_result::Result::Svid(pb::X509svid {
+                                    spiffe_id: id,
+                                    cert_chain,
+                                    expires_at: svid.not_after.unix_timestamp(),
+                                    serial,
+                                })),
+                            });
+                        }
+                        Err(status) => {
+                            let mut r = refused(&caller, Some(id), &status);
+                            if !matches!(status.code(), Code::InvalidArgument) {
+                                r.outcome = Outcome::Failed;
+                            }
+                            records.push(r);
+                            results.push(failure(status.code(), status.message().to_string()));
+                        }
+                    }
+                }
+            }
+        }
+        st.audit(&records).await?;
+        Ok(Response::new(pb::BatchMintX509svidResponse { results }))
+    }
+
+    async fn mint_jwtsvid(
+        &self,
+        request: Request<pb::MintJwtsvidRequest>,
+    ) -> Result<Response<pb::MintJwtsvidResponse>, Status> {
+        let st = &self.state;
+        let caller = st.admit(&request, Service::Issuer, "MintJWTSVID").await?;
+        let req = request.into_inner();
+        let subject = || Some(Subject::SpiffeId(req.spiffe_id.clone()));
+        let id = match SpiffeId::parse(&req.spiffe_id) {
+            Ok(id) => id,
+            Err(e) => {
+                let s = Status::invalid_argument(format!("spiffe_id: {e}"));
+                return Err(st.refuse(&caller, s, subject()).await);
+            }
+        };
+        if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
+            let s = Status::invalid_argument("give at least one audience, none empty");
+            return Err(st.refuse(&caller, s, subject()).await);
+        }
+        let grant = st.grant(&caller)?;
+        let ttl = match ttl_of(req.ttl_seconds) {
+            Ok(t) => t,
+            Err(s) => return Err(st.refuse(&caller, s, subject()).await),
+        };
+        let ttl = match grant
+            .check_id(id.as_str())
+            .and_then(|()| grant.jwt_ttl(ttl))
+            .and_then(|ttl| grant.take(1).map(|()| ttl))
+        {
+            Ok(t) => t,
+            Err(d) => {
+                return Err(st
+                    .refuse(&caller, super::denied_status(&d), subject())
+                    .await);
+            }
+        };
+        let jwt = st.jwt.clone();
+        let deadline = caller.deadline;
+        let audience = req.audience.clone();
+        let now = time::OffsetDateTime::now_utc();
+        let issued = st
+            .pipeline
+            .cpu()
+            .run(move || with_deadline(deadline, || jwt.issue(&id, &audience, ttl, now)))
+            .await;
+        let token = match issued {
+            Ok(Ok(t)) => t,
+            Ok(Err(e)) => {
+                let s = jwt_status(&e);
+                let mut r = refused(&caller, Some(req.spiffe_id.clone()), &s);
+                if !matches!(s.code(), Code::InvalidArgument) {
+                    r.outcome = Outcome::Failed;
+                }
+                st.audit(&[r]).await?;
+                return Err(s);
+            }
+            Err(e) => {
+                return Err(st
+                    .refuse(&caller, super::pipeline_status(&e), subject())
+                    .await);
+            }
+        };
+        let expires_at = now.unix_timestamp() + i64::try_from(ttl.as_secs()).unwrap_or(0);
+        let mut r = caller.record(Outcome::Issued);
+        r.spiffe_id = Some(req.spiffe_id.clone());
+        r.authority = Some(st.jwt.kid().to_string());
+        r.expires_at = Some(expires_at);
+        st.audit(&[r]).await?;
+        Ok(Response::new(pb::MintJwtsvidResponse { token, expires_at }))
+    }
+
+    async fn get_bundle(
+        &self,
+        request: Request<pb::GetBundleRequest>,
+    ) -> Result<Response<pb::GetBundleResponse>, Status> {
+        let st = &self.state;
+        st.admit(&request, Service::Issuer, "GetBundle").await?;
+        let b = st.bundle.current();
+        let doc = b
+            .document()
+            .and_then(|d| d.to_json())
+            .map_err(|e| Status::internal(format!("cannot render the bundle: {e}")))?;
+        Ok(Response::new(pb::GetBundleResponse {
+            spiffe_bundle: doc.into_bytes(),
+            x509_authorities: b.x509_roots.clone(),
+            sequence: b.sequence,
+        }))
+    }
+}
+
+/// The Admin service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    state: Arc<AppState>,
+}
+
+impl AdminService {
+    /// The service over `state`.
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn get_status(
+        &self,
+        request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let st = &self.state;
+        st.admit(&request, Service::Admin, "GetStatus").await?;
+        let token_names: Vec<String> = st
+            .pipeline
+            .token_status()
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        let first_token = token_names.first().cloned().unwrap_or_default();
+        let mut authorities = vec![pb::AuthorityStatus {
+            kind: "x509".into(),
+            state: "active".into(),
+            id: cert_ski(st.root.cert_der()).unwrap_or_default(),
+            not_after: st.root.not_after().unix_timestamp(),
+            tainted: false,
+            token: first_token.clone(),
+        }];
+        if let Some(inter) = st.x509.current_intermediate() {
+            let not_after = x509_parser::parse_x509_certificate(&inter)
+                .map(|(_, c)| c.validity().not_after.timestamp())
+                .unwrap_or_default();
+            authorities.push(pb::AuthorityStatus {
+                kind: "x509-issuing".into(),
+                state: "active".into(),
+                id: cert_ski(&inter).unwrap_or_default(),
+                not_after,
+                tainted: false,
+                token: "memory".into(),
+            });
+        }
+        authorities.push(pb::AuthorityStatus {
+            kind: "jwt".into(),
+            state: "active".into(),
+            id: st.jwt.kid().to_string(),
+            not_after: 0,
+            tainted: false,
+            token: first_token,
+        });
+        let tokens = st
+            .pipeline
+            .token_status()
+            .into_iter()
+            .map(|t| pb::TokenStatus {
+                sessions: st.token_sessions(&t.name),
+                name: t.name,
+                healthy: t.healthy,
+                last_error: if t.failures > 0 {
+                    format!("{} transient failures so far", t.failures)
+                } else {
+                    String::new()
+                },
+            })
+            .collect();
+        Ok(Response::new(pb::GetStatusResponse {
+            trust_domain: st.trust_domain.to_string(),
+            authorities,
+            tokens,
+            bundle_sequence: st.bundle.current().sequence,
+        }))
+    }
+}

@@ -1,0 +1,473 @@
+//! SPIRE's `KeyManager` v1: a SPIRE server's own CA and JWT keys, generated on the token and used through the
+//! signing pipeline.
+//!
+//! Keys are namespaced per calling SPIRE server: the token label is `spire-km/<ns>/<key id>/<generation>`, where
+//! `<ns>` is the first 16 hex digits of SHA-256 of the caller's SPIFFE ID, so two servers never share a key even
+//! when they use the same key ids. `GenerateKey` on an existing id makes a new key under a new generation (a new
+//! fingerprint) and destroys the old one. The fingerprint is the SHA-256 of the key's SubjectPublicKeyInfo, in hex.
+//! `SignData` takes a digest of the hash the request names (its length is checked) and returns ECDSA signatures as
+//! ASN.1 DER, RSA signatures as PKCS#1 v1.5 or PSS (salt length = hash length) per the request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use ring::digest::{SHA256, digest};
+use signet_pkcs11::{KeyGenOptions, SignAlgorithm, Token};
+use signet_proto::spire::plugin::server::keymanager::v1 as pb;
+use tokio::sync::Mutex;
+use tonic::{Request, Response, Status};
+
+use super::{AppState, Subject, pipeline_status};
+use crate::audit::Outcome;
+use crate::pipeline::{Pipeline, PipelineKey};
+use crate::policy::Service;
+
+const LABEL_PREFIX: &str = "spire-km/";
+
+#[derive(Debug)]
+struct KmKey {
+    label: String,
+    key_type: pb::KeyType,
+    spki: Vec<u8>,
+    fingerprint: String,
+    key: PipelineKey,
+}
+
+impl KmKey {
+    fn public_key(&self, id: &str) -> pb::PublicKey {
+        pb::PublicKey {
+            id: id.to_string(),
+            r#type: self.key_type as i32,
+            pkix_data: self.spki.clone(),
+            fingerprint: self.fingerprint.clone(),
+        }
+    }
+}
+
+/// The KeyManager keys on the token.
+#[derive(Debug)]
+pub struct KeyStore {
+    token: Token,
+    pipeline: Pipeline,
+    keys: std::sync::RwLock<HashMap<(String, String), Arc<KmKey>>>,
+    /// Serialises key generation (rare: SPIRE rotations), never held while signing.
+    generating: Mutex<()>,
+}
+
+/// The namespace of a caller's keys.
+pub fn namespace(caller: &str) -> String {
+    hex::encode(&digest(&SHA256, caller.as_bytes()).as_ref()[..8])
+}
+
+fn fingerprint(spki: &[u8]) -> String {
+    hex::encode(digest(&SHA256, spki).as_ref())
+}
+
+fn proto_key_type(t: signet_pkcs11::KeyType) -> Option<pb::KeyType> {
+    Some(match t {
+        signet_pkcs11::KeyType::EcP256 => pb::KeyType::EcP256,
+        signet_pkcs11::KeyType::EcP384 => pb::KeyType::EcP384,
+        signet_pkcs11::KeyType::Rsa2048 => pb::KeyType::Rsa2048,
+        signet_pkcs11::KeyType::Rsa4096 => pb::KeyType::Rsa4096,
+        _ => return None,
+    })
+}
+
+fn valid_key_id(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+fn parse_label(label: &str) -> Option<(String, String, u128)> {
+    let rest = label.strip_prefix(LABEL_PREFIX)?;
+    let mut parts = rest.split('/');
+    let (ns, id, generation) = (parts.next()?, parts.next()?, parts.next()?);
+    if parts.next().is_some() {
+        return None;
+    }
+    let generation = u128::from_str_radix(generation, 16).ok()?;
+    Some((ns.to_string(), id.to_string(), generation))
+}
+
+impl KeyStore {
+    /// Loads the KeyManager keys already on `token` (the newest generation of each id; older ones left by an
+    /// interrupted `GenerateKey` are destroyed) and registers them with `pipeline`, which must sign with that
+    /// token. Blocking: call it from a blocking context.
+    pub fn load(token: Token, pipeline: Pipeline) -> Result<Self, String> {
+        let mut session = token
+            .session()
+            .map_err(|e| format!("key manager: cannot open a session: {e}"))?;
+        let listed = session
+            .list_keys()
+            .map_err(|e| format!("key manager: cannot list keys: {e}"))?;
+        let mut newest: HashMap<(String, String), (u128, String)> = HashMap::new();
+        let mut stale = Vec::new();
+        for k in listed {
+            let Some((ns, id, generation)) = parse_label(&k.label) else {
+                continue;
+            };
+            match newest.get(&(ns.clone(), id.clone())) {
+                Some((g, _)) if *g >= generation => stale.push(k.label.clone()),
+                Some((_, old)) => {
+                    stale.push(old.clone());
+                    newest.insert((ns, id), (generation, k.label.clone()));
+                }
+                None => {
+                    newest.insert((ns, id), (generation, k.label.clone()));
+                }
+            }
+        }
+        for label in stale {
+            if let Err(e) = session.destroy_key(&label) {
+                tracing::warn!(label, error = %e, "key manager: cannot destroy a replaced key");
+            }
+        }
+        let mut keys = HashMap::new();
+        for ((ns, id), (_, label)) in newest {
+            let k = register(&mut session, &pipeline, &label)?;
+            keys.insert((ns, id), Arc::new(k));
+        }
+        Ok(Self {
+            token,
+            pipeline,
+            keys: std::sync::RwLock::new(keys),
+            generating: Mutex::new(()),
+        })
+    }
+
+    fn get(&self, caller: &str, id: &str) -> Option<Arc<KmKey>> {
+        self.keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(namespace(caller), id.to_string()))
+            .cloned()
+    }
+
+    fn insert(&self, ns: String, id: String, key: Arc<KmKey>) {
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert((ns, id), key);
+    }
+}
+
+fn register(
+    session: &mut signet_pkcs11::TokenSession,
+    pipeline: &Pipeline,
+    label: &str,
+) -> Result<KmKey, String> {
+    let found = session
+        .find_key(label)
+        .map_err(|e| format!("key {label:?}: {e}"))?;
+    let key_type = proto_key_type(found.key_type())
+        .ok_or_else(|| format!("key {label:?} has a type SPIRE does not use"))?;
+    let spki = session
+        .public_key_der(label)
+        .map_err(|e| format!("key {label:?}: {e}"))?;
+    let key = pipeline
+        .key(label)
+        .map_err(|e| format!("key {label:?}: {e}"))?;
+    Ok(KmKey {
+        label: label.to_string(),
+        key_type,
+        fingerprint: fingerprint(&spki),
+        spki,
+        key,
+    })
+}
+
+/// The KeyManager service.
+#[derive(Debug, Clone)]
+pub struct KeyManagerService {
+    state: Arc<AppState>,
+}
+
+impl KeyManagerService {
+    /// The service over `state`.
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+}
+
+fn hash_of(h: i32) -> Result<signet_pkcs11::HashAlg, Status> {
+    match pb::HashAlgorithm::try_from(h) {
+        Ok(pb::HashAlgorithm::Sha256) => Ok(signet_pkcs11::HashAlg::Sha256),
+        Ok(pb::HashAlgorithm::Sha384) => Ok(signet_pkcs11::HashAlg::Sha384),
+        Ok(pb::HashAlgorithm::Sha512) => Ok(signet_pkcs11::HashAlg::Sha512),
+        Ok(other) => Err(Status::invalid_argument(format!(
+            "hash algorithm {} is not supported: use SHA256, SHA384 or SHA512",
+            other.as_str_name()
+        ))),
+        Err(_) => Err(Status::invalid_argument(format!(
+            "unknown hash algorithm {h}"
+        ))),
+    }
+}
+
+fn sign_algorithm(
+    key_type: pb::KeyType,
+    opts: Option<pb::sign_data_request::SignerOpts>,
+) -> Result<(SignAlgorithm, usize), Status> {
+    use pb::sign_data_request::SignerOpts;
+    use signet_pkcs11::HashAlg;
+    let (hash, pss) = match opts {
+        None => {
+            return Err(Status::invalid_argument(
+                "signer_opts is required: give hash_algorithm or pss_options",
+            ));
+        }
+        Some(SignerOpts::HashAlgorithm(h)) => (hash_of(h)?, None),
+        Some(SignerOpts::PssOptions(p)) => (hash_of(p.hash_algorithm)?, Some(p.salt_length)),
+    };
+    let len = hash.output_len();
+    let alg = match (key_type, hash, pss) {
+        (pb::KeyType::EcP256, HashAlg::Sha256, None) => SignAlgorithm::EcdsaSha256,
+        (pb::KeyType::EcP384, HashAlg::Sha384, None) => SignAlgorithm::EcdsaSha384,
+        (pb::KeyType::EcP256 | pb::KeyType::EcP384, _, None) => {
+            return Err(Status::invalid_argument(format!(
+                "a {} key signs {} digests only",
+                key_type.as_str_name(),
+                if key_type == pb::KeyType::EcP256 {
+                    "SHA256"
+                } else {
+                    "SHA384"
+                }
+            )));
+        }
+        (pb::KeyType::EcP256 | pb::KeyType::EcP384, _, Some(_)) => {
+            return Err(Status::invalid_argument(
+                "PSS options apply to RSA keys only",
+            ));
+        }
+        (pb::KeyType::Rsa2048 | pb::KeyType::Rsa4096, h, None) => match h {
+            HashAlg::Sha256 => SignAlgorithm::RsaPkcs1Sha256,
+            HashAlg::Sha384 => SignAlgorithm::RsaPkcs1Sha384,
+            _ => SignAlgorithm::RsaPkcs1Sha512,
+        },
+        (pb::KeyType::Rsa2048 | pb::KeyType::Rsa4096, h, Some(salt)) => {
+            // Go's rsa.PSSSaltLengthAuto (0) and PSSSaltLengthEqualsHash (-1) both verify a salt of the hash length.
+            let fits = salt == 0 || salt == -1 || usize::try_from(salt).is_ok_and(|s| s == len);
+            if !fits {
+                return Err(Status::invalid_argument(format!(
+                    "PSS salt length {salt} is not supported: use the hash length ({len}), -1 or 0"
+                )));
+            }
+            match h {
+                HashAlg::Sha256 => SignAlgorithm::RsaPssSha256,
+                HashAlg::Sha384 => SignAlgorithm::RsaPssSha384,
+                _ => SignAlgorithm::RsaPssSha512,
+            }
+        }
+        (pb::KeyType::UnspecifiedKeyType, ..) => {
+            return Err(Status::internal("key of unknown type"));
+        }
+    };
+    Ok((alg, len))
+}
+
+fn token_key_type(t: i32) -> Result<(pb::KeyType, signet_pkcs11::KeyType), Status> {
+    let kt = pb::KeyType::try_from(t)
+        .map_err(|_| Status::invalid_argument(format!("unknown key type {t}")))?;
+    let tt = match kt {
+        pb::KeyType::EcP256 => signet_pkcs11::KeyType::EcP256,
+        pb::KeyType::EcP384 => signet_pkcs11::KeyType::EcP384,
+        pb::KeyType::Rsa2048 => signet_pkcs11::KeyType::Rsa2048,
+        pb::KeyType::Rsa4096 => signet_pkcs11::KeyType::Rsa4096,
+        pb::KeyType::UnspecifiedKeyType => {
+            return Err(Status::invalid_argument(
+                "key_type is required: EC_P256, EC_P384, RSA_2048 or RSA_4096",
+            ));
+        }
+    };
+    Ok((kt, tt))
+}
+
+#[tonic::async_trait]
+impl pb::key_manager_server::KeyManager for KeyManagerService {
+    async fn generate_key(
+        &self,
+        request: Request<pb::GenerateKeyRequest>,
+    ) -> Result<Response<pb::GenerateKeyResponse>, Status> {
+        let st = &self.state;
+        let caller = st
+            .admit(&request, Service::KeyManager, "GenerateKey")
+            .await?;
+        let req = request.into_inner();
+        let subject = || Some(Subject::KeyId(req.key_id.clone()));
+        if !valid_key_id(&req.key_id) {
+            let s =
+                Status::invalid_argument("key_id must be 1 to 128 characters of A-Z a-z 0-9 - _ .");
+            return Err(st.refuse(&caller, s, subject()).await);
+        }
+        let (kt, tt) = match token_key_type(req.key_type) {
+            Ok(v) => v,
+            Err(s) => return Err(st.refuse(&caller, s, subject()).await),
+        };
+        if let Err(d) = st
+            .grant(&caller)
+            .and_then(|g| g.take(1).map_err(|d| super::denied_status(&d)))
+        {
+            return Err(st.refuse(&caller, d, subject()).await);
+        }
+        let ks = &st.keys;
+        let ns = namespace(&caller.id);
+        // One generation at a time per store: key generation is rare (SPIRE rotations) and must not interleave
+        // with the replacement of the same id.
+        let generating = ks.generating.lock().await;
+        let generation = time::OffsetDateTime::now_utc()
+            .unix_timestamp_nanos()
+            .max(0) as u128;
+        let label = format!("{LABEL_PREFIX}{ns}/{}/{generation:x}", req.key_id);
+        let old = ks.get(&caller.id, &req.key_id);
+        let (token, pipeline, l) = (ks.token.clone(), ks.pipeline.clone(), label.clone());
+        let made = tokio::task::spawn_blocking(move || {
+            let mut s = token.session().map_err(|e| e.to_string())?;
+            s.generate_key(&l, tt, KeyGenOptions::default())
+                .map_err(|e| e.to_string())?;
+            register(&mut s, &pipeline, &l)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r);
+        let made = match made {
+            Ok(k) => Arc::new(KmKey { key_type: kt, ..k }),
+            Err(e) => {
+                let mut r = caller.record(Outcome::Failed);
+                r.key_id = Some(req.key_id.clone());
+                r.reason = Some(e.clone());
+                r.code = Some("UNAVAILABLE");
+                st.audit(&[r]).await?;
+                return Err(Status::unavailable(format!(
+                    "the token could not generate the key: {e}"
+                )));
+            }
+        };
+        let mut r = caller.record(Outcome::KeyUsed);
+        r.key_id = Some(req.key_id.clone());
+        r.authority = Some(made.fingerprint.clone());
+        r.reason = Some(format!("generated {}", kt.as_str_name()));
+        st.audit(&[r]).await?;
+        ks.insert(ns, req.key_id.clone(), made.clone());
+        drop(generating);
+        if let Some(old) = old {
+            let token = ks.token.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                if let Err(e) = token.session().and_then(|mut s| s.destroy_key(&old.label)) {
+                    tracing::warn!(label = %old.label, error = %e, "key manager: cannot destroy a replaced key");
+                }
+            })
+            .await;
+        }
+        Ok(Response::new(pb::GenerateKeyResponse {
+            public_key: Some(made.public_key(&req.key_id)),
+        }))
+    }
+
+    async fn get_public_key(
+        &self,
+        request: Request<pb::GetPublicKeyRequest>,
+    ) -> Result<Response<pb::GetPublicKeyResponse>, Status> {
+        let st = &self.state;
+        let caller = st
+            .admit(&request, Service::KeyManager, "GetPublicKey")
+            .await?;
+        let id = request.into_inner().key_id;
+        match st.keys.get(&caller.id, &id) {
+            Some(k) => Ok(Response::new(pb::GetPublicKeyResponse {
+                public_key: Some(k.public_key(&id)),
+            })),
+            None => Err(Status::not_found(format!(
+                "no key {id:?} for this caller: call GenerateKey first"
+            ))),
+        }
+    }
+
+    async fn get_public_keys(
+        &self,
+        request: Request<pb::GetPublicKeysRequest>,
+    ) -> Result<Response<pb::GetPublicKeysResponse>, Status> {
+        let st = &self.state;
+        let caller = st
+            .admit(&request, Service::KeyManager, "GetPublicKeys")
+            .await?;
+        let ns = namespace(&caller.id);
+        let mut public_keys: Vec<pb::PublicKey> = st
+            .keys
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .filter(|((n, _), _)| *n == ns)
+            .map(|((_, id), k)| k.public_key(id))
+            .collect();
+        public_keys.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(Response::new(pb::GetPublicKeysResponse { public_keys }))
+    }
+
+    async fn sign_data(
+        &self,
+        request: Request<pb::SignDataRequest>,
+    ) -> Result<Response<pb::SignDataResponse>, Status> {
+        let st = &self.state;
+        let caller = st.admit(&request, Service::KeyManager, "SignData").await?;
+        let req = request.into_inner();
+        let subject = || Some(Subject::KeyId(req.key_id.clone()));
+        let Some(k) = st.keys.get(&caller.id, &req.key_id) else {
+            let s = Status::not_found(format!(
+                "no key {:?} for this caller: call GenerateKey first",
+                req.key_id
+            ));
+            return Err(st.refuse(&caller, s, subject()).await);
+        };
+        let alg = sign_algorithm(k.key_type, req.signer_opts).and_then(|(alg, len)| {
+            if req.data.len() == len {
+                Ok(alg)
+            } else {
+                Err(Status::invalid_argument(format!(
+                    "data must be a {len}-byte digest of the named hash, got {} bytes",
+                    req.data.len()
+                )))
+            }
+        });
+        let alg = match alg {
+            Ok(a) => a,
+            Err(s) => return Err(st.refuse(&caller, s, subject()).await),
+        };
+        if let Err(d) = st
+            .grant(&caller)
+            .and_then(|g| g.take(1).map_err(|d| super::denied_status(&d)))
+        {
+            return Err(st.refuse(&caller, d, subject()).await);
+        }
+        let signed = k
+            .key
+            .pipeline()
+            .submit_digest(&k.key, alg, &req.data, caller.deadline)
+            .await;
+        let sig = match signed {
+            Ok(raw) if matches!(k.key_type, pb::KeyType::EcP256 | pb::KeyType::EcP384) => {
+                crate::keys::ecdsa_raw_to_der(&raw).map_err(|e| {
+                    Status::internal(format!("bad ECDSA signature from the token: {e}"))
+                })
+            }
+            Ok(sig) => Ok(sig),
+            Err(e) => Err(pipeline_status(&e)),
+        };
+        let mut r = caller.record(Outcome::KeyUsed);
+        r.key_id = Some(req.key_id.clone());
+        r.authority = Some(k.fingerprint.clone());
+        if let Err(s) = &sig {
+            r.outcome = Outcome::Failed;
+            r.code = Some(super::code_name(s.code()));
+            r.reason = Some(s.message().to_string());
+        }
+        st.audit(&[r]).await?;
+        Ok(Response::new(pb::SignDataResponse {
+            signature: sig?,
+            key_fingerprint: k.fingerprint.clone(),
+        }))
+    }
+}

@@ -1,0 +1,444 @@
+//! The gRPC services of the appliance and what they share: authentication of the caller (the SPIFFE ID of its
+//! verified client X509-SVID), authorisation by the [`Policy`], the audit log, and the mapping of every failure to
+//! the gRPC status that says what to do about it.
+//!
+//! - [`upstream`]: SPIRE's `UpstreamAuthority` v1 (`MintX509CAAndSubscribe`, `PublishJWTKeyAndSubscribe`,
+//!   `SubscribeToLocalBundle`);
+//! - [`keymanager`]: SPIRE's `KeyManager` v1, keys on the token namespaced per calling SPIRE server;
+//! - [`issuer`]: signet's `Issuer` (batch X509-SVIDs, JWT-SVIDs, the bundle) and `Admin` (status);
+//! - [`bundle`]: the live bundle the streams follow;
+//! - [`tls`]: the server's rustls configuration and the client-certificate check.
+//!
+//! Every RPC starts with [`AppState::admit`]: no client certificate, a certificate that does not chain to the
+//! trust domain's roots, or one without a SPIFFE ID of the trust domain is UNAUTHENTICATED; a caller the policy does
+//! not allow is PERMISSION_DENIED. Each refusal is audited before it is answered.
+
+pub mod bundle;
+pub mod issuer;
+pub mod keymanager;
+pub mod tls;
+pub mod upstream;
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use tonic::{Code, Status};
+
+use crate::audit::{AuditLog, AuditRecord, Outcome};
+use crate::jwt::{JwtError, JwtIssuer};
+use crate::pipeline::{Pipeline, PipelineError, SvidError, X509SvidIssuer};
+use crate::policy::{Denied, Grant, Policy, Service};
+use crate::spiffe::TrustDomain;
+use crate::x509::{Authority, IssueError};
+use bundle::TrustBundle;
+
+/// Everything the services share.
+#[derive(Debug)]
+pub struct AppState {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Who may do what.
+    pub policy: Policy,
+    /// The audit log.
+    pub audit: AuditLog,
+    /// The root authority (signs SPIRE's CAs).
+    pub root: Arc<Authority>,
+    /// Leaf issuance (direct or delegated).
+    pub x509: X509SvidIssuer,
+    /// JWT-SVID issuance.
+    pub jwt: Arc<JwtIssuer>,
+    /// The signing pipeline of the authorities.
+    pub pipeline: Pipeline,
+    /// The live bundle.
+    pub bundle: TrustBundle,
+    /// SPIRE KeyManager keys.
+    pub keys: keymanager::KeyStore,
+    /// Most CSRs per batch call.
+    pub max_batch: usize,
+    /// Deadline of a request.
+    pub request_timeout: Duration,
+    /// Turns true when the server shuts down (ends the subscription streams).
+    pub shutdown: watch::Receiver<bool>,
+    client_verifier: Mutex<Option<(u64, tls::ClientTrust)>>,
+    token_sessions: std::collections::HashMap<String, u32>,
+}
+
+impl AppState {
+    /// Assembles the state.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        trust_domain: TrustDomain,
+        policy: Policy,
+        audit: AuditLog,
+        root: Arc<Authority>,
+        x509: X509SvidIssuer,
+        jwt: Arc<JwtIssuer>,
+        pipeline: Pipeline,
+        bundle: TrustBundle,
+        keys: keymanager::KeyStore,
+        max_batch: usize,
+        request_timeout: Duration,
+        shutdown: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            trust_domain,
+            policy,
+            audit,
+            root,
+            x509,
+            jwt,
+            pipeline,
+            bundle,
+            keys,
+            max_batch,
+            request_timeout,
+            shutdown,
+            client_verifier: Mutex::new(None),
+            token_sessions: std::collections::HashMap::new(),
+        }
+    }
+
+    /// Records how many worker sessions each token has (reported by `Admin.GetStatus`).
+    pub fn with_token_sessions(
+        mut self,
+        sessions: impl IntoIterator<Item = (String, u32)>,
+    ) -> Self {
+        self.token_sessions = sessions.into_iter().collect();
+        self
+    }
+
+    /// Worker sessions of the token `name` (0 if unknown).
+    pub fn token_sessions(&self, name: &str) -> u32 {
+        self.token_sessions.get(name).copied().unwrap_or(0)
+    }
+
+    /// The deadline of a request starting now: the client's `grpc-timeout` when it sets a shorter one than
+    /// `pipeline.default_timeout`, so work for a caller that has given up is dropped before it reaches the token.
+    pub fn deadline_of<T>(&self, req: &tonic::Request<T>) -> Instant {
+        let own = self.request_timeout;
+        let theirs = req
+            .metadata()
+            .get("grpc-timeout")
+            .and_then(|v| v.to_str().ok())
+            .and_then(parse_grpc_timeout);
+        Instant::now() + theirs.map_or(own, |t| t.min(own))
+    }
+
+    fn client_trust(&self) -> Result<tls::ClientTrust, String> {
+        let snapshot = self.bundle.current();
+        let mut cached = self
+            .client_verifier
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some((seq, v)) = cached.as_ref()
+            && *seq == snapshot.sequence
+        {
+            return Ok(v.clone());
+        }
+        let v = tls::ClientTrust::new(&snapshot.x509_roots, self.trust_domain.clone())?;
+        *cached = Some((snapshot.sequence, v.clone()));
+        Ok(v)
+    }
+
+    /// Authenticates the caller of `req` and checks that the policy lets it use `service`. A refusal is audited,
+    /// then returned as the status to answer.
+    pub async fn admit<T>(
+        &self,
+        req: &tonic::Request<T>,
+        service: Service,
+        method: &'static str,
+    ) -> Result<Caller, Status> {
+        let caller = match self
+            .client_trust()
+            .and_then(|t| t.authenticate(req.peer_certs().as_deref().map(Vec::as_slice)))
+        {
+            Ok(id) => id,
+            Err(reason) => {
+                return Err(self
+                    .refuse(
+                        &Caller::anonymous(service, method),
+                        Status::unauthenticated(reason),
+                        None,
+                    )
+                    .await);
+            }
+        };
+        let caller = Caller {
+            id: caller,
+            service,
+            method,
+            deadline: self.deadline_of(req),
+        };
+        if let Err(d) = self.policy.authorize(&caller.id, service) {
+            return Err(self.refuse(&caller, denied_status(&d), None).await);
+        }
+        Ok(caller)
+    }
+
+    /// The caller's grant (after [`admit`](Self::admit) succeeded).
+    pub fn grant<'a>(&'a self, caller: &'a Caller) -> Result<Grant<'a>, Status> {
+        self.policy
+            .authorize(&caller.id, caller.service)
+            .map_err(|d| denied_status(&d))
+    }
+
+    /// Audits a refusal (with the requested SPIFFE ID or key id, if any) and returns the status to answer; if the
+    /// audit line cannot be written, UNAVAILABLE.
+    pub async fn refuse(
+        &self,
+        caller: &Caller,
+        status: Status,
+        subject: Option<Subject>,
+    ) -> Status {
+        let mut r = caller.record(Outcome::Refused);
+        r.code = Some(code_name(status.code()));
+        r.reason = Some(status.message().to_string());
+        if let Some(s) = subject {
+            s.apply(&mut r);
+        }
+        count(std::slice::from_ref(&r));
+        match self.audit.record(&[r]).await {
+            Ok(()) => status,
+            Err(e) => Status::unavailable(e.to_string()),
+        }
+    }
+
+    /// Writes `records` (flushed) or fails with UNAVAILABLE.
+    pub async fn audit(&self, records: &[AuditRecord]) -> Result<(), Status> {
+        count(records);
+        self.audit
+            .record(records)
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))
+    }
+}
+
+/// What a refusal was about.
+#[derive(Debug, Clone)]
+#[non_exhaustive]
+pub enum Subject {
+    /// A SPIFFE ID.
+    SpiffeId(String),
+    /// A KeyManager key id.
+    KeyId(String),
+}
+
+impl Subject {
+    fn apply(self, r: &mut AuditRecord) {
+        match self {
+            Subject::SpiffeId(s) => r.spiffe_id = Some(s),
+            Subject::KeyId(k) => r.key_id = Some(k),
+        }
+    }
+}
+
+/// An authenticated caller on one RPC.
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// The caller's SPIFFE ID (empty when not authenticated).
+    pub id: String,
+    /// The service called.
+    pub service: Service,
+    /// The RPC.
+    pub method: &'static str,
+    /// When the answer is due.
+    pub deadline: Instant,
+}
+
+impl Caller {
+    fn anonymous(service: Service, method: &'static str) -> Self {
+        Self {
+            id: String::new(),
+            service,
+            method,
+            deadline: Instant::now(),
+        }
+    }
+
+    /// An audit record for this call.
+    pub fn record(&self, outcome: Outcome) -> AuditRecord {
+        AuditRecord::new(&self.id, self.service.name(), self.method, outcome)
+    }
+}
+
+/// The gRPC status of a policy refusal.
+pub fn denied_status(d: &Denied) -> Status {
+    match d {
+        Denied::RateLimited { .. } | Denied::BeyondBurst { .. } => {
+            Status::resource_exhausted(d.to_string())
+        }
+        _ => Status::permission_denied(d.to_string()),
+    }
+}
+
+/// The gRPC status of a pipeline failure.
+pub fn pipeline_status(e: &PipelineError) -> Status {
+    let m = e.to_string();
+    match e {
+        PipelineError::Overloaded { .. } => Status::resource_exhausted(m),
+        PipelineError::DeadlineExceeded => Status::deadline_exceeded(m),
+        PipelineError::Unavailable { .. } | PipelineError::ShuttingDown => Status::unavailable(m),
+        PipelineError::Key(_) => Status::failed_precondition(m),
+        PipelineError::InvalidRequest(_) => Status::invalid_argument(m),
+        _ => Status::internal(m),
+    }
+}
+
+/// The gRPC status of an issuance failure.
+pub fn issue_status(e: &IssueError) -> Status {
+    if let Some(p) = PipelineError::in_chain(e) {
+        return pipeline_status(&p);
+    }
+    let m = e.to_string();
+    match e {
+        IssueError::Csr(_)
+        | IssueError::SpiffeId(_)
+        | IssueError::MissingSpiffeId
+        | IssueError::BadDnsName(_)
+        | IssueError::InvalidTtl(_)
+        | IssueError::TtlExceedsIssuer { .. }
+        | IssueError::Lint(_) => Status::invalid_argument(m),
+        IssueError::Key(k) if k.is_transient() => Status::unavailable(m),
+        IssueError::Authority(_) => Status::failed_precondition(m),
+        _ => Status::internal(m),
+    }
+}
+
+/// The gRPC status of an X509-SVID failure.
+pub fn svid_status(e: &SvidError) -> Status {
+    match e {
+        SvidError::Issue(i) => issue_status(i),
+        SvidError::Pipeline(p) => pipeline_status(p),
+    }
+}
+
+/// The gRPC status of a JWT-SVID failure.
+pub fn jwt_status(e: &JwtError) -> Status {
+    if let Some(p) = PipelineError::in_chain(e) {
+        return pipeline_status(&p);
+    }
+    let m = e.to_string();
+    match e {
+        JwtError::SpiffeId(_) | JwtError::Audience(_) | JwtError::Ttl(_) | JwtError::Lint(_) => {
+            Status::invalid_argument(m)
+        }
+        JwtError::Key(k) if k.is_transient() => Status::unavailable(m),
+        _ => Status::internal(m),
+    }
+}
+
+/// The canonical name of a gRPC code, for the audit log.
+pub fn code_name(code: Code) -> &'static str {
+    match code {
+        Code::Ok => "OK",
+        Code::Cancelled => "CANCELLED",
+        Code::Unknown => "UNKNOWN",
+        Code::InvalidArgument => "INVALID_ARGUMENT",
+        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        Code::NotFound => "NOT_FOUND",
+        Code::AlreadyExists => "ALREADY_EXISTS",
+        Code::PermissionDenied => "PERMISSION_DENIED",
+        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        Code::FailedPrecondition => "FAILED_PRECONDITION",
+        Code::Aborted => "ABORTED",
+        Code::OutOfRange => "OUT_OF_RANGE",
+        Code::Unimplemented => "UNIMPLEMENTED",
+        Code::Internal => "INTERNAL",
+        Code::Unavailable => "UNAVAILABLE",
+        Code::DataLoss => "DATA_LOSS",
+        Code::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+/// Serial number and issuer key identifier of a certificate (both lowercase hex), for responses and the audit log.
+pub fn cert_facts(der: &[u8]) -> (String, Option<String>) {
+    use x509_parser::extensions::ParsedExtension;
+    match x509_parser::parse_x509_certificate(der) {
+        Ok((_, cert)) => {
+            let serial = hex::encode(cert.raw_serial());
+            let aki = cert
+                .iter_extensions()
+                .find_map(|e| match e.parsed_extension() {
+                    ParsedExtension::AuthorityKeyIdentifier(a) => {
+                        a.key_identifier.as_ref().map(|k| hex::encode(k.0))
+                    }
+                    _ => None,
+                });
+            (serial, aki)
+        }
+        Err(_) => (String::new(), None),
+    }
+}
+
+/// The SubjectKeyIdentifier of a certificate in hex.
+pub fn cert_ski(der: &[u8]) -> Option<String> {
+    use x509_parser::extensions::ParsedExtension;
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    cert.iter_extensions()
+        .find_map(|e| match e.parsed_extension() {
+            ParsedExtension::SubjectKeyIdentifier(k) => Some(hex::encode(k.0)),
+            _ => None,
+        })
+}
+
+/// Resolves once `shutdown` turns true (or its sender is gone).
+pub async fn until_shutdown(shutdown: &mut watch::Receiver<bool>) {
+    let _ = shutdown.wait_for(|s| *s).await.map(|_| ());
+}
+
+/// Counts audited outcomes per service, method and outcome (`signet_api_outcomes_total`).
+fn count(records: &[AuditRecord]) {
+    for r in records {
+        let outcome = match r.outcome {
+            Outcome::Issued => "issued",
+            Outcome::KeyUsed => "key_used",
+            Outcome::Published => "published",
+            Outcome::Refused => "refused",
+            Outcome::Failed => "failed",
+        };
+        metrics::counter!(
+            "signet_api_outcomes_total",
+            "service" => r.service,
+            "method" => r.method,
+            "outcome" => outcome
+        )
+        .increment(1);
+    }
+}
+
+/// Parses a gRPC `grpc-timeout` header value (up to 8 digits and a unit: H, M, S, m, u, n).
+pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
+    if v.len() < 2 || v.len() > 9 {
+        return None;
+    }
+    let (digits, unit) = v.split_at(v.len() - 1);
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n.checked_mul(3600)?),
+        "M" => Duration::from_secs(n.checked_mul(60)?),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn grpc_timeouts_parse() {
+        assert_eq!(parse_grpc_timeout("30S"), Some(Duration::from_secs(30)));
+        assert_eq!(
+            parse_grpc_timeout("1500m"),
+            Some(Duration::from_millis(1500))
+        );
+        assert_eq!(parse_grpc_timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(parse_grpc_timeout("S"), None);
+        assert_eq!(parse_grpc_timeout("10x"), None);
+        assert_eq!(parse_grpc_timeout("123456789S"), None);
+    }
+}

@@ -1,0 +1,271 @@
+//! SPIRE's `UpstreamAuthority` v1: signet as the upstream CA of a SPIRE server.
+//!
+//! `MintX509CAAndSubscribe` signs the SPIRE server's intermediate with the root (through the pipeline, on the CPU
+//! pool), answers with the chain and the roots, then keeps the stream open and pushes the roots (without a chain)
+//! whenever they change. `PublishJWTKeyAndSubscribe` adds the server's JWT key to the bundle and streams the JWT
+//! keys; `SubscribeToLocalBundle` streams both. The streams end only when the client goes away or the appliance shuts
+//! down; nothing transient ends them.
+
+use std::pin::Pin;
+use std::sync::Arc;
+
+use signet_proto::spire::plugin::server::upstreamauthority::v1 as pb;
+use signet_proto::spire::plugin::types::{JwtKey as PbJwtKey, X509Certificate};
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Request, Response, Status};
+
+use super::bundle::{BundleSnapshot, JwtKey};
+use super::{AppState, Subject, cert_facts, issue_status, pipeline_status};
+use crate::audit::Outcome;
+use crate::pipeline::with_deadline;
+use crate::policy::Service;
+
+type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// The UpstreamAuthority service.
+#[derive(Debug, Clone)]
+pub struct UpstreamAuthorityService {
+    state: Arc<AppState>,
+}
+
+impl UpstreamAuthorityService {
+    /// The service over `state`.
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+}
+
+fn roots(b: &BundleSnapshot) -> Vec<X509Certificate> {
+    b.x509_roots
+        .iter()
+        .map(|r| X509Certificate {
+            asn1: r.clone(),
+            tainted: false,
+        })
+        .collect()
+}
+
+fn jwt_keys(b: &BundleSnapshot) -> Vec<PbJwtKey> {
+    b.jwt_keys
+        .iter()
+        .map(|k| PbJwtKey {
+            public_key: k.spki.clone(),
+            key_id: k.kid.clone(),
+            expires_at: k.expires_at,
+            tainted: k.tainted,
+        })
+        .collect()
+}
+
+/// Sends `first(snapshot)`, then follows the bundle and sends `make(snapshot)` whenever `changed(previous, snapshot)`
+/// says so, until the client goes away or the appliance shuts down. The first message is built from the version the
+/// subscription starts at, so no change can fall between the two.
+fn follow<T: Send + 'static>(
+    state: &AppState,
+    first: impl FnOnce(&BundleSnapshot) -> T,
+    changed: fn(&BundleSnapshot, &BundleSnapshot) -> bool,
+    make: fn(&BundleSnapshot) -> T,
+) -> Stream2<T> {
+    let (tx, rx) = mpsc::channel(4);
+    let mut bundle = state.bundle.subscribe();
+    let mut shutdown = state.shutdown.clone();
+    let mut last = bundle.borrow_and_update().clone();
+    let first = first(&last);
+    tokio::spawn(async move {
+        if tx.send(Ok(first)).await.is_err() {
+            return;
+        }
+        loop {
+            tokio::select! {
+                r = bundle.changed() => {
+                    if r.is_err() {
+                        return;
+                    }
+                    let now = bundle.borrow_and_update().clone();
+                    if changed(&last, &now) {
+                        if tx.send(Ok(make(&now))).await.is_err() {
+                            return;
+                        }
+                        last = now;
+                    }
+                }
+                () = super::until_shutdown(&mut shutdown) => return,
+                () = tx.closed() => return,
+            }
+        }
+    });
+    Box::pin(ReceiverStream::new(rx))
+}
+
+#[tonic::async_trait]
+impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityService {
+    type MintX509CAAndSubscribeStream = Stream2<pb::MintX509caResponse>;
+    type PublishJWTKeyAndSubscribeStream = Stream2<pb::PublishJwtKeyResponse>;
+    type SubscribeToLocalBundleStream = Stream2<pb::SubscribeToLocalBundleResponse>;
+
+    async fn mint_x509ca_and_subscribe(
+        &self,
+        request: Request<pb::MintX509caRequest>,
+    ) -> Result<Response<Self::MintX509CAAndSubscribeStream>, Status> {
+        let st = &self.state;
+        let caller = st
+            .admit(
+                &request,
+                Service::UpstreamAuthority,
+                "MintX509CAAndSubscribe",
+            )
+            .await?;
+        let req = request.into_inner();
+        let td_id = st.trust_domain.id().as_str().to_string();
+        let subject = || Some(Subject::SpiffeId(td_id.clone()));
+        if req.csr.is_empty() {
+            let s =
+                Status::invalid_argument("csr is empty: send the SPIRE server's PKCS#10 CSR (DER)");
+            return Err(st.refuse(&caller, s, subject()).await);
+        }
+        let grant = st.grant(&caller)?;
+        if let Err(d) = grant.take(1) {
+            return Err(st
+                .refuse(&caller, super::denied_status(&d), subject())
+                .await);
+        }
+        // SPIRE asks for its ca_ttl; the policy's max_ttl caps it (SPIRE accepts a shorter CA).
+        let mut ttl = match req.preferred_ttl {
+            0 => 3600,
+            n => i64::from(n),
+        };
+        if let Some(max) = grant.max_ttl() {
+            ttl = ttl.min(i64::try_from(max.as_secs()).unwrap_or(i64::MAX));
+        }
+        let ttl = i32::try_from(ttl).unwrap_or(i32::MAX);
+        let root = st.root.clone();
+        let deadline = caller.deadline;
+        let csr = req.csr;
+        let minted = st
+            .pipeline
+            .cpu()
+            .run(move || {
+                with_deadline(deadline, || {
+                    root.mint_spire_ca(&csr, ttl, time::OffsetDateTime::now_utc())
+                })
+            })
+            .await;
+        let minted = match minted {
+            Ok(Ok(m)) => m,
+            Ok(Err(e)) => return Err(st.refuse(&caller, issue_status(&e), subject()).await),
+            Err(e) => return Err(st.refuse(&caller, pipeline_status(&e), subject()).await),
+        };
+        let ca = minted.x509_ca_chain.first().cloned().unwrap_or_default();
+        let (serial, authority) = cert_facts(&ca);
+        let mut r = caller.record(Outcome::Issued);
+        r.spiffe_id = Some(td_id.clone());
+        r.serial = Some(serial);
+        r.authority = authority;
+        r.expires_at = Some(minted.not_after.unix_timestamp());
+        st.audit(&[r]).await?;
+        let chain: Vec<X509Certificate> = minted
+            .x509_ca_chain
+            .into_iter()
+            .map(|asn1| X509Certificate {
+                asn1,
+                tainted: false,
+            })
+            .collect();
+        let first = move |b: &BundleSnapshot| pb::MintX509caResponse {
+            x509_ca_chain: chain,
+            upstream_x509_roots: roots(b),
+        };
+        Ok(Response::new(follow(
+            st,
+            first,
+            |a, b| a.x509_roots != b.x509_roots,
+            |b| pb::MintX509caResponse {
+                x509_ca_chain: Vec::new(),
+                upstream_x509_roots: roots(b),
+            },
+        )))
+    }
+
+    async fn publish_jwt_key_and_subscribe(
+        &self,
+        request: Request<pb::PublishJwtKeyRequest>,
+    ) -> Result<Response<Self::PublishJWTKeyAndSubscribeStream>, Status> {
+        let st = &self.state;
+        let caller = st
+            .admit(
+                &request,
+                Service::UpstreamAuthority,
+                "PublishJWTKeyAndSubscribe",
+            )
+            .await?;
+        let Some(key) = request.into_inner().jwt_key else {
+            let s = Status::invalid_argument("jwt_key is required");
+            return Err(st.refuse(&caller, s, None).await);
+        };
+        let subject = || Some(Subject::KeyId(key.key_id.clone()));
+        if key.key_id.is_empty() || key.public_key.is_empty() {
+            let s = Status::invalid_argument("jwt_key needs a key_id and a public_key (PKIX DER)");
+            return Err(st.refuse(&caller, s, subject()).await);
+        }
+        if let Err(d) = st.grant(&caller)?.take(1) {
+            return Err(st
+                .refuse(&caller, super::denied_status(&d), subject())
+                .await);
+        }
+        let published = st.bundle.publish_jwt_key(JwtKey {
+            kid: key.key_id.clone(),
+            spki: key.public_key.clone(),
+            expires_at: key.expires_at,
+            tainted: key.tainted,
+        });
+        if let Err(e) = published {
+            let s = match e {
+                super::bundle::PublishError::KidConflict(_) => {
+                    Status::already_exists(e.to_string())
+                }
+                _ => Status::invalid_argument(e.to_string()),
+            };
+            return Err(st.refuse(&caller, s, subject()).await);
+        }
+        let mut r = caller.record(Outcome::Published);
+        r.key_id = Some(key.key_id.clone());
+        r.expires_at = Some(key.expires_at);
+        st.audit(&[r]).await?;
+        let first = |b: &BundleSnapshot| pb::PublishJwtKeyResponse {
+            upstream_jwt_keys: jwt_keys(b),
+        };
+        Ok(Response::new(follow(
+            st,
+            first,
+            |a, b| a.jwt_keys != b.jwt_keys,
+            |b| pb::PublishJwtKeyResponse {
+                upstream_jwt_keys: jwt_keys(b),
+            },
+        )))
+    }
+
+    async fn subscribe_to_local_bundle(
+        &self,
+        request: Request<pb::SubscribeToLocalBundleRequest>,
+    ) -> Result<Response<Self::SubscribeToLocalBundleStream>, Status> {
+        let st = &self.state;
+        st.admit(
+            &request,
+            Service::UpstreamAuthority,
+            "SubscribeToLocalBundle",
+        )
+        .await?;
+        let make = |b: &BundleSnapshot| pb::SubscribeToLocalBundleResponse {
+            upstream_x509_roots: roots(b),
+            upstream_jwt_keys: jwt_keys(b),
+        };
+        Ok(Response::new(follow(
+            st,
+            make,
+            |a, b| a.x509_roots != b.x509_roots || a.jwt_keys != b.jwt_keys,
+            make,
+        )))
+    }
+}

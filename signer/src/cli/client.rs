@@ -1,0 +1,349 @@
+//! The client commands: `signet mint x509-svid`, `signet mint jwt-svid`, `signet bundle` and `signet status`.
+//!
+//! They connect with mTLS to the address in `<data dir>/endpoint` (written by `signet serve`), trusting
+//! `<data dir>/bundle.pem` and presenting the admin credential `<data dir>/admin.pem` + `admin.key`; every one of
+//! these can be overridden with flags. A refused request exits non-zero with the server's reason on stderr.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Subcommand, ValueEnum};
+use signet::config::ConfigDuration;
+use signet::serve::write_private;
+use signet_proto::signet::v1 as pb;
+use signet_proto::signet::v1::issuer_client::IssuerClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use super::CliError;
+
+/// How to reach the appliance.
+#[derive(Debug, Args)]
+pub struct Connection {
+    /// The appliance's address (host:port); default: the one in <data dir>/endpoint, else 127.0.0.1:8443.
+    #[arg(long, global = true, env = "SIGNET_ADDR")]
+    addr: Option<String>,
+    /// The data directory of a local appliance (for its address and the admin credential).
+    #[arg(
+        long,
+        global = true,
+        env = "SIGNET_DATA_DIR",
+        default_value = "signet-data"
+    )]
+    data_dir: PathBuf,
+    /// Client certificate chain (PEM); default: <data dir>/admin.pem.
+    #[arg(long, global = true)]
+    cert: Option<PathBuf>,
+    /// Client key (PKCS#8 PEM); default: <data dir>/admin.key.
+    #[arg(long, global = true)]
+    key: Option<PathBuf>,
+    /// The roots to trust for the server (PEM); default: <data dir>/bundle.pem.
+    #[arg(long, global = true)]
+    ca: Option<PathBuf>,
+    /// The name the server's certificate must carry.
+    #[arg(long, global = true, default_value = "localhost")]
+    server_name: String,
+}
+
+fn read(path: &Path, what: &str) -> Result<Vec<u8>, CliError> {
+    std::fs::read(path).map_err(|e| {
+        CliError::new(format!(
+            "cannot read the {what} {}: {e} (is `signet serve` running with this data directory? see --data-dir)",
+            path.display()
+        ))
+    })
+}
+
+impl Connection {
+    async fn channel(&self) -> Result<Channel, CliError> {
+        let d = &self.data_dir;
+        let addr = match &self.addr {
+            Some(a) => a.clone(),
+            None => std::fs::read_to_string(d.join("endpoint"))
+                .map(|s| s.trim().to_string())
+                .unwrap_or_else(|_| "127.0.0.1:8443".into()),
+        };
+        let cert = read(
+            self.cert.as_deref().unwrap_or(&d.join("admin.pem")),
+            "client certificate",
+        )?;
+        let key = read(
+            self.key.as_deref().unwrap_or(&d.join("admin.key")),
+            "client key",
+        )?;
+        let ca = read(
+            self.ca.as_deref().unwrap_or(&d.join("bundle.pem")),
+            "trust bundle",
+        )?;
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(ca))
+            .identity(Identity::from_pem(cert, key))
+            .domain_name(self.server_name.clone());
+        let endpoint = Endpoint::from_shared(format!("https://{addr}"))
+            .map_err(|e| CliError::new(format!("bad address {addr:?}: {e}")))?
+            .tls_config(tls)
+            .map_err(|e| CliError::new(format!("TLS set-up: {e}")))?
+            .connect_timeout(Duration::from_secs(10))
+            .timeout(Duration::from_secs(60));
+        endpoint
+            .connect()
+            .await
+            .map_err(|e| CliError::new(format!("cannot connect to {addr}: {}", error_chain(&e))))
+    }
+}
+
+fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+fn status(e: tonic::Status) -> CliError {
+    CliError::new(format!(
+        "the server refused: {}: {}",
+        signet::api::code_name(e.code()),
+        e.message()
+    ))
+}
+
+/// `signet mint ...`.
+#[derive(Debug, Args)]
+pub struct MintArgs {
+    #[command(flatten)]
+    conn: Connection,
+    #[command(subcommand)]
+    what: MintCommand,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LocalKeyType {
+    EcP256,
+    EcP384,
+}
+
+#[derive(Debug, Subcommand)]
+enum MintCommand {
+    /// Make a key here, send a CSR, and write DIR/svid.pem (leaf, then intermediates), DIR/svid.key (PKCS#8) and
+    /// DIR/bundle.pem (the trust domain's roots).
+    #[command(name = "x509-svid")]
+    X509Svid {
+        /// The SPIFFE ID.
+        #[arg(long)]
+        spiffe_id: String,
+        /// Lifetime (e.g. 1h, 30m); the policy may refuse a longer one.
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: ConfigDuration,
+        /// The key type of the SVID's key.
+        #[arg(long, value_enum, default_value_t = LocalKeyType::EcP256)]
+        key_type: LocalKeyType,
+        /// Where to write the files.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Mint a JWT-SVID and print it.
+    #[command(name = "jwt-svid")]
+    JwtSvid {
+        /// The SPIFFE ID (the token's `sub`).
+        #[arg(long)]
+        spiffe_id: String,
+        /// The audience (repeat for several).
+        #[arg(long, required = true)]
+        audience: Vec<String>,
+        /// Lifetime (e.g. 5m).
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        ttl: ConfigDuration,
+    },
+}
+
+fn parse_duration(s: &str) -> Result<ConfigDuration, String> {
+    ConfigDuration::parse(s)
+}
+
+/// `signet bundle`.
+#[derive(Debug, Args)]
+pub struct BundleArgs {
+    #[command(flatten)]
+    conn: Connection,
+    /// Output format: the SPIFFE bundle document (JSON) or the X.509 roots as PEM.
+    #[arg(long, value_enum, default_value_t = BundleFormat::Spiffe)]
+    format: BundleFormat,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum BundleFormat {
+    Spiffe,
+    Pem,
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?)
+}
+
+fn roots_pem(roots: &[Vec<u8>]) -> String {
+    roots
+        .iter()
+        .map(|d| pem::encode(&pem::Pem::new("CERTIFICATE", d.clone())))
+        .collect()
+}
+
+/// Runs `signet mint ...`.
+pub fn mint(args: MintArgs) -> Result<(), CliError> {
+    runtime()?.block_on(async move {
+        let mut client = IssuerClient::new(args.conn.channel().await?);
+        match args.what {
+            MintCommand::X509Svid {
+                spiffe_id,
+                ttl,
+                key_type,
+                out,
+            } => {
+                let alg = match key_type {
+                    LocalKeyType::EcP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+                    LocalKeyType::EcP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+                };
+                let kp = rcgen::KeyPair::generate_for(alg)
+                    .map_err(|e| CliError::new(format!("cannot generate a key: {e}")))?;
+                let mut params = rcgen::CertificateParams::default();
+                params.distinguished_name = rcgen::DistinguishedName::new();
+                params.subject_alt_names = vec![rcgen::SanType::URI(
+                    spiffe_id
+                        .clone()
+                        .try_into()
+                        .map_err(|e| CliError::new(format!("--spiffe-id: {e}")))?,
+                )];
+                let csr = params
+                    .serialize_request(&kp)
+                    .map_err(|e| CliError::new(format!("cannot make the CSR: {e}")))?;
+                let resp = client
+                    .batch_mint_x509svid(pb::BatchMintX509svidRequest {
+                        requests: vec![pb::X509svidRequest {
+                            csr: csr.der().to_vec(),
+                            ttl_seconds: i64::try_from(ttl.0.as_secs()).unwrap_or(i64::MAX),
+                        }],
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                let svid = match resp.results.into_iter().next().and_then(|r| r.result) {
+                    Some(pb::x509svid_result::Result::Svid(s)) => s,
+                    Some(pb::x509svid_result::Result::Failure(f)) => {
+                        return Err(status(tonic::Status::new(f.code.into(), f.message)));
+                    }
+                    None => return Err(CliError::new("the server answered no result")),
+                };
+                let bundle = client
+                    .get_bundle(pb::GetBundleRequest {})
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                std::fs::create_dir_all(&out)?;
+                std::fs::write(out.join("svid.pem"), roots_pem(&svid.cert_chain))?;
+                write_private(&out.join("svid.key"), kp.serialize_pem().as_bytes())
+                    .map_err(|e| CliError::new(e.to_string()))?;
+                std::fs::write(out.join("bundle.pem"), roots_pem(&bundle.x509_authorities))?;
+                println!(
+                    "{} (serial {}, expires at {}) written to {}",
+                    svid.spiffe_id,
+                    svid.serial,
+                    svid.expires_at,
+                    out.display()
+                );
+                Ok(())
+            }
+            MintCommand::JwtSvid {
+                spiffe_id,
+                audience,
+                ttl,
+            } => {
+                let resp = client
+                    .mint_jwtsvid(pb::MintJwtsvidRequest {
+                        spiffe_id,
+                        audience,
+                        ttl_seconds: i64::try_from(ttl.0.as_secs()).unwrap_or(i64::MAX),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                println!("{}", resp.token);
+                Ok(())
+            }
+        }
+    })
+}
+
+/// Runs `signet bundle`.
+pub fn bundle(args: BundleArgs) -> Result<(), CliError> {
+    runtime()?.block_on(async move {
+        let mut client = IssuerClient::new(args.conn.channel().await?);
+        let b = client
+            .get_bundle(pb::GetBundleRequest {})
+            .await
+            .map_err(status)?
+            .into_inner();
+        match args.format {
+            BundleFormat::Spiffe => {
+                println!("{}", String::from_utf8_lossy(&b.spiffe_bundle));
+            }
+            BundleFormat::Pem => print!("{}", roots_pem(&b.x509_authorities)),
+        }
+        Ok(())
+    })
+}
+
+/// `signet status`.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    #[command(flatten)]
+    conn: Connection,
+}
+
+/// Runs `signet status`: the trust domain, the authorities, the tokens and the bundle sequence.
+pub fn status_cmd(args: StatusArgs) -> Result<(), CliError> {
+    use signet_proto::signet::v1::admin_client::AdminClient;
+    runtime()?.block_on(async move {
+        let mut client = AdminClient::new(args.conn.channel().await?);
+        let s = client
+            .get_status(pb::GetStatusRequest {})
+            .await
+            .map_err(status)?
+            .into_inner();
+        println!("trust domain     {}", s.trust_domain);
+        println!("bundle sequence  {}", s.bundle_sequence);
+        for a in &s.authorities {
+            println!(
+                "authority        {} {} id={} not_after={} token={}{}",
+                a.kind,
+                a.state,
+                a.id,
+                a.not_after,
+                a.token,
+                if a.tainted { " TAINTED" } else { "" }
+            );
+        }
+        for t in &s.tokens {
+            println!(
+                "token            {} {} sessions={}{}",
+                t.name,
+                if t.healthy {
+                    "healthy"
+                } else {
+                    "OUT OF ROTATION"
+                },
+                t.sessions,
+                if t.last_error.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({})", t.last_error)
+                }
+            );
+        }
+        Ok(())
+    })
+}

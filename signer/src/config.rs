@@ -1,0 +1,721 @@
+//! The appliance's configuration: the TOML file `signet serve --config FILE` reads (see `signet.example.toml` at
+//! the repository root for every setting, commented), and the embedded default used when no file is given.
+//!
+//! Parsing is strict (`deny_unknown_fields`): a misspelt setting is an error that names it, never a silently ignored
+//! line. Durations are written `90s`, `5m`, `1h`, `30d` (units may be combined: `1h30m`); rates `100/s`, `6000/m`.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::keys::KeyType;
+use crate::spiffe::{SpiffeIdError, TrustDomain};
+
+/// Why a configuration was refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read the configuration file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The TOML is malformed or has an unknown or mistyped setting.
+    #[error("invalid configuration: {0}")]
+    Toml(String),
+    /// A value is out of range or inconsistent with another.
+    #[error("invalid configuration: {0}")]
+    Invalid(String),
+    /// The trust domain is not a valid SPIFFE trust domain name.
+    #[error("invalid trust_domain: {0}")]
+    TrustDomain(#[from] SpiffeIdError),
+}
+
+/// A duration written `90s`, `5m`, `1h`, `30d` or combinations (`1h30m`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ConfigDuration(pub Duration);
+
+impl ConfigDuration {
+    /// Parses `text` (see the type docs).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let t = text.trim();
+        if t.is_empty() {
+            return Err("an empty duration".into());
+        }
+        let mut total: u64 = 0;
+        let mut number = String::new();
+        for c in t.chars() {
+            if c.is_ascii_digit() {
+                number.push(c);
+                continue;
+            }
+            let unit: u64 = match c {
+                's' => 1,
+                'm' => 60,
+                'h' => 3600,
+                'd' => 86_400,
+                _ => return Err(format!("{text:?}: unknown unit {c:?} (use s, m, h or d)")),
+            };
+            let n: u64 = number
+                .parse()
+                .map_err(|_| format!("{text:?}: a number must come before each unit"))?;
+            number.clear();
+            total = n
+                .checked_mul(unit)
+                .and_then(|v| total.checked_add(v))
+                .ok_or_else(|| format!("{text:?} is too long"))?;
+        }
+        if !number.is_empty() {
+            return Err(format!(
+                "{text:?}: the number {number} has no unit (write e.g. {number}s)"
+            ));
+        }
+        Ok(Self(Duration::from_secs(total)))
+    }
+}
+
+impl<'de> Deserialize<'de> for ConfigDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// A rate written `100/s`, `6000/m` or `10000/h`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Rate {
+    /// Requests per second.
+    pub per_second: f64,
+}
+
+impl Rate {
+    /// Parses `text` (see the type docs).
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let (n, unit) = text
+            .trim()
+            .split_once('/')
+            .ok_or_else(|| format!("{text:?}: write a rate as N/s, N/m or N/h"))?;
+        let n: f64 = n
+            .trim()
+            .parse()
+            .map_err(|_| format!("{text:?}: {n:?} is not a number"))?;
+        if !(n.is_finite() && n > 0.0) {
+            return Err(format!("{text:?}: a rate must be positive"));
+        }
+        let per = match unit.trim() {
+            "s" => 1.0,
+            "m" => 60.0,
+            "h" => 3600.0,
+            u => return Err(format!("{text:?}: unknown unit {u:?} (use s, m or h)")),
+        };
+        Ok(Self {
+            per_second: n / per,
+        })
+    }
+}
+
+impl<'de> Deserialize<'de> for Rate {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        Self::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// Where a token's user PIN comes from. The PIN itself never appears in the configuration.
+#[derive(Debug, Clone, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[non_exhaustive]
+pub enum PinConfig {
+    /// An environment variable.
+    Env(String),
+    /// The first line of a file (keep it 0600).
+    File(PathBuf),
+}
+
+impl PinConfig {
+    /// The token layer's PIN source.
+    pub fn source(&self) -> signet_pkcs11::PinSource {
+        match self {
+            PinConfig::Env(v) => signet_pkcs11::PinSource::Env(v.clone()),
+            PinConfig::File(f) => signet_pkcs11::PinSource::File(f.clone()),
+        }
+    }
+}
+
+/// One PKCS#11 token (`[[tokens]]`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenSettings {
+    /// A name used in the rest of the configuration, in logs and metrics.
+    pub name: String,
+    /// Path of the PKCS#11 module.
+    pub module: PathBuf,
+    /// The token's label.
+    #[serde(default)]
+    pub token: Option<String>,
+    /// The token's serial number (instead of `token`).
+    #[serde(default)]
+    pub serial: Option<String>,
+    /// Where the user PIN comes from.
+    pub pin: PinConfig,
+    /// Worker sessions (threads) on this token.
+    #[serde(default = "default_sessions")]
+    pub sessions: usize,
+}
+
+fn default_sessions() -> usize {
+    2
+}
+
+impl TokenSettings {
+    /// The token layer's configuration.
+    pub fn token_config(&self) -> Result<signet_pkcs11::TokenConfig, ConfigError> {
+        let selector = match (&self.token, &self.serial) {
+            (Some(l), None) => signet_pkcs11::TokenSelector::Label(l.clone()),
+            (None, Some(s)) => signet_pkcs11::TokenSelector::Serial(s.clone()),
+            _ => {
+                return Err(ConfigError::Invalid(format!(
+                    "token {:?}: give exactly one of `token` (label) or `serial`",
+                    self.name
+                )));
+            }
+        };
+        Ok(signet_pkcs11::TokenConfig {
+            module: self.module.clone(),
+            token: selector,
+            pin: self.pin.source(),
+            profile: None,
+        })
+    }
+}
+
+/// A key type as written in the configuration (`ec-p256`, `ec-p384`, `rsa-2048`, `rsa-3072`, `rsa-4096`).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum KeyTypeSetting {
+    /// ECDSA P-256.
+    EcP256,
+    /// ECDSA P-384.
+    EcP384,
+    /// RSA 2048.
+    #[serde(rename = "rsa-2048")]
+    Rsa2048,
+    /// RSA 3072.
+    #[serde(rename = "rsa-3072")]
+    Rsa3072,
+    /// RSA 4096.
+    #[serde(rename = "rsa-4096")]
+    Rsa4096,
+}
+
+impl KeyTypeSetting {
+    /// The token layer's key type.
+    pub fn token_key_type(self) -> signet_pkcs11::KeyType {
+        match self {
+            KeyTypeSetting::EcP256 => signet_pkcs11::KeyType::EcP256,
+            KeyTypeSetting::EcP384 => signet_pkcs11::KeyType::EcP384,
+            KeyTypeSetting::Rsa2048 => signet_pkcs11::KeyType::Rsa2048,
+            KeyTypeSetting::Rsa3072 => signet_pkcs11::KeyType::Rsa3072,
+            KeyTypeSetting::Rsa4096 => signet_pkcs11::KeyType::Rsa4096,
+        }
+    }
+
+    /// The issuance core's key type.
+    pub fn key_type(self) -> KeyType {
+        match self {
+            KeyTypeSetting::EcP256 => KeyType::EcP256,
+            KeyTypeSetting::EcP384 => KeyType::EcP384,
+            KeyTypeSetting::Rsa2048 => KeyType::Rsa2048,
+            KeyTypeSetting::Rsa3072 => KeyType::Rsa3072,
+            KeyTypeSetting::Rsa4096 => KeyType::Rsa4096,
+        }
+    }
+}
+
+/// How the X.509 authority signs leaves.
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "kebab-case")]
+#[non_exhaustive]
+pub enum ModeSetting {
+    /// Every certificate is signed by the token key.
+    #[default]
+    Direct,
+    /// The token key signs a short-lived in-memory issuing intermediate that signs the leaves.
+    Delegated,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSettings {
+    /// gRPC listen address (mTLS always).
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Prometheus `/metrics` listen address; empty or absent: no metrics endpoint.
+    #[serde(default)]
+    pub metrics: Option<String>,
+    /// The audit log (JSON lines); relative paths are under the data directory.
+    #[serde(default = "default_audit")]
+    pub audit_log: PathBuf,
+    /// DNS names of the server certificate (besides its SPIFFE ID).
+    #[serde(default = "default_names")]
+    pub names: Vec<String>,
+    /// Most CSRs in one `BatchMintX509SVID` call.
+    #[serde(default = "default_max_batch")]
+    pub max_batch: usize,
+    /// Largest gRPC message accepted, in bytes.
+    #[serde(default = "default_max_message")]
+    pub max_message_bytes: usize,
+    /// How long a shutdown waits for requests in flight.
+    #[serde(default = "default_grace")]
+    pub shutdown_grace: ConfigDuration,
+    /// Lifetime of the server's and the admin's X509-SVIDs (re-issued at start when less than half is left).
+    #[serde(default = "default_service_svid_ttl")]
+    pub service_svid_ttl: ConfigDuration,
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 8443))
+}
+fn default_audit() -> PathBuf {
+    PathBuf::from("audit.jsonl")
+}
+fn default_names() -> Vec<String> {
+    vec!["localhost".into()]
+}
+fn default_max_batch() -> usize {
+    1000
+}
+fn default_max_message() -> usize {
+    4 * 1024 * 1024
+}
+fn default_grace() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(10))
+}
+fn default_service_svid_ttl() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(30 * 86_400))
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: default_listen(),
+            metrics: Some("127.0.0.1:9090".into()),
+            audit_log: default_audit(),
+            names: default_names(),
+            max_batch: default_max_batch(),
+            max_message_bytes: default_max_message(),
+            shutdown_grace: default_grace(),
+            service_svid_ttl: default_service_svid_ttl(),
+        }
+    }
+}
+
+/// `[authority.x509]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct X509Settings {
+    /// Key type of the root.
+    #[serde(default = "default_key_type")]
+    pub key_type: KeyTypeSetting,
+    /// Label of the root key on the tokens (generated on the first token when missing and only one token is set).
+    #[serde(default = "default_root_label")]
+    pub key_label: String,
+    /// The tokens that share the signing load (names from `[[tokens]]`; all of them by default).
+    #[serde(default)]
+    pub tokens: Vec<String>,
+    /// `direct` or `delegated`.
+    #[serde(default)]
+    pub mode: ModeSetting,
+    /// Lifetime of a newly created root.
+    #[serde(default = "default_root_ttl")]
+    pub root_ttl: ConfigDuration,
+    /// Lifetime of delegated mode's issuing intermediates.
+    #[serde(default = "default_intermediate_ttl")]
+    pub intermediate_ttl: ConfigDuration,
+}
+
+fn default_key_type() -> KeyTypeSetting {
+    KeyTypeSetting::EcP256
+}
+fn default_root_label() -> String {
+    "signet-x509-root".into()
+}
+fn default_jwt_label() -> String {
+    "signet-jwt".into()
+}
+fn default_root_ttl() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(365 * 86_400))
+}
+fn default_intermediate_ttl() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(4 * 3600))
+}
+
+impl Default for X509Settings {
+    fn default() -> Self {
+        Self {
+            key_type: default_key_type(),
+            key_label: default_root_label(),
+            tokens: Vec::new(),
+            mode: ModeSetting::Direct,
+            root_ttl: default_root_ttl(),
+            intermediate_ttl: default_intermediate_ttl(),
+        }
+    }
+}
+
+/// `[authority.jwt]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtSettings {
+    /// Key type of the JWT signing key (ES256 for ec-p256, ES384 for ec-p384, RS256 for RSA).
+    #[serde(default = "default_key_type")]
+    pub key_type: KeyTypeSetting,
+    /// Label of the JWT key on the token.
+    #[serde(default = "default_jwt_label")]
+    pub key_label: String,
+    /// The longest JWT-SVID lifetime any caller may get.
+    #[serde(default = "default_jwt_max")]
+    pub max_ttl: ConfigDuration,
+}
+
+fn default_jwt_max() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(24 * 3600))
+}
+
+impl Default for JwtSettings {
+    fn default() -> Self {
+        Self {
+            key_type: default_key_type(),
+            key_label: default_jwt_label(),
+            max_ttl: default_jwt_max(),
+        }
+    }
+}
+
+/// `[authority]`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthoritySettings {
+    /// The X.509 authority.
+    #[serde(default)]
+    pub x509: X509Settings,
+    /// The JWT authority.
+    #[serde(default)]
+    pub jwt: JwtSettings,
+}
+
+/// `[key_manager]`: the keys SPIRE servers keep on signet's token.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyManagerSettings {
+    /// The token the keys are generated on (a name from `[[tokens]]`; the first token by default).
+    #[serde(default)]
+    pub token: Option<String>,
+}
+
+/// `[pipeline]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PipelineSettings {
+    /// Jobs the signing queue holds; beyond it requests are refused with RESOURCE_EXHAUSTED.
+    #[serde(default = "default_queue")]
+    pub queue: usize,
+    /// Most jobs an HSM worker takes per wake-up.
+    #[serde(default = "default_batch")]
+    pub batch: usize,
+    /// CPU threads (0: cores + 2 x HSM sessions).
+    #[serde(default)]
+    pub cpu_threads: usize,
+    /// Post-sign check of bare-digest (KeyManager) signatures: `always`, `never` or `1/N` (sampled).
+    #[serde(default = "default_verify")]
+    pub verify_after_sign: String,
+    /// Deadline of a request that carries none.
+    #[serde(default = "default_timeout")]
+    pub default_timeout: ConfigDuration,
+}
+
+fn default_queue() -> usize {
+    65_536
+}
+fn default_batch() -> usize {
+    64
+}
+fn default_verify() -> String {
+    "1/64".into()
+}
+fn default_timeout() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(10))
+}
+
+impl Default for PipelineSettings {
+    fn default() -> Self {
+        Self {
+            queue: default_queue(),
+            batch: default_batch(),
+            cpu_threads: 0,
+            verify_after_sign: default_verify(),
+            default_timeout: default_timeout(),
+        }
+    }
+}
+
+impl PipelineSettings {
+    /// The pipeline's settings.
+    pub fn pipeline_config(&self) -> Result<crate::pipeline::PipelineConfig, ConfigError> {
+        use crate::pipeline::VerifyPolicy;
+        let verify = match self.verify_after_sign.trim() {
+            "always" => VerifyPolicy::Always,
+            "never" => VerifyPolicy::Never,
+            other => {
+                let n = other
+                    .strip_prefix("1/")
+                    .and_then(|n| n.trim().parse::<u32>().ok())
+                    .filter(|n| *n >= 1)
+                    .ok_or_else(|| {
+                        ConfigError::Invalid(format!(
+                            "pipeline.verify_after_sign = {other:?}: use \"always\", \"never\" or \"1/N\""
+                        ))
+                    })?;
+                VerifyPolicy::Sample(n)
+            }
+        };
+        if self.queue == 0 || self.batch == 0 {
+            return Err(ConfigError::Invalid(
+                "pipeline.queue and pipeline.batch must be at least 1".into(),
+            ));
+        }
+        Ok(crate::pipeline::PipelineConfig {
+            queue_capacity: self.queue,
+            batch: self.batch,
+            cpu_threads: self.cpu_threads,
+            verify_digests: verify,
+            default_timeout: self.default_timeout.0,
+            ..crate::pipeline::PipelineConfig::default()
+        })
+    }
+}
+
+/// One `[[policy]]` rule (see [`crate::policy`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRule {
+    /// The caller's SPIFFE ID, exactly, or a prefix ending in `/*`.
+    pub caller: String,
+    /// Services it may use: `upstream-authority`, `key-manager`, `issuer`, `admin`.
+    pub may: Vec<String>,
+    /// SPIFFE ID prefixes it may request SVIDs for (issuer).
+    #[serde(default)]
+    pub ids: Vec<String>,
+    /// Longest X509-SVID (and, for upstream-authority, SPIRE CA) lifetime.
+    #[serde(default)]
+    pub max_ttl: Option<ConfigDuration>,
+    /// Longest JWT-SVID lifetime (defaults to `max_ttl`, then to `authority.jwt.max_ttl`).
+    #[serde(default)]
+    pub jwt_max_ttl: Option<ConfigDuration>,
+    /// Credentials or signatures per unit of time for each caller matching this rule (token bucket).
+    #[serde(default)]
+    pub rate: Option<Rate>,
+    /// Bucket size (default: one second of `rate`, at least 1).
+    #[serde(default)]
+    pub burst: Option<u32>,
+}
+
+/// The whole configuration.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// The trust domain (lowercase).
+    pub trust_domain: String,
+    /// Where generated state lives (root certificate, service credentials, the embedded token, the audit log).
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// `[server]`.
+    #[serde(default)]
+    pub server: ServerSettings,
+    /// `[[tokens]]`; none: the embedded default token in the data directory.
+    #[serde(default)]
+    pub tokens: Vec<TokenSettings>,
+    /// `[authority]`.
+    #[serde(default)]
+    pub authority: AuthoritySettings,
+    /// `[key_manager]`.
+    #[serde(default)]
+    pub key_manager: KeyManagerSettings,
+    /// `[pipeline]`.
+    #[serde(default)]
+    pub pipeline: PipelineSettings,
+    /// `[[policy]]`, in order: the first rule whose `caller` matches applies.
+    #[serde(default)]
+    pub policy: Vec<PolicyRule>,
+}
+
+fn default_data_dir() -> PathBuf {
+    PathBuf::from("signet-data")
+}
+
+/// The SPIFFE ID path of the appliance's own server certificate.
+pub const SERVER_ID_PATH: &str = "/signet/server";
+/// The SPIFFE ID path of the admin client credential made for the CLI.
+pub const ADMIN_ID_PATH: &str = "/signet/admin";
+
+impl Config {
+    /// Reads and checks a configuration file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Self::parse(&text)
+    }
+
+    /// Parses and checks configuration text.
+    pub fn parse(text: &str) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Toml(e.to_string()))?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    /// The embedded default: trust domain `example.org`, data in `./signet-data/`, an embedded token, and a
+    /// policy that lets the generated admin credential use every service for the whole trust domain.
+    pub fn embedded_default() -> Self {
+        let td = "example.org";
+        Config {
+            trust_domain: td.into(),
+            data_dir: default_data_dir(),
+            server: ServerSettings::default(),
+            tokens: Vec::new(),
+            authority: AuthoritySettings::default(),
+            key_manager: KeyManagerSettings::default(),
+            pipeline: PipelineSettings::default(),
+            policy: vec![PolicyRule {
+                caller: format!("spiffe://{td}{ADMIN_ID_PATH}"),
+                may: vec![
+                    "issuer".into(),
+                    "admin".into(),
+                    "upstream-authority".into(),
+                    "key-manager".into(),
+                ],
+                ids: vec![format!("spiffe://{td}/")],
+                max_ttl: Some(ConfigDuration(Duration::from_secs(24 * 3600))),
+                jwt_max_ttl: Some(ConfigDuration(Duration::from_secs(3600))),
+                rate: None,
+                burst: None,
+            }],
+        }
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> Result<TrustDomain, ConfigError> {
+        Ok(TrustDomain::parse(&self.trust_domain)?)
+    }
+
+    /// A path from the configuration, resolved against the data directory when relative.
+    pub fn in_data_dir(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() {
+            p.to_path_buf()
+        } else {
+            self.data_dir.join(p)
+        }
+    }
+
+    /// Checks what the types alone cannot.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.trust_domain()?;
+        let mut names = std::collections::HashSet::new();
+        for t in &self.tokens {
+            if !names.insert(t.name.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "two [[tokens]] are named {:?}",
+                    t.name
+                )));
+            }
+            if t.sessions == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "token {:?}: sessions must be at least 1",
+                    t.name
+                )));
+            }
+            t.token_config()?;
+        }
+        for n in self
+            .authority
+            .x509
+            .tokens
+            .iter()
+            .chain(self.key_manager.token.iter())
+        {
+            if !self.tokens.is_empty() && !names.contains(n.as_str()) {
+                return Err(ConfigError::Invalid(format!(
+                    "token {n:?} is used but not defined in [[tokens]]"
+                )));
+            }
+        }
+        if self.server.max_batch == 0 {
+            return Err(ConfigError::Invalid(
+                "server.max_batch must be at least 1".into(),
+            ));
+        }
+        if self.server.max_message_bytes < 1024 {
+            return Err(ConfigError::Invalid(
+                "server.max_message_bytes must be at least 1024".into(),
+            ));
+        }
+        self.pipeline.pipeline_config()?;
+        crate::policy::Policy::from_rules(&self.policy, self.authority.jwt.max_ttl.0)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(
+            ConfigDuration::parse("1h30m").ok(),
+            Some(ConfigDuration(Duration::from_secs(5400)))
+        );
+        assert_eq!(
+            ConfigDuration::parse("8760h").ok(),
+            Some(ConfigDuration(Duration::from_secs(8760 * 3600)))
+        );
+        assert!(ConfigDuration::parse("10").is_err());
+        assert!(ConfigDuration::parse("5w").is_err());
+        assert!(ConfigDuration::parse("").is_err());
+    }
+
+    #[test]
+    fn rates() {
+        assert_eq!(Rate::parse("100/s").map(|r| r.per_second), Ok(100.0));
+        assert_eq!(Rate::parse("60/m").map(|r| r.per_second), Ok(1.0));
+        assert!(Rate::parse("0/s").is_err());
+        assert!(Rate::parse("100").is_err());
+    }
+
+    #[test]
+    fn the_example_file_parses() {
+        let text = include_str!("../../signet.example.toml");
+        let cfg = Config::parse(text);
+        assert!(cfg.is_ok(), "{cfg:?}");
+    }
+
+    #[test]
+    fn unknown_settings_are_refused() {
+        let e = Config::parse("trust_domain = \"example.org\"\n[server]\nlisen = \"1.2.3.4:5\"\n");
+        assert!(matches!(e, Err(ConfigError::Toml(m)) if m.contains("lisen")));
+    }
+
+    #[test]
+    fn the_embedded_default_is_valid() {
+        assert!(Config::embedded_default().validate().is_ok());
+    }
+}

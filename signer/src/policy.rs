@@ -1,0 +1,477 @@
+//! Authorisation: which callers (by the SPIFFE ID of their verified client certificate) may use which service, for
+//! which SPIFFE IDs, for how long, and how often.
+//!
+//! Rules are tried in configuration order; the first whose `caller` matches applies (an exact SPIFFE ID, or a
+//! prefix written `spiffe://td/agents/*`). A caller no rule matches is refused. Rate limits are token buckets, one
+//! per caller (not per rule), refilled continuously; a request costs one token per credential or signature.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use crate::config::PolicyRule;
+
+/// The services a rule can allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Service {
+    /// SPIRE's UpstreamAuthority v1.
+    UpstreamAuthority,
+    /// SPIRE's KeyManager v1.
+    KeyManager,
+    /// signet's Issuer.
+    Issuer,
+    /// signet's Admin.
+    Admin,
+}
+
+impl Service {
+    /// The name used in the configuration and the audit log.
+    pub fn name(self) -> &'static str {
+        match self {
+            Service::UpstreamAuthority => "upstream-authority",
+            Service::KeyManager => "key-manager",
+            Service::Issuer => "issuer",
+            Service::Admin => "admin",
+        }
+    }
+
+    fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "upstream-authority" => Service::UpstreamAuthority,
+            "key-manager" => Service::KeyManager,
+            "issuer" => Service::Issuer,
+            "admin" => Service::Admin,
+            _ => return None,
+        })
+    }
+}
+
+/// Why a request was refused by the policy.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Denied {
+    /// No rule names the caller.
+    #[error("caller {caller} is not in the policy: add a [[policy]] rule for it")]
+    UnknownCaller {
+        /// The caller.
+        caller: String,
+    },
+    /// The caller's rule does not allow the service.
+    #[error("caller {caller} may not use the {service} service (allowed: {allowed})")]
+    Service {
+        /// The caller.
+        caller: String,
+        /// The service.
+        service: &'static str,
+        /// What it may use.
+        allowed: String,
+    },
+    /// The requested SPIFFE ID is outside the caller's prefixes.
+    #[error("caller {caller} may not request {id}: allowed prefixes are [{allowed}]")]
+    Id {
+        /// The caller.
+        caller: String,
+        /// The requested SPIFFE ID.
+        id: String,
+        /// The allowed prefixes.
+        allowed: String,
+    },
+    /// The requested lifetime is longer than the policy allows.
+    #[error(
+        "requested TTL {requested}s exceeds the policy's maximum of {max}s for caller {caller}"
+    )]
+    Ttl {
+        /// The caller.
+        caller: String,
+        /// Requested seconds.
+        requested: u64,
+        /// Allowed seconds.
+        max: u64,
+    },
+    /// One request asks for more credentials than the caller's bucket can ever hold.
+    #[error(
+        "a request for {cost} credentials exceeds the burst of {burst} allowed to caller {caller}: split it"
+    )]
+    BeyondBurst {
+        /// The caller.
+        caller: String,
+        /// What the request costs.
+        cost: u32,
+        /// The bucket size.
+        burst: u32,
+    },
+    /// The caller's rate limit is spent.
+    #[error(
+        "rate limit of {rate}/s (burst {burst}) for caller {caller} exceeded: retry in {retry_after_ms} ms"
+    )]
+    RateLimited {
+        /// The caller.
+        caller: String,
+        /// The rate, per second.
+        rate: f64,
+        /// The bucket size.
+        burst: u32,
+        /// When enough tokens will be back.
+        retry_after_ms: u64,
+    },
+}
+
+/// A policy that could not be built.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("policy rule {index} ({caller}): {message}")]
+pub struct PolicyError {
+    index: usize,
+    caller: String,
+    message: String,
+}
+
+#[derive(Debug)]
+struct Rule {
+    exact: Option<String>,
+    prefix: Option<String>,
+    services: Vec<Service>,
+    ids: Vec<String>,
+    max_ttl: Option<Duration>,
+    jwt_max_ttl: Duration,
+    rate: Option<(f64, u32)>,
+}
+
+impl Rule {
+    fn matches(&self, caller: &str) -> bool {
+        match (&self.exact, &self.prefix) {
+            (Some(e), _) => e == caller,
+            (None, Some(p)) => caller.starts_with(p.as_str()),
+            (None, None) => false,
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    at: Instant,
+}
+
+/// The compiled policy with its rate-limit state.
+#[derive(Debug)]
+pub struct Policy {
+    rules: Vec<Rule>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+/// The rule that admitted a caller to a service: what it may do there.
+#[derive(Debug, Clone, Copy)]
+pub struct Grant<'a> {
+    policy: &'a Policy,
+    rule: &'a Rule,
+    caller: &'a str,
+}
+
+/// Most callers whose buckets are tracked; beyond it full buckets are forgotten.
+const MAX_BUCKETS: usize = 100_000;
+
+impl Policy {
+    /// Compiles `rules`; `jwt_default_max` bounds JWT-SVIDs when a rule sets no maximum.
+    pub fn from_rules(
+        rules: &[PolicyRule],
+        jwt_default_max: Duration,
+    ) -> Result<Self, PolicyError> {
+        let mut out = Vec::with_capacity(rules.len());
+        for (index, r) in rules.iter().enumerate() {
+            let err = |message: String| PolicyError {
+                index,
+                caller: r.caller.clone(),
+                message,
+            };
+            let (exact, prefix) = match r.caller.strip_suffix('*') {
+                Some(p) if p.ends_with('/') => (None, Some(p.to_string())),
+                Some(_) => {
+                    return Err(err(
+                        "a wildcard must follow a '/' (write spiffe://td/agents/*)".into(),
+                    ));
+                }
+                None => (Some(r.caller.clone()), None),
+            };
+            let check = exact.clone().unwrap_or_else(|| {
+                prefix
+                    .clone()
+                    .unwrap_or_default()
+                    .trim_end_matches('/')
+                    .to_string()
+            });
+            crate::spiffe::SpiffeId::parse(&check)
+                .map_err(|e| err(format!("caller is not a SPIFFE ID: {e}")))?;
+            let mut services = Vec::new();
+            for m in &r.may {
+                services.push(Service::parse(m).ok_or_else(|| {
+                    err(format!(
+                        "unknown service {m:?} (use upstream-authority, key-manager, issuer, admin)"
+                    ))
+                })?);
+            }
+            for id in &r.ids {
+                if !id.starts_with("spiffe://") {
+                    return Err(err(format!("ids entry {id:?} is not a spiffe:// prefix")));
+                }
+            }
+            let rate = match r.rate {
+                Some(rate) => {
+                    let burst = r.burst.unwrap_or_else(|| {
+                        rate.per_second.ceil().clamp(1.0, u32::MAX.into()) as u32
+                    });
+                    if burst == 0 {
+                        return Err(err("burst must be at least 1".into()));
+                    }
+                    Some((rate.per_second, burst))
+                }
+                None if r.burst.is_some() => return Err(err("burst needs a rate".into())),
+                None => None,
+            };
+            let max_ttl = r.max_ttl.map(|d| d.0);
+            if max_ttl.is_some_and(|d| d.is_zero()) {
+                return Err(err("max_ttl must be positive".into()));
+            }
+            let jwt_max_ttl = r
+                .jwt_max_ttl
+                .map(|d| d.0)
+                .or(max_ttl)
+                .unwrap_or(jwt_default_max)
+                .min(jwt_default_max);
+            out.push(Rule {
+                exact,
+                prefix,
+                services,
+                ids: r.ids.clone(),
+                max_ttl,
+                jwt_max_ttl,
+                rate,
+            });
+        }
+        Ok(Self {
+            rules: out,
+            buckets: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// The grant of `caller` for `service`, or why there is none.
+    pub fn authorize<'a>(&'a self, caller: &'a str, service: Service) -> Result<Grant<'a>, Denied> {
+        let rule = self
+            .rules
+            .iter()
+            .find(|r| r.matches(caller))
+            .ok_or_else(|| Denied::UnknownCaller {
+                caller: caller.to_string(),
+            })?;
+        if !rule.services.contains(&service) {
+            return Err(Denied::Service {
+                caller: caller.to_string(),
+                service: service.name(),
+                allowed: rule
+                    .services
+                    .iter()
+                    .map(|s| s.name())
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
+        }
+        Ok(Grant {
+            policy: self,
+            rule,
+            caller,
+        })
+    }
+}
+
+impl Grant<'_> {
+    /// Whether the caller may request `id` (a SPIFFE ID string).
+    pub fn check_id(&self, id: &str) -> Result<(), Denied> {
+        if self.rule.ids.iter().any(|p| id_has_prefix(id, p)) {
+            Ok(())
+        } else {
+            Err(Denied::Id {
+                caller: self.caller.to_string(),
+                id: id.to_string(),
+                allowed: self.rule.ids.join(", "),
+            })
+        }
+    }
+
+    /// The X.509 lifetime to issue: `requested` (0: the default, 1 h capped at the maximum) when within the maximum.
+    pub fn x509_ttl(&self, requested: Duration) -> Result<Duration, Denied> {
+        pick_ttl(
+            self.caller,
+            requested,
+            self.rule.max_ttl.unwrap_or(Duration::MAX),
+        )
+    }
+
+    /// The JWT lifetime to issue: `requested` (0: 5 minutes capped at the maximum) when within the maximum.
+    pub fn jwt_ttl(&self, requested: Duration) -> Result<Duration, Denied> {
+        let max = self.rule.jwt_max_ttl;
+        if requested.is_zero() {
+            return Ok(Duration::from_secs(300).min(max));
+        }
+        pick_ttl(self.caller, requested, max)
+    }
+
+    /// The most an upstream CA minted for this caller may live (SPIRE asks for its `ca_ttl`; it is capped here).
+    pub fn max_ttl(&self) -> Option<Duration> {
+        self.rule.max_ttl
+    }
+
+    /// Takes `cost` tokens from the caller's bucket, or says when to retry.
+    pub fn take(&self, cost: u32) -> Result<(), Denied> {
+        let Some((rate, burst)) = self.rule.rate else {
+            return Ok(());
+        };
+        let denied = |retry_after_ms: u64| Denied::RateLimited {
+            caller: self.caller.to_string(),
+            rate,
+            burst,
+            retry_after_ms,
+        };
+        if cost > burst {
+            return Err(Denied::BeyondBurst {
+                caller: self.caller.to_string(),
+                cost,
+                burst,
+            });
+        }
+        let now = Instant::now();
+        let mut buckets = self
+            .policy
+            .buckets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(self.caller) {
+            // Forget callers whose buckets have refilled: they behave exactly like new callers.
+            buckets.retain(|_, b| {
+                b.tokens + now.duration_since(b.at).as_secs_f64() * rate < f64::from(burst)
+            });
+        }
+        let b = buckets
+            .entry(self.caller.to_string())
+            .or_insert_with(|| Bucket {
+                tokens: f64::from(burst),
+                at: now,
+            });
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(f64::from(burst));
+        b.at = now;
+        let cost = f64::from(cost);
+        if b.tokens >= cost {
+            b.tokens -= cost;
+            Ok(())
+        } else {
+            let wait = (cost - b.tokens) / rate;
+            Err(denied((wait * 1000.0).ceil() as u64))
+        }
+    }
+}
+
+fn pick_ttl(caller: &str, requested: Duration, max: Duration) -> Result<Duration, Denied> {
+    if requested.is_zero() {
+        return Ok(Duration::from_secs(3600).min(max));
+    }
+    if requested > max {
+        return Err(Denied::Ttl {
+            caller: caller.to_string(),
+            requested: requested.as_secs(),
+            max: max.as_secs(),
+        });
+    }
+    Ok(requested)
+}
+
+/// `id` is under `prefix`: equal to it, or (for a prefix not ending in `/`) continuing with a `/` segment, so
+/// `spiffe://td/web` admits `spiffe://td/web/a` but not `spiffe://td/webmail`.
+fn id_has_prefix(id: &str, prefix: &str) -> bool {
+    match id.strip_prefix(prefix) {
+        Some("") => true,
+        Some(rest) => prefix.ends_with('/') || rest.starts_with('/'),
+        None => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{ConfigDuration, Rate};
+
+    fn rule(caller: &str, may: &[&str], ids: &[&str]) -> PolicyRule {
+        PolicyRule {
+            caller: caller.into(),
+            may: may.iter().map(|s| s.to_string()).collect(),
+            ids: ids.iter().map(|s| s.to_string()).collect(),
+            max_ttl: Some(ConfigDuration(Duration::from_secs(3600))),
+            jwt_max_ttl: None,
+            rate: None,
+            burst: None,
+        }
+    }
+
+    #[test]
+    fn first_matching_rule_decides() {
+        let p = Policy::from_rules(
+            &[
+                rule("spiffe://td/agents/special", &["admin"], &[]),
+                rule("spiffe://td/agents/*", &["issuer"], &["spiffe://td/web"]),
+            ],
+            Duration::from_secs(600),
+        )
+        .unwrap();
+        assert!(
+            p.authorize("spiffe://td/agents/special", Service::Issuer)
+                .is_err()
+        );
+        let g = p
+            .authorize("spiffe://td/agents/a", Service::Issuer)
+            .unwrap();
+        assert!(g.check_id("spiffe://td/web/x").is_ok());
+        assert!(g.check_id("spiffe://td/web").is_ok());
+        assert!(g.check_id("spiffe://td/webmail").is_err());
+        assert!(matches!(
+            p.authorize("spiffe://td/other", Service::Issuer),
+            Err(Denied::UnknownCaller { .. })
+        ));
+        assert!(matches!(
+            g.x509_ttl(Duration::from_secs(7200)),
+            Err(Denied::Ttl { .. })
+        ));
+        assert_eq!(
+            g.x509_ttl(Duration::ZERO).ok(),
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(
+            g.jwt_ttl(Duration::ZERO).ok(),
+            Some(Duration::from_secs(300))
+        );
+        assert!(g.jwt_ttl(Duration::from_secs(601)).is_err());
+    }
+
+    #[test]
+    fn token_bucket_refuses_beyond_burst() {
+        let mut r = rule("spiffe://td/a", &["issuer"], &["spiffe://td/"]);
+        r.rate = Some(Rate { per_second: 0.001 });
+        r.burst = Some(3);
+        let p = Policy::from_rules(&[r], Duration::from_secs(600)).unwrap();
+        let g = p.authorize("spiffe://td/a", Service::Issuer).unwrap();
+        assert!(g.take(2).is_ok());
+        assert!(g.take(1).is_ok());
+        assert!(matches!(g.take(1), Err(Denied::RateLimited { .. })));
+        assert!(matches!(g.take(4), Err(Denied::BeyondBurst { .. })));
+    }
+
+    #[test]
+    fn bad_rules_are_refused() {
+        assert!(
+            Policy::from_rules(&[rule("spiffe://td/a*", &["issuer"], &[])], Duration::MAX).is_err()
+        );
+        assert!(
+            Policy::from_rules(&[rule("spiffe://td/a", &["signer"], &[])], Duration::MAX).is_err()
+        );
+        assert!(
+            Policy::from_rules(&[rule("https://td/a", &["issuer"], &[])], Duration::MAX).is_err()
+        );
+    }
+}

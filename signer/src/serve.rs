@@ -1,0 +1,1011 @@
+//! `signet serve`: brings the appliance up from a [`Config`] and runs it until it is told to stop.
+//!
+//! Start-up, in order: the data directory; the tokens (the configured ones, or the embedded token provisioned in
+//! the data directory through the [`EmbeddedToken`] seam); the root and JWT keys on the token (generated when
+//! missing); the signing pipeline; the root certificate (`root.pem`, self-signed through the pipeline on the first
+//! start, reused after); the server's and the admin's X509-SVIDs (issued by the root, re-issued when less than half
+//! their life is left); the bundle; the KeyManager keys; the audit log. Then the gRPC server (mTLS) with the four
+//! APIs, gRPC health (NOT_SERVING while no token can sign) and reflection, and the Prometheus endpoint.
+//!
+//! [`Appliance::shutdown`] stops accepting connections, ends the subscription streams, lets requests in flight
+//! finish (within `server.shutdown_grace`), then stops the pipeline and flushes the audit log.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use rcgen::{DistinguishedName, DnType};
+use signet_pkcs11::{ErrorKind, KeyGenOptions, Token};
+use time::OffsetDateTime;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::api::bundle::{JwtKey, TrustBundle};
+use crate::api::issuer::{AdminService, IssuerService};
+use crate::api::keymanager::{KeyManagerService, KeyStore};
+use crate::api::upstream::UpstreamAuthorityService;
+use crate::api::{AppState, tls};
+use crate::audit::AuditLog;
+use crate::config::{
+    ADMIN_ID_PATH, Config, ConfigError, ModeSetting, PinConfig, SERVER_ID_PATH, TokenSettings,
+};
+use crate::jwt::JwtIssuer;
+use crate::keys::AuthorityKey;
+use crate::pipeline::{DelegatedConfig, Pipeline, SigningMode, TokenMember, X509SvidIssuer};
+use crate::policy::Policy;
+use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::x509::{Authority, LeafRequest, RootRequest};
+
+/// Why the appliance did not start (or stopped badly).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ServeError {
+    /// The configuration is unusable.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// A file or socket operation failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// What was being done.
+        what: String,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// A token could not be opened or used.
+    #[error("token {token:?}: {message}")]
+    Token {
+        /// The token's name.
+        token: String,
+        /// What went wrong.
+        message: String,
+    },
+    /// The authorities could not be set up.
+    #[error("authority set-up failed: {0}")]
+    Authority(String),
+    /// The gRPC server failed.
+    #[error("the gRPC server failed: {0}")]
+    Server(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
+    let what = what.into();
+    move |source| ServeError::Io { what, source }
+}
+
+/// The files of the data directory.
+#[derive(Debug, Clone)]
+pub struct DataPaths {
+    /// The directory.
+    pub dir: PathBuf,
+    /// The root certificate (PEM).
+    pub root: PathBuf,
+    /// The trust domain's roots for clients (PEM).
+    pub bundle: PathBuf,
+    /// The server's X509-SVID chain (PEM).
+    pub server_cert: PathBuf,
+    /// The server's key (PKCS#8 PEM, 0600).
+    pub server_key: PathBuf,
+    /// The admin client's X509-SVID chain (PEM).
+    pub admin_cert: PathBuf,
+    /// The admin client's key (PKCS#8 PEM, 0600).
+    pub admin_key: PathBuf,
+    /// The address the server listens on, written at start (for the CLI).
+    pub endpoint: PathBuf,
+}
+
+impl DataPaths {
+    /// The layout under `dir`.
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_path_buf(),
+            root: dir.join("root.pem"),
+            bundle: dir.join("bundle.pem"),
+            server_cert: dir.join("server.pem"),
+            server_key: dir.join("server.key"),
+            admin_cert: dir.join("admin.pem"),
+            admin_key: dir.join("admin.key"),
+            endpoint: dir.join("endpoint"),
+        }
+    }
+}
+
+/// The token signet provisions for itself in the data directory when the configuration names none. This is the
+/// seam for changing the default token: implement it for another PKCS#11 module and return it from
+/// [`default_embedded_token`].
+pub trait EmbeddedToken: std::fmt::Debug + Send + Sync {
+    /// A short name for messages.
+    fn name(&self) -> &'static str;
+    /// Environment variables that must be set before the module is loaded (name, value).
+    fn environment(&self, data_dir: &Path) -> Vec<(String, PathBuf)>;
+    /// Creates the token if it does not exist yet (in `data_dir`) and returns its settings.
+    fn provision(&self, data_dir: &Path) -> Result<TokenSettings, ServeError>;
+}
+
+/// SoftHSM2 with its configuration and token directory inside the data directory.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SoftHsm2Embedded;
+
+const EMBEDDED_LABEL: &str = "signet";
+
+impl EmbeddedToken for SoftHsm2Embedded {
+    fn name(&self) -> &'static str {
+        "SoftHSM2"
+    }
+
+    fn environment(&self, data_dir: &Path) -> Vec<(String, PathBuf)> {
+        vec![("SOFTHSM2_CONF".into(), data_dir.join("softhsm2.conf"))]
+    }
+
+    fn provision(&self, data_dir: &Path) -> Result<TokenSettings, ServeError> {
+        let module = PathBuf::from(signet_pkcs11::DEFAULT_MODULE);
+        let token_err = |message: String| ServeError::Token {
+            token: "embedded".into(),
+            message,
+        };
+        if !module.exists() {
+            return Err(token_err(format!(
+                "the embedded token needs SoftHSM2 ({} is missing): install the softhsm2 package, or configure \
+                 [[tokens]]",
+                module.display()
+            )));
+        }
+        let conf = data_dir.join("softhsm2.conf");
+        let tokens = data_dir.join("softhsm2-tokens");
+        std::fs::create_dir_all(&tokens).map_err(io("creating the token directory"))?;
+        if !conf.exists() {
+            write_private(
+                &conf,
+                format!(
+                    "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
+                    tokens.display()
+                )
+                .as_bytes(),
+            )?;
+        }
+        let pin_file = data_dir.join("token.pin");
+        let so_pin_file = data_dir.join("token.so-pin");
+        for f in [&pin_file, &so_pin_file] {
+            if !f.exists() {
+                write_private(f, random_hex(16)?.as_bytes())?;
+            }
+        }
+        if std::env::var_os("SOFTHSM2_CONF").as_deref() != Some(conf.as_os_str()) {
+            return Err(token_err(format!(
+                "SOFTHSM2_CONF must be {} before the module is loaded (signet serve sets it itself)",
+                conf.display()
+            )));
+        }
+        let slots = signet_pkcs11::list_slots(&module).map_err(|e| token_err(e.to_string()))?;
+        let exists = slots
+            .iter()
+            .any(|s| s.token.as_ref().is_some_and(|t| t.label == EMBEDDED_LABEL));
+        if !exists {
+            let read = |p: &Path| -> Result<signet_pkcs11::Pin, ServeError> {
+                let text =
+                    std::fs::read_to_string(p).map_err(io(format!("reading {}", p.display())))?;
+                Ok(signet_pkcs11::Pin::new(text.trim().to_string()))
+            };
+            signet_pkcs11::init_token(
+                &module,
+                EMBEDDED_LABEL,
+                &read(&so_pin_file)?,
+                &read(&pin_file)?,
+            )
+            .map_err(|e| token_err(format!("cannot initialise the embedded token: {e}")))?;
+            tracing::info!(dir = %tokens.display(), "embedded SoftHSM2 token created");
+        }
+        Ok(TokenSettings {
+            name: "embedded".into(),
+            module,
+            token: Some(EMBEDDED_LABEL.into()),
+            serial: None,
+            pin: PinConfig::File(pin_file),
+            sessions: 2,
+        })
+    }
+}
+
+/// The embedded token used when the configuration names none.
+pub fn default_embedded_token() -> Arc<dyn EmbeddedToken> {
+    Arc::new(SoftHsm2Embedded)
+}
+
+fn random_hex(bytes: usize) -> Result<String, ServeError> {
+    use ring::rand::SecureRandom as _;
+    let mut b = vec![0u8; bytes];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| ServeError::Authority("the system random generator failed".into()))?;
+    Ok(hex::encode(b))
+}
+
+/// Writes a file only its owner can read (0600 on Unix).
+pub fn write_private(path: &Path, data: &[u8]) -> Result<(), ServeError> {
+    use std::io::Write as _;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt as _;
+        opts.mode(0o600);
+    }
+    let mut f = opts
+        .open(path)
+        .map_err(io(format!("writing {}", path.display())))?;
+    f.write_all(data)
+        .map_err(io(format!("writing {}", path.display())))
+}
+
+fn write_public(path: &Path, data: &[u8]) -> Result<(), ServeError> {
+    std::fs::write(path, data).map_err(io(format!("writing {}", path.display())))
+}
+
+fn pem_certs(ders: &[Vec<u8>]) -> String {
+    ders.iter()
+        .map(|d| pem::encode(&pem::Pem::new("CERTIFICATE", d.clone())))
+        .collect()
+}
+
+/// Makes sure a key labelled `label` exists on `token`, generating it when it does not.
+fn ensure_key(
+    token: &Token,
+    name: &str,
+    label: &str,
+    key_type: signet_pkcs11::KeyType,
+    may_generate: bool,
+) -> Result<(), ServeError> {
+    let err = |message: String| ServeError::Token {
+        token: name.to_string(),
+        message,
+    };
+    let mut s = token.session().map_err(|e| err(e.to_string()))?;
+    match s.find_key(label) {
+        Ok(k) if k.key_type() == key_type => Ok(()),
+        Ok(k) => Err(err(format!(
+            "key {label:?} is {} but the configuration asks for {}: fix key_type or use another label",
+            k.key_type().name(),
+            key_type.name()
+        ))),
+        Err(e) if e.kind() == ErrorKind::KeyNotFound && may_generate => {
+            s.generate_key(label, key_type, KeyGenOptions::default())
+                .map_err(|e| err(format!("cannot generate {label:?}: {e}")))?;
+            tracing::info!(token = name, label, "key generated on the token");
+            Ok(())
+        }
+        Err(e) if e.kind() == ErrorKind::KeyNotFound => Err(err(format!(
+            "key {label:?} is missing: with several tokens, create it on each (signet token keygen) first"
+        ))),
+        Err(e) => Err(err(e.to_string())),
+    }
+}
+
+fn load_root(
+    paths: &DataPaths,
+    key: Arc<dyn AuthorityKey>,
+    td: &TrustDomain,
+    ttl: Duration,
+) -> Result<Vec<u8>, ServeError> {
+    if paths.root.exists() {
+        let text =
+            std::fs::read(&paths.root).map_err(io(format!("reading {}", paths.root.display())))?;
+        let block = pem::parse(&text)
+            .map_err(|e| ServeError::Authority(format!("{}: {e}", paths.root.display())))?;
+        let der = block.contents().to_vec();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der)
+            .map_err(|e| ServeError::Authority(format!("{}: {e}", paths.root.display())))?;
+        if cert.public_key().raw != key.spki_der() {
+            return Err(ServeError::Authority(format!(
+                "{} does not hold the root key's certificate: the key on the token changed; move the file away to \
+                 create a new root",
+                paths.root.display()
+            )));
+        }
+        if !cert.validity().is_valid() {
+            return Err(ServeError::Authority(format!(
+                "the root in {} is not valid now (expired?): move it away to create a new one",
+                paths.root.display()
+            )));
+        }
+        return Ok(der);
+    }
+    let mut subject = DistinguishedName::new();
+    subject.push(DnType::OrganizationName, "signet");
+    subject.push(DnType::CommonName, format!("signet root {td}"));
+    let root = Authority::self_signed_root(
+        key,
+        &RootRequest {
+            trust_domain: td.clone(),
+            subject,
+            ttl,
+            path_len: None,
+        },
+        OffsetDateTime::now_utc(),
+    )
+    .map_err(|e| ServeError::Authority(format!("cannot create the root: {e}")))?;
+    let der = root.cert_der().to_vec();
+    write_public(
+        &paths.root,
+        pem_certs(std::slice::from_ref(&der)).as_bytes(),
+    )?;
+    tracing::info!(path = %paths.root.display(), "root certificate created");
+    Ok(der)
+}
+
+/// Issues (or keeps, when it is still good) the X509-SVID for `id` at `cert_path`/`key_path`.
+fn service_svid(
+    root: &Authority,
+    id: &SpiffeId,
+    dns: &[String],
+    ttl: Duration,
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<(Vec<Vec<u8>>, Vec<u8>), ServeError> {
+    if let Some(kept) = reuse_svid(root, id, dns, cert_path, key_path, ttl) {
+        return Ok(kept);
+    }
+    let ttl = ttl.min(
+        (root.not_after() - OffsetDateTime::now_utc())
+            .try_into()
+            .unwrap_or_default(),
+    );
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| ServeError::Authority(format!("cannot generate a key: {e}")))?;
+    let mut req = LeafRequest::from_spki(
+        id.clone(),
+        &rcgen::PublicKeyData::subject_public_key_info(&kp),
+        ttl,
+    )
+    .map_err(|e| ServeError::Authority(e.to_string()))?;
+    req.dns_names = dns.to_vec();
+    let issued = root
+        .issue_x509_svid(&req, OffsetDateTime::now_utc())
+        .map_err(|e| ServeError::Authority(format!("cannot issue the SVID for {id}: {e}")))?;
+    let mut chain = vec![issued.der];
+    chain.extend(root.chain());
+    let key = kp.serialize_der();
+    write_private(key_path, kp.serialize_pem().as_bytes())?;
+    write_public(cert_path, pem_certs(&chain).as_bytes())?;
+    Ok((chain, key))
+}
+
+fn reuse_svid(
+    root: &Authority,
+    id: &SpiffeId,
+    dns: &[String],
+    cert_path: &Path,
+    key_path: &Path,
+    ttl: Duration,
+) -> Option<(Vec<Vec<u8>>, Vec<u8>)> {
+    let chain: Vec<Vec<u8>> = pem::parse_many(std::fs::read(cert_path).ok()?)
+        .ok()?
+        .into_iter()
+        .map(|p| p.contents().to_vec())
+        .collect();
+    let key = pem::parse(std::fs::read(key_path).ok()?)
+        .ok()?
+        .contents()
+        .to_vec();
+    let leaf = chain.first()?;
+    let (_, cert) = x509_parser::parse_x509_certificate(leaf).ok()?;
+    let (_, root_cert) = x509_parser::parse_x509_certificate(root.cert_der()).ok()?;
+    cert.verify_signature(Some(root_cert.public_key())).ok()?;
+    let left = cert.validity().time_to_expiration()?;
+    let has_id = cert
+        .subject_alternative_name()
+        .ok()??
+        .value
+        .general_names
+        .iter()
+        .any(|n| matches!(n, x509_parser::extensions::GeneralName::URI(u) if *u == id.as_str()));
+    let mut names: Vec<String> = cert
+        .subject_alternative_name()
+        .ok()??
+        .value
+        .general_names
+        .iter()
+        .filter_map(|n| match n {
+            x509_parser::extensions::GeneralName::DNSName(d) => Some(d.to_string()),
+            _ => None,
+        })
+        .collect();
+    let mut wanted = dns.to_vec();
+    names.sort();
+    wanted.sort();
+    if names != wanted {
+        return None;
+    }
+    let kp = rcgen::KeyPair::try_from(key.as_slice()).ok()?;
+    let same_key = rcgen::PublicKeyData::subject_public_key_info(&kp) == cert.public_key().raw;
+    (has_id && same_key && left.whole_seconds() > i64::try_from(ttl.as_secs() / 2).ok()?)
+        .then_some((chain, key))
+}
+
+struct Bootstrapped {
+    td: TrustDomain,
+    paths: DataPaths,
+    pipeline: Pipeline,
+    km_pipeline: Option<Pipeline>,
+    root: Arc<Authority>,
+    root_der: Vec<u8>,
+    root_key: Arc<dyn AuthorityKey>,
+    jwt: Arc<JwtIssuer>,
+    server: (Vec<Vec<u8>>, Vec<u8>),
+    keys: KeyStore,
+    audit: AuditLog,
+    token_names: Vec<String>,
+    token_sessions: Vec<(String, u32)>,
+}
+
+fn bootstrap(cfg: &Config, embedded: &dyn EmbeddedToken) -> Result<Bootstrapped, ServeError> {
+    let td = cfg.trust_domain()?;
+    std::fs::create_dir_all(&cfg.data_dir).map_err(io(format!(
+        "creating the data directory {}",
+        cfg.data_dir.display()
+    )))?;
+    let dir = std::fs::canonicalize(&cfg.data_dir).map_err(io("resolving the data directory"))?;
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt as _;
+        let _ = std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700));
+    }
+    let paths = DataPaths::new(&dir);
+    let audit_path = if cfg.server.audit_log.is_absolute() {
+        cfg.server.audit_log.clone()
+    } else {
+        dir.join(&cfg.server.audit_log)
+    };
+    let audit = AuditLog::open(&audit_path, false).map_err(io(format!(
+        "opening the audit log {}",
+        audit_path.display()
+    )))?;
+    let settings = if cfg.tokens.is_empty() {
+        vec![embedded.provision(&dir)?]
+    } else {
+        cfg.tokens.clone()
+    };
+    let mut tokens = Vec::new();
+    for s in &settings {
+        let token = Token::open(&s.token_config()?).map_err(|e| ServeError::Token {
+            token: s.name.clone(),
+            message: e.to_string(),
+        })?;
+        tokens.push((s.clone(), token));
+    }
+    let x509_names: Vec<String> = if cfg.authority.x509.tokens.is_empty() || cfg.tokens.is_empty() {
+        settings.iter().map(|s| s.name.clone()).collect()
+    } else {
+        cfg.authority.x509.tokens.clone()
+    };
+    let members: Vec<&(TokenSettings, Token)> = tokens
+        .iter()
+        .filter(|(s, _)| x509_names.contains(&s.name))
+        .collect();
+    let Some((first_settings, _)) = members.first().copied() else {
+        return Err(ServeError::Authority(
+            "no token for the X.509 authority".into(),
+        ));
+    };
+    let single = members.len() == 1;
+    let x = &cfg.authority.x509;
+    let j = &cfg.authority.jwt;
+    for (s, t) in &members {
+        ensure_key(
+            t,
+            &s.name,
+            &x.key_label,
+            x.key_type.token_key_type(),
+            single,
+        )?;
+        ensure_key(
+            t,
+            &s.name,
+            &j.key_label,
+            j.key_type.token_key_type(),
+            single,
+        )?;
+    }
+    // KeyManager keys: on the configured token (the first by default); they share the authority's pipeline when it
+    // signs with that token alone, else they get a pipeline of their own.
+    let km_name = cfg
+        .key_manager
+        .token
+        .clone()
+        .unwrap_or_else(|| first_settings.name.clone());
+    let (km_settings, km_token) =
+        tokens
+            .iter()
+            .find(|(s, _)| s.name == km_name)
+            .ok_or_else(|| {
+                ServeError::Authority(format!("key_manager.token {km_name:?} is not defined"))
+            })?;
+    let pcfg = cfg.pipeline.pipeline_config()?;
+    let pipeline = Pipeline::start(
+        pcfg.clone(),
+        members
+            .iter()
+            .map(|(s, t)| TokenMember::new(s.name.clone(), t.clone(), s.sessions))
+            .collect(),
+    )
+    .map_err(|e| ServeError::Authority(format!("cannot start the signing pipeline: {e}")))?;
+    let started = (|| {
+        let root_key: Arc<dyn AuthorityKey> = Arc::new(
+            pipeline
+                .key(&x.key_label)
+                .map_err(|e| ServeError::Authority(e.to_string()))?,
+        );
+        let jwt_key: Arc<dyn AuthorityKey> = Arc::new(
+            pipeline
+                .key(&j.key_label)
+                .map_err(|e| ServeError::Authority(e.to_string()))?,
+        );
+        let root_der = load_root(&paths, root_key.clone(), &td, x.root_ttl.0)?;
+        let root = Arc::new(
+            Authority::new(
+                root_der.clone(),
+                root_key.clone(),
+                td.clone(),
+                Vec::new(),
+                Vec::new(),
+            )
+            .map_err(|e| ServeError::Authority(e.to_string()))?,
+        );
+        let jwt = Arc::new(
+            JwtIssuer::new(jwt_key, td.clone(), None, None, j.max_ttl.0)
+                .map_err(|e| ServeError::Authority(format!("JWT authority: {e}")))?,
+        );
+        let svid_ttl = cfg.server.service_svid_ttl.0;
+        let server_id = td
+            .workload_id(SERVER_ID_PATH)
+            .map_err(|e| ServeError::Authority(e.to_string()))?;
+        let admin_id = td
+            .workload_id(ADMIN_ID_PATH)
+            .map_err(|e| ServeError::Authority(e.to_string()))?;
+        let server = service_svid(
+            &root,
+            &server_id,
+            &cfg.server.names,
+            svid_ttl,
+            &paths.server_cert,
+            &paths.server_key,
+        )?;
+        service_svid(
+            &root,
+            &admin_id,
+            &[],
+            svid_ttl,
+            &paths.admin_cert,
+            &paths.admin_key,
+        )?;
+        write_public(
+            &paths.bundle,
+            pem_certs(std::slice::from_ref(&root_der)).as_bytes(),
+        )?;
+        Ok::<_, ServeError>((root_key, root_der, root, jwt, server))
+    })();
+    let (root_key, root_der, root, jwt, server) = match started {
+        Ok(v) => v,
+        Err(e) => {
+            pipeline.shutdown();
+            return Err(e);
+        }
+    };
+    let km_pipeline = if single && first_settings.name == km_name {
+        None
+    } else {
+        match Pipeline::start(
+            pcfg,
+            vec![TokenMember::new(
+                km_name.clone(),
+                km_token.clone(),
+                km_settings.sessions,
+            )],
+        ) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                pipeline.shutdown();
+                return Err(ServeError::Authority(format!("key manager pipeline: {e}")));
+            }
+        }
+    };
+    let keys = match KeyStore::load(
+        km_token.clone(),
+        km_pipeline.clone().unwrap_or_else(|| pipeline.clone()),
+    ) {
+        Ok(k) => k,
+        Err(e) => {
+            pipeline.shutdown();
+            if let Some(p) = &km_pipeline {
+                p.shutdown();
+            }
+            return Err(ServeError::Authority(e));
+        }
+    };
+    Ok(Bootstrapped {
+        td,
+        paths,
+        pipeline,
+        km_pipeline,
+        root,
+        root_der,
+        root_key,
+        jwt,
+        server,
+        keys,
+        audit,
+        token_names: settings.iter().map(|s| s.name.clone()).collect(),
+        token_sessions: settings
+            .iter()
+            .map(|s| {
+                (
+                    s.name.clone(),
+                    u32::try_from(s.sessions).unwrap_or(u32::MAX),
+                )
+            })
+            .collect(),
+    })
+}
+
+/// Concurrent HTTP/2 streams (RPCs) one connection may hold open.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+
+/// A running appliance.
+#[derive(Debug)]
+pub struct Appliance {
+    addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
+    paths: DataPaths,
+    state: Arc<AppState>,
+    km_pipeline: Option<Pipeline>,
+    shutdown_tx: watch::Sender<bool>,
+    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    background: Vec<JoinHandle<()>>,
+    grace: Duration,
+    token_names: Vec<String>,
+}
+
+impl Appliance {
+    /// Starts the appliance from `cfg`; with no `[[tokens]]`, the embedded token is provisioned in the data
+    /// directory.
+    pub async fn start(cfg: Config) -> Result<Self, ServeError> {
+        Self::start_with(cfg, default_embedded_token()).await
+    }
+
+    /// [`start`](Self::start) with another embedded token.
+    pub async fn start_with(
+        cfg: Config,
+        embedded: Arc<dyn EmbeddedToken>,
+    ) -> Result<Self, ServeError> {
+        cfg.validate()?;
+        let policy = Policy::from_rules(&cfg.policy, cfg.authority.jwt.max_ttl.0)
+            .map_err(|e| ConfigError::Invalid(e.to_string()))?;
+        // The recorder goes in before anything registers a metric (handles taken earlier would be no-ops).
+        let mut background = Vec::new();
+        let metrics_addr = match cfg.server.metrics.as_deref().map(str::trim) {
+            Some(m) if !m.is_empty() => {
+                let a: SocketAddr = m.parse().map_err(|e| {
+                    ConfigError::Invalid(format!("server.metrics = {m:?} is not an address: {e}"))
+                })?;
+                Some(start_metrics(a, &mut background)?)
+            }
+            _ => None,
+        };
+
+        let cfg2 = cfg.clone();
+        let boot = tokio::task::spawn_blocking(move || bootstrap(&cfg2, embedded.as_ref()))
+            .await
+            .map_err(|e| ServeError::Server(format!("start-up task failed: {e}")))
+            .and_then(|r| r);
+        let boot = match boot {
+            Ok(b) => b,
+            Err(e) => {
+                for b in &background {
+                    b.abort();
+                }
+                return Err(e);
+            }
+        };
+        let mode = match cfg.authority.x509.mode {
+            ModeSetting::Direct => SigningMode::Direct,
+            ModeSetting::Delegated => SigningMode::Delegated(DelegatedConfig {
+                intermediate_ttl: cfg.authority.x509.intermediate_ttl.0,
+                ..DelegatedConfig::default()
+            }),
+        };
+        let issuer_authority = Authority::new(
+            boot.root_der.clone(),
+            boot.root_key.clone(),
+            boot.td.clone(),
+            Vec::new(),
+            Vec::new(),
+        )
+        .map_err(|e| ServeError::Authority(e.to_string()))?;
+        let x509 = match X509SvidIssuer::start(issuer_authority, mode, boot.pipeline.cpu().clone())
+            .await
+        {
+            Ok(x) => x,
+            Err(e) => {
+                let p = boot.pipeline.clone();
+                let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
+                return Err(ServeError::Authority(format!("X.509 issuer: {e}")));
+            }
+        };
+        let jwt_authority = boot
+            .jwt
+            .authority()
+            .map_err(|e| ServeError::Authority(e.to_string()))?;
+        let bundle = TrustBundle::new(
+            vec![boot.root_der.clone()],
+            vec![JwtKey {
+                kid: jwt_authority.kid().to_string(),
+                spki: jwt_authority.spki_der().to_vec(),
+                expires_at: 0,
+                tainted: false,
+            }],
+        );
+        let (shutdown_tx, shutdown_rx) = watch::channel(false);
+        let tls_cfg = tls::server_config(
+            boot.server.0.clone(),
+            boot.server.1.clone(),
+            std::slice::from_ref(&boot.root_der),
+        )
+        .map_err(ServeError::Server)?;
+        let state = Arc::new(
+            AppState::new(
+                boot.td.clone(),
+                policy,
+                boot.audit.clone(),
+                boot.root.clone(),
+                x509,
+                boot.jwt.clone(),
+                boot.pipeline.clone(),
+                bundle,
+                boot.keys,
+                cfg.server.max_batch,
+                cfg.pipeline.default_timeout.0,
+                shutdown_rx.clone(),
+            )
+            .with_token_sessions(boot.token_sessions.clone()),
+        );
+
+        let listener = TcpListener::bind(cfg.server.listen)
+            .await
+            .map_err(io(format!("listening on {}", cfg.server.listen)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(io("reading the listen address"))?;
+        let (incoming_tx, incoming_rx) = mpsc::channel(64);
+        background.push(tokio::spawn(accept_loop(
+            listener,
+            tokio_rustls::TlsAcceptor::from(Arc::new(tls_cfg)),
+            incoming_tx,
+            shutdown_rx.clone(),
+        )));
+
+        let (health, health_service) = tonic_health::server::health_reporter();
+        background.push(tokio::spawn(health_loop(
+            health,
+            state.pipeline.clone(),
+            shutdown_rx.clone(),
+        )));
+        let reflection = tonic_reflection::server::Builder::configure()
+            .register_encoded_file_descriptor_set(signet_proto::FILE_DESCRIPTOR_SET)
+            .build_v1()
+            .map_err(|e| ServeError::Server(format!("reflection: {e}")))?;
+
+        let max = cfg.server.max_message_bytes;
+        use signet_proto::signet::v1::{admin_server::AdminServer, issuer_server::IssuerServer};
+        use signet_proto::spire::plugin::server::keymanager::v1::key_manager_server::KeyManagerServer;
+        use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authority_server::UpstreamAuthorityServer;
+        // Subscription streams live for hours: HTTP/2 pings find dead peers (and end their streams); the stream
+        // limit bounds what one connection can hold open.
+        let router = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .add_service(health_service)
+            .add_service(reflection)
+            .add_service(
+                UpstreamAuthorityServer::new(UpstreamAuthorityService::new(state.clone()))
+                    .max_decoding_message_size(max),
+            )
+            .add_service(
+                KeyManagerServer::new(KeyManagerService::new(state.clone()))
+                    .max_decoding_message_size(max),
+            )
+            .add_service(
+                IssuerServer::new(IssuerService::new(state.clone())).max_decoding_message_size(max),
+            )
+            .add_service(
+                AdminServer::new(AdminService::new(state.clone())).max_decoding_message_size(max),
+            );
+        let mut stop = shutdown_rx.clone();
+        let server = tokio::spawn(
+            router.serve_with_incoming_shutdown(ReceiverStream::new(incoming_rx), async move {
+                crate::api::until_shutdown(&mut stop).await
+            }),
+        );
+        tracing::info!(%addr, trust_domain = %boot.td, "signet is serving");
+        write_public(&boot.paths.endpoint, addr.to_string().as_bytes())?;
+        Ok(Self {
+            addr,
+            metrics_addr,
+            paths: boot.paths,
+            state,
+            km_pipeline: boot.km_pipeline,
+            shutdown_tx,
+            server,
+            background,
+            grace: cfg.server.shutdown_grace.0,
+            token_names: boot.token_names,
+        })
+    }
+
+    /// The gRPC address.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The Prometheus address, if any.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
+    /// The data directory's files.
+    pub fn paths(&self) -> &DataPaths {
+        &self.paths
+    }
+
+    /// The live bundle (what changes it reaches every subscriber).
+    pub fn bundle(&self) -> &TrustBundle {
+        &self.state.bundle
+    }
+
+    /// The trust domain.
+    pub fn trust_domain(&self) -> &TrustDomain {
+        &self.state.trust_domain
+    }
+
+    /// The names of the tokens in use.
+    pub fn token_names(&self) -> &[String] {
+        &self.token_names
+    }
+
+    /// The audit log's path.
+    pub fn audit_path(&self) -> &Path {
+        self.state.audit.path()
+    }
+
+    /// Stops: no new connections, subscription streams end, requests in flight finish (within the grace period),
+    /// then the pipeline stops and the audit log is closed.
+    pub async fn shutdown(self) -> Result<(), ServeError> {
+        let _ = self.shutdown_tx.send(true);
+        let served = tokio::time::timeout(self.grace, self.server).await;
+        for b in self.background {
+            b.abort();
+        }
+        let pipeline = self.state.pipeline.clone();
+        let km = self.km_pipeline.clone();
+        let audit = self.state.audit.clone();
+        let _ = tokio::task::spawn_blocking(move || {
+            pipeline.shutdown();
+            if let Some(k) = km {
+                k.shutdown();
+            }
+            audit.close();
+        })
+        .await;
+        match served {
+            Ok(Ok(Ok(()))) => Ok(()),
+            Ok(Ok(Err(e))) => Err(ServeError::Server(e.to_string())),
+            Ok(Err(e)) => Err(ServeError::Server(e.to_string())),
+            Err(_) => {
+                tracing::warn!(grace = ?self.grace, "requests still in flight after the grace period were cut");
+                Ok(())
+            }
+        }
+    }
+}
+
+fn start_metrics(
+    addr: SocketAddr,
+    background: &mut Vec<JoinHandle<()>>,
+) -> Result<SocketAddr, ServeError> {
+    // Bind here to learn the port (0 picks one) and release it for the exporter at once.
+    let probe =
+        std::net::TcpListener::bind(addr).map_err(io(format!("metrics listener {addr}")))?;
+    let bound = probe.local_addr().map_err(io("metrics listener"))?;
+    drop(probe);
+    let (recorder, exporter) = metrics_exporter_prometheus::PrometheusBuilder::new()
+        .with_http_listener(bound)
+        .build()
+        .map_err(|e| ServeError::Server(format!("metrics endpoint {bound}: {e}")))?;
+    if metrics::set_global_recorder(recorder).is_err() {
+        tracing::warn!(
+            "a metrics recorder is already installed in this process: /metrics not served"
+        );
+        return Ok(bound);
+    }
+    background.push(tokio::spawn(async move {
+        if let Err(e) = exporter.await {
+            tracing::error!(error = ?e, "the metrics endpoint stopped");
+        }
+    }));
+    Ok(bound)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    tx: mpsc::Sender<Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((tcp, peer)) => {
+                    let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+                            Ok(Ok(tls)) => {
+                                let _ = tx.send(Ok(tls)).await;
+                            }
+                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                        }
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            () = crate::api::until_shutdown(&mut shutdown) => return,
+        }
+    }
+}
+
+async fn health_loop(
+    health: tonic_health::server::HealthReporter,
+    pipeline: Pipeline,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    use tonic_health::ServingStatus;
+    let services = [
+        "",
+        "spire.plugin.server.upstreamauthority.v1.UpstreamAuthority",
+        "spire.plugin.server.keymanager.v1.KeyManager",
+        "signet.v1.Issuer",
+        "signet.v1.Admin",
+    ];
+    let mut last = None;
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        let serving = pipeline.token_status().iter().any(|t| t.healthy);
+        if last != Some(serving) {
+            let status = if serving {
+                ServingStatus::Serving
+            } else {
+                ServingStatus::NotServing
+            };
+            for s in services {
+                health.set_service_status(s, status).await;
+            }
+            if last.is_some() {
+                tracing::warn!(serving, "health changed");
+            }
+            last = Some(serving);
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = crate::api::until_shutdown(&mut shutdown) => {
+                for s in services {
+                    health.set_service_status(s, ServingStatus::NotServing).await;
+                }
+                return;
+            }
+        }
+    }
+}

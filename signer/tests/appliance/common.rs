@@ -1,0 +1,296 @@
+//! The test bed: an appliance on a fresh SoftHSM2 token, clients with chosen identities, and oracles.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use signet::config::{Config, ConfigDuration, PinConfig, PolicyRule, Rate, TokenSettings};
+use signet::serve::Appliance;
+use signet_pkcs11::testing::SoftHsm;
+use signet_proto::signet::v1 as pb;
+use signet_proto::signet::v1::issuer_client::IssuerClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+pub const TD: &str = "example.org";
+pub const ADMIN: &str = "spiffe://example.org/signet/admin";
+pub const SPIRE_A: &str = "spiffe://example.org/spire/server-a";
+pub const SPIRE_B: &str = "spiffe://example.org/spire/server-b";
+pub const AGENT: &str = "spiffe://example.org/agents/a1";
+pub const LIMITED: &str = "spiffe://example.org/limited/l1";
+pub const OUTSIDER: &str = "spiffe://example.org/outsider";
+
+/// A PEM certificate chain and PKCS#8 key.
+#[derive(Clone)]
+pub struct Credential {
+    pub chain_pem: String,
+    pub key_pem: String,
+}
+
+pub struct Bed {
+    pub app: Appliance,
+    pub dir: tempfile::TempDir,
+    cfg: Config,
+    _hsm: SoftHsm,
+}
+
+fn rule(caller: &str, may: &[&str], ids: &[&str], max_ttl: u64) -> PolicyRule {
+    PolicyRule {
+        caller: caller.into(),
+        may: may.iter().map(|s| s.to_string()).collect(),
+        ids: ids.iter().map(|s| s.to_string()).collect(),
+        max_ttl: Some(ConfigDuration(Duration::from_secs(max_ttl))),
+        jwt_max_ttl: None,
+        rate: None,
+        burst: None,
+    }
+}
+
+/// The configuration every test starts from: the SoftHSM2 test token, an ephemeral port, no metrics endpoint, and a
+/// policy with an admin, two SPIRE servers, agents, and a rate-limited caller.
+pub fn config(hsm: &SoftHsm, dir: &Path) -> Config {
+    let pin = dir.join("pin");
+    std::fs::write(&pin, signet_pkcs11::testing::USER_PIN).unwrap();
+    let mut cfg = Config::embedded_default();
+    cfg.data_dir = dir.join("data");
+    cfg.server.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.server.metrics = None;
+    cfg.pipeline.cpu_threads = 3;
+    cfg.tokens = vec![TokenSettings {
+        name: "softhsm".into(),
+        module: hsm.module().to_path_buf(),
+        token: Some(hsm.label().to_string()),
+        serial: None,
+        pin: PinConfig::File(pin),
+        sessions: 1,
+    }];
+    let all = ["issuer", "admin", "upstream-authority", "key-manager"];
+    let mut limited = rule(LIMITED, &["issuer"], &["spiffe://example.org/"], 3600);
+    limited.rate = Some(Rate::parse("1/h").unwrap());
+    limited.burst = Some(2);
+    cfg.policy = vec![
+        rule(ADMIN, &all, &["spiffe://example.org/"], 24 * 3600),
+        rule(
+            SPIRE_A,
+            &["upstream-authority", "key-manager"],
+            &[],
+            24 * 3600,
+        ),
+        rule(
+            SPIRE_B,
+            &["upstream-authority", "key-manager"],
+            &[],
+            24 * 3600,
+        ),
+        rule(
+            "spiffe://example.org/agents/*",
+            &["issuer"],
+            &["spiffe://example.org/workloads/"],
+            3600,
+        ),
+        limited,
+    ];
+    cfg
+}
+
+impl Bed {
+    /// An appliance on a fresh token, or `None` (test skipped loudly) without SoftHSM2.
+    pub async fn start() -> Option<Bed> {
+        Self::start_with(|_| {}).await
+    }
+
+    pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> Option<Bed> {
+        let hsm = SoftHsm::new()?;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(&hsm, dir.path());
+        tweak(&mut cfg);
+        let app = Appliance::start(cfg.clone())
+            .await
+            .expect("the appliance starts");
+        Some(Bed {
+            app,
+            dir,
+            cfg,
+            _hsm: hsm,
+        })
+    }
+
+    pub fn admin(&self) -> Credential {
+        let p = self.app.paths();
+        Credential {
+            chain_pem: std::fs::read_to_string(&p.admin_cert).unwrap(),
+            key_pem: std::fs::read_to_string(&p.admin_key).unwrap(),
+        }
+    }
+
+    pub fn roots_pem(&self) -> String {
+        std::fs::read_to_string(&self.app.paths().bundle).unwrap()
+    }
+
+    /// A channel presenting `identity` (or no client certificate).
+    pub async fn channel(&self, identity: Option<&Credential>) -> Channel {
+        let mut tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(self.roots_pem()))
+            .domain_name("localhost");
+        if let Some(c) = identity {
+            tls = tls.identity(Identity::from_pem(&c.chain_pem, &c.key_pem));
+        }
+        Endpoint::from_shared(format!("https://{}", self.app.addr()))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .expect("connecting to the appliance")
+    }
+
+    /// An X509-SVID for `id`, minted through the Issuer API with the admin credential.
+    pub async fn credential_for(&self, id: &str) -> Credential {
+        let mut c = IssuerClient::new(self.channel(Some(&self.admin())).await);
+        let (csr, kp) = csr_for(id);
+        let r = c
+            .batch_mint_x509svid(pb::BatchMintX509svidRequest {
+                requests: vec![pb::X509svidRequest {
+                    csr,
+                    ttl_seconds: 3600,
+                }],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let svid = expect_svid(r.results.into_iter().next().unwrap());
+        Credential {
+            chain_pem: pem_chain(&svid.cert_chain),
+            key_pem: kp.serialize_pem(),
+        }
+    }
+
+    /// The audit log's lines.
+    pub fn audit(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.app.audit_path())
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Stops the appliance and starts it again on the same token and data directory.
+    pub async fn restart(self) -> Bed {
+        let Bed {
+            app,
+            dir,
+            cfg,
+            _hsm,
+        } = self;
+        app.shutdown().await.unwrap();
+        let app = Appliance::start(cfg.clone())
+            .await
+            .expect("the appliance restarts");
+        Bed {
+            app,
+            dir,
+            cfg,
+            _hsm,
+        }
+    }
+
+    pub async fn stop(self) {
+        self.app.shutdown().await.unwrap();
+        drop(self.dir);
+    }
+}
+
+/// A P-256 key and a CSR for `id` (empty subject, one URI SAN).
+pub fn csr_for(id: &str) -> (Vec<u8>, rcgen::KeyPair) {
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into().unwrap())];
+    let der = params.serialize_request(&kp).unwrap().der().to_vec();
+    (der, kp)
+}
+
+pub fn expect_svid(r: pb::X509svidResult) -> pb::X509svid {
+    match r.result {
+        Some(pb::x509svid_result::Result::Svid(s)) => s,
+        other => panic!("expected an SVID, got {other:?}"),
+    }
+}
+
+pub fn expect_failure(r: &pb::X509svidResult) -> &pb::Failure {
+    match &r.result {
+        Some(pb::x509svid_result::Result::Failure(f)) => f,
+        other => panic!("expected a failure, got {other:?}"),
+    }
+}
+
+pub fn pem_chain(ders: &[Vec<u8>]) -> String {
+    ders.iter()
+        .map(|d| pem::encode(&pem::Pem::new("CERTIFICATE", d.clone())))
+        .collect()
+}
+
+/// `openssl verify -x509_strict` of `leaf` against `roots` with `untrusted` intermediates.
+pub fn openssl_verify(roots: &[Vec<u8>], untrusted: &[Vec<u8>], leaf: &[u8]) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |name: &str, ders: &[Vec<u8>]| -> PathBuf {
+        let path = dir.path().join(name);
+        let mut f = std::fs::File::create(&path).unwrap();
+        f.write_all(pem_chain(ders).as_bytes()).unwrap();
+        path
+    };
+    let root = write("root.pem", roots);
+    let leaf = write("leaf.pem", &[leaf.to_vec()]);
+    let mut cmd = Command::new("openssl");
+    cmd.args(["verify", "-x509_strict", "-purpose", "any", "-CAfile"])
+        .arg(&root);
+    if !untrusted.is_empty() {
+        cmd.arg("-untrusted").arg(write("chain.pem", untrusted));
+    }
+    let out = cmd.arg(&leaf).output().expect("running openssl");
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ))
+    }
+}
+
+/// Waits for the next stream message, failing (instead of hanging) if none comes within a generous bound.
+pub async fn next<T>(s: &mut tonic::Streaming<T>) -> T {
+    tokio::time::timeout(Duration::from_secs(60), s.message())
+        .await
+        .expect("no stream message within 60 s")
+        .expect("stream error")
+        .expect("stream ended")
+}
+
+/// A self-signed CA (not ours) with a key, for foreign roots and foreign client certificates.
+pub fn foreign_ca() -> (rcgen::Certificate, rcgen::KeyPair) {
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name
+        .push(rcgen::DnType::CommonName, "foreign CA");
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        rcgen::KeyUsagePurpose::KeyCertSign,
+        rcgen::KeyUsagePurpose::CrlSign,
+    ];
+    let cert = p.self_signed(&kp).unwrap();
+    (cert, kp)
+}
+
+/// Lines of the audit log for `caller` and `method`.
+pub fn audit_lines<'a>(
+    lines: &'a [serde_json::Value],
+    caller: &str,
+    method: &str,
+) -> Vec<&'a serde_json::Value> {
+    lines
+        .iter()
+        .filter(|l| l["caller"] == caller && l["method"] == method)
+        .collect()
+}

@@ -1,0 +1,236 @@
+//! SPIRE's KeyManager v1 over gRPC: keys on the token per calling server, signatures verified with ring against
+//! GetPublicKey's key, replacement, NOT_FOUND, and digest checks.
+
+use ring::signature::{self, UnparsedPublicKey};
+use signet_proto::spire::plugin::server::keymanager::v1 as pb;
+use signet_proto::spire::plugin::server::keymanager::v1::key_manager_client::KeyManagerClient;
+use tonic::Code;
+use x509_parser::prelude::FromDer as _;
+
+use crate::common::*;
+
+fn raw_key(spki: &[u8]) -> Vec<u8> {
+    let (_, info) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki).unwrap();
+    info.subject_public_key.data.to_vec()
+}
+
+fn sha256(data: &[u8]) -> Vec<u8> {
+    ring::digest::digest(&ring::digest::SHA256, data)
+        .as_ref()
+        .to_vec()
+}
+
+async fn generate(
+    c: &mut KeyManagerClient<tonic::transport::Channel>,
+    id: &str,
+    t: pb::KeyType,
+) -> pb::PublicKey {
+    c.generate_key(pb::GenerateKeyRequest {
+        key_id: id.into(),
+        key_type: t as i32,
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .public_key
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_sign_verifiably_and_are_distinct_per_caller() {
+    let Some(bed) = Bed::start().await else {
+        return;
+    };
+    let a = bed.credential_for(SPIRE_A).await;
+    let b = bed.credential_for(SPIRE_B).await;
+    let mut ka = KeyManagerClient::new(bed.channel(Some(&a)).await);
+    let mut kb = KeyManagerClient::new(bed.channel(Some(&b)).await);
+
+    let pa = generate(&mut ka, "x509-CA-A", pb::KeyType::EcP256).await;
+    assert_eq!(pa.id, "x509-CA-A");
+    assert_eq!(pa.r#type, pb::KeyType::EcP256 as i32);
+    assert_eq!(pa.fingerprint, hex::encode(sha256(&pa.pkix_data)));
+    let got = ka
+        .get_public_key(pb::GetPublicKeyRequest {
+            key_id: "x509-CA-A".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .public_key
+        .unwrap();
+    assert_eq!(got, pa);
+
+    // SignData: a SHA-256 digest, an ASN.1 DER ECDSA signature that ring verifies over the message.
+    let msg = b"to be signed by the SPIRE server's CA key";
+    let resp = ka
+        .sign_data(pb::SignDataRequest {
+            key_id: "x509-CA-A".into(),
+            data: sha256(msg),
+            signer_opts: Some(pb::sign_data_request::SignerOpts::HashAlgorithm(
+                pb::HashAlgorithm::Sha256 as i32,
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.key_fingerprint, pa.fingerprint);
+    UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, raw_key(&pa.pkix_data))
+        .verify(msg, &resp.signature)
+        .expect("ring verifies the signature");
+    assert!(
+        UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, raw_key(&pa.pkix_data))
+            .verify(b"another message", &resp.signature)
+            .is_err()
+    );
+
+    // Another server's key with the same id is another key; it cannot see or use A's keys.
+    let pb_ = generate(&mut kb, "x509-CA-A", pb::KeyType::EcP256).await;
+    assert_ne!(pb_.pkix_data, pa.pkix_data);
+    assert_ne!(pb_.fingerprint, pa.fingerprint);
+    let e = kb
+        .get_public_key(pb::GetPublicKeyRequest {
+            key_id: "JWT-Signer-A".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+    generate(&mut ka, "JWT-Signer-A", pb::KeyType::EcP384).await;
+    let listed_a = ka
+        .get_public_keys(pb::GetPublicKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let listed_b = kb
+        .get_public_keys(pb::GetPublicKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(listed_a.public_keys.len(), 2);
+    assert_eq!(listed_b.public_keys.len(), 1);
+    let e = kb
+        .sign_data(pb::SignDataRequest {
+            key_id: "JWT-Signer-A".into(),
+            data: sha256(msg),
+            signer_opts: Some(pb::sign_data_request::SignerOpts::HashAlgorithm(
+                pb::HashAlgorithm::Sha384 as i32,
+            )),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // GenerateKey on an existing id: a new key and fingerprint; signatures now come from the new key.
+    let pa2 = generate(&mut ka, "x509-CA-A", pb::KeyType::EcP256).await;
+    assert_ne!(pa2.fingerprint, pa.fingerprint);
+    let resp = ka
+        .sign_data(pb::SignDataRequest {
+            key_id: "x509-CA-A".into(),
+            data: sha256(msg),
+            signer_opts: Some(pb::sign_data_request::SignerOpts::HashAlgorithm(
+                pb::HashAlgorithm::Sha256 as i32,
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.key_fingerprint, pa2.fingerprint);
+    UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, raw_key(&pa2.pkix_data))
+        .verify(msg, &resp.signature)
+        .expect("signed by the new key");
+
+    // Digest length and hash are checked.
+    for (data, opts) in [
+        (vec![0u8; 20], pb::HashAlgorithm::Sha256),
+        (sha256(msg), pb::HashAlgorithm::Sha384),
+        (sha256(msg), pb::HashAlgorithm::Sha3256),
+    ] {
+        let e = ka
+            .sign_data(pb::SignDataRequest {
+                key_id: "x509-CA-A".into(),
+                data,
+                signer_opts: Some(pb::sign_data_request::SignerOpts::HashAlgorithm(
+                    opts as i32,
+                )),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    }
+    let audit = bed.audit();
+    assert!(
+        audit_lines(&audit, SPIRE_A, "SignData")
+            .iter()
+            .any(|l| l["outcome"] == "key_used")
+    );
+
+    // After a restart the keys are found on the token again, with the same fingerprints (the replaced key is gone).
+    let root_before = bed.app.bundle().current().x509_roots.clone();
+    let bed = bed.restart().await;
+    assert_eq!(
+        bed.app.bundle().current().x509_roots,
+        root_before,
+        "the root is reused"
+    );
+    let mut ka = KeyManagerClient::new(bed.channel(Some(&a)).await);
+    let after = ka
+        .get_public_keys(pb::GetPublicKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let fps: Vec<&str> = after
+        .public_keys
+        .iter()
+        .map(|k| k.fingerprint.as_str())
+        .collect();
+    assert_eq!(after.public_keys.len(), 2);
+    assert!(fps.contains(&pa2.fingerprint.as_str()));
+    assert!(!fps.contains(&pa.fingerprint.as_str()));
+    bed.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rsa_keys_sign_pkcs1_and_pss() {
+    let Some(bed) = Bed::start().await else {
+        return;
+    };
+    let a = bed.credential_for(SPIRE_A).await;
+    let mut ka = KeyManagerClient::new(bed.channel(Some(&a)).await);
+    let p = generate(&mut ka, "JWT-Signer-B", pb::KeyType::Rsa2048).await;
+    let msg = b"rsa message";
+    let pkcs1 = ka
+        .sign_data(pb::SignDataRequest {
+            key_id: "JWT-Signer-B".into(),
+            data: sha256(msg),
+            signer_opts: Some(pb::sign_data_request::SignerOpts::HashAlgorithm(
+                pb::HashAlgorithm::Sha256 as i32,
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    UnparsedPublicKey::new(
+        &signature::RSA_PKCS1_2048_8192_SHA256,
+        raw_key(&p.pkix_data),
+    )
+    .verify(msg, &pkcs1.signature)
+    .expect("PKCS#1 v1.5 verifies");
+    let pss = ka
+        .sign_data(pb::SignDataRequest {
+            key_id: "JWT-Signer-B".into(),
+            data: sha256(msg),
+            signer_opts: Some(pb::sign_data_request::SignerOpts::PssOptions(
+                pb::sign_data_request::PssOptions {
+                    salt_length: -1,
+                    hash_algorithm: pb::HashAlgorithm::Sha256 as i32,
+                },
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    UnparsedPublicKey::new(&signature::RSA_PSS_2048_8192_SHA256, raw_key(&p.pkix_data))
+        .verify(msg, &pss.signature)
+        .expect("PSS verifies");
+    bed.stop().await;
+}

@@ -124,93 +124,88 @@ pub trait EmbeddedToken: std::fmt::Debug + Send + Sync {
     fn provision(&self, data_dir: &Path) -> Result<TokenSettings, ServeError>;
 }
 
-/// SoftHSM2 with its configuration and token directory inside the data directory.
+/// hsm-sim, the PKCS#11 simulator linked into the `signet` binary, with its token directory inside the data
+/// directory: nothing to install, no configuration to write. The module is the program itself
+/// ([`signet_pkcs11::BUILTIN_MODULE`]), so this token is only available in a program that exports hsm-sim's
+/// `C_GetFunctionList` (the `signet` binary does; see its build script).
 #[derive(Debug, Clone, Copy, Default)]
-pub struct SoftHsm2Embedded;
+pub struct HsmSimEmbedded;
 
 const EMBEDDED_LABEL: &str = "signet";
 
-impl EmbeddedToken for SoftHsm2Embedded {
+impl EmbeddedToken for HsmSimEmbedded {
     fn name(&self) -> &'static str {
-        "SoftHSM2"
+        "hsm-sim"
     }
 
-    fn environment(&self, data_dir: &Path) -> Vec<(String, PathBuf)> {
-        vec![("SOFTHSM2_CONF".into(), data_dir.join("softhsm2.conf"))]
+    fn environment(&self, _data_dir: &Path) -> Vec<(String, PathBuf)> {
+        // Configured through hsm_sim::set_embedded_config, not the environment.
+        Vec::new()
     }
 
     fn provision(&self, data_dir: &Path) -> Result<TokenSettings, ServeError> {
-        let module = PathBuf::from(signet_pkcs11::DEFAULT_MODULE);
-        let token_err = |message: String| ServeError::Token {
-            token: "embedded".into(),
-            message,
+        let dir = data_dir.join("hsm-sim");
+        std::fs::create_dir_all(&dir).map_err(io("creating the token directory"))?;
+        let config = hsm_sim::Config {
+            dir: Some(dir.clone()),
+            ..hsm_sim::Config::default()
         };
-        if !module.exists() {
-            return Err(token_err(format!(
-                "the embedded token needs SoftHSM2 ({} is missing): install the softhsm2 package, or configure \
-                 [[tokens]]",
-                module.display()
-            )));
+        // The first configuration of the process stays; a second appliance in one process shares the device.
+        if !hsm_sim::set_embedded_config(config) {
+            tracing::debug!("the embedded hsm-sim device was configured already in this process");
         }
-        let conf = data_dir.join("softhsm2.conf");
-        let tokens = data_dir.join("softhsm2-tokens");
-        std::fs::create_dir_all(&tokens).map_err(io("creating the token directory"))?;
-        if !conf.exists() {
-            write_private(
-                &conf,
-                format!(
-                    "directories.tokendir = {}\nobjectstore.backend = file\nlog.level = ERROR\nslots.removable = false\n",
-                    tokens.display()
-                )
-                .as_bytes(),
-            )?;
-        }
-        let pin_file = data_dir.join("token.pin");
-        let so_pin_file = data_dir.join("token.so-pin");
-        for f in [&pin_file, &so_pin_file] {
-            if !f.exists() {
-                write_private(f, random_hex(16)?.as_bytes())?;
-            }
-        }
-        if std::env::var_os("SOFTHSM2_CONF").as_deref() != Some(conf.as_os_str()) {
-            return Err(token_err(format!(
-                "SOFTHSM2_CONF must be {} before the module is loaded (signet serve sets it itself)",
-                conf.display()
-            )));
-        }
-        let slots = signet_pkcs11::list_slots(&module).map_err(|e| token_err(e.to_string()))?;
-        let exists = slots
-            .iter()
-            .any(|s| s.token.as_ref().is_some_and(|t| t.label == EMBEDDED_LABEL));
-        if !exists {
-            let read = |p: &Path| -> Result<signet_pkcs11::Pin, ServeError> {
-                let text =
-                    std::fs::read_to_string(p).map_err(io(format!("reading {}", p.display())))?;
-                Ok(signet_pkcs11::Pin::new(text.trim().to_string()))
-            };
-            signet_pkcs11::init_token(
-                &module,
-                EMBEDDED_LABEL,
-                &read(&so_pin_file)?,
-                &read(&pin_file)?,
-            )
-            .map_err(|e| token_err(format!("cannot initialise the embedded token: {e}")))?;
-            tracing::info!(dir = %tokens.display(), "embedded SoftHSM2 token created");
-        }
-        Ok(TokenSettings {
-            name: "embedded".into(),
-            module,
-            token: Some(EMBEDDED_LABEL.into()),
-            serial: None,
-            pin: PinConfig::File(pin_file),
-            sessions: 2,
-        })
+        let settings = provision_token(PathBuf::from(signet_pkcs11::BUILTIN_MODULE), data_dir)?;
+        tracing::info!(dir = %dir.display(), "embedded hsm-sim token ready");
+        Ok(settings)
     }
+}
+
+/// Creates the embedded token `signet` on `module` unless it exists, with random PINs kept in the data directory
+/// (0600), and returns its settings.
+fn provision_token(module: PathBuf, data_dir: &Path) -> Result<TokenSettings, ServeError> {
+    let token_err = |message: String| ServeError::Token {
+        token: "embedded".into(),
+        message,
+    };
+    let pin_file = data_dir.join("token.pin");
+    let so_pin_file = data_dir.join("token.so-pin");
+    for f in [&pin_file, &so_pin_file] {
+        if !f.exists() {
+            write_private(f, random_hex(16)?.as_bytes())?;
+        }
+    }
+    let slots = signet_pkcs11::list_slots(&module).map_err(|e| token_err(e.to_string()))?;
+    let exists = slots
+        .iter()
+        .any(|s| s.token.as_ref().is_some_and(|t| t.label == EMBEDDED_LABEL));
+    if !exists {
+        let read = |p: &Path| -> Result<signet_pkcs11::Pin, ServeError> {
+            let text =
+                std::fs::read_to_string(p).map_err(io(format!("reading {}", p.display())))?;
+            Ok(signet_pkcs11::Pin::new(text.trim().to_string()))
+        };
+        signet_pkcs11::init_token(
+            &module,
+            EMBEDDED_LABEL,
+            &read(&so_pin_file)?,
+            &read(&pin_file)?,
+        )
+        .map_err(|e| token_err(format!("cannot initialise the embedded token: {e}")))?;
+        tracing::info!("embedded token created");
+    }
+    Ok(TokenSettings {
+        name: "embedded".into(),
+        module,
+        token: Some(EMBEDDED_LABEL.into()),
+        serial: None,
+        pin: PinConfig::File(pin_file),
+        sessions: 2,
+    })
 }
 
 /// The embedded token used when the configuration names none.
 pub fn default_embedded_token() -> Arc<dyn EmbeddedToken> {
-    Arc::new(SoftHsm2Embedded)
+    Arc::new(HsmSimEmbedded)
 }
 
 fn random_hex(bytes: usize) -> Result<String, ServeError> {

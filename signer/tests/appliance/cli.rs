@@ -14,6 +14,15 @@ fn signet() -> Command {
     c
 }
 
+/// The server's log (stderr), appended to `cwd/serve.log` so a failure can show it.
+fn log_file(cwd: &Path) -> std::fs::File {
+    std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(cwd.join("serve.log"))
+        .expect("opening serve.log")
+}
+
 /// Starts `signet serve` in `cwd` and waits for its banner; returns the child and the banner.
 fn serve(cwd: &Path) -> (Child, String) {
     let mut child = signet()
@@ -26,7 +35,7 @@ fn serve(cwd: &Path) -> (Child, String) {
         ])
         .current_dir(cwd)
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(log_file(cwd))
         .spawn()
         .expect("starting signet serve");
     let mut out = BufReader::new(child.stdout.take().unwrap());
@@ -34,7 +43,11 @@ fn serve(cwd: &Path) -> (Child, String) {
     loop {
         let mut line = String::new();
         let n = out.read_line(&mut line).unwrap();
-        assert!(n > 0, "signet serve exited before serving: {banner}");
+        assert!(
+            n > 0,
+            "signet serve exited before serving: {banner}\n--- its log:\n{}",
+            std::fs::read_to_string(cwd.join("serve.log")).unwrap_or_default()
+        );
         banner.push_str(&line);
         if line.starts_with("Stop with") {
             break;

@@ -108,6 +108,7 @@ fn main() {
                 }
             });
             println!("digests verified: {}", p.digests_verified());
+            print_switches();
             p.shutdown();
         }
         other => {
@@ -121,4 +122,27 @@ fn main() {
         wall.as_secs_f64(),
         n as f64 / wall.as_secs_f64()
     );
+}
+
+/// Context switches per thread (voluntary: the thread blocked; involuntary: it was preempted), from /proc.
+fn print_switches() {
+    let Ok(dir) = std::fs::read_dir("/proc/self/task") else {
+        return;
+    };
+    for task in dir.flatten() {
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .map_or("", str::trim)
+                .to_string()
+        };
+        println!(
+            "  {:<20} voluntary {:>7}  involuntary {:>7}",
+            field("Name:"),
+            field("voluntary_ctxt_switches:"),
+            field("nonvoluntary_ctxt_switches:")
+        );
+    }
 }

@@ -29,7 +29,7 @@ use super::session::HsmSession;
 use super::{Shared, TokenState};
 
 /// Longest a successful answer is held back to be sent together with the next ones (see the module docs).
-pub(crate) const REPLY_DELAY: Duration = Duration::from_micros(250);
+pub(crate) const REPLY_DELAY: Duration = Duration::from_micros(500);
 /// Most answers held back at once.
 pub(crate) const REPLY_GROUP: usize = 16;
 

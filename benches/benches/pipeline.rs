@@ -581,12 +581,12 @@ fn main() {
         cores()
     );
     println!(
-        "R_sign    = {:>8.0}/s pipeline / {:>8.0}/s bare C_Sign = {:.3}  (goal >= 0.90)",
+        "R_sign    (criterion runs, seconds apart) {:>8.0}/s pipeline / {:>8.0}/s bare C_Sign = {:.3}  (goal >= 0.90)",
         rate("sign.pipeline"),
         rate("sign.bare"),
         r("sign.pipeline", "sign.bare")
     );
-    println!("            paired: {}", paired_summary("sign"));
+    println!("            the ratio, paired: {}", paired_summary("sign"));
     println!(
         "            CPU/op efficiency bare/pipeline = {:.3}",
         e("sign.pipeline", "sign.bare")
@@ -597,23 +597,29 @@ fn main() {
         r("sign.pipeline.verify_always", "sign.bare")
     );
     println!(
-        "R_issue   = {:>8.0}/s pipeline direct / {:>8.0}/s tight loop = {:.3}  (goal >= 0.85)",
+        "R_issue   (criterion runs, seconds apart) {:>8.0}/s pipeline direct / {:>8.0}/s tight loop = {:.3}  (goal >= 0.85)",
         rate("issue.direct.pipeline"),
         rate("issue.direct.tight"),
         r("issue.direct.pipeline", "issue.direct.tight")
     );
-    println!("            paired: {}", paired_summary("issue.direct"));
+    println!(
+        "            the ratio, paired: {}",
+        paired_summary("issue.direct")
+    );
     println!(
         "            CPU/op efficiency tight/pipeline = {:.3}",
         e("issue.direct.pipeline", "issue.direct.tight")
     );
     println!(
-        "R_deleg   = {:>8.0}/s pipeline delegated / {:>8.0}/s ring tight loop = {:.3}  (goal >= 0.85)",
+        "R_deleg   (criterion runs, seconds apart) {:>8.0}/s pipeline delegated / {:>8.0}/s ring tight loop = {:.3}  (goal >= 0.85)",
         rate("issue.delegated.pipeline"),
         rate("issue.delegated.tight"),
         r("issue.delegated.pipeline", "issue.delegated.tight")
     );
-    println!("            paired: {}", paired_summary("issue.delegated"));
+    println!(
+        "            the ratio, paired: {}",
+        paired_summary("issue.delegated")
+    );
     println!(
         "            CPU/op efficiency tight/pipeline = {:.3}",
         e("issue.delegated.pipeline", "issue.delegated.tight")

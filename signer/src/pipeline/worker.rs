@@ -138,8 +138,7 @@ impl Worker {
             return;
         }
         self.held_since = None;
-        let held = std::mem::take(&mut self.held);
-        let mut held = held;
+        let mut held = std::mem::take(&mut self.held);
         for (job, sig) in held.drain(..) {
             self.finish(job, Ok(sig));
         }
@@ -236,7 +235,7 @@ impl Worker {
                 };
                 let took = started.elapsed();
                 self.sign_seconds.record(took.as_secs_f64());
-                self.sign_avg = (self.sign_avg * 7 + took) / 8;
+                self.sign_avg = self.sign_avg.saturating_mul(7).saturating_add(took) / 8;
                 r
             });
             let err = match result {

@@ -14,7 +14,7 @@
 //!    Transient token errors are retried on a fresh session within the job's deadline; a token whose session cannot
 //!    be recovered is taken out of rotation (probed again with backoff) and its unfinished jobs go to the others.
 //! 4. The worker answers the job on its reply channel, exactly once: a signature or an error. Within a batch,
-//!    signatures are answered in small groups held back at most `REPLY_DELAY` (500 µs), so that one wake-up of the
+//!    signatures are answered in small groups held back at most `REPLY_DELAY` (2 ms), so that one wake-up of the
 //!    callers' threads serves several answers; on a slow HSM each answer goes out at once. On shutdown the queue is
 //!    drained and every job still in it is answered `ShuttingDown`.
 //! 5. Before a credential leaves, its signature is checked against the public key: X.509 and JWT signatures by the

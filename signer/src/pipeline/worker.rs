@@ -28,10 +28,12 @@ use super::metrics::Handles;
 use super::session::HsmSession;
 use super::{Shared, TokenState};
 
-/// Longest a successful answer is held back to be sent together with the next ones (see the module docs).
-pub(crate) const REPLY_DELAY: Duration = Duration::from_micros(500);
+/// Longest a successful answer is held back to be sent together with the next ones (see the module docs). On
+/// SoftHSM2 (about 0.1 ms a signature) 2 ms gave 12,800-13,200 signatures/s at 142-146 µs of process CPU each, against
+/// 10,300-11,600/s at 163-179 µs with 0.5 ms (64 async submitters, 2 sessions, 2 cores, alternating runs).
+pub(crate) const REPLY_DELAY: Duration = Duration::from_micros(2000);
 /// Most answers held back at once.
-pub(crate) const REPLY_GROUP: usize = 16;
+pub(crate) const REPLY_GROUP: usize = 32;
 
 enum Flow {
     Continue,

@@ -7,6 +7,18 @@
 //! - delegated mode X509-SVIDs from CSRs / a ring-only tight loop of the same work;
 //! - memory: peak RSS (VmHWM) when 100,000 jobs are offered at once (the excess is refused).
 //!
+//! Method. The machine may be shared, so a ratio of two rates measured seconds apart mostly measures how the load
+//! changed in between. Each ratio therefore comes from paired rounds after criterion's runs: a round runs the
+//! baseline and then the pipeline over the same number of operations, back to back, and the reported ratio is the
+//! median of the rounds' ratios (each round also gives a CPU-per-operation ratio, from the process's CPU time, which
+//! does not depend on how much of the machine the process got). Both sides use as many busy threads as the
+//! baseline uses cores: the async submitters run on a tokio runtime with one worker per core, and the delegated
+//! pipeline's CPU pool has one thread per core, like the tight loops (direct mode's CPU pool keeps the default size,
+//! because its threads wait while the token signs). Wall-clock ratios mean what the goals mean only when the load
+//! average stays below the number of cores; the load average is printed at the start and the end. Instruction
+//! counts and context switches per signature, which do not depend on load, come from the `pipeline_profile`
+//! example under `valgrind --tool=callgrind` and `perf stat -e context-switches,task-clock`.
+//!
 //! Run: `cargo bench -p signet-bench --bench pipeline`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -36,6 +48,60 @@ use time::OffsetDateTime;
 /// Concurrent submitters (async tasks, on a tokio runtime with one worker per core) offering load to the pipeline.
 const SUBMITTERS: u64 = 64;
 const LABEL: &str = "bench-ca";
+
+/// Paired rounds per ratio (see the module docs).
+const ROUNDS: usize = 7;
+
+/// Per ratio: the rounds' wall-clock ratios and CPU-per-operation ratios (baseline CPU/op over pipeline CPU/op).
+type Paired = Vec<(&'static str, Vec<f64>, Vec<f64>)>;
+static PAIRED: Mutex<Paired> = Mutex::new(Vec::new());
+
+/// Runs `rounds` paired rounds of `iters` operations: the baseline, then the pipeline, back to back; records each
+/// round's wall-clock ratio (pipeline rate / baseline rate) and CPU-per-operation ratio under `name`.
+fn paired(
+    name: &'static str,
+    iters: u64,
+    baseline: &mut dyn FnMut(u64) -> Duration,
+    pipeline: &mut dyn FnMut(u64) -> Duration,
+) {
+    let (mut walls, mut cpus) = (Vec::new(), Vec::new());
+    for _ in 0..ROUNDS {
+        let c0 = process_cpu();
+        let base = baseline(iters).as_secs_f64();
+        let c1 = process_cpu();
+        let pipe = pipeline(iters).as_secs_f64();
+        let c2 = process_cpu();
+        walls.push(base / pipe.max(1e-9));
+        cpus.push((c1 - c0) / (c2 - c1).max(1e-9));
+    }
+    PAIRED.lock().unwrap().push((name, walls, cpus));
+}
+
+fn median(v: &[f64]) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+/// The median wall-clock ratio, its range, and the median CPU-per-operation ratio of a paired measurement.
+fn paired_summary(name: &str) -> String {
+    let p = PAIRED.lock().unwrap();
+    let Some((_, walls, cpus)) = p.iter().find(|(n, ..)| *n == name) else {
+        return "not measured".into();
+    };
+    let lo = walls.iter().copied().fold(f64::INFINITY, f64::min);
+    let hi = walls.iter().copied().fold(0.0, f64::max);
+    format!(
+        "median of {} paired rounds {:.3} (range {lo:.3}-{hi:.3}); CPU/op ratio {:.3}",
+        walls.len(),
+        median(walls),
+        median(cpus)
+    )
+}
 
 /// Per measured scenario: iterations, wall seconds, process CPU seconds.
 type Rates = Vec<(&'static str, u64, f64, f64)>;
@@ -221,8 +287,18 @@ where
 }
 
 fn start_pipeline(token: &Token, sessions: usize, verify: VerifyPolicy) -> (Pipeline, PipelineKey) {
+    start_pipeline_with(token, sessions, verify, 0)
+}
+
+fn start_pipeline_with(
+    token: &Token,
+    sessions: usize,
+    verify: VerifyPolicy,
+    cpu_threads: usize,
+) -> (Pipeline, PipelineKey) {
     let cfg = PipelineConfig {
         verify_digests: verify,
+        cpu_threads,
         ..PipelineConfig::default()
     };
     let p = Pipeline::start(
@@ -246,36 +322,44 @@ fn bench_sign(c: &mut Criterion, token: &Token, sessions: usize) {
         })
         .collect();
     let d = digest(1);
-    g.bench_function("bare_cryptoki_c_sign", |b| {
-        b.iter_custom(|iters| {
-            measured("sign.bare", iters, || {
-                let per = iters.div_ceil(sessions as u64);
-                let start = Instant::now();
-                std::thread::scope(|s| {
-                    for (t, m) in raw.iter().enumerate() {
-                        let d = &d;
-                        s.spawn(move || {
-                            let g = m.lock().unwrap();
-                            let n = ((t as u64 + 1) * per)
-                                .min(iters)
-                                .saturating_sub(t as u64 * per);
-                            g.0.with_raw_session(|raw| {
-                                for _ in 0..n {
-                                    std::hint::black_box(
-                                        raw.sign(&Mechanism::Ecdsa, g.1.private_handle(), d)
-                                            .unwrap(),
-                                    );
-                                }
-                            })
-                            .unwrap();
-                        });
-                    }
+    let bare = |iters: u64| {
+        let per = iters.div_ceil(sessions as u64);
+        let start = Instant::now();
+        std::thread::scope(|s| {
+            for (t, m) in raw.iter().enumerate() {
+                let d = &d;
+                s.spawn(move || {
+                    let g = m.lock().unwrap();
+                    let n = ((t as u64 + 1) * per)
+                        .min(iters)
+                        .saturating_sub(t as u64 * per);
+                    g.0.with_raw_session(|raw| {
+                        for _ in 0..n {
+                            std::hint::black_box(
+                                raw.sign(&Mechanism::Ecdsa, g.1.private_handle(), d)
+                                    .unwrap(),
+                            );
+                        }
+                    })
+                    .unwrap();
                 });
-                start.elapsed()
-            })
-        })
+            }
+        });
+        start.elapsed()
+    };
+    g.bench_function("bare_cryptoki_c_sign", |b| {
+        b.iter_custom(|iters| measured("sign.bare", iters, || bare(iters)))
     });
-    drop(raw);
+    let rt = runtime();
+    let through = |p: &Pipeline, key: &PipelineKey, iters: u64| {
+        let (p, key) = (p.clone(), key.clone());
+        concurrent(&rt, iters, move |i| {
+            let f = p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(i), far());
+            async move {
+                std::hint::black_box(f.await.unwrap());
+            }
+        })
+    };
     for (name, policy, tag) in [
         ("pipeline", VerifyPolicy::Sample(64), "sign.pipeline"),
         (
@@ -285,21 +369,14 @@ fn bench_sign(c: &mut Criterion, token: &Token, sessions: usize) {
         ),
     ] {
         let (p, key) = start_pipeline(token, sessions, policy);
-        let rt = runtime();
         g.bench_function(name, |b| {
-            b.iter_custom(|iters| {
-                let (p, key) = (p.clone(), key.clone());
-                measured(tag, iters, || {
-                    concurrent(&rt, iters, move |i| {
-                        let f =
-                            p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(i), far());
-                        async move {
-                            std::hint::black_box(f.await.unwrap());
-                        }
-                    })
-                })
-            })
+            b.iter_custom(|iters| measured(tag, iters, || through(&p, &key, iters)))
         });
+        if policy == VerifyPolicy::Sample(64) {
+            paired("sign", 4000, &mut |n| bare(n), &mut |n| {
+                through(&p, &key, n)
+            });
+        }
         p.shutdown();
     }
     g.finish();
@@ -309,24 +386,36 @@ fn bench_issue(c: &mut Criterion, token: &Token, sessions: usize, csrs: &Arc<Vec
     let mut g = c.benchmark_group("x509_svid_from_csr");
     g.throughput(criterion::Throughput::Elements(1));
     let threads = cores();
+    let rt = runtime();
+    let through = |issuer: &X509SvidIssuer, iters: u64| {
+        let (issuer, csrs) = (issuer.clone(), csrs.clone());
+        concurrent(&rt, iters, move |i| {
+            let f = issuer.issue_x509_svid(
+                csrs[i as usize % csrs.len()].clone(),
+                Duration::from_secs(600),
+                far(),
+            );
+            async move {
+                std::hint::black_box(f.await.unwrap());
+            }
+        })
+    };
 
     // Direct, tight loop: one thread per core, the token key through a session pool of the same size.
     let tk: Arc<dyn AuthorityKey> =
         Arc::new(TokenKey::open(token.clone(), LABEL, sessions).unwrap());
     let tight_root = root(tk.clone());
-    g.bench_function("direct_tight_loop", |b| {
-        b.iter_custom(|iters| {
-            measured("issue.direct.tight", iters, || {
-                threaded(iters, threads, &|i| {
-                    issue_one(&tight_root, &csrs[i as usize % csrs.len()]);
-                })
-            })
+    let direct_tight = |iters: u64| {
+        threaded(iters, threads, &|i| {
+            issue_one(&tight_root, &csrs[i as usize % csrs.len()]);
         })
+    };
+    g.bench_function("direct_tight_loop", |b| {
+        b.iter_custom(|iters| measured("issue.direct.tight", iters, || direct_tight(iters)))
     });
 
     // Direct, pipeline.
     let (p, key) = start_pipeline(token, sessions, VerifyPolicy::Sample(64));
-    let rt = runtime();
     let pipe_root = root(Arc::new(key));
     let issuer = rt
         .block_on(X509SvidIssuer::start(
@@ -336,22 +425,12 @@ fn bench_issue(c: &mut Criterion, token: &Token, sessions: usize, csrs: &Arc<Vec
         ))
         .unwrap();
     g.bench_function("direct_pipeline", |b| {
-        b.iter_custom(|iters| {
-            let (issuer, csrs) = (issuer.clone(), csrs.clone());
-            measured("issue.direct.pipeline", iters, || {
-                concurrent(&rt, iters, move |i| {
-                    let f = issuer.issue_x509_svid(
-                        csrs[i as usize % csrs.len()].clone(),
-                        Duration::from_secs(600),
-                        far(),
-                    );
-                    async move {
-                        std::hint::black_box(f.await.unwrap());
-                    }
-                })
-            })
-        })
+        b.iter_custom(|iters| measured("issue.direct.pipeline", iters, || through(&issuer, iters)))
     });
+    paired("issue.direct", 1500, &mut |n| direct_tight(n), &mut |n| {
+        through(&issuer, n)
+    });
+    p.shutdown();
 
     // Delegated, ring-only tight loop: an in-memory intermediate signs the leaves.
     let (soft, _) = SoftwareKey::generate(CoreKeyType::EcP256).unwrap();
@@ -377,42 +456,34 @@ fn bench_issue(c: &mut Criterion, token: &Token, sessions: usize, csrs: &Arc<Vec
         tight_root.roots().to_vec(),
     )
     .unwrap();
-    g.bench_function("delegated_tight_loop", |b| {
-        b.iter_custom(|iters| {
-            measured("issue.delegated.tight", iters, || {
-                threaded(iters, threads, &|i| {
-                    issue_one(&int_auth, &csrs[i as usize % csrs.len()]);
-                })
-            })
+    let delegated_tight = |iters: u64| {
+        threaded(iters, threads, &|i| {
+            issue_one(&int_auth, &csrs[i as usize % csrs.len()]);
         })
+    };
+    g.bench_function("delegated_tight_loop", |b| {
+        b.iter_custom(|iters| measured("issue.delegated.tight", iters, || delegated_tight(iters)))
     });
 
-    // Delegated, pipeline.
-    let del_root = root(Arc::new(p.key(LABEL).unwrap()));
+    // Delegated, pipeline: a CPU pool of one thread per core, like the tight loop (its threads never wait on the
+    // token once the intermediate is minted).
+    let (p, key) = start_pipeline_with(token, sessions, VerifyPolicy::Sample(64), threads);
     let del = rt
         .block_on(X509SvidIssuer::start(
-            del_root,
+            root(Arc::new(key)),
             SigningMode::Delegated(DelegatedConfig::default()),
             p.cpu().clone(),
         ))
         .unwrap();
     g.bench_function("delegated_pipeline", |b| {
-        b.iter_custom(|iters| {
-            let (issuer, csrs) = (del.clone(), csrs.clone());
-            measured("issue.delegated.pipeline", iters, || {
-                concurrent(&rt, iters, move |i| {
-                    let f = issuer.issue_x509_svid(
-                        csrs[i as usize % csrs.len()].clone(),
-                        Duration::from_secs(600),
-                        far(),
-                    );
-                    async move {
-                        std::hint::black_box(f.await.unwrap());
-                    }
-                })
-            })
-        })
+        b.iter_custom(|iters| measured("issue.delegated.pipeline", iters, || through(&del, iters)))
     });
+    paired(
+        "issue.delegated",
+        3000,
+        &mut |n| delegated_tight(n),
+        &mut |n| through(&del, n),
+    );
     p.shutdown();
     g.finish();
 }
@@ -510,11 +581,12 @@ fn main() {
         cores()
     );
     println!(
-        "R_sign    = {:>8.0}/s pipeline / {:>8.0}/s bare C_Sign = {:.3}  (goal >= 0.90)",
+        "R_sign    (criterion runs, seconds apart) {:>8.0}/s pipeline / {:>8.0}/s bare C_Sign = {:.3}  (goal >= 0.90)",
         rate("sign.pipeline"),
         rate("sign.bare"),
         r("sign.pipeline", "sign.bare")
     );
+    println!("            the ratio, paired: {}", paired_summary("sign"));
     println!(
         "            CPU/op efficiency bare/pipeline = {:.3}",
         e("sign.pipeline", "sign.bare")
@@ -525,20 +597,28 @@ fn main() {
         r("sign.pipeline.verify_always", "sign.bare")
     );
     println!(
-        "R_issue   = {:>8.0}/s pipeline direct / {:>8.0}/s tight loop = {:.3}  (goal >= 0.85)",
+        "R_issue   (criterion runs, seconds apart) {:>8.0}/s pipeline direct / {:>8.0}/s tight loop = {:.3}  (goal >= 0.85)",
         rate("issue.direct.pipeline"),
         rate("issue.direct.tight"),
         r("issue.direct.pipeline", "issue.direct.tight")
+    );
+    println!(
+        "            the ratio, paired: {}",
+        paired_summary("issue.direct")
     );
     println!(
         "            CPU/op efficiency tight/pipeline = {:.3}",
         e("issue.direct.pipeline", "issue.direct.tight")
     );
     println!(
-        "R_deleg   = {:>8.0}/s pipeline delegated / {:>8.0}/s ring tight loop = {:.3}  (goal >= 0.85)",
+        "R_deleg   (criterion runs, seconds apart) {:>8.0}/s pipeline delegated / {:>8.0}/s ring tight loop = {:.3}  (goal >= 0.85)",
         rate("issue.delegated.pipeline"),
         rate("issue.delegated.tight"),
         r("issue.delegated.pipeline", "issue.delegated.tight")
+    );
+    println!(
+        "            the ratio, paired: {}",
+        paired_summary("issue.delegated")
     );
     println!(
         "            CPU/op efficiency tight/pipeline = {:.3}",

@@ -6,6 +6,14 @@
 //! library when the device went away) within the job's deadline and attempt budget; when the session cannot be
 //! recovered the token is taken out of rotation, the worker's unfinished jobs go to the retry queue for the other
 //! tokens, and the worker probes the token with exponential backoff until a session opens again.
+//!
+//! Replies are grouped. Answering a job wakes its caller's thread (a tokio worker, or a CPU-pool thread parked in
+//! `wait_until`): a futex wake here and a context switch there, per signature, which on a software token costs a
+//! noticeable share of a signature's CPU. Within a batch, a worker therefore holds successful answers back while
+//! the oldest held one plus the expected duration of the next `C_Sign` (a moving average) stays within
+//! [`REPLY_DELAY`], up to [`REPLY_GROUP`] answers, and sends them back to back: tokio then wakes one thread for the
+//! group. Every held answer is sent before the worker takes its next batch (or stops); errors are answered at once.
+//! On a slow (network) HSM the expected signing time alone exceeds the bound, so every answer goes out at once.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -20,6 +28,13 @@ use super::metrics::Handles;
 use super::session::HsmSession;
 use super::{Shared, TokenState};
 
+/// Longest a successful answer is held back to be sent together with the next ones (see the module docs). On
+/// SoftHSM2 (about 0.1 ms a signature) 2 ms gave 12,800-13,200 signatures/s at 142-146 µs of process CPU each, against
+/// 10,300-11,600/s at 163-179 µs with 0.5 ms (64 async submitters, 2 sessions, 2 cores, alternating runs).
+pub(crate) const REPLY_DELAY: Duration = Duration::from_micros(2000);
+/// Most answers held back at once.
+pub(crate) const REPLY_GROUP: usize = 32;
+
 enum Flow {
     Continue,
     TokenDown,
@@ -33,6 +48,11 @@ pub(crate) struct Worker {
     handles: Handles,
     sign_seconds: metrics::Histogram,
     batch: Vec<Job>,
+    /// Signed jobs whose answers are held back (see the module docs), and when the first of them was signed.
+    held: Vec<(Job, Vec<u8>)>,
+    held_since: Option<Instant>,
+    /// Moving average of one signature's duration on this worker's token.
+    sign_avg: Duration,
 }
 
 impl Worker {
@@ -52,6 +72,10 @@ impl Worker {
             handles: Handles::new(),
             sign_seconds,
             batch,
+            held: Vec::with_capacity(REPLY_GROUP),
+            held_since: None,
+            // Until a signature has been timed, answer at once.
+            sign_avg: REPLY_DELAY,
         }
     }
 
@@ -97,9 +121,31 @@ impl Worker {
                 if let Flow::TokenDown = self.process(job) {
                     down = true;
                 }
+                self.release_held(false);
             }
+            self.release_held(true);
             self.batch = jobs;
         }
+    }
+
+    /// Sends the held answers when `all`, or when holding them over one more signature would exceed the bounds.
+    fn release_held(&mut self, all: bool) {
+        let Some(since) = self.held_since else {
+            return;
+        };
+        let due = all
+            || self.held.len() >= REPLY_GROUP
+            || since.elapsed().saturating_add(self.sign_avg) > REPLY_DELAY;
+        if !due {
+            return;
+        }
+        self.held_since = None;
+        let mut held = std::mem::take(&mut self.held);
+        for (job, sig) in held.drain(..) {
+            self.finish(job, Ok(sig));
+        }
+        // Keep the allocation for the next group.
+        self.held = held;
     }
 
     /// Sends a job back to the retry queue (for another worker, usually on another token).
@@ -189,13 +235,16 @@ impl Worker {
                 } else {
                     session.sign_message(&key, job.alg, &job.data)
                 };
-                self.sign_seconds.record(started.elapsed().as_secs_f64());
+                let took = started.elapsed();
+                self.sign_seconds.record(took.as_secs_f64());
+                self.sign_avg = self.sign_avg.saturating_mul(7).saturating_add(took) / 8;
                 r
             });
             let err = match result {
                 Ok(sig) => {
                     self.token.signatures.fetch_add(1, Ordering::Relaxed);
-                    self.finish(job, Ok(sig));
+                    self.held_since.get_or_insert_with(Instant::now);
+                    self.held.push((job, sig));
                     return Flow::Continue;
                 }
                 Err(e) => e,

@@ -29,6 +29,9 @@
 //! let spki_der = session.public_key_der("ca-key")?;
 //! # let _ = (sig, spki_der); Ok(()) }
 //! ```
+// No unsafe code in the token layer; the `testing` feature's test beds set one environment variable before a
+// module loads, which is the only exception (and never part of a production build).
+#![cfg_attr(not(feature = "testing"), forbid(unsafe_code))]
 
 mod encoding;
 pub mod error;

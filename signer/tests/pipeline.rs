@@ -12,7 +12,9 @@ mod support {
     use std::sync::{Arc, Condvar, Mutex};
     use std::time::{Duration, Instant};
 
-    use signet::pipeline::{HsmSession, PipelineConfig, SessionOpener, TokenMember};
+    use signet::pipeline::{
+        HsmSession, Pipeline, PipelineConfig, PipelineKey, SessionOpener, TokenMember,
+    };
     use signet_pkcs11::cryptoki::context::Function;
     use signet_pkcs11::cryptoki::error::{Error as CkError, RvError};
     use signet_pkcs11::{Error, Key, KeyGenOptions, KeyType, SignAlgorithm, Token, TokenSession};
@@ -248,6 +250,19 @@ mod support {
         Instant::now() + Duration::from_secs(60)
     }
 
+    /// The set-up most tests share: a SoftHSM2 token holding `label` (a `key_type` key), one worker session behind
+    /// a fault injector, a pipeline started with [`config`], the key and a runtime. `None` when SoftHSM2 is missing.
+    pub fn single_token(
+        label: &str,
+        key_type: KeyType,
+    ) -> Option<(Pipeline, PipelineKey, Arc<Faults>, tokio::runtime::Runtime)> {
+        let token = token_with_key(label, key_type)?;
+        let (m, faults) = member("a", token, 1);
+        let p = Pipeline::start(config(), vec![m]).unwrap();
+        let key = p.key(label).unwrap();
+        Some((p, key, faults, runtime()))
+    }
+
     pub fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -312,7 +327,9 @@ mod queue {
     use signet::pipeline::{Pipeline, PipelineConfig, PipelineError};
     use signet_pkcs11::{KeyType, SignAlgorithm};
 
-    use super::support::{config, digest, far, member, runtime, token_with_key, verify_digest};
+    use super::support::{
+        config, digest, far, member, runtime, single_token, token_with_key, verify_digest,
+    };
 
     /// Many threads (sync `sign`) and many async tasks (`submit_digest`) at once: every job gets exactly one answer,
     /// every answer is a valid signature, and the token made exactly as many signatures as there were jobs.
@@ -398,13 +415,9 @@ mod queue {
     /// Jobs whose deadline passed, or whose caller gave up, never reach the token.
     #[test]
     fn expired_and_abandoned_jobs_never_reach_the_token() {
-        let Some(token) = token_with_key("k", KeyType::EcP256) else {
+        let Some((p, key, faults, rt)) = single_token("k", KeyType::EcP256) else {
             return;
         };
-        let (m, faults) = member("a", token, 1);
-        let p = Pipeline::start(config(), vec![m]).unwrap();
-        let key = p.key("k").unwrap();
-        let rt = runtime();
 
         faults.hold();
         let blocker =
@@ -504,13 +517,9 @@ mod queue {
     /// new work; every job is answered exactly once.
     #[test]
     fn shutdown_answers_everything() {
-        let Some(token) = token_with_key("k", KeyType::EcP256) else {
+        let Some((p, key, faults, rt)) = single_token("k", KeyType::EcP256) else {
             return;
         };
-        let (m, faults) = member("a", token, 1);
-        let p = Pipeline::start(config(), vec![m]).unwrap();
-        let key = p.key("k").unwrap();
-        let rt = runtime();
         faults.hold();
         let first = rt.spawn(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(0), far()));
         faults.wait_held(1);
@@ -569,13 +578,9 @@ mod queue {
     /// Requests that cannot be signed are refused before they are queued.
     #[test]
     fn malformed_requests_are_refused() {
-        let Some(token) = token_with_key("k", KeyType::EcP256) else {
+        let Some((p, key, faults, rt)) = single_token("k", KeyType::EcP256) else {
             return;
         };
-        let (m, faults) = member("a", token, 1);
-        let p = Pipeline::start(config(), vec![m]).unwrap();
-        let key = p.key("k").unwrap();
-        let rt = runtime();
         let e = rt
             .block_on(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &[0u8; 20], far()))
             .unwrap_err();
@@ -593,13 +598,9 @@ mod queue {
     /// Ed25519 ships the message (the token hashes); checked with ring.
     #[test]
     fn ed25519_signs_the_message() {
-        let Some(token) = token_with_key("ed", KeyType::Ed25519) else {
+        let Some((p, key, _faults, rt)) = single_token("ed", KeyType::Ed25519) else {
             return;
         };
-        let (m, _faults) = member("a", token, 1);
-        let p = Pipeline::start(config(), vec![m]).unwrap();
-        let key = p.key("ed").unwrap();
-        let rt = runtime();
         let msg = b"an Ed25519 message of any length".to_vec();
         let sig = rt
             .block_on(p.submit_digest(&key, SignAlgorithm::Ed25519, &msg, far()))
@@ -621,19 +622,15 @@ mod faults {
     use signet_pkcs11::{KeyType, SignAlgorithm};
 
     use super::support::{
-        config, digest, far, import_shared_p256, member, runtime, token_with_key, verify_digest,
+        config, digest, far, import_shared_p256, member, runtime, single_token, verify_digest,
     };
 
     /// A transient error injected into one session is retried on a fresh session and the job succeeds.
     #[test]
     fn transient_error_is_retried_on_a_fresh_session() {
-        let Some(token) = token_with_key("k", KeyType::EcP256) else {
+        let Some((p, key, faults, rt)) = single_token("k", KeyType::EcP256) else {
             return;
         };
-        let (m, faults) = member("a", token, 1);
-        let p = Pipeline::start(config(), vec![m]).unwrap();
-        let key = p.key("k").unwrap();
-        let rt = runtime();
         faults.inject(RvError::SessionHandleInvalid);
         let d = digest(1);
         let sig = rt
@@ -658,13 +655,9 @@ mod faults {
     /// A permanent error fails the job with a clear, non-retryable error, and the worker keeps serving.
     #[test]
     fn permanent_error_is_reported() {
-        let Some(token) = token_with_key("k", KeyType::EcP256) else {
+        let Some((p, key, faults, rt)) = single_token("k", KeyType::EcP256) else {
             return;
         };
-        let (m, faults) = member("a", token, 1);
-        let p = Pipeline::start(config(), vec![m]).unwrap();
-        let key = p.key("k").unwrap();
-        let rt = runtime();
         faults.inject(RvError::KeyFunctionNotPermitted);
         let e = rt
             .block_on(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(1), far()))

@@ -117,36 +117,14 @@ unsafe fn template(
         .collect()
 }
 
-/// Writes `data` with the two-call convention: a null buffer gets the length, a short one CKR_BUFFER_TOO_SMALL.
-unsafe fn out_bytes(data: &[u8], p: *mut u8, len: *mut CK_ULONG) -> Result<(), CK_RV> {
-    if len.is_null() {
-        return Err(CKR_ARGUMENTS_BAD);
-    }
-    // SAFETY: `len` is non-null and points at a CK_ULONG (PKCS#11 contract).
-    unsafe {
-        let capacity = *len as usize;
-        *len = data.len() as CK_ULONG;
-        if p.is_null() {
-            return Ok(());
-        }
-        if capacity < data.len() {
-            return Err(CKR_BUFFER_TOO_SMALL);
-        }
-        std::ptr::copy_nonoverlapping(data.as_ptr(), p, data.len());
-    }
-    Ok(())
-}
-
-/// Writes a list of handles or types with the two-call convention.
-unsafe fn out_list(
-    items: &[CK_ULONG],
-    p: *mut CK_ULONG,
-    count: *mut CK_ULONG,
-) -> Result<(), CK_RV> {
+/// Writes `items` (bytes, handles, mechanism types) with the two-call convention: a null buffer gets the count,
+/// a short one CKR_BUFFER_TOO_SMALL.
+unsafe fn out_slice<T: Copy>(items: &[T], p: *mut T, count: *mut CK_ULONG) -> Result<(), CK_RV> {
     if count.is_null() {
         return Err(CKR_ARGUMENTS_BAD);
     }
-    // SAFETY: `count` is non-null; `p`, if non-null, holds `*count` entries (PKCS#11 contract).
+    // SAFETY: `count` is non-null and points at a CK_ULONG; `p`, if non-null, holds `*count` entries (PKCS#11
+    // contract).
     unsafe {
         let capacity = *count as usize;
         *count = items.len() as CK_ULONG;
@@ -334,7 +312,7 @@ unsafe extern "C" fn get_slot_list(
             vec![SLOT_ID]
         };
         // SAFETY: caller's out-pointers.
-        unsafe { out_list(&slots, list, count) }
+        unsafe { out_slice(&slots, list, count) }
     })
 }
 
@@ -411,7 +389,7 @@ unsafe extern "C" fn get_mechanism_list(
         check_slot(slot)?;
         let mechs = d.mechanisms().map_err(|Rv(v)| v)?;
         // SAFETY: caller's out-pointers.
-        unsafe { out_list(&mechs, list, count) }
+        unsafe { out_slice(&mechs, list, count) }
     })
 }
 
@@ -747,7 +725,7 @@ unsafe fn write_signature(
             Err(CKR_BUFFER_TOO_SMALL)
         }
         // SAFETY: the device checked that the caller's buffer (*sig_len bytes) is large enough.
-        SignOutput::Signature(s) => unsafe { out_bytes(&s, sig, sig_len) },
+        SignOutput::Signature(s) => unsafe { out_slice(&s, sig, sig_len) },
     }
 }
 
@@ -1065,21 +1043,21 @@ mod tests {
         let data = [1u8, 2, 3, 4];
         let mut len: CK_ULONG = 0;
         unsafe {
-            assert_eq!(out_bytes(&data, std::ptr::null_mut(), &mut len), Ok(()));
+            assert_eq!(out_slice(&data, std::ptr::null_mut(), &mut len), Ok(()));
             assert_eq!(len, 4);
             let mut small = [0u8; 2];
             len = 2;
             assert_eq!(
-                out_bytes(&data, small.as_mut_ptr(), &mut len),
+                out_slice(&data, small.as_mut_ptr(), &mut len),
                 Err(CKR_BUFFER_TOO_SMALL)
             );
             assert_eq!(len, 4);
             let mut buf = [0u8; 8];
             len = 8;
-            assert_eq!(out_bytes(&data, buf.as_mut_ptr(), &mut len), Ok(()));
+            assert_eq!(out_slice(&data, buf.as_mut_ptr(), &mut len), Ok(()));
             assert_eq!((len, &buf[..4]), (4, &data[..]));
             assert_eq!(
-                out_bytes(&data, buf.as_mut_ptr(), std::ptr::null_mut()),
+                out_slice(&data, buf.as_mut_ptr(), std::ptr::null_mut()),
                 Err(CKR_ARGUMENTS_BAD)
             );
         }

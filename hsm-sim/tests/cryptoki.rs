@@ -9,6 +9,8 @@
     reason = "test code: a failed expectation is a failed test"
 )]
 
+mod common;
+use common::module;
 use cryptoki::context::{CInitializeArgs, CInitializeFlags, Pkcs11};
 use cryptoki::error::{Error, RvError};
 use cryptoki::mechanism::Mechanism;
@@ -30,22 +32,6 @@ use std::time::Duration;
 
 const SO_PIN: &str = "so-pin-1234";
 const USER_PIN: &str = "user-pin-1234";
-
-/// The cdylib cargo built for this test: next to the test binary in `deps/`, or one level up.
-fn module() -> PathBuf {
-    let exe = std::env::current_exe().expect("path of the test binary");
-    let deps = exe.parent().expect("the test binary's directory");
-    let candidates = [deps.join("libhsm_sim.so"), deps.join("../libhsm_sim.so")];
-    candidates
-        .iter()
-        .find(|p| p.exists())
-        .cloned()
-        .unwrap_or_else(|| {
-            panic!(
-                "libhsm_sim.so not found (looked at {candidates:?}); build the hsm-sim cdylib first"
-            )
-        })
-}
 
 /// Runs one of the `child_*` tests below in a new process with `env`, and fails with its output if it fails.
 fn run_child(test: &str, env: &[(&str, &Path)], extra: &[(&str, &str)]) {

@@ -8,26 +8,13 @@
     reason = "test code: a failed expectation is a failed test"
 )]
 
+mod common;
+use common::module;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
 const SO_PIN: &str = "12345678";
 const PIN: &str = "4321";
-
-fn module() -> PathBuf {
-    let exe = std::env::current_exe().expect("path of the test binary");
-    let deps = exe.parent().expect("the test binary's directory");
-    let candidates = [deps.join("libhsm_sim.so"), deps.join("../libhsm_sim.so")];
-    candidates
-        .iter()
-        .find(|p| p.exists())
-        .cloned()
-        .unwrap_or_else(|| {
-            panic!(
-                "libhsm_sim.so not found (looked at {candidates:?}); build the hsm-sim cdylib first"
-            )
-        })
-}
 
 struct Tool {
     module: PathBuf,

@@ -20,6 +20,24 @@ fn sha256(data: &[u8]) -> Vec<u8> {
         .to_vec()
 }
 
+/// SignData over the SHA-256 digest of `msg`, with the hash named in the request.
+async fn sign_sha256(
+    c: &mut KeyManagerClient<tonic::transport::Channel>,
+    id: &str,
+    msg: &[u8],
+) -> pb::SignDataResponse {
+    c.sign_data(pb::SignDataRequest {
+        key_id: id.into(),
+        data: sha256(msg),
+        signer_opts: Some(pb::sign_data_request::SignerOpts::HashAlgorithm(
+            pb::HashAlgorithm::Sha256 as i32,
+        )),
+    })
+    .await
+    .unwrap()
+    .into_inner()
+}
+
 async fn generate(
     c: &mut KeyManagerClient<tonic::transport::Channel>,
     id: &str,
@@ -63,17 +81,7 @@ async fn keys_sign_verifiably_and_are_distinct_per_caller() {
 
     // SignData: a SHA-256 digest, an ASN.1 DER ECDSA signature that ring verifies over the message.
     let msg = b"to be signed by the SPIRE server's CA key";
-    let resp = ka
-        .sign_data(pb::SignDataRequest {
-            key_id: "x509-CA-A".into(),
-            data: sha256(msg),
-            signer_opts: Some(pb::sign_data_request::SignerOpts::HashAlgorithm(
-                pb::HashAlgorithm::Sha256 as i32,
-            )),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let resp = sign_sha256(&mut ka, "x509-CA-A", msg).await;
     assert_eq!(resp.key_fingerprint, pa.fingerprint);
     UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, raw_key(&pa.pkix_data))
         .verify(msg, &resp.signature)
@@ -123,17 +131,7 @@ async fn keys_sign_verifiably_and_are_distinct_per_caller() {
     // GenerateKey on an existing id: a new key and fingerprint; signatures now come from the new key.
     let pa2 = generate(&mut ka, "x509-CA-A", pb::KeyType::EcP256).await;
     assert_ne!(pa2.fingerprint, pa.fingerprint);
-    let resp = ka
-        .sign_data(pb::SignDataRequest {
-            key_id: "x509-CA-A".into(),
-            data: sha256(msg),
-            signer_opts: Some(pb::sign_data_request::SignerOpts::HashAlgorithm(
-                pb::HashAlgorithm::Sha256 as i32,
-            )),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let resp = sign_sha256(&mut ka, "x509-CA-A", msg).await;
     assert_eq!(resp.key_fingerprint, pa2.fingerprint);
     UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, raw_key(&pa2.pkix_data))
         .verify(msg, &resp.signature)
@@ -198,17 +196,7 @@ async fn rsa_keys_sign_pkcs1_and_pss() {
     let mut ka = KeyManagerClient::new(bed.channel(Some(&a)).await);
     let p = generate(&mut ka, "JWT-Signer-B", pb::KeyType::Rsa2048).await;
     let msg = b"rsa message";
-    let pkcs1 = ka
-        .sign_data(pb::SignDataRequest {
-            key_id: "JWT-Signer-B".into(),
-            data: sha256(msg),
-            signer_opts: Some(pb::sign_data_request::SignerOpts::HashAlgorithm(
-                pb::HashAlgorithm::Sha256 as i32,
-            )),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+    let pkcs1 = sign_sha256(&mut ka, "JWT-Signer-B", msg).await;
     UnparsedPublicKey::new(
         &signature::RSA_PKCS1_2048_8192_SHA256,
         raw_key(&p.pkix_data),

@@ -1,3 +1,671 @@
-//! signet's benchmarks. The criterion micro-benchmarks live in `benches/`; see the README's
-//! "Performance" section for how to run them and what they measured.
+//! signet's benchmarks: `signet bench`, the load generator, and the criterion micro-benchmarks in `benches/`.
+//!
+//! # `signet bench`
+//! Drives a running appliance (`--addr`) or one it starts in its own process (the default), with many simulated
+//! agents over a few HTTP/2 connections: BatchMintX509SVID from pre-generated CSRs, MintJWTSVID, or KeyManager
+//! SignData; closed loop (`--concurrency` agents) or open loop (`--rate`); a fixed `--requests` count or a
+//! `--duration`; one concurrency or a `--sweep`. In the same run it measures the ceiling ([`ceiling`]): the bare
+//! C_Sign rate of the same token with the same number of sessions, and, in process, a loop of the same
+//! per-credential work without gRPC and pipeline. It reports signet's rate as a ratio of both. Every credential is
+//! checked against the bundle ([`check`]; all of them up to 10,000 a second, `--check-rate` to sample); a bad one
+//! fails the bench. Output: a progress bar, the summary table, `--json FILE` and `--plot FILE.svg`.
+//!
+//! # The shape of the crates
+//! `signet bench` is a subcommand of the `signet` binary, but its code lives here, and this library does not
+//! depend on `signet`: `signet` depends on this crate and hands [`run`] a [`Launcher`], a function that starts an
+//! appliance in process from an [`InProcess`] description and returns a [`Started`] (address, credentials, the
+//! token for the ceiling, a loop of the same work, a stop function). The criterion benches take `signet` as a
+//! dev-dependency (Cargo allows that cycle through dev-dependencies).
 #![forbid(unsafe_code)]
+
+pub mod ceiling;
+pub mod check;
+pub mod load;
+pub mod report;
+pub mod stats;
+
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use signet_proto::signet::v1 as pb;
+use signet_proto::signet::v1::admin_client::AdminClient;
+use signet_proto::signet::v1::issuer_client::IssuerClient;
+use signet_proto::spire::plugin::server::keymanager::v1 as km;
+use signet_proto::spire::plugin::server::keymanager::v1::key_manager_client::KeyManagerClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+use crate::ceiling::TokenSpec;
+use crate::check::{Checker, Sampling};
+use crate::load::{CsrKeyType, Plan, Pool, Shared, Workload};
+use crate::report::{BenchReport, CeilingReport, RunReport, ServerUsage};
+use crate::stats::{LatencySummary, per_second, ratio};
+
+/// A boxed future (the launcher's answer).
+pub type BoxFuture<T> = Pin<Box<dyn Future<Output = T> + Send>>;
+
+/// Starts an appliance in process.
+pub type Launcher = dyn Fn(InProcess) -> BoxFuture<Result<Started, String>> + Send + Sync;
+
+/// An in-process loop of the same per-credential work as the appliance's (X509-SVIDs from these CSRs, on these
+/// threads, for this long): credentials a second.
+pub type WorkLoop = Box<dyn Fn(&[Vec<u8>], usize, Duration) -> Result<f64, String> + Send + Sync>;
+
+/// The token an in-process appliance signs with.
+#[derive(Debug, Clone)]
+pub enum InProcessToken {
+    /// signet's embedded hsm-sim, with a latency per signature.
+    HsmSim {
+        /// Milliseconds a signature takes.
+        latency_ms: u64,
+    },
+    /// A token on a PKCS#11 module (a fresh SoftHSM2 token, the TPM rig's token).
+    Module(TokenSpec),
+}
+
+/// X509 signing mode of an in-process appliance.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum, serde::Serialize)]
+pub enum Mode {
+    /// Every certificate signed by the token.
+    Direct,
+    /// The token signs an issuing intermediate in memory; leaves are signed in software.
+    Delegated,
+}
+
+/// What to start in process.
+#[derive(Debug, Clone)]
+pub struct InProcess {
+    /// The token.
+    pub token: InProcessToken,
+    /// Direct or delegated.
+    pub mode: Mode,
+    /// HSM sessions (workers).
+    pub sessions: usize,
+    /// CPU pool threads (0: signet's default).
+    pub cpu_threads: usize,
+    /// A fresh data directory.
+    pub data_dir: PathBuf,
+}
+
+/// The client side of an appliance.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// host:port.
+    pub addr: String,
+    /// The name on the server's certificate.
+    pub server_name: String,
+    /// Roots to trust for the server (PEM).
+    pub ca_pem: Vec<u8>,
+    /// The client's certificate chain (PEM).
+    pub cert_pem: Vec<u8>,
+    /// The client's key (PEM).
+    pub key_pem: Vec<u8>,
+}
+
+/// An appliance a launcher started.
+pub struct Started {
+    /// How to reach it.
+    pub target: Target,
+    /// Its token, for the ceiling.
+    pub ceiling_token: Option<TokenSpec>,
+    /// A loop of the same work in process (X509), for the second ratio.
+    pub work_loop: Option<WorkLoop>,
+    /// A line saying what runs.
+    pub description: String,
+    /// Stops it.
+    pub stop: Box<dyn FnOnce() -> BoxFuture<()> + Send>,
+}
+
+impl std::fmt::Debug for Started {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Started")
+            .field("target", &self.target.addr)
+            .field("description", &self.description)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Which token an in-process run uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum TokenKind {
+    /// The embedded simulator (nothing to install); `--latency-ms` sets its latency per signature.
+    HsmSim,
+    /// A fresh SoftHSM2 token (needs SoftHSM2 installed).
+    Softhsm,
+    /// The software TPM of `scripts/tpm-rig` (from its environment variables).
+    Tpm,
+}
+
+/// `signet bench`: issuance-rate benchmarking with the token's ceiling side by side.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Drive a running appliance at this address (host:port); without it an appliance starts in this process.
+    #[arg(long)]
+    pub addr: Option<String>,
+    /// With --addr: the data directory holding the admin credential and bundle (as the client commands use).
+    #[arg(long, default_value = "signet-data")]
+    pub data_dir: PathBuf,
+    /// With --addr: client certificate chain (PEM); default <data dir>/admin.pem.
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// With --addr: client key (PEM); default <data dir>/admin.key.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// With --addr: roots for the server (PEM); default <data dir>/bundle.pem.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// The name the server's certificate carries.
+    #[arg(long, default_value = "localhost")]
+    pub server_name: String,
+
+    /// In process: the token.
+    #[arg(long, value_enum, default_value_t = TokenKind::HsmSim)]
+    pub token: TokenKind,
+    /// In process, hsm-sim: milliseconds a signature takes.
+    #[arg(long, default_value_t = 0)]
+    pub latency_ms: u64,
+    /// In process: X509 signing mode.
+    #[arg(long, value_enum, default_value_t = Mode::Direct)]
+    pub mode: Mode,
+    /// In process: HSM sessions (and the ceiling's sessions).
+    #[arg(long, default_value_t = 2)]
+    pub sessions: usize,
+    /// In process: CPU pool threads (0: signet's default).
+    #[arg(long, default_value_t = 0)]
+    pub cpu_threads: usize,
+
+    /// The RPC to drive.
+    #[arg(long, value_enum, default_value_t = Workload::X509)]
+    pub workload: Workload,
+    /// Key type of the CSRs.
+    #[arg(long, value_enum, default_value_t = CsrKeyType::EcP256)]
+    pub key_type: CsrKeyType,
+    /// CSRs per BatchMintX509SVID request.
+    #[arg(long, default_value_t = 50)]
+    pub batch: usize,
+    /// Pre-generated CSRs (and messages) the agents cycle through.
+    #[arg(long, default_value_t = 512)]
+    pub pool: usize,
+    /// Simulated agents (closed loop) or the most requests in flight (open loop).
+    #[arg(long, default_value_t = 16)]
+    pub concurrency: usize,
+    /// Run at each of these concurrencies in turn (e.g. 1,4,16,64,256); overrides --concurrency.
+    #[arg(long, value_delimiter = ',')]
+    pub sweep: Vec<usize>,
+    /// HTTP/2 connections the agents share.
+    #[arg(long, default_value_t = 2)]
+    pub connections: usize,
+    /// Stop each run after this many requests.
+    #[arg(long)]
+    pub requests: Option<u64>,
+    /// Stop each run after this many seconds (default 10 without --requests; 600 at most either way).
+    #[arg(long)]
+    pub duration: Option<f64>,
+    /// Open loop: offer this many credentials a second (requests start on schedule whatever the answers do).
+    #[arg(long)]
+    pub rate: Option<f64>,
+    /// Seconds of load before each run is measured.
+    #[arg(long, default_value_t = 1.0)]
+    pub warmup: f64,
+    /// Fraction of credentials to check against the bundle (0..1); default: all, up to 10,000 checks a second.
+    #[arg(long)]
+    pub check_rate: Option<f64>,
+    /// Seconds the ceiling loops run (0: no ceiling).
+    #[arg(long, default_value_t = 3.0)]
+    pub ceiling_seconds: f64,
+    /// With --addr: the token's PKCS#11 module, for the ceiling.
+    #[arg(long)]
+    pub ceiling_module: Option<PathBuf>,
+    /// With --addr: the token's label, for the ceiling.
+    #[arg(long)]
+    pub ceiling_token: Option<String>,
+    /// With --addr: a file with the token's user PIN, for the ceiling.
+    #[arg(long)]
+    pub ceiling_pin_file: Option<PathBuf>,
+    /// With --addr: sessions for the ceiling (set it to the appliance's).
+    #[arg(long, default_value_t = 2)]
+    pub ceiling_sessions: usize,
+    /// Write the results as JSON.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Draw throughput and p99 latency against concurrency (SVG).
+    #[arg(long)]
+    pub plot: Option<PathBuf>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// Never longer than this per run, whatever the flags say.
+const HARD_LIMIT: Duration = Duration::from_secs(600);
+/// Checks a second by default.
+const CHECK_BUDGET: f64 = 10_000.0;
+
+fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|_| "?".into())
+}
+
+fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, String> {
+    std::fs::read(path).map_err(|e| format!("cannot read the {what} {}: {e}", path.display()))
+}
+
+async fn connect(t: &Target) -> Result<Channel, String> {
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(&t.ca_pem))
+        .identity(Identity::from_pem(&t.cert_pem, &t.key_pem))
+        .domain_name(t.server_name.clone());
+    Endpoint::from_shared(format!("https://{}", t.addr))
+        .map_err(|e| format!("bad address {:?}: {e}", t.addr))?
+        .tls_config(tls)
+        .map_err(|e| format!("TLS set-up: {e}"))?
+        .connect_timeout(Duration::from_secs(10))
+        .initial_connection_window_size(Some(8 << 20))
+        .initial_stream_window_size(Some(2 << 20))
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e:?}", t.addr))
+}
+
+/// CPU seconds and peak RSS of the server, when its Admin.GetStatus reports them.
+async fn server_usage(ch: &Channel) -> Option<(f64, u64)> {
+    let s = AdminClient::new(ch.clone())
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .ok()?
+        .into_inner();
+    (s.process_cpu_seconds > 0.0).then_some((s.process_cpu_seconds, s.peak_rss_bytes))
+}
+
+/// Runs `signet bench`; `launcher` starts an in-process appliance when no `--addr` is given. Returns the report
+/// (also printed, and written where asked), or why the bench failed; bad credentials fail it.
+pub fn run(args: &BenchArgs, launcher: &Launcher) -> Result<BenchReport, String> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    rt.block_on(run_async(args, launcher))
+}
+
+async fn run_async(args: &BenchArgs, launcher: &Launcher) -> Result<BenchReport, String> {
+    if args.batch == 0 || args.pool == 0 || args.connections == 0 {
+        return Err("--batch, --pool and --connections must be at least 1".into());
+    }
+    if args.rate.is_some_and(|r| !(r > 0.0)) {
+        return Err("--rate must be a positive number of credentials a second".into());
+    }
+    if args.check_rate.is_some_and(|f| !(0.0..=1.0).contains(&f)) {
+        return Err("--check-rate is a fraction between 0 and 1".into());
+    }
+    if let Some(p) = &args.plot
+        && p.extension().and_then(|e| e.to_str()) != Some("svg")
+    {
+        return Err(format!("--plot {}: only SVG is drawn (name the file *.svg)", p.display()));
+    }
+    let load_before = loadavg();
+    // Keeps a SoftHSM2 token alive for the run.
+    let mut _softhsm = None;
+    let data_dir = tempdir()?;
+    let (target, ceiling_token, ceiling_sessions, work_loop, description, stop, in_process) =
+        match &args.addr {
+            Some(addr) => {
+                let d = &args.data_dir;
+                let target = Target {
+                    addr: addr.clone(),
+                    server_name: args.server_name.clone(),
+                    ca_pem: read(args.ca.as_deref().unwrap_or(&d.join("bundle.pem")), "trust bundle")?,
+                    cert_pem: read(args.cert.as_deref().unwrap_or(&d.join("admin.pem")), "client certificate")?,
+                    key_pem: read(args.key.as_deref().unwrap_or(&d.join("admin.key")), "client key")?,
+                };
+                let ceiling = match (&args.ceiling_module, &args.ceiling_token, &args.ceiling_pin_file) {
+                    (Some(m), Some(t), Some(p)) => Some(TokenSpec {
+                        module: m.clone(),
+                        label: t.clone(),
+                        pin: String::from_utf8_lossy(&read(p, "PIN file")?).trim().to_string(),
+                    }),
+                    (None, None, None) => None,
+                    _ => {
+                        return Err(
+                            "the ceiling needs all of --ceiling-module, --ceiling-token and --ceiling-pin-file".into(),
+                        );
+                    }
+                };
+                (target, ceiling, args.ceiling_sessions, None, format!("appliance at {addr}"), None, false)
+            }
+            None => {
+                let token = match args.token {
+                    TokenKind::HsmSim => InProcessToken::HsmSim {
+                        latency_ms: args.latency_ms,
+                    },
+                    TokenKind::Softhsm => {
+                        let hsm = signet_pkcs11::testing::SoftHsm::new()
+                            .ok_or("SoftHSM2 is not available (install softhsm2)")?;
+                        let spec = TokenSpec {
+                            module: hsm.module().to_path_buf(),
+                            label: hsm.label().to_string(),
+                            pin: signet_pkcs11::testing::USER_PIN.to_string(),
+                        };
+                        _softhsm = Some(hsm);
+                        InProcessToken::Module(spec)
+                    }
+                    TokenKind::Tpm => {
+                        let var = |n: &str| {
+                            std::env::var(n).map_err(|_| {
+                                format!("{n} is not set: start the TPM rig first (eval \"$(scripts/tpm-rig start)\")")
+                            })
+                        };
+                        InProcessToken::Module(TokenSpec {
+                            module: var("TPM2_PKCS11_MODULE")?.into(),
+                            label: var("TPM_RIG_TOKEN_LABEL")?,
+                            pin: var("TPM_RIG_USER_PIN")?,
+                        })
+                    }
+                };
+                if args.sessions == 0 {
+                    return Err("--sessions must be at least 1".into());
+                }
+                let started = launcher(InProcess {
+                    token,
+                    mode: args.mode,
+                    sessions: args.sessions,
+                    cpu_threads: args.cpu_threads,
+                    data_dir: data_dir.path().to_path_buf(),
+                })
+                .await?;
+                (
+                    started.target,
+                    started.ceiling_token,
+                    args.sessions,
+                    started.work_loop,
+                    started.description,
+                    Some(started.stop),
+                    true,
+                )
+            }
+        };
+    let result = bench(
+        args,
+        &target,
+        ceiling_token.as_ref(),
+        ceiling_sessions,
+        work_loop.as_ref(),
+        &description,
+        in_process,
+        load_before,
+    )
+    .await;
+    if let Some(stop) = stop {
+        stop().await;
+    }
+    drop(data_dir);
+    let report = result?;
+    if !args.quiet {
+        println!("{}", report.table());
+    }
+    if let Some(p) = &args.json {
+        report.write_json(p)?;
+    }
+    if let Some(p) = &args.plot {
+        report.write_plot(p)?;
+    }
+    let bad = report.bad_credentials();
+    if bad > 0 {
+        return Err(format!("{bad} credentials failed the check against the bundle"));
+    }
+    Ok(report)
+}
+
+fn tempdir() -> Result<TempDir, String> {
+    TempDir::new()
+}
+
+/// A directory removed when dropped (the in-process appliance's data).
+#[derive(Debug)]
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> Result<Self, String> {
+        static N: AtomicU64 = AtomicU64::new(0);
+        let p = std::env::temp_dir().join(format!(
+            "signet-bench-{}-{}",
+            std::process::id(),
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&p).map_err(|e| format!("creating {}: {e}", p.display()))?;
+        Ok(TempDir(p))
+    }
+
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn bench(
+    args: &BenchArgs,
+    target: &Target,
+    ceiling_token: Option<&TokenSpec>,
+    ceiling_sessions: usize,
+    work_loop: Option<&WorkLoop>,
+    description: &str,
+    in_process: bool,
+    load_before: String,
+) -> Result<BenchReport, String> {
+    let mut channels = Vec::with_capacity(args.connections);
+    for _ in 0..args.connections {
+        channels.push(connect(target).await?);
+    }
+    let ch = channels[0].clone();
+    let bundle = IssuerClient::new(ch.clone())
+        .get_bundle(pb::GetBundleRequest {})
+        .await
+        .map_err(|s| format!("GetBundle: {}: {}", s.code(), s.message()))?
+        .into_inner();
+    // The trust domain: from Admin.GetStatus, else from a root's URI SAN.
+    let td = match AdminClient::new(ch.clone()).get_status(pb::GetStatusRequest {}).await {
+        Ok(s) => s.into_inner().trust_domain,
+        Err(_) => bundle
+            .x509_authorities
+            .iter()
+            .find_map(|der| trust_domain_of(der))
+            .ok_or("cannot learn the trust domain: Admin.GetStatus is refused and no root names it")?,
+    };
+    let mut checker = Checker::from_bundle(&bundle.spiffe_bundle, bundle.x509_authorities.clone(), "signet-bench")?;
+    let key_id = "signet-bench".to_string();
+    if args.workload == Workload::SignData {
+        if args.key_type != CsrKeyType::EcP256 {
+            return Err("SignData is benched with EC P-256 keys (--key-type ec-p256)".into());
+        }
+        let r = KeyManagerClient::new(ch.clone())
+            .generate_key(km::GenerateKeyRequest {
+                key_id: key_id.clone(),
+                key_type: km::KeyType::EcP256 as i32,
+            })
+            .await
+            .map_err(|s| format!("KeyManager GenerateKey: {}: {}", s.code(), s.message()))?
+            .into_inner();
+        checker.sign_key_spki = r.public_key.map(|k| k.pkix_data);
+    }
+    let pool = Pool::generate(&td, args.pool, args.key_type)?;
+    let sampling = match args.check_rate {
+        Some(f) => Sampling::fraction(f),
+        None => Sampling::budget(CHECK_BUDGET),
+    };
+
+    // The ceilings first, on a quiet server.
+    let secs = args.ceiling_seconds;
+    let ceiling = match ceiling_token {
+        Some(spec) if secs > 0.0 => {
+            let (spec, n) = (spec.clone(), ceiling_sessions);
+            let d = Duration::from_secs_f64(secs.min(60.0));
+            let rate = tokio::task::spawn_blocking(move || ceiling::token_ceiling(&spec, n, d))
+                .await
+                .map_err(|e| format!("ceiling: {e}"))??;
+            Some(CeilingReport {
+                kind: "token".into(),
+                sessions: n,
+                rate,
+            })
+        }
+        _ => None,
+    };
+    let work = match work_loop {
+        Some(f) if secs > 0.0 && args.workload == Workload::X509 => {
+            let csrs: Vec<Vec<u8>> = pool.csrs.iter().map(|c| c.0.clone()).collect();
+            let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+            let rate = tokio::task::block_in_place(|| f(&csrs, threads, Duration::from_secs_f64(secs.min(60.0))))?;
+            Some(CeilingReport {
+                kind: "work-loop".into(),
+                sessions: threads,
+                rate,
+            })
+        }
+        _ => None,
+    };
+
+    let shared = Arc::new(Shared {
+        channels,
+        pool,
+        checker,
+        sampling,
+        progress: AtomicU64::new(0),
+    });
+    let levels = if args.sweep.is_empty() {
+        vec![args.concurrency]
+    } else {
+        args.sweep.clone()
+    };
+    if levels.contains(&0) {
+        return Err("concurrency must be at least 1".into());
+    }
+    let duration = match (args.duration, args.requests) {
+        (Some(d), _) if d > 0.0 => Some(Duration::from_secs_f64(d)),
+        (Some(_), _) => return Err("--duration must be positive".into()),
+        (None, Some(_)) => None,
+        (None, None) => Some(Duration::from_secs(10)),
+    };
+    let mut runs = Vec::new();
+    for &concurrency in &levels {
+        let plan = Plan {
+            workload: args.workload,
+            batch: if args.workload == Workload::X509 { args.batch } else { 1 },
+            concurrency,
+            requests: args.requests,
+            duration,
+            rate: args.rate,
+            key_id: key_id.clone(),
+        };
+        if args.warmup > 0.0 {
+            let warm = Plan {
+                requests: None,
+                duration: Some(Duration::from_secs_f64(args.warmup.min(30.0))),
+                ..plan.clone()
+            };
+            let _ = load::run(shared.clone(), &warm, HARD_LIMIT).await;
+        }
+        let usage_before = server_usage(&ch).await;
+        shared.progress.store(0, Ordering::Relaxed);
+        let bar = progress_bar(args, &plan, concurrency);
+        let ticker = bar.clone().map(|bar| {
+            let sh = shared.clone();
+            tokio::spawn(async move {
+                loop {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    bar.set_position(sh.progress.load(Ordering::Relaxed));
+                }
+            })
+        });
+        let mut out = load::run(shared.clone(), &plan, HARD_LIMIT).await;
+        if let Some(t) = ticker {
+            t.abort();
+        }
+        if let Some(bar) = bar {
+            bar.finish_and_clear();
+        }
+        let usage_after = server_usage(&ch).await;
+        let seconds = out.elapsed.as_secs_f64();
+        let rate = per_second(out.credentials, seconds);
+        let server = match (usage_before, usage_after) {
+            (Some((c0, _)), Some((c1, rss))) => Some(ServerUsage {
+                cpu_seconds: c1 - c0,
+                cpu_us_per_credential: if out.credentials > 0 {
+                    (c1 - c0) * 1e6 / out.credentials as f64
+                } else {
+                    0.0
+                },
+                cores_busy: if seconds > 0.0 { (c1 - c0) / seconds } else { 0.0 },
+                peak_rss_bytes: rss,
+                includes_client: in_process,
+            }),
+            _ => None,
+        };
+        runs.push(RunReport {
+            concurrency,
+            offered_rate: args.rate,
+            credentials: out.credentials,
+            requests: out.requests,
+            seconds,
+            rate,
+            ratio_to_ceiling: ceiling.as_ref().and_then(|c| ratio(rate, c.rate)),
+            ratio_to_work_loop: work.as_ref().and_then(|c| ratio(rate, c.rate)),
+            latency: LatencySummary::from_micros(&mut out.latencies_us),
+            errors: out.errors,
+            checked: out.checked,
+            bad_credentials: out.bad,
+            bad_examples: out.bad_examples,
+            server,
+        });
+    }
+    Ok(BenchReport {
+        workload: args.workload,
+        target: description.to_string(),
+        loop_mode: if args.rate.is_some() { "open" } else { "closed" }.into(),
+        batch: args.batch,
+        ceiling,
+        work_loop: work,
+        runs,
+        load_average: (load_before, loadavg()),
+        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+    })
+}
+
+fn progress_bar(args: &BenchArgs, plan: &Plan, concurrency: usize) -> Option<indicatif::ProgressBar> {
+    if args.quiet {
+        return None;
+    }
+    let bar = match (plan.requests, plan.duration) {
+        (Some(n), _) => indicatif::ProgressBar::new(n * plan.batch as u64),
+        _ => indicatif::ProgressBar::no_length(),
+    };
+    let style = indicatif::ProgressStyle::with_template(
+        "{prefix} [{elapsed_precise}] {wide_bar} {pos} credentials ({per_sec})",
+    )
+    .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar());
+    bar.set_style(style);
+    bar.set_prefix(format!("concurrency {concurrency}"));
+    Some(bar)
+}
+
+/// `spiffe://<td>` from a root certificate's URI SAN.
+fn trust_domain_of(der: &[u8]) -> Option<String> {
+    use x509_parser::prelude::*;
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    san.value.general_names.iter().find_map(|n| match n {
+        GeneralName::URI(u) => u
+            .strip_prefix("spiffe://")
+            .map(|td| td.split('/').next().unwrap_or_default().to_string()),
+        _ => None,
+    })
+}

@@ -334,6 +334,28 @@ impl pb::admin_server::Admin for AdminService {
             authorities,
             tokens,
             bundle_sequence: st.bundle.current().sequence,
+            process_cpu_seconds: process_cpu_seconds().unwrap_or(0.0),
+            peak_rss_bytes: peak_rss_bytes().unwrap_or(0),
         }))
     }
+}
+
+/// CPU seconds (user + system) of this process, from /proc/self/stat (Linux; clock ticks of 1/100 s, the kernel's
+/// fixed USER_HZ).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces; fields after its closing parenthesis are plain.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name and state.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// Peak resident set size of this process (VmHWM in /proc/self/status), bytes.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
 }

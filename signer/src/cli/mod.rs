@@ -4,6 +4,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod client;
 mod serve;
 mod token;
@@ -28,6 +29,8 @@ enum Command {
     Bundle(client::BundleArgs),
     /// Show the appliance's authorities, tokens and bundle sequence.
     Status(client::StatusArgs),
+    /// Measure issuance rates and latency under load, beside the token's bare signing rate.
+    Bench(Box<signet_bench::BenchArgs>),
 }
 
 /// Parses the command line, runs it, and reports errors on stderr with a non-zero exit status.
@@ -56,6 +59,7 @@ pub fn main() -> ExitCode {
         Command::Mint(m) => client::mint(m),
         Command::Bundle(b) => client::bundle(b),
         Command::Status(s) => client::status_cmd(s),
+        Command::Bench(b) => bench::run(*b),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,0 +1,383 @@
+//! The load itself: simulated agents (async tasks) sending requests over a few HTTP/2 connections, closed-loop (each
+//! agent sends its next request when the last one is answered) or open-loop (requests start at a fixed rate whatever
+//! the answers do; latency counts from the moment a request was due, so a stalled server cannot hide its queue).
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rcgen::{CertificateParams, DistinguishedName, KeyPair, PublicKeyData as _, SanType};
+use signet_proto::signet::v1 as pb;
+use signet_proto::signet::v1::issuer_client::IssuerClient;
+use signet_proto::spire::plugin::server::keymanager::v1 as km;
+use signet_proto::spire::plugin::server::keymanager::v1::key_manager_client::KeyManagerClient;
+use tonic::transport::Channel;
+
+use crate::check::{Checker, Sampling};
+
+/// The RPC a bench drives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Workload {
+    /// Issuer.BatchMintX509SVID: X509-SVIDs from pre-generated CSRs, `--batch` per request.
+    X509,
+    /// Issuer.MintJWTSVID: one JWT-SVID per request.
+    Jwt,
+    /// KeyManager.SignData: one SHA-256 digest signed per request (SPIRE's own CA signing path).
+    SignData,
+}
+
+impl Workload {
+    /// What one credential is called in reports.
+    pub fn unit(self) -> &'static str {
+        match self {
+            Workload::X509 => "X509-SVIDs",
+            Workload::Jwt => "JWT-SVIDs",
+            Workload::SignData => "signatures",
+        }
+    }
+}
+
+/// Key types for the CSR pool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum CsrKeyType {
+    /// ECDSA P-256 (SPIRE's default).
+    EcP256,
+    /// ECDSA P-384.
+    EcP384,
+    /// Ed25519.
+    Ed25519,
+}
+
+/// Pre-generated requests, so the bench spends its CPU on the wire and the checks, not on key generation.
+#[derive(Debug)]
+pub struct Pool {
+    /// (CSR DER, SPIFFE ID, the CSR key's SubjectPublicKeyInfo DER).
+    pub csrs: Vec<(Vec<u8>, String, Vec<u8>)>,
+    /// (message, SHA-256 of it) for SignData.
+    pub messages: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+impl Pool {
+    /// `n` CSRs of `key_type` for `spiffe://<td>/workloads/bench/<i>`, and `n` messages.
+    pub fn generate(td: &str, n: usize, key_type: CsrKeyType) -> Result<Self, String> {
+        let alg = match key_type {
+            CsrKeyType::EcP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+            CsrKeyType::EcP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+            CsrKeyType::Ed25519 => &rcgen::PKCS_ED25519,
+        };
+        let mut csrs = Vec::with_capacity(n);
+        let mut messages = Vec::with_capacity(n);
+        for i in 0..n {
+            let id = format!("spiffe://{td}/workloads/bench/{i}");
+            let kp = KeyPair::generate_for(alg).map_err(|e| format!("CSR key: {e}"))?;
+            let mut params = CertificateParams::default();
+            params.distinguished_name = DistinguishedName::new();
+            let uri = id
+                .clone()
+                .try_into()
+                .map_err(|e| format!("SPIFFE ID {id}: {e}"))?;
+            params.subject_alt_names = vec![SanType::URI(uri)];
+            let csr = params
+                .serialize_request(&kp)
+                .map_err(|e| format!("CSR: {e}"))?;
+            let spki = kp.subject_public_key_info();
+            csrs.push((csr.der().to_vec(), id, spki));
+            let msg = format!("signet bench message {i}").into_bytes();
+            let digest = ring::digest::digest(&ring::digest::SHA256, &msg)
+                .as_ref()
+                .to_vec();
+            messages.push((msg, digest));
+        }
+        Ok(Pool { csrs, messages })
+    }
+}
+
+/// How a run offers load.
+#[derive(Debug, Clone)]
+pub struct Plan {
+    /// The RPC.
+    pub workload: Workload,
+    /// CSRs per BatchMintX509SVID request.
+    pub batch: usize,
+    /// Simulated agents (closed loop) or the most requests in flight (open loop).
+    pub concurrency: usize,
+    /// Stop after this many requests.
+    pub requests: Option<u64>,
+    /// Stop after this long.
+    pub duration: Option<Duration>,
+    /// Open loop: credentials a second offered. None: closed loop.
+    pub rate: Option<f64>,
+    /// The KeyManager key id (SignData).
+    pub key_id: String,
+}
+
+/// What a run saw.
+#[derive(Debug, Default)]
+pub struct Outcome {
+    /// Credentials received (X509-SVIDs, JWT-SVIDs or signatures).
+    pub credentials: u64,
+    /// Requests answered with success.
+    pub requests: u64,
+    /// Wall time of the run.
+    pub elapsed: Duration,
+    /// Latency of each successful request, microseconds.
+    pub latencies_us: Vec<u64>,
+    /// Failures by kind (gRPC code, or the client's own reason).
+    pub errors: BTreeMap<String, u64>,
+    /// Credentials checked against the bundle.
+    pub checked: u64,
+    /// Credentials that failed the check.
+    pub bad: u64,
+    /// The first few reasons credentials failed.
+    pub bad_examples: Vec<String>,
+}
+
+impl Outcome {
+    fn merge(&mut self, o: Outcome) {
+        self.credentials += o.credentials;
+        self.requests += o.requests;
+        self.latencies_us.extend(o.latencies_us);
+        for (k, v) in o.errors {
+            *self.errors.entry(k).or_default() += v;
+        }
+        self.checked += o.checked;
+        self.bad += o.bad;
+        for b in o.bad_examples {
+            if self.bad_examples.len() < 5 {
+                self.bad_examples.push(b);
+            }
+        }
+    }
+
+    fn error(&mut self, kind: impl Into<String>) {
+        *self.errors.entry(kind.into()).or_default() += 1;
+    }
+
+    fn judge(&mut self, verdict: Result<(), String>) {
+        self.checked += 1;
+        if let Err(e) = verdict {
+            self.bad += 1;
+            if self.bad_examples.len() < 5 {
+                self.bad_examples.push(e);
+            }
+        }
+    }
+}
+
+/// Everything the agents share.
+#[derive(Debug)]
+pub struct Shared {
+    /// Connections; agent `i` uses `channels[i % len]`.
+    pub channels: Vec<Channel>,
+    /// Pre-generated requests.
+    pub pool: Pool,
+    /// The judge.
+    pub checker: Checker,
+    /// Which credentials to judge.
+    pub sampling: Sampling,
+    /// Credentials received so far (for the progress bar).
+    pub progress: AtomicU64,
+}
+
+/// The gRPC code's name, the kind an error is counted under.
+fn kind(s: &tonic::Status) -> String {
+    format!("{:?}", s.code())
+}
+
+/// One request; adds what it saw to `out`.
+async fn one(sh: &Shared, plan: &Plan, agent: usize, seq: u64, out: &mut Outcome) -> bool {
+    let ch = sh.channels[agent % sh.channels.len()].clone();
+    let n = sh.pool.csrs.len();
+    let base = (seq as usize).wrapping_mul(plan.batch.max(1)).wrapping_add(agent * 7919);
+    match plan.workload {
+        Workload::X509 => {
+            let requests = (0..plan.batch)
+                .map(|k| pb::X509svidRequest {
+                    csr: sh.pool.csrs[(base + k) % n].0.clone(),
+                    ttl_seconds: 600,
+                })
+                .collect();
+            let r = IssuerClient::new(ch)
+                .batch_mint_x509svid(pb::BatchMintX509svidRequest { requests })
+                .await;
+            match r {
+                Ok(r) => {
+                    for (k, res) in r.into_inner().results.into_iter().enumerate() {
+                        match res.result {
+                            Some(pb::x509svid_result::Result::Svid(svid)) => {
+                                out.credentials += 1;
+                                if sh.sampling.take() {
+                                    let (_, id, spki) = &sh.pool.csrs[(base + k) % n];
+                                    out.judge(sh.checker.x509_svid(&svid.cert_chain, id, spki));
+                                }
+                            }
+                            Some(pb::x509svid_result::Result::Failure(f)) => {
+                                out.error(format!("{:?}", tonic::Code::from_i32(f.code)))
+                            }
+                            None => out.error("empty batch result"),
+                        }
+                    }
+                    true
+                }
+                Err(s) => {
+                    out.error(kind(&s));
+                    false
+                }
+            }
+        }
+        Workload::Jwt => {
+            let id = &sh.pool.csrs[base % n].1;
+            let r = IssuerClient::new(ch)
+                .mint_jwtsvid(pb::MintJwtsvidRequest {
+                    spiffe_id: id.clone(),
+                    audience: vec![sh.checker.audience.clone()],
+                    ttl_seconds: 300,
+                })
+                .await;
+            match r {
+                Ok(r) => {
+                    out.credentials += 1;
+                    if sh.sampling.take() {
+                        out.judge(sh.checker.jwt_svid(&r.into_inner().token, id));
+                    }
+                    true
+                }
+                Err(s) => {
+                    out.error(kind(&s));
+                    false
+                }
+            }
+        }
+        Workload::SignData => {
+            let (msg, digest) = &sh.pool.messages[base % n];
+            let r = KeyManagerClient::new(ch)
+                .sign_data(km::SignDataRequest {
+                    key_id: plan.key_id.clone(),
+                    data: digest.clone(),
+                    signer_opts: Some(km::sign_data_request::SignerOpts::HashAlgorithm(
+                        km::HashAlgorithm::Sha256 as i32,
+                    )),
+                })
+                .await;
+            match r {
+                Ok(r) => {
+                    out.credentials += 1;
+                    if sh.sampling.take() {
+                        out.judge(sh.checker.signature(msg, &r.into_inner().signature));
+                    }
+                    true
+                }
+                Err(s) => {
+                    out.error(kind(&s));
+                    false
+                }
+            }
+        }
+    }
+}
+
+/// Runs `plan` to its end (count or time, whichever comes first; at most `hard_limit` in any case).
+pub async fn run(sh: Arc<Shared>, plan: &Plan, hard_limit: Duration) -> Outcome {
+    let start = Instant::now();
+    let deadline = start + plan.duration.unwrap_or(hard_limit).min(hard_limit);
+    let mut total = match plan.rate {
+        None => closed(sh, plan, deadline).await,
+        Some(rate) => open(sh, plan, rate, deadline).await,
+    };
+    total.elapsed = start.elapsed();
+    total
+}
+
+async fn closed(sh: Arc<Shared>, plan: &Plan, deadline: Instant) -> Outcome {
+    let next = Arc::new(AtomicU64::new(0));
+    let mut tasks = Vec::with_capacity(plan.concurrency);
+    for agent in 0..plan.concurrency.max(1) {
+        let (sh, plan, next) = (sh.clone(), plan.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut out = Outcome::default();
+            loop {
+                let seq = next.fetch_add(1, Ordering::Relaxed);
+                if plan.requests.is_some_and(|n| seq >= n) || Instant::now() >= deadline {
+                    break;
+                }
+                let before = out.credentials;
+                let t = Instant::now();
+                let left = deadline.saturating_duration_since(t);
+                match tokio::time::timeout(left + Duration::from_secs(10), one(&sh, &plan, agent, seq, &mut out)).await {
+                    Ok(true) => {
+                        out.requests += 1;
+                        out.latencies_us.push(t.elapsed().as_micros() as u64)
+                    }
+                    Ok(false) => {}
+                    Err(_) => out.error("client timeout"),
+                }
+                sh.progress.fetch_add(out.credentials - before, Ordering::Relaxed);
+            }
+            out
+        }));
+    }
+    let mut total = Outcome::default();
+    for t in tasks {
+        match t.await {
+            Ok(o) => total.merge(o),
+            Err(e) => total.error(format!("agent task failed: {e}")),
+        }
+    }
+    total
+}
+
+async fn open(sh: Arc<Shared>, plan: &Plan, rate: f64, deadline: Instant) -> Outcome {
+    let per_request = plan.batch.max(1) as f64 / rate.max(1e-3);
+    let interval = Duration::from_secs_f64(per_request);
+    let limit = Arc::new(tokio::sync::Semaphore::new(plan.concurrency.max(1)));
+    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Outcome>();
+    let start = Instant::now();
+    let mut dropped = 0u64;
+    let mut seq = 0u64;
+    loop {
+        let due = start + interval.mul_f64(seq as f64);
+        if due >= deadline || plan.requests.is_some_and(|n| seq >= n) {
+            break;
+        }
+        tokio::time::sleep_until(due.into()).await;
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            // Every agent busy: the offered rate is beyond what answers come back at. Counted, never queued here.
+            dropped += 1;
+            seq += 1;
+            continue;
+        };
+        let (sh, plan, tx) = (sh.clone(), plan.clone(), tx.clone());
+        let agent = seq as usize;
+        tokio::spawn(async move {
+            let mut out = Outcome::default();
+            let ok = tokio::time::timeout(Duration::from_secs(30), one(&sh, &plan, agent, seq, &mut out)).await;
+            match ok {
+                Ok(true) => {
+                    out.requests += 1;
+                    out.latencies_us.push(due.elapsed().as_micros() as u64)
+                }
+                Ok(false) => {}
+                Err(_) => out.error("client timeout"),
+            }
+            sh.progress.fetch_add(out.credentials, Ordering::Relaxed);
+            drop(permit);
+            let _ = tx.send(out);
+        });
+        seq += 1;
+    }
+    drop(tx);
+    let mut total = Outcome::default();
+    while let Some(o) = rx.recv().await {
+        total.merge(o);
+    }
+    if dropped > 0 {
+        *total
+            .errors
+            .entry("not sent: all agents busy".into())
+            .or_default() += dropped;
+    }
+    total
+}

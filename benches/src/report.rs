@@ -1,0 +1,287 @@
+//! What a bench prints and writes: the summary table, the JSON document and the sweep plot.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::Path;
+
+use serde::Serialize;
+
+use crate::stats::LatencySummary;
+
+/// The server's CPU time and memory over a run (from Admin.GetStatus).
+#[derive(Debug, Clone, Copy, Default, Serialize)]
+pub struct ServerUsage {
+    /// CPU seconds (user + system) the server process spent during the run.
+    pub cpu_seconds: f64,
+    /// CPU time per credential, microseconds.
+    pub cpu_us_per_credential: f64,
+    /// Cores busy on average (CPU seconds over wall seconds).
+    pub cores_busy: f64,
+    /// The server process's peak resident set, bytes.
+    pub peak_rss_bytes: u64,
+    /// True when the server runs in the bench's own process (CPU and memory then include the bench client).
+    pub includes_client: bool,
+}
+
+/// One run at one concurrency.
+#[derive(Debug, Clone, Serialize)]
+pub struct RunReport {
+    /// Simulated agents (closed loop) or the in-flight cap (open loop).
+    pub concurrency: usize,
+    /// Open loop: credentials a second offered.
+    pub offered_rate: Option<f64>,
+    /// Credentials received.
+    pub credentials: u64,
+    /// Requests answered.
+    pub requests: u64,
+    /// Wall time, seconds.
+    pub seconds: f64,
+    /// Credentials a second.
+    pub rate: f64,
+    /// signet's rate over the token's ceiling.
+    pub ratio_to_ceiling: Option<f64>,
+    /// signet's rate over an in-process loop of the same per-credential work.
+    pub ratio_to_work_loop: Option<f64>,
+    /// Request latency.
+    pub latency: LatencySummary,
+    /// Failures by kind.
+    pub errors: BTreeMap<String, u64>,
+    /// Credentials checked against the bundle.
+    pub checked: u64,
+    /// Credentials that failed the check (any fails the bench).
+    pub bad_credentials: u64,
+    /// Why some failed.
+    pub bad_examples: Vec<String>,
+    /// The server's CPU and memory.
+    pub server: Option<ServerUsage>,
+}
+
+/// A ceiling measured in the same run.
+#[derive(Debug, Clone, Serialize)]
+pub struct CeilingReport {
+    /// `token`: bare C_Sign loop; `work-loop`: the same per-credential work in-process, without gRPC or pipeline.
+    pub kind: String,
+    /// Sessions (token) or threads (work loop).
+    pub sessions: usize,
+    /// Signatures (or credentials) a second.
+    pub rate: f64,
+}
+
+/// The whole bench.
+#[derive(Debug, Clone, Serialize)]
+pub struct BenchReport {
+    /// The RPC.
+    pub workload: crate::load::Workload,
+    /// What was driven (address or in-process set-up).
+    pub target: String,
+    /// Closed or open loop.
+    pub loop_mode: String,
+    /// CSRs per request (X509).
+    pub batch: usize,
+    /// The token's ceiling.
+    pub ceiling: Option<CeilingReport>,
+    /// The in-process loop of the same work.
+    pub work_loop: Option<CeilingReport>,
+    /// One entry per concurrency.
+    pub runs: Vec<RunReport>,
+    /// The machine's load average at the start and the end (1, 5, 15 minutes).
+    pub load_average: (String, String),
+    /// Cores of the machine.
+    pub cores: usize,
+}
+
+impl BenchReport {
+    /// Bad credentials over every run.
+    pub fn bad_credentials(&self) -> u64 {
+        self.runs.iter().map(|r| r.bad_credentials).sum()
+    }
+
+    /// The summary table.
+    pub fn table(&self) -> String {
+        let mut s = String::new();
+        let unit = self.workload.unit();
+        let _ = writeln!(
+            s,
+            "signet bench: {:?}, {} loop, {}{}",
+            self.workload,
+            self.loop_mode,
+            self.target,
+            if self.workload == crate::load::Workload::X509 {
+                format!(", {} CSRs a request", self.batch)
+            } else {
+                String::new()
+            }
+        );
+        if let Some(c) = &self.ceiling {
+            let _ = writeln!(
+                s,
+                "ceiling: bare C_Sign loop, {} sessions: {:.0} signatures/s",
+                c.sessions, c.rate
+            );
+        }
+        if let Some(c) = &self.work_loop {
+            let _ = writeln!(
+                s,
+                "in-process loop of the same work, {} threads: {:.0} {unit}/s",
+                c.sessions, c.rate
+            );
+        }
+        let _ = writeln!(
+            s,
+            "{:>6} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9} {:>6}  errors",
+            "conc", "rate/s", "x ceil", "x loop", "p50 ms", "p90 ms", "p99 ms", "p99.9", "checked", "bad", "cpu µs", "rss MB"
+        );
+        let opt = |r: Option<f64>| r.map_or("-".to_string(), |v| format!("{v:.3}"));
+        for r in &self.runs {
+            let errors = if r.errors.is_empty() {
+                "none".to_string()
+            } else {
+                r.errors
+                    .iter()
+                    .map(|(k, v)| format!("{k}: {v}"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let (cpu, rss) = r.server.map_or(("-".into(), "-".into()), |u| {
+                (
+                    format!("{:.0}", u.cpu_us_per_credential),
+                    format!("{:.0}", u.peak_rss_bytes as f64 / (1 << 20) as f64),
+                )
+            });
+            let _ = writeln!(
+                s,
+                "{:>6} {:>10.0} {:>8} {:>8} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9} {:>8} {:>9} {:>6}  {errors}",
+                r.concurrency,
+                r.rate,
+                opt(r.ratio_to_ceiling),
+                opt(r.ratio_to_work_loop),
+                r.latency.p50_ms,
+                r.latency.p90_ms,
+                r.latency.p99_ms,
+                r.latency.p999_ms,
+                r.checked,
+                r.bad_credentials,
+                cpu,
+                rss
+            );
+            for b in &r.bad_examples {
+                let _ = writeln!(s, "       bad credential: {b}");
+            }
+        }
+        if self.runs.iter().any(|r| r.server.is_some_and(|u| u.includes_client)) {
+            let _ = writeln!(
+                s,
+                "cpu µs: server CPU per credential (in-process: server and bench client together); rss: peak"
+            );
+        }
+        let _ = writeln!(
+            s,
+            "load average {} -> {} on {} cores",
+            self.load_average.0, self.load_average.1, self.cores
+        );
+        s
+    }
+
+    /// Writes the JSON document.
+    pub fn write_json(&self, path: &Path) -> Result<(), String> {
+        let text = serde_json::to_string_pretty(self).map_err(|e| format!("JSON: {e}"))?;
+        std::fs::write(path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))
+    }
+
+    /// Draws throughput and p99 latency against concurrency (log scale), with the ceiling as a line, into an SVG.
+    pub fn write_plot(&self, path: &Path) -> Result<(), String> {
+        use plotters::prelude::*;
+        if path.extension().and_then(|e| e.to_str()) != Some("svg") {
+            return Err(format!(
+                "--plot {}: only SVG is drawn (name the file *.svg)",
+                path.display()
+            ));
+        }
+        if self.runs.is_empty() {
+            return Err("nothing to plot".into());
+        }
+        let err = |e: &dyn std::fmt::Display| format!("plot: {e}");
+        let unit = self.workload.unit();
+        let x_max = self.runs.iter().map(|r| r.concurrency).max().unwrap_or(1).max(2) as f64;
+        let ceiling = self.ceiling.as_ref().map(|c| c.rate);
+        let y_max = self
+            .runs
+            .iter()
+            .map(|r| r.rate)
+            .chain(ceiling)
+            .fold(1.0f64, f64::max)
+            * 1.15;
+        let p99_max = self
+            .runs
+            .iter()
+            .map(|r| r.latency.p99_ms)
+            .fold(1.0f64, f64::max)
+            * 1.15;
+        let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(
+                format!("signet bench: {unit}/s and p99 latency against concurrency"),
+                ("sans-serif", 20),
+            )
+            .margin(12)
+            .x_label_area_size(42)
+            .y_label_area_size(70)
+            .right_y_label_area_size(70)
+            .build_cartesian_2d((1f64..x_max).log_scale(), 0f64..y_max)
+            .map_err(|e| err(&e))?
+            .set_secondary_coord((1f64..x_max).log_scale(), 0f64..p99_max);
+        chart
+            .configure_mesh()
+            .x_desc("concurrent requests (log scale)")
+            .y_desc(format!("{unit}/s"))
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .draw()
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_secondary_axes()
+            .y_desc("p99 latency (ms)")
+            .y_label_formatter(&|y| format!("{y:.1}"))
+            .draw()
+            .map_err(|e| err(&e))?;
+        let points: Vec<(f64, f64)> = self.runs.iter().map(|r| (r.concurrency.max(1) as f64, r.rate)).collect();
+        chart
+            .draw_series(LineSeries::new(points.clone(), BLUE.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label("throughput")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLUE.stroke_width(2)));
+        chart
+            .draw_series(points.iter().map(|&p| Circle::new(p, 4, BLUE.filled())))
+            .map_err(|e| err(&e))?;
+        if let Some(c) = ceiling {
+            chart
+                .draw_series(LineSeries::new(vec![(1.0, c), (x_max, c)], BLACK.stroke_width(1)))
+                .map_err(|e| err(&e))?
+                .label(format!("ceiling: bare C_Sign loop ({c:.0}/s)"))
+                .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));
+        }
+        let lat: Vec<(f64, f64)> = self
+            .runs
+            .iter()
+            .map(|r| (r.concurrency.max(1) as f64, r.latency.p99_ms))
+            .collect();
+        chart
+            .draw_secondary_series(LineSeries::new(lat.clone(), RED.stroke_width(2)))
+            .map_err(|e| err(&e))?
+            .label("p99 latency")
+            .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], RED.stroke_width(2)));
+        chart
+            .draw_secondary_series(lat.iter().map(|&p| TriangleMarker::new(p, 5, RED.filled())))
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+        Ok(())
+    }
+}

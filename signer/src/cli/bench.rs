@@ -1,0 +1,204 @@
+//! `signet bench`: the load generator lives in the `signet-bench` crate; this module hands it a launcher that starts
+//! an appliance in this process (on the embedded hsm-sim, a SoftHSM2 token or the TPM rig's token) and a loop of the
+//! same per-certificate work without gRPC and pipeline, for the second ratio.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use rcgen::{DistinguishedName, DnType};
+use signet::config::{Config, ModeSetting, PinConfig, TokenSettings};
+use signet::keys::{AuthorityKey, KeyType, SoftwareKey};
+use signet::keys_token::TokenKey;
+use signet::serve::{Appliance, EmbeddedToken as _, HsmSimEmbedded};
+use signet::spiffe::TrustDomain;
+use signet::x509::{Authority, LeafRequest, RootRequest, parse_and_verify_csr};
+use signet_bench::ceiling::{CEILING_KEY, TokenSpec};
+use signet_bench::{BenchArgs, BoxFuture, InProcess, InProcessToken, Mode, Started, Target, WorkLoop};
+use signet_pkcs11::{KeyGenOptions, Pin, PinSource, Token, TokenConfig};
+use time::OffsetDateTime;
+
+use super::CliError;
+
+/// Runs `signet bench`.
+pub fn run(args: BenchArgs) -> Result<(), CliError> {
+    signet_bench::run(&args, &launch)
+        .map(|_| ())
+        .map_err(CliError::new)
+}
+
+fn launch(spec: InProcess) -> BoxFuture<Result<Started, String>> {
+    Box::pin(async move { start(spec).await })
+}
+
+async fn start(spec: InProcess) -> Result<Started, String> {
+    let mut cfg = Config::embedded_default();
+    cfg.data_dir = spec.data_dir.clone();
+    cfg.server.listen = "127.0.0.1:0"
+        .parse()
+        .map_err(|e| format!("listen address: {e}"))?;
+    cfg.server.metrics = None;
+    cfg.pipeline.cpu_threads = spec.cpu_threads;
+    cfg.authority.x509.mode = match spec.mode {
+        Mode::Direct => ModeSetting::Direct,
+        Mode::Delegated => ModeSetting::Delegated,
+    };
+    let (token, what) = match &spec.token {
+        InProcessToken::HsmSim { latency_ms } => {
+            let dir = spec.data_dir.join("hsm-sim");
+            std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            // Configured before the embedded token is provisioned: the first configuration of the process stays.
+            hsm_sim::set_embedded_config(hsm_sim::Config {
+                dir: Some(dir),
+                latency_ms: *latency_ms,
+                ..hsm_sim::Config::default()
+            });
+            let mut settings = HsmSimEmbedded
+                .provision(&spec.data_dir)
+                .map_err(|e| e.to_string())?;
+            settings.sessions = spec.sessions;
+            let PinConfig::File(pin_file) = &settings.pin else {
+                return Err("the embedded token has no PIN file".into());
+            };
+            let pin = std::fs::read_to_string(pin_file)
+                .map_err(|e| format!("reading {}: {e}", pin_file.display()))?;
+            let token = TokenSpec {
+                module: settings.module.clone(),
+                label: settings.token.clone().unwrap_or_default(),
+                pin: pin.trim().to_string(),
+            };
+            cfg.tokens = vec![settings];
+            (token, format!("hsm-sim at {latency_ms} ms a signature"))
+        }
+        InProcessToken::Module(t) => {
+            let pin_file = spec.data_dir.join("token.pin");
+            signet::serve::write_private(&pin_file, t.pin.as_bytes()).map_err(|e| e.to_string())?;
+            cfg.tokens = vec![TokenSettings {
+                name: "bench".into(),
+                module: t.module.clone(),
+                token: Some(t.label.clone()),
+                serial: None,
+                pin: PinConfig::File(pin_file),
+                sessions: spec.sessions,
+            }];
+            (t.clone(), format!("{}", t.module.display()))
+        }
+    };
+    let app = Appliance::start(cfg)
+        .await
+        .map_err(|e| format!("starting the appliance: {e}"))?;
+    let p = app.paths();
+    let read = |f: &PathBuf| std::fs::read(f).map_err(|e| format!("reading {}: {e}", f.display()));
+    let target = Target {
+        addr: app.addr().to_string(),
+        server_name: "localhost".into(),
+        ca_pem: read(&p.bundle)?,
+        cert_pem: read(&p.admin_cert)?,
+        key_pem: read(&p.admin_key)?,
+    };
+    let description = format!(
+        "in-process appliance, {:?} mode, {what}, {} sessions",
+        spec.mode, spec.sessions
+    )
+    .to_lowercase();
+    let trust_domain = app.trust_domain().clone();
+    Ok(Started {
+        target,
+        ceiling_token: Some(token.clone()),
+        work_loop: Some(work_loop(spec.mode, token, spec.sessions, trust_domain)),
+        description,
+        stop: Box::new(move || {
+            Box::pin(async move {
+                if let Err(e) = app.shutdown().await {
+                    eprintln!("stopping the appliance: {e}");
+                }
+            })
+        }),
+    })
+}
+
+/// The appliance's per-certificate work in a tight loop (CSR parse and verify, template, lint, sign, post-sign
+/// check), on `threads` threads (at least one per session in direct mode): with the token key in direct mode, an
+/// in-memory key in delegated mode.
+fn work_loop(mode: Mode, token: TokenSpec, sessions: usize, td: TrustDomain) -> WorkLoop {
+    Box::new(move |csrs: &[Vec<u8>], threads: usize, duration: Duration| {
+        let key: Arc<dyn AuthorityKey> = match mode {
+            Mode::Direct => {
+                let cfg = TokenConfig::new(
+                    token.module.clone(),
+                    token.label.clone(),
+                    PinSource::Value(Pin::new(token.pin.clone())),
+                );
+                let t = Token::open(&cfg).map_err(|e| format!("opening the token: {e}"))?;
+                let mut s = t.session().map_err(|e| e.to_string())?;
+                if s.find_key(CEILING_KEY).is_err() {
+                    s.generate_key(
+                        CEILING_KEY,
+                        signet_pkcs11::KeyType::EcP256,
+                        KeyGenOptions::default(),
+                    )
+                    .map_err(|e| format!("generating a key: {e}"))?;
+                }
+                Arc::new(TokenKey::open(t, CEILING_KEY, sessions).map_err(|e| e.to_string())?)
+            }
+            Mode::Delegated => Arc::new(
+                SoftwareKey::generate(KeyType::EcP256)
+                    .map_err(|e| e.to_string())?
+                    .0,
+            ),
+        };
+        let mut subject = DistinguishedName::new();
+        subject.push(DnType::CommonName, "signet bench work loop");
+        let req = RootRequest {
+            trust_domain: td.clone(),
+            subject,
+            ttl: Duration::from_secs(3600),
+            path_len: None,
+        };
+        let authority = Authority::self_signed_root(key, &req, OffsetDateTime::now_utc())
+            .map_err(|e| e.to_string())?;
+        let threads = match mode {
+            Mode::Direct => threads.max(sessions),
+            Mode::Delegated => threads,
+        }
+        .max(1);
+        let done = AtomicU64::new(0);
+        let failed = AtomicU64::new(0);
+        let start = Instant::now();
+        let end = start + duration;
+        std::thread::scope(|scope| {
+            for t in 0..threads {
+                let (authority, done, failed) = (&authority, &done, &failed);
+                scope.spawn(move || {
+                    let mut i = t;
+                    while Instant::now() < end {
+                        let csr = &csrs[i % csrs.len()];
+                        i += threads;
+                        let ok = parse_and_verify_csr(csr)
+                            .ok()
+                            .and_then(|c| LeafRequest::from_csr(&c, Duration::from_secs(600)).ok())
+                            .and_then(|r| authority.issue_x509_svid(&r, OffsetDateTime::now_utc()).ok());
+                        match ok {
+                            Some(cert) => {
+                                std::hint::black_box(cert);
+                                done.fetch_add(1, Ordering::Relaxed);
+                            }
+                            None => {
+                                failed.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                });
+            }
+        });
+        let secs = start.elapsed().as_secs_f64();
+        if failed.load(Ordering::Relaxed) > 0 {
+            return Err(format!(
+                "{} certificates of the work loop failed",
+                failed.load(Ordering::Relaxed)
+            ));
+        }
+        Ok(done.load(Ordering::Relaxed) as f64 / secs)
+    })
+}

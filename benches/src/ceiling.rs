@@ -41,7 +41,9 @@ pub fn token_ceiling(spec: &TokenSpec, sessions: usize, duration: Duration) -> R
     let mut workers = Vec::with_capacity(sessions);
     for _ in 0..sessions.max(1) {
         let mut s = token.session().map_err(|e| format!("session: {e}"))?;
-        let key = s.find_key(CEILING_KEY).map_err(|e| format!("ceiling key: {e}"))?;
+        let key = s
+            .find_key(CEILING_KEY)
+            .map_err(|e| format!("ceiling key: {e}"))?;
         workers.push((s, key));
     }
     let warm = Duration::from_millis(300).min(duration / 4);

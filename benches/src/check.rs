@@ -2,6 +2,7 @@
 //! issuance code: X509-SVID chains with `x509-parser` (signatures through ring), JWT-SVIDs and KeyManager signatures
 //! with ring. A credential that fails is a bad credential; one bad credential fails the bench.
 
+use std::collections::HashSet;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -20,6 +21,8 @@ pub struct Checker {
     pub audience: String,
     /// The KeyManager key's SubjectPublicKeyInfo (DER), for SignData.
     pub sign_key_spki: Option<Vec<u8>>,
+    /// Intermediates (DER) already verified up to a root: each is checked once, not with every leaf.
+    pub verified: Mutex<HashSet<Vec<u8>>>,
 }
 
 impl Checker {
@@ -57,6 +60,7 @@ impl Checker {
             jwt_keys,
             audience: audience.to_string(),
             sign_key_spki: None,
+            verified: Mutex::default(),
         })
     }
 
@@ -97,9 +101,23 @@ impl Checker {
             })
             .unwrap_or_default();
         if uris != [spiffe_id] {
-            return Err(format!("the leaf's URI SANs are {uris:?}, not [{spiffe_id:?}]"));
+            return Err(format!(
+                "the leaf's URI SANs are {uris:?}, not [{spiffe_id:?}]"
+            ));
         }
-        for pair in parsed.windows(2) {
+        if let Some(issuer) = parsed.get(1) {
+            leaf.verify_signature(Some(issuer.public_key()))
+                .map_err(|e| format!("the leaf's signature does not verify: {e}"))?;
+            let known = self
+                .verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&chain[1]);
+            if known && chain.len() == 2 {
+                return Ok(());
+            }
+        }
+        for pair in parsed.windows(2).skip(1) {
             pair[0]
                 .verify_signature(Some(pair[1].public_key()))
                 .map_err(|e| format!("a chain signature does not verify: {e}"))?;
@@ -113,6 +131,12 @@ impl Checker {
         if !anchored {
             return Err("the chain does not lead to a root of the bundle".into());
         }
+        if chain.len() == 2 {
+            self.verified
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(chain[1].clone());
+        }
         Ok(())
     }
 
@@ -120,7 +144,8 @@ impl Checker {
     /// not expired.
     pub fn jwt_svid(&self, token: &str, spiffe_id: &str) -> Result<(), String> {
         let mut parts = token.split('.');
-        let (Some(h), Some(c), Some(s), None) = (parts.next(), parts.next(), parts.next(), parts.next())
+        let (Some(h), Some(c), Some(s), None) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
         else {
             return Err("not a compact JWS (three parts)".into());
         };
@@ -223,7 +248,10 @@ impl Sampling {
             Sampling::Budget { per_s, bucket } => {
                 let mut b = bucket.lock().unwrap_or_else(|p| p.into_inner());
                 let now = Instant::now();
-                let refill = now.duration_since(b.1).min(Duration::from_secs(1)).as_secs_f64();
+                let refill = now
+                    .duration_since(b.1)
+                    .min(Duration::from_secs(1))
+                    .as_secs_f64();
                 b.0 = (b.0 + refill * per_s).min(*per_s);
                 b.1 = now;
                 if b.0 >= 1.0 {
@@ -266,8 +294,75 @@ mod tests {
     fn bad_jwts_are_refused() {
         let c = Checker::from_bundle(br#"{"keys":[]}"#, Vec::new(), "bench").unwrap();
         assert!(c.jwt_svid("a.b", "spiffe://example.org/x").is_err());
-        assert!(c.jwt_svid("e30.e30.AA", "spiffe://example.org/x").unwrap_err().contains("kid"));
+        assert!(
+            c.jwt_svid("e30.e30.AA", "spiffe://example.org/x")
+                .unwrap_err()
+                .contains("kid")
+        );
         assert!(c.x509_svid(&[], "spiffe://example.org/x", &[]).is_err());
-        assert!(c.x509_svid(&[vec![0x30, 0x00]], "spiffe://example.org/x", &[]).is_err());
+        assert!(
+            c.x509_svid(&[vec![0x30, 0x00]], "spiffe://example.org/x", &[])
+                .is_err()
+        );
+    }
+
+    /// A root and a leaf for `id` made with rcgen; returns (root DER, leaf DER, leaf SPKI DER).
+    fn chain(id: &str) -> (Vec<u8>, Vec<u8>, Vec<u8>) {
+        use rcgen::{
+            BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, PublicKeyData as _, SanType,
+        };
+        let ca_key = KeyPair::generate().unwrap();
+        let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+        ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        ca.subject_alt_names = vec![SanType::URI("spiffe://example.org".try_into().unwrap())];
+        let root = ca.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(ca, ca_key);
+        let leaf_key = KeyPair::generate().unwrap();
+        let mut leaf = CertificateParams::new(Vec::<String>::new()).unwrap();
+        leaf.subject_alt_names = vec![SanType::URI(id.try_into().unwrap())];
+        let leaf = leaf.signed_by(&leaf_key, &issuer).unwrap();
+        (
+            root.der().to_vec(),
+            leaf.der().to_vec(),
+            leaf_key.subject_public_key_info(),
+        )
+    }
+
+    #[test]
+    fn x509_checks_catch_bad_credentials() {
+        let id = "spiffe://example.org/workloads/a";
+        let (root, leaf, spki) = chain(id);
+        let c = Checker {
+            roots: vec![root.clone()],
+            ..Checker::default()
+        };
+        c.x509_svid(std::slice::from_ref(&leaf), id, &spki).unwrap();
+        // Another ID, another key, another root, a flipped signature bit: each is a bad credential.
+        let e = c.x509_svid(
+            std::slice::from_ref(&leaf),
+            "spiffe://example.org/workloads/b",
+            &spki,
+        );
+        assert!(e.unwrap_err().contains("URI SAN"));
+        let (other_root, other_leaf, other_spki) = chain(id);
+        assert!(
+            c.x509_svid(std::slice::from_ref(&leaf), id, &other_spki)
+                .unwrap_err()
+                .contains("key")
+        );
+        assert!(
+            c.x509_svid(&[other_leaf], id, &other_spki)
+                .unwrap_err()
+                .contains("root")
+        );
+        let mut flipped = leaf.clone();
+        let last = flipped.len() - 1;
+        flipped[last] ^= 1;
+        assert!(c.x509_svid(&[flipped], id, &spki).is_err());
+        let strangers = Checker {
+            roots: vec![other_root],
+            ..Checker::default()
+        };
+        assert!(strangers.x509_svid(&[leaf], id, &spki).is_err());
     }
 }

@@ -235,7 +235,7 @@ pub struct BenchArgs {
     /// Draw throughput and p99 latency against concurrency (SVG).
     #[arg(long)]
     pub plot: Option<PathBuf>,
-    /// No progress bar.
+    /// No progress bar (the summary table is printed all the same).
     #[arg(long)]
     pub quiet: bool,
 }
@@ -296,7 +296,7 @@ async fn run_async(args: &BenchArgs, launcher: &Launcher) -> Result<BenchReport,
     if args.batch == 0 || args.pool == 0 || args.connections == 0 {
         return Err("--batch, --pool and --connections must be at least 1".into());
     }
-    if args.rate.is_some_and(|r| !(r > 0.0)) {
+    if args.rate.is_some_and(|r| r.is_nan() || r <= 0.0) {
         return Err("--rate must be a positive number of credentials a second".into());
     }
     if args.check_rate.is_some_and(|f| !(0.0..=1.0).contains(&f)) {
@@ -305,7 +305,16 @@ async fn run_async(args: &BenchArgs, launcher: &Launcher) -> Result<BenchReport,
     if let Some(p) = &args.plot
         && p.extension().and_then(|e| e.to_str()) != Some("svg")
     {
-        return Err(format!("--plot {}: only SVG is drawn (name the file *.svg)", p.display()));
+        return Err(format!(
+            "--plot {}: only SVG is drawn (name the file *.svg)",
+            p.display()
+        ));
+    }
+    if args.sweep.contains(&0) || args.concurrency == 0 {
+        return Err("concurrency must be at least 1 (--concurrency, --sweep)".into());
+    }
+    if args.duration.is_some_and(|d| d.is_nan() || d <= 0.0) {
+        return Err("--duration must be a positive number of seconds".into());
     }
     let load_before = loadavg();
     // Keeps a SoftHSM2 token alive for the run.
@@ -318,15 +327,30 @@ async fn run_async(args: &BenchArgs, launcher: &Launcher) -> Result<BenchReport,
                 let target = Target {
                     addr: addr.clone(),
                     server_name: args.server_name.clone(),
-                    ca_pem: read(args.ca.as_deref().unwrap_or(&d.join("bundle.pem")), "trust bundle")?,
-                    cert_pem: read(args.cert.as_deref().unwrap_or(&d.join("admin.pem")), "client certificate")?,
-                    key_pem: read(args.key.as_deref().unwrap_or(&d.join("admin.key")), "client key")?,
+                    ca_pem: read(
+                        args.ca.as_deref().unwrap_or(&d.join("bundle.pem")),
+                        "trust bundle",
+                    )?,
+                    cert_pem: read(
+                        args.cert.as_deref().unwrap_or(&d.join("admin.pem")),
+                        "client certificate",
+                    )?,
+                    key_pem: read(
+                        args.key.as_deref().unwrap_or(&d.join("admin.key")),
+                        "client key",
+                    )?,
                 };
-                let ceiling = match (&args.ceiling_module, &args.ceiling_token, &args.ceiling_pin_file) {
+                let ceiling = match (
+                    &args.ceiling_module,
+                    &args.ceiling_token,
+                    &args.ceiling_pin_file,
+                ) {
                     (Some(m), Some(t), Some(p)) => Some(TokenSpec {
                         module: m.clone(),
                         label: t.clone(),
-                        pin: String::from_utf8_lossy(&read(p, "PIN file")?).trim().to_string(),
+                        pin: String::from_utf8_lossy(&read(p, "PIN file")?)
+                            .trim()
+                            .to_string(),
                     }),
                     (None, None, None) => None,
                     _ => {
@@ -335,7 +359,15 @@ async fn run_async(args: &BenchArgs, launcher: &Launcher) -> Result<BenchReport,
                         );
                     }
                 };
-                (target, ceiling, args.ceiling_sessions, None, format!("appliance at {addr}"), None, false)
+                (
+                    target,
+                    ceiling,
+                    args.ceiling_sessions,
+                    None,
+                    format!("appliance at {addr}"),
+                    None,
+                    false,
+                )
             }
             None => {
                 let token = match args.token {
@@ -404,9 +436,7 @@ async fn run_async(args: &BenchArgs, launcher: &Launcher) -> Result<BenchReport,
     }
     drop(data_dir);
     let report = result?;
-    if !args.quiet {
-        println!("{}", report.table());
-    }
+    println!("{}", report.table());
     if let Some(p) = &args.json {
         report.write_json(p)?;
     }
@@ -415,7 +445,9 @@ async fn run_async(args: &BenchArgs, launcher: &Launcher) -> Result<BenchReport,
     }
     let bad = report.bad_credentials();
     if bad > 0 {
-        return Err(format!("{bad} credentials failed the check against the bundle"));
+        return Err(format!(
+            "{bad} credentials failed the check against the bundle"
+        ));
     }
     Ok(report)
 }
@@ -473,15 +505,24 @@ async fn bench(
         .map_err(|s| format!("GetBundle: {}: {}", s.code(), s.message()))?
         .into_inner();
     // The trust domain: from Admin.GetStatus, else from a root's URI SAN.
-    let td = match AdminClient::new(ch.clone()).get_status(pb::GetStatusRequest {}).await {
+    let td = match AdminClient::new(ch.clone())
+        .get_status(pb::GetStatusRequest {})
+        .await
+    {
         Ok(s) => s.into_inner().trust_domain,
         Err(_) => bundle
             .x509_authorities
             .iter()
             .find_map(|der| trust_domain_of(der))
-            .ok_or("cannot learn the trust domain: Admin.GetStatus is refused and no root names it")?,
+            .ok_or(
+                "cannot learn the trust domain: Admin.GetStatus is refused and no root names it",
+            )?,
     };
-    let mut checker = Checker::from_bundle(&bundle.spiffe_bundle, bundle.x509_authorities.clone(), "signet-bench")?;
+    let mut checker = Checker::from_bundle(
+        &bundle.spiffe_bundle,
+        bundle.x509_authorities.clone(),
+        "signet-bench",
+    )?;
     let key_id = "signet-bench".to_string();
     if args.workload == Workload::SignData {
         if args.key_type != CsrKeyType::EcP256 {
@@ -524,7 +565,9 @@ async fn bench(
         Some(f) if secs > 0.0 && args.workload == Workload::X509 => {
             let csrs: Vec<Vec<u8>> = pool.csrs.iter().map(|c| c.0.clone()).collect();
             let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-            let rate = tokio::task::block_in_place(|| f(&csrs, threads, Duration::from_secs_f64(secs.min(60.0))))?;
+            let rate = tokio::task::block_in_place(|| {
+                f(&csrs, threads, Duration::from_secs_f64(secs.min(60.0)))
+            })?;
             Some(CeilingReport {
                 kind: "work-loop".into(),
                 sessions: threads,
@@ -546,9 +589,6 @@ async fn bench(
     } else {
         args.sweep.clone()
     };
-    if levels.contains(&0) {
-        return Err("concurrency must be at least 1".into());
-    }
     let duration = match (args.duration, args.requests) {
         (Some(d), _) if d > 0.0 => Some(Duration::from_secs_f64(d)),
         (Some(_), _) => return Err("--duration must be positive".into()),
@@ -559,7 +599,11 @@ async fn bench(
     for &concurrency in &levels {
         let plan = Plan {
             workload: args.workload,
-            batch: if args.workload == Workload::X509 { args.batch } else { 1 },
+            batch: if args.workload == Workload::X509 {
+                args.batch
+            } else {
+                1
+            },
             concurrency,
             requests: args.requests,
             duration,
@@ -604,7 +648,11 @@ async fn bench(
                 } else {
                     0.0
                 },
-                cores_busy: if seconds > 0.0 { (c1 - c0) / seconds } else { 0.0 },
+                cores_busy: if seconds > 0.0 {
+                    (c1 - c0) / seconds
+                } else {
+                    0.0
+                },
                 peak_rss_bytes: rss,
                 includes_client: in_process,
             }),
@@ -630,7 +678,12 @@ async fn bench(
     Ok(BenchReport {
         workload: args.workload,
         target: description.to_string(),
-        loop_mode: if args.rate.is_some() { "open" } else { "closed" }.into(),
+        loop_mode: if args.rate.is_some() {
+            "open"
+        } else {
+            "closed"
+        }
+        .into(),
         batch: args.batch,
         ceiling,
         work_loop: work,
@@ -640,7 +693,11 @@ async fn bench(
     })
 }
 
-fn progress_bar(args: &BenchArgs, plan: &Plan, concurrency: usize) -> Option<indicatif::ProgressBar> {
+fn progress_bar(
+    args: &BenchArgs,
+    plan: &Plan,
+    concurrency: usize,
+) -> Option<indicatif::ProgressBar> {
     if args.quiet {
         return None;
     }

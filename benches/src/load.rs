@@ -191,7 +191,9 @@ fn kind(s: &tonic::Status) -> String {
 async fn one(sh: &Shared, plan: &Plan, agent: usize, seq: u64, out: &mut Outcome) -> bool {
     let ch = sh.channels[agent % sh.channels.len()].clone();
     let n = sh.pool.csrs.len();
-    let base = (seq as usize).wrapping_mul(plan.batch.max(1)).wrapping_add(agent * 7919);
+    let base = (seq as usize)
+        .wrapping_mul(plan.batch.max(1))
+        .wrapping_add(agent * 7919);
     match plan.workload {
         Workload::X509 => {
             let requests = (0..plan.batch)
@@ -306,7 +308,12 @@ async fn closed(sh: Arc<Shared>, plan: &Plan, deadline: Instant) -> Outcome {
                 let before = out.credentials;
                 let t = Instant::now();
                 let left = deadline.saturating_duration_since(t);
-                match tokio::time::timeout(left + Duration::from_secs(10), one(&sh, &plan, agent, seq, &mut out)).await {
+                match tokio::time::timeout(
+                    left + Duration::from_secs(10),
+                    one(&sh, &plan, agent, seq, &mut out),
+                )
+                .await
+                {
                     Ok(true) => {
                         out.requests += 1;
                         out.latencies_us.push(t.elapsed().as_micros() as u64)
@@ -314,7 +321,8 @@ async fn closed(sh: Arc<Shared>, plan: &Plan, deadline: Instant) -> Outcome {
                     Ok(false) => {}
                     Err(_) => out.error("client timeout"),
                 }
-                sh.progress.fetch_add(out.credentials - before, Ordering::Relaxed);
+                sh.progress
+                    .fetch_add(out.credentials - before, Ordering::Relaxed);
             }
             out
         }));
@@ -353,7 +361,11 @@ async fn open(sh: Arc<Shared>, plan: &Plan, rate: f64, deadline: Instant) -> Out
         let agent = seq as usize;
         tokio::spawn(async move {
             let mut out = Outcome::default();
-            let ok = tokio::time::timeout(Duration::from_secs(30), one(&sh, &plan, agent, seq, &mut out)).await;
+            let ok = tokio::time::timeout(
+                Duration::from_secs(30),
+                one(&sh, &plan, agent, seq, &mut out),
+            )
+            .await;
             match ok {
                 Ok(true) => {
                     out.requests += 1;

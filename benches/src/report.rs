@@ -129,7 +129,18 @@ impl BenchReport {
         let _ = writeln!(
             s,
             "{:>6} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9} {:>6}  errors",
-            "conc", "rate/s", "x ceil", "x loop", "p50 ms", "p90 ms", "p99 ms", "p99.9", "checked", "bad", "cpu µs", "rss MB"
+            "conc",
+            "rate/s",
+            "x ceil",
+            "x loop",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "p99.9",
+            "checked",
+            "bad",
+            "cpu µs",
+            "rss MB"
         );
         let opt = |r: Option<f64>| r.map_or("-".to_string(), |v| format!("{v:.3}"));
         for r in &self.runs {
@@ -168,7 +179,11 @@ impl BenchReport {
                 let _ = writeln!(s, "       bad credential: {b}");
             }
         }
-        if self.runs.iter().any(|r| r.server.is_some_and(|u| u.includes_client)) {
+        if self
+            .runs
+            .iter()
+            .any(|r| r.server.is_some_and(|u| u.includes_client))
+        {
             let _ = writeln!(
                 s,
                 "cpu µs: server CPU per credential (in-process: server and bench client together); rss: peak"
@@ -202,7 +217,13 @@ impl BenchReport {
         }
         let err = |e: &dyn std::fmt::Display| format!("plot: {e}");
         let unit = self.workload.unit();
-        let x_max = self.runs.iter().map(|r| r.concurrency).max().unwrap_or(1).max(2) as f64;
+        let x_max = self
+            .runs
+            .iter()
+            .map(|r| r.concurrency)
+            .max()
+            .unwrap_or(1)
+            .max(2) as f64;
         let ceiling = self.ceiling.as_ref().map(|c| c.rate);
         let y_max = self
             .runs
@@ -245,7 +266,11 @@ impl BenchReport {
             .y_label_formatter(&|y| format!("{y:.1}"))
             .draw()
             .map_err(|e| err(&e))?;
-        let points: Vec<(f64, f64)> = self.runs.iter().map(|r| (r.concurrency.max(1) as f64, r.rate)).collect();
+        let points: Vec<(f64, f64)> = self
+            .runs
+            .iter()
+            .map(|r| (r.concurrency.max(1) as f64, r.rate))
+            .collect();
         chart
             .draw_series(LineSeries::new(points.clone(), BLUE.stroke_width(2)))
             .map_err(|e| err(&e))?
@@ -256,7 +281,10 @@ impl BenchReport {
             .map_err(|e| err(&e))?;
         if let Some(c) = ceiling {
             chart
-                .draw_series(LineSeries::new(vec![(1.0, c), (x_max, c)], BLACK.stroke_width(1)))
+                .draw_series(LineSeries::new(
+                    vec![(1.0, c), (x_max, c)],
+                    BLACK.stroke_width(1),
+                ))
                 .map_err(|e| err(&e))?
                 .label(format!("ceiling: bare C_Sign loop ({c:.0}/s)"))
                 .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], BLACK));

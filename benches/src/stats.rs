@@ -107,7 +107,10 @@ mod tests {
         assert_eq!(s.p999_ms, 999.0);
         assert_eq!(s.max_ms, 1000.0);
         assert!((s.mean_ms - 500.5).abs() < 1e-9);
-        assert_eq!(LatencySummary::from_micros(&mut []), LatencySummary::default());
+        assert_eq!(
+            LatencySummary::from_micros(&mut []),
+            LatencySummary::default()
+        );
     }
 
     #[test]

@@ -15,7 +15,9 @@ use signet::serve::{Appliance, EmbeddedToken as _, HsmSimEmbedded};
 use signet::spiffe::TrustDomain;
 use signet::x509::{Authority, LeafRequest, RootRequest, parse_and_verify_csr};
 use signet_bench::ceiling::{CEILING_KEY, TokenSpec};
-use signet_bench::{BenchArgs, BoxFuture, InProcess, InProcessToken, Mode, Started, Target, WorkLoop};
+use signet_bench::{
+    BenchArgs, BoxFuture, InProcess, InProcessToken, Mode, Started, Target, WorkLoop,
+};
 use signet_pkcs11::{KeyGenOptions, Pin, PinSource, Token, TokenConfig};
 use time::OffsetDateTime;
 
@@ -47,7 +49,8 @@ async fn start(spec: InProcess) -> Result<Started, String> {
     let (token, what) = match &spec.token {
         InProcessToken::HsmSim { latency_ms } => {
             let dir = spec.data_dir.join("hsm-sim");
-            std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| format!("creating {}: {e}", dir.display()))?;
             // Configured before the embedded token is provisioned: the first configuration of the process stays.
             hsm_sim::set_embedded_config(hsm_sim::Config {
                 dir: Some(dir),
@@ -122,83 +125,91 @@ async fn start(spec: InProcess) -> Result<Started, String> {
 /// check), on `threads` threads (at least one per session in direct mode): with the token key in direct mode, an
 /// in-memory key in delegated mode.
 fn work_loop(mode: Mode, token: TokenSpec, sessions: usize, td: TrustDomain) -> WorkLoop {
-    Box::new(move |csrs: &[Vec<u8>], threads: usize, duration: Duration| {
-        let key: Arc<dyn AuthorityKey> = match mode {
-            Mode::Direct => {
-                let cfg = TokenConfig::new(
-                    token.module.clone(),
-                    token.label.clone(),
-                    PinSource::Value(Pin::new(token.pin.clone())),
-                );
-                let t = Token::open(&cfg).map_err(|e| format!("opening the token: {e}"))?;
-                let mut s = t.session().map_err(|e| e.to_string())?;
-                if s.find_key(CEILING_KEY).is_err() {
-                    s.generate_key(
-                        CEILING_KEY,
-                        signet_pkcs11::KeyType::EcP256,
-                        KeyGenOptions::default(),
-                    )
-                    .map_err(|e| format!("generating a key: {e}"))?;
+    Box::new(
+        move |csrs: &[Vec<u8>], threads: usize, duration: Duration| {
+            let key: Arc<dyn AuthorityKey> = match mode {
+                Mode::Direct => {
+                    let cfg = TokenConfig::new(
+                        token.module.clone(),
+                        token.label.clone(),
+                        PinSource::Value(Pin::new(token.pin.clone())),
+                    );
+                    let t = Token::open(&cfg).map_err(|e| format!("opening the token: {e}"))?;
+                    let mut s = t.session().map_err(|e| e.to_string())?;
+                    if s.find_key(CEILING_KEY).is_err() {
+                        s.generate_key(
+                            CEILING_KEY,
+                            signet_pkcs11::KeyType::EcP256,
+                            KeyGenOptions::default(),
+                        )
+                        .map_err(|e| format!("generating a key: {e}"))?;
+                    }
+                    Arc::new(TokenKey::open(t, CEILING_KEY, sessions).map_err(|e| e.to_string())?)
                 }
-                Arc::new(TokenKey::open(t, CEILING_KEY, sessions).map_err(|e| e.to_string())?)
+                Mode::Delegated => Arc::new(
+                    SoftwareKey::generate(KeyType::EcP256)
+                        .map_err(|e| e.to_string())?
+                        .0,
+                ),
+            };
+            let mut subject = DistinguishedName::new();
+            subject.push(DnType::CommonName, "signet bench work loop");
+            let req = RootRequest {
+                trust_domain: td.clone(),
+                subject,
+                ttl: Duration::from_secs(3600),
+                path_len: None,
+            };
+            let authority = Authority::self_signed_root(key, &req, OffsetDateTime::now_utc())
+                .map_err(|e| e.to_string())?;
+            let threads = match mode {
+                Mode::Direct => threads.max(sessions),
+                Mode::Delegated => threads,
             }
-            Mode::Delegated => Arc::new(
-                SoftwareKey::generate(KeyType::EcP256)
-                    .map_err(|e| e.to_string())?
-                    .0,
-            ),
-        };
-        let mut subject = DistinguishedName::new();
-        subject.push(DnType::CommonName, "signet bench work loop");
-        let req = RootRequest {
-            trust_domain: td.clone(),
-            subject,
-            ttl: Duration::from_secs(3600),
-            path_len: None,
-        };
-        let authority = Authority::self_signed_root(key, &req, OffsetDateTime::now_utc())
-            .map_err(|e| e.to_string())?;
-        let threads = match mode {
-            Mode::Direct => threads.max(sessions),
-            Mode::Delegated => threads,
-        }
-        .max(1);
-        let done = AtomicU64::new(0);
-        let failed = AtomicU64::new(0);
-        let start = Instant::now();
-        let end = start + duration;
-        std::thread::scope(|scope| {
-            for t in 0..threads {
-                let (authority, done, failed) = (&authority, &done, &failed);
-                scope.spawn(move || {
-                    let mut i = t;
-                    while Instant::now() < end {
-                        let csr = &csrs[i % csrs.len()];
-                        i += threads;
-                        let ok = parse_and_verify_csr(csr)
-                            .ok()
-                            .and_then(|c| LeafRequest::from_csr(&c, Duration::from_secs(600)).ok())
-                            .and_then(|r| authority.issue_x509_svid(&r, OffsetDateTime::now_utc()).ok());
-                        match ok {
-                            Some(cert) => {
-                                std::hint::black_box(cert);
-                                done.fetch_add(1, Ordering::Relaxed);
-                            }
-                            None => {
-                                failed.fetch_add(1, Ordering::Relaxed);
+            .max(1);
+            let done = AtomicU64::new(0);
+            let failed = AtomicU64::new(0);
+            let start = Instant::now();
+            let end = start + duration;
+            std::thread::scope(|scope| {
+                for t in 0..threads {
+                    let (authority, done, failed) = (&authority, &done, &failed);
+                    scope.spawn(move || {
+                        let mut i = t;
+                        while Instant::now() < end {
+                            let csr = &csrs[i % csrs.len()];
+                            i += threads;
+                            let ok = parse_and_verify_csr(csr)
+                                .ok()
+                                .and_then(|c| {
+                                    LeafRequest::from_csr(&c, Duration::from_secs(600)).ok()
+                                })
+                                .and_then(|r| {
+                                    authority
+                                        .issue_x509_svid(&r, OffsetDateTime::now_utc())
+                                        .ok()
+                                });
+                            match ok {
+                                Some(cert) => {
+                                    std::hint::black_box(cert);
+                                    done.fetch_add(1, Ordering::Relaxed);
+                                }
+                                None => {
+                                    failed.fetch_add(1, Ordering::Relaxed);
+                                }
                             }
                         }
-                    }
-                });
+                    });
+                }
+            });
+            let secs = start.elapsed().as_secs_f64();
+            if failed.load(Ordering::Relaxed) > 0 {
+                return Err(format!(
+                    "{} certificates of the work loop failed",
+                    failed.load(Ordering::Relaxed)
+                ));
             }
-        });
-        let secs = start.elapsed().as_secs_f64();
-        if failed.load(Ordering::Relaxed) > 0 {
-            return Err(format!(
-                "{} certificates of the work loop failed",
-                failed.load(Ordering::Relaxed)
-            ));
-        }
-        Ok(done.load(Ordering::Relaxed) as f64 / secs)
-    })
+            Ok(done.load(Ordering::Relaxed) as f64 / secs)
+        },
+    )
 }

@@ -1,0 +1,176 @@
+//! A short run of `signet bench` (the real binary, an in-process appliance on the embedded hsm-sim, gRPC + mTLS over
+//! 127.0.0.1) for each RPC: bounded in requests and time, every credential checked against the bundle.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::process::Command;
+use std::time::Duration;
+
+fn bench(args: &[&str]) -> (std::process::Output, Option<serde_json::Value>) {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_signet"));
+    cmd.arg("bench")
+        .args(["--warmup", "0", "--ceiling-seconds", "0.3"])
+        .arg("--json")
+        .arg(&json)
+        .args(args)
+        .current_dir(dir.path());
+    if !args.contains(&"--duration") {
+        // A bound in time as well as in count.
+        cmd.args(["--duration", "20"]);
+    }
+    let out = cmd.output().unwrap();
+    let doc = std::fs::read(&json)
+        .ok()
+        .map(|b| serde_json::from_slice(&b).unwrap());
+    (out, doc)
+}
+
+fn f(v: &serde_json::Value) -> f64 {
+    v.as_f64().unwrap_or_else(|| panic!("not a number: {v}"))
+}
+
+/// The run answered `want` credentials, all checked and good, with sane percentiles and a positive ceiling ratio.
+fn assert_sane(doc: &serde_json::Value, workload: &str, want: u64) {
+    assert_eq!(doc["workload"], workload);
+    let ceiling = f(&doc["ceiling"]["rate"]);
+    assert!(ceiling > 0.0, "{doc}");
+    let run = &doc["runs"][0];
+    assert_eq!(run["credentials"].as_u64(), Some(want), "{run}");
+    assert_eq!(
+        run["checked"].as_u64(),
+        Some(want),
+        "every credential is checked: {run}"
+    );
+    assert_eq!(run["bad_credentials"].as_u64(), Some(0), "{run}");
+    assert_eq!(run["errors"], serde_json::json!({}), "{run}");
+    let rate = f(&run["rate"]);
+    let seconds = f(&run["seconds"]);
+    assert!(
+        (rate * seconds - want as f64).abs() < 1.0,
+        "rate x seconds = credentials: {run}"
+    );
+    let ratio = f(&run["ratio_to_ceiling"]);
+    assert!(
+        (ratio - rate / ceiling).abs() < 1e-9 && ratio > 0.0,
+        "{run}"
+    );
+    let l = &run["latency"];
+    assert!(f(&l["p50_ms"]) > 0.0);
+    assert!(f(&l["p50_ms"]) <= f(&l["p90_ms"]));
+    assert!(f(&l["p90_ms"]) <= f(&l["p99_ms"]));
+    assert!(f(&l["p99_ms"]) <= f(&l["p999_ms"]));
+    assert!(f(&l["p999_ms"]) <= f(&l["max_ms"]));
+    let server = &run["server"];
+    assert!(f(&server["cpu_seconds"]) > 0.0, "{run}");
+    assert!(
+        server["peak_rss_bytes"].as_u64().unwrap() > 1 << 20,
+        "{run}"
+    );
+}
+
+#[test]
+fn bench_smoke_x509_jwt_sign_data() {
+    let started = std::time::Instant::now();
+    let (out, doc) = bench(&[
+        "--workload",
+        "x509",
+        "--batch",
+        "10",
+        "--requests",
+        "20",
+        "--concurrency",
+        "4",
+        "--pool",
+        "16",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc = doc.unwrap();
+    assert_sane(&doc, "x509", 200);
+    assert!(f(&doc["work_loop"]["rate"]) > 0.0, "{doc}");
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        table.contains("p99 ms") && table.contains("ceiling"),
+        "{table}"
+    );
+
+    for workload in ["jwt", "sign-data"] {
+        let (out, doc) = bench(&[
+            "--workload",
+            workload,
+            "--requests",
+            "50",
+            "--concurrency",
+            "4",
+            "--pool",
+            "16",
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_sane(&doc.unwrap(), workload, 50);
+    }
+    assert!(started.elapsed() < Duration::from_secs(120));
+}
+
+#[test]
+fn bench_sweep_draws_a_plot_and_open_loop_keeps_its_rate() {
+    let dir = tempfile::tempdir().unwrap();
+    let svg = dir.path().join("sweep.svg");
+    let (out, doc) = bench(&[
+        "--workload",
+        "sign-data",
+        "--sweep",
+        "1,4",
+        "--rate",
+        "200",
+        "--duration",
+        "1",
+        "--pool",
+        "16",
+        "--plot",
+        svg.to_str().unwrap(),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc = doc.unwrap();
+    assert_eq!(doc["loop_mode"], "open");
+    let runs = doc["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 2);
+    for r in runs {
+        // 200/s offered for one second: 200 requests due, each answered or counted as not sent (agents busy).
+        let n = r["credentials"].as_u64().unwrap();
+        let not_sent = r["errors"]["not sent: all agents busy"]
+            .as_u64()
+            .unwrap_or(0);
+        assert_eq!(n + not_sent, 200, "{r}");
+        assert!(n >= 20, "{r}");
+        assert_eq!(r["bad_credentials"].as_u64(), Some(0));
+    }
+    let plot = std::fs::read_to_string(&svg).unwrap();
+    assert!(plot.starts_with("<svg") && plot.contains("p99 latency") && plot.contains("ceiling"));
+}
+
+#[test]
+fn bench_refuses_bad_flags_with_a_reason() {
+    for (args, says) in [
+        (&["--batch", "0"][..], "--batch"),
+        (&["--check-rate", "2"][..], "--check-rate"),
+        (&["--plot", "x.png"][..], "SVG"),
+        (&["--sweep", "0,4"][..], "concurrency"),
+    ] {
+        let (out, _) = bench(args);
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains(says), "{args:?}: {err}");
+    }
+}

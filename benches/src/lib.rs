@@ -10,6 +10,10 @@
 //! checked against the bundle ([`check`]; all of them up to 10,000 a second, `--check-rate` to sample); a bad one
 //! fails the bench. Output: a progress bar, the summary table, `--json FILE` and `--plot FILE.svg`.
 //!
+//! CPU per credential comes from Admin.GetStatus (the server process's CPU time and peak RSS). In process the server
+//! and the client share that process, so the client runs on its own tokio runtime whose threads are named
+//! `bench-client`, the appliance on another, and the client's threads' CPU time is taken out of the server's.
+//!
 //! # The shape of the crates
 //! `signet bench` is a subcommand of the `signet` binary, but its code lives here, and this library does not
 //! depend on `signet`: `signet` depends on this crate and hands [`run`] a [`Launcher`], a function that starts an
@@ -285,14 +289,67 @@ async fn server_usage(ch: &Channel) -> Option<(f64, u64)> {
 /// Runs `signet bench`; `launcher` starts an in-process appliance when no `--addr` is given. Returns the report
 /// (also printed, and written where asked), or why the bench failed; bad credentials fail it.
 pub fn run(args: &BenchArgs, launcher: &Launcher) -> Result<BenchReport, String> {
+    // Two runtimes: the bench client's threads carry their own name, so that in process the server's CPU can be
+    // told from the client's (see `client_cpu_seconds`).
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .thread_name(CLIENT_THREAD)
         .build()
         .map_err(|e| format!("tokio runtime: {e}"))?;
-    rt.block_on(run_async(args, launcher))
+    let server_rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .thread_name("signet-server")
+        .build()
+        .map_err(|e| format!("tokio runtime: {e}"))?;
+    let result = rt.block_on(run_async(args, launcher, server_rt.handle()));
+    drop(rt);
+    drop(server_rt);
+    result
 }
 
-async fn run_async(args: &BenchArgs, launcher: &Launcher) -> Result<BenchReport, String> {
+/// CPU seconds (user + system) of this whole process (Linux; clock ticks of 1/100 s).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let field = |i: usize| fields.get(i).and_then(|f| f.parse::<u64>().ok());
+    Some((field(11)? + field(12)?) as f64 / 100.0)
+}
+
+/// The name of the bench client's threads.
+const CLIENT_THREAD: &str = "bench-client";
+
+/// CPU seconds of this process's threads named [`CLIENT_THREAD`] (Linux; clock ticks of 1/100 s).
+fn client_cpu_seconds() -> Option<f64> {
+    let mut ticks = 0u64;
+    for task in std::fs::read_dir("/proc/self/task").ok()?.flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if comm.trim_end() != CLIENT_THREAD {
+            continue;
+        }
+        let Ok(stat) = std::fs::read_to_string(task.path().join("stat")) else {
+            continue;
+        };
+        let Some(close) = stat.rfind(')') else {
+            continue;
+        };
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        // utime and stime: fields 14 and 15 of the line, 12 and 13 after the name.
+        let field = |i: usize| {
+            fields
+                .get(i)
+                .and_then(|f| f.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        ticks += field(11) + field(12);
+    }
+    Some(ticks as f64 / 100.0)
+}
+
+async fn run_async(
+    args: &BenchArgs,
+    launcher: &Launcher,
+    server_rt: &tokio::runtime::Handle,
+) -> Result<BenchReport, String> {
     if args.batch == 0 || args.pool == 0 || args.connections == 0 {
         return Err("--batch, --pool and --connections must be at least 1".into());
     }
@@ -401,14 +458,16 @@ async fn run_async(args: &BenchArgs, launcher: &Launcher) -> Result<BenchReport,
                 if args.sessions == 0 {
                     return Err("--sessions must be at least 1".into());
                 }
-                let started = launcher(InProcess {
-                    token,
-                    mode: args.mode,
-                    sessions: args.sessions,
-                    cpu_threads: args.cpu_threads,
-                    data_dir: data_dir.path().to_path_buf(),
-                })
-                .await?;
+                let started = server_rt
+                    .spawn(launcher(InProcess {
+                        token,
+                        mode: args.mode,
+                        sessions: args.sessions,
+                        cpu_threads: args.cpu_threads,
+                        data_dir: data_dir.path().to_path_buf(),
+                    }))
+                    .await
+                    .map_err(|e| format!("starting the appliance: {e}"))??;
                 (
                     started.target,
                     started.ceiling_token,
@@ -432,7 +491,7 @@ async fn run_async(args: &BenchArgs, launcher: &Launcher) -> Result<BenchReport,
     )
     .await;
     if let Some(stop) = stop {
-        stop().await;
+        let _ = server_rt.spawn(stop()).await;
     }
     drop(data_dir);
     let report = result?;
@@ -550,13 +609,23 @@ async fn bench(
         Some(spec) if secs > 0.0 => {
             let (spec, n) = (spec.clone(), ceiling_sessions);
             let d = Duration::from_secs_f64(secs.min(60.0));
+            let cpu_before = process_cpu_seconds();
+            let start = std::time::Instant::now();
             let rate = tokio::task::spawn_blocking(move || ceiling::token_ceiling(&spec, n, d))
                 .await
                 .map_err(|e| format!("ceiling: {e}"))??;
+            // Host CPU per signature (a software token signs on this machine's cores); the idle server adds little.
+            let cpu_us_per_signature =
+                process_cpu_seconds()
+                    .zip(cpu_before)
+                    .map(|(after, before)| {
+                        (after - before) * 1e6 / (rate * start.elapsed().as_secs_f64()).max(1.0)
+                    });
             Some(CeilingReport {
                 kind: "token".into(),
                 sessions: n,
                 rate,
+                cpu_us_per_signature,
             })
         }
         _ => None,
@@ -572,6 +641,7 @@ async fn bench(
                 kind: "work-loop".into(),
                 sessions: threads,
                 rate,
+                cpu_us_per_signature: None,
             })
         }
         _ => None,
@@ -619,6 +689,7 @@ async fn bench(
             let _ = load::run(shared.clone(), &warm, HARD_LIMIT).await;
         }
         let usage_before = server_usage(&ch).await;
+        let client_before = client_cpu_seconds();
         shared.progress.store(0, Ordering::Relaxed);
         let bar = progress_bar(args, &plan, concurrency);
         let ticker = bar.clone().map(|bar| {
@@ -638,24 +709,31 @@ async fn bench(
             bar.finish_and_clear();
         }
         let usage_after = server_usage(&ch).await;
+        let client_cpu = client_cpu_seconds()
+            .zip(client_before)
+            .map(|(after, before)| after - before);
         let seconds = out.elapsed.as_secs_f64();
         let rate = per_second(out.credentials, seconds);
+        let per_credential = |cpu: f64| {
+            if out.credentials > 0 {
+                cpu * 1e6 / out.credentials as f64
+            } else {
+                0.0
+            }
+        };
         let server = match (usage_before, usage_after) {
-            (Some((c0, _)), Some((c1, rss))) => Some(ServerUsage {
-                cpu_seconds: c1 - c0,
-                cpu_us_per_credential: if out.credentials > 0 {
-                    (c1 - c0) * 1e6 / out.credentials as f64
-                } else {
-                    0.0
-                },
-                cores_busy: if seconds > 0.0 {
-                    (c1 - c0) / seconds
-                } else {
-                    0.0
-                },
-                peak_rss_bytes: rss,
-                includes_client: in_process,
-            }),
+            (Some((c0, _)), Some((c1, rss))) => {
+                // In process the process's CPU is the server's and the client's: take the client's threads out.
+                let client = if in_process { client_cpu } else { None };
+                let cpu = c1 - c0 - client.unwrap_or(0.0);
+                Some(ServerUsage {
+                    cpu_seconds: cpu,
+                    cpu_us_per_credential: per_credential(cpu),
+                    cores_busy: if seconds > 0.0 { cpu / seconds } else { 0.0 },
+                    peak_rss_bytes: rss,
+                    client_cpu_us_per_credential: client.map(per_credential),
+                })
+            }
             _ => None,
         };
         runs.push(RunReport {

@@ -17,10 +17,10 @@ pub struct ServerUsage {
     pub cpu_us_per_credential: f64,
     /// Cores busy on average (CPU seconds over wall seconds).
     pub cores_busy: f64,
-    /// The server process's peak resident set, bytes.
+    /// The server process's peak resident set, bytes (in process: the bench's process, client included).
     pub peak_rss_bytes: u64,
-    /// True when the server runs in the bench's own process (CPU and memory then include the bench client).
-    pub includes_client: bool,
+    /// In process: the bench client's CPU time per credential (its own threads), microseconds.
+    pub client_cpu_us_per_credential: Option<f64>,
 }
 
 /// One run at one concurrency.
@@ -65,6 +65,8 @@ pub struct CeilingReport {
     pub sessions: usize,
     /// Signatures (or credentials) a second.
     pub rate: f64,
+    /// Token ceiling: host CPU per signature, microseconds (a software token's own signing cost).
+    pub cpu_us_per_signature: Option<f64>,
 }
 
 /// The whole bench.
@@ -115,8 +117,12 @@ impl BenchReport {
         if let Some(c) = &self.ceiling {
             let _ = writeln!(
                 s,
-                "ceiling: bare C_Sign loop, {} sessions: {:.0} signatures/s",
-                c.sessions, c.rate
+                "ceiling: bare C_Sign loop, {} sessions: {:.0} signatures/s{}",
+                c.sessions,
+                c.rate,
+                c.cpu_us_per_signature.map_or(String::new(), |u| format!(
+                    ", {u:.0} µs host CPU a signature"
+                ))
             );
         }
         if let Some(c) = &self.work_loop {
@@ -128,7 +134,7 @@ impl BenchReport {
         }
         let _ = writeln!(
             s,
-            "{:>6} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>9} {:>6}  errors",
+            "{:>6} {:>10} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9} {:>8} {:>7} {:>7} {:>6}  errors",
             "conc",
             "rate/s",
             "x ceil",
@@ -139,7 +145,8 @@ impl BenchReport {
             "p99.9",
             "checked",
             "bad",
-            "cpu µs",
+            "srv µs",
+            "cli µs",
             "rss MB"
         );
         let opt = |r: Option<f64>| r.map_or("-".to_string(), |v| format!("{v:.3}"));
@@ -153,15 +160,17 @@ impl BenchReport {
                     .collect::<Vec<_>>()
                     .join(", ")
             };
-            let (cpu, rss) = r.server.map_or(("-".into(), "-".into()), |u| {
+            let (cpu, client, rss) = r.server.map_or(("-".into(), "-".into(), "-".into()), |u| {
                 (
                     format!("{:.0}", u.cpu_us_per_credential),
+                    u.client_cpu_us_per_credential
+                        .map_or("-".into(), |c| format!("{c:.0}")),
                     format!("{:.0}", u.peak_rss_bytes as f64 / (1 << 20) as f64),
                 )
             });
             let _ = writeln!(
                 s,
-                "{:>6} {:>10.0} {:>8} {:>8} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9} {:>8} {:>9} {:>6}  {errors}",
+                "{:>6} {:>10.0} {:>8} {:>8} {:>8.2} {:>8.2} {:>8.2} {:>8.2} {:>9} {:>8} {:>7} {:>7} {:>6}  {errors}",
                 r.concurrency,
                 r.rate,
                 opt(r.ratio_to_ceiling),
@@ -173,20 +182,18 @@ impl BenchReport {
                 r.checked,
                 r.bad_credentials,
                 cpu,
+                client,
                 rss
             );
             for b in &r.bad_examples {
                 let _ = writeln!(s, "       bad credential: {b}");
             }
         }
-        if self
-            .runs
-            .iter()
-            .any(|r| r.server.is_some_and(|u| u.includes_client))
-        {
+        if self.runs.iter().any(|r| r.server.is_some()) {
             let _ = writeln!(
                 s,
-                "cpu µs: server CPU per credential (in-process: server and bench client together); rss: peak"
+                "srv µs / cli µs: CPU per credential of the server and of the bench client (in process: the \
+                 client's own threads); rss MB: the server's peak"
             );
         }
         let _ = writeln!(

@@ -62,7 +62,10 @@ fn assert_sane(doc: &serde_json::Value, workload: &str, want: u64) {
     assert!(f(&l["p99_ms"]) <= f(&l["p999_ms"]));
     assert!(f(&l["p999_ms"]) <= f(&l["max_ms"]));
     let server = &run["server"];
-    assert!(f(&server["cpu_seconds"]) > 0.0, "{run}");
+    // The server's and the client's CPU (in process the client's threads are counted apart).
+    let client_s = f(&server["client_cpu_us_per_credential"]) * want as f64 / 1e6;
+    assert!(f(&server["cpu_seconds"]) >= 0.0 && client_s >= 0.0, "{run}");
+    assert!(f(&server["cpu_seconds"]) + client_s > 0.0, "{run}");
     assert!(
         server["peak_rss_bytes"].as_u64().unwrap() > 1 << 20,
         "{run}"

@@ -177,3 +177,79 @@ fn bench_refuses_bad_flags_with_a_reason() {
         assert!(err.contains(says), "{args:?}: {err}");
     }
 }
+
+/// `signet bench --addr` against `signet serve` in another process: the server's CPU and peak RSS come from its
+/// Admin.GetStatus, the client's CPU is not mixed in, and there is no ceiling without the token's flags.
+#[test]
+fn bench_drives_a_running_appliance() {
+    use std::io::BufRead as _;
+    use std::process::Stdio;
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_signet"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--metrics",
+            "127.0.0.1:0",
+        ])
+        .env_remove("SIGNET_CONFIG")
+        .env_remove("SIGNET_DATA_DIR")
+        .current_dir(dir.path())
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(dir.path().join("serve.log")).unwrap())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let mut line = String::new();
+    while !line.starts_with("Stop with") {
+        line.clear();
+        assert!(
+            out.read_line(&mut line).unwrap() > 0,
+            "signet serve exited: {}",
+            std::fs::read_to_string(dir.path().join("serve.log")).unwrap_or_default()
+        );
+    }
+    let addr = std::fs::read_to_string(dir.path().join("signet-data/endpoint")).unwrap();
+    let data = dir.path().join("signet-data");
+    let (result, doc) = bench(&[
+        "--addr",
+        addr.trim(),
+        "--data-dir",
+        data.to_str().unwrap(),
+        "--workload",
+        "x509",
+        "--batch",
+        "5",
+        "--requests",
+        "20",
+        "--pool",
+        "8",
+    ]);
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let _ = child.wait();
+    assert!(
+        result.status.success(),
+        "{}",
+        String::from_utf8_lossy(&result.stderr)
+    );
+    let doc = doc.unwrap();
+    assert!(
+        doc["ceiling"].is_null() && doc["work_loop"].is_null(),
+        "{doc}"
+    );
+    let run = &doc["runs"][0];
+    assert_eq!(run["credentials"].as_u64(), Some(100), "{run}");
+    assert_eq!(run["checked"].as_u64(), Some(100), "{run}");
+    assert_eq!(run["bad_credentials"].as_u64(), Some(0), "{run}");
+    assert!(run["ratio_to_ceiling"].is_null(), "{run}");
+    let server = &run["server"];
+    assert!(f(&server["cpu_seconds"]) > 0.0, "{run}");
+    assert!(server["client_cpu_us_per_credential"].is_null(), "{run}");
+    assert!(
+        server["peak_rss_bytes"].as_u64().unwrap() > 1 << 20,
+        "{run}"
+    );
+}

@@ -34,6 +34,8 @@ mod support {
         pub next_errors: Mutex<VecDeque<RvError>>,
         /// While set, the device is "removed": sign, open and reopen fail with CKR_DEVICE_REMOVED.
         pub down: AtomicBool,
+        /// While set, every digest signature comes back with one bit flipped (the call succeeds).
+        pub corrupt: AtomicBool,
         gate: Mutex<bool>,
         gate_cv: Condvar,
     }
@@ -100,8 +102,14 @@ mod support {
             digest: &[u8],
         ) -> Result<Vec<u8>, Error> {
             self.faults.before_sign()?;
-            let r = self.inner.sign_digest(key, alg, digest);
+            let mut r = self.inner.sign_digest(key, alg, digest);
             self.faults.signs.fetch_add(1, Ordering::SeqCst);
+            if self.faults.corrupt.load(Ordering::SeqCst)
+                && let Ok(sig) = r.as_mut()
+                && let Some(b) = sig.get_mut(10)
+            {
+                *b ^= 1;
+            }
             r
         }
         fn sign_message(
@@ -409,6 +417,56 @@ mod queue {
         assert_eq!(faults.signs.load(Ordering::SeqCst), total);
         assert_eq!(p.token_status()[0].signatures, total);
         assert_eq!(p.digests_verified(), TASKS * PER_TASK);
+        p.shutdown();
+    }
+
+    /// Sampled post-sign checks let corrupted digest signatures through until one check fails; from then on every
+    /// signature is checked, so nothing corrupted leaves again. The default checks every one.
+    #[test]
+    fn a_failed_sampled_check_turns_checking_on_for_every_signature() {
+        let Some(token) = token_with_key("k", KeyType::EcP256) else {
+            return;
+        };
+        assert_eq!(
+            PipelineConfig::default().verify_digests,
+            signet::pipeline::VerifyPolicy::Always
+        );
+        let (m, faults) = member("a", token, 1);
+        let cfg = PipelineConfig {
+            verify_digests: signet::pipeline::VerifyPolicy::Sample(16),
+            ..config()
+        };
+        let p = Pipeline::start(cfg, vec![m]).unwrap();
+        let key = p.key("k").unwrap();
+        faults.corrupt.store(true, Ordering::SeqCst);
+        let rt = runtime();
+        let (leaked, refused, leaked_after_first_refusal) = rt.block_on(async {
+            let (mut leaked, mut refused, mut after) = (0u64, 0u64, 0u64);
+            for i in 0..64u64 {
+                let d = digest(i);
+                match p
+                    .submit_digest(&key, SignAlgorithm::EcdsaSha256, &d, far())
+                    .await
+                {
+                    Ok(sig) => {
+                        assert!(!verify_digest(key.spki_der(), &d, &sig), "corrupted");
+                        leaked += 1;
+                        if refused > 0 {
+                            after += 1;
+                        }
+                    }
+                    Err(PipelineError::PostSignCheck(_)) => refused += 1,
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            }
+            (leaked, refused, after)
+        });
+        assert!(
+            leaked > 0 && leaked < 32,
+            "sampling let {leaked} through before a check"
+        );
+        assert_eq!(leaked + refused, 64);
+        assert_eq!(leaked_after_first_refusal, 0, "checking stays on");
         p.shutdown();
     }
 

@@ -34,7 +34,7 @@ mod support {
         pub next_errors: Mutex<VecDeque<RvError>>,
         /// While set, the device is "removed": sign, open and reopen fail with CKR_DEVICE_REMOVED.
         pub down: AtomicBool,
-        /// While set, every digest signature comes back with one bit flipped (the call succeeds).
+        /// While set, every signature comes back with one bit flipped (the call succeeds).
         pub corrupt: AtomicBool,
         gate: Mutex<bool>,
         gate_cv: Condvar,
@@ -119,8 +119,14 @@ mod support {
             message: &[u8],
         ) -> Result<Vec<u8>, Error> {
             self.faults.before_sign()?;
-            let r = self.inner.sign(key, alg, message);
+            let mut r = self.inner.sign(key, alg, message);
             self.faults.signs.fetch_add(1, Ordering::SeqCst);
+            if self.faults.corrupt.load(Ordering::SeqCst)
+                && let Ok(sig) = r.as_mut()
+                && let Some(b) = sig.get_mut(10)
+            {
+                *b ^= 1;
+            }
             r
         }
         fn reopen(&mut self) -> Result<(), Error> {
@@ -468,6 +474,44 @@ mod queue {
         assert_eq!(leaked + refused, 64);
         assert_eq!(leaked_after_first_refusal, 0, "checking stays on");
         p.shutdown();
+    }
+
+    /// Every key type's digest signatures are checked, not only P-256's: a good signature passes, a corrupted one is
+    /// refused. P-384 with SHA-384, RSA PKCS#1 v1.5 and PSS, Ed25519 (over the message).
+    #[test]
+    fn corrupted_signatures_of_every_key_type_are_refused() {
+        let cases = [
+            (KeyType::EcP384, vec![SignAlgorithm::EcdsaSha384]),
+            (
+                KeyType::Rsa2048,
+                vec![SignAlgorithm::RsaPkcs1Sha256, SignAlgorithm::RsaPssSha256],
+            ),
+            (KeyType::Ed25519, vec![SignAlgorithm::Ed25519]),
+        ];
+        for (key_type, algs) in cases {
+            let Some(token) = token_with_key("k", key_type) else {
+                return;
+            };
+            let (m, faults) = member("a", token, 1);
+            let p = Pipeline::start(config(), vec![m]).unwrap();
+            let key = p.key("k").unwrap();
+            let rt = runtime();
+            for alg in algs {
+                let data = match alg.hash() {
+                    Some(h) => h.digest(b"a message").as_ref().to_vec(),
+                    None => b"a message".to_vec(),
+                };
+                for corrupt in [false, true] {
+                    faults.corrupt.store(corrupt, Ordering::SeqCst);
+                    let r = rt.block_on(p.submit_digest(&key, alg, &data, far()));
+                    match (corrupt, r) {
+                        (false, Ok(_)) | (true, Err(PipelineError::PostSignCheck(_))) => {}
+                        (c, other) => panic!("{key_type:?} {alg:?} corrupt={c}: {other:?}"),
+                    }
+                }
+            }
+            p.shutdown();
+        }
     }
 
     /// Jobs whose deadline passed, or whose caller gave up, never reach the token.

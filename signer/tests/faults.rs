@@ -17,7 +17,7 @@
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
-    reason = "test fixtures and helpers outside #[test] fns: a failed fixture is a failed test"
+    reason = "test fixtures outside #[test] fns: a failed fixture is a failed test"
 )]
 
 #[path = "appliance/common.rs"]

@@ -10,10 +10,10 @@
 //! after the fault ends. It prints the figures: requests, answers by kind and status, bad credentials, and the
 //! recovery time (success rate in 100 ms buckets; from the end of the fault until a bucket is back within 10% of
 //! the rate before it). Timings are printed, never asserted (a shared machine is noisy):
-//! `cargo test --release -p signet --test faults -- --nocapture --test-threads=1`.
+//! `cargo test --release -p signet --test faults -- --nocapture`.
 //!
-//! Faults hit the whole per-process hsm-sim token, so this file is a test binary of its own and its runs take a
-//! lock: one at a time.
+//! Faults hit the whole per-process hsm-sim token, so this file is a test binary of its own, and its four runs go
+//! one after the other on one appliance.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -45,9 +45,6 @@ use tonic::transport::Channel;
 use x509_parser::prelude::FromDer as _;
 
 use common::*;
-
-/// One fault run at a time: the token is the process's.
-static RUN: tokio::sync::Mutex<Option<Control>> = tokio::sync::Mutex::const_new(None);
 
 /// Longest any request may take before it counts as unanswered.
 const ANSWER_WITHIN: Duration = Duration::from_secs(15);
@@ -356,6 +353,8 @@ struct Rig {
     admin: Channel,
     /// An agent's channel, to make the token read its control file.
     poke: Channel,
+    /// The token's control file.
+    control_file: std::path::PathBuf,
     spire: Channel,
     judge: Arc<Judge>,
     csrs: Arc<Vec<Csr>>,
@@ -366,6 +365,7 @@ async fn rig() -> Rig {
     let sim = HsmSim::new();
     let prefix = sim.key_prefix().to_string();
     let (module, label) = (sim.module().to_path_buf(), sim.label().to_string());
+    let control_file = sim.control_file().to_path_buf();
     let bed = Bed::start_on(Box::new(sim), |dir| {
         let mut cfg = config_on("hsm-sim", &module, &label, USER_PIN, dir);
         cfg.tokens[0].sessions = 2;
@@ -444,6 +444,7 @@ async fn rig() -> Rig {
         bed,
         admin,
         poke,
+        control_file,
         spire,
         judge: Arc::new(judge),
         csrs: Arc::new(csrs),
@@ -483,17 +484,16 @@ struct Report {
 
 /// Runs the load for `plan.before`, then `fault` (which returns when the fault is over: the instant the device
 /// came back, since the start), then `plan.after` more, and checks and prints the run.
-async fn fault_run<F, Fut>(plan: Plan, fault: F) -> Report
+async fn fault_run<F, Fut>(
+    rig: &Rig,
+    mut control: Control,
+    plan: Plan,
+    fault: F,
+) -> (Report, Control)
 where
     F: FnOnce(Control, Instant, Channel) -> Fut,
     Fut: std::future::Future<Output = (Control, Duration)>,
 {
-    let mut guard = RUN.lock().await;
-    let rig = rig().await;
-    let mut control = match guard.take() {
-        Some(c) => c,
-        None => Control::create(HsmSim::new().control_file()).unwrap(),
-    };
     let seq = control.clear().unwrap();
     let start_counters = applied(&control, seq, &rig.poke).await;
     // Audit lines the set-up wrote (the service credentials it minted with the admin's).
@@ -545,7 +545,6 @@ where
     }
     let seq = control.clear().unwrap();
     let end_counters = applied(&control, seq, &rig.poke).await;
-    *guard = Some(control);
 
     // openssl verify on a sample of the leaves, as a third judge.
     assert!(!sample.is_empty(), "a sample of leaves for openssl");
@@ -584,8 +583,6 @@ where
             plan.name
         );
     }
-    rig.bed.stop().await;
-
     let counters = delta(&start_counters, &end_counters);
     let report = Report { answers, counters };
     print_report(&plan, fault_at, back_at, &report, sample.len());
@@ -632,9 +629,11 @@ where
             plan.name
         );
     }
-    report
+    (report, control)
 }
 
+/// What the module injected between two looks at its counters (one module instance: the appliance holds the library
+/// loaded for the whole test, and re-initialising it keeps the counters).
 fn delta(a: &Counters, b: &Counters) -> Counters {
     let mut d = b.clone();
     d.failures -= a.failures;
@@ -730,9 +729,10 @@ fn print_report(plan: &Plan, fault_at: Duration, back_at: Duration, r: &Report, 
     println!("  successes per 100 ms: {buckets:?}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_percent_device_errors() {
-    let r = fault_run(
+async fn one_percent_device_errors(rig: &Rig, control: Control) -> Control {
+    let (r, control) = fault_run(
+        rig,
+        control,
         Plan {
             name: "1% CKR_DEVICE_ERROR on C_Sign for 2 s",
             before: Duration::from_millis(1500),
@@ -751,11 +751,13 @@ async fn one_percent_device_errors() {
     )
     .await;
     assert!(r.counters.failures > 0, "the device failed some signatures");
+    control
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn device_unplugged_for_two_seconds() {
-    let r = fault_run(
+async fn device_unplugged_for_two_seconds(rig: &Rig, control: Control) -> Control {
+    let (r, control) = fault_run(
+        rig,
+        control,
         Plan {
             name: "device unplugged for 2 s",
             before: Duration::from_millis(1500),
@@ -776,11 +778,13 @@ async fn device_unplugged_for_two_seconds() {
         r.counters.calls_while_unplugged > 0,
         "the appliance noticed"
     );
+    control
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn all_sessions_invalidated() {
-    let r = fault_run(
+async fn all_sessions_invalidated(rig: &Rig, control: Control) -> Control {
+    let (r, control) = fault_run(
+        rig,
+        control,
         Plan {
             name: "every session invalidated, 3 times 400 ms apart",
             before: Duration::from_millis(1500),
@@ -799,11 +803,13 @@ async fn all_sessions_invalidated() {
     )
     .await;
     assert_eq!(r.counters.session_invalidations, 3);
+    control
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn corrupted_signatures() {
-    let r = fault_run(
+async fn corrupted_signatures(rig: &Rig, control: Control) -> Control {
+    let (r, control) = fault_run(
+        rig,
+        control,
         Plan {
             name: "5% of signatures corrupted for 2 s",
             before: Duration::from_millis(1500),
@@ -832,4 +838,18 @@ async fn corrupted_signatures() {
         caught > 0,
         "the post-sign checks refused what was corrupted"
     );
+    control
+}
+
+/// The four runs one after the other on one appliance (one token, one loaded module: its fault counters carry on).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fault_runs_through_the_whole_appliance() {
+    let rig = rig().await;
+    let mut control = Control::create(&rig.control_file).unwrap();
+    control = one_percent_device_errors(&rig, control).await;
+    control = device_unplugged_for_two_seconds(&rig, control).await;
+    control = all_sessions_invalidated(&rig, control).await;
+    control = corrupted_signatures(&rig, control).await;
+    control.clear().unwrap();
+    rig.bed.stop().await;
 }

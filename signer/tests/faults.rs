@@ -734,7 +734,7 @@ async fn one_percent_device_errors(rig: &Rig, control: Control) -> Control {
         rig,
         control,
         Plan {
-            name: "1% CKR_DEVICE_ERROR on C_Sign for 2 s",
+            name: "1% CKR_DEVICE_ERROR on C_Sign for 2 s (longer until 3 failed)",
             before: Duration::from_millis(1500),
             after: Duration::from_millis(1500),
         },
@@ -742,8 +742,19 @@ async fn one_percent_device_errors(rig: &Rig, control: Control) -> Control {
             let seq = c
                 .fail_rate(0.01, CKR_DEVICE_ERROR, &[OpKind::Sign], 7)
                 .unwrap();
-            applied(&c, seq, &poke).await;
-            tokio::time::sleep(Duration::from_secs(2)).await;
+            let base = applied(&c, seq, &poke).await.failures;
+            // 2 s, and on until the device has failed a few signatures (a slow debug build signs few): at most 10 s.
+            let since = Instant::now();
+            loop {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let failed = c.counters().unwrap().failures - base;
+                let held = since.elapsed();
+                if (held >= Duration::from_secs(2) && failed >= 3)
+                    || held >= Duration::from_secs(10)
+                {
+                    break;
+                }
+            }
             let seq = c.clear().unwrap();
             applied(&c, seq, &poke).await;
             (c, t0.elapsed())

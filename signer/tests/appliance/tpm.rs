@@ -2,7 +2,8 @@
 //! appliance on the TPM with a P-256 root and with an RSA-2048 root, in direct and delegated mode, issuing
 //! X509-SVIDs from CSRs and JWT-SVIDs over gRPC, each verified by `openssl verify -x509_strict` and the `spiffe`
 //! crate. Without a rig the test prints SKIP (it fails instead when `SIGNET_REQUIRE_TPM` is set, as the test
-//! script does). The TPM signs about 100-200 times a second and serialises everything: the counts stay small.
+//! script does). The TPM signs about 100-200 times a second and serialises everything: the counts stay small. A timed
+//! batch of 40 prints what each mode sustains (`-- --nocapture`).
 
 use signet::config::{KeyTypeSetting, ModeSetting};
 use signet::spiffe::BundleDocument;
@@ -79,6 +80,33 @@ async fn issue_and_verify(tpm: &Tpm, key_type: KeyTypeSetting, mode: ModeSetting
         };
         assert_eq!(alg, want, "{what}: root key algorithm");
     }
+
+    // A timed batch (printed, not asserted): what direct mode costs on a TPM.
+    let (csr, _) = csr_for("spiffe://example.org/workloads/tpm-timed");
+    let n = 40;
+    let started = std::time::Instant::now();
+    let r = c
+        .batch_mint_x509svid(pb::BatchMintX509svidRequest {
+            requests: vec![
+                pb::X509svidRequest {
+                    csr,
+                    ttl_seconds: 600
+                };
+                n
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let secs = started.elapsed().as_secs_f64();
+    for result in r.results {
+        expect_svid(result);
+    }
+    println!(
+        "{what}: a batch of {n} X509-SVIDs in {:.0} ms = {:.0}/s",
+        secs * 1000.0,
+        n as f64 / secs
+    );
 
     // JWT-SVIDs, verified against the served bundle.
     let bundle = c

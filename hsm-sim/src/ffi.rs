@@ -21,6 +21,11 @@ static DEVICE: RwLock<Option<Arc<Device>>> = RwLock::new(None);
 
 /// The configuration a program that embeds hsm-sim handed over (see [`set_embedded_config`]).
 static EMBEDDED_CONFIG: std::sync::OnceLock<Config> = std::sync::OnceLock::new();
+/// The fault engine of the last finalised device, carried into the next C_Initialize of this process (see
+/// [`Device::take_faults`]): an application that re-initialises the library after CKR_DEVICE_REMOVED finds the
+/// device still unplugged until its time is up, and one-shot faults are not armed a second time.
+static CARRIED_FAULTS: std::sync::Mutex<Option<crate::faults::Faults>> =
+    std::sync::Mutex::new(None);
 
 /// Gives the embedded device its configuration: `C_Initialize` uses it instead of reading `HSM_SIM_CONFIG` and
 /// the `HSM_SIM_*` variables. For programs that link hsm-sim in (setting environment variables in a running,
@@ -250,6 +255,13 @@ unsafe extern "C" fn initialize(args: *mut c_void) -> CK_RV {
             .and_then(Device::open);
         match opened {
             Ok(d) => {
+                if let Some(f) = CARRIED_FAULTS
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner)
+                    .take()
+                {
+                    d.carry_faults(f);
+                }
                 *slot = Some(Arc::new(d));
                 CKR_OK
             }
@@ -274,6 +286,9 @@ unsafe extern "C" fn finalize(reserved: *mut c_void) -> CK_RV {
         {
             Some(d) => {
                 d.shutdown();
+                *CARRIED_FAULTS
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner) = Some(d.take_faults());
                 CKR_OK
             }
             None => CKR_CRYPTOKI_NOT_INITIALIZED,

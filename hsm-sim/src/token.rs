@@ -11,7 +11,7 @@ use crate::control::ControlWatch;
 use crate::crypto::{
     Curve, KeyMaterial, KeySpec, MECHANISMS, SignMechanism, ulong_bytes, ulong_from,
 };
-use crate::faults::{Counters, Faults, OpKind};
+use crate::faults::{Counters, FaultPlan, Faults, OpKind};
 use crate::limiter::TokenBucket;
 use crate::rv::{CkResult, Rv};
 use crate::store::{
@@ -370,6 +370,19 @@ impl Device {
     /// Called when the library is finalised: the last counters reach the status file.
     pub fn shutdown(&self) {
         self.flush_status(true);
+    }
+
+    /// Takes the fault engine out (leaving a fresh one), to carry it over a re-initialisation of the library in the
+    /// same process: a device does not forget that it was unplugged, nor re-arm a one-shot fault, because its
+    /// driver was finalised and initialised again.
+    pub fn take_faults(&self) -> Faults {
+        let (fresh, _) = Faults::new(FaultPlan::default(), Instant::now());
+        std::mem::replace(&mut *lock(&self.faults), fresh)
+    }
+
+    /// Puts back a fault engine taken from the previous device of this process (see [`Device::take_faults`]).
+    pub fn carry_faults(&self, faults: Faults) {
+        *lock(&self.faults) = faults;
     }
 
     /// The counters of injected faults.

@@ -471,6 +471,19 @@ fn child_faults() {
         rv(p.open_rw_session(s).unwrap_err()),
         RvError::TokenNotPresent
     );
+    // Re-initialising the library, as an application does after CKR_DEVICE_REMOVED, neither brings the device back
+    // nor arms the unplug a second time (the counters below would say so), and the counters carry on.
+    drop(session);
+    p.finalize().expect("C_Finalize");
+    let p = load();
+    assert!(
+        p.get_slots_with_token().expect("slot list").is_empty(),
+        "still unplugged after C_Finalize and C_Initialize"
+    );
+    assert_eq!(
+        rv(p.open_rw_session(s).unwrap_err()),
+        RvError::TokenNotPresent
+    );
     control.clear().expect("control");
     assert_eq!(p.get_slots_with_token().expect("slot list"), vec![s]);
     let session = user_session(&p, s);

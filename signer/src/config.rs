@@ -433,7 +433,8 @@ pub struct PipelineSettings {
     /// CPU threads (0: cores + 2 x HSM sessions).
     #[serde(default)]
     pub cpu_threads: usize,
-    /// Post-sign check of bare-digest (KeyManager) signatures: `always`, `never` or `1/N` (sampled).
+    /// Post-sign check of bare-digest (KeyManager) signatures: `always` (the default), `never` or `1/N` (sampled:
+    /// a token that corrupts signatures then gets up to N-1 in N of them past the check).
     #[serde(default = "default_verify")]
     pub verify_after_sign: String,
     /// Deadline of a request that carries none.
@@ -448,7 +449,7 @@ fn default_batch() -> usize {
     64
 }
 fn default_verify() -> String {
-    "1/64".into()
+    "always".into()
 }
 fn default_timeout() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(10))

@@ -34,6 +34,8 @@ mod support {
         pub next_errors: Mutex<VecDeque<RvError>>,
         /// While set, the device is "removed": sign, open and reopen fail with CKR_DEVICE_REMOVED.
         pub down: AtomicBool,
+        /// While set, every signature comes back with one bit flipped (the call succeeds).
+        pub corrupt: AtomicBool,
         gate: Mutex<bool>,
         gate_cv: Condvar,
     }
@@ -100,8 +102,14 @@ mod support {
             digest: &[u8],
         ) -> Result<Vec<u8>, Error> {
             self.faults.before_sign()?;
-            let r = self.inner.sign_digest(key, alg, digest);
+            let mut r = self.inner.sign_digest(key, alg, digest);
             self.faults.signs.fetch_add(1, Ordering::SeqCst);
+            if self.faults.corrupt.load(Ordering::SeqCst)
+                && let Ok(sig) = r.as_mut()
+                && let Some(b) = sig.get_mut(10)
+            {
+                *b ^= 1;
+            }
             r
         }
         fn sign_message(
@@ -111,8 +119,14 @@ mod support {
             message: &[u8],
         ) -> Result<Vec<u8>, Error> {
             self.faults.before_sign()?;
-            let r = self.inner.sign(key, alg, message);
+            let mut r = self.inner.sign(key, alg, message);
             self.faults.signs.fetch_add(1, Ordering::SeqCst);
+            if self.faults.corrupt.load(Ordering::SeqCst)
+                && let Ok(sig) = r.as_mut()
+                && let Some(b) = sig.get_mut(10)
+            {
+                *b ^= 1;
+            }
             r
         }
         fn reopen(&mut self) -> Result<(), Error> {
@@ -410,6 +424,94 @@ mod queue {
         assert_eq!(p.token_status()[0].signatures, total);
         assert_eq!(p.digests_verified(), TASKS * PER_TASK);
         p.shutdown();
+    }
+
+    /// Sampled post-sign checks let corrupted digest signatures through until one check fails; from then on every
+    /// signature is checked, so nothing corrupted leaves again. The default checks every one.
+    #[test]
+    fn a_failed_sampled_check_turns_checking_on_for_every_signature() {
+        let Some(token) = token_with_key("k", KeyType::EcP256) else {
+            return;
+        };
+        assert_eq!(
+            PipelineConfig::default().verify_digests,
+            signet::pipeline::VerifyPolicy::Always
+        );
+        let (m, faults) = member("a", token, 1);
+        let cfg = PipelineConfig {
+            verify_digests: signet::pipeline::VerifyPolicy::Sample(16),
+            ..config()
+        };
+        let p = Pipeline::start(cfg, vec![m]).unwrap();
+        let key = p.key("k").unwrap();
+        faults.corrupt.store(true, Ordering::SeqCst);
+        let rt = runtime();
+        let (leaked, refused, leaked_after_first_refusal) = rt.block_on(async {
+            let (mut leaked, mut refused, mut after) = (0u64, 0u64, 0u64);
+            for i in 0..64u64 {
+                let d = digest(i);
+                match p
+                    .submit_digest(&key, SignAlgorithm::EcdsaSha256, &d, far())
+                    .await
+                {
+                    Ok(sig) => {
+                        assert!(!verify_digest(key.spki_der(), &d, &sig), "corrupted");
+                        leaked += 1;
+                        if refused > 0 {
+                            after += 1;
+                        }
+                    }
+                    Err(PipelineError::PostSignCheck(_)) => refused += 1,
+                    Err(e) => panic!("unexpected {e}"),
+                }
+            }
+            (leaked, refused, after)
+        });
+        assert!(
+            leaked > 0 && leaked < 32,
+            "sampling let {leaked} through before a check"
+        );
+        assert_eq!(leaked + refused, 64);
+        assert_eq!(leaked_after_first_refusal, 0, "checking stays on");
+        p.shutdown();
+    }
+
+    /// Every key type's digest signatures are checked, not only P-256's: a good signature passes, a corrupted one is
+    /// refused. P-384 with SHA-384, RSA PKCS#1 v1.5 and PSS, Ed25519 (over the message).
+    #[test]
+    fn corrupted_signatures_of_every_key_type_are_refused() {
+        let cases = [
+            (KeyType::EcP384, vec![SignAlgorithm::EcdsaSha384]),
+            (
+                KeyType::Rsa2048,
+                vec![SignAlgorithm::RsaPkcs1Sha256, SignAlgorithm::RsaPssSha256],
+            ),
+            (KeyType::Ed25519, vec![SignAlgorithm::Ed25519]),
+        ];
+        for (key_type, algs) in cases {
+            let Some(token) = token_with_key("k", key_type) else {
+                return;
+            };
+            let (m, faults) = member("a", token, 1);
+            let p = Pipeline::start(config(), vec![m]).unwrap();
+            let key = p.key("k").unwrap();
+            let rt = runtime();
+            for alg in algs {
+                let data = match alg.hash() {
+                    Some(h) => h.digest(b"a message").as_ref().to_vec(),
+                    None => b"a message".to_vec(),
+                };
+                for corrupt in [false, true] {
+                    faults.corrupt.store(corrupt, Ordering::SeqCst);
+                    let r = rt.block_on(p.submit_digest(&key, alg, &data, far()));
+                    match (corrupt, r) {
+                        (false, Ok(_)) | (true, Err(PipelineError::PostSignCheck(_))) => {}
+                        (c, other) => panic!("{key_type:?} {alg:?} corrupt={c}: {other:?}"),
+                    }
+                }
+            }
+            p.shutdown();
+        }
     }
 
     /// Jobs whose deadline passed, or whose caller gave up, never reach the token.

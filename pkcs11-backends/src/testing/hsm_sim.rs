@@ -4,7 +4,11 @@
 //! is first initialised. So the bed sets `HSM_SIM_DIR` to a new temporary directory (and a cheap PIN
 //! key derivation) **once per process, before the module's first load**, and initialises the token
 //! once, through the layer ([`init_token`](crate::init_token)). Tests share that token; each
-//! [`HsmSim`] gives its test a key-label prefix of its own.
+//! [`HsmSim`] gives its test a key-label prefix of its own. The bed also names a control file
+//! (`HSM_SIM_CONTROL`, polled every 10 ms unless `HSM_SIM_CONTROL_POLL_MS` says otherwise) in that
+//! directory: [`HsmSim::control_file`] is where a test writes fault plans with `hsm_sim::Control`
+//! while the module runs. Faults hit the whole per-process token, so tests that inject them keep a
+//! test binary of their own and run one at a time.
 //!
 //! The module is the `libhsm_sim.so` cargo builds when a crate depends on `hsm-sim` (into the
 //! target directory's `deps/`). [`hsm_sim_module`] finds it next to the running test or bench
@@ -58,6 +62,7 @@ pub fn hsm_sim_module() -> Result<PathBuf, String> {
 
 struct Process {
     module: PathBuf,
+    control: PathBuf,
 }
 
 fn process() -> &'static Process {
@@ -75,18 +80,23 @@ fn setup() -> Result<Process, String> {
         .tempdir()
         .map_err(|e| format!("cannot create a token directory: {e}"))?
         .keep();
+    let control = dir.join("control.toml");
     // SAFETY: set once per process, before the hsm-sim module is loaded (it reads them at
     // C_Initialize), from inside a OnceLock initialiser. Test code only.
     #[allow(unsafe_code)]
     unsafe {
         std::env::set_var("HSM_SIM_DIR", &dir);
+        std::env::set_var("HSM_SIM_CONTROL", &control);
+        if std::env::var_os("HSM_SIM_CONTROL_POLL_MS").is_none() {
+            std::env::set_var("HSM_SIM_CONTROL_POLL_MS", "10");
+        }
         if std::env::var_os("HSM_SIM_PIN_KDF_ITERATIONS").is_none() {
             std::env::set_var("HSM_SIM_PIN_KDF_ITERATIONS", "1000");
         }
     }
     crate::init_token(&module, LABEL, &Pin::new(SO_PIN), &Pin::new(USER_PIN))
         .map_err(|e| format!("cannot initialise the hsm-sim token: {e}"))?;
-    Ok(Process { module })
+    Ok(Process { module, control })
 }
 
 /// This test's share of the per-process hsm-sim token: the token (label `signet-sim`, user PIN
@@ -94,6 +104,7 @@ fn setup() -> Result<Process, String> {
 #[derive(Debug, Clone)]
 pub struct HsmSim {
     module: PathBuf,
+    control: PathBuf,
     prefix: String,
 }
 
@@ -106,6 +117,7 @@ impl HsmSim {
         let p = process();
         HsmSim {
             module: p.module.clone(),
+            control: p.control.clone(),
             prefix: format!("c{}-", COUNTER.fetch_add(1, Ordering::Relaxed)),
         }
     }
@@ -118,6 +130,11 @@ impl HsmSim {
     /// The token's label.
     pub fn label(&self) -> &str {
         LABEL
+    }
+
+    /// The control file the module polls for fault plans (it need not exist: no file, no faults).
+    pub fn control_file(&self) -> &Path {
+        &self.control
     }
 
     /// Opens the token. Panics on failure (test code).

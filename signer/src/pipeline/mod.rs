@@ -18,7 +18,7 @@
 //!    callers' threads serves several answers; on a slow HSM each answer goes out at once. On shutdown the queue is
 //!    drained and every job still in it is answered `ShuttingDown`.
 //! 5. Before a credential leaves, its signature is checked against the public key: X.509 and JWT signatures by the
-//!    issuance core (ring, over the whole message), bare P-256 digests here ([`VerifyPolicy`]).
+//!    issuance core (ring, over the whole message), bare digests here ([`VerifyPolicy`]).
 //!
 //! CPU work (CSR verification, DER building, lint, post-sign verification, delegated mode's software signing) runs
 //! on the pipeline's [`CpuPool`], never on tokio's reactor threads and never in the HSM workers. [`X509SvidIssuer`]
@@ -60,13 +60,19 @@ use job::Job;
 /// precomputed tables over the `p256` crate's arithmetic (see `verify.rs`): about 0.7 million instructions a check,
 /// against 3.2 million for `p256`'s own `verify_prehash` and 0.5 million for SoftHSM2's `C_Sign`. A check still costs
 /// about what a signature does on a software token, which is why sampling exists: `Sample(64)` adds about 2% of CPU
-/// per signature. P-384, RSA and Ed25519 bare-digest signatures are not checked here.
+/// per signature. P-384 (`p384`), RSA PKCS#1 v1.5 and PSS (`rsa`) and Ed25519 (ring) signatures are checked with
+/// those crates' general verifiers.
+///
+/// `Always` is the default: a token that corrupts signatures gives no other sign of it, so under `Sample(n)` up to
+/// `n - 1` of every `n` corrupted signatures leave unchecked (hsm-sim's corrupted-signature fault runs show exactly
+/// that). Sampling is for operators who accept that risk for CPU; once a sampled check fails, the pipeline checks
+/// every digest signature from then on (until it is restarted), so a token seen to be faulty is not trusted again.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum VerifyPolicy {
-    /// Check every P-256 digest signature.
+    /// Check every digest signature.
     Always,
-    /// Check one in `n` (n >= 1) P-256 digest signatures.
+    /// Check one in `n` (n >= 1) digest signatures, and every one after a check has failed.
     Sample(u32),
     /// Never check bare-digest signatures.
     Never,
@@ -83,7 +89,9 @@ pub struct PipelineConfig {
     pub max_attempts: u32,
     /// First wait before probing a token taken out of rotation; doubled per failed probe.
     pub backoff_initial: Duration,
-    /// Longest wait between probes.
+    /// Longest wait between probes: also the longest a token that came back stays out of rotation. A probe that
+    /// fails costs a `C_OpenSession` (and a re-initialisation after a removal), so a short bound is cheap; with
+    /// 10 s a device unplugged for 2 s came back to a pipeline that kept refusing for another 1.1 s.
     pub backoff_max: Duration,
     /// Deadline of a [`PipelineKey`] signature when the caller set none ([`with_deadline`]).
     pub default_timeout: Duration,
@@ -102,11 +110,11 @@ impl Default for PipelineConfig {
             batch: 64,
             max_attempts: 4,
             backoff_initial: Duration::from_millis(100),
-            backoff_max: Duration::from_secs(10),
+            backoff_max: Duration::from_millis(400),
             default_timeout: Duration::from_secs(5),
             cpu_threads: 0,
             cpu_queue: 65_536,
-            verify_digests: VerifyPolicy::Sample(64),
+            verify_digests: VerifyPolicy::Always,
         }
     }
 }
@@ -161,7 +169,8 @@ pub(crate) struct RegisteredKey {
     pub(crate) label: Arc<str>,
     pub(crate) key_type: KeyType,
     pub(crate) spki: Arc<[u8]>,
-    pub(crate) p256: Option<verify::P256Verifier>,
+    /// The post-sign check of its digest signatures (`None`: the public key did not parse; nothing is checked).
+    pub(crate) verifier: Option<verify::DigestVerifier>,
 }
 
 pub(crate) struct Shared {
@@ -182,6 +191,8 @@ pub(crate) struct Shared {
     cpu: CpuPool,
     verified: AtomicU64,
     verify_counter: ::metrics::Counter,
+    /// A post-sign check of a digest signature failed: check every one from now on (see [`VerifyPolicy`]).
+    verify_escalated: AtomicBool,
 }
 
 impl Shared {
@@ -333,6 +344,7 @@ impl Pipeline {
             cpu,
             verified: AtomicU64::new(0),
             verify_counter: ::metrics::counter!(metrics::DIGEST_VERIFIED),
+            verify_escalated: AtomicBool::new(false),
         });
         let mut handles = Vec::new();
         for (i, (state, session)) in opened.into_iter().enumerate() {
@@ -418,17 +430,12 @@ impl Pipeline {
         };
         let key_type = crate::keys_token::key_type_of(token_type)
             .map_err(|e| PipelineError::Key(e.to_string()))?;
-        let p256 = match key_type {
-            KeyType::EcP256 => signet_pkcs11::spki_subject_public_key(&spki)
-                .ok()
-                .and_then(|point| verify::P256Verifier::from_sec1(&point)),
-            _ => None,
-        };
+        let verifier = verify::DigestVerifier::new(key_type, &spki);
         let reg = Arc::new(RegisteredKey {
             label: Arc::from(label),
             key_type,
             spki: Arc::from(spki),
-            p256,
+            verifier,
         });
         let mut keys = self.shared.keys.write().unwrap_or_else(|p| p.into_inner());
         if let Some((i, existing)) = keys.iter().enumerate().find(|(_, k)| &*k.label == label) {
@@ -503,7 +510,7 @@ impl Pipeline {
     ) -> impl Future<Output = Result<Vec<u8>, PipelineError>> + Send + 'static + use<> {
         let checked = key.check_request(alg, digest).map(|reg| {
             // Keep a copy of the digest only for the signatures that will be checked.
-            let verify = (reg.p256.is_some() && self.should_verify()).then(|| digest.to_vec());
+            let verify = (reg.verifier.is_some() && self.should_verify()).then(|| digest.to_vec());
             let reply = self.submit(key.index(), alg, digest.to_vec(), deadline);
             (reg, verify, reply)
         });
@@ -516,10 +523,16 @@ impl Pipeline {
                 return Ok(sig);
             };
             let checked = cpu
-                .run(move || verify_p256(&reg, &digest_copy, &sig).map(|()| sig))
+                .run(move || verify_digest(&reg, alg, &digest_copy, &sig).map(|()| sig))
                 .await?;
             shared.verified.fetch_add(1, Ordering::Relaxed);
             shared.verify_counter.increment(1);
+            if checked.is_err() && !shared.verify_escalated.swap(true, Ordering::AcqRel) {
+                tracing::error!(
+                    "a token returned a digest signature that does not verify: every digest signature is checked \
+                     from now on"
+                );
+            }
             checked
         }
     }
@@ -528,6 +541,7 @@ impl Pipeline {
         match self.shared.config.verify_digests {
             VerifyPolicy::Always => true,
             VerifyPolicy::Never => false,
+            VerifyPolicy::Sample(_) if self.shared.verify_escalated.load(Ordering::Acquire) => true,
             VerifyPolicy::Sample(n) => {
                 let n = u64::from(n.max(1));
                 self.shared
@@ -578,11 +592,16 @@ impl Pipeline {
     }
 }
 
-fn verify_p256(reg: &RegisteredKey, digest: &[u8], sig: &[u8]) -> Result<(), PipelineError> {
-    let Some(v) = reg.p256.as_ref() else {
+fn verify_digest(
+    reg: &RegisteredKey,
+    alg: SignAlgorithm,
+    digest: &[u8],
+    sig: &[u8],
+) -> Result<(), PipelineError> {
+    let Some(v) = reg.verifier.as_ref() else {
         return Ok(());
     };
-    if v.verify(digest, sig) {
+    if v.verify(alg, digest, sig) {
         Ok(())
     } else {
         tracing::error!(key = %reg.label, "token signature over a digest does not verify");

@@ -1,5 +1,6 @@
 //! The test bed: an appliance on a fresh SoftHSM2 token, clients with chosen identities, and oracles.
 
+use std::any::Any;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -31,7 +32,8 @@ pub struct Bed {
     pub app: Appliance,
     pub dir: tempfile::TempDir,
     cfg: Config,
-    _hsm: SoftHsm,
+    /// The token's test bed (SoftHSM2, hsm-sim, TPM), kept alive as long as the appliance.
+    _hsm: Box<dyn Any + Send + Sync>,
 }
 
 fn rule(caller: &str, may: &[&str], ids: &[&str], max_ttl: u64) -> PolicyRule {
@@ -49,17 +51,28 @@ fn rule(caller: &str, may: &[&str], ids: &[&str], max_ttl: u64) -> PolicyRule {
 /// The configuration every test starts from: the SoftHSM2 test token, an ephemeral port, no metrics endpoint, and a
 /// policy with an admin, two SPIRE servers, agents, and a rate-limited caller.
 pub fn config(hsm: &SoftHsm, dir: &Path) -> Config {
+    config_on(
+        "softhsm",
+        hsm.module(),
+        hsm.label(),
+        signet_pkcs11::testing::USER_PIN,
+        dir,
+    )
+}
+
+/// The same configuration on any token: `name` for logs, the module, the token's label and its user PIN.
+pub fn config_on(name: &str, module: &Path, label: &str, user_pin: &str, dir: &Path) -> Config {
     let pin = dir.join("pin");
-    std::fs::write(&pin, signet_pkcs11::testing::USER_PIN).unwrap();
+    std::fs::write(&pin, user_pin).unwrap();
     let mut cfg = Config::embedded_default();
     cfg.data_dir = dir.join("data");
     cfg.server.listen = "127.0.0.1:0".parse().unwrap();
     cfg.server.metrics = None;
     cfg.pipeline.cpu_threads = 3;
     cfg.tokens = vec![TokenSettings {
-        name: "softhsm".into(),
-        module: hsm.module().to_path_buf(),
-        token: Some(hsm.label().to_string()),
+        name: name.into(),
+        module: module.to_path_buf(),
+        token: Some(label.to_string()),
         serial: None,
         pin: PinConfig::File(pin),
         sessions: 1,
@@ -104,15 +117,34 @@ impl Bed {
         let dir = tempfile::tempdir().unwrap();
         let mut cfg = config(&hsm, dir.path());
         tweak(&mut cfg);
+        Some(Self::start_config(cfg, dir, Box::new(hsm)).await)
+    }
+
+    /// An appliance on the configuration `make` returns for a fresh directory; `hsm` (the token's test bed) lives
+    /// as long as the appliance.
+    pub async fn start_on(
+        hsm: Box<dyn Any + Send + Sync>,
+        make: impl FnOnce(&Path) -> Config,
+    ) -> Bed {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = make(dir.path());
+        Self::start_config(cfg, dir, hsm).await
+    }
+
+    async fn start_config(
+        cfg: Config,
+        dir: tempfile::TempDir,
+        hsm: Box<dyn Any + Send + Sync>,
+    ) -> Bed {
         let app = Appliance::start(cfg.clone())
             .await
             .expect("the appliance starts");
-        Some(Bed {
+        Bed {
             app,
             dir,
             cfg,
             _hsm: hsm,
-        })
+        }
     }
 
     pub fn admin(&self) -> Credential {

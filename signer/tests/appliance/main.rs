@@ -16,4 +16,5 @@ mod issuer;
 mod keymanager;
 mod ops;
 mod security;
+mod tpm;
 mod upstream;

@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod client;
+mod plugin;
 mod serve;
 mod token;
 
@@ -28,11 +29,17 @@ enum Command {
     Bundle(client::BundleArgs),
     /// Show the appliance's authorities, tokens and bundle sequence.
     Status(client::StatusArgs),
+    /// The SPIRE plug-in process (SPIRE's server starts it: plugin_cmd in server.conf).
+    SpirePlugin(plugin::PluginArgs),
 }
 
 /// Parses the command line, runs it, and reports errors on stderr with a non-zero exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::SpirePlugin(p) = cli.command {
+        // Its own logging (hclog JSON for SPIRE) and exit codes.
+        return plugin::run(p);
+    }
     let serving = matches!(cli.command, Command::Serve(_));
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if serving { "info" } else { "warn" })
@@ -56,6 +63,7 @@ pub fn main() -> ExitCode {
         Command::Mint(m) => client::mint(m),
         Command::Bundle(b) => client::bundle(b),
         Command::Status(s) => client::status_cmd(s),
+        Command::SpirePlugin(_) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

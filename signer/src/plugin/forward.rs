@@ -79,13 +79,18 @@ pub type Slot = Arc<RwLock<Option<Appliance>>>;
 
 async fn configured(slot: &Slot) -> Result<Appliance, Status> {
     slot.read().await.clone().ok_or_else(|| {
-        Status::failed_precondition("the signet plug-in is not configured: SPIRE calls Configure first")
+        Status::failed_precondition(
+            "the signet plug-in is not configured: SPIRE calls Configure first",
+        )
     })
 }
 
 /// Whether a failure is worth another attempt (the appliance is restarting or unreachable).
 fn transient(s: &Status) -> bool {
-    matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Cancelled)
+    matches!(
+        s.code(),
+        Code::Unavailable | Code::Unknown | Code::Cancelled
+    )
 }
 
 fn backoff(attempt: u32, max: Duration) -> Duration {
@@ -208,7 +213,9 @@ fn relay<T: Clone + Send + 'static>(
                         up = s;
                         break;
                     }
-                    Err(s) => tracing::debug!(stream = what, error = %s.message(), "reconnection failed"),
+                    Err(s) => {
+                        tracing::debug!(stream = what, error = %s.message(), "reconnection failed")
+                    }
                 }
             }
         }
@@ -235,7 +242,9 @@ where
             let mut s = fut.await?.into_inner();
             match s.message().await? {
                 Some(first) => Ok((first, boxed(s))),
-                None => Err(Status::unavailable("the appliance ended the stream before answering")),
+                None => Err(Status::unavailable(
+                    "the appliance ended the stream before answering",
+                )),
             }
         }
     })
@@ -296,8 +305,7 @@ impl ua::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityForwa
                     .subscribe_to_local_bundle(ua::SubscribeToLocalBundleRequest {})
                     .await?
                     .into_inner();
-                let s: Boxed<ua::MintX509caResponse> =
-                    Box::pin(s.map(|r| r.map(roots_only)));
+                let s: Boxed<ua::MintX509caResponse> = Box::pin(s.map(|r| r.map(roots_only)));
                 Ok(s)
             })
         });
@@ -356,16 +364,15 @@ impl ua::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityForwa
                 .await
         })
         .await?;
-        let reconnect: Reconnect<ua::SubscribeToLocalBundleResponse> =
-            Box::new(|a: Appliance| {
-                Box::pin(async move {
-                    let s = a
-                        .upstream()
-                        .subscribe_to_local_bundle(ua::SubscribeToLocalBundleRequest {})
-                        .await?;
-                    Ok(boxed(s.into_inner()))
-                })
-            });
+        let reconnect: Reconnect<ua::SubscribeToLocalBundleResponse> = Box::new(|a: Appliance| {
+            Box::pin(async move {
+                let s = a
+                    .upstream()
+                    .subscribe_to_local_bundle(ua::SubscribeToLocalBundleRequest {})
+                    .await?;
+                Ok(boxed(s.into_inner()))
+            })
+        });
         Ok(Response::new(relay(
             app,
             first,

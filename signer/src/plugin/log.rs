@@ -17,8 +17,10 @@ struct Fields(Map<String, Value>);
 
 impl Visit for Fields {
     fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
-        self.0
-            .insert(field.name().to_string(), Value::String(format!("{value:?}")));
+        self.0.insert(
+            field.name().to_string(),
+            Value::String(format!("{value:?}")),
+        );
     }
 
     fn record_str(&mut self, field: &Field, value: &str) {
@@ -51,7 +53,9 @@ fn level_name(l: &Level) -> &'static str {
 
 /// The hclog JSON line of an event (without the newline).
 pub fn hclog_line(level: &Level, target: &str, mut fields: Map<String, Value>) -> String {
-    let message = fields.remove("message").unwrap_or(Value::String(String::new()));
+    let message = fields
+        .remove("message")
+        .unwrap_or(Value::String(String::new()));
     let mut out = Map::new();
     out.insert("@level".into(), Value::String(level_name(level).into()));
     out.insert("@message".into(), message);

@@ -338,8 +338,8 @@ pub async fn run(opts: PluginOptions) -> Result<(), PluginError> {
         .unwrap_or_else(std::env::temp_dir);
     let socket = dir.join(format!("signet-plugin-{}.sock", std::process::id()));
     let _ = std::fs::remove_file(&socket);
-    let listener =
-        tokio::net::UnixListener::bind(&socket).map_err(fail(&format!("listening on {}", socket.display())))?;
+    let listener = tokio::net::UnixListener::bind(&socket)
+        .map_err(fail(&format!("listening on {}", socket.display())))?;
     let _cleanup = RemoveOnDrop(socket.clone());
 
     let slot: Slot = Arc::new(RwLock::new(None));
@@ -348,7 +348,10 @@ pub async fn run(opts: PluginOptions) -> Result<(), PluginError> {
         .set_service_status("plugin", tonic_health::ServingStatus::Serving)
         .await;
     health
-        .set_service_status(opts.kind.service_name(), tonic_health::ServingStatus::Serving)
+        .set_service_status(
+            opts.kind.service_name(),
+            tonic_health::ServingStatus::Serving,
+        )
         .await;
 
     let mut router = tonic::transport::Server::builder()
@@ -364,7 +367,9 @@ pub async fn run(opts: PluginOptions) -> Result<(), PluginError> {
         .add_service(gp::grpc_stdio_server::GrpcStdioServer::new(Stdio {
             shutdown: stop_rx.clone(),
         }))
-        .add_service(initpb::init_server::InitServer::new(Init { kind: opts.kind }))
+        .add_service(initpb::init_server::InitServer::new(Init {
+            kind: opts.kind,
+        }))
         .add_service(cfgpb::config_server::ConfigServer::new(Configurer {
             slot: slot.clone(),
             source,
@@ -378,7 +383,9 @@ pub async fn run(opts: PluginOptions) -> Result<(), PluginError> {
         }
         PluginKind::KeyManager => {
             use signet_proto::spire::plugin::server::keymanager::v1::key_manager_server::KeyManagerServer;
-            router.add_service(KeyManagerServer::new(KeyManagerForwarder::new(slot.clone())))
+            router.add_service(KeyManagerServer::new(KeyManagerForwarder::new(
+                slot.clone(),
+            )))
         }
     };
 
@@ -401,7 +408,9 @@ pub async fn run(opts: PluginOptions) -> Result<(), PluginError> {
         .await;
     drop(interrupts);
     if let Some(app) = embedded_app
-        && let Err(e) = tokio::time::timeout(Duration::from_secs(5), app.shutdown()).await.unwrap_or(Ok(()))
+        && let Err(e) = tokio::time::timeout(Duration::from_secs(5), app.shutdown())
+            .await
+            .unwrap_or(Ok(()))
     {
         tracing::warn!(error = %e, "the embedded appliance stopped badly");
     }
@@ -436,7 +445,8 @@ fn ignore_interrupts() -> Option<tokio::task::JoinHandle<()>> {
 async fn start_embedded(
     path: &Path,
 ) -> Result<(crate::serve::Appliance, PluginSettings), PluginError> {
-    let failed = |e: String| PluginError::Failed(format!("embedded appliance ({}): {e}", path.display()));
+    let failed =
+        |e: String| PluginError::Failed(format!("embedded appliance ({}): {e}", path.display()));
     let mut cfg = crate::config::Config::load(path).map_err(|e| failed(e.to_string()))?;
     cfg.server.listen = std::net::SocketAddr::from(([127, 0, 0, 1], 0));
     cfg.server.metrics = None;

@@ -85,9 +85,11 @@ impl PluginSettings {
         let raw: Raw =
             hcl::from_str(hcl).map_err(|e| format!("plugin_data is not valid HCL: {e}"))?;
         if raw.workload_api_socket.is_some() {
-            return Err("workload_api_socket is not supported yet: give client_cert_path and \
+            return Err(
+                "workload_api_socket is not supported yet: give client_cert_path and \
                         client_key_path (an X509-SVID for this SPIRE server issued by signet)"
-                .into());
+                    .into(),
+            );
         }
         let endpoint = required(
             raw.endpoint,
@@ -138,8 +140,8 @@ impl PluginSettings {
             .iter()
             .find(|p| p.tag() == "CERTIFICATE")
             .ok_or("client_cert_path holds no CERTIFICATE")?;
-        let client_id = spiffe_id_of(leaf.contents())
-            .map_err(|e| format!("client_cert_path: {e}"))?;
+        let client_id =
+            spiffe_id_of(leaf.contents()).map_err(|e| format!("client_cert_path: {e}"))?;
         let key =
             pem::parse(&client_key_pem).map_err(|e| format!("client_key_path: not PEM: {e}"))?;
         if key.tag() != "PRIVATE KEY" {
@@ -224,13 +226,23 @@ impl PluginSettings {
             || raw.client_key_path.is_some()
             || raw.workload_api_socket.is_some()
         {
-            return Err("with --embedded the plug-in runs the appliance itself: plugin_data may set \
+            return Err(
+                "with --embedded the plug-in runs the appliance itself: plugin_data may set \
                         connect_timeout, request_timeout and max_backoff only"
-                .into());
+                    .into(),
+            );
         }
         for (d, field, slot) in [
-            (raw.connect_timeout, "connect_timeout", &mut self.connect_timeout),
-            (raw.request_timeout, "request_timeout", &mut self.request_timeout),
+            (
+                raw.connect_timeout,
+                "connect_timeout",
+                &mut self.connect_timeout,
+            ),
+            (
+                raw.request_timeout,
+                "request_timeout",
+                &mut self.request_timeout,
+            ),
             (raw.max_backoff, "max_backoff", &mut self.max_backoff),
         ] {
             if let Some(d) = d {
@@ -265,6 +277,9 @@ mod tests {
             "example.org",
         )
         .unwrap_err();
-        assert!(e.contains("trust_bundle_path") && e.contains("cannot read"), "{e}");
+        assert!(
+            e.contains("trust_bundle_path") && e.contains("cannot read"),
+            "{e}"
+        );
     }
 }

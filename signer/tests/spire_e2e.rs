@@ -152,20 +152,33 @@ struct Spire {
 }
 
 impl Spire {
-    /// Starts spire-server with `plugins` (besides the sql DataStore and join_token) and waits until it is healthy.
-    fn start_server(bin: &Path, dir: &Path, plugins: &str) -> Spire {
-        let port = free_port();
-        let server_sock = dir.join("server.sock");
-        let conf = format!(
+    fn conf(dir: &Path, port: u16, plugins: &str) -> String {
+        format!(
             "server {{\n  bind_address = \"127.0.0.1\"\n  bind_port = \"{port}\"\n  socket_path = \"{sock}\"\n  \
              trust_domain = \"example.org\"\n  data_dir = \"{data}\"\n  log_level = \"DEBUG\"\n  ca_ttl = \"2h\"\n  \
              default_x509_svid_ttl = \"10m\"\n  default_jwt_svid_ttl = \"5m\"\n}}\n\
              plugins {{\n  DataStore \"sql\" {{\n    plugin_data {{\n      database_type = \"sqlite3\"\n      \
              connection_string = \"{data}/datastore.sqlite3\"\n    }}\n  }}\n  \
              NodeAttestor \"join_token\" {{\n    plugin_data {{}}\n  }}\n{plugins}}}\n",
-            sock = server_sock.display(),
+            sock = dir.join("server.sock").display(),
             data = dir.join("server").display(),
-        );
+        )
+    }
+
+    /// `spire-server validate` of a configuration with `plugins`.
+    fn validate(bin: &Path, dir: &Path, plugins: &str) -> Output {
+        let path = dir.join("validate.conf");
+        std::fs::write(&path, Self::conf(dir, free_port(), plugins)).unwrap();
+        run(Command::new(bin.join("spire-server"))
+            .args(["validate", "-config"])
+            .arg(path))
+    }
+
+    /// Starts spire-server with `plugins` (besides the sql DataStore and join_token) and waits until it is healthy.
+    fn start_server(bin: &Path, dir: &Path, plugins: &str) -> Spire {
+        let port = free_port();
+        let server_sock = dir.join("server.sock");
+        let conf = Self::conf(dir, port, plugins);
         std::fs::write(dir.join("server.conf"), &conf).unwrap();
         let v = run(Command::new(bin.join("spire-server"))
             .args(["validate", "-config"])
@@ -451,6 +464,19 @@ async fn spire_with_signet_as_key_manager() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_path_buf();
     let data = plugin_data(&bed, &d).await;
+    // A plugin_data mistake is shown by `spire-server validate`, in signet's words.
+    let bad = plugin_stanza(
+        "KeyManager",
+        "key-manager",
+        &data.replace("endpoint", "endpont"),
+    );
+    let v = tokio::task::block_in_place(|| Spire::validate(&bin, &d, &bad));
+    assert!(!v.status.success());
+    assert!(
+        text(&v).contains("endpont") && text(&v).contains("plugin_data"),
+        "spire-server validate names the bad field: {}",
+        text(&v)
+    );
     let plugins = plugin_stanza("KeyManager", "key-manager", &data);
     let mut spire = tokio::task::block_in_place(|| Spire::start_server(&bin, &d, &plugins));
     let spire_roots = spire.bundle_roots();

@@ -82,8 +82,7 @@ impl PluginSettings {
     /// (from the core configuration): the client certificate must belong to it. Every error names the field and
     /// says what is wrong.
     pub fn parse(hcl: &str, trust_domain: &str) -> Result<Self, String> {
-        let raw: Raw =
-            hcl::from_str(hcl).map_err(|e| format!("plugin_data is not valid HCL: {e}"))?;
+        let raw: Raw = hcl::from_str(hcl).map_err(|e| format!("plugin_data: {e}"))?;
         if raw.workload_api_socket.is_some() {
             return Err(
                 "workload_api_socket is not supported yet: give client_cert_path and \
@@ -217,8 +216,7 @@ impl PluginSettings {
     /// Applies the timeouts of `hcl` (the only settings `plugin_data` may hold when the appliance runs inside the
     /// plug-in with `--embedded`).
     pub fn tune(&mut self, hcl: &str) -> Result<(), String> {
-        let raw: Raw =
-            hcl::from_str(hcl).map_err(|e| format!("plugin_data is not valid HCL: {e}"))?;
+        let raw: Raw = hcl::from_str(hcl).map_err(|e| format!("plugin_data: {e}"))?;
         if raw.endpoint.is_some()
             || raw.server_name.is_some()
             || raw.trust_bundle_path.is_some()
@@ -263,7 +261,7 @@ mod tests {
     #[test]
     fn hcl_errors_name_the_field() {
         let e = PluginSettings::parse("endpoint = ", "example.org").unwrap_err();
-        assert!(e.contains("not valid HCL"), "{e}");
+        assert!(e.starts_with("plugin_data: "), "{e}");
         let e = PluginSettings::parse("endpoint = \"x:1\"", "example.org").unwrap_err();
         assert!(e.contains("trust_bundle_path"), "{e}");
         let e = PluginSettings::parse("endpoint = \"x:1\"\nbogus = 1", "example.org").unwrap_err();

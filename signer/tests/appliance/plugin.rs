@@ -278,7 +278,7 @@ async fn upstream_authority_plugin_forwards_and_its_stream_survives_an_appliance
         .await
         .unwrap_err();
     assert_eq!(bad.code(), Code::InvalidArgument);
-    assert!(bad.message().contains("not valid HCL"), "{bad:?}");
+    assert!(bad.message().contains("plugin_data: "), "{bad:?}");
     let other_td = config
         .configure(cfg::ConfigureRequest {
             core_configuration: core("other.org"),

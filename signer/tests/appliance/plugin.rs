@@ -29,9 +29,13 @@ struct PluginProcess {
 
 impl PluginProcess {
     fn start(kind: &str, cookie: &str, dir: &Path) -> PluginProcess {
-        let stderr = dir.join(format!("{kind}.log"));
+        Self::start_with(&["spire-plugin", kind], cookie, dir)
+    }
+
+    fn start_with(args: &[&str], cookie: &str, dir: &Path) -> PluginProcess {
+        let stderr = dir.join(format!("{}.log", args[1]));
         let mut child = Command::new(env!("CARGO_BIN_EXE_signet"))
-            .args(["spire-plugin", kind])
+            .args(args)
             .env(cookie, cookie)
             .env("PLUGIN_PROTOCOL_VERSIONS", "1")
             .env("PLUGIN_MIN_PORT", "10000")
@@ -408,25 +412,9 @@ async fn upstream_authority_plugin_forwards_and_its_stream_survives_an_appliance
     bed.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_manager_plugin_forwards_to_keys_on_the_token() {
-    let Some(bed) = Bed::start().await else {
-        return;
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let spire = bed.credential_for(SPIRE_A).await;
-    let data = plugin_data(&bed, &spire, dir.path(), bed.app.addr());
-    let p = PluginProcess::start("key-manager", "KeyManager", dir.path());
-    let _broker =
-        spire_loader_steps(&p.channel, "spire.plugin.server.keymanager.v1.KeyManager").await;
-    cfg::config_client::ConfigClient::new(p.channel.clone())
-        .configure(cfg::ConfigureRequest {
-            core_configuration: core(TD),
-            hcl_configuration: data,
-        })
-        .await
-        .unwrap();
-    let mut c = km::key_manager_client::KeyManagerClient::new(p.channel.clone());
+/// GenerateKey then SignData through the plug-in; the signature verifies (ring) under the returned public key.
+async fn generate_and_sign(ch: &Channel) -> km::PublicKey {
+    let mut c = km::key_manager_client::KeyManagerClient::new(ch.clone());
     let key = c
         .generate_key(km::GenerateKeyRequest {
             key_id: "x509-CA-A".into(),
@@ -457,6 +445,85 @@ async fn key_manager_plugin_forwards_to_keys_on_the_token() {
     )
     .verify(b"to be signed", &signed.signature)
     .expect("the signature verifies (ASN.1 DER ECDSA)");
+    key
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_key_manager_runs_the_appliance_in_the_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("signet.toml");
+    std::fs::write(
+        &config,
+        "trust_domain = \"example.org\"\ndata_dir = \"data\"\n\n[[policy]]\n\
+         caller = \"spiffe://example.org/signet/admin\"\nmay = [\"key-manager\"]\n",
+    )
+    .unwrap();
+    let p = PluginProcess::start_with(
+        &[
+            "spire-plugin",
+            "key-manager",
+            "--embedded",
+            config.to_str().unwrap(),
+        ],
+        "KeyManager",
+        dir.path(),
+    );
+    let _broker =
+        spire_loader_steps(&p.channel, "spire.plugin.server.keymanager.v1.KeyManager").await;
+    let mut config_client = cfg::config_client::ConfigClient::new(p.channel.clone());
+    let refused = config_client
+        .configure(cfg::ConfigureRequest {
+            core_configuration: core(TD),
+            hcl_configuration: "endpoint = \"127.0.0.1:1\"\n".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(refused.message().contains("--embedded"), "{refused:?}");
+    config_client
+        .configure(cfg::ConfigureRequest {
+            core_configuration: core(TD),
+            hcl_configuration: "request_timeout = \"20s\"\n".into(),
+        })
+        .await
+        .unwrap();
+    generate_and_sign(&p.channel).await;
+    assert!(
+        dir.path().join("data/hsm-sim").is_dir(),
+        "the embedded token lives in the configuration's data directory: {}",
+        p.log()
+    );
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_manager_plugin_forwards_to_keys_on_the_token() {
+    let Some(bed) = Bed::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spire = bed.credential_for(SPIRE_A).await;
+    let data = plugin_data(&bed, &spire, dir.path(), bed.app.addr());
+    let p = PluginProcess::start("key-manager", "KeyManager", dir.path());
+    let _broker =
+        spire_loader_steps(&p.channel, "spire.plugin.server.keymanager.v1.KeyManager").await;
+    cfg::config_client::ConfigClient::new(p.channel.clone())
+        .configure(cfg::ConfigureRequest {
+            core_configuration: core(TD),
+            hcl_configuration: data,
+        })
+        .await
+        .unwrap();
+    let key = generate_and_sign(&p.channel).await;
+    let on_token = bed
+        .token()
+        .session()
+        .unwrap()
+        .list_keys()
+        .unwrap()
+        .into_iter()
+        .any(|k| k.label.starts_with("spire-km/") && k.label.contains("/x509-CA-A/"));
+    assert!(on_token, "the key SPIRE asked for is on the token");
+    let mut c = km::key_manager_client::KeyManagerClient::new(p.channel.clone());
     let listed = c
         .get_public_keys(km::GetPublicKeysRequest {})
         .await

@@ -128,9 +128,23 @@ fn pem_ders(text: &[u8]) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// A private copy of the signet binary for SPIRE's plugin_cmd, made once per test process: SPIRE checks its
+/// plugin_checksum at every start, and the copy cannot change under a running test when the build tree does.
+fn plugin_binary() -> &'static Path {
+    static COPY: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    &COPY
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("signet");
+            std::fs::copy(env!("CARGO_BIN_EXE_signet"), &path).unwrap();
+            (dir, path)
+        })
+        .1
+}
+
 /// The plug-in stanza of server.conf for signet.
 fn plugin_stanza(kind: &str, arg: &str, data: &str) -> String {
-    let signet = Path::new(env!("CARGO_BIN_EXE_signet"));
+    let signet = plugin_binary();
     format!(
         "  {kind} \"signet\" {{\n    plugin_cmd = \"{}\"\n    plugin_args = [\"spire-plugin\", \"{arg}\"]\n    \
          plugin_checksum = \"{}\"\n    plugin_data {{\n{data}    }}\n  }}\n",
@@ -155,7 +169,7 @@ impl Spire {
     fn conf(dir: &Path, port: u16, plugins: &str) -> String {
         format!(
             "server {{\n  bind_address = \"127.0.0.1\"\n  bind_port = \"{port}\"\n  socket_path = \"{sock}\"\n  \
-             trust_domain = \"example.org\"\n  data_dir = \"{data}\"\n  log_level = \"DEBUG\"\n  ca_ttl = \"2h\"\n  \
+             trust_domain = \"example.org\"\n  data_dir = \"{data}\"\n  log_level = \"DEBUG\"\n  log_format = \"text\"\n  ca_ttl = \"2h\"\n  \
              default_x509_svid_ttl = \"10m\"\n  default_jwt_svid_ttl = \"5m\"\n}}\n\
              plugins {{\n  DataStore \"sql\" {{\n    plugin_data {{\n      database_type = \"sqlite3\"\n      \
              connection_string = \"{data}/datastore.sqlite3\"\n    }}\n  }}\n  \
@@ -522,4 +536,217 @@ async fn spire_with_signet_as_key_manager() {
     );
     drop(spire);
     bed.stop().await;
+}
+
+/// Entries for `spire-server entry create -data`: `n` workloads under the test agent, all for this uid.
+fn entries_json(n: usize, uid: u32) -> String {
+    let entries: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            serde_json::json!({
+                "spiffe_id": format!("spiffe://example.org/bench/w{i}"),
+                "parent_id": "spiffe://example.org/agent1",
+                "selectors": [{ "type": "unix", "value": format!("uid:{uid}") }],
+            })
+        })
+        .collect();
+    serde_json::json!({ "entries": entries }).to_string()
+}
+
+/// Timestamps (Unix seconds) of SPIRE's "Signed X509 SVID" lines for the bench workloads, from its log.
+fn signing_times(logs: &[PathBuf]) -> Vec<f64> {
+    let mut out = Vec::new();
+    for l in logs {
+        for line in std::fs::read_to_string(l).unwrap_or_default().lines() {
+            if !(line.contains("Signed X509 SVID") && line.contains("spiffe://example.org/bench/"))
+            {
+                continue;
+            }
+            let Some(ts) = line
+                .split("time=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+            else {
+                continue;
+            };
+            if let Ok(t) =
+                time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
+            {
+                out.push(t.unix_timestamp_nanos() as f64 / 1e9);
+            }
+        }
+    }
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+/// SPIRE with `plugins` issues X509-SVIDs for `n` registered workloads to one agent (one batch of CSRs, as the
+/// agent sends them); the rate is measured between SPIRE's first and last "Signed X509 SVID" log lines.
+fn svid_rate(bin: &Path, plugins: &str, n: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spire = Spire::start_server(bin, dir.path(), plugins);
+    use std::os::unix::fs::MetadataExt as _;
+    let uid = std::fs::metadata(dir.path()).unwrap().uid();
+    let data = dir.path().join("entries.json");
+    std::fs::write(&data, entries_json(n, uid)).unwrap();
+    let o = spire.server(&["entry", "create", "-data", data.to_str().unwrap()]);
+    assert!(o.status.success(), "entry create: {}", text(&o));
+    spire.start_agent();
+    let logs = vec![spire.server_log.clone(), dir.path().join("server.err")];
+    let times = eventually(
+        Duration::from_secs(180),
+        "SPIRE signing every bench SVID",
+        &[&logs[0], &logs[1]],
+        || {
+            let t = signing_times(&logs);
+            (t.len() >= n).then_some(t)
+        },
+    );
+    let span = times[times.len() - 1] - times[0];
+    (times.len() - 1) as f64 / span.max(1e-9)
+}
+
+/// A `signet serve` process on hsm-sim with `latency_ms` per signature, and plugin_data for SPIRE to reach it.
+struct SimAppliance {
+    _child: Killed,
+    _dir: tempfile::TempDir,
+    plugin_data: String,
+}
+
+fn sim_appliance(latency_ms: u32, sessions: u32) -> SimAppliance {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let module = signet_pkcs11::testing::hsm_sim_module().expect("the hsm-sim module is built");
+    let signet = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_signet"));
+        c.args(args)
+            .env("HSM_SIM_DIR", d.join("sim"))
+            .env("HSM_SIM_LATENCY_MS", latency_ms.to_string())
+            .env("SIGNET_PKCS11_MODULE", &module)
+            .env("SIGNET_SO_PIN", "87654321")
+            .env("SIGNET_PIN", "1234")
+            .env_remove("SIGNET_CONFIG")
+            .env_remove("SIGNET_DATA_DIR");
+        c
+    };
+    std::fs::create_dir_all(d.join("sim")).unwrap();
+    let o = run(&mut signet(&["token", "init", "--label", "signet"]));
+    assert!(o.status.success(), "token init: {}", text(&o));
+    let port = free_port();
+    let cfg = format!(
+        "trust_domain = \"example.org\"\ndata_dir = \"{data}\"\n[server]\nlisten = \"127.0.0.1:{port}\"\n\
+         [[tokens]]\nname = \"sim\"\nmodule = \"{module}\"\ntoken = \"signet\"\npin = {{ env = \"SIGNET_PIN\" }}\n\
+         sessions = {sessions}\n\
+         [[policy]]\ncaller = \"{ADMIN}\"\nmay = [\"issuer\", \"admin\"]\nids = [\"spiffe://example.org/\"]\n\
+         max_ttl = \"24h\"\n\
+         [[policy]]\ncaller = \"{SPIRE_A}\"\nmay = [\"key-manager\"]\n",
+        data = d.join("data").display(),
+        module = module.display(),
+    );
+    std::fs::write(d.join("signet.toml"), cfg).unwrap();
+    let mut child = signet(&[
+        "serve",
+        "--config",
+        d.join("signet.toml").to_str().unwrap(),
+        "--metrics",
+        "",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(std::fs::File::create(d.join("serve.log")).unwrap())
+    .spawn()
+    .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let child = Killed(child);
+    loop {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        let n = out.read_line(&mut line).unwrap();
+        assert!(
+            n > 0,
+            "signet serve exited: {}",
+            std::fs::read_to_string(d.join("serve.log")).unwrap_or_default()
+        );
+        if line.starts_with("Stop with") {
+            break;
+        }
+    }
+    let cred = d.join("cred");
+    let o = run(&mut signet(&[
+        "mint",
+        "x509-svid",
+        "--data-dir",
+        d.join("data").to_str().unwrap(),
+        "--spiffe-id",
+        SPIRE_A,
+        "--ttl",
+        "2h",
+        "--out",
+        cred.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "mint: {}", text(&o));
+    let plugin_data = format!(
+        "      endpoint = \"127.0.0.1:{port}\"\n      server_name = \"localhost\"\n      trust_bundle_path = \"{}\"\n      \
+         client_cert_path = \"{}\"\n      client_key_path = \"{}\"\n",
+        cred.join("bundle.pem").display(),
+        cred.join("svid.pem").display(),
+        cred.join("svid.key").display()
+    );
+    SimAppliance {
+        _child: child,
+        _dir: dir,
+        plugin_data,
+    }
+}
+
+/// X509-SVIDs per second SPIRE issues to an agent with its built-in `memory` KeyManager and with signet as its
+/// KeyManager (SoftHSM2; hsm-sim at 5 ms a signature). Run:
+/// `cargo test --release -p signet --test spire_e2e spire_svid_rate -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --ignored --nocapture, in release"]
+async fn spire_svid_rate() {
+    let Some(bin) = spire_bin() else { return };
+    let n: usize = std::env::var("SIGNET_SPIRE_BENCH_SVIDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
+    let memory = tokio::task::block_in_place(|| {
+        svid_rate(
+            &bin,
+            "  KeyManager \"memory\" {\n    plugin_data {}\n  }\n",
+            n,
+        )
+    });
+    let softhsm = {
+        let Some(bed) = Bed::start_with(|c| c.tokens[0].sessions = 2).await else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let data = plugin_data(&bed, dir.path()).await;
+        let plugins = plugin_stanza("KeyManager", "key-manager", &data);
+        let r = tokio::task::block_in_place(|| svid_rate(&bin, &plugins, n));
+        bed.stop().await;
+        r
+    };
+    let sim = tokio::task::block_in_place(|| {
+        let app = sim_appliance(5, 8);
+        svid_rate(
+            &bin,
+            &plugin_stanza("KeyManager", "key-manager", &app.plugin_data),
+            n,
+        )
+    });
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "SPIRE v1.15.3, one agent, {n} X509-SVIDs in one batch (load average: {})",
+        load.trim()
+    );
+    println!("  KeyManager memory                 {memory:8.0} SVIDs/s");
+    println!(
+        "  KeyManager signet, SoftHSM2       {softhsm:8.0} SVIDs/s ({:.2} of memory)",
+        softhsm / memory
+    );
+    println!(
+        "  KeyManager signet, hsm-sim 5 ms   {sim:8.0} SVIDs/s ({:.3} of memory)",
+        sim / memory
+    );
+    assert!(memory > 0.0 && softhsm > 0.0 && sim > 0.0);
 }

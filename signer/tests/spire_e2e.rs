@@ -31,8 +31,14 @@ use std::time::{Duration, Instant};
 use common::*;
 use spiffe::{JwtBundle, JwtBundleSet, JwtSvid};
 
-/// The SPIRE binaries, or `None` (loudly) where Go is missing.
+/// The SPIRE binaries, or `None` (loudly) where Go is missing. Built once per test process (the tests run in
+/// parallel and would otherwise build into the same cache at once).
 fn spire_bin() -> Option<PathBuf> {
+    static BIN: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    BIN.get_or_init(find_spire).clone()
+}
+
+fn find_spire() -> Option<PathBuf> {
     if let Some(d) = std::env::var_os("SIGNET_SPIRE_BIN_DIR") {
         return Some(PathBuf::from(d));
     }

@@ -55,6 +55,9 @@ fn find_spire() -> Option<PathBuf> {
             );
             None
         }
+        Some(3) => panic!(
+            "Go is missing, so SPIRE cannot be built, and SIGNET_REQUIRE_SPIRE=1 requires it"
+        ),
         _ => panic!("scripts/spire-install failed ({})", out.status),
     }
 }

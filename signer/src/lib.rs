@@ -12,7 +12,8 @@
 //!   and X509-SVID issuance in direct and delegated mode;
 //! - [`config`], [`policy`], [`audit`], [`api`] and [`serve`]: the appliance itself (`signet serve`): its
 //!   configuration, who may do what, the audit log, the gRPC services (SPIRE UpstreamAuthority and KeyManager,
-//!   signet Issuer and Admin) with mTLS, and start-up / shutdown.
+//!   signet Issuer and Admin) with mTLS, and start-up / shutdown;
+//! - [`plugin`]: `signet spire-plugin`, the SPIRE external-plugin shim (go-plugin) that forwards to an appliance.
 #![forbid(unsafe_code)]
 
 pub mod api;
@@ -23,6 +24,7 @@ pub mod keys;
 pub mod keys_token;
 pub mod lint;
 pub mod pipeline;
+pub mod plugin;
 pub mod policy;
 pub mod serve;
 pub mod spiffe;

@@ -6,6 +6,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod client;
+mod plugin;
 mod serve;
 mod token;
 
@@ -31,11 +32,17 @@ enum Command {
     Status(client::StatusArgs),
     /// Measure issuance rates and latency under load, beside the token's bare signing rate.
     Bench(Box<signet_bench::BenchArgs>),
+    /// The SPIRE plug-in process (SPIRE's server starts it: plugin_cmd in server.conf).
+    SpirePlugin(plugin::PluginArgs),
 }
 
 /// Parses the command line, runs it, and reports errors on stderr with a non-zero exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::SpirePlugin(p) = cli.command {
+        // Its own logging (hclog JSON for SPIRE) and exit codes.
+        return plugin::run(p);
+    }
     let serving = matches!(cli.command, Command::Serve(_));
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if serving { "info" } else { "warn" })
@@ -60,6 +67,7 @@ pub fn main() -> ExitCode {
         Command::Bundle(b) => client::bundle(b),
         Command::Status(s) => client::status_cmd(s),
         Command::Bench(b) => bench::run(*b),
+        Command::SpirePlugin(_) => Ok(()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

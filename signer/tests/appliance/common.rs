@@ -147,6 +147,11 @@ impl Bed {
         }
     }
 
+    /// The appliance's token, opened again (to look at its keys).
+    pub fn token(&self) -> signet_pkcs11::Token {
+        self._hsm.open()
+    }
+
     pub fn admin(&self) -> Credential {
         let p = self.app.paths();
         Credential {

@@ -15,6 +15,7 @@ mod figures;
 mod issuer;
 mod keymanager;
 mod ops;
+mod plugin;
 mod security;
 mod tpm;
 mod upstream;

@@ -1,0 +1,544 @@
+//! `signet spire-plugin` as SPIRE drives it: the process started with go-plugin's environment, its handshake line
+//! read, and go-plugin and SPIRE's plumbing spoken to it over its unix socket (broker stream held open, health,
+//! Init, Config with HCL), then the plug-in RPCs forwarded to a real appliance over mTLS, a stream that survives an
+//! appliance restart, and Shutdown.
+
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use ring::signature::{self, UnparsedPublicKey};
+use signet_proto::plugin as gp;
+use signet_proto::spire::plugin::server::keymanager::v1 as km;
+use signet_proto::spire::plugin::server::upstreamauthority::v1 as ua;
+use signet_proto::spire::service::common::config::v1 as cfg;
+use signet_proto::spire::service::private::init::v1 as init;
+use tonic::Code;
+use tonic::transport::{Channel, Endpoint};
+use x509_parser::prelude::FromDer as _;
+
+use crate::common::*;
+
+/// A running plug-in process and a channel to its socket.
+struct PluginProcess {
+    child: Child,
+    channel: Channel,
+    stderr: PathBuf,
+}
+
+impl PluginProcess {
+    fn start(kind: &str, cookie: &str, dir: &Path) -> PluginProcess {
+        Self::start_with(&["spire-plugin", kind], cookie, dir)
+    }
+
+    fn start_with(args: &[&str], cookie: &str, dir: &Path) -> PluginProcess {
+        let stderr = dir.join(format!("{}.log", args[1]));
+        let mut child = Command::new(env!("CARGO_BIN_EXE_signet"))
+            .args(args)
+            .env(cookie, cookie)
+            .env("PLUGIN_PROTOCOL_VERSIONS", "1")
+            .env("PLUGIN_MIN_PORT", "10000")
+            .env("PLUGIN_MAX_PORT", "25000")
+            .env("PLUGIN_UNIX_SOCKET_DIR", dir)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("starting signet spire-plugin");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let parts: Vec<&str> = line.trim_end().split('|').collect();
+        assert_eq!(parts.len(), 5, "handshake line {line:?}");
+        assert_eq!(&parts[..3], ["1", "1", "unix"], "handshake line {line:?}");
+        assert_eq!(parts[4], "grpc", "handshake line {line:?}");
+        let socket = PathBuf::from(parts[3]);
+        assert!(
+            socket.starts_with(dir),
+            "the socket is in PLUGIN_UNIX_SOCKET_DIR"
+        );
+        let channel = Endpoint::from_static("http://plugin.invalid").connect_with_connector_lazy(
+            tower::service_fn(move |_| {
+                let socket = socket.clone();
+                async move {
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                        tokio::net::UnixStream::connect(socket).await?,
+                    ))
+                }
+            }),
+        );
+        PluginProcess {
+            child,
+            channel,
+            stderr,
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Controller.Shutdown, then the process must be gone within 5 s with status 0.
+    async fn shutdown(mut self) {
+        gp::grpc_controller_client::GrpcControllerClient::new(self.channel.clone())
+            .shutdown(gp::Empty {})
+            .await
+            .unwrap();
+        for _ in 0..50 {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                assert!(status.success(), "exit status {status}: {}", self.log());
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let _ = self.child.kill();
+        panic!(
+            "the plug-in did not exit within 5 s of Shutdown: {}",
+            self.log()
+        );
+    }
+}
+
+impl Drop for PluginProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The plumbing SPIRE's loader goes through before it uses a plug-in: the broker stream (with the host-services
+/// announcement, id 1) must stay open, health says `plugin` is SERVING, Init names the plug-in service and Config.
+async fn spire_loader_steps(
+    ch: &Channel,
+    service: &str,
+) -> tokio::sync::mpsc::Sender<gp::ConnInfo> {
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(gp::ConnInfo {
+        service_id: 1,
+        network: "unix".into(),
+        address: "/nonexistent/host-services.sock".into(),
+        knock: None,
+    })
+    .await
+    .unwrap();
+    let mut broker = gp::grpc_broker_client::GrpcBrokerClient::new(ch.clone())
+        .start_stream(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await
+        .expect("broker stream")
+        .into_inner();
+    let held = tokio::time::timeout(Duration::from_millis(500), broker.message()).await;
+    assert!(
+        held.is_err(),
+        "the broker stream must stay open, got {held:?}"
+    );
+    tokio::spawn(async move { while let Ok(Some(_)) = broker.message().await {} });
+
+    let health = tonic_health::pb::health_client::HealthClient::new(ch.clone())
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: "plugin".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        health.status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving as i32
+    );
+    let names = init::init_client::InitClient::new(ch.clone())
+        .init(init::InitRequest {
+            host_service_names: vec!["spire.hostservice.common.metrics.v1.Metrics".into()],
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .plugin_service_names;
+    let mut names = names;
+    names.sort();
+    let mut want = vec![
+        service.to_string(),
+        "spire.service.common.config.v1.Config".to_string(),
+    ];
+    want.sort();
+    assert_eq!(names, want);
+    tx
+}
+
+fn core(td: &str) -> Option<cfg::CoreConfiguration> {
+    Some(cfg::CoreConfiguration {
+        trust_domain: td.into(),
+    })
+}
+
+/// Writes the SPIRE server's credential and the appliance's roots, and returns plugin_data for them.
+fn plugin_data(bed: &Bed, spire: &Credential, dir: &Path, addr: std::net::SocketAddr) -> String {
+    std::fs::write(dir.join("client.pem"), &spire.chain_pem).unwrap();
+    std::fs::write(dir.join("client.key"), &spire.key_pem).unwrap();
+    std::fs::write(dir.join("bundle.pem"), bed.roots_pem()).unwrap();
+    format!(
+        "endpoint = \"{addr}\"\nserver_name = \"localhost\"\ntrust_bundle_path = \"{}\"\n\
+         client_cert_path = \"{}\"\nclient_key_path = \"{}\"\nrequest_timeout = \"20s\"\nmax_backoff = \"1s\"\n",
+        dir.join("bundle.pem").display(),
+        dir.join("client.pem").display(),
+        dir.join("client.key").display()
+    )
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// SPIRE's CSR for its intermediate: subject C=US, O=SPIFFE, one URI SAN `spiffe://<td>`.
+fn spire_csr() -> Vec<u8> {
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CountryName, "US");
+    params
+        .distinguished_name
+        .push(rcgen::DnType::OrganizationName, "SPIFFE");
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        "spiffe://example.org".try_into().unwrap(),
+    )];
+    params.serialize_request(&kp).unwrap().der().to_vec()
+}
+
+#[test]
+fn run_by_hand_it_explains_itself_and_exits_2() {
+    let out = Command::new(env!("CARGO_BIN_EXE_signet"))
+        .args(["spire-plugin", "upstream-authority"])
+        .env_remove("UpstreamAuthority")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("SPIRE plug-in") && err.contains("plugin_cmd"),
+        "{err}"
+    );
+    assert!(
+        out.stdout.is_empty(),
+        "no handshake line without the cookie"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_authority_plugin_forwards_and_its_stream_survives_an_appliance_restart() {
+    let port = free_port();
+    let Some(bed) = Bed::start_with(|c| {
+        c.server.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    })
+    .await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spire = bed.credential_for(SPIRE_A).await;
+    let data = plugin_data(&bed, &spire, dir.path(), bed.app.addr());
+    let p = PluginProcess::start("upstream-authority", "UpstreamAuthority", dir.path());
+    let _broker = spire_loader_steps(
+        &p.channel,
+        "spire.plugin.server.upstreamauthority.v1.UpstreamAuthority",
+    )
+    .await;
+
+    let mut ua_client =
+        ua::upstream_authority_client::UpstreamAuthorityClient::new(p.channel.clone());
+    let early = ua_client
+        .mint_x509ca_and_subscribe(ua::MintX509caRequest {
+            csr: spire_csr(),
+            preferred_ttl: 3600,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(early.code(), Code::FailedPrecondition, "{early:?}");
+
+    let mut config = cfg::config_client::ConfigClient::new(p.channel.clone());
+    // What `spire-server validate` shows: notes naming the problem.
+    let v = config
+        .validate(cfg::ValidateRequest {
+            core_configuration: core(TD),
+            hcl_configuration: "endpoint = \"127.0.0.1:1\"\n".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!v.valid);
+    assert!(
+        v.notes.iter().any(|n| n.contains("trust_bundle_path")),
+        "{v:?}"
+    );
+    let bad = config
+        .configure(cfg::ConfigureRequest {
+            core_configuration: core(TD),
+            hcl_configuration: "endpoint = \"127.0.0.1:1\"\ntrust_bundle_path = ".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(bad.code(), Code::InvalidArgument);
+    assert!(bad.message().contains("plugin_data: "), "{bad:?}");
+    let other_td = config
+        .configure(cfg::ConfigureRequest {
+            core_configuration: core("other.org"),
+            hcl_configuration: data.clone(),
+        })
+        .await
+        .unwrap_err();
+    assert!(other_td.message().contains("trust domain"), "{other_td:?}");
+    let ok = config
+        .validate(cfg::ValidateRequest {
+            core_configuration: core(TD),
+            hcl_configuration: data.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(ok.valid, "{ok:?}");
+    config
+        .configure(cfg::ConfigureRequest {
+            core_configuration: core(TD),
+            hcl_configuration: data,
+        })
+        .await
+        .unwrap();
+
+    let mut stream = ua_client
+        .mint_x509ca_and_subscribe(ua::MintX509caRequest {
+            csr: spire_csr(),
+            preferred_ttl: 3600,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = next(&mut stream).await;
+    assert_eq!(first.x509_ca_chain.len(), 1);
+    let roots: Vec<Vec<u8>> = first
+        .upstream_x509_roots
+        .iter()
+        .map(|r| r.asn1.clone())
+        .collect();
+    openssl_verify(&roots, &[], &first.x509_ca_chain[0].asn1)
+        .expect("SPIRE's CA, minted through the plug-in, chains to signet's root");
+
+    // The JWT key SPIRE publishes reaches the appliance's bundle.
+    let spki = rcgen::PublicKeyData::subject_public_key_info(
+        &rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap(),
+    );
+    let mut jwt = ua_client
+        .publish_jwt_key_and_subscribe(ua::PublishJwtKeyRequest {
+            jwt_key: Some(signet_proto::spire::plugin::types::JwtKey {
+                public_key: spki,
+                key_id: "spire-jwt-1".into(),
+                expires_at: 0,
+                tainted: false,
+            }),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let keys = next(&mut jwt).await.upstream_jwt_keys;
+    assert!(keys.iter().any(|k| k.key_id == "spire-jwt-1"), "{keys:?}");
+
+    // The appliance restarts (same port); SPIRE's streams stay open, and a root added afterwards reaches SPIRE on
+    // the stream it opened before the restart, as a message with roots only.
+    let bed = bed.restart().await;
+    let (extra, _) = foreign_ca();
+    let extra = extra.der().to_vec();
+    // The relay reconnects with backoff (max_backoff 1 s): add the root once the appliance is back.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(bed.app.bundle().add_x509_root(extra.clone()));
+    let pushed = next(&mut stream).await;
+    assert!(
+        pushed.x509_ca_chain.is_empty(),
+        "later messages carry roots only"
+    );
+    assert!(
+        pushed.upstream_x509_roots.iter().any(|r| r.asn1 == extra),
+        "the new root reached SPIRE's stream across the restart; plug-in log:\n{}",
+        p.log()
+    );
+    assert!(
+        pushed
+            .upstream_x509_roots
+            .iter()
+            .any(|r| r.asn1 == roots[0]),
+        "the old root is still there"
+    );
+    // The restarted appliance forgot SPIRE's JWT key; the relay published it again (SPIRE sees no message: the
+    // keys it knows did not change).
+    let mut republished = false;
+    for _ in 0..100 {
+        if bed
+            .app
+            .bundle()
+            .current()
+            .jwt_keys
+            .iter()
+            .any(|k| k.kid == "spire-jwt-1")
+        {
+            republished = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(
+        republished,
+        "the relay republished SPIRE's JWT key after the restart"
+    );
+    let quiet = tokio::time::timeout(Duration::from_millis(300), jwt.message()).await;
+    assert!(
+        quiet.is_err(),
+        "the JWT stream stays open and quiet: {quiet:?}"
+    );
+
+    // The log is hclog JSON, one object per line.
+    let log = p.log();
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}"));
+        assert!(
+            v["@level"].is_string() && v["@message"].is_string(),
+            "{line}"
+        );
+    }
+    assert!(log.contains("reconnected to the appliance"), "{log}");
+    p.shutdown().await;
+    bed.stop().await;
+}
+
+/// GenerateKey then SignData through the plug-in; the signature verifies (ring) under the returned public key.
+async fn generate_and_sign(ch: &Channel) -> km::PublicKey {
+    let mut c = km::key_manager_client::KeyManagerClient::new(ch.clone());
+    let key = c
+        .generate_key(km::GenerateKeyRequest {
+            key_id: "x509-CA-A".into(),
+            key_type: km::KeyType::EcP256 as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .public_key
+        .unwrap();
+    let digest = ring::digest::digest(&ring::digest::SHA256, b"to be signed");
+    let signed = c
+        .sign_data(km::SignDataRequest {
+            key_id: "x509-CA-A".into(),
+            data: digest.as_ref().to_vec(),
+            signer_opts: Some(km::sign_data_request::SignerOpts::HashAlgorithm(
+                km::HashAlgorithm::Sha256 as i32,
+            )),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(signed.key_fingerprint, key.fingerprint);
+    let (_, info) = x509_parser::x509::SubjectPublicKeyInfo::from_der(&key.pkix_data).unwrap();
+    UnparsedPublicKey::new(
+        &signature::ECDSA_P256_SHA256_ASN1,
+        info.subject_public_key.data.as_ref(),
+    )
+    .verify(b"to be signed", &signed.signature)
+    .expect("the signature verifies (ASN.1 DER ECDSA)");
+    key
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_key_manager_runs_the_appliance_in_the_plugin() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("signet.toml");
+    std::fs::write(
+        &config,
+        "trust_domain = \"example.org\"\ndata_dir = \"data\"\n\n[[policy]]\n\
+         caller = \"spiffe://example.org/signet/admin\"\nmay = [\"key-manager\"]\n",
+    )
+    .unwrap();
+    let p = PluginProcess::start_with(
+        &[
+            "spire-plugin",
+            "key-manager",
+            "--embedded",
+            config.to_str().unwrap(),
+        ],
+        "KeyManager",
+        dir.path(),
+    );
+    let _broker =
+        spire_loader_steps(&p.channel, "spire.plugin.server.keymanager.v1.KeyManager").await;
+    let mut config_client = cfg::config_client::ConfigClient::new(p.channel.clone());
+    let refused = config_client
+        .configure(cfg::ConfigureRequest {
+            core_configuration: core(TD),
+            hcl_configuration: "endpoint = \"127.0.0.1:1\"\n".into(),
+        })
+        .await
+        .unwrap_err();
+    assert!(refused.message().contains("--embedded"), "{refused:?}");
+    config_client
+        .configure(cfg::ConfigureRequest {
+            core_configuration: core(TD),
+            hcl_configuration: "request_timeout = \"20s\"\n".into(),
+        })
+        .await
+        .unwrap();
+    generate_and_sign(&p.channel).await;
+    assert!(
+        dir.path().join("data/hsm-sim").is_dir(),
+        "the embedded token lives in the configuration's data directory: {}",
+        p.log()
+    );
+    p.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_manager_plugin_forwards_to_keys_on_the_token() {
+    let Some(bed) = Bed::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spire = bed.credential_for(SPIRE_A).await;
+    let data = plugin_data(&bed, &spire, dir.path(), bed.app.addr());
+    let p = PluginProcess::start("key-manager", "KeyManager", dir.path());
+    let _broker =
+        spire_loader_steps(&p.channel, "spire.plugin.server.keymanager.v1.KeyManager").await;
+    cfg::config_client::ConfigClient::new(p.channel.clone())
+        .configure(cfg::ConfigureRequest {
+            core_configuration: core(TD),
+            hcl_configuration: data,
+        })
+        .await
+        .unwrap();
+    let key = generate_and_sign(&p.channel).await;
+    let on_token = bed
+        .token()
+        .session()
+        .unwrap()
+        .list_keys()
+        .unwrap()
+        .into_iter()
+        .any(|k| k.label.starts_with("spire-km/") && k.label.contains("/x509-CA-A/"));
+    assert!(on_token, "the key SPIRE asked for is on the token");
+    let mut c = km::key_manager_client::KeyManagerClient::new(p.channel.clone());
+    let listed = c
+        .get_public_keys(km::GetPublicKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner()
+        .public_keys;
+    assert_eq!(listed, vec![key.clone()]);
+    // Errors of the appliance reach SPIRE with their code and message.
+    let missing = c
+        .get_public_key(km::GetPublicKeyRequest {
+            key_id: "JWT-Signer-Z".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    p.shutdown().await;
+    bed.stop().await;
+}

@@ -1,0 +1,761 @@
+//! signet plugged into the real SPIRE (v1.15.x, built by `scripts/spire-install` into a cache outside the tree):
+//! `spire-server` and `spire-agent` on 127.0.0.1 and unix sockets, with a signet appliance on SoftHSM2 behind the
+//! `signet spire-plugin` shim.
+//!
+//! - UpstreamAuthority: the server starts, its X.509 CA chains to signet's root, an agent attests with a join token,
+//!   a workload's X509-SVID from `spire-agent api fetch x509` verifies against signet's root with `openssl verify`,
+//!   its JWT-SVID verifies (spiffe crate) against SPIRE's bundle and against signet's; the appliance restarts and a
+//!   new root then reaches `spire-server bundle show` without restarting SPIRE (the root-rotation step).
+//! - KeyManager: the same server and agent with signet keeping SPIRE's CA and JWT keys: SVIDs verify against
+//!   SPIRE's bundle, and the keys SPIRE signs with are the ones on the token.
+//!
+//! Without Go (so without SPIRE) the tests say loudly that they are skipped; with `SIGNET_REQUIRE_SPIRE=1` (the test
+//! script sets it where Go exists) a missing SPIRE fails them instead.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test fixtures and helpers outside #[test] fns: a failed fixture is a failed test"
+)]
+
+#[allow(
+    dead_code,
+    reason = "shared with the appliance tests; this binary uses part of it"
+)]
+#[path = "appliance/common.rs"]
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use spiffe::{JwtBundle, JwtBundleSet, JwtSvid};
+
+/// The SPIRE binaries, or `None` (loudly) where Go is missing. Built once per test process (the tests run in
+/// parallel and would otherwise build into the same cache at once).
+fn spire_bin() -> Option<PathBuf> {
+    static BIN: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    BIN.get_or_init(find_spire).clone()
+}
+
+fn find_spire() -> Option<PathBuf> {
+    if let Some(d) = std::env::var_os("SIGNET_SPIRE_BIN_DIR") {
+        return Some(PathBuf::from(d));
+    }
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/spire-install");
+    let out = Command::new(&script)
+        .stderr(Stdio::inherit())
+        .output()
+        .expect("running scripts/spire-install");
+    match out.status.code() {
+        Some(0) => Some(PathBuf::from(String::from_utf8(out.stdout).unwrap().trim())),
+        Some(3) if std::env::var("SIGNET_REQUIRE_SPIRE").as_deref() != Ok("1") => {
+            eprintln!(
+                "!!!!! SKIPPED: the real-SPIRE end-to-end test needs Go to build SPIRE (scripts/spire-install)."
+            );
+            None
+        }
+        Some(3) => panic!(
+            "Go is missing, so SPIRE cannot be built, and SIGNET_REQUIRE_SPIRE=1 requires it"
+        ),
+        _ => panic!("scripts/spire-install failed ({})", out.status),
+    }
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output()
+        .unwrap_or_else(|e| panic!("running {cmd:?}: {e}"))
+}
+
+fn text(o: &Output) -> String {
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    )
+}
+
+/// Retries `f` every 500 ms until it gives `Some`, failing after `limit` with `what` and the logs in `logs`.
+fn eventually<T>(
+    limit: Duration,
+    what: &str,
+    logs: &[&Path],
+    mut f: impl FnMut() -> Option<T>,
+) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > limit {
+            let mut msg = format!("{what}: not within {limit:?}");
+            for l in logs {
+                let log = std::fs::read_to_string(l).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(60).collect();
+                msg.push_str(&format!("\n--- {} (last lines):\n", l.display()));
+                for line in tail.into_iter().rev() {
+                    msg.push_str(line);
+                    msg.push('\n');
+                }
+            }
+            panic!("{msg}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn sha256_hex(path: &Path) -> String {
+    hex::encode(ring::digest::digest(
+        &ring::digest::SHA256,
+        &std::fs::read(path).unwrap(),
+    ))
+}
+
+fn pem_ders(text: &[u8]) -> Vec<Vec<u8>> {
+    pem::parse_many(text)
+        .unwrap()
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| p.contents().to_vec())
+        .collect()
+}
+
+/// A private copy of the signet binary for SPIRE's plugin_cmd, made once per test process: SPIRE checks its
+/// plugin_checksum at every start, and the copy cannot change under a running test when the build tree does.
+fn plugin_binary() -> &'static Path {
+    static COPY: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    &COPY
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("signet");
+            std::fs::copy(env!("CARGO_BIN_EXE_signet"), &path).unwrap();
+            (dir, path)
+        })
+        .1
+}
+
+/// The plug-in stanza of server.conf for signet.
+fn plugin_stanza(kind: &str, arg: &str, data: &str) -> String {
+    let signet = plugin_binary();
+    format!(
+        "  {kind} \"signet\" {{\n    plugin_cmd = \"{}\"\n    plugin_args = [\"spire-plugin\", \"{arg}\"]\n    \
+         plugin_checksum = \"{}\"\n    plugin_data {{\n{data}    }}\n  }}\n",
+        signet.display(),
+        sha256_hex(signet)
+    )
+}
+
+/// A SPIRE server and agent in `dir`.
+struct Spire {
+    bin: PathBuf,
+    dir: PathBuf,
+    server_sock: PathBuf,
+    agent_sock: PathBuf,
+    server_log: PathBuf,
+    agent_log: PathBuf,
+    _server: Killed,
+    _agent: Option<Killed>,
+}
+
+impl Spire {
+    fn conf(dir: &Path, port: u16, plugins: &str) -> String {
+        format!(
+            "server {{\n  bind_address = \"127.0.0.1\"\n  bind_port = \"{port}\"\n  socket_path = \"{sock}\"\n  \
+             trust_domain = \"example.org\"\n  data_dir = \"{data}\"\n  log_level = \"DEBUG\"\n  log_format = \"text\"\n  ca_ttl = \"2h\"\n  \
+             default_x509_svid_ttl = \"10m\"\n  default_jwt_svid_ttl = \"5m\"\n}}\n\
+             plugins {{\n  DataStore \"sql\" {{\n    plugin_data {{\n      database_type = \"sqlite3\"\n      \
+             connection_string = \"{data}/datastore.sqlite3\"\n    }}\n  }}\n  \
+             NodeAttestor \"join_token\" {{\n    plugin_data {{}}\n  }}\n{plugins}}}\n",
+            sock = dir.join("server.sock").display(),
+            data = dir.join("server").display(),
+        )
+    }
+
+    /// `spire-server validate` of a configuration with `plugins`.
+    fn validate(bin: &Path, dir: &Path, plugins: &str) -> Output {
+        let path = dir.join("validate.conf");
+        std::fs::write(&path, Self::conf(dir, free_port(), plugins)).unwrap();
+        run(Command::new(bin.join("spire-server"))
+            .args(["validate", "-config"])
+            .arg(path))
+    }
+
+    /// Starts spire-server with `plugins` (besides the sql DataStore and join_token) and waits until it is healthy.
+    fn start_server(bin: &Path, dir: &Path, plugins: &str) -> Spire {
+        let port = free_port();
+        let server_sock = dir.join("server.sock");
+        let conf = Self::conf(dir, port, plugins);
+        std::fs::write(dir.join("server.conf"), &conf).unwrap();
+        let v = run(Command::new(bin.join("spire-server"))
+            .args(["validate", "-config"])
+            .arg(dir.join("server.conf")));
+        assert!(
+            v.status.success(),
+            "spire-server validate: {}\n{conf}",
+            text(&v)
+        );
+        let server_log = dir.join("server.log");
+        let server = Command::new(bin.join("spire-server"))
+            .args(["run", "-config"])
+            .arg(dir.join("server.conf"))
+            .stdout(std::fs::File::create(&server_log).unwrap())
+            .stderr(std::fs::File::create(dir.join("server.err")).unwrap())
+            .spawn()
+            .expect("starting spire-server");
+        let server = Killed(server);
+        let s = Spire {
+            bin: bin.to_path_buf(),
+            dir: dir.to_path_buf(),
+            server_sock,
+            agent_sock: dir.join("agent.sock"),
+            agent_log: dir.join("agent.log"),
+            server_log,
+            _server: server,
+            _agent: None,
+        };
+        let logs = [s.server_log.as_path(), &dir.join("server.err")];
+        eventually(
+            Duration::from_secs(90),
+            "spire-server healthy",
+            &logs,
+            || s.server(&["healthcheck"]).status.success().then_some(()),
+        );
+        s
+    }
+
+    fn server(&self, args: &[&str]) -> Output {
+        run(Command::new(self.bin.join("spire-server"))
+            .args(args)
+            .arg("-socketPath")
+            .arg(&self.server_sock))
+    }
+
+    /// `spire-server bundle show` as DER roots.
+    fn bundle_roots(&self) -> Vec<Vec<u8>> {
+        let o = self.server(&["bundle", "show"]);
+        assert!(o.status.success(), "bundle show: {}", text(&o));
+        pem_ders(&o.stdout)
+    }
+
+    /// Starts an agent attested with a join token and registers a workload for this test's uid.
+    fn start_agent(&mut self) {
+        let o = self.server(&[
+            "token",
+            "generate",
+            "-spiffeID",
+            "spiffe://example.org/agent1",
+        ]);
+        assert!(o.status.success(), "token generate: {}", text(&o));
+        let token = String::from_utf8_lossy(&o.stdout)
+            .trim()
+            .trim_start_matches("Token:")
+            .trim()
+            .to_string();
+        let bundle = self.dir.join("spire-bundle.pem");
+        let o = self.server(&["bundle", "show"]);
+        std::fs::write(&bundle, &o.stdout).unwrap();
+        let port = std::fs::read_to_string(self.dir.join("server.conf"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("bind_port = "))
+            .unwrap()
+            .trim_matches('"')
+            .to_string();
+        let conf = format!(
+            "agent {{\n  data_dir = \"{data}\"\n  log_level = \"DEBUG\"\n  server_address = \"127.0.0.1\"\n  \
+             server_port = \"{port}\"\n  socket_path = \"{sock}\"\n  trust_bundle_path = \"{bundle}\"\n  \
+             trust_domain = \"example.org\"\n}}\nplugins {{\n  NodeAttestor \"join_token\" {{\n    plugin_data {{}}\n  }}\n  \
+             KeyManager \"memory\" {{\n    plugin_data {{}}\n  }}\n  WorkloadAttestor \"unix\" {{\n    plugin_data {{}}\n  }}\n}}\n",
+            data = self.dir.join("agent").display(),
+            sock = self.agent_sock.display(),
+            bundle = bundle.display(),
+        );
+        std::fs::write(self.dir.join("agent.conf"), conf).unwrap();
+        let agent = Command::new(self.bin.join("spire-agent"))
+            .args(["run", "-config"])
+            .arg(self.dir.join("agent.conf"))
+            .args(["-joinToken", &token])
+            .stdout(std::fs::File::create(&self.agent_log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("starting spire-agent");
+        self._agent = Some(Killed(agent));
+        use std::os::unix::fs::MetadataExt as _;
+        let uid = std::fs::metadata(&self.dir).unwrap().uid();
+        let o = self.server(&[
+            "entry",
+            "create",
+            "-parentID",
+            "spiffe://example.org/agent1",
+            "-spiffeID",
+            "spiffe://example.org/workload/e2e",
+            "-selector",
+            &format!("unix:uid:{uid}"),
+        ]);
+        assert!(o.status.success(), "entry create: {}", text(&o));
+    }
+
+    /// The workload's X509-SVID through the agent's Workload API: (chain, bundle roots).
+    fn fetch_x509(&self) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let out = self.dir.join("svid");
+        std::fs::create_dir_all(&out).unwrap();
+        let logs = [self.agent_log.as_path(), self.server_log.as_path()];
+        eventually(
+            Duration::from_secs(90),
+            "an X509-SVID from the agent",
+            &logs,
+            || {
+                run(Command::new(self.bin.join("spire-agent"))
+                    .args(["api", "fetch", "x509", "-socketPath"])
+                    .arg(&self.agent_sock)
+                    .arg("-write")
+                    .arg(&out))
+                .status
+                .success()
+                .then_some(())
+            },
+        );
+        (
+            pem_ders(&std::fs::read(out.join("svid.0.pem")).unwrap()),
+            pem_ders(&std::fs::read(out.join("bundle.0.pem")).unwrap()),
+        )
+    }
+
+    /// The workload's JWT-SVID for audience `e2e` through the agent's Workload API.
+    fn fetch_jwt(&self) -> String {
+        let logs = [self.agent_log.as_path(), self.server_log.as_path()];
+        eventually(
+            Duration::from_secs(60),
+            "a JWT-SVID from the agent",
+            &logs,
+            || {
+                let o = run(Command::new(self.bin.join("spire-agent"))
+                    .args(["api", "fetch", "jwt", "-audience", "e2e", "-socketPath"])
+                    .arg(&self.agent_sock));
+                if !o.status.success() {
+                    return None;
+                }
+                let out = String::from_utf8_lossy(&o.stdout).to_string();
+                let mut lines = out.lines();
+                lines.find(|l| l.starts_with("token("))?;
+                lines.next().map(|t| t.trim().to_string())
+            },
+        )
+    }
+
+    /// SPIRE's bundle as a SPIFFE bundle document (JWKS).
+    fn bundle_jwks(&self) -> String {
+        let o = self.server(&["bundle", "show", "-format", "spiffe"]);
+        assert!(o.status.success(), "bundle show: {}", text(&o));
+        String::from_utf8(o.stdout).unwrap()
+    }
+}
+
+fn jwt_verifies(token: &str, jwks: &str) -> Result<(), String> {
+    // The JWT authorities of the bundle (the x509-svid entries carry no kid).
+    let mut doc: serde_json::Value = serde_json::from_str(jwks).map_err(|e| e.to_string())?;
+    let keys: Vec<serde_json::Value> = doc["keys"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|k| k["use"] == "jwt-svid")
+        .collect();
+    assert!(!keys.is_empty(), "no JWT authority in {jwks}");
+    doc = serde_json::json!({ "keys": keys });
+    let jwks = doc.to_string();
+    let mut set = JwtBundleSet::new();
+    set.add_bundle(
+        JwtBundle::from_jwt_authorities(spiffe::TrustDomain::new(TD).unwrap(), jwks.as_bytes())
+            .map_err(|e| e.to_string())?,
+    );
+    let svid = JwtSvid::parse_and_validate(token, &set, &["e2e"]).map_err(|e| e.to_string())?;
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        "spiffe://example.org/workload/e2e"
+    );
+    Ok(())
+}
+
+/// The SPIRE server's credential for the appliance and plugin_data pointing at it.
+async fn plugin_data(bed: &Bed, dir: &Path) -> String {
+    let spire = bed.credential_for(SPIRE_A).await;
+    std::fs::write(dir.join("client.pem"), &spire.chain_pem).unwrap();
+    std::fs::write(dir.join("client.key"), &spire.key_pem).unwrap();
+    std::fs::write(dir.join("bundle.pem"), bed.roots_pem()).unwrap();
+    format!(
+        "      endpoint = \"{}\"\n      server_name = \"localhost\"\n      trust_bundle_path = \"{}\"\n      \
+         client_cert_path = \"{}\"\n      client_key_path = \"{}\"\n      max_backoff = \"2s\"\n",
+        bed.app.addr(),
+        dir.join("bundle.pem").display(),
+        dir.join("client.pem").display(),
+        dir.join("client.key").display()
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spire_with_signet_as_upstream_authority() {
+    let Some(bin) = spire_bin() else { return };
+    let port = free_port();
+    let Some(bed) = Bed::start_with(|c| {
+        c.server.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+    })
+    .await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let data = plugin_data(&bed, &d).await;
+    let signet_root = pem_ders(bed.roots_pem().as_bytes());
+    let plugins = format!(
+        "  KeyManager \"memory\" {{\n    plugin_data {{}}\n  }}\n{}",
+        plugin_stanza("UpstreamAuthority", "upstream-authority", &data)
+    );
+    let mut spire = tokio::task::block_in_place(|| Spire::start_server(&bin, &d, &plugins));
+
+    // The server's bundle holds signet's root.
+    let roots = spire.bundle_roots();
+    assert!(
+        roots.contains(&signet_root[0]),
+        "spire-server bundle show lacks signet's root"
+    );
+    tokio::task::block_in_place(|| spire.start_agent());
+    let (chain, agent_bundle) = tokio::task::block_in_place(|| spire.fetch_x509());
+    assert!(chain.len() >= 2, "leaf and SPIRE's intermediate CA");
+    assert!(agent_bundle.contains(&signet_root[0]));
+    // SPIRE's X.509 CA chains to signet's root, and so does the workload's SVID.
+    openssl_verify(&signet_root, &[], &chain[1]).expect("SPIRE's CA chains to signet's root");
+    openssl_verify(&signet_root, &chain[1..], &chain[0])
+        .expect("the workload X509-SVID verifies against signet's root (openssl)");
+
+    // The JWT-SVID verifies against SPIRE's bundle and against signet's, which holds SPIRE's published JWT key.
+    let token = tokio::task::block_in_place(|| spire.fetch_jwt());
+    jwt_verifies(&token, &spire.bundle_jwks()).expect("JWT-SVID verifies against SPIRE's bundle");
+    let signet_doc = bed.app.bundle().current().document().unwrap();
+    jwt_verifies(&token, &signet_doc.jwt_authorities_jwks().unwrap())
+        .expect("JWT-SVID verifies against signet's bundle (SPIRE published its key upstream)");
+
+    // The appliance restarts; SPIRE keeps running. Then a new root reaches SPIRE's bundle without a SPIRE restart.
+    let bed = bed.restart().await;
+    root_rotation_reaches_spire(&bed, &spire).await;
+    drop(spire);
+    bed.stop().await;
+}
+
+/// The root-rotation step: a new root in signet's bundle shows up in `spire-server bundle show` without restarting
+/// SPIRE. Today the new root is added to the appliance's live bundle directly; once `signet rotate prepare` and
+/// `activate` exist, this step runs them instead and checks the same thing.
+async fn root_rotation_reaches_spire(bed: &Bed, spire: &Spire) {
+    let (next_root, _) = foreign_ca();
+    let next_root = next_root.der().to_vec();
+    assert!(bed.app.bundle().add_x509_root(next_root.clone()));
+    let logs = [spire.server_log.as_path()];
+    tokio::task::block_in_place(|| {
+        eventually(
+            Duration::from_secs(60),
+            "the new root in spire-server bundle show",
+            &logs,
+            || spire.bundle_roots().contains(&next_root).then_some(()),
+        )
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spire_with_signet_as_key_manager() {
+    let Some(bin) = spire_bin() else { return };
+    let Some(bed) = Bed::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let data = plugin_data(&bed, &d).await;
+    // A plugin_data mistake is shown by `spire-server validate`, in signet's words.
+    let bad = plugin_stanza(
+        "KeyManager",
+        "key-manager",
+        &data.replace("endpoint", "endpont"),
+    );
+    let v = tokio::task::block_in_place(|| Spire::validate(&bin, &d, &bad));
+    assert!(!v.status.success());
+    assert!(
+        text(&v).contains("endpont") && text(&v).contains("plugin_data"),
+        "spire-server validate names the bad field: {}",
+        text(&v)
+    );
+    let plugins = plugin_stanza("KeyManager", "key-manager", &data);
+    let mut spire = tokio::task::block_in_place(|| Spire::start_server(&bin, &d, &plugins));
+    let spire_roots = spire.bundle_roots();
+    assert_eq!(spire_roots.len(), 1, "SPIRE's own self-signed CA");
+    tokio::task::block_in_place(|| spire.start_agent());
+    let (chain, _) = tokio::task::block_in_place(|| spire.fetch_x509());
+    openssl_verify(&spire_roots, &chain[1..], &chain[0])
+        .expect("the workload X509-SVID verifies against SPIRE's bundle (openssl)");
+    let token = tokio::task::block_in_place(|| spire.fetch_jwt());
+    let jwks = spire.bundle_jwks();
+    jwt_verifies(&token, &jwks).expect("JWT-SVID verifies against SPIRE's bundle");
+
+    // The keys SPIRE signs with are on the token: its CA's key and its JWT key.
+    let token_keys: Vec<(String, Vec<u8>)> = {
+        let t = bed.token();
+        let mut s = t.session().unwrap();
+        s.list_keys()
+            .unwrap()
+            .into_iter()
+            .filter(|k| k.label.starts_with("spire-km/"))
+            .map(|k| {
+                let spki = s.public_key_der(&k.label).unwrap();
+                (k.label, spki)
+            })
+            .collect()
+    };
+    let (_, ca) = x509_parser::parse_x509_certificate(&spire_roots[0]).unwrap();
+    let ca_spki = ca.public_key().raw.to_vec();
+    assert!(
+        token_keys
+            .iter()
+            .any(|(l, k)| l.contains("/x509-CA-") && *k == ca_spki),
+        "SPIRE's CA key is a token key: {:?}",
+        token_keys.iter().map(|(l, _)| l).collect::<Vec<_>>()
+    );
+    let doc = signet::spiffe::BundleDocument::parse(jwks.as_bytes()).unwrap();
+    let jwt_spkis: Vec<&[u8]> = doc.jwt_authorities.iter().map(|a| a.spki_der()).collect();
+    assert!(
+        token_keys
+            .iter()
+            .any(|(l, k)| l.contains("/JWT-Signer-") && jwt_spkis.contains(&k.as_slice())),
+        "SPIRE's JWT key is a token key"
+    );
+    drop(spire);
+    bed.stop().await;
+}
+
+/// Entries for `spire-server entry create -data`: `n` workloads under the test agent, all for this uid.
+fn entries_json(n: usize, uid: u32) -> String {
+    let entries: Vec<serde_json::Value> = (0..n)
+        .map(|i| {
+            serde_json::json!({
+                "spiffe_id": format!("spiffe://example.org/bench/w{i}"),
+                "parent_id": "spiffe://example.org/agent1",
+                "selectors": [{ "type": "unix", "value": format!("uid:{uid}") }],
+            })
+        })
+        .collect();
+    serde_json::json!({ "entries": entries }).to_string()
+}
+
+/// Timestamps (Unix seconds) of SPIRE's "Signed X509 SVID" lines for the bench workloads, from its log.
+fn signing_times(logs: &[PathBuf]) -> Vec<f64> {
+    let mut out = Vec::new();
+    for l in logs {
+        for line in std::fs::read_to_string(l).unwrap_or_default().lines() {
+            if !(line.contains("Signed X509 SVID") && line.contains("spiffe://example.org/bench/"))
+            {
+                continue;
+            }
+            let Some(ts) = line
+                .split("time=\"")
+                .nth(1)
+                .and_then(|r| r.split('"').next())
+            else {
+                continue;
+            };
+            if let Ok(t) =
+                time::OffsetDateTime::parse(ts, &time::format_description::well_known::Rfc3339)
+            {
+                out.push(t.unix_timestamp_nanos() as f64 / 1e9);
+            }
+        }
+    }
+    out.sort_by(f64::total_cmp);
+    out
+}
+
+/// SPIRE with `plugins` issues X509-SVIDs for `n` registered workloads to one agent (one batch of CSRs, as the
+/// agent sends them); the rate is measured between SPIRE's first and last "Signed X509 SVID" log lines.
+fn svid_rate(bin: &Path, plugins: &str, n: usize) -> f64 {
+    let dir = tempfile::tempdir().unwrap();
+    let mut spire = Spire::start_server(bin, dir.path(), plugins);
+    use std::os::unix::fs::MetadataExt as _;
+    let uid = std::fs::metadata(dir.path()).unwrap().uid();
+    let data = dir.path().join("entries.json");
+    std::fs::write(&data, entries_json(n, uid)).unwrap();
+    let o = spire.server(&["entry", "create", "-data", data.to_str().unwrap()]);
+    assert!(o.status.success(), "entry create: {}", text(&o));
+    spire.start_agent();
+    let logs = vec![spire.server_log.clone(), dir.path().join("server.err")];
+    let times = eventually(
+        Duration::from_secs(180),
+        "SPIRE signing every bench SVID",
+        &[&logs[0], &logs[1]],
+        || {
+            let t = signing_times(&logs);
+            (t.len() >= n).then_some(t)
+        },
+    );
+    let span = times[times.len() - 1] - times[0];
+    (times.len() - 1) as f64 / span.max(1e-9)
+}
+
+/// A `signet serve` process on hsm-sim with `latency_ms` per signature, and plugin_data for SPIRE to reach it.
+struct SimAppliance {
+    _child: Killed,
+    _dir: tempfile::TempDir,
+    plugin_data: String,
+}
+
+fn sim_appliance(latency_ms: u32, sessions: u32) -> SimAppliance {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let module = signet_pkcs11::testing::hsm_sim_module().expect("the hsm-sim module is built");
+    let signet = |args: &[&str]| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_signet"));
+        c.args(args)
+            .env("HSM_SIM_DIR", d.join("sim"))
+            .env("HSM_SIM_LATENCY_MS", latency_ms.to_string())
+            .env("SIGNET_PKCS11_MODULE", &module)
+            .env("SIGNET_SO_PIN", "87654321")
+            .env("SIGNET_PIN", "1234")
+            .env_remove("SIGNET_CONFIG")
+            .env_remove("SIGNET_DATA_DIR");
+        c
+    };
+    std::fs::create_dir_all(d.join("sim")).unwrap();
+    let o = run(&mut signet(&["token", "init", "--label", "signet"]));
+    assert!(o.status.success(), "token init: {}", text(&o));
+    let port = free_port();
+    let cfg = format!(
+        "trust_domain = \"example.org\"\ndata_dir = \"{data}\"\n[server]\nlisten = \"127.0.0.1:{port}\"\n\
+         [[tokens]]\nname = \"sim\"\nmodule = \"{module}\"\ntoken = \"signet\"\npin = {{ env = \"SIGNET_PIN\" }}\n\
+         sessions = {sessions}\n\
+         [[policy]]\ncaller = \"{ADMIN}\"\nmay = [\"issuer\", \"admin\"]\nids = [\"spiffe://example.org/\"]\n\
+         max_ttl = \"24h\"\n\
+         [[policy]]\ncaller = \"{SPIRE_A}\"\nmay = [\"key-manager\"]\n",
+        data = d.join("data").display(),
+        module = module.display(),
+    );
+    std::fs::write(d.join("signet.toml"), cfg).unwrap();
+    let mut child = signet(&[
+        "serve",
+        "--config",
+        d.join("signet.toml").to_str().unwrap(),
+        "--metrics",
+        "",
+    ])
+    .stdout(Stdio::piped())
+    .stderr(std::fs::File::create(d.join("serve.log")).unwrap())
+    .spawn()
+    .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let child = Killed(child);
+    loop {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        let n = out.read_line(&mut line).unwrap();
+        assert!(
+            n > 0,
+            "signet serve exited: {}",
+            std::fs::read_to_string(d.join("serve.log")).unwrap_or_default()
+        );
+        if line.starts_with("Stop with") {
+            break;
+        }
+    }
+    let cred = d.join("cred");
+    let o = run(&mut signet(&[
+        "mint",
+        "x509-svid",
+        "--data-dir",
+        d.join("data").to_str().unwrap(),
+        "--spiffe-id",
+        SPIRE_A,
+        "--ttl",
+        "2h",
+        "--out",
+        cred.to_str().unwrap(),
+    ]));
+    assert!(o.status.success(), "mint: {}", text(&o));
+    let plugin_data = format!(
+        "      endpoint = \"127.0.0.1:{port}\"\n      server_name = \"localhost\"\n      trust_bundle_path = \"{}\"\n      \
+         client_cert_path = \"{}\"\n      client_key_path = \"{}\"\n",
+        cred.join("bundle.pem").display(),
+        cred.join("svid.pem").display(),
+        cred.join("svid.key").display()
+    );
+    SimAppliance {
+        _child: child,
+        _dir: dir,
+        plugin_data,
+    }
+}
+
+/// X509-SVIDs per second SPIRE issues to an agent with its built-in `memory` KeyManager and with signet as its
+/// KeyManager (SoftHSM2; hsm-sim at 5 ms a signature). Run:
+/// `cargo test --release -p signet --test spire_e2e spire_svid_rate -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "benchmark: run with --ignored --nocapture, in release"]
+async fn spire_svid_rate() {
+    let Some(bin) = spire_bin() else { return };
+    let n: usize = std::env::var("SIGNET_SPIRE_BENCH_SVIDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(400);
+    let memory = tokio::task::block_in_place(|| {
+        svid_rate(
+            &bin,
+            "  KeyManager \"memory\" {\n    plugin_data {}\n  }\n",
+            n,
+        )
+    });
+    let softhsm = {
+        let Some(bed) = Bed::start_with(|c| c.tokens[0].sessions = 2).await else {
+            return;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let data = plugin_data(&bed, dir.path()).await;
+        let plugins = plugin_stanza("KeyManager", "key-manager", &data);
+        let r = tokio::task::block_in_place(|| svid_rate(&bin, &plugins, n));
+        bed.stop().await;
+        r
+    };
+    let sim = tokio::task::block_in_place(|| {
+        let app = sim_appliance(5, 8);
+        svid_rate(
+            &bin,
+            &plugin_stanza("KeyManager", "key-manager", &app.plugin_data),
+            n,
+        )
+    });
+    let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
+    println!(
+        "SPIRE v1.15.3, one agent, {n} X509-SVIDs in one batch (load average: {})",
+        load.trim()
+    );
+    println!("  KeyManager memory                 {memory:8.0} SVIDs/s");
+    println!(
+        "  KeyManager signet, SoftHSM2       {softhsm:8.0} SVIDs/s ({:.2} of memory)",
+        softhsm / memory
+    );
+    println!(
+        "  KeyManager signet, hsm-sim 5 ms   {sim:8.0} SVIDs/s ({:.3} of memory)",
+        sim / memory
+    );
+    assert!(memory > 0.0 && softhsm > 0.0 && sim > 0.0);
+}

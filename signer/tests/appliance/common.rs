@@ -147,9 +147,12 @@ impl Bed {
         }
     }
 
-    /// The appliance's token, opened again (to look at its keys).
+    /// The appliance's SoftHSM2 token, opened again (to look at its keys).
     pub fn token(&self) -> signet_pkcs11::Token {
-        self._hsm.open()
+        self._hsm
+            .downcast_ref::<SoftHsm>()
+            .expect("Bed::token needs an appliance on the SoftHSM2 bed")
+            .open()
     }
 
     pub fn admin(&self) -> Credential {

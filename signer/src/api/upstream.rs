@@ -42,7 +42,7 @@ fn roots(b: &BundleSnapshot) -> Vec<X509Certificate> {
         .iter()
         .map(|r| X509Certificate {
             asn1: r.clone(),
-            tainted: false,
+            tainted: b.x509_tainted.contains(r),
         })
         .collect()
 }
@@ -180,7 +180,7 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
         Ok(Response::new(follow(
             st,
             first,
-            |a, b| a.x509_roots != b.x509_roots,
+            |a, b| a.x509_roots != b.x509_roots || a.x509_tainted != b.x509_tainted,
             |b| pb::MintX509caResponse {
                 x509_ca_chain: Vec::new(),
                 upstream_x509_roots: roots(b),
@@ -264,7 +264,11 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
         Ok(Response::new(follow(
             st,
             make,
-            |a, b| a.x509_roots != b.x509_roots || a.jwt_keys != b.jwt_keys,
+            |a, b| {
+                a.x509_roots != b.x509_roots
+                    || a.x509_tainted != b.x509_tainted
+                    || a.jwt_keys != b.jwt_keys
+            },
             make,
         )))
     }

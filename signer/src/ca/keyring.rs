@@ -25,7 +25,11 @@ pub trait Keyring: Send + Sync + std::fmt::Debug {
     /// The token's name (stored with each authority).
     fn token_name(&self) -> &str;
     /// Generates a key pair labelled `label`; returns its SubjectPublicKeyInfo DER.
-    fn generate(&self, label: &str, key_type: signet_pkcs11::KeyType) -> Result<Vec<u8>, KeyringError>;
+    fn generate(
+        &self,
+        label: &str,
+        key_type: signet_pkcs11::KeyType,
+    ) -> Result<Vec<u8>, KeyringError>;
     /// The public key of `label`, or `None` when no such key is on the token.
     fn public_key(&self, label: &str) -> Result<Option<Vec<u8>>, KeyringError>;
     /// Destroys `label` (both halves); a missing key is not an error.
@@ -73,7 +77,11 @@ impl Keyring for TokenKeyring {
         &self.name
     }
 
-    fn generate(&self, label: &str, key_type: signet_pkcs11::KeyType) -> Result<Vec<u8>, KeyringError> {
+    fn generate(
+        &self,
+        label: &str,
+        key_type: signet_pkcs11::KeyType,
+    ) -> Result<Vec<u8>, KeyringError> {
         let mut s = self.session()?;
         s.generate_key(label, key_type, KeyGenOptions::default())
             .map_err(|e| self.err(format!("refused to generate key {label:?}: {e}")))?;

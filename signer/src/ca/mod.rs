@@ -49,7 +49,8 @@ use crate::api::bundle::{BundleSnapshot, JwtKey, TrustBundle};
 use crate::keys::AuthorityKey;
 use crate::spiffe::TrustDomain;
 use crate::spki::SubjectKey;
-use crate::store::{AuthorityKind, AuthorityRecord, AuthorityState, Store, StoreError, Txn};
+pub use crate::store::{AuthorityKind, AuthorityRecord, AuthorityState};
+use crate::store::{Store, StoreError, Txn};
 use crate::x509::{Authority, IntermediateRequest, RootRequest};
 pub use clock::{Clock, ManualClock, SystemClock};
 pub use keyring::{Keyring, KeyringError, TokenKeyring};
@@ -218,7 +219,10 @@ fn root_subject(td: &TrustDomain, generation: i64) -> DistinguishedName {
     if generation <= 1 {
         subject.push(DnType::CommonName, format!("signet root {td}"));
     } else {
-        subject.push(DnType::CommonName, format!("signet root {td} #{generation}"));
+        subject.push(
+            DnType::CommonName,
+            format!("signet root {td} #{generation}"),
+        );
     }
     subject
 }
@@ -244,7 +248,9 @@ fn cross_certify(
 ) -> Result<Vec<u8>, RotationError> {
     let end = not_after.min(issuer.not_after());
     let ttl: Duration = (end - now).try_into().map_err(|_| {
-        RotationError::Certificate("the issuing root ends before the cross-certificate would start".into())
+        RotationError::Certificate(
+            "the issuing root ends before the cross-certificate would start".into(),
+        )
     })?;
     let req = IntermediateRequest {
         subject_key: SubjectKey::from_spki_der(spki).map_err(cert_err)?,
@@ -273,11 +279,16 @@ impl Authorities {
         let now = clock.now();
         // Adopt the first authorities.
         for kind in [AuthorityKind::X509, AuthorityKind::Jwt] {
-            if records.iter().any(|r| r.kind == kind && r.state == AuthorityState::Active) {
+            if records
+                .iter()
+                .any(|r| r.kind == kind && r.state == AuthorityState::Active)
+            {
                 continue;
             }
             let (label, cert) = match kind {
-                AuthorityKind::X509 => (initial.x509_label.clone(), Some(initial.x509_root.clone())),
+                AuthorityKind::X509 => {
+                    (initial.x509_label.clone(), Some(initial.x509_root.clone()))
+                }
                 AuthorityKind::Jwt => (initial.jwt_label.clone(), None),
             };
             let kr = keyring.clone();
@@ -286,7 +297,9 @@ impl Authorities {
                 .await
                 .map_err(|e| RotationError::Precondition(e.to_string()))??
                 .ok_or_else(|| {
-                    RotationError::Precondition(format!("the initial key {label:?} is not on the token"))
+                    RotationError::Precondition(format!(
+                        "the initial key {label:?} is not on the token"
+                    ))
                 })?;
             let generation = records
                 .iter()
@@ -326,10 +339,16 @@ impl Authorities {
             tx.insert_authority(&rec).await?;
             // The sequence starts at the current Unix time, so it keeps increasing from the in-memory bundles of
             // earlier versions.
-            tx.bump_sequence(&tds, u64::try_from(unix(now)).unwrap_or(1)).await?;
-            tx.journal(&tds, unix(now), "adopt", &label, kind.name()).await?;
+            tx.bump_sequence(&tds, u64::try_from(unix(now)).unwrap_or(1))
+                .await?;
+            tx.journal(&tds, unix(now), "adopt", &label, kind.name())
+                .await?;
             tx.commit().await?;
-            tracing::info!(label, kind = kind.name(), "authority adopted into the datastore");
+            tracing::info!(
+                label,
+                kind = kind.name(),
+                "authority adopted into the datastore"
+            );
             records.push(rec);
         }
         let sequence = store.sequence(&tds).await?.unwrap_or(1);
@@ -378,7 +397,9 @@ impl Authorities {
 
     /// Every authority, by kind and generation.
     pub async fn list(&self) -> Vec<AuthorityRecord> {
-        self.records.lock().await.clone()
+        let mut l = self.records.lock().await.clone();
+        l.sort_by(|a, b| (a.kind.name(), a.generation).cmp(&(b.kind.name(), b.generation)));
+        l
     }
 
     /// Keys on the token whose labels belong to signet's families (`<x509 label>`, `<x509 label>-g<N>`, the same
@@ -393,7 +414,11 @@ impl Authorities {
         let family = |l: &str| {
             [&self.policy.x509_label, &self.policy.jwt_label]
                 .iter()
-                .any(|p| l == p.as_str() || l.strip_prefix(p.as_str()).is_some_and(|s| s.starts_with("-g")))
+                .any(|p| {
+                    l == p.as_str()
+                        || l.strip_prefix(p.as_str())
+                            .is_some_and(|s| s.starts_with("-g"))
+                })
         };
         let orphans = labels
             .iter()
@@ -465,10 +490,9 @@ impl Authorities {
             (false, Some(s)) => s.cross_to_previous.iter().cloned().collect(),
             (false, None) => Vec::new(),
         };
-        let cert = x
-            .certificate
-            .clone()
-            .ok_or_else(|| RotationError::Precondition(format!("root {:?} has no certificate", x.label)))?;
+        let cert = x.certificate.clone().ok_or_else(|| {
+            RotationError::Precondition(format!("root {:?} has no certificate", x.label))
+        })?;
         let jwt = active(AuthorityKind::Jwt);
         let td = td.clone();
         tokio::task::spawn_blocking(move || {
@@ -490,17 +514,32 @@ impl Authorities {
 
     /// Makes the committed `records` take effect: the bundle and the active set.
     async fn take_effect(&self, records: &[AuthorityRecord]) -> Result<(), RotationError> {
-        let sequence = self.store.sequence(&self.td.to_string()).await?.unwrap_or(1);
+        let sequence = self
+            .store
+            .sequence(&self.td.to_string())
+            .await?
+            .unwrap_or(1);
         self.bundle.replace(Self::snapshot_of(records, sequence));
         let set = Self::active_of(&self.td, self.keyring.clone(), records).await?;
         self.active.send_replace(Arc::new(set));
         Ok(())
     }
 
-    async fn begin(&self, step: &'static str, label: &str, detail: &str) -> Result<Txn, RotationError> {
+    async fn begin(
+        &self,
+        step: &'static str,
+        label: &str,
+        detail: &str,
+    ) -> Result<Txn, RotationError> {
         let mut tx = self.store.begin().await?;
-        tx.journal(&self.td.to_string(), unix(self.clock.now()), step, label, detail)
-            .await?;
+        tx.journal(
+            &self.td.to_string(),
+            unix(self.clock.now()),
+            step,
+            label,
+            detail,
+        )
+        .await?;
         Ok(tx)
     }
 
@@ -534,7 +573,10 @@ impl Authorities {
             .collect();
         for r in pending {
             if r.state == AuthorityState::Preparing {
-                tracing::warn!(label = r.label, "finishing a prepare step a stop interrupted");
+                tracing::warn!(
+                    label = r.label,
+                    "finishing a prepare step a stop interrupted"
+                );
                 let label = r.label.clone();
                 let key_type = self.policy.key_type(r.kind);
                 let spki = self
@@ -545,7 +587,10 @@ impl Authorities {
                     .await?;
                 self.finish_prepare(&mut records, r, spki).await?;
             } else {
-                tracing::warn!(label = r.label, "finishing a destroy step a stop interrupted");
+                tracing::warn!(
+                    label = r.label,
+                    "finishing a destroy step a stop interrupted"
+                );
                 self.finish_destroy(&mut records, r).await?;
             }
         }
@@ -560,7 +605,9 @@ impl Authorities {
             r.kind == kind
                 && matches!(
                     r.state,
-                    AuthorityState::Preparing | AuthorityState::Prepared | AuthorityState::Published
+                    AuthorityState::Preparing
+                        | AuthorityState::Prepared
+                        | AuthorityState::Published
                 )
         })
     }
@@ -585,7 +632,9 @@ impl Authorities {
             + 1;
         let label = format!("{}-g{generation}", self.policy.label_family(kind));
         if records.iter().any(|r| r.label == label) {
-            return Err(RotationError::Precondition(format!("label {label:?} is taken")));
+            return Err(RotationError::Precondition(format!(
+                "label {label:?} is taken"
+            )));
         }
         let now = self.clock.now();
         let rec = AuthorityRecord {
@@ -621,14 +670,18 @@ impl Authorities {
         self.commit(tx, "prepare").await?;
         records.push(rec.clone());
         let (l, key_type) = (label.clone(), self.policy.key_type(kind));
-        let generated = self.blocking(move |kr| Ok(kr.generate(&l, key_type)?)).await;
+        let generated = self
+            .blocking(move |kr| Ok(kr.generate(&l, key_type)?))
+            .await;
         let spki = match generated {
             Ok(k) => k,
             Err(e) => {
                 // Undo the journalled intent: the token refused, nothing of this step remains.
                 let l = label.clone();
                 let _ = self.blocking(move |kr| Ok(kr.destroy(&l)?)).await;
-                let mut tx = self.begin("prepare-abandoned", &label, &e.to_string()).await?;
+                let mut tx = self
+                    .begin("prepare-abandoned", &label, &e.to_string())
+                    .await?;
                 tx.delete_authority(&label).await?;
                 tx.commit().await?;
                 records.retain(|r| r.label != label);
@@ -659,7 +712,8 @@ impl Authorities {
                     .cloned()
                     .ok_or_else(|| RotationError::Precondition("no active X.509 root".into()))?;
                 let td = self.td.clone();
-                let (label, generation, ttl) = (rec.label.clone(), rec.generation, self.policy.root_ttl);
+                let (label, generation, ttl) =
+                    (rec.label.clone(), rec.generation, self.policy.root_ttl);
                 let spki2 = spki.clone();
                 let made = self
                     .blocking(move |kr| {
@@ -696,7 +750,12 @@ impl Authorities {
                         // new -> old: the old root's name and key, certified by the new root.
                         let to_previous =
                             cross_certify(&root, &old_cert, &old_spki, now, old.not_after())?;
-                        Ok((root.cert_der().to_vec(), root.not_after(), from_previous, to_previous))
+                        Ok((
+                            root.cert_der().to_vec(),
+                            root.not_after(),
+                            from_previous,
+                            to_previous,
+                        ))
                     })
                     .await?;
                 rec.certificate = Some(made.0);
@@ -710,7 +769,11 @@ impl Authorities {
         let mut tx = self.begin("prepared", &rec.label, rec.kind.name()).await?;
         tx.update_authority(&rec).await?;
         tx.commit().await?;
-        tracing::info!(label = rec.label, kind = rec.kind.name(), "authority prepared");
+        tracing::info!(
+            label = rec.label,
+            kind = rec.kind.name(),
+            "authority prepared"
+        );
         if let Some(r) = records.iter_mut().find(|r| r.label == rec.label) {
             *r = rec;
         }
@@ -933,7 +996,10 @@ impl Authorities {
             else {
                 continue;
             };
-            let born = active.activated_at.unwrap_or(active.created_at).min(active.created_at);
+            let born = active
+                .activated_at
+                .unwrap_or(active.created_at)
+                .min(active.created_at);
             let life = (active.not_after.unwrap_or(i64::MAX) - born).max(1) as f64;
             let age = (now - born) as f64;
             let result = match Self::in_progress(&records, kind).map(|r| r.state) {
@@ -951,7 +1017,9 @@ impl Authorities {
                 Ok(step) => done.push(step),
                 Err(RotationError::Precondition(m)) if m.is_empty() => {}
                 Err(RotationError::TooEarly { .. }) => {}
-                Err(e) => tracing::warn!(kind = kind.name(), error = %e, "scheduled rotation step failed"),
+                Err(e) => {
+                    tracing::warn!(kind = kind.name(), error = %e, "scheduled rotation step failed")
+                }
             }
             let superseded_due = records.iter().any(|r| {
                 r.kind == kind
@@ -961,7 +1029,9 @@ impl Authorities {
             if superseded_due {
                 match self.retire(kind).await {
                     Ok(l) => done.push(("retire", l)),
-                    Err(e) => tracing::warn!(kind = kind.name(), error = %e, "scheduled retirement failed"),
+                    Err(e) => {
+                        tracing::warn!(kind = kind.name(), error = %e, "scheduled retirement failed")
+                    }
                 }
             }
         }

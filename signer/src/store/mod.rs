@@ -251,7 +251,9 @@ impl Store {
                 "PostgreSQL is not built into this version yet: use sqlite://state.db".into(),
             ));
         } else {
-            return Err(bad("use sqlite://PATH (relative to the data directory)".into()));
+            return Err(bad(
+                "use sqlite://PATH (relative to the data directory)".into()
+            ));
         };
         let opts = opts.foreign_keys(true);
         // One connection: SQLite serialises writers anyway, and one connection makes `sqlite::memory:` one database.
@@ -272,7 +274,10 @@ impl Store {
     }
 
     /// Every authority of `trust_domain`, by kind then generation.
-    pub async fn authorities(&self, trust_domain: &str) -> Result<Vec<AuthorityRecord>, StoreError> {
+    pub async fn authorities(
+        &self,
+        trust_domain: &str,
+    ) -> Result<Vec<AuthorityRecord>, StoreError> {
         let rows = sqlx::query(&format!(
             "SELECT {COLUMNS} FROM authorities WHERE trust_domain = ? ORDER BY kind, generation"
         ))
@@ -284,10 +289,11 @@ impl Store {
 
     /// The bundle's sequence number, if one was ever stored.
     pub async fn sequence(&self, trust_domain: &str) -> Result<Option<u64>, StoreError> {
-        let v: Option<i64> = sqlx::query_scalar("SELECT sequence FROM bundle WHERE trust_domain = ?")
-            .bind(trust_domain)
-            .fetch_optional(&self.pool)
-            .await?;
+        let v: Option<i64> =
+            sqlx::query_scalar("SELECT sequence FROM bundle WHERE trust_domain = ?")
+                .bind(trust_domain)
+                .fetch_optional(&self.pool)
+                .await?;
         v.map(|v| u64::try_from(v).map_err(|_| StoreError::Corrupt("negative sequence".into())))
             .transpose()
     }
@@ -317,7 +323,10 @@ impl Store {
     }
 
     /// The journal of rotation steps, oldest first: (at, step, label).
-    pub async fn journal(&self, trust_domain: &str) -> Result<Vec<(i64, String, String)>, StoreError> {
+    pub async fn journal(
+        &self,
+        trust_domain: &str,
+    ) -> Result<Vec<(i64, String, String)>, StoreError> {
         let rows = sqlx::query(
             "SELECT at, step, label FROM rotation_journal WHERE trust_domain = ? ORDER BY id",
         )
@@ -409,7 +418,10 @@ impl Txn {
         .execute(&mut *self.tx)
         .await?;
         if done.rows_affected() != 1 {
-            return Err(StoreError::Corrupt(format!("no authority labelled {:?}", a.label)));
+            return Err(StoreError::Corrupt(format!(
+                "no authority labelled {:?}",
+                a.label
+            )));
         }
         Ok(())
     }
@@ -424,11 +436,16 @@ impl Txn {
     }
 
     /// Sets the bundle's sequence number to `max(stored + 1, floor)` and returns it.
-    pub async fn bump_sequence(&mut self, trust_domain: &str, floor: u64) -> Result<u64, StoreError> {
-        let cur: Option<i64> = sqlx::query_scalar("SELECT sequence FROM bundle WHERE trust_domain = ?")
-            .bind(trust_domain)
-            .fetch_optional(&mut *self.tx)
-            .await?;
+    pub async fn bump_sequence(
+        &mut self,
+        trust_domain: &str,
+        floor: u64,
+    ) -> Result<u64, StoreError> {
+        let cur: Option<i64> =
+            sqlx::query_scalar("SELECT sequence FROM bundle WHERE trust_domain = ?")
+                .bind(trust_domain)
+                .fetch_optional(&mut *self.tx)
+                .await?;
         let next = match cur {
             Some(c) => u64::try_from(c).unwrap_or(0).saturating_add(1).max(floor),
             None => floor.max(1),

@@ -140,7 +140,7 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
             ttl = ttl.min(i64::try_from(max.as_secs()).unwrap_or(i64::MAX));
         }
         let ttl = i32::try_from(ttl).unwrap_or(i32::MAX);
-        let root = st.root.clone();
+        let root = st.signers().root.clone();
         let deadline = caller.deadline;
         let csr = req.csr;
         let minted = st

@@ -351,7 +351,15 @@ impl Authorities {
             );
             records.push(rec);
         }
-        let sequence = store.sequence(&tds).await?.unwrap_or(1);
+        // The live bundle also moves with JWT keys SPIRE servers publish, which are kept in memory only; starting
+        // at no less than the current Unix time keeps the sequence increasing across restarts.
+        let mut sequence = store.sequence(&tds).await?.unwrap_or(1);
+        let floor = u64::try_from(unix(now)).unwrap_or(1);
+        if sequence < floor {
+            let mut tx = store.begin().await?;
+            sequence = tx.bump_sequence(&tds, floor).await?;
+            tx.commit().await?;
+        }
         let snapshot = Self::snapshot_of(&records, sequence);
         let bundle = TrustBundle::from_snapshot(snapshot);
         let set = Self::active_of(&td, keyring.clone(), &records).await?;
@@ -512,14 +520,31 @@ impl Authorities {
         .map_err(|e| RotationError::Precondition(e.to_string()))?
     }
 
-    /// Makes the committed `records` take effect: the bundle and the active set.
+    /// The least sequence number the next change may take: past the live bundle's, which other changes (JWT keys
+    /// SPIRE servers publish, kept in memory) also move.
+    fn next_sequence(&self) -> u64 {
+        self.bundle.current().sequence.saturating_add(1)
+    }
+
+    /// Makes the committed `records` take effect: the bundle and the active set. JWT keys in the live bundle that no
+    /// authority row names (published by SPIRE servers) stay.
     async fn take_effect(&self, records: &[AuthorityRecord]) -> Result<(), RotationError> {
         let sequence = self
             .store
             .sequence(&self.td.to_string())
             .await?
             .unwrap_or(1);
-        self.bundle.replace(Self::snapshot_of(records, sequence));
+        let mut snapshot = Self::snapshot_of(records, sequence);
+        let ours = |kid: &str| records.iter().any(|r| r.kid.as_deref() == Some(kid));
+        snapshot.jwt_keys.extend(
+            self.bundle
+                .current()
+                .jwt_keys
+                .iter()
+                .filter(|k| !ours(&k.kid))
+                .cloned(),
+        );
+        self.bundle.replace(snapshot);
         let set = Self::active_of(&self.td, self.keyring.clone(), records).await?;
         self.active.send_replace(Arc::new(set));
         Ok(())
@@ -798,7 +823,8 @@ impl Authorities {
         rec.published_at = Some(unix(now));
         let mut tx = self.begin("publish", &rec.label, kind.name()).await?;
         tx.update_authority(&rec).await?;
-        tx.bump_sequence(&self.td.to_string(), 0).await?;
+        tx.bump_sequence(&self.td.to_string(), self.next_sequence())
+            .await?;
         self.commit(tx, "publish").await?;
         let label = rec.label.clone();
         if let Some(r) = records.iter_mut().find(|r| r.label == label) {
@@ -896,7 +922,8 @@ impl Authorities {
         rec.retired_at = Some(unix(now));
         let mut tx = self.begin("retire", &rec.label, kind.name()).await?;
         tx.update_authority(&rec).await?;
-        tx.bump_sequence(&self.td.to_string(), 0).await?;
+        tx.bump_sequence(&self.td.to_string(), self.next_sequence())
+            .await?;
         self.commit(tx, "retire").await?;
         let label = rec.label.clone();
         if let Some(r) = records.iter_mut().find(|r| r.label == label) {
@@ -925,7 +952,8 @@ impl Authorities {
         rec.tainted = true;
         let mut tx = self.begin("taint", label, rec.kind.name()).await?;
         tx.update_authority(&rec).await?;
-        tx.bump_sequence(&self.td.to_string(), 0).await?;
+        tx.bump_sequence(&self.td.to_string(), self.next_sequence())
+            .await?;
         self.commit(tx, "taint").await?;
         if let Some(r) = records.iter_mut().find(|r| r.label == label) {
             *r = rec;

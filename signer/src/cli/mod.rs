@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod client;
+mod rotate;
 mod serve;
 mod token;
 
@@ -28,6 +29,8 @@ enum Command {
     Bundle(client::BundleArgs),
     /// Show the appliance's authorities, tokens and bundle sequence.
     Status(client::StatusArgs),
+    /// Rotate the root or the JWT key: status, prepare, publish, activate, retire, taint, destroy.
+    Rotate(rotate::RotateArgs),
 }
 
 /// Parses the command line, runs it, and reports errors on stderr with a non-zero exit status.
@@ -56,6 +59,7 @@ pub fn main() -> ExitCode {
         Command::Mint(m) => client::mint(m),
         Command::Bundle(b) => client::bundle(b),
         Command::Status(s) => client::status_cmd(s),
+        Command::Rotate(r) => rotate::run(r),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -773,6 +773,27 @@ impl Appliance {
                 return Err(e);
             }
         };
+        // signet's own credentials were issued by the active root at start: it stays in the bundle while they are
+        // in use.
+        {
+            let issuer = authorities.active().x509.key().spki_der().to_vec();
+            for (what, path) in [
+                ("signet's server certificate", &boot.paths.server_cert),
+                ("signet's admin certificate", &boot.paths.admin_cert),
+            ] {
+                if let Some(not_after) = std::fs::read(path)
+                    .ok()
+                    .and_then(|t| pem::parse(t).ok())
+                    .and_then(|p| {
+                        x509_parser::parse_x509_certificate(p.contents())
+                            .ok()
+                            .map(|(_, c)| c.validity().not_after.to_datetime())
+                    })
+                {
+                    authorities.hold_descendant(&issuer, not_after, what);
+                }
+            }
+        }
         let signers = match signers_of(
             &authorities.active(),
             &boot.td,

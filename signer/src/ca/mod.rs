@@ -194,6 +194,8 @@ pub struct Authorities {
     bundle: TrustBundle,
     records: Mutex<Vec<AuthorityRecord>>,
     active: watch::Sender<Arc<ActiveSet>>,
+    /// Descendants the process itself holds and serves (its own TLS credentials): (issuer's SPKI, NotAfter, name).
+    holds: std::sync::Mutex<Vec<(Vec<u8>, i64, String)>>,
 }
 
 fn unix(t: OffsetDateTime) -> i64 {
@@ -373,9 +375,21 @@ impl Authorities {
             bundle,
             records: Mutex::new(records),
             active,
+            holds: std::sync::Mutex::new(Vec::new()),
         };
         this.recover().await?;
         Ok(this)
+    }
+
+    /// Records a credential this process serves (its own server or client certificate), issued by the key whose
+    /// SubjectPublicKeyInfo is `issuer_spki` and valid until `not_after`: the issuer is not retired while it is in
+    /// use, since relying parties that drop the issuer would stop trusting the process.
+    pub fn hold_descendant(&self, issuer_spki: &[u8], not_after: OffsetDateTime, what: &str) {
+        self.holds.lock().unwrap_or_else(|p| p.into_inner()).push((
+            issuer_spki.to_vec(),
+            unix(not_after),
+            what.to_string(),
+        ));
     }
 
     /// The live bundle.
@@ -918,6 +932,21 @@ impl Authorities {
                 ),
             });
         }
+        let held = self
+            .holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(spki, until, _)| Some(spki) == rec.public_key.as_ref() && *until > unix(now))
+            .map(|(_, until, what)| (*until, what.clone()));
+        if let Some((until, what)) = held {
+            return Err(RotationError::Precondition(format!(
+                "{} still has a valid descendant in use here: {what} (valid until {}); restart signet serve so it \
+                 is re-issued by the active root, then retire",
+                rec.label,
+                at(until)
+            )));
+        }
         rec.state = AuthorityState::Retired;
         rec.retired_at = Some(unix(now));
         let mut tx = self.begin("retire", &rec.label, kind.name()).await?;
@@ -1035,7 +1064,11 @@ impl Authorities {
                     Ok(_) => self.publish(kind).await.map(|l| ("prepare+publish", l)),
                     Err(e) => Err(e),
                 },
-                Some(AuthorityState::Prepared) => self.publish(kind).await.map(|l| ("publish", l)),
+                // A prepare+publish the schedule started and a stop interrupted; one prepared by hand waits for its
+                // operator until the schedule would have published anyway.
+                Some(AuthorityState::Prepared) if age >= s.prepare_at * life => {
+                    self.publish(kind).await.map(|l| ("publish", l))
+                }
                 Some(AuthorityState::Published) if age >= s.activate_at * life => {
                     self.activate(kind).await.map(|l| ("activate", l))
                 }

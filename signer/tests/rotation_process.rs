@@ -10,6 +10,7 @@
 //!   keys the authorities name.
 //!
 //! Needs the `crash-points` feature (`cargo test -p signet --features crash-points --test rotation_process`).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::io::{BufRead as _, BufReader};
 use std::path::PathBuf;
@@ -330,11 +331,21 @@ fn wait_for(rig: &Rig, marker: &str) {
     }
 }
 
+/// A step of the crash matrix: (step, CLI arguments, the label it moves, the state it leads to, the crash points,
+/// the clock offset it runs at).
+type Case = (
+    &'static str,
+    Vec<&'static str>,
+    &'static str,
+    &'static str,
+    &'static [&'static str],
+    i64,
+);
+
 #[test]
 fn killed_before_and_after_each_journal_write_restarts_consistent() {
-    // (step, CLI arguments, the label it moves, the state it leads to, the crash points, clock offset first)
     let day = 86_400;
-    let steps: [(&str, Vec<&str>, &str, &str, &[&str], i64); 5] = [
+    let steps: [Case; 5] = [
         (
             "prepare",
             vec!["rotate", "prepare"],

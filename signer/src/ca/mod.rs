@@ -734,7 +734,7 @@ impl Authorities {
 
     async fn finish_prepare(
         &self,
-        records: &mut Vec<AuthorityRecord>,
+        records: &mut [AuthorityRecord],
         mut rec: AuthorityRecord,
         spki: Vec<u8>,
     ) -> Result<(), RotationError> {

@@ -1,10 +1,15 @@
 //! `signet serve`: brings the appliance up from a [`Config`] and runs it until it is told to stop.
 //!
-//! Start-up, in order: the data directory; the tokens (the configured ones, or the embedded token provisioned in
-//! the data directory through the [`EmbeddedToken`] seam); the root and JWT keys on the token (generated when
+//! Start-up, in order: the data directory and its datastore ([`crate::store`], `state.db`), which says which keys
+//! are the active root and JWT key after a rotation; the tokens (the configured ones, or the embedded token
+//! provisioned in the data directory through the [`EmbeddedToken`] seam); the root and JWT keys on the token (generated when
 //! missing); the signing pipeline; the root certificate (`root.pem`, self-signed through the pipeline on the first
 //! start, reused after); the server's and the admin's X509-SVIDs (issued by the root, re-issued when less than half
-//! their life is left); the bundle; the KeyManager keys; the audit log. Then the gRPC server (mTLS) with the four
+//! their life is left, or issued by another root than the active one); the authorities' life cycle
+//! ([`crate::ca::Authorities`], which adopts the first root and JWT key into a fresh datastore and finishes any
+//! rotation step a crash interrupted) and the bundle it keeps; the KeyManager keys; the audit log. Background tasks
+//! swap the issuers when a rotation activates a new root or key, keep `bundle.pem` in step, and run the rotation
+//! schedule. Then the gRPC server (mTLS) with the four
 //! APIs, gRPC health (NOT_SERVING while no token can sign) and reflection, and the Prometheus endpoint.
 //!
 //! [`Appliance::shutdown`] stops accepting connections, ends the subscription streams, lets requests in flight

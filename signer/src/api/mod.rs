@@ -5,7 +5,7 @@
 //! - [`upstream`]: SPIRE's `UpstreamAuthority` v1 (`MintX509CAAndSubscribe`, `PublishJWTKeyAndSubscribe`,
 //!   `SubscribeToLocalBundle`);
 //! - [`keymanager`]: SPIRE's `KeyManager` v1, keys on the token namespaced per calling SPIRE server;
-//! - [`issuer`]: signet's `Issuer` (batch X509-SVIDs, JWT-SVIDs, the bundle) and `Admin` (status);
+//! - [`issuer`]: signet's `Issuer` (batch X509-SVIDs, JWT-SVIDs, the bundle) and `Admin` (status, rotation);
 //! - [`bundle`]: the live bundle the streams follow;
 //! - [`tls`]: the server's rustls configuration and the client-certificate check.
 //!

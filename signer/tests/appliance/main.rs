@@ -15,5 +15,6 @@ mod figures;
 mod issuer;
 mod keymanager;
 mod ops;
+mod rotation;
 mod security;
 mod upstream;

@@ -492,7 +492,22 @@ async fn a_restart_keeps_the_rotation_state() {
     let Some(rig) = rig().await else { return };
     rig.auth.prepare(K::X509).await.unwrap();
     rig.auth.publish(K::X509).await.unwrap();
+    // A JWT key a SPIRE server published is kept too.
+    let spire_key = signet::api::bundle::JwtKey {
+        kid: "spire-a".into(),
+        spki: rcgen::PublicKeyData::subject_public_key_info(&rcgen::KeyPair::generate().unwrap()),
+        expires_at: 0,
+        tainted: false,
+    };
+    assert!(
+        rig.auth
+            .bundle()
+            .publish_jwt_key(spire_key.clone())
+            .unwrap()
+    );
+    rig.auth.keep_published_jwt_keys().await.unwrap();
     let before = rig.auth.bundle().current();
+    assert!(before.jwt_keys.contains(&spire_key));
     let list = rig.auth.list().await;
     let dir = rig._dir.path().to_path_buf();
     rig.auth.store().close().await;

@@ -3,7 +3,8 @@
 //! `MintX509CAAndSubscribe` signs the SPIRE server's intermediate with the root (through the pipeline, on the CPU
 //! pool), answers with the chain and the roots, then keeps the stream open and pushes the roots (without a chain)
 //! whenever they change. `PublishJWTKeyAndSubscribe` adds the server's JWT key to the bundle and streams the JWT
-//! keys; `SubscribeToLocalBundle` streams both. The streams end only when the client goes away or the appliance shuts
+//! keys (and keeps them in the datastore, when there is one, so a restart still publishes them);
+//! `SubscribeToLocalBundle` streams both. The streams end only when the client goes away or the appliance shuts
 //! down; nothing transient ends them.
 
 use std::pin::Pin;
@@ -220,6 +221,7 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
             expires_at: key.expires_at,
             tainted: key.tainted,
         });
+        let changed = matches!(published, Ok(true));
         if let Err(e) = published {
             let s = match e {
                 super::bundle::PublishError::KidConflict(_) => {
@@ -228,6 +230,12 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
                 _ => Status::invalid_argument(e.to_string()),
             };
             return Err(st.refuse(&caller, s, subject()).await);
+        }
+        // Kept in the datastore too, so a restart still publishes it.
+        if let Some(a) = st.authorities.as_ref().filter(|_| changed)
+            && let Err(e) = a.keep_published_jwt_keys().await
+        {
+            tracing::warn!(error = %e, "cannot store the published JWT keys; they last until a restart");
         }
         let mut r = caller.record(Outcome::Published);
         r.key_id = Some(key.key_id.clone());

@@ -362,7 +362,21 @@ impl Authorities {
             sequence = tx.bump_sequence(&tds, floor).await?;
             tx.commit().await?;
         }
-        let snapshot = Self::snapshot_of(&records, sequence);
+        let mut snapshot = Self::snapshot_of(&records, sequence);
+        let now_unix = unix(now);
+        snapshot.jwt_keys.extend(
+            store
+                .published_jwt_keys(&tds)
+                .await?
+                .into_iter()
+                .filter(|k| k.expires_at == 0 || k.expires_at > now_unix)
+                .map(|k| JwtKey {
+                    kid: k.kid,
+                    spki: k.public_key,
+                    expires_at: k.expires_at,
+                    tainted: k.tainted,
+                }),
+        );
         let bundle = TrustBundle::from_snapshot(snapshot);
         let set = Self::active_of(&td, keyring.clone(), &records).await?;
         let (active, _) = watch::channel(Arc::new(set));
@@ -390,6 +404,37 @@ impl Authorities {
             unix(not_after),
             what.to_string(),
         ));
+    }
+
+    /// Stores the JWT keys of the live bundle that SPIRE servers published (those no authority row names), with the
+    /// bundle's current sequence number, so that a restart still publishes them. Expired keys are dropped.
+    pub async fn keep_published_jwt_keys(&self) -> Result<(), RotationError> {
+        let records = self.records.lock().await;
+        let current = self.bundle.current();
+        let tds = self.td.to_string();
+        let mut tx = self.store.begin().await?;
+        tx.expire_published_jwt_keys(&tds, unix(self.clock.now()))
+            .await?;
+        for k in current.jwt_keys.iter().filter(|k| {
+            !records
+                .iter()
+                .any(|r| r.kid.as_deref() == Some(k.kid.as_str()))
+        }) {
+            tx.put_published_jwt_key(
+                &tds,
+                &crate::store::PublishedJwtKey {
+                    kid: k.kid.clone(),
+                    public_key: k.spki.clone(),
+                    expires_at: k.expires_at,
+                    tainted: k.tainted,
+                },
+            )
+            .await?;
+        }
+        // The stored sequence catches up with the live one (max(stored + 1, live)).
+        tx.bump_sequence(&tds, current.sequence).await?;
+        tx.commit().await?;
+        Ok(())
     }
 
     /// The live bundle.

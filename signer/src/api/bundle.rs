@@ -5,8 +5,8 @@
 //! every open `MintX509CAAndSubscribe`, `PublishJWTKeyAndSubscribe` and `SubscribeToLocalBundle` stream sees the
 //! change. The authorities' life cycle ([`crate::ca`]) commits each change to the datastore first and then hands the
 //! bundle the new version ([`TrustBundle::replace`]), so the sequence number survives restarts. Keys published by
-//! SPIRE servers are still kept in memory only (SPIRE republishes its key when its stream is reopened, so a restart
-//! heals once SPIRE reconnects).
+//! SPIRE servers change the live bundle first and are then stored
+//! ([`crate::ca::Authorities::keep_published_jwt_keys`]), so a restart still publishes them.
 
 use std::sync::Arc;
 

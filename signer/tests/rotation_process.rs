@@ -17,8 +17,22 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+/// A private copy of the built binary, taken once: a test that restarts the server many times must not pick up a
+/// binary rebuilt meanwhile by another build sharing the target directory.
+fn binary() -> &'static std::path::Path {
+    static COPY: std::sync::OnceLock<(tempfile::TempDir, PathBuf)> = std::sync::OnceLock::new();
+    &COPY
+        .get_or_init(|| {
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("signet");
+            std::fs::copy(env!("CARGO_BIN_EXE_signet"), &path).unwrap();
+            (dir, path)
+        })
+        .1
+}
+
 fn signet() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_signet"));
+    let mut c = Command::new(binary());
     c.env_remove("SOFTHSM2_CONF")
         .env_remove("SIGNET_CONFIG")
         .env_remove("SIGNET_DATA_DIR")

@@ -668,8 +668,24 @@ impl Authorities {
                         Some(k) => Ok(k),
                         None => Ok(kr.generate(&label, key_type)?),
                     })
-                    .await?;
-                self.finish_prepare(&mut records, r, spki).await?;
+                    .await;
+                match spki {
+                    Ok(spki) => self.finish_prepare(&mut records, r, spki).await?,
+                    Err(e) => {
+                        // The token refuses now: the step is abandoned as a refused prepare would be, so that the
+                        // appliance still starts; the operator prepares again later.
+                        tracing::error!(label = r.label, error = %e, "the interrupted prepare cannot be finished; abandoned");
+                        // Nothing of the step may stay on the token (if this fails too, `orphans` reports it).
+                        let l = r.label.clone();
+                        let _ = self.blocking(move |kr| Ok(kr.destroy(&l)?)).await;
+                        let mut tx = self
+                            .begin("prepare-abandoned", &r.label, &e.to_string())
+                            .await?;
+                        tx.delete_authority(&r.label).await?;
+                        tx.commit().await?;
+                        records.retain(|x| x.label != r.label);
+                    }
+                }
             } else {
                 tracing::warn!(
                     label = r.label,

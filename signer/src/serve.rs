@@ -1041,6 +1041,13 @@ fn rotation_policy(cfg: &Config, single_token: bool) -> RotationPolicy {
         .max(cfg.server.service_svid_ttl.0);
     p.max_jwt_issued_ttl = cfg.authority.jwt.max_ttl.0;
     // A new key is generated on one token; with several tokens sharing the load it must be made on each first.
+    if !single_token {
+        p.cannot_prepare = Some(
+            "the X.509 authority signs with several tokens: rotating across several tokens is not supported yet (a \
+             new key would be on one token only)"
+                .into(),
+        );
+    }
     p.schedule = (r.schedule && single_token).then_some(Schedule {
         prepare_at: r.prepare_at,
         activate_at: r.activate_at,

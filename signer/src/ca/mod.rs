@@ -130,6 +130,9 @@ pub struct RotationPolicy {
     pub max_jwt_issued_ttl: Duration,
     /// The automatic schedule; `None`: by hand only.
     pub schedule: Option<Schedule>,
+    /// Why new keys cannot be prepared here, if they cannot (e.g. the authority signs with several tokens and a
+    /// new key would exist on one of them only).
+    pub cannot_prepare: Option<String>,
 }
 
 impl RotationPolicy {
@@ -147,6 +150,7 @@ impl RotationPolicy {
             max_x509_issued_ttl: Duration::from_secs(24 * 3600),
             max_jwt_issued_ttl: Duration::from_secs(24 * 3600),
             schedule: Some(Schedule::default()),
+            cannot_prepare: None,
         }
     }
 
@@ -714,6 +718,9 @@ impl Authorities {
 
     /// Prepare: a new key on the token and (X.509) its root and cross-certificates. Returns the new label.
     pub async fn prepare(&self, kind: AuthorityKind) -> Result<String, RotationError> {
+        if let Some(why) = &self.policy.cannot_prepare {
+            return Err(RotationError::Precondition(why.clone()));
+        }
         let mut records = self.records.lock().await;
         if let Some(r) = Self::in_progress(&records, kind) {
             return Err(RotationError::Precondition(format!(

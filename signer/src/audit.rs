@@ -32,6 +32,8 @@ pub enum Outcome {
     Refused,
     /// Failed while issuing (token, pipeline, lint): nothing was handed out.
     Failed,
+    /// A rotation step was committed (the step is in `reason`, the authority's label in `key_id`).
+    Rotated,
 }
 
 /// One audit line.

@@ -409,6 +409,62 @@ pub struct AuthoritySettings {
     /// The JWT authority.
     #[serde(default)]
     pub jwt: JwtSettings,
+    /// Rotation of the root and the JWT key.
+    #[serde(default)]
+    pub rotation: RotationSettings,
+}
+
+/// `[authority.rotation]`: when the root and the JWT key rotate on their own (like SPIRE: prepare and publish the
+/// successor at half the active one's life, activate it at ~83 %), and how long a published key waits before it
+/// signs.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotationSettings {
+    /// Rotate on the schedule; false: by hand only (`signet rotate`).
+    #[serde(default = "default_true")]
+    pub schedule: bool,
+    /// Fraction of the active authority's life at which its successor is prepared and published.
+    #[serde(default = "default_prepare_at")]
+    pub prepare_at: f64,
+    /// Fraction of the active authority's life at which its successor is activated.
+    #[serde(default = "default_activate_at")]
+    pub activate_at: f64,
+    /// Least time between publishing and activating (3–5 × the bundle's refresh hint of 5 minutes).
+    #[serde(default = "default_publish_lead")]
+    pub publish_lead: ConfigDuration,
+    /// How often the schedule is checked.
+    #[serde(default = "default_check_every")]
+    pub check_every: ConfigDuration,
+}
+
+fn default_true() -> bool {
+    true
+}
+fn default_prepare_at() -> f64 {
+    0.5
+}
+fn default_activate_at() -> f64 {
+    0.83
+}
+fn default_publish_lead() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(
+        crate::ca::PUBLISH_LEAD_HINTS * crate::api::bundle::REFRESH_HINT_SECS,
+    ))
+}
+fn default_check_every() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(60))
+}
+
+impl Default for RotationSettings {
+    fn default() -> Self {
+        Self {
+            schedule: true,
+            prepare_at: default_prepare_at(),
+            activate_at: default_activate_at(),
+            publish_lead: default_publish_lead(),
+            check_every: default_check_every(),
+        }
+    }
 }
 
 /// `[key_manager]`: the keys SPIRE servers keep on signet's token.
@@ -537,6 +593,10 @@ pub struct Config {
     /// Where generated state lives (root certificate, service credentials, the embedded token, the audit log).
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// The datastore (authorities, their rotation, the bundle's sequence): `sqlite://PATH`, relative to the data
+    /// directory.
+    #[serde(default = "default_datastore")]
+    pub datastore: String,
     /// `[server]`.
     #[serde(default)]
     pub server: ServerSettings,
@@ -559,6 +619,10 @@ pub struct Config {
 
 fn default_data_dir() -> PathBuf {
     PathBuf::from("signet-data")
+}
+
+fn default_datastore() -> String {
+    "sqlite://state.db".into()
 }
 
 /// The SPIFFE ID path of the appliance's own server certificate.
@@ -590,6 +654,7 @@ impl Config {
         Config {
             trust_domain: td.into(),
             data_dir: default_data_dir(),
+            datastore: default_datastore(),
             server: ServerSettings::default(),
             tokens: Vec::new(),
             authority: AuthoritySettings::default(),
@@ -629,6 +694,26 @@ impl Config {
     /// Checks what the types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.trust_domain()?;
+        let r = &self.authority.rotation;
+        if !(r.prepare_at > 0.0 && r.prepare_at < r.activate_at && r.activate_at < 1.0) {
+            return Err(ConfigError::Invalid(format!(
+                "authority.rotation: need 0 < prepare_at ({}) < activate_at ({}) < 1",
+                r.prepare_at, r.activate_at
+            )));
+        }
+        let hint = crate::api::bundle::REFRESH_HINT_SECS;
+        if r.publish_lead.0.as_secs() < 3 * hint {
+            return Err(ConfigError::Invalid(format!(
+                "authority.rotation.publish_lead must be at least 3 refresh hints ({} s): relying parties must have \
+                 fetched a new key before it signs",
+                3 * hint
+            )));
+        }
+        if r.check_every.0.is_zero() {
+            return Err(ConfigError::Invalid(
+                "authority.rotation.check_every must be positive".into(),
+            ));
+        }
         let mut names = std::collections::HashSet::new();
         for t in &self.tokens {
             if !names.insert(t.name.as_str()) {

@@ -10,6 +10,8 @@
 //! - [`keys_token`]: [`keys_token::TokenKey`], a token-backed [`keys::AuthorityKey`] for direct, non-pipelined use;
 //! - [`pipeline`]: the batching signer (queue -> HSM workers -> replies), the CPU pool, [`pipeline::PipelineKey`]
 //!   and X509-SVID issuance in direct and delegated mode;
+//! - [`store`]: the datastore (sqlx; SQLite in the data directory), and [`ca`]: the authorities' life cycle on it
+//!   (prepare, publish, activate, retire, taint, destroy; crash-safe; on a schedule or by hand);
 //! - [`config`], [`policy`], [`audit`], [`api`] and [`serve`]: the appliance itself (`signet serve`): its
 //!   configuration, who may do what, the audit log, the gRPC services (SPIRE UpstreamAuthority and KeyManager,
 //!   signet Issuer and Admin) with mTLS, and start-up / shutdown;
@@ -18,6 +20,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod ca;
 pub mod config;
 pub mod jwt;
 pub mod keys;
@@ -29,4 +32,5 @@ pub mod policy;
 pub mod serve;
 pub mod spiffe;
 pub mod spki;
+pub mod store;
 pub mod x509;

@@ -1,10 +1,15 @@
 //! `signet serve`: brings the appliance up from a [`Config`] and runs it until it is told to stop.
 //!
-//! Start-up, in order: the data directory; the tokens (the configured ones, or the embedded token provisioned in
-//! the data directory through the [`EmbeddedToken`] seam); the root and JWT keys on the token (generated when
+//! Start-up, in order: the data directory and its datastore ([`crate::store`], `state.db`), which says which keys
+//! are the active root and JWT key after a rotation; the tokens (the configured ones, or the embedded token
+//! provisioned in the data directory through the [`EmbeddedToken`] seam); the root and JWT keys on the token (generated when
 //! missing); the signing pipeline; the root certificate (`root.pem`, self-signed through the pipeline on the first
 //! start, reused after); the server's and the admin's X509-SVIDs (issued by the root, re-issued when less than half
-//! their life is left); the bundle; the KeyManager keys; the audit log. Then the gRPC server (mTLS) with the four
+//! their life is left, or issued by another root than the active one); the authorities' life cycle
+//! ([`crate::ca::Authorities`], which adopts the first root and JWT key into a fresh datastore and finishes any
+//! rotation step a crash interrupted) and the bundle it keeps; the KeyManager keys; the audit log. Background tasks
+//! swap the issuers when a rotation activates a new root or key, keep `bundle.pem` in step, and run the rotation
+//! schedule. Then the gRPC server (mTLS) with the four
 //! APIs, gRPC health (NOT_SERVING while no token can sign) and reflection, and the Prometheus endpoint.
 //!
 //! [`Appliance::shutdown`] stops accepting connections, ends the subscription streams, lets requests in flight
@@ -23,12 +28,16 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::api::bundle::{JwtKey, TrustBundle};
+use crate::api::bundle::TrustBundle;
 use crate::api::issuer::{AdminService, IssuerService};
 use crate::api::keymanager::{KeyManagerService, KeyStore};
 use crate::api::upstream::UpstreamAuthorityService;
-use crate::api::{AppState, tls};
+use crate::api::{AppState, Signers, tls};
 use crate::audit::AuditLog;
+use crate::ca::{
+    ActiveSet, Authorities, AuthorityKind, AuthorityState, Initial, RotationPolicy, Schedule,
+    TokenKeyring,
+};
 use crate::config::{
     ADMIN_ID_PATH, Config, ConfigError, ModeSetting, PinConfig, SERVER_ID_PATH, TokenSettings,
 };
@@ -37,6 +46,7 @@ use crate::keys::AuthorityKey;
 use crate::pipeline::{DelegatedConfig, Pipeline, SigningMode, TokenMember, X509SvidIssuer};
 use crate::policy::Policy;
 use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::store::Store;
 use crate::x509::{Authority, LeafRequest, RootRequest};
 
 /// Why the appliance did not start (or stopped badly).
@@ -148,6 +158,8 @@ impl EmbeddedToken for HsmSimEmbedded {
         std::fs::create_dir_all(&dir).map_err(io("creating the token directory"))?;
         let config = hsm_sim::Config {
             dir: Some(dir.clone()),
+            // Fault injection for drills and tests (the simulator's control file; see hsm-sim.example.toml).
+            control_file: std::env::var_os("HSM_SIM_CONTROL").map(PathBuf::from),
             ..hsm_sim::Config::default()
         };
         // The first configuration of the process stays; a second appliance in one process shares the device.
@@ -421,12 +433,13 @@ fn reuse_svid(
 struct Bootstrapped {
     td: TrustDomain,
     paths: DataPaths,
+    root_label: String,
+    jwt_label: String,
+    authority_token: (String, Token),
+    single: bool,
     pipeline: Pipeline,
     km_pipeline: Option<Pipeline>,
-    root: Arc<Authority>,
     root_der: Vec<u8>,
-    root_key: Arc<dyn AuthorityKey>,
-    jwt: Arc<JwtIssuer>,
     server: (Vec<Vec<u8>>, Vec<u8>),
     keys: KeyStore,
     audit: AuditLog,
@@ -434,13 +447,22 @@ struct Bootstrapped {
     token_sessions: Vec<(String, u32)>,
 }
 
-fn bootstrap(cfg: &Config, embedded: &dyn EmbeddedToken) -> Result<Bootstrapped, ServeError> {
+/// What the datastore says signs now (from an earlier start), if anything.
+#[derive(Debug, Default)]
+struct Prior {
+    /// The active root's label and certificate.
+    x509: Option<(String, Vec<u8>)>,
+    /// The active JWT key's label.
+    jwt: Option<String>,
+}
+
+fn bootstrap(
+    cfg: &Config,
+    embedded: &dyn EmbeddedToken,
+    dir: PathBuf,
+    prior: Prior,
+) -> Result<Bootstrapped, ServeError> {
     let td = cfg.trust_domain()?;
-    std::fs::create_dir_all(&cfg.data_dir).map_err(io(format!(
-        "creating the data directory {}",
-        cfg.data_dir.display()
-    )))?;
-    let dir = std::fs::canonicalize(&cfg.data_dir).map_err(io("resolving the data directory"))?;
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt as _;
@@ -486,20 +508,26 @@ fn bootstrap(cfg: &Config, embedded: &dyn EmbeddedToken) -> Result<Bootstrapped,
     let single = members.len() == 1;
     let x = &cfg.authority.x509;
     let j = &cfg.authority.jwt;
+    // After a rotation the active keys are the datastore's, not the configured labels (which name generation 1).
+    let root_label = prior
+        .x509
+        .as_ref()
+        .map_or_else(|| x.key_label.clone(), |p| p.0.clone());
+    let jwt_label = prior.jwt.clone().unwrap_or_else(|| j.key_label.clone());
     for (s, t) in &members {
         ensure_key(
             t,
             &s.name,
-            &x.key_label,
+            &root_label,
             x.key_type.token_key_type(),
-            single,
+            single && prior.x509.is_none(),
         )?;
         ensure_key(
             t,
             &s.name,
-            &j.key_label,
+            &jwt_label,
             j.key_type.token_key_type(),
-            single,
+            single && prior.jwt.is_none(),
         )?;
     }
     // KeyManager keys: on the configured token (the first by default); they share the authority's pipeline when it
@@ -528,15 +556,31 @@ fn bootstrap(cfg: &Config, embedded: &dyn EmbeddedToken) -> Result<Bootstrapped,
     let started = (|| {
         let root_key: Arc<dyn AuthorityKey> = Arc::new(
             pipeline
-                .key(&x.key_label)
+                .key(&root_label)
                 .map_err(|e| ServeError::Authority(e.to_string()))?,
         );
         let jwt_key: Arc<dyn AuthorityKey> = Arc::new(
             pipeline
-                .key(&j.key_label)
+                .key(&jwt_label)
                 .map_err(|e| ServeError::Authority(e.to_string()))?,
         );
-        let root_der = load_root(&paths, root_key.clone(), &td, x.root_ttl.0)?;
+        let root_der = match &prior.x509 {
+            Some((label, cert)) => {
+                let (_, c) = x509_parser::parse_x509_certificate(cert)
+                    .map_err(|e| ServeError::Authority(format!("the datastore's root: {e}")))?;
+                if c.public_key().raw != root_key.spki_der() {
+                    return Err(ServeError::Authority(format!(
+                        "the key {label:?} on the token is not the datastore's active root's key"
+                    )));
+                }
+                write_public(
+                    &paths.root,
+                    pem_certs(std::slice::from_ref(cert)).as_bytes(),
+                )?;
+                cert.clone()
+            }
+            None => load_root(&paths, root_key.clone(), &td, x.root_ttl.0)?,
+        };
         let root = Arc::new(
             Authority::new(
                 root_der.clone(),
@@ -578,9 +622,11 @@ fn bootstrap(cfg: &Config, embedded: &dyn EmbeddedToken) -> Result<Bootstrapped,
             &paths.bundle,
             pem_certs(std::slice::from_ref(&root_der)).as_bytes(),
         )?;
-        Ok::<_, ServeError>((root_key, root_der, root, jwt, server))
+        // The JWT key was checked by building its issuer; the running issuers come from the datastore's active set.
+        drop(jwt);
+        Ok::<_, ServeError>((root_der, server))
     })();
-    let (root_key, root_der, root, jwt, server) = match started {
+    let (root_der, server) = match started {
         Ok(v) => v,
         Err(e) => {
             pipeline.shutdown();
@@ -621,12 +667,13 @@ fn bootstrap(cfg: &Config, embedded: &dyn EmbeddedToken) -> Result<Bootstrapped,
     Ok(Bootstrapped {
         td,
         paths,
+        root_label,
+        jwt_label,
+        authority_token: (first_settings.name.clone(), members[0].1.clone()),
+        single,
         pipeline,
         km_pipeline,
-        root,
         root_der,
-        root_key,
-        jwt,
         server,
         keys,
         audit,
@@ -688,11 +735,23 @@ impl Appliance {
             _ => None,
         };
 
-        let cfg2 = cfg.clone();
-        let boot = tokio::task::spawn_blocking(move || bootstrap(&cfg2, embedded.as_ref()))
+        let td = cfg.trust_domain()?;
+        std::fs::create_dir_all(&cfg.data_dir).map_err(io(format!(
+            "creating the data directory {}",
+            cfg.data_dir.display()
+        )))?;
+        let dir =
+            std::fs::canonicalize(&cfg.data_dir).map_err(io("resolving the data directory"))?;
+        let store = Store::open(&cfg.datastore, &dir)
             .await
-            .map_err(|e| ServeError::Server(format!("start-up task failed: {e}")))
-            .and_then(|r| r);
+            .map_err(|e| ServeError::Authority(e.to_string()))?;
+        let prior = prior_of(&store, &td).await?;
+        let cfg2 = cfg.clone();
+        let boot =
+            tokio::task::spawn_blocking(move || bootstrap(&cfg2, embedded.as_ref(), dir, prior))
+                .await
+                .map_err(|e| ServeError::Server(format!("start-up task failed: {e}")))
+                .and_then(|r| r);
         let boot = match boot {
             Ok(b) => b,
             Err(e) => {
@@ -709,42 +768,62 @@ impl Appliance {
                 ..DelegatedConfig::default()
             }),
         };
-        let issuer_authority = Authority::new(
-            boot.root_der.clone(),
-            boot.root_key.clone(),
-            boot.td.clone(),
-            Vec::new(),
-            Vec::new(),
-        )
-        .map_err(|e| ServeError::Authority(e.to_string()))?;
-        let x509 = match X509SvidIssuer::start(issuer_authority, mode, boot.pipeline.cpu().clone())
-            .await
-        {
-            Ok(x) => x,
+        let stop_pipeline = |p: Pipeline| async move {
+            let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
+        };
+        let authorities = match open_authorities(&cfg, &boot, store).await {
+            Ok(a) => Arc::new(a),
             Err(e) => {
-                let p = boot.pipeline.clone();
-                let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
-                return Err(ServeError::Authority(format!("X.509 issuer: {e}")));
+                stop_pipeline(boot.pipeline.clone()).await;
+                return Err(e);
             }
         };
-        let jwt_authority = boot
-            .jwt
-            .authority()
-            .map_err(|e| ServeError::Authority(e.to_string()))?;
-        let bundle = TrustBundle::new(
-            vec![boot.root_der.clone()],
-            vec![JwtKey {
-                kid: jwt_authority.kid().to_string(),
-                spki: jwt_authority.spki_der().to_vec(),
-                expires_at: 0,
-                tainted: false,
-            }],
-        );
+        // signet's own credentials were issued by the active root at start: it stays in the bundle while they are
+        // in use.
+        {
+            let issuer = authorities.active().x509.key().spki_der().to_vec();
+            for (what, path) in [
+                ("signet's server certificate", &boot.paths.server_cert),
+                ("signet's admin certificate", &boot.paths.admin_cert),
+            ] {
+                if let Some(not_after) = std::fs::read(path)
+                    .ok()
+                    .and_then(|t| pem::parse(t).ok())
+                    .and_then(|p| {
+                        x509_parser::parse_x509_certificate(p.contents())
+                            .ok()
+                            .map(|(_, c)| c.validity().not_after.to_datetime())
+                    })
+                {
+                    authorities.hold_descendant(&issuer, not_after, what);
+                }
+            }
+        }
+        let signers = match signers_of(
+            &authorities.active(),
+            &boot.td,
+            mode.clone(),
+            &boot.pipeline,
+            cfg.authority.jwt.max_ttl.0,
+        )
+        .await
+        {
+            Ok(s) => s,
+            Err(e) => {
+                stop_pipeline(boot.pipeline.clone()).await;
+                return Err(e);
+            }
+        };
+        let bundle = authorities.bundle().clone();
+        write_public(
+            &boot.paths.bundle,
+            pem_certs(&bundle.current().x509_roots).as_bytes(),
+        )?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let tls_cfg = tls::server_config(
             boot.server.0.clone(),
             boot.server.1.clone(),
-            std::slice::from_ref(&boot.root_der),
+            &bundle.current().x509_roots,
         )
         .map_err(ServeError::Server)?;
         let state = Arc::new(
@@ -752,9 +831,7 @@ impl Appliance {
                 boot.td.clone(),
                 policy,
                 boot.audit.clone(),
-                boot.root.clone(),
-                x509,
-                boot.jwt.clone(),
+                signers,
                 boot.pipeline.clone(),
                 bundle,
                 boot.keys,
@@ -762,8 +839,29 @@ impl Appliance {
                 cfg.pipeline.default_timeout.0,
                 shutdown_rx.clone(),
             )
-            .with_token_sessions(boot.token_sessions.clone()),
+            .with_token_sessions(boot.token_sessions.clone())
+            .with_authorities(authorities.clone()),
         );
+        background.push(tokio::spawn(follow_authorities(
+            state.clone(),
+            authorities.clone(),
+            mode,
+            cfg.authority.jwt.max_ttl.0,
+            boot.paths.bundle.clone(),
+            shutdown_rx.clone(),
+        )));
+        if let Some(every) = cfg
+            .authority
+            .rotation
+            .schedule
+            .then_some(cfg.authority.rotation.check_every.0)
+        {
+            background.push(tokio::spawn(rotation_schedule(
+                authorities.clone(),
+                every,
+                shutdown_rx.clone(),
+            )));
+        }
 
         let listener = TcpListener::bind(cfg.server.listen)
             .await
@@ -900,6 +998,191 @@ impl Appliance {
                 tracing::warn!(grace = ?self.grace, "requests still in flight after the grace period were cut");
                 Ok(())
             }
+        }
+    }
+}
+
+/// The active authorities an earlier start left in the datastore.
+async fn prior_of(store: &Store, td: &TrustDomain) -> Result<Prior, ServeError> {
+    let rows = store
+        .authorities(&td.to_string())
+        .await
+        .map_err(|e| ServeError::Authority(e.to_string()))?;
+    let active = |k: AuthorityKind| {
+        rows.iter()
+            .find(|r| r.kind == k && r.state == AuthorityState::Active)
+    };
+    Ok(Prior {
+        x509: active(AuthorityKind::X509)
+            .and_then(|r| Some((r.label.clone(), r.certificate.clone()?))),
+        jwt: active(AuthorityKind::Jwt).map(|r| r.label.clone()),
+    })
+}
+
+/// The rotation policy the configuration describes.
+fn rotation_policy(cfg: &Config, single_token: bool) -> RotationPolicy {
+    let x = &cfg.authority.x509;
+    let r = &cfg.authority.rotation;
+    let mut p = RotationPolicy::new(x.key_label.clone(), cfg.authority.jwt.key_label.clone());
+    p.x509_key_type = x.key_type.token_key_type();
+    p.jwt_key_type = cfg.authority.jwt.key_type.token_key_type();
+    p.root_ttl = x.root_ttl.0;
+    p.publish_lead = r.publish_lead.0;
+    // The longest life of anything a root signs: SPIRE CAs and X509-SVIDs (capped by the policy's max_ttl),
+    // issuing intermediates, and signet's own credentials.
+    let policy_max = cfg
+        .policy
+        .iter()
+        .filter_map(|p| p.max_ttl.map(|t| t.0))
+        .max()
+        .unwrap_or(Duration::from_secs(24 * 3600));
+    p.max_x509_issued_ttl = policy_max
+        .max(x.intermediate_ttl.0)
+        .max(cfg.server.service_svid_ttl.0);
+    p.max_jwt_issued_ttl = cfg.authority.jwt.max_ttl.0;
+    // A new key is generated on one token; with several tokens sharing the load it must be made on each first.
+    if !single_token {
+        p.cannot_prepare = Some(
+            "the X.509 authority signs with several tokens: rotating across several tokens is not supported yet (a \
+             new key would be on one token only)"
+                .into(),
+        );
+    }
+    p.schedule = (r.schedule && single_token).then_some(Schedule {
+        prepare_at: r.prepare_at,
+        activate_at: r.activate_at,
+    });
+    p
+}
+
+async fn open_authorities(
+    cfg: &Config,
+    boot: &Bootstrapped,
+    store: Store,
+) -> Result<Authorities, ServeError> {
+    let keyring = Arc::new(TokenKeyring::new(
+        boot.authority_token.0.clone(),
+        boot.authority_token.1.clone(),
+        Some(boot.pipeline.clone()),
+    ));
+    Authorities::open(
+        boot.td.clone(),
+        store,
+        keyring,
+        crate::ca::crash::clock(),
+        rotation_policy(cfg, boot.single),
+        Initial {
+            x509_label: boot.root_label.clone(),
+            x509_root: boot.root_der.clone(),
+            jwt_label: boot.jwt_label.clone(),
+        },
+    )
+    .await
+    .map_err(|e| ServeError::Authority(format!("authorities: {e}")))
+}
+
+/// The issuers for `set`.
+async fn signers_of(
+    set: &ActiveSet,
+    td: &TrustDomain,
+    mode: SigningMode,
+    pipeline: &Pipeline,
+    jwt_max_ttl: Duration,
+) -> Result<Signers, ServeError> {
+    let a = &set.x509;
+    let authority = |a: &Authority| {
+        Authority::new(
+            a.cert_der().to_vec(),
+            a.key().clone(),
+            td.clone(),
+            a.chain(),
+            a.roots().to_vec(),
+        )
+        .map_err(|e| ServeError::Authority(e.to_string()))
+    };
+    let x509 = X509SvidIssuer::start(authority(a)?, mode, pipeline.cpu().clone())
+        .await
+        .map_err(|e| ServeError::Authority(format!("X.509 issuer: {e}")))?;
+    let (_, jwt_key) = set
+        .jwt
+        .clone()
+        .ok_or_else(|| ServeError::Authority("no active JWT key".into()))?;
+    let jwt = JwtIssuer::new(jwt_key, td.clone(), None, None, jwt_max_ttl)
+        .map_err(|e| ServeError::Authority(format!("JWT authority: {e}")))?;
+    Ok(Signers {
+        root: Arc::new(authority(a)?),
+        x509,
+        jwt: Arc::new(jwt),
+    })
+}
+
+/// Swaps the issuers in when a rotation step changes what signs, and keeps `bundle.pem` in step with the bundle.
+async fn follow_authorities(
+    state: Arc<AppState>,
+    authorities: Arc<Authorities>,
+    mode: SigningMode,
+    jwt_max_ttl: Duration,
+    bundle_pem: PathBuf,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut active = authorities.subscribe_active();
+    let mut bundle = authorities.bundle().subscribe();
+    active.borrow_and_update();
+    let mut roots = bundle.borrow_and_update().x509_roots.clone();
+    loop {
+        tokio::select! {
+            r = active.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                let set = active.borrow_and_update().clone();
+                match signers_of(&set, &state.trust_domain, mode.clone(), &state.pipeline, jwt_max_ttl).await {
+                    Ok(s) => {
+                        state.set_signers(s);
+                        tracing::info!("issuers switched to the active authorities");
+                    }
+                    Err(e) => tracing::error!(error = %e, "cannot switch the issuers to the new authorities"),
+                }
+            }
+            r = bundle.changed() => {
+                if r.is_err() {
+                    return;
+                }
+                let now = bundle.borrow_and_update().x509_roots.clone();
+                if now == roots {
+                    continue;
+                }
+                roots = now;
+                // Readers (the CLI, clients) never see a half-written file: write aside, then rename.
+                let aside = bundle_pem.with_extension("pem.new");
+                let written = write_public(&aside, pem_certs(&roots).as_bytes()).and_then(|()| {
+                    std::fs::rename(&aside, &bundle_pem).map_err(io("replacing bundle.pem"))
+                });
+                if let Err(e) = written {
+                    tracing::warn!(error = %e, "cannot update bundle.pem");
+                }
+            }
+            () = crate::api::until_shutdown(&mut shutdown) => return,
+        }
+    }
+}
+
+/// Runs the rotation schedule every `every`.
+async fn rotation_schedule(
+    authorities: Arc<Authorities>,
+    every: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {
+                for (step, label) in authorities.tick().await {
+                    tracing::info!(step, label, "scheduled rotation step");
+                }
+            }
+            () = crate::api::until_shutdown(&mut shutdown) => return,
         }
     }
 }

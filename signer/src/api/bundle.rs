@@ -3,8 +3,10 @@
 //!
 //! Whatever changes the bundle (root rotation, a SPIRE server publishing its JWT key) calls the methods here;
 //! every open `MintX509CAAndSubscribe`, `PublishJWTKeyAndSubscribe` and `SubscribeToLocalBundle` stream sees the
-//! change. Keys published by SPIRE servers are kept in memory only: they are lost on restart until the datastore
-//! holds them (SPIRE republishes its key when its stream is reopened, so a restart heals once SPIRE reconnects).
+//! change. The authorities' life cycle ([`crate::ca`]) commits each change to the datastore first and then hands the
+//! bundle the new version ([`TrustBundle::replace`]), so the sequence number survives restarts. Keys published by
+//! SPIRE servers change the live bundle first and are then stored
+//! ([`crate::ca::Authorities::keep_published_jwt_keys`]), so a restart still publishes them.
 
 use std::sync::Arc;
 
@@ -33,6 +35,8 @@ pub struct BundleSnapshot {
     pub sequence: u64,
     /// The X.509 roots (DER).
     pub x509_roots: Vec<Vec<u8>>,
+    /// Those of the roots that are tainted (DER): SPIRE moves off them at once.
+    pub x509_tainted: Vec<Vec<u8>>,
     /// The JWT keys.
     pub jwt_keys: Vec<JwtKey>,
 }
@@ -85,12 +89,31 @@ impl TrustBundle {
     /// keeps increasing across restarts while the bundle lives in memory only.
     pub fn new(x509_roots: Vec<Vec<u8>>, jwt_keys: Vec<JwtKey>) -> Self {
         let sequence = u64::try_from(OffsetDateTime::now_utc().unix_timestamp()).unwrap_or(1);
-        let (tx, _) = watch::channel(Arc::new(BundleSnapshot {
+        Self::from_snapshot(BundleSnapshot {
             sequence,
             x509_roots,
+            x509_tainted: Vec::new(),
             jwt_keys,
-        }));
+        })
+    }
+
+    /// A bundle starting at `snapshot` (as the datastore holds it).
+    pub fn from_snapshot(snapshot: BundleSnapshot) -> Self {
+        let (tx, _) = watch::channel(Arc::new(snapshot));
         Self { tx: Arc::new(tx) }
+    }
+
+    /// Replaces the bundle with `snapshot` (built from the datastore after a committed change) if its content or
+    /// sequence differs, and tells every subscriber. A snapshot older than the current one is ignored. Returns
+    /// whether the bundle changed.
+    pub fn replace(&self, snapshot: BundleSnapshot) -> bool {
+        self.tx.send_if_modified(|cur| {
+            if snapshot.sequence < cur.sequence || **cur == snapshot {
+                return false;
+            }
+            *cur = Arc::new(snapshot);
+            true
+        })
     }
 
     /// The current version.

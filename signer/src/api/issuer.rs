@@ -102,6 +102,7 @@ impl pb::issuer_server::Issuer for IssuerService {
             .await
             .map_err(|e| super::pipeline_status(&e))?;
         let deadline = caller.deadline;
+        let signers = st.signers();
         let mut pending = Vec::with_capacity(reqs.len());
         for (req, id) in reqs.into_iter().zip(ids) {
             let checked = (|| {
@@ -115,7 +116,7 @@ impl pb::issuer_server::Issuer for IssuerService {
             match checked {
                 Ok((id, ttl)) => {
                     // Queued now (all of the batch runs in parallel on the CPU pool); dropped if the caller goes.
-                    let task = st.x509.issue_x509_svid(req.csr, ttl, deadline);
+                    let task = signers.x509.issue_x509_svid(req.csr, ttl, deadline);
                     pending.push(Ok((id, task)));
                 }
                 Err(e) => pending.push(Err(e)),
@@ -203,7 +204,8 @@ impl pb::issuer_server::Issuer for IssuerService {
                     .await);
             }
         };
-        let jwt = st.jwt.clone();
+        let jwt = st.signers().jwt.clone();
+        let kid = jwt.kid().to_string();
         let deadline = caller.deadline;
         let audience = req.audience.clone();
         let now = time::OffsetDateTime::now_utc();
@@ -232,7 +234,7 @@ impl pb::issuer_server::Issuer for IssuerService {
         let expires_at = now.unix_timestamp() + i64::try_from(ttl.as_secs()).unwrap_or(0);
         let mut r = caller.record(Outcome::Issued);
         r.spiffe_id = Some(req.spiffe_id.clone());
-        r.authority = Some(st.jwt.kid().to_string());
+        r.authority = Some(kid);
         r.expires_at = Some(expires_at);
         st.audit(&[r]).await?;
         Ok(Response::new(pb::MintJwtsvidResponse { token, expires_at }))
@@ -285,15 +287,44 @@ impl pb::admin_server::Admin for AdminService {
             .map(|t| t.name)
             .collect();
         let first_token = token_names.first().cloned().unwrap_or_default();
-        let mut authorities = vec![pb::AuthorityStatus {
-            kind: "x509".into(),
-            state: "active".into(),
-            id: cert_ski(st.root.cert_der()).unwrap_or_default(),
-            not_after: st.root.not_after().unix_timestamp(),
-            tainted: false,
-            token: first_token.clone(),
-        }];
-        if let Some(inter) = st.x509.current_intermediate() {
+        let signers = st.signers();
+        let mut authorities = Vec::new();
+        match &st.authorities {
+            Some(a) => {
+                for r in a.list().await {
+                    if r.destroyed_at.is_some() || r.state == crate::ca::AuthorityState::Retired {
+                        continue;
+                    }
+                    authorities.push(pb::AuthorityStatus {
+                        kind: r.kind.name().into(),
+                        state: r.state.name().into(),
+                        id: authority_id(&r),
+                        not_after: r.not_after.unwrap_or(0),
+                        tainted: r.tainted,
+                        token: r.token.clone(),
+                    });
+                }
+            }
+            None => {
+                authorities.push(pb::AuthorityStatus {
+                    kind: "x509".into(),
+                    state: "active".into(),
+                    id: cert_ski(signers.root.cert_der()).unwrap_or_default(),
+                    not_after: signers.root.not_after().unix_timestamp(),
+                    tainted: false,
+                    token: first_token.clone(),
+                });
+                authorities.push(pb::AuthorityStatus {
+                    kind: "jwt".into(),
+                    state: "active".into(),
+                    id: signers.jwt.kid().to_string(),
+                    not_after: 0,
+                    tainted: false,
+                    token: first_token,
+                });
+            }
+        }
+        if let Some(inter) = signers.x509.current_intermediate() {
             let not_after = x509_parser::parse_x509_certificate(&inter)
                 .map(|(_, c)| c.validity().not_after.timestamp())
                 .unwrap_or_default();
@@ -306,14 +337,6 @@ impl pb::admin_server::Admin for AdminService {
                 token: "memory".into(),
             });
         }
-        authorities.push(pb::AuthorityStatus {
-            kind: "jwt".into(),
-            state: "active".into(),
-            id: st.jwt.kid().to_string(),
-            not_after: 0,
-            tainted: false,
-            token: first_token,
-        });
         let tokens = st
             .pipeline
             .token_status()
@@ -336,6 +359,153 @@ impl pb::admin_server::Admin for AdminService {
             bundle_sequence: st.bundle.current().sequence,
             process_cpu_seconds: process_cpu_seconds().unwrap_or(0.0),
             peak_rss_bytes: peak_rss_bytes().unwrap_or(0),
+        }))
+    }
+
+    async fn get_rotation(
+        &self,
+        request: Request<pb::GetRotationRequest>,
+    ) -> Result<Response<pb::GetRotationResponse>, Status> {
+        self.rotation(request).await
+    }
+
+    async fn rotate(
+        &self,
+        request: Request<pb::RotateRequest>,
+    ) -> Result<Response<pb::RotateResponse>, Status> {
+        self.rotate_step(request).await
+    }
+}
+
+fn authority_id(r: &crate::ca::AuthorityRecord) -> String {
+    match (&r.kid, &r.certificate) {
+        (Some(kid), _) => kid.clone(),
+        (None, Some(cert)) => cert_ski(cert).unwrap_or_default(),
+        (None, None) => String::new(),
+    }
+}
+
+async fn rotation_view(
+    st: &AppState,
+    a: &crate::ca::Authorities,
+) -> Result<pb::GetRotationResponse, Status> {
+    let (orphaned_keys, lost_keys) = a.orphans().await.map_err(|e| rotation_status(&e))?;
+    let authorities = a
+        .list()
+        .await
+        .into_iter()
+        .map(|r| pb::RotationAuthority {
+            kind: r.kind.name().into(),
+            id: authority_id(&r),
+            label: r.label,
+            generation: r.generation,
+            state: r.state.name().into(),
+            token: r.token,
+            not_after: r.not_after.unwrap_or(0),
+            published_at: r.published_at.unwrap_or(0),
+            activated_at: r.activated_at.unwrap_or(0),
+            issued_until: r.issued_until.unwrap_or(0),
+            retired_at: r.retired_at.unwrap_or(0),
+            tainted: r.tainted,
+            destroyed: r.destroyed_at.is_some(),
+        })
+        .collect();
+    Ok(pb::GetRotationResponse {
+        authorities,
+        bundle_sequence: st.bundle.current().sequence,
+        publish_lead_seconds: i64::try_from(a.policy().publish_lead.as_secs()).unwrap_or(i64::MAX),
+        orphaned_keys,
+        lost_keys,
+    })
+}
+
+/// The gRPC status of a refused or failed rotation step.
+pub fn rotation_status(e: &crate::ca::RotationError) -> Status {
+    use crate::ca::RotationError as E;
+    match e {
+        E::Precondition(_) | E::TooEarly { .. } => Status::failed_precondition(e.to_string()),
+        E::NotFound(_) => Status::not_found(e.to_string()),
+        E::Token(_) => Status::unavailable(format!("{e}; nothing was changed")),
+        E::Store(_) => Status::unavailable(e.to_string()),
+        _ => Status::internal(e.to_string()),
+    }
+}
+
+fn rotation_of(st: &AppState) -> Result<std::sync::Arc<crate::ca::Authorities>, Status> {
+    st.authorities.clone().ok_or_else(|| {
+        Status::unimplemented("this appliance runs without a datastore: no rotation")
+    })
+}
+
+impl AdminService {
+    async fn rotation(
+        &self,
+        request: Request<pb::GetRotationRequest>,
+    ) -> Result<Response<pb::GetRotationResponse>, Status> {
+        let st = &self.state;
+        st.admit(&request, Service::Admin, "GetRotation").await?;
+        let a = rotation_of(st)?;
+        Ok(Response::new(rotation_view(st, &a).await?))
+    }
+
+    async fn rotate_step(
+        &self,
+        request: Request<pb::RotateRequest>,
+    ) -> Result<Response<pb::RotateResponse>, Status> {
+        use crate::ca::AuthorityKind;
+        let st = &self.state;
+        let caller = st.admit(&request, Service::Admin, "Rotate").await?;
+        let req = request.into_inner();
+        let a = rotation_of(st)?;
+        let kind = match req.kind.as_str() {
+            "" | "x509" => AuthorityKind::X509,
+            "jwt" => AuthorityKind::Jwt,
+            other => {
+                let s = Status::invalid_argument(format!("kind {other:?}: use x509 or jwt"));
+                return Err(st.refuse(&caller, s, None).await);
+            }
+        };
+        let need_label = || {
+            if req.label.is_empty() {
+                Err(Status::invalid_argument(format!(
+                    "{} needs the authority's label (see GetRotation)",
+                    req.step
+                )))
+            } else {
+                Ok(req.label.clone())
+            }
+        };
+        let done = match req.step.as_str() {
+            "prepare" => a.prepare(kind).await,
+            "publish" => a.publish(kind).await,
+            "activate" => a.activate(kind).await,
+            "retire" => a.retire(kind).await,
+            "taint" => match need_label() {
+                Ok(l) => a.taint(&l).await.map(|()| l),
+                Err(s) => return Err(st.refuse(&caller, s, None).await),
+            },
+            "destroy" => match need_label() {
+                Ok(l) => a.destroy(&l).await.map(|()| l),
+                Err(s) => return Err(st.refuse(&caller, s, None).await),
+            },
+            other => {
+                let s = Status::invalid_argument(format!(
+                    "step {other:?}: use prepare, publish, activate, retire, taint or destroy"
+                ));
+                return Err(st.refuse(&caller, s, None).await);
+            }
+        };
+        let label = match done {
+            Ok(l) => l,
+            Err(e) => return Err(st.refuse(&caller, rotation_status(&e), None).await),
+        };
+        let mut r = caller.record(Outcome::Rotated);
+        r.key_id = Some(label.clone());
+        r.reason = Some(req.step.clone());
+        st.audit(&[r]).await?;
+        Ok(Response::new(pb::RotateResponse {
+            label,
+            rotation: Some(rotation_view(st, &a).await?),
         }))
     }
 }

@@ -5,7 +5,7 @@
 //! - [`upstream`]: SPIRE's `UpstreamAuthority` v1 (`MintX509CAAndSubscribe`, `PublishJWTKeyAndSubscribe`,
 //!   `SubscribeToLocalBundle`);
 //! - [`keymanager`]: SPIRE's `KeyManager` v1, keys on the token namespaced per calling SPIRE server;
-//! - [`issuer`]: signet's `Issuer` (batch X509-SVIDs, JWT-SVIDs, the bundle) and `Admin` (status);
+//! - [`issuer`]: signet's `Issuer` (batch X509-SVIDs, JWT-SVIDs, the bundle) and `Admin` (status, rotation);
 //! - [`bundle`]: the live bundle the streams follow;
 //! - [`tls`]: the server's rustls configuration and the client-certificate check.
 //!
@@ -33,6 +33,18 @@ use crate::spiffe::TrustDomain;
 use crate::x509::{Authority, IssueError};
 use bundle::TrustBundle;
 
+/// The authorities that sign now. A rotation replaces the whole set at once ([`AppState::set_signers`]); a request
+/// takes the set once ([`AppState::signers`]) and finishes with it.
+#[derive(Debug)]
+pub struct Signers {
+    /// The root authority (signs SPIRE's CAs), presented with the cross-certificate a rotation calls for.
+    pub root: Arc<Authority>,
+    /// Leaf issuance (direct or delegated).
+    pub x509: X509SvidIssuer,
+    /// JWT-SVID issuance.
+    pub jwt: Arc<JwtIssuer>,
+}
+
 /// Everything the services share.
 #[derive(Debug)]
 pub struct AppState {
@@ -42,12 +54,10 @@ pub struct AppState {
     pub policy: Policy,
     /// The audit log.
     pub audit: AuditLog,
-    /// The root authority (signs SPIRE's CAs).
-    pub root: Arc<Authority>,
-    /// Leaf issuance (direct or delegated).
-    pub x509: X509SvidIssuer,
-    /// JWT-SVID issuance.
-    pub jwt: Arc<JwtIssuer>,
+    /// What signs now (swapped when a rotation activates a new root or JWT key).
+    signers: std::sync::RwLock<Arc<Signers>>,
+    /// The authorities' life cycle (rotation), when the appliance runs on a datastore.
+    pub authorities: Option<Arc<crate::ca::Authorities>>,
     /// The signing pipeline of the authorities.
     pub pipeline: Pipeline,
     /// The live bundle.
@@ -71,9 +81,7 @@ impl AppState {
         trust_domain: TrustDomain,
         policy: Policy,
         audit: AuditLog,
-        root: Arc<Authority>,
-        x509: X509SvidIssuer,
-        jwt: Arc<JwtIssuer>,
+        signers: Signers,
         pipeline: Pipeline,
         bundle: TrustBundle,
         keys: keymanager::KeyStore,
@@ -85,9 +93,8 @@ impl AppState {
             trust_domain,
             policy,
             audit,
-            root,
-            x509,
-            jwt,
+            signers: std::sync::RwLock::new(Arc::new(signers)),
+            authorities: None,
             pipeline,
             bundle,
             keys,
@@ -97,6 +104,25 @@ impl AppState {
             client_verifier: Mutex::new(None),
             token_sessions: std::collections::HashMap::new(),
         }
+    }
+
+    /// Runs the authorities' life cycle on `authorities` (rotation RPCs, status from the datastore).
+    pub fn with_authorities(mut self, authorities: Arc<crate::ca::Authorities>) -> Self {
+        self.authorities = Some(authorities);
+        self
+    }
+
+    /// What signs now.
+    pub fn signers(&self) -> Arc<Signers> {
+        self.signers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Replaces what signs (after a rotation step committed).
+    pub fn set_signers(&self, signers: Signers) {
+        *self.signers.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(signers);
     }
 
     /// Records how many worker sessions each token has (reported by `Admin.GetStatus`).
@@ -396,6 +422,7 @@ fn count(records: &[AuditRecord]) {
             Outcome::Published => "published",
             Outcome::Refused => "refused",
             Outcome::Failed => "failed",
+            Outcome::Rotated => "rotated",
         };
         metrics::counter!(
             "signet_api_outcomes_total",

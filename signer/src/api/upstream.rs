@@ -3,7 +3,8 @@
 //! `MintX509CAAndSubscribe` signs the SPIRE server's intermediate with the root (through the pipeline, on the CPU
 //! pool), answers with the chain and the roots, then keeps the stream open and pushes the roots (without a chain)
 //! whenever they change. `PublishJWTKeyAndSubscribe` adds the server's JWT key to the bundle and streams the JWT
-//! keys; `SubscribeToLocalBundle` streams both. The streams end only when the client goes away or the appliance shuts
+//! keys (and keeps them in the datastore, when there is one, so a restart still publishes them);
+//! `SubscribeToLocalBundle` streams both. The streams end only when the client goes away or the appliance shuts
 //! down; nothing transient ends them.
 
 use std::pin::Pin;
@@ -42,7 +43,7 @@ fn roots(b: &BundleSnapshot) -> Vec<X509Certificate> {
         .iter()
         .map(|r| X509Certificate {
             asn1: r.clone(),
-            tainted: false,
+            tainted: b.x509_tainted.contains(r),
         })
         .collect()
 }
@@ -140,7 +141,7 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
             ttl = ttl.min(i64::try_from(max.as_secs()).unwrap_or(i64::MAX));
         }
         let ttl = i32::try_from(ttl).unwrap_or(i32::MAX);
-        let root = st.root.clone();
+        let root = st.signers().root.clone();
         let deadline = caller.deadline;
         let csr = req.csr;
         let minted = st
@@ -180,7 +181,7 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
         Ok(Response::new(follow(
             st,
             first,
-            |a, b| a.x509_roots != b.x509_roots,
+            |a, b| a.x509_roots != b.x509_roots || a.x509_tainted != b.x509_tainted,
             |b| pb::MintX509caResponse {
                 x509_ca_chain: Vec::new(),
                 upstream_x509_roots: roots(b),
@@ -220,6 +221,7 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
             expires_at: key.expires_at,
             tainted: key.tainted,
         });
+        let changed = matches!(published, Ok(true));
         if let Err(e) = published {
             let s = match e {
                 super::bundle::PublishError::KidConflict(_) => {
@@ -228,6 +230,12 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
                 _ => Status::invalid_argument(e.to_string()),
             };
             return Err(st.refuse(&caller, s, subject()).await);
+        }
+        // Kept in the datastore too, so a restart still publishes it.
+        if let Some(a) = st.authorities.as_ref().filter(|_| changed)
+            && let Err(e) = a.keep_published_jwt_keys().await
+        {
+            tracing::warn!(error = %e, "cannot store the published JWT keys; they last until a restart");
         }
         let mut r = caller.record(Outcome::Published);
         r.key_id = Some(key.key_id.clone());
@@ -264,7 +272,11 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
         Ok(Response::new(follow(
             st,
             make,
-            |a, b| a.x509_roots != b.x509_roots || a.jwt_keys != b.jwt_keys,
+            |a, b| {
+                a.x509_roots != b.x509_roots
+                    || a.x509_tainted != b.x509_tainted
+                    || a.jwt_keys != b.jwt_keys
+            },
             make,
         )))
     }

@@ -54,7 +54,7 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>, CliError> {
 }
 
 impl Connection {
-    async fn channel(&self) -> Result<Channel, CliError> {
+    pub(super) async fn channel(&self) -> Result<Channel, CliError> {
         let d = &self.data_dir;
         let addr = match &self.addr {
             Some(a) => a.clone(),
@@ -102,7 +102,7 @@ fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     s
 }
 
-fn status(e: tonic::Status) -> CliError {
+pub(super) fn status(e: tonic::Status) -> CliError {
     CliError::new(format!(
         "the server refused: {}: {}",
         signet::api::code_name(e.code()),
@@ -179,7 +179,7 @@ enum BundleFormat {
     Pem,
 }
 
-fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
+pub(super) fn runtime() -> Result<tokio::runtime::Runtime, CliError> {
     Ok(tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

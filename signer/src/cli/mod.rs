@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod client;
 mod plugin;
+mod rotate;
 mod serve;
 mod token;
 
@@ -34,6 +35,8 @@ enum Command {
     Bench(Box<signet_bench::BenchArgs>),
     /// The SPIRE plug-in process (SPIRE's server starts it: plugin_cmd in server.conf).
     SpirePlugin(plugin::PluginArgs),
+    /// Rotate the root or the JWT key: status, prepare, publish, activate, retire, taint, destroy.
+    Rotate(rotate::RotateArgs),
 }
 
 /// Parses the command line, runs it, and reports errors on stderr with a non-zero exit status.
@@ -68,6 +71,7 @@ pub fn main() -> ExitCode {
         Command::Status(s) => client::status_cmd(s),
         Command::Bench(b) => bench::run(*b),
         Command::SpirePlugin(_) => Ok(()),
+        Command::Rotate(r) => rotate::run(r),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -16,6 +16,7 @@ mod issuer;
 mod keymanager;
 mod ops;
 mod plugin;
+mod rotation;
 mod security;
 mod tpm;
 mod upstream;

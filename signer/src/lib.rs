@@ -12,12 +12,14 @@
 //!   and X509-SVID issuance in direct and delegated mode;
 //! - [`config`], [`policy`], [`audit`], [`api`] and [`serve`]: the appliance itself (`signet serve`): its
 //!   configuration, who may do what, the audit log, the gRPC services (SPIRE UpstreamAuthority and KeyManager,
-//!   signet Issuer and Admin) with mTLS, and start-up / shutdown.
+//!   signet Issuer and Admin) with mTLS, and start-up / shutdown;
+//! - [`federation`]: the SPIFFE bundle endpoint (https_web, https_spiffe) and the poller of other trust domains'.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod audit;
 pub mod config;
+pub mod federation;
 pub mod jwt;
 pub mod keys;
 pub mod keys_token;

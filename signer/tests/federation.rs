@@ -1,6 +1,11 @@
 //! SPIFFE federation end to end: two appliances with different trust domains serve their bundle endpoints
 //! (https_web and https_spiffe) and fetch each other's bundles over 127.0.0.1; `curl` and the `spiffe` crate read
 //! the endpoint independently; a foreign endpoint that misbehaves is refused with the last good bundle kept.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test fixtures and helpers outside #[test] fns: a failed fixture is a failed test"
+)]
 
 use std::convert::Infallible;
 use std::path::Path;

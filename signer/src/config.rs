@@ -830,4 +830,62 @@ mod tests {
     fn the_embedded_default_is_valid() {
         assert!(Config::embedded_default().validate().is_ok());
     }
+
+    #[test]
+    fn federation_settings_are_checked() {
+        let base = "trust_domain = \"example.org\"\n";
+        let refused = |extra: &str, needle: &str| {
+            let e = Config::parse(&format!("{base}{extra}"));
+            assert!(
+                matches!(&e, Err(ConfigError::Invalid(m)) if m.contains(needle)),
+                "{extra}: {e:?}"
+            );
+        };
+        refused(
+            "[federation]\nlisten = \"127.0.0.1:0\"\n",
+            "federation.cert",
+        );
+        let td = |body: &str| format!("[[federation.trust_domains]]\n{body}");
+        refused(
+            &td(
+                "trust_domain = \"example.org\"\nendpoint = \"https://x\"\nprofile = \"https_web\"\nca = \"c\"\n",
+            ),
+            "itself",
+        );
+        refused(
+            &td(
+                "trust_domain = \"b.org\"\nendpoint = \"http://x\"\nprofile = \"https_web\"\nca = \"c\"\n",
+            ),
+            "https://",
+        );
+        refused(
+            &td("trust_domain = \"b.org\"\nendpoint = \"https://x\"\nprofile = \"https_web\"\n"),
+            "`ca`",
+        );
+        refused(
+            &td(
+                "trust_domain = \"b.org\"\nendpoint = \"https://x\"\nprofile = \"https_spiffe\"\nbootstrap_bundle = \"b\"\n",
+            ),
+            "endpoint_spiffe_id",
+        );
+        refused(
+            &td(
+                "trust_domain = \"b.org\"\nendpoint = \"https://x\"\nprofile = \"https_spiffe\"\nendpoint_spiffe_id = \"spiffe://b.org/x\"\n",
+            ),
+            "bootstrap_bundle",
+        );
+        refused(
+            &td(
+                "trust_domain = \"B.org\"\nendpoint = \"https://x\"\nprofile = \"https_web\"\nca = \"c\"\n",
+            ),
+            "B.org",
+        );
+        let ok = Config::parse(&format!(
+            "{base}{}",
+            td(
+                "trust_domain = \"b.org\"\nendpoint = \"https://x:8444\"\nprofile = \"https_web\"\nca = \"c\"\n"
+            )
+        ));
+        assert!(ok.is_ok(), "{ok:?}");
+    }
 }

@@ -132,3 +132,57 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca() -> (rcgen::Certificate, rcgen::Issuer<'static, rcgen::KeyPair>) {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.subject_alt_names = vec![rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from("spiffe://b.test").unwrap(),
+        )];
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let cert = p.self_signed(&kp).unwrap();
+        (cert, rcgen::Issuer::new(p, kp))
+    }
+
+    fn svid(id: &str, issuer: &rcgen::Issuer<'_, rcgen::KeyPair>) -> Vec<u8> {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = vec![rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from(id).unwrap(),
+        )];
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let kp = rcgen::KeyPair::generate().unwrap();
+        p.signed_by(&kp, issuer).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn the_endpoint_svid_must_carry_the_id_and_chain_to_the_bundle() {
+        let (root, issuer) = ca();
+        let (other_root, _) = ca();
+        let want = SpiffeId::parse("spiffe://b.test/endpoint").unwrap();
+        let good = CertificateDer::from(svid("spiffe://b.test/endpoint", &issuer));
+        let now = UnixTime::now();
+        let v = SpiffeServerVerifier::new(&[root.der().to_vec()], want.clone(), &provider());
+        assert_eq!(v.check(&good, &[], now), Ok(()));
+        let other_id = CertificateDer::from(svid("spiffe://b.test/someone", &issuer));
+        let e = v.check(&other_id, &[], now).unwrap_err();
+        assert!(e.contains("spiffe://b.test/someone"), "{e}");
+        let stranger =
+            SpiffeServerVerifier::new(&[other_root.der().to_vec()], want.clone(), &provider());
+        let e = stranger.check(&good, &[], now).unwrap_err();
+        assert!(e.contains("does not chain"), "{e}");
+        let empty = SpiffeServerVerifier::new(&[], want, &provider());
+        assert!(empty.check(&good, &[], now).is_err());
+        assert!(
+            v.check(&CertificateDer::from(vec![1, 2, 3]), &[], now)
+                .is_err()
+        );
+    }
+}

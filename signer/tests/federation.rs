@@ -195,6 +195,49 @@ fn independent_read(td: &str, json: &str) -> (Vec<Vec<u8>>, Vec<String>, u64, u6
     )
 }
 
+/// Builds SPIRE's bundle endpoint client (tests/oracles/spire_bundle_client.go) from the local Go module cache, or
+/// says why not and returns `None` (Go or the SPIRE module missing: this oracle is then not run).
+fn spire_bundle_client(dir: &Path) -> Option<std::path::PathBuf> {
+    let src = dir.join("spire-client");
+    std::fs::create_dir_all(&src).unwrap();
+    std::fs::write(
+        src.join("go.mod"),
+        "module signetoracle\n\ngo 1.25\n\nrequire (\n\tgithub.com/spiffe/go-spiffe/v2 v2.8.1\n\tgithub.com/spiffe/spire v1.15.3\n)\n",
+    )
+    .unwrap();
+    std::fs::write(
+        src.join("main.go"),
+        include_str!("oracles/spire_bundle_client.go"),
+    )
+    .unwrap();
+    let bin = dir.join("spire-bundle-client");
+    let out = Command::new("go")
+        .args(["build", "-o"])
+        .arg(&bin)
+        .arg(".")
+        .current_dir(&src)
+        .env("GOTOOLCHAIN", "local")
+        .env("GOPROXY", "off")
+        .env("GOSUMDB", "off")
+        .env("GOFLAGS", "-mod=mod")
+        .output();
+    match out {
+        Ok(o) if o.status.success() => Some(bin),
+        Ok(o) => {
+            eprintln!(
+                "SPIRE's bundle client cannot be built offline (SPIRE v1.15.3 not in the Go module cache?): oracle \
+                 not run: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            None
+        }
+        Err(e) => {
+            eprintln!("go is not installed ({e}): SPIRE's bundle client oracle not run");
+            None
+        }
+    }
+}
+
 fn fresh_jwt_key(kid: &str) -> JwtKey {
     let kp = rcgen::KeyPair::generate().unwrap();
     JwtKey {
@@ -282,6 +325,53 @@ async fn two_trust_domains_federate_and_a_bundle_change_arrives_within_two_hints
     // Never merged: each appliance's own bundle holds its own root only.
     assert_eq!(alpha.app.bundle().current().x509_roots.len(), 1);
     assert_eq!(beta.app.bundle().current().x509_roots.len(), 1);
+
+    // SPIRE's own bundle endpoint client reads both endpoints: alpha's https_web (the test CA as the system roots)
+    // and beta's https_spiffe (beta's roots, endpoint ID spiffe://beta.test/signet/server).
+    if let Some(spire) = spire_bundle_client(web_dir.path()) {
+        let out = Command::new(&spire)
+            .args(["alpha.test", &format!("https://127.0.0.1:{alpha_port}")])
+            .env("SSL_CERT_FILE", &ca)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "SPIRE cannot read the https_web endpoint: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let now = alpha.app.bundle().current();
+        assert_eq!(
+            text.trim(),
+            format!(
+                "x509=1 jwt={} refresh_hint={}s",
+                now.jwt_keys.len(),
+                HINT.as_secs()
+            )
+        );
+        let beta_roots = web_dir.path().join("beta-roots.pem");
+        std::fs::write(
+            &beta_roots,
+            std::fs::read(&beta.app.paths().bundle).unwrap(),
+        )
+        .unwrap();
+        let spiffe_auth = |id: &str| {
+            Command::new(&spire)
+                .args(["beta.test", &format!("https://{beta_addr}"), id])
+                .arg(&beta_roots)
+                .output()
+                .unwrap()
+        };
+        let out = spiffe_auth("spiffe://beta.test/signet/server");
+        assert!(
+            out.status.success(),
+            "SPIRE cannot read the https_spiffe endpoint: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(String::from_utf8_lossy(&out.stdout).starts_with("x509=1 "));
+        // The oracle can fail: another endpoint SPIFFE ID is refused.
+        assert!(!spiffe_auth("spiffe://beta.test/other").status.success());
+    }
 
     // An unchanged bundle is re-validated with a conditional request (304): fetches go on, the sequence stays.
     let seen = a_in_b.fetches;

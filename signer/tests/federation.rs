@@ -22,7 +22,7 @@ use signet::config::{
 };
 use signet::federation::FederatedBundle;
 use signet::serve::Appliance;
-use signet::spiffe::{BundleDocument, TrustDomain, X509Authority};
+use signet::spiffe::{BundleDocument, JwtAuthority, TrustDomain, X509Authority};
 use signet_pkcs11::testing::SoftHsm;
 use tokio_rustls::rustls;
 
@@ -571,6 +571,40 @@ async fn curl_and_the_spiffe_crate_read_the_https_web_endpoint() {
     node.app.shutdown().await.unwrap();
 }
 
+/// The log lines of this test process (the appliances log through `tracing`).
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Logs {
+    type Writer = Logs;
+    fn make_writer(&'a self) -> Logs {
+        self.clone()
+    }
+}
+
+fn logs() -> &'static Logs {
+    static LOGS: std::sync::OnceLock<Logs> = std::sync::OnceLock::new();
+    LOGS.get_or_init(|| {
+        let l = Logs::default();
+        let _ = tracing_subscriber::fmt()
+            .with_writer(l.clone())
+            .with_ansi(false)
+            .with_env_filter("signet=info")
+            .try_init();
+        l
+    })
+}
+
 /// A foreign bundle endpoint the test controls: what it answers and which certificate it presents.
 #[derive(Clone)]
 struct Fake {
@@ -634,6 +668,7 @@ fn foreign_bundle(td: &str, sequence: u64) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_misbehaving_endpoint_is_refused_and_the_last_good_bundle_kept() {
+    let logs = logs();
     let good_pki = tempfile::tempdir().unwrap();
     web_pki(good_pki.path(), "gamma");
     let other_pki = tempfile::tempdir().unwrap();
@@ -666,15 +701,12 @@ async fn a_misbehaving_endpoint_is_refused_and_the_last_good_bundle_kept() {
     let kept = first.bundle.unwrap().document;
     assert_eq!(kept.sequence, 7);
 
-    let own_root = node.app.bundle().current().x509_roots[0].clone();
-    let ours = BundleDocument {
-        sequence: 8,
-        refresh_hint_secs: Some(1),
-        x509_authorities: vec![X509Authority::new(own_root).unwrap()],
-        jwt_authorities: Vec::new(),
-    }
-    .to_json()
-    .unwrap();
+    // A bundle that passes itself off as gamma's but holds our own JWT key (JWT keys name no trust domain).
+    let own_jwt = node.app.bundle().current().jwt_keys[0].clone();
+    let mut ours = BundleDocument::parse(good.as_bytes()).unwrap();
+    ours.sequence = 8;
+    ours.jwt_authorities = vec![JwtAuthority::new(own_jwt.kid, own_jwt.spki).unwrap()];
+    let ours = ours.to_json().unwrap();
     let cases: Vec<(&str, Vec<u8>)> = vec![
         ("garbage", b"<html>this is not a bundle</html>".to_vec()),
         ("garbage", br#"{"spiffe_sequence": 9}"#.to_vec()),
@@ -712,6 +744,34 @@ async fn a_misbehaving_endpoint_is_refused_and_the_last_good_bundle_kept() {
     .await;
     assert!(e.last_failure.unwrap().message.contains("TLS"));
     assert_eq!(e.bundle.unwrap().document, kept);
+
+    // Each refusal is a warning in the log that names the trust domain, the reason and what was wrong.
+    let text = String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned();
+    for (reason, detail) in [
+        ("garbage", "not a SPIFFE bundle document"),
+        (
+            "wrong_trust_domain",
+            "belongs to trust domain delta.test, not gamma.test",
+        ),
+        (
+            "wrong_trust_domain",
+            "is one of our own trust domain's keys",
+        ),
+        (
+            "too_large",
+            "larger than federation.max_bundle_bytes = 4096",
+        ),
+        ("tls", "TLS with"),
+    ] {
+        assert!(
+            text.lines().any(|l| l.contains("WARN")
+                && l.contains("federated bundle fetch failed; the last good bundle is kept")
+                && l.contains("gamma.test")
+                && l.contains(reason)
+                && l.contains(detail)),
+            "no log line for {reason} ({detail}) in:\n{text}"
+        );
+    }
 
     // The failures are counted by reason on /metrics.
     let metrics_url = format!("http://{}/metrics", node.app.metrics_addr().unwrap());

@@ -374,8 +374,8 @@ async fn two_trust_domains_federate_and_a_bundle_change_arrives_within_two_hints
     }
 
     // An unchanged bundle is re-validated with a conditional request (304): fetches go on, the sequence stays.
-    let seen = a_in_b.fetches;
-    let later = wait_for(&beta, "alpha.test", limit, |e| e.fetches >= seen + 2).await;
+    let seen = a_in_b.unchanged;
+    let later = wait_for(&beta, "alpha.test", limit, |e| e.unchanged >= seen + 2).await;
     assert_eq!(later.bundle.unwrap().document.sequence, a_doc.sequence);
     assert!(later.last_failure.is_none(), "{:?}", later.last_failure);
 
@@ -609,6 +609,8 @@ fn logs() -> &'static Logs {
 #[derive(Clone)]
 struct Fake {
     body: Arc<Mutex<Vec<u8>>>,
+    status: Arc<Mutex<u16>>,
+    hang: Arc<std::sync::atomic::AtomicBool>,
     tls: Arc<Mutex<Arc<rustls::ServerConfig>>>,
 }
 
@@ -634,8 +636,15 @@ async fn fake_endpoint(fake: Fake) -> std::net::SocketAddr {
                 };
                 let svc = hyper::service::service_fn(move |_req| {
                     let body = fake.body.lock().unwrap().clone();
+                    let status = *fake.status.lock().unwrap();
+                    let hang = fake.hang.load(std::sync::atomic::Ordering::SeqCst);
                     async move {
-                        Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from(body))))
+                        if hang {
+                            tokio::time::sleep(Duration::from_secs(3600)).await;
+                        }
+                        let mut r = hyper::Response::new(Full::new(Bytes::from(body)));
+                        *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap();
+                        Ok::<_, Infallible>(r)
                     }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
@@ -676,6 +685,8 @@ async fn a_misbehaving_endpoint_is_refused_and_the_last_good_bundle_kept() {
     let good = foreign_bundle("gamma.test", 7);
     let fake = Fake {
         body: Arc::new(Mutex::new(good.clone().into_bytes())),
+        status: Arc::new(Mutex::new(200)),
+        hang: Arc::default(),
         tls: Arc::new(Mutex::new(fake_tls(good_pki.path()))),
     };
     let addr = fake_endpoint(fake.clone()).await;
@@ -683,6 +694,7 @@ async fn a_misbehaving_endpoint_is_refused_and_the_last_good_bundle_kept() {
     let Some(node) = start("alpha.test", |c, _| {
         c.server.metrics = Some("127.0.0.1:0".into());
         c.federation.max_bundle_bytes = 4096;
+        c.federation.fetch_timeout = ConfigDuration(Duration::from_secs(2));
         c.federation.trust_domains = vec![FederatedTrustDomain {
             trust_domain: "gamma.test".into(),
             endpoint: format!("https://{addr}"),
@@ -735,6 +747,26 @@ async fn a_misbehaving_endpoint_is_refused_and_the_last_good_bundle_kept() {
             "{reason}: the last good bundle is kept"
         );
     }
+    // An error status, then an endpoint that accepts the request and never answers.
+    *fake.body.lock().unwrap() = good.clone().into_bytes();
+    *fake.status.lock().unwrap() = 500;
+    let e = wait_for(&node, "gamma.test", limit, |e| {
+        e.last_failure
+            .as_ref()
+            .is_some_and(|f| f.reason == "status")
+    })
+    .await;
+    assert!(e.last_failure.unwrap().message.contains("500"));
+    *fake.status.lock().unwrap() = 200;
+    fake.hang.store(true, std::sync::atomic::Ordering::SeqCst);
+    let e = wait_for(&node, "gamma.test", limit, |e| {
+        e.last_failure
+            .as_ref()
+            .is_some_and(|f| f.reason == "timeout")
+    })
+    .await;
+    assert_eq!(e.bundle.unwrap().document, kept);
+    fake.hang.store(false, std::sync::atomic::Ordering::SeqCst);
     // A TLS failure: the endpoint now presents a certificate from a CA the configuration does not trust.
     *fake.body.lock().unwrap() = good.clone().into_bytes();
     *fake.tls.lock().unwrap() = fake_tls(other_pki.path());
@@ -776,7 +808,15 @@ async fn a_misbehaving_endpoint_is_refused_and_the_last_good_bundle_kept() {
     // The failures are counted by reason on /metrics.
     let metrics_url = format!("http://{}/metrics", node.app.metrics_addr().unwrap());
     let (text, _) = curl(&[&metrics_url]);
-    for reason in ["ok", "garbage", "wrong_trust_domain", "too_large", "tls"] {
+    for reason in [
+        "ok",
+        "garbage",
+        "wrong_trust_domain",
+        "too_large",
+        "status",
+        "timeout",
+        "tls",
+    ] {
         assert!(
             text.lines()
                 .any(|l| l.starts_with("signet_federation_fetches_total")

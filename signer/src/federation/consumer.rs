@@ -269,6 +269,7 @@ impl Poller {
             bundle,
             last_failure: None,
             fetches: 0,
+            unchanged: 0,
             failures: 0,
         });
         Ok(Self {
@@ -468,9 +469,10 @@ impl Poller {
             let delay = match result {
                 Ok(fetched) => {
                     failures = 0;
-                    let outcome = match fetched {
+                    let outcome = match &fetched {
                         Fetched::Updated { sequence, hint: h } => {
-                            hint = h;
+                            let sequence = *sequence;
+                            hint = *h;
                             metrics::gauge!("signet_federation_bundle_sequence", "trust_domain" => td.clone())
                                 .set(sequence as f64);
                             tracing::info!(trust_domain = %td, endpoint = %self.endpoint, sequence, "federated bundle updated");
@@ -482,6 +484,9 @@ impl Poller {
                         .increment(1);
                     self.store.update(&self.td, |e| {
                         e.fetches += 1;
+                        if fetched == Fetched::NotModified {
+                            e.unchanged += 1;
+                        }
                         e.last_failure = None;
                     });
                     next_refresh(hint, self.floor)

@@ -146,6 +146,8 @@ pub struct FederatedBundle {
     pub last_failure: Option<FetchFailure>,
     /// Successful fetches (including not-modified answers) since start.
     pub fetches: u64,
+    /// Of those, the `304 Not Modified` answers to conditional requests.
+    pub unchanged: u64,
     /// Failed fetches since start.
     pub failures: u64,
 }

@@ -13,6 +13,9 @@
 //! `federation.max_bundle_bytes` (`too_large`), it is not a valid SPIFFE bundle document (`garbage`), it holds an
 //! authority of another trust domain or one of our own keys (`wrong_trust_domain`), or the whole exchange takes
 //! longer than `federation.fetch_timeout` (`timeout`).
+//!
+//! A valid bundle whose `spiffe_sequence` is lower than the stored one is still taken (the endpoint is the
+//! authority on its trust domain's bundle; a restored or rebuilt server may restart its sequence), with a warning.
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -4,7 +4,7 @@
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
-    reason = "test fixtures and helpers outside #[test] fns: a failed fixture is a failed test"
+    reason = "test fixtures and shared test code outside #[test] fns: a failed fixture is a failed test"
 )]
 
 use std::convert::Infallible;

@@ -559,6 +559,113 @@ impl PipelineSettings {
     }
 }
 
+/// A SPIFFE bundle endpoint profile (SPIFFE Federation §5).
+#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
+#[serde(rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum EndpointProfile {
+    /// Web PKI: the server certificate carries the endpoint's DNS name or IP address.
+    #[default]
+    HttpsWeb,
+    /// The server certificate is an X509-SVID, authenticated against the trust domain's bundle.
+    HttpsSpiffe,
+}
+
+impl EndpointProfile {
+    /// The name used in the configuration (`https_web`, `https_spiffe`).
+    pub fn name(self) -> &'static str {
+        match self {
+            EndpointProfile::HttpsWeb => "https_web",
+            EndpointProfile::HttpsSpiffe => "https_spiffe",
+        }
+    }
+}
+
+/// One `[[federation.trust_domains]]` entry: a foreign trust domain whose bundle signet fetches.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederatedTrustDomain {
+    /// The foreign trust domain's name (never our own).
+    pub trust_domain: String,
+    /// Its bundle endpoint URL (`https://host[:port][/path]`).
+    pub endpoint: String,
+    /// The endpoint's profile.
+    pub profile: EndpointProfile,
+    /// https_web: the roots (PEM) that may sign the endpoint's server certificate.
+    #[serde(default)]
+    pub ca: Option<PathBuf>,
+    /// https_spiffe: the SPIFFE ID the endpoint's X509-SVID must carry.
+    #[serde(default)]
+    pub endpoint_spiffe_id: Option<String>,
+    /// https_spiffe: the foreign trust domain's bundle (SPIFFE bundle document, JSON) to authenticate the first
+    /// fetch; later fetches are authenticated against the last bundle fetched.
+    #[serde(default)]
+    pub bootstrap_bundle: Option<PathBuf>,
+}
+
+/// `[federation]`: the bundle endpoint signet serves and the foreign bundle endpoints it polls.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationSettings {
+    /// Where the bundle endpoint listens; absent: no endpoint is served.
+    #[serde(default)]
+    pub listen: Option<SocketAddr>,
+    /// The endpoint's profile.
+    #[serde(default)]
+    pub profile: EndpointProfile,
+    /// https_web: the endpoint's certificate chain (PEM, leaf first) with its DNS/IP SANs.
+    #[serde(default)]
+    pub cert: Option<PathBuf>,
+    /// https_web: the certificate's private key (PEM: PKCS#8, SEC1 or PKCS#1).
+    #[serde(default)]
+    pub key: Option<PathBuf>,
+    /// The `spiffe_refresh_hint` the endpoint publishes.
+    #[serde(default = "default_refresh_hint")]
+    pub refresh_hint: ConfigDuration,
+    /// The shortest interval between two fetches of one foreign endpoint, whatever its hint says; also the first
+    /// retry delay after a failed fetch (doubling up to the refresh hint).
+    #[serde(default = "default_refresh_floor")]
+    pub refresh_floor: ConfigDuration,
+    /// The largest bundle accepted from a foreign endpoint, in bytes.
+    #[serde(default = "default_max_bundle")]
+    pub max_bundle_bytes: usize,
+    /// How long one fetch (connect, TLS, request, body) may take.
+    #[serde(default = "default_fetch_timeout")]
+    pub fetch_timeout: ConfigDuration,
+    /// The foreign trust domains.
+    #[serde(default)]
+    pub trust_domains: Vec<FederatedTrustDomain>,
+}
+
+fn default_refresh_hint() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(300))
+}
+fn default_refresh_floor() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(30))
+}
+fn default_max_bundle() -> usize {
+    1024 * 1024
+}
+fn default_fetch_timeout() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(10))
+}
+
+impl Default for FederationSettings {
+    fn default() -> Self {
+        Self {
+            listen: None,
+            profile: EndpointProfile::HttpsWeb,
+            cert: None,
+            key: None,
+            refresh_hint: default_refresh_hint(),
+            refresh_floor: default_refresh_floor(),
+            max_bundle_bytes: default_max_bundle(),
+            fetch_timeout: default_fetch_timeout(),
+            trust_domains: Vec::new(),
+        }
+    }
+}
+
 /// One `[[policy]]` rule (see [`crate::policy`]).
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -615,6 +722,9 @@ pub struct Config {
     /// `[[policy]]`, in order: the first rule whose `caller` matches applies.
     #[serde(default)]
     pub policy: Vec<PolicyRule>,
+    /// `[federation]`.
+    #[serde(default)]
+    pub federation: FederationSettings,
 }
 
 fn default_data_dir() -> PathBuf {
@@ -674,6 +784,7 @@ impl Config {
                 rate: None,
                 burst: None,
             }],
+            federation: FederationSettings::default(),
         }
     }
 
@@ -754,6 +865,7 @@ impl Config {
             ));
         }
         self.pipeline.pipeline_config()?;
+        crate::federation::check_settings(&self.federation, &self.trust_domain()?)?;
         crate::policy::Policy::from_rules(&self.policy, self.authority.jwt.max_ttl.0)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())
@@ -803,5 +915,63 @@ mod tests {
     #[test]
     fn the_embedded_default_is_valid() {
         assert!(Config::embedded_default().validate().is_ok());
+    }
+
+    #[test]
+    fn federation_settings_are_checked() {
+        let base = "trust_domain = \"example.org\"\n";
+        let refused = |extra: &str, needle: &str| {
+            let e = Config::parse(&format!("{base}{extra}"));
+            assert!(
+                matches!(&e, Err(ConfigError::Invalid(m)) if m.contains(needle)),
+                "{extra}: {e:?}"
+            );
+        };
+        refused(
+            "[federation]\nlisten = \"127.0.0.1:0\"\n",
+            "federation.cert",
+        );
+        let td = |body: &str| format!("[[federation.trust_domains]]\n{body}");
+        refused(
+            &td(
+                "trust_domain = \"example.org\"\nendpoint = \"https://x\"\nprofile = \"https_web\"\nca = \"c\"\n",
+            ),
+            "itself",
+        );
+        refused(
+            &td(
+                "trust_domain = \"b.org\"\nendpoint = \"http://x\"\nprofile = \"https_web\"\nca = \"c\"\n",
+            ),
+            "https://",
+        );
+        refused(
+            &td("trust_domain = \"b.org\"\nendpoint = \"https://x\"\nprofile = \"https_web\"\n"),
+            "`ca`",
+        );
+        refused(
+            &td(
+                "trust_domain = \"b.org\"\nendpoint = \"https://x\"\nprofile = \"https_spiffe\"\nbootstrap_bundle = \"b\"\n",
+            ),
+            "endpoint_spiffe_id",
+        );
+        refused(
+            &td(
+                "trust_domain = \"b.org\"\nendpoint = \"https://x\"\nprofile = \"https_spiffe\"\nendpoint_spiffe_id = \"spiffe://b.org/x\"\n",
+            ),
+            "bootstrap_bundle",
+        );
+        refused(
+            &td(
+                "trust_domain = \"B.org\"\nendpoint = \"https://x\"\nprofile = \"https_web\"\nca = \"c\"\n",
+            ),
+            "B.org",
+        );
+        let ok = Config::parse(&format!(
+            "{base}{}",
+            td(
+                "trust_domain = \"b.org\"\nendpoint = \"https://x:8444\"\nprofile = \"https_web\"\nca = \"c\"\n"
+            )
+        ));
+        assert!(ok.is_ok(), "{ok:?}");
     }
 }

@@ -16,12 +16,14 @@
 //!   configuration, who may do what, the audit log, the gRPC services (SPIRE UpstreamAuthority and KeyManager,
 //!   signet Issuer and Admin) with mTLS, and start-up / shutdown;
 //! - [`plugin`]: `signet spire-plugin`, the SPIRE external-plugin shim (go-plugin) that forwards to an appliance.
+//! - [`federation`]: the SPIFFE bundle endpoint (https_web, https_spiffe) and the poller of other trust domains'.
 #![forbid(unsafe_code)]
 
 pub mod api;
 pub mod audit;
 pub mod ca;
 pub mod config;
+pub mod federation;
 pub mod jwt;
 pub mod keys;
 pub mod keys_token;

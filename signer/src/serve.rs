@@ -26,6 +26,7 @@ use time::OffsetDateTime;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
+use tokio_rustls::rustls;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::api::bundle::TrustBundle;
@@ -698,6 +699,7 @@ const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
 pub struct Appliance {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
+    federation_addr: Option<SocketAddr>,
     paths: DataPaths,
     state: Arc<AppState>,
     km_pipeline: Option<Pipeline>,
@@ -920,11 +922,26 @@ impl Appliance {
                 crate::api::until_shutdown(&mut stop).await
             }),
         );
+        let federation_addr =
+            match start_federation(&cfg, &boot.server, &state, &shutdown_rx, &mut background).await
+            {
+                Ok(a) => a,
+                Err(e) => {
+                    let _ = shutdown_tx.send(true);
+                    for b in &background {
+                        b.abort();
+                    }
+                    let p = state.pipeline.clone();
+                    let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
+                    return Err(e);
+                }
+            };
         tracing::info!(%addr, trust_domain = %boot.td, "signet is serving");
         write_public(&boot.paths.endpoint, addr.to_string().as_bytes())?;
         Ok(Self {
             addr,
             metrics_addr,
+            federation_addr,
             paths: boot.paths,
             state,
             km_pipeline: boot.km_pipeline,
@@ -944,6 +961,16 @@ impl Appliance {
     /// The Prometheus address, if any.
     pub fn metrics_addr(&self) -> Option<SocketAddr> {
         self.metrics_addr
+    }
+
+    /// The SPIFFE bundle endpoint's address, if `[federation] listen` is set.
+    pub fn federation_addr(&self) -> Option<SocketAddr> {
+        self.federation_addr
+    }
+
+    /// The bundles of the federated trust domains.
+    pub fn federated_bundles(&self) -> &crate::federation::FederatedBundles {
+        &self.state.federated
     }
 
     /// The data directory's files.
@@ -1185,6 +1212,58 @@ async fn rotation_schedule(
             () = crate::api::until_shutdown(&mut shutdown) => return,
         }
     }
+}
+
+/// Starts the SPIFFE bundle endpoint (when `[federation] listen` is set) and the pollers of the federated trust
+/// domains; returns the endpoint's address.
+async fn start_federation(
+    cfg: &Config,
+    server_svid: &(Vec<Vec<u8>>, Vec<u8>),
+    state: &Arc<AppState>,
+    shutdown: &watch::Receiver<bool>,
+    background: &mut Vec<JoinHandle<()>>,
+) -> Result<Option<SocketAddr>, ServeError> {
+    use crate::config::EndpointProfile;
+    use crate::federation::{consumer, endpoint};
+    let f = &cfg.federation;
+    let invalid = |m: String| ServeError::Config(ConfigError::Invalid(m));
+    let mut bound = None;
+    if let Some(listen) = f.listen {
+        let (chain, key) = match f.profile {
+            EndpointProfile::HttpsSpiffe => (
+                server_svid.0.clone(),
+                rustls::pki_types::PrivateKeyDer::Pkcs8(server_svid.1.clone().into()),
+            ),
+            _ => {
+                let (Some(cert), Some(key)) = (&f.cert, &f.key) else {
+                    return Err(invalid(
+                        "federation.profile = \"https_web\" needs federation.cert and federation.key".into(),
+                    ));
+                };
+                endpoint::load_pem(cert, key).map_err(|e| invalid(format!("federation: {e}")))?
+            }
+        };
+        let tls =
+            endpoint::tls_config(chain, key).map_err(|e| invalid(format!("federation: {e}")))?;
+        let listener = TcpListener::bind(listen)
+            .await
+            .map_err(io(format!("listening on {listen} (federation)")))?;
+        let a = listener
+            .local_addr()
+            .map_err(io("reading the bundle endpoint's address"))?;
+        background.push(tokio::spawn(endpoint::serve(
+            listener,
+            tls,
+            state.bundle.clone(),
+            f.refresh_hint.0,
+            shutdown.clone(),
+        )));
+        tracing::info!(addr = %a, profile = f.profile.name(), "SPIFFE bundle endpoint is serving");
+        bound = Some(a);
+    }
+    let pollers = consumer::start(f, &state.federated, &state.bundle, shutdown).map_err(invalid)?;
+    background.extend(pollers);
+    Ok(bound)
 }
 
 fn start_metrics(

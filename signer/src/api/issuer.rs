@@ -15,7 +15,7 @@ use super::{AppState, Caller, Subject, cert_facts, cert_ski, code_name, jwt_stat
 use crate::audit::{AuditRecord, Outcome};
 use crate::pipeline::with_deadline;
 use crate::policy::Service;
-use crate::spiffe::SpiffeId;
+use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// The Issuer service.
 #[derive(Debug, Clone)]
@@ -375,6 +375,13 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::RotateResponse>, Status> {
         self.rotate_step(request).await
     }
+
+    async fn list_federated_bundles(
+        &self,
+        request: Request<pb::ListFederatedBundlesRequest>,
+    ) -> Result<Response<pb::ListFederatedBundlesResponse>, Status> {
+        self.federated_bundles(request).await
+    }
 }
 
 fn authority_id(r: &crate::ca::AuthorityRecord) -> String {
@@ -507,6 +514,61 @@ impl AdminService {
             label,
             rotation: Some(rotation_view(st, &a).await?),
         }))
+    }
+
+    async fn federated_bundles(
+        &self,
+        request: Request<pb::ListFederatedBundlesRequest>,
+    ) -> Result<Response<pb::ListFederatedBundlesResponse>, Status> {
+        let st = &self.state;
+        st.admit(&request, Service::Admin, "ListFederatedBundles")
+            .await?;
+        let wanted = request.get_ref().trust_domain.trim();
+        let entries = if wanted.is_empty() {
+            st.federated.all()
+        } else {
+            let td = TrustDomain::parse(wanted)
+                .map_err(|e| Status::invalid_argument(format!("trust_domain {wanted:?}: {e}")))?;
+            let e = st.federated.get(&td).ok_or_else(|| {
+                Status::not_found(format!(
+                    "{td} is not a federated trust domain (see [[federation.trust_domains]])"
+                ))
+            })?;
+            vec![e]
+        };
+        let mut bundles = Vec::with_capacity(entries.len());
+        for e in entries {
+            let (spiffe_bundle, sequence, source, stored_at) = match &e.bundle {
+                Some(b) => (
+                    b.document
+                        .to_json()
+                        .map_err(|err| Status::internal(err.to_string()))?
+                        .into_bytes(),
+                    b.document.sequence,
+                    b.source.to_string(),
+                    b.stored_at,
+                ),
+                None => (Vec::new(), 0, String::new(), 0),
+            };
+            let (last_error_reason, last_error, last_error_at) = match &e.last_failure {
+                Some(f) => (f.reason.to_string(), f.message.clone(), f.at),
+                None => (String::new(), String::new(), 0),
+            };
+            bundles.push(pb::FederatedBundle {
+                trust_domain: e.trust_domain.to_string(),
+                endpoint: e.endpoint,
+                spiffe_bundle,
+                sequence,
+                source,
+                stored_at,
+                last_error_reason,
+                last_error,
+                last_error_at,
+                fetches: e.fetches,
+                failures: e.failures,
+            });
+        }
+        Ok(Response::new(pb::ListFederatedBundlesResponse { bundles }))
     }
 }
 

@@ -70,6 +70,8 @@ pub struct AppState {
     pub request_timeout: Duration,
     /// Turns true when the server shuts down (ends the subscription streams).
     pub shutdown: watch::Receiver<bool>,
+    /// Foreign trust domains' bundles (federation).
+    pub federated: crate::federation::FederatedBundles,
     client_verifier: Mutex<Option<(u64, tls::ClientTrust)>>,
     token_sessions: std::collections::HashMap<String, u32>,
 }
@@ -101,6 +103,7 @@ impl AppState {
             max_batch,
             request_timeout,
             shutdown,
+            federated: crate::federation::FederatedBundles::default(),
             client_verifier: Mutex::new(None),
             token_sessions: std::collections::HashMap::new(),
         }

@@ -171,6 +171,10 @@ pub struct BundleArgs {
     /// Output format: the SPIFFE bundle document (JSON) or the X.509 roots as PEM.
     #[arg(long, value_enum, default_value_t = BundleFormat::Spiffe)]
     format: BundleFormat,
+    /// Print the bundles fetched from federated trust domains instead (one trust domain, or all of them as a JSON
+    /// object keyed by trust domain name).
+    #[arg(long, value_name = "TRUST_DOMAIN", num_args = 0..=1, default_missing_value = "")]
+    federated: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -278,8 +282,93 @@ pub fn mint(args: MintArgs) -> Result<(), CliError> {
     })
 }
 
+/// Runs `signet bundle --federated [TD]`: one trust domain's bundle document (or its roots as PEM), or every
+/// federated trust domain's bundle as one JSON object keyed by name (without `spiffe_refresh_hint`, as the SPIFFE
+/// standard asks of multi-trust-domain maps).
+fn federated(args: &BundleArgs, td: &str) -> Result<(), CliError> {
+    use signet::spiffe::BundleDocument;
+    use signet_proto::signet::v1::admin_client::AdminClient;
+    runtime()?.block_on(async move {
+        let mut client = AdminClient::new(args.conn.channel().await?);
+        let r = client
+            .list_federated_bundles(pb::ListFederatedBundlesRequest {
+                trust_domain: td.to_string(),
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        for b in &r.bundles {
+            if !b.last_error.is_empty() {
+                eprintln!(
+                    "warning: {}: the last fetch from {} failed ({}): {}",
+                    b.trust_domain, b.endpoint, b.last_error_reason, b.last_error
+                );
+            }
+        }
+        let parse = |b: &pb::FederatedBundle| -> Result<Option<BundleDocument>, CliError> {
+            if b.spiffe_bundle.is_empty() {
+                return Ok(None);
+            }
+            BundleDocument::parse(&b.spiffe_bundle)
+                .map(Some)
+                .map_err(|e| {
+                    CliError::new(format!(
+                        "{}: the server sent a bad bundle: {e}",
+                        b.trust_domain
+                    ))
+                })
+        };
+        if !td.is_empty() {
+            let Some(b) = r.bundles.first() else {
+                return Err(CliError::new(format!(
+                    "{td}: no such federated trust domain"
+                )));
+            };
+            let Some(doc) = parse(b)? else {
+                return Err(CliError::new(format!(
+                    "{td}: no bundle yet (nothing fetched from {} so far)",
+                    b.endpoint
+                )));
+            };
+            match args.format {
+                BundleFormat::Spiffe => println!("{}", String::from_utf8_lossy(&b.spiffe_bundle)),
+                BundleFormat::Pem => print!("{}", doc.x509_roots_pem()),
+            }
+            return Ok(());
+        }
+        match args.format {
+            BundleFormat::Spiffe => {
+                let mut map = serde_json::Map::new();
+                for b in &r.bundles {
+                    if let Some(mut doc) = parse(b)? {
+                        doc.refresh_hint_secs = None;
+                        let json = doc.to_json().map_err(|e| CliError::new(e.to_string()))?;
+                        let value: serde_json::Value = serde_json::from_str(&json)
+                            .map_err(|e| CliError::new(e.to_string()))?;
+                        map.insert(b.trust_domain.clone(), value);
+                    }
+                }
+                let text = serde_json::to_string_pretty(&serde_json::Value::Object(map))
+                    .map_err(|e| CliError::new(e.to_string()))?;
+                println!("{text}");
+            }
+            BundleFormat::Pem => {
+                for b in &r.bundles {
+                    if let Some(doc) = parse(b)? {
+                        print!("{}", doc.x509_roots_pem());
+                    }
+                }
+            }
+        }
+        Ok(())
+    })
+}
+
 /// Runs `signet bundle`.
 pub fn bundle(args: BundleArgs) -> Result<(), CliError> {
+    if let Some(td) = args.federated.clone() {
+        return federated(&args, td.trim());
+    }
     runtime()?.block_on(async move {
         let mut client = IssuerClient::new(args.conn.channel().await?);
         let b = client

@@ -1,0 +1,273 @@
+//! The SPIFFE bundle endpoint server: HTTP/1.1 over TLS, `GET /` (and `HEAD /`) answer the trust domain's current
+//! bundle document as UTF-8 JSON with `Content-Type: application/json` and an `ETag`. A request whose
+//! `If-None-Match` holds the current tag gets `304 Not Modified` with no body, so a poller pays for the bundle only
+//! when it changed. The document is rendered once per bundle version (per `spiffe_sequence`), not per request.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use http_body_util::Full;
+use hyper::body::{Bytes, Incoming};
+use hyper::header::{self, HeaderValue};
+use hyper::{Method, Request, Response, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio::net::TcpListener;
+use tokio::sync::{Semaphore, watch};
+use tokio_rustls::rustls;
+
+use crate::api::bundle::TrustBundle;
+
+/// Connections served at once; more wait in the kernel's backlog.
+const MAX_CONNECTIONS: usize = 256;
+/// The longest a connection may live (a poller needs one request).
+const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
+
+/// The server's rustls configuration: Mozilla "intermediate" (TLS 1.2 and 1.3; ring's suites, all of them ECDHE
+/// with AES-GCM or ChaCha20-Poly1305; X25519, P-256 and P-384 key exchange), no client authentication, HTTP/1.1.
+pub fn tls_config(
+    chain: Vec<Vec<u8>>,
+    key: PrivateKeyDer<'static>,
+) -> Result<rustls::ServerConfig, String> {
+    let mut cfg = rustls::ServerConfig::builder_with_provider(super::verify::provider())
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(|e| e.to_string())?
+        .with_no_client_auth()
+        .with_single_cert(chain.into_iter().map(CertificateDer::from).collect(), key)
+        .map_err(|e| format!("the bundle endpoint's certificate or key is unusable: {e}"))?;
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+/// Reads a PEM certificate chain (leaf first) and its private key (PKCS#8, SEC1 or PKCS#1).
+pub fn load_pem(
+    cert: &std::path::Path,
+    key: &std::path::Path,
+) -> Result<(Vec<Vec<u8>>, PrivateKeyDer<'static>), String> {
+    let read = |p: &std::path::Path| {
+        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+    };
+    let chain: Vec<Vec<u8>> = pem::parse_many(read(cert)?)
+        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| p.contents().to_vec())
+        .collect();
+    if chain.is_empty() {
+        return Err(format!("{} holds no CERTIFICATE", cert.display()));
+    }
+    let block = pem::parse(read(key)?).map_err(|e| format!("{}: {e}", key.display()))?;
+    let der = block.contents().to_vec();
+    let key = match block.tag() {
+        "PRIVATE KEY" => PrivateKeyDer::Pkcs8(der.into()),
+        "EC PRIVATE KEY" => PrivateKeyDer::Sec1(der.into()),
+        "RSA PRIVATE KEY" => PrivateKeyDer::Pkcs1(der.into()),
+        other => {
+            return Err(format!(
+                "{}: a {other:?} block is not a private key",
+                key.display()
+            ));
+        }
+    };
+    Ok((chain, key))
+}
+
+/// The rendered current bundle.
+#[derive(Debug)]
+struct Rendered {
+    sequence: u64,
+    body: Bytes,
+    etag: HeaderValue,
+}
+
+/// What the handler needs.
+#[derive(Debug)]
+struct Shared {
+    bundle: TrustBundle,
+    refresh_hint_secs: u64,
+    cache: Mutex<Option<Arc<Rendered>>>,
+}
+
+impl Shared {
+    fn current(&self) -> Result<Arc<Rendered>, String> {
+        let snap = self.bundle.current();
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(r) = cache.as_ref()
+            && r.sequence == snap.sequence
+        {
+            return Ok(r.clone());
+        }
+        let mut doc = snap.document().map_err(|e| e.to_string())?;
+        doc.refresh_hint_secs = Some(self.refresh_hint_secs);
+        let json = doc.to_json().map_err(|e| e.to_string())?;
+        let digest = ring::digest::digest(&ring::digest::SHA256, json.as_bytes());
+        let etag = format!(
+            "\"{}-{}\"",
+            snap.sequence,
+            hex::encode(&digest.as_ref()[..12])
+        );
+        let r = Arc::new(Rendered {
+            sequence: snap.sequence,
+            body: Bytes::from(json),
+            etag: HeaderValue::from_str(&etag).map_err(|e| e.to_string())?,
+        });
+        *cache = Some(r.clone());
+        Ok(r)
+    }
+}
+
+fn etag_matches(header: Option<&HeaderValue>, etag: &HeaderValue) -> bool {
+    let Some(v) = header.and_then(|v| v.to_str().ok()) else {
+        return false;
+    };
+    let want = etag.to_str().unwrap_or_default();
+    v.split(',')
+        .map(|t| t.trim().trim_start_matches("W/"))
+        .any(|t| t == "*" || t == want)
+}
+
+fn respond(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from_static(body.as_bytes())));
+    *r.status_mut() = status;
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("text/plain; charset=utf-8"),
+    );
+    r
+}
+
+fn handle(shared: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    if req.uri().path() != "/" {
+        return respond(StatusCode::NOT_FOUND, "the bundle endpoint serves / only\n");
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        let mut r = respond(StatusCode::METHOD_NOT_ALLOWED, "use GET\n");
+        r.headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static("GET, HEAD"));
+        return r;
+    }
+    let rendered = match shared.current() {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "the bundle cannot be rendered for the bundle endpoint");
+            return respond(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the bundle cannot be rendered\n",
+            );
+        }
+    };
+    let not_modified = etag_matches(req.headers().get(header::IF_NONE_MATCH), &rendered.etag);
+    let mut r = if not_modified {
+        let mut r = Response::new(Full::new(Bytes::new()));
+        *r.status_mut() = StatusCode::NOT_MODIFIED;
+        r
+    } else if req.method() == Method::HEAD {
+        Response::new(Full::new(Bytes::new()))
+    } else {
+        Response::new(Full::new(rendered.body.clone()))
+    };
+    let h = r.headers_mut();
+    h.insert(header::ETAG, rendered.etag.clone());
+    h.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    if !not_modified {
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
+    r
+}
+
+/// Serves the bundle endpoint on `listener` until `shutdown` turns true.
+pub async fn serve(
+    listener: TcpListener,
+    tls: rustls::ServerConfig,
+    bundle: TrustBundle,
+    refresh_hint: Duration,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let shared = Arc::new(Shared {
+        bundle,
+        refresh_hint_secs: refresh_hint.as_secs().max(1),
+        cache: Mutex::new(None),
+    });
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let permit = tokio::select! {
+            p = permits.clone().acquire_owned() => match p {
+                Ok(p) => p,
+                Err(_) => return,
+            },
+            () = crate::api::until_shutdown(&mut shutdown) => return,
+        };
+        let (tcp, peer) = tokio::select! {
+            a = listener.accept() => match a {
+                Ok(a) => a,
+                Err(e) => {
+                    tracing::warn!(error = %e, "bundle endpoint: accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            () = crate::api::until_shutdown(&mut shutdown) => return,
+        };
+        let (acceptor, shared) = (acceptor.clone(), shared.clone());
+        tokio::spawn(async move {
+            let _permit = permit;
+            let _ =
+                tokio::time::timeout(CONNECTION_LIFETIME, connection(acceptor, shared, tcp, peer))
+                    .await;
+        });
+    }
+}
+
+async fn connection(
+    acceptor: tokio_rustls::TlsAcceptor,
+    shared: Arc<Shared>,
+    tcp: tokio::net::TcpStream,
+    peer: SocketAddr,
+) {
+    let tls = match acceptor.accept(tcp).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::debug!(%peer, error = %e, "bundle endpoint: TLS handshake failed");
+            return;
+        }
+    };
+    let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let shared = shared.clone();
+        async move {
+            let r = handle(&shared, &req);
+            metrics::counter!("signet_federation_endpoint_requests_total", "status" => r.status().as_u16().to_string())
+                .increment(1);
+            Ok::<_, Infallible>(r)
+        }
+    });
+    if let Err(e) = hyper::server::conn::http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(10))
+        .serve_connection(TokioIo::new(tls), service)
+        .await
+    {
+        tracing::debug!(%peer, error = %e, "bundle endpoint: connection ended with an error");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn if_none_match_lists_and_weak_tags() {
+        let tag = HeaderValue::from_static("\"7-abc\"");
+        let h = |s: &'static str| HeaderValue::from_static(s);
+        assert!(etag_matches(Some(&h("\"7-abc\"")), &tag));
+        assert!(etag_matches(Some(&h("\"1-x\", W/\"7-abc\"")), &tag));
+        assert!(etag_matches(Some(&h("*")), &tag));
+        assert!(!etag_matches(Some(&h("\"6-abc\"")), &tag));
+        assert!(!etag_matches(None, &tag));
+    }
+}

@@ -1,0 +1,188 @@
+//! The `https_spiffe` server certificate check (SPIFFE Federation §5.2): the endpoint's certificate must be an
+//! X509-SVID that carries exactly the configured endpoint SPIFFE ID and chains to the foreign trust domain's bundle
+//! (the bootstrap bundle first, then the last one fetched). Path validation is rustls-webpki's; the host name in
+//! the URL plays no part.
+
+use std::sync::Arc;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms};
+use rustls::pki_types::{CertificateDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+use tokio_rustls::rustls;
+
+use crate::spiffe::SpiffeId;
+
+/// Verifies an endpoint's X509-SVID against a set of roots and one SPIFFE ID.
+#[derive(Debug)]
+pub struct SpiffeServerVerifier {
+    roots: Vec<CertificateDer<'static>>,
+    expected: SpiffeId,
+    algs: WebPkiSupportedAlgorithms,
+}
+
+impl SpiffeServerVerifier {
+    /// Trusts `roots` (DER CA certificates of the foreign bundle) for an endpoint with SPIFFE ID `expected`.
+    pub fn new(roots: &[Vec<u8>], expected: SpiffeId, provider: &CryptoProvider) -> Self {
+        Self {
+            roots: roots
+                .iter()
+                .map(|r| CertificateDer::from(r.clone()))
+                .collect(),
+            expected,
+            algs: provider.signature_verification_algorithms,
+        }
+    }
+
+    /// The check itself, without the TLS plumbing (also used by tests).
+    pub fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<(), String> {
+        let (_, cert) = x509_parser::parse_x509_certificate(end_entity)
+            .map_err(|e| format!("the endpoint's certificate does not parse: {e}"))?;
+        let mut uris = Vec::new();
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for n in &san.value.general_names {
+                if let x509_parser::extensions::GeneralName::URI(u) = n {
+                    uris.push(*u);
+                }
+            }
+        }
+        let [uri] = uris.as_slice() else {
+            return Err(format!(
+                "the endpoint's certificate has {} URI SANs: an X509-SVID has exactly one",
+                uris.len()
+            ));
+        };
+        let id = SpiffeId::parse(uri)
+            .map_err(|e| format!("the endpoint's URI SAN is not a SPIFFE ID: {e}"))?;
+        if id != self.expected {
+            return Err(format!(
+                "the endpoint presents SPIFFE ID {id}, but {} is configured (endpoint_spiffe_id)",
+                self.expected
+            ));
+        }
+        let anchors = self
+            .roots
+            .iter()
+            .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
+            .collect::<Vec<_>>();
+        if anchors.is_empty() {
+            return Err("the foreign trust domain's bundle holds no usable X.509 authority".into());
+        }
+        let ee = webpki::EndEntityCert::try_from(end_entity)
+            .map_err(|e| format!("the endpoint's certificate is not usable: {e}"))?;
+        ee.verify_for_usage(
+            self.algs.all,
+            &anchors,
+            intermediates,
+            now,
+            webpki::KeyUsage::server_auth(),
+            None,
+            None,
+        )
+        .map_err(|e| {
+            format!("the endpoint's X509-SVID does not chain to the trust domain's bundle: {e}")
+        })?;
+        Ok(())
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        self.check(end_entity, intermediates, now)
+            .map_err(rustls::Error::General)?;
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algs)
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algs)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algs.supported_schemes()
+    }
+}
+
+/// The crypto provider of the federation's TLS (ring, Mozilla "intermediate" suites and groups).
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ca() -> (rcgen::Certificate, rcgen::Issuer<'static, rcgen::KeyPair>) {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        p.subject_alt_names = vec![rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from("spiffe://b.test").unwrap(),
+        )];
+        let kp = rcgen::KeyPair::generate().unwrap();
+        let cert = p.self_signed(&kp).unwrap();
+        (cert, rcgen::Issuer::new(p, kp))
+    }
+
+    fn svid(id: &str, issuer: &rcgen::Issuer<'_, rcgen::KeyPair>) -> Vec<u8> {
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        p.subject_alt_names = vec![rcgen::SanType::URI(
+            rcgen::string::Ia5String::try_from(id).unwrap(),
+        )];
+        p.key_usages = vec![rcgen::KeyUsagePurpose::DigitalSignature];
+        p.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        let kp = rcgen::KeyPair::generate().unwrap();
+        p.signed_by(&kp, issuer).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn the_endpoint_svid_must_carry_the_id_and_chain_to_the_bundle() {
+        let (root, issuer) = ca();
+        let (other_root, _) = ca();
+        let want = SpiffeId::parse("spiffe://b.test/endpoint").unwrap();
+        let good = CertificateDer::from(svid("spiffe://b.test/endpoint", &issuer));
+        let now = UnixTime::now();
+        let v = SpiffeServerVerifier::new(&[root.der().to_vec()], want.clone(), &provider());
+        assert_eq!(v.check(&good, &[], now), Ok(()));
+        let other_id = CertificateDer::from(svid("spiffe://b.test/someone", &issuer));
+        let e = v.check(&other_id, &[], now).unwrap_err();
+        assert!(e.contains("spiffe://b.test/someone"), "{e}");
+        let stranger =
+            SpiffeServerVerifier::new(&[other_root.der().to_vec()], want.clone(), &provider());
+        let e = stranger.check(&good, &[], now).unwrap_err();
+        assert!(e.contains("does not chain"), "{e}");
+        let empty = SpiffeServerVerifier::new(&[], want, &provider());
+        assert!(empty.check(&good, &[], now).is_err());
+        assert!(
+            v.check(&CertificateDer::from(vec![1, 2, 3]), &[], now)
+                .is_err()
+        );
+    }
+}

@@ -400,9 +400,13 @@ impl Default for JwtSettings {
 }
 
 /// `[authority]`.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthoritySettings {
+    /// How often relying parties should fetch the bundle again (`spiffe_refresh_hint` of GetBundle and of the
+    /// subscription streams' documents). A new key is published at least 3 of these before it signs.
+    #[serde(default = "default_bundle_refresh_hint")]
+    pub bundle_refresh_hint: ConfigDuration,
     /// The X.509 authority.
     #[serde(default)]
     pub x509: X509Settings,
@@ -412,6 +416,21 @@ pub struct AuthoritySettings {
     /// Rotation of the root and the JWT key.
     #[serde(default)]
     pub rotation: RotationSettings,
+}
+
+fn default_bundle_refresh_hint() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(crate::api::bundle::REFRESH_HINT_SECS))
+}
+
+impl Default for AuthoritySettings {
+    fn default() -> Self {
+        Self {
+            bundle_refresh_hint: default_bundle_refresh_hint(),
+            x509: X509Settings::default(),
+            jwt: JwtSettings::default(),
+            rotation: RotationSettings::default(),
+        }
+    }
 }
 
 /// `[authority.rotation]`: when the root and the JWT key rotate on their own (like SPIRE: prepare and publish the
@@ -812,7 +831,16 @@ impl Config {
                 r.prepare_at, r.activate_at
             )));
         }
-        let hint = crate::api::bundle::REFRESH_HINT_SECS;
+        // The longest refresh hint signet publishes: the bundle's, and the bundle endpoint's when it serves.
+        let mut hint = self.authority.bundle_refresh_hint.0.as_secs();
+        if self.federation.listen.is_some() {
+            hint = hint.max(self.federation.refresh_hint.0.as_secs());
+        }
+        if hint == 0 {
+            return Err(ConfigError::Invalid(
+                "authority.bundle_refresh_hint must be at least 1 s".into(),
+            ));
+        }
         if r.publish_lead.0.as_secs() < 3 * hint {
             return Err(ConfigError::Invalid(format!(
                 "authority.rotation.publish_lead must be at least 3 refresh hints ({} s): relying parties must have \

@@ -817,6 +817,7 @@ impl Appliance {
             }
         };
         let bundle = authorities.bundle().clone();
+        bundle.set_refresh_hint(cfg.authority.bundle_refresh_hint.0);
         write_public(
             &boot.paths.bundle,
             pem_certs(&bundle.current().x509_roots).as_bytes(),

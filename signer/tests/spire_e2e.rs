@@ -5,7 +5,8 @@
 //! - UpstreamAuthority: the server starts, its X.509 CA chains to signet's root, an agent attests with a join token,
 //!   a workload's X509-SVID from `spire-agent api fetch x509` verifies against signet's root with `openssl verify`,
 //!   its JWT-SVID verifies (spiffe crate) against SPIRE's bundle and against signet's; the appliance restarts and a
-//!   new root then reaches `spire-server bundle show` without restarting SPIRE (the root-rotation step).
+//!   `signet rotate` prepares and publishes a new root, which reaches `spire-server bundle show` without restarting
+//!   SPIRE, and activates it while SPIRE keeps serving.
 //! - KeyManager: the same server and agent with signet keeping SPIRE's CA and JWT keys: SVIDs verify against
 //!   SPIRE's bundle, and the keys SPIRE signs with are the ones on the token.
 //!
@@ -29,6 +30,7 @@ use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use common::*;
+use signet::config::ConfigDuration;
 use spiffe::{JwtBundle, JwtBundleSet, JwtSvid};
 
 /// The SPIRE binaries, or `None` (loudly) where Go is missing. Built once per test process (the tests run in
@@ -416,6 +418,10 @@ async fn spire_with_signet_as_upstream_authority() {
     let port = free_port();
     let Some(bed) = Bed::start_with(|c| {
         c.server.listen = std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        // A short refresh hint, so that a rotation's publish lead (3 hints) fits in the test.
+        c.authority.bundle_refresh_hint = ConfigDuration(Duration::from_secs(1));
+        c.authority.rotation.publish_lead = ConfigDuration(Duration::from_secs(3));
+        c.authority.rotation.schedule = false;
     })
     .await
     else {
@@ -460,13 +466,46 @@ async fn spire_with_signet_as_upstream_authority() {
     bed.stop().await;
 }
 
-/// The root-rotation step: a new root in signet's bundle shows up in `spire-server bundle show` without restarting
-/// SPIRE. Today the new root is added to the appliance's live bundle directly; once `signet rotate prepare` and
-/// `activate` exist, this step runs them instead and checks the same thing.
+/// The root-rotation step, through `signet rotate`'s Admin API: `prepare` + `publish` put a new root in signet's
+/// bundle and it shows up in `spire-server bundle show` without restarting SPIRE; `activate` (once the publish lead
+/// has passed) moves issuance to the new root while SPIRE keeps serving: a workload SVID fetched afterwards still
+/// verifies against SPIRE's bundle, which holds both roots.
 async fn root_rotation_reaches_spire(bed: &Bed, spire: &Spire) {
-    let (next_root, _) = foreign_ca();
-    let next_root = next_root.der().to_vec();
-    assert!(bed.app.bundle().add_x509_root(next_root.clone()));
+    use signet_proto::signet::v1 as spb;
+    use signet_proto::signet::v1::admin_client::AdminClient;
+    let mut admin = AdminClient::new(bed.channel(Some(&bed.admin())).await);
+    let step = |step: &str| spb::RotateRequest {
+        step: step.into(),
+        kind: "x509".into(),
+        label: String::new(),
+    };
+    let old_roots = pem_ders(bed.roots_pem().as_bytes());
+    let label = admin
+        .rotate(step("prepare"))
+        .await
+        .expect("rotate prepare")
+        .into_inner()
+        .label;
+    admin.rotate(step("publish")).await.expect("rotate publish");
+    let published = Instant::now();
+    let rotation = admin
+        .get_rotation(spb::GetRotationRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let next = rotation
+        .authorities
+        .iter()
+        .find(|a| a.label == label)
+        .expect("the prepared root in GetRotation");
+    assert_eq!(next.state, "published");
+    let bundle = bed.app.bundle().current();
+    let next_root = bundle
+        .x509_roots
+        .iter()
+        .find(|r| !old_roots.contains(r))
+        .expect("the new root in signet's bundle after publish")
+        .clone();
     let logs = [spire.server_log.as_path()];
     tokio::task::block_in_place(|| {
         eventually(
@@ -476,6 +515,34 @@ async fn root_rotation_reaches_spire(bed: &Bed, spire: &Spire) {
             || spire.bundle_roots().contains(&next_root).then_some(()),
         )
     });
+    // Activate once the publish lead has passed (the test configures a short one).
+    let lead = Duration::from_secs(u64::try_from(rotation.publish_lead_seconds).unwrap());
+    if let Some(left) = lead.checked_sub(published.elapsed()) {
+        tokio::time::sleep(left + Duration::from_millis(200)).await;
+    }
+    admin
+        .rotate(step("activate"))
+        .await
+        .expect("rotate activate");
+    let roots = spire.bundle_roots();
+    assert!(
+        roots.contains(&next_root) && old_roots.iter().all(|r| roots.contains(r)),
+        "SPIRE's bundle holds the old and the new root after activate"
+    );
+    // The agent syncs its bundle from the server every few seconds.
+    let (chain, agent_bundle) = tokio::task::block_in_place(|| {
+        eventually(
+            Duration::from_secs(60),
+            "the new root in the agent's bundle",
+            &logs,
+            || {
+                let (chain, bundle) = spire.fetch_x509();
+                bundle.contains(&next_root).then_some((chain, bundle))
+            },
+        )
+    });
+    openssl_verify(&agent_bundle, &chain[1..], &chain[0])
+        .expect("a workload SVID after activate verifies against SPIRE's bundle (openssl)");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

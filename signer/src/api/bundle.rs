@@ -9,6 +9,7 @@
 //! ([`crate::ca::Authorities::keep_published_jwt_keys`]), so a restart still publishes them.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -41,7 +42,8 @@ pub struct BundleSnapshot {
     pub jwt_keys: Vec<JwtKey>,
 }
 
-/// How often relying parties should refresh the bundle, in seconds (published as `spiffe_refresh_hint`).
+/// How often relying parties should refresh the bundle, in seconds (published as `spiffe_refresh_hint`), unless
+/// the configuration says otherwise (`authority.bundle_refresh_hint`).
 pub const REFRESH_HINT_SECS: u64 = 300;
 
 impl BundleSnapshot {
@@ -82,6 +84,7 @@ pub enum PublishError {
 #[derive(Debug, Clone)]
 pub struct TrustBundle {
     tx: Arc<watch::Sender<Arc<BundleSnapshot>>>,
+    refresh_hint_secs: Arc<AtomicU64>,
 }
 
 impl TrustBundle {
@@ -100,7 +103,21 @@ impl TrustBundle {
     /// A bundle starting at `snapshot` (as the datastore holds it).
     pub fn from_snapshot(snapshot: BundleSnapshot) -> Self {
         let (tx, _) = watch::channel(Arc::new(snapshot));
-        Self { tx: Arc::new(tx) }
+        Self {
+            tx: Arc::new(tx),
+            refresh_hint_secs: Arc::new(AtomicU64::new(REFRESH_HINT_SECS)),
+        }
+    }
+
+    /// Sets the `spiffe_refresh_hint` the bundle is published with (seconds, at least 1).
+    pub fn set_refresh_hint(&self, hint: std::time::Duration) {
+        self.refresh_hint_secs
+            .store(hint.as_secs().max(1), Ordering::Relaxed);
+    }
+
+    /// The `spiffe_refresh_hint` the bundle is published with, in seconds.
+    pub fn refresh_hint_secs(&self) -> u64 {
+        self.refresh_hint_secs.load(Ordering::Relaxed)
     }
 
     /// Replaces the bundle with `snapshot` (built from the datastore after a committed change) if its content or

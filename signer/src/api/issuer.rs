@@ -249,7 +249,10 @@ impl pb::issuer_server::Issuer for IssuerService {
         let b = st.bundle.current();
         let doc = b
             .document()
-            .and_then(|d| d.to_json())
+            .and_then(|mut d| {
+                d.refresh_hint_secs = Some(st.bundle.refresh_hint_secs());
+                d.to_json()
+            })
             .map_err(|e| Status::internal(format!("cannot render the bundle: {e}")))?;
         Ok(Response::new(pb::GetBundleResponse {
             spiffe_bundle: doc.into_bytes(),

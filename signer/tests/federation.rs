@@ -438,6 +438,41 @@ async fn two_trust_domains_federate_and_a_bundle_change_arrives_within_two_hints
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("gamma.test"));
 
+    // A root rotation on alpha (`signet rotate prepare` + `publish`, the real binary, through the Admin API)
+    // reaches beta within two refresh hints: beta's copy of alpha's bundle then holds the old and the new root.
+    let rotate = |step: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_signet"))
+            .args(["rotate", step, "--data-dir"])
+            .arg(&data)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "signet rotate {step}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    rotate("prepare");
+    let rotated_at = Instant::now();
+    rotate("publish");
+    let mut roots_now = alpha.app.bundle().current().x509_roots.clone();
+    roots_now.sort();
+    assert_eq!(roots_now.len(), 2, "alpha's bundle holds both roots");
+    let got = wait_for(&beta, "alpha.test", 2 * HINT, |e| {
+        e.bundle.as_ref().is_some_and(|b| {
+            let mut r = roots_of(&b.document);
+            r.sort();
+            r == roots_now
+        })
+    })
+    .await;
+    let took = rotated_at.elapsed();
+    assert!(got.last_failure.is_none(), "{:?}", got.last_failure);
+    println!(
+        "root rotation (publish) reached the other trust domain in {took:?} = {:.2} refresh hints (hint {HINT:?})",
+        took.as_secs_f64() / HINT.as_secs_f64()
+    );
+
     alpha.app.shutdown().await.unwrap();
     beta.app.shutdown().await.unwrap();
 }

@@ -463,6 +463,9 @@ impl KeyMaterial {
         match (self, mechanism) {
             (KeyMaterial::P256(k), m) => {
                 let digest = ec_digest(m, data);
+                if let Ok(d) = <&[u8; 32]>::try_from(digest.as_slice()) {
+                    return Ok(crate::p256_sign::sign_digest(k.as_nonzero_scalar(), d).to_vec());
+                }
                 let sig: p256::ecdsa::Signature = k
                     .sign_prehash(&digest)
                     .map_err(|_| Rv(CKR_DATA_LEN_RANGE))?;

@@ -56,6 +56,7 @@ pub mod crypto;
 pub mod faults;
 mod ffi;
 pub mod limiter;
+mod p256_sign;
 pub mod rv;
 pub mod store;
 pub mod token;

@@ -16,7 +16,7 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use tokio_rustls::rustls;
 
-use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::spiffe::TrustDomain;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -109,24 +109,7 @@ impl ClientTrust {
             .map_err(|e| {
                 format!("the client certificate is not trusted by trust domain {td}: {e}")
             })?;
-        let (_, cert) = x509_parser::parse_x509_certificate(leaf)
-            .map_err(|e| format!("the client certificate does not parse: {e}"))?;
-        let mut uris = Vec::new();
-        if let Ok(Some(san)) = cert.subject_alternative_name() {
-            for n in &san.value.general_names {
-                if let x509_parser::extensions::GeneralName::URI(u) = n {
-                    uris.push(*u);
-                }
-            }
-        }
-        let [uri] = uris.as_slice() else {
-            return Err(format!(
-                "the client certificate has {} URI SANs: an X509-SVID has exactly one SPIFFE ID",
-                uris.len()
-            ));
-        };
-        let id = SpiffeId::parse(uri)
-            .map_err(|e| format!("the client certificate's URI SAN is not a SPIFFE ID: {e}"))?;
+        let id = crate::x509::svid_spiffe_id(leaf, "the client certificate")?;
         id.require_trust_domain(td)
             .map_err(|e| format!("the client certificate's SPIFFE ID is not accepted: {e}"))?;
         let until = all

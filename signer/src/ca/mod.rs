@@ -631,6 +631,25 @@ impl Authorities {
         Ok(tx)
     }
 
+    /// A step that changes the bundle: `rec`'s new state is journalled and committed with the next bundle sequence,
+    /// then replaces its row in `records`, which then take effect.
+    async fn commit_bundle_change(
+        &self,
+        step: &'static str,
+        rec: AuthorityRecord,
+        records: &mut [AuthorityRecord],
+    ) -> Result<(), RotationError> {
+        let mut tx = self.begin(step, &rec.label, rec.kind.name()).await?;
+        tx.update_authority(&rec).await?;
+        tx.bump_sequence(&self.td.to_string(), self.next_sequence())
+            .await?;
+        self.commit(tx, step).await?;
+        if let Some(r) = records.iter_mut().find(|r| r.label == rec.label) {
+            *r = rec;
+        }
+        self.take_effect(records).await
+    }
+
     async fn commit(&self, tx: Txn, step: &'static str) -> Result<(), RotationError> {
         crash::reached(step, "before-journal");
         tx.commit().await?;
@@ -903,16 +922,9 @@ impl Authorities {
         let now = self.clock.now();
         rec.state = AuthorityState::Published;
         rec.published_at = Some(unix(now));
-        let mut tx = self.begin("publish", &rec.label, kind.name()).await?;
-        tx.update_authority(&rec).await?;
-        tx.bump_sequence(&self.td.to_string(), self.next_sequence())
-            .await?;
-        self.commit(tx, "publish").await?;
         let label = rec.label.clone();
-        if let Some(r) = records.iter_mut().find(|r| r.label == label) {
-            *r = rec;
-        }
-        self.take_effect(&records).await?;
+        self.commit_bundle_change("publish", rec, &mut records)
+            .await?;
         tracing::info!(label, kind = kind.name(), "authority published");
         Ok(label)
     }
@@ -1017,16 +1029,9 @@ impl Authorities {
         }
         rec.state = AuthorityState::Retired;
         rec.retired_at = Some(unix(now));
-        let mut tx = self.begin("retire", &rec.label, kind.name()).await?;
-        tx.update_authority(&rec).await?;
-        tx.bump_sequence(&self.td.to_string(), self.next_sequence())
-            .await?;
-        self.commit(tx, "retire").await?;
         let label = rec.label.clone();
-        if let Some(r) = records.iter_mut().find(|r| r.label == label) {
-            *r = rec;
-        }
-        self.take_effect(&records).await?;
+        self.commit_bundle_change("retire", rec, &mut records)
+            .await?;
         tracing::info!(label, kind = kind.name(), "authority retired");
         Ok(label)
     }
@@ -1047,15 +1052,8 @@ impl Authorities {
             return Ok(());
         }
         rec.tainted = true;
-        let mut tx = self.begin("taint", label, rec.kind.name()).await?;
-        tx.update_authority(&rec).await?;
-        tx.bump_sequence(&self.td.to_string(), self.next_sequence())
+        self.commit_bundle_change("taint", rec, &mut records)
             .await?;
-        self.commit(tx, "taint").await?;
-        if let Some(r) = records.iter_mut().find(|r| r.label == label) {
-            *r = rec;
-        }
-        self.take_effect(&records).await?;
         tracing::warn!(label, "authority tainted");
         Ok(())
     }

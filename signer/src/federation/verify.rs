@@ -41,24 +41,7 @@ impl SpiffeServerVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<(), String> {
-        let (_, cert) = x509_parser::parse_x509_certificate(end_entity)
-            .map_err(|e| format!("the endpoint's certificate does not parse: {e}"))?;
-        let mut uris = Vec::new();
-        if let Ok(Some(san)) = cert.subject_alternative_name() {
-            for n in &san.value.general_names {
-                if let x509_parser::extensions::GeneralName::URI(u) = n {
-                    uris.push(*u);
-                }
-            }
-        }
-        let [uri] = uris.as_slice() else {
-            return Err(format!(
-                "the endpoint's certificate has {} URI SANs: an X509-SVID has exactly one",
-                uris.len()
-            ));
-        };
-        let id = SpiffeId::parse(uri)
-            .map_err(|e| format!("the endpoint's URI SAN is not a SPIFFE ID: {e}"))?;
+        let id = crate::x509::svid_spiffe_id(end_entity, "the endpoint's certificate")?;
         if id != self.expected {
             return Err(format!(
                 "the endpoint presents SPIFFE ID {id}, but {} is configured (endpoint_spiffe_id)",

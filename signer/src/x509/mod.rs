@@ -12,3 +12,26 @@ pub use issue::{
     RootRequest,
 };
 pub use lint::{LintContext, Profile, lint_tbs};
+
+/// The SPIFFE ID of the X509-SVID `der`: exactly one URI SAN, a valid SPIFFE ID. `what` names the certificate in
+/// the error ("the client certificate").
+pub fn svid_spiffe_id(der: &[u8], what: &str) -> Result<crate::spiffe::SpiffeId, String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der)
+        .map_err(|e| format!("{what} does not parse: {e}"))?;
+    let mut uris = Vec::new();
+    if let Ok(Some(san)) = cert.subject_alternative_name() {
+        for n in &san.value.general_names {
+            if let x509_parser::extensions::GeneralName::URI(u) = n {
+                uris.push(*u);
+            }
+        }
+    }
+    let [uri] = uris.as_slice() else {
+        return Err(format!(
+            "{what} has {} URI SANs: an X509-SVID has exactly one SPIFFE ID",
+            uris.len()
+        ));
+    };
+    crate::spiffe::SpiffeId::parse(uri)
+        .map_err(|e| format!("{what}'s URI SAN is not a SPIFFE ID: {e}"))
+}

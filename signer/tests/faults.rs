@@ -743,14 +743,14 @@ async fn one_percent_device_errors(rig: &Rig, control: Control) -> Control {
                 .fail_rate(0.01, CKR_DEVICE_ERROR, &[OpKind::Sign], 7)
                 .unwrap();
             let base = applied(&c, seq, &poke).await.failures;
-            // 2 s, and on until the device has failed a few signatures (a slow debug build signs few): at most 10 s.
+            // 2 s, and on until the device has failed a few signatures (a slow debug build signs few): at most 30 s.
             let since = Instant::now();
             loop {
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let failed = c.counters().unwrap().failures - base;
                 let held = since.elapsed();
                 if (held >= Duration::from_secs(2) && failed >= 3)
-                    || held >= Duration::from_secs(10)
+                    || held >= Duration::from_secs(30)
                 {
                     break;
                 }

@@ -278,6 +278,9 @@ pub struct ServerSettings {
     /// Lifetime of the server's and the admin's X509-SVIDs (re-issued at start when less than half is left).
     #[serde(default = "default_service_svid_ttl")]
     pub service_svid_ttl: ConfigDuration,
+    /// This replica's name among those sharing a PostgreSQL datastore (default: host name and port).
+    #[serde(default)]
+    pub replica_id: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -313,6 +316,7 @@ impl Default for ServerSettings {
             max_message_bytes: default_max_message(),
             shutdown_grace: default_grace(),
             service_svid_ttl: default_service_svid_ttl(),
+            replica_id: None,
         }
     }
 }
@@ -719,8 +723,8 @@ pub struct Config {
     /// Where generated state lives (root certificate, service credentials, the embedded token, the audit log).
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
-    /// The datastore (authorities, their rotation, the bundle's sequence): `sqlite://PATH`, relative to the data
-    /// directory.
+    /// The datastore (authorities, their rotation, the bundle's sequence, KeyManager key records): `sqlite://PATH`,
+    /// relative to the data directory, or `postgres://USER[:PASSWORD]@HOST[:PORT]/DB` for several replicas.
     #[serde(default = "default_datastore")]
     pub datastore: String,
     /// `[server]`.

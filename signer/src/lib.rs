@@ -31,6 +31,7 @@ pub mod lint;
 pub mod pipeline;
 pub mod plugin;
 pub mod policy;
+pub mod replica;
 pub mod serve;
 pub mod spiffe;
 pub mod spki;

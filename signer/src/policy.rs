@@ -158,6 +158,8 @@ struct Bucket {
 pub struct Policy {
     rules: Vec<Rule>,
     buckets: Mutex<HashMap<String, Bucket>>,
+    /// How many replicas share the rate limits (each grants this fraction of them); 1 alone.
+    share: std::sync::atomic::AtomicU32,
 }
 
 /// The rule that admitted a caller to a service: what it may do there.
@@ -251,7 +253,16 @@ impl Policy {
         Ok(Self {
             rules: out,
             buckets: Mutex::new(HashMap::new()),
+            share: std::sync::atomic::AtomicU32::new(1),
         })
+    }
+
+    /// Sets how many replicas share the rate limits: each bucket then refills at `rate / n` and holds `burst / n`
+    /// (see [`crate::replica`] for the bound this gives). Returns whether it changed.
+    pub fn set_share(&self, n: u32) -> bool {
+        self.share
+            .swap(n.max(1), std::sync::atomic::Ordering::Relaxed)
+            != n.max(1)
     }
 
     /// The grant of `caller` for `service`, or why there is none.
@@ -322,12 +333,23 @@ impl Grant<'_> {
 
     /// Takes `cost` tokens from the caller's bucket, or says when to retry.
     pub fn take(&self, cost: u32) -> Result<(), Denied> {
-        let Some((rate, burst)) = self.rule.rate else {
+        let Some((full_rate, burst)) = self.rule.rate else {
             return Ok(());
         };
+        // This replica's share of the limit: the rate divided among the live replicas, and so the bucket; a request
+        // costing more than the shared bucket holds is let through only when it is full (the bucket then runs into
+        // debt), so the long-run rate stays within the share.
+        let share = f64::from(
+            self.policy
+                .share
+                .load(std::sync::atomic::Ordering::Relaxed)
+                .max(1),
+        );
+        let rate = full_rate / share;
+        let capacity = (f64::from(burst) / share).max(1.0);
         let denied = |retry_after_ms: u64| Denied::RateLimited {
             caller: self.caller.to_string(),
-            rate,
+            rate: full_rate,
             burst,
             retry_after_ms,
         };
@@ -346,24 +368,24 @@ impl Grant<'_> {
             .unwrap_or_else(|p| p.into_inner());
         if buckets.len() >= MAX_BUCKETS && !buckets.contains_key(self.caller) {
             // Forget callers whose buckets have refilled: they behave exactly like new callers.
-            buckets.retain(|_, b| {
-                b.tokens + now.duration_since(b.at).as_secs_f64() * rate < f64::from(burst)
-            });
+            buckets
+                .retain(|_, b| b.tokens + now.duration_since(b.at).as_secs_f64() * rate < capacity);
         }
         let b = buckets
             .entry(self.caller.to_string())
             .or_insert_with(|| Bucket {
-                tokens: f64::from(burst),
+                tokens: capacity,
                 at: now,
             });
-        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(f64::from(burst));
+        b.tokens = (b.tokens + now.duration_since(b.at).as_secs_f64() * rate).min(capacity);
         b.at = now;
         let cost = f64::from(cost);
-        if b.tokens >= cost {
+        let needed = cost.min(capacity);
+        if b.tokens >= needed {
             b.tokens -= cost;
             Ok(())
         } else {
-            let wait = (cost - b.tokens) / rate;
+            let wait = (needed - b.tokens) / rate;
             Err(denied((wait * 1000.0).ceil() as u64))
         }
     }
@@ -460,6 +482,39 @@ mod tests {
         assert!(g.take(1).is_ok());
         assert!(matches!(g.take(1), Err(Denied::RateLimited { .. })));
         assert!(matches!(g.take(4), Err(Denied::BeyondBurst { .. })));
+    }
+
+    #[test]
+    fn replicas_share_the_limit() {
+        let mut r = rule("spiffe://td/a", &["issuer"], &["spiffe://td/"]);
+        r.rate = Some(Rate { per_second: 0.001 });
+        r.burst = Some(6);
+        // Three replicas, each with its own policy state: together they grant the burst once, not three times.
+        let replicas: Vec<Policy> = (0..3)
+            .map(|_| {
+                let p =
+                    Policy::from_rules(std::slice::from_ref(&r), Duration::from_secs(600)).unwrap();
+                assert!(p.set_share(3));
+                assert!(!p.set_share(3));
+                p
+            })
+            .collect();
+        let mut granted = 0;
+        for p in &replicas {
+            let g = p.authorize("spiffe://td/a", Service::Issuer).unwrap();
+            while g.take(1).is_ok() {
+                granted += 1;
+            }
+        }
+        assert_eq!(granted, 6);
+        // A request costing more than a replica's share of the bucket (but within the burst) passes once the
+        // share is full, and the bucket then owes it.
+        let p = Policy::from_rules(std::slice::from_ref(&r), Duration::from_secs(600)).unwrap();
+        p.set_share(3);
+        let g = p.authorize("spiffe://td/a", Service::Issuer).unwrap();
+        assert!(g.take(5).is_ok());
+        assert!(matches!(g.take(1), Err(Denied::RateLimited { .. })));
+        assert!(matches!(g.take(7), Err(Denied::BeyondBurst { .. })));
     }
 
     #[test]

@@ -747,6 +747,12 @@ impl Appliance {
         let store = Store::open(&cfg.datastore, &dir)
             .await
             .map_err(|e| ServeError::Authority(e.to_string()))?;
+        // Replicas sharing a datastore start one at a time up to the adoption of the first authorities, so that only
+        // the first makes the root and keys.
+        let start_lock = store
+            .start_lock()
+            .await
+            .map_err(|e| ServeError::Authority(e.to_string()))?;
         let prior = prior_of(&store, &td).await?;
         let cfg2 = cfg.clone();
         let boot =
@@ -773,13 +779,15 @@ impl Appliance {
         let stop_pipeline = |p: Pipeline| async move {
             let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
         };
-        let authorities = match open_authorities(&cfg, &boot, store).await {
+        boot.keys.attach_store(store.clone());
+        let authorities = match open_authorities(&cfg, &boot, store.clone()).await {
             Ok(a) => Arc::new(a),
             Err(e) => {
                 stop_pipeline(boot.pipeline.clone()).await;
                 return Err(e);
             }
         };
+        start_lock.release().await;
         // signet's own credentials were issued by the active root at start: it stays in the bundle while they are
         // in use.
         {
@@ -829,6 +837,22 @@ impl Appliance {
             &bundle.current().x509_roots,
         )
         .map_err(ServeError::Server)?;
+        let listener = TcpListener::bind(cfg.server.listen)
+            .await
+            .map_err(io(format!("listening on {}", cfg.server.listen)))?;
+        let addr = listener
+            .local_addr()
+            .map_err(io("reading the listen address"))?;
+        let replication = Arc::new(if store.is_shared() {
+            let id = cfg
+                .server
+                .replica_id
+                .clone()
+                .unwrap_or_else(|| crate::replica::default_id(addr.port()));
+            crate::replica::Replication::new(store.engine(), id)
+        } else {
+            crate::replica::Replication::single(store.engine())
+        });
         let state = Arc::new(
             AppState::new(
                 boot.td.clone(),
@@ -843,7 +867,8 @@ impl Appliance {
                 shutdown_rx.clone(),
             )
             .with_token_sessions(boot.token_sessions.clone())
-            .with_authorities(authorities.clone()),
+            .with_authorities(authorities.clone())
+            .with_replication(replication),
         );
         background.push(tokio::spawn(follow_authorities(
             state.clone(),
@@ -853,25 +878,32 @@ impl Appliance {
             boot.paths.bundle.clone(),
             shutdown_rx.clone(),
         )));
-        if let Some(every) = cfg
-            .authority
-            .rotation
-            .schedule
-            .then_some(cfg.authority.rotation.check_every.0)
-        {
-            background.push(tokio::spawn(rotation_schedule(
+        let schedule = cfg.authority.rotation.schedule;
+        if schedule || store.is_shared() {
+            background.push(tokio::spawn(crate::replica::lead_rotations(
+                store.clone(),
+                state.clone(),
                 authorities.clone(),
-                every,
+                cfg.authority.rotation.check_every.0,
+                schedule,
+                shutdown_rx.clone(),
+            )));
+        }
+        if store.is_shared() {
+            background.push(tokio::spawn(crate::replica::follow_changes(
+                store.clone(),
+                state.clone(),
+                authorities.clone(),
+                shutdown_rx.clone(),
+            )));
+            background.push(tokio::spawn(crate::replica::heartbeat(
+                store.clone(),
+                state.clone(),
+                addr.to_string(),
                 shutdown_rx.clone(),
             )));
         }
 
-        let listener = TcpListener::bind(cfg.server.listen)
-            .await
-            .map_err(io(format!("listening on {}", cfg.server.listen)))?;
-        let addr = listener
-            .local_addr()
-            .map_err(io("reading the listen address"))?;
         let (incoming_tx, incoming_rx) = mpsc::channel(64);
         background.push(tokio::spawn(accept_loop(
             listener,
@@ -1188,26 +1220,6 @@ async fn follow_authorities(
                 });
                 if let Err(e) = written {
                     tracing::warn!(error = %e, "cannot update bundle.pem");
-                }
-            }
-            () = crate::api::until_shutdown(&mut shutdown) => return,
-        }
-    }
-}
-
-/// Runs the rotation schedule every `every`.
-async fn rotation_schedule(
-    authorities: Arc<Authorities>,
-    every: Duration,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {
-                for (step, label) in authorities.tick().await {
-                    tracing::info!(step, label, "scheduled rotation step");
                 }
             }
             () = crate::api::until_shutdown(&mut shutdown) => return,

@@ -362,6 +362,20 @@ impl pb::admin_server::Admin for AdminService {
             bundle_sequence: st.bundle.current().sequence,
             process_cpu_seconds: process_cpu_seconds().unwrap_or(0.0),
             peak_rss_bytes: peak_rss_bytes().unwrap_or(0),
+            replica_id: st.replication.id.clone(),
+            rotation_leader: st.replication.is_leader(),
+            replicas: st
+                .replication
+                .live()
+                .into_iter()
+                .map(|r| pb::ReplicaStatus {
+                    id: r.id,
+                    address: r.address,
+                    started_at: r.started_at,
+                    seen_at: r.seen_at,
+                })
+                .collect(),
+            datastore: st.replication.engine.to_string(),
         }))
     }
 

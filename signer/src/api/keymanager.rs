@@ -50,6 +50,8 @@ pub struct KeyStore {
     token: Token,
     pipeline: Pipeline,
     keys: std::sync::RwLock<HashMap<(String, String), Arc<KmKey>>>,
+    /// The datastore's record of which key answers for each id, shared by every replica.
+    store: std::sync::OnceLock<crate::store::Store>,
     /// Serialises key generation (rare: SPIRE rotations), never held while signing.
     generating: Mutex<()>,
 }
@@ -134,16 +136,64 @@ impl KeyStore {
             token,
             pipeline,
             keys: std::sync::RwLock::new(keys),
+            store: std::sync::OnceLock::new(),
             generating: Mutex::new(()),
         })
     }
 
-    fn get(&self, caller: &str, id: &str) -> Option<Arc<KmKey>> {
+    /// Keeps the keys' records in `store` from now on, and looks there for keys another replica generated.
+    pub fn attach_store(&self, store: crate::store::Store) {
+        let _ = self.store.set(store);
+    }
+
+    fn cached(&self, ns: &str, id: &str) -> Option<Arc<KmKey>> {
         self.keys
             .read()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&(namespace(caller), id.to_string()))
+            .get(&(ns.to_string(), id.to_string()))
             .cloned()
+    }
+
+    /// The key `id` of `caller`: known here, or (with a datastore) generated through another replica and found on
+    /// the shared token by the label the datastore records.
+    async fn get(&self, caller: &str, id: &str) -> Result<Option<Arc<KmKey>>, Status> {
+        let ns = namespace(caller);
+        if let Some(k) = self.cached(&ns, id) {
+            return Ok(Some(k));
+        }
+        let Some(store) = self.store.get() else {
+            return Ok(None);
+        };
+        let rec = store
+            .keymanager_key(&ns, id)
+            .await
+            .map_err(|e| Status::unavailable(format!("key manager: {e}")))?;
+        let Some(rec) = rec else {
+            return Ok(None);
+        };
+        let (token, pipeline, label) = (self.token.clone(), self.pipeline.clone(), rec.label);
+        let found = tokio::task::spawn_blocking(move || {
+            let mut s = token.session().map_err(|e| e.to_string())?;
+            register(&mut s, &pipeline, &label)
+        })
+        .await
+        .map_err(|e| e.to_string())
+        .and_then(|r| r)
+        .map_err(|e| Status::unavailable(format!("key manager: {e}")))?;
+        let k = Arc::new(found);
+        self.insert(ns, id.to_string(), k.clone());
+        Ok(Some(k))
+    }
+
+    /// Forgets what is known of `id` in namespace `ns` (another replica replaced it); `None`: of every key.
+    pub fn forget(&self, which: Option<(&str, &str)>) {
+        let mut keys = self.keys.write().unwrap_or_else(|p| p.into_inner());
+        match which {
+            Some((ns, id)) => {
+                keys.remove(&(ns.to_string(), id.to_string()));
+            }
+            None => keys.clear(),
+        }
     }
 
     fn insert(&self, ns: String, id: String, key: Arc<KmKey>) {
@@ -321,7 +371,7 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
             .unix_timestamp_nanos()
             .max(0) as u128;
         let label = format!("{LABEL_PREFIX}{ns}/{}/{generation:x}", req.key_id);
-        let old = ks.get(&caller.id, &req.key_id);
+        let old = ks.get(&caller.id, &req.key_id).await.ok().flatten();
         let (token, pipeline, l) = (ks.token.clone(), ks.pipeline.clone(), label.clone());
         let made = tokio::task::spawn_blocking(move || {
             let mut s = token.session().map_err(|e| e.to_string())?;
@@ -349,6 +399,24 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
         r.key_id = Some(req.key_id.clone());
         r.authority = Some(made.fingerprint.clone());
         r.reason = Some(format!("generated {}", kt.as_str_name()));
+        // Every replica finds the new key through the datastore before the old one is destroyed.
+        if let Some(store) = ks.store.get() {
+            let rec = crate::store::KeyManagerRecord {
+                namespace: ns.clone(),
+                key_id: req.key_id.clone(),
+                label: made.label.clone(),
+                public_key: made.spki.clone(),
+                updated_at: time::OffsetDateTime::now_utc().unix_timestamp(),
+            };
+            let kept = async {
+                let mut tx = store.begin().await?;
+                tx.put_keymanager_key(&rec).await?;
+                tx.commit().await
+            };
+            if let Err(e) = kept.await {
+                tracing::warn!(key_id = req.key_id, error = %e, "key manager: cannot record the new key in the datastore");
+            }
+        }
         st.audit(&[r]).await?;
         ks.insert(ns, req.key_id.clone(), made.clone());
         drop(generating);
@@ -375,7 +443,7 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
             .admit(&request, Service::KeyManager, "GetPublicKey")
             .await?;
         let id = request.into_inner().key_id;
-        match st.keys.get(&caller.id, &id) {
+        match st.keys.get(&caller.id, &id).await? {
             Some(k) => Ok(Response::new(pb::GetPublicKeyResponse {
                 public_key: Some(k.public_key(&id)),
             })),
@@ -394,6 +462,15 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
             .admit(&request, Service::KeyManager, "GetPublicKeys")
             .await?;
         let ns = namespace(&caller.id);
+        if let Some(store) = st.keys.store.get() {
+            let ids = store
+                .keymanager_ids(&ns)
+                .await
+                .map_err(|e| Status::unavailable(format!("key manager: {e}")))?;
+            for id in ids {
+                st.keys.get(&caller.id, &id).await?;
+            }
+        }
         let mut public_keys: Vec<pb::PublicKey> = st
             .keys
             .keys
@@ -415,7 +492,7 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
         let caller = st.admit(&request, Service::KeyManager, "SignData").await?;
         let req = request.into_inner();
         let subject = || Some(Subject::KeyId(req.key_id.clone()));
-        let Some(k) = st.keys.get(&caller.id, &req.key_id) else {
+        let Some(k) = st.keys.get(&caller.id, &req.key_id).await? else {
             let s = Status::not_found(format!(
                 "no key {:?} for this caller: call GenerateKey first",
                 req.key_id

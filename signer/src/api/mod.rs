@@ -72,6 +72,8 @@ pub struct AppState {
     pub shutdown: watch::Receiver<bool>,
     /// Foreign trust domains' bundles (federation).
     pub federated: crate::federation::FederatedBundles,
+    /// This replica among those sharing the datastore.
+    pub replication: Arc<crate::replica::Replication>,
     client_verifier: Mutex<Option<(u64, tls::ClientTrust)>>,
     token_sessions: std::collections::HashMap<String, u32>,
 }
@@ -104,6 +106,7 @@ impl AppState {
             request_timeout,
             shutdown,
             federated: crate::federation::FederatedBundles::default(),
+            replication: Arc::new(crate::replica::Replication::single("none")),
             client_verifier: Mutex::new(None),
             token_sessions: std::collections::HashMap::new(),
         }
@@ -112,6 +115,12 @@ impl AppState {
     /// Runs the authorities' life cycle on `authorities` (rotation RPCs, status from the datastore).
     pub fn with_authorities(mut self, authorities: Arc<crate::ca::Authorities>) -> Self {
         self.authorities = Some(authorities);
+        self
+    }
+
+    /// Places this process among the replicas sharing its datastore.
+    pub fn with_replication(mut self, replication: Arc<crate::replica::Replication>) -> Self {
+        self.replication = replication;
         self
     }
 

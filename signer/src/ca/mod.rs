@@ -198,8 +198,20 @@ pub struct Authorities {
     bundle: TrustBundle,
     records: Mutex<Vec<AuthorityRecord>>,
     active: watch::Sender<Arc<ActiveSet>>,
+    /// What the active set was built from, so that it is rebuilt only when that changes.
+    plan: std::sync::Mutex<Option<ActivePlan>>,
     /// Descendants the process itself holds and serves (its own TLS credentials): (issuer's SPKI, NotAfter, name).
     holds: std::sync::Mutex<Vec<(Vec<u8>, i64, String)>>,
+}
+
+/// What an [`ActiveSet`] is built from: the active root (its label and certificate), the cross-certificate it is
+/// presented with, and the active JWT key's label.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ActivePlan {
+    x509_label: String,
+    x509_cert: Vec<u8>,
+    intermediates: Vec<Vec<u8>>,
+    jwt_label: Option<String>,
 }
 
 fn unix(t: OffsetDateTime) -> i64 {
@@ -281,6 +293,8 @@ impl Authorities {
         initial: Initial,
     ) -> Result<Self, RotationError> {
         let tds = td.to_string();
+        // Replicas sharing the datastore start one at a time through here.
+        let lock = store.step_lock().await?;
         let mut records = store.authorities(&tds).await?;
         let now = clock.now();
         // Adopt the first authorities.
@@ -381,8 +395,10 @@ impl Authorities {
                     tainted: k.tainted,
                 }),
         );
+        lock.release().await;
         let bundle = TrustBundle::from_snapshot(snapshot);
-        let set = Self::active_of(&td, keyring.clone(), &records).await?;
+        let plan = Self::plan_of(&records)?;
+        let set = Self::active_of(&td, keyring.clone(), plan.clone()).await?;
         let (active, _) = watch::channel(Arc::new(set));
         let this = Self {
             td,
@@ -393,6 +409,7 @@ impl Authorities {
             bundle,
             records: Mutex::new(records),
             active,
+            plan: std::sync::Mutex::new(Some(plan)),
             holds: std::sync::Mutex::new(Vec::new()),
         };
         this.recover().await?;
@@ -532,11 +549,7 @@ impl Authorities {
         }
     }
 
-    async fn active_of(
-        td: &TrustDomain,
-        keyring: Arc<dyn Keyring>,
-        records: &[AuthorityRecord],
-    ) -> Result<ActiveSet, RotationError> {
+    fn plan_of(records: &[AuthorityRecord]) -> Result<ActivePlan, RotationError> {
         let active = |k: AuthorityKind| {
             records
                 .iter()
@@ -564,14 +577,30 @@ impl Authorities {
         let cert = x.certificate.clone().ok_or_else(|| {
             RotationError::Precondition(format!("root {:?} has no certificate", x.label))
         })?;
-        let jwt = active(AuthorityKind::Jwt);
+        Ok(ActivePlan {
+            x509_label: x.label,
+            x509_cert: cert,
+            intermediates,
+            jwt_label: active(AuthorityKind::Jwt).map(|j| j.label),
+        })
+    }
+
+    async fn active_of(
+        td: &TrustDomain,
+        keyring: Arc<dyn Keyring>,
+        plan: ActivePlan,
+    ) -> Result<ActiveSet, RotationError> {
         let td = td.clone();
         tokio::task::spawn_blocking(move || {
-            let key = keyring.signer(&x.label)?;
-            let authority = Authority::new(cert.clone(), key, td, intermediates, vec![cert])
+            let key = keyring.signer(&plan.x509_label)?;
+            let cert = plan.x509_cert;
+            let authority = Authority::new(cert.clone(), key, td, plan.intermediates, vec![cert])
                 .map_err(cert_err)?;
-            let jwt = match jwt {
-                Some(j) => Some((j.label.clone(), keyring.signer(&j.label)?)),
+            let jwt = match plan.jwt_label {
+                Some(j) => {
+                    let signer = keyring.signer(&j)?;
+                    Some((j, signer))
+                }
                 None => None,
             };
             Ok(ActiveSet {
@@ -589,28 +618,71 @@ impl Authorities {
         self.bundle.current().sequence.saturating_add(1)
     }
 
-    /// Makes the committed `records` take effect: the bundle and the active set. JWT keys in the live bundle that no
-    /// authority row names (published by SPIRE servers) stay.
+    /// Makes the committed `records` take effect: the bundle and the active set (rebuilt when what signs changed).
+    /// The JWT keys SPIRE servers published (the datastore's, and any in the live bundle that no authority row
+    /// names) stay.
     async fn take_effect(&self, records: &[AuthorityRecord]) -> Result<(), RotationError> {
-        let sequence = self
-            .store
-            .sequence(&self.td.to_string())
-            .await?
-            .unwrap_or(1);
+        let tds = self.td.to_string();
+        let sequence = self.store.sequence(&tds).await?.unwrap_or(1);
         let mut snapshot = Self::snapshot_of(records, sequence);
         let ours = |kid: &str| records.iter().any(|r| r.kid.as_deref() == Some(kid));
-        snapshot.jwt_keys.extend(
-            self.bundle
-                .current()
-                .jwt_keys
-                .iter()
-                .filter(|k| !ours(&k.kid))
-                .cloned(),
-        );
+        let now = unix(self.clock.now());
+        for k in self.store.published_jwt_keys(&tds).await? {
+            if (k.expires_at == 0 || k.expires_at > now) && !ours(&k.kid) {
+                snapshot.jwt_keys.push(JwtKey {
+                    kid: k.kid,
+                    spki: k.public_key,
+                    expires_at: k.expires_at,
+                    tainted: k.tainted,
+                });
+            }
+        }
+        let live = self.bundle.current();
+        for k in live.jwt_keys.iter().filter(|k| !ours(&k.kid)) {
+            if !snapshot.jwt_keys.iter().any(|s| s.kid == k.kid) {
+                snapshot.jwt_keys.push(k.clone());
+            }
+        }
         self.bundle.replace(snapshot);
-        let set = Self::active_of(&self.td, self.keyring.clone(), records).await?;
-        self.active.send_replace(Arc::new(set));
+        let plan = Self::plan_of(records)?;
+        let same = self.plan.lock().unwrap_or_else(|p| p.into_inner()).as_ref() == Some(&plan);
+        if !same {
+            let set = Self::active_of(&self.td, self.keyring.clone(), plan.clone()).await?;
+            self.active.send_replace(Arc::new(set));
+            *self.plan.lock().unwrap_or_else(|p| p.into_inner()) = Some(plan);
+        }
         Ok(())
+    }
+
+    /// Re-reads the authorities, the bundle's sequence and the published JWT keys from the datastore and makes
+    /// what changed take effect: how a replica follows the steps and publications another replica committed.
+    /// Returns whether anything changed.
+    pub async fn reload(&self) -> Result<bool, RotationError> {
+        let mut records = self.records.lock().await;
+        let tds = self.td.to_string();
+        let fresh = self.store.authorities(&tds).await?;
+        let sequence = self.store.sequence(&tds).await?.unwrap_or(1);
+        if fresh == *records && sequence <= self.bundle.current().sequence {
+            return Ok(false);
+        }
+        *records = fresh;
+        self.take_effect(&records).await?;
+        Ok(true)
+    }
+
+    /// Takes the datastore's step lock and brings `records` up to date under it: every step starts here, so steps
+    /// taken through different replicas never interleave and each sees what the others committed.
+    async fn lock_step(
+        &self,
+        records: &mut Vec<AuthorityRecord>,
+    ) -> Result<crate::store::DbLock, RotationError> {
+        let lock = self.store.step_lock().await?;
+        let fresh = self.store.authorities(&self.td.to_string()).await?;
+        if fresh != *records {
+            *records = fresh;
+            self.take_effect(records).await?;
+        }
+        Ok(lock)
     }
 
     async fn begin(
@@ -667,15 +739,30 @@ impl Authorities {
             .map_err(|e| RotationError::Precondition(format!("a token task failed: {e}")))?
     }
 
-    /// Finishes steps a crash interrupted (see the module docs).
+    /// Finishes steps that a process which died left half done, if there are any (the replica that runs the
+    /// schedule calls this on every tick; see the module docs). Returns whether there were.
+    pub async fn finish_abandoned(&self) -> Result<bool, RotationError> {
+        let rows = self.store.authorities(&self.td.to_string()).await?;
+        if !rows.iter().any(Self::pending) {
+            return Ok(false);
+        }
+        self.recover().await?;
+        Ok(true)
+    }
+
+    fn pending(r: &AuthorityRecord) -> bool {
+        r.state == AuthorityState::Preparing
+            || (r.destroy_requested_at.is_some() && r.destroyed_at.is_none())
+    }
+
+    /// Finishes steps a crash interrupted (see the module docs). Under the step lock, a half-done step in the
+    /// datastore belongs to no live process.
     async fn recover(&self) -> Result<(), RotationError> {
         let mut records = self.records.lock().await;
+        let lock = self.lock_step(&mut records).await?;
         let pending: Vec<AuthorityRecord> = records
             .iter()
-            .filter(|r| {
-                r.state == AuthorityState::Preparing
-                    || (r.destroy_requested_at.is_some() && r.destroyed_at.is_none())
-            })
+            .filter(|r| Self::pending(r))
             .cloned()
             .collect();
         for r in pending {
@@ -717,9 +804,9 @@ impl Authorities {
                 self.finish_destroy(&mut records, r).await?;
             }
         }
-        drop(records);
-        let records = self.records.lock().await.clone();
-        self.take_effect(&records).await
+        let result = self.take_effect(&records).await;
+        lock.release().await;
+        result
     }
 
     /// The rotation in progress for `kind`, if any: an authority preparing, prepared or published.
@@ -741,6 +828,7 @@ impl Authorities {
             return Err(RotationError::Precondition(why.clone()));
         }
         let mut records = self.records.lock().await;
+        let _step = self.lock_step(&mut records).await?;
         if let Some(r) = Self::in_progress(&records, kind) {
             return Err(RotationError::Precondition(format!(
                 "a {} rotation is already under way ({} is {}): activate it first",
@@ -909,6 +997,7 @@ impl Authorities {
     /// Publish: the prepared authority of `kind` joins the bundle.
     pub async fn publish(&self, kind: AuthorityKind) -> Result<String, RotationError> {
         let mut records = self.records.lock().await;
+        let _step = self.lock_step(&mut records).await?;
         let Some(mut rec) = records
             .iter()
             .find(|r| r.kind == kind && r.state == AuthorityState::Prepared)
@@ -932,6 +1021,7 @@ impl Authorities {
     /// Activate: the published authority of `kind` signs from now on; the active one is superseded.
     pub async fn activate(&self, kind: AuthorityKind) -> Result<String, RotationError> {
         let mut records = self.records.lock().await;
+        let _step = self.lock_step(&mut records).await?;
         let Some(mut rec) = records
             .iter()
             .find(|r| r.kind == kind && r.state == AuthorityState::Published)
@@ -990,6 +1080,7 @@ impl Authorities {
     /// Retire: the superseded authority of `kind` leaves the bundle, once nothing it signed is valid.
     pub async fn retire(&self, kind: AuthorityKind) -> Result<String, RotationError> {
         let mut records = self.records.lock().await;
+        let _step = self.lock_step(&mut records).await?;
         let Some(mut rec) = records
             .iter()
             .find(|r| r.kind == kind && r.state == AuthorityState::Superseded)
@@ -1039,6 +1130,7 @@ impl Authorities {
     /// Taint: marks the authority `label` compromised (SPIRE is told at once).
     pub async fn taint(&self, label: &str) -> Result<(), RotationError> {
         let mut records = self.records.lock().await;
+        let _step = self.lock_step(&mut records).await?;
         let Some(mut rec) = records.iter().find(|r| r.label == label).cloned() else {
             return Err(RotationError::NotFound(label.to_string()));
         };
@@ -1061,6 +1153,7 @@ impl Authorities {
     /// Destroy: removes a retired authority's key from the token.
     pub async fn destroy(&self, label: &str) -> Result<(), RotationError> {
         let mut records = self.records.lock().await;
+        let _step = self.lock_step(&mut records).await?;
         let Some(mut rec) = records.iter().find(|r| r.label == label).cloned() else {
             return Err(RotationError::NotFound(label.to_string()));
         };

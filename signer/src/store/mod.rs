@@ -14,8 +14,9 @@
 use std::path::Path;
 use std::str::FromStr;
 
-use sqlx::Row as _;
+use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolOptions};
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
+use sqlx::{Connection as _, Row};
 
 /// A datastore failure.
 #[derive(Debug, thiserror::Error)]
@@ -183,20 +184,98 @@ pub struct PublishedJwtKey {
     pub tainted: bool,
 }
 
+/// A KeyManager key a SPIRE server generated: which key on the token answers for its key id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyManagerRecord {
+    /// The caller's namespace (see [`crate::api::keymanager::namespace`]).
+    pub namespace: String,
+    /// SPIRE's key id.
+    pub key_id: String,
+    /// The key's label on the token.
+    pub label: String,
+    /// SubjectPublicKeyInfo DER.
+    pub public_key: Vec<u8>,
+    /// Unix seconds.
+    pub updated_at: i64,
+}
+
+/// A running replica, as its heartbeat shows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReplicaRecord {
+    /// The replica's id (host name and process id, or as configured).
+    pub id: String,
+    /// The gRPC address it serves.
+    pub address: String,
+    /// Unix seconds.
+    pub started_at: i64,
+    /// Unix seconds of its last heartbeat.
+    pub seen_at: i64,
+}
+
+/// The engines behind a [`Store`].
+#[derive(Debug, Clone)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs the same code on either engine's pool / transaction (the SQL is shared; `$N` placeholders are read by
+/// both).
+macro_rules! on {
+    ($e:expr, $p:ident => $body:expr) => {
+        match $e {
+            Pool::Sqlite($p) => $body,
+            Pool::Postgres($p) => $body,
+        }
+    };
+}
+
+macro_rules! on_tx {
+    ($e:expr, $t:ident => $body:expr) => {
+        match $e {
+            Tx::Sqlite($t) => $body,
+            Tx::Postgres($t) => $body,
+        }
+    };
+}
+
 /// The datastore (cheap to clone).
 #[derive(Debug, Clone)]
 pub struct Store {
-    pool: SqlitePool,
+    pool: Pool,
+    /// PostgreSQL: where to open the connections that hold the rotation lock and listen for changes.
+    pg: Option<PgConnectOptions>,
 }
 
 /// The embedded migrations of the SQLite schema.
-static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+static SQLITE_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/sqlite");
+/// The embedded migrations of the PostgreSQL schema.
+static POSTGRES_MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations/postgres");
+
+/// The PostgreSQL channel every committed change is announced on (the payload says what changed).
+pub const CHANGES_CHANNEL: &str = "signet_changes";
+
+/// Advisory-lock keys (PostgreSQL), in signet's own key space (the first 32 bits spell "sgnt").
+const LOCK_STEPS: i64 = 0x7367_6e74_0000_0001;
+const LOCK_SCHEDULE: i64 = 0x7367_6e74_0000_0002;
+const LOCK_START: i64 = 0x7367_6e74_0000_0003;
 
 const COLUMNS: &str = "label, trust_domain, kind, generation, state, token, key_type, public_key, certificate, \
     cross_from_previous, cross_to_previous, kid, not_after, created_at, published_at, activated_at, superseded_at, \
     issued_until, retired_at, destroy_requested_at, destroyed_at, tainted";
 
-fn record(row: &sqlx::sqlite::SqliteRow) -> Result<AuthorityRecord, StoreError> {
+/// Reads an authority row of either engine.
+fn record<'r, R>(row: &'r R) -> Result<AuthorityRecord, StoreError>
+where
+    R: Row,
+    &'static str: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    bool: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<i64>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<String>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    Option<Vec<u8>>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
     let kind: String = row.try_get("kind")?;
     let state: String = row.try_get("state")?;
     Ok(AuthorityRecord {
@@ -225,14 +304,46 @@ fn record(row: &sqlx::sqlite::SqliteRow) -> Result<AuthorityRecord, StoreError> 
     })
 }
 
+/// Hides the password of a datastore URL in messages.
+fn redacted(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => {
+            let creds = &url[s + 3..at];
+            match creds.find(':') {
+                Some(c) => format!("{}{}:***{}", &url[..s + 3], &creds[..c], &url[at..]),
+                None => url.to_string(),
+            }
+        }
+        _ => url.to_string(),
+    }
+}
+
 impl Store {
     /// Opens (creating it if needed) the datastore at `url` and brings its schema up to date. `sqlite://PATH` (a
-    /// relative path is taken from `base`) and `sqlite::memory:` are understood.
+    /// relative path is taken from `base`), `sqlite::memory:` and `postgres://USER[:PASSWORD]@HOST[:PORT]/DB`
+    /// (libpq's URL form, with its parameters such as `sslmode`) are understood. With PostgreSQL, replicas starting
+    /// together each run the migrations safely: the first takes the migration lock, the others wait for it and
+    /// find the schema up to date.
     pub async fn open(url: &str, base: &Path) -> Result<Self, StoreError> {
         let bad = |message: String| StoreError::Url {
-            url: url.to_string(),
+            url: redacted(url),
             message,
         };
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let opts = PgConnectOptions::from_str(url)
+                .map_err(|e| bad(e.to_string()))?
+                .application_name("signet");
+            let pool = PgPoolOptions::new()
+                .max_connections(8)
+                .acquire_timeout(std::time::Duration::from_secs(10))
+                .connect_with(opts.clone())
+                .await?;
+            POSTGRES_MIGRATOR.run(&pool).await?;
+            return Ok(Self {
+                pool: Pool::Postgres(pool),
+                pg: Some(opts),
+            });
+        }
         let opts = if url == "sqlite::memory:" {
             SqliteConnectOptions::from_str(url)?
         } else if let Some(path) = url.strip_prefix("sqlite://") {
@@ -246,13 +357,10 @@ impl Store {
                 .journal_mode(SqliteJournalMode::Wal)
                 // Every committed step must survive a crash of the machine, not only of the process.
                 .synchronous(sqlx::sqlite::SqliteSynchronous::Full)
-        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
-            return Err(bad(
-                "PostgreSQL is not built into this version yet: use sqlite://state.db".into(),
-            ));
         } else {
             return Err(bad(
-                "use sqlite://PATH (relative to the data directory)".into()
+                "use sqlite://PATH (relative to the data directory) or postgres://USER@HOST/DB"
+                    .into(),
             ));
         };
         let opts = opts.foreign_keys(true);
@@ -261,15 +369,31 @@ impl Store {
             .max_connections(1)
             .connect_with(opts)
             .await?;
-        MIGRATOR.run(&pool).await?;
-        Ok(Self { pool })
+        SQLITE_MIGRATOR.run(&pool).await?;
+        Ok(Self {
+            pool: Pool::Sqlite(pool),
+            pg: None,
+        })
+    }
+
+    /// Whether several processes can share this datastore (PostgreSQL); SQLite belongs to one process.
+    pub fn is_shared(&self) -> bool {
+        matches!(self.pool, Pool::Postgres(_))
+    }
+
+    /// The engine's name (`sqlite`, `postgres`).
+    pub fn engine(&self) -> &'static str {
+        match self.pool {
+            Pool::Sqlite(_) => "sqlite",
+            Pool::Postgres(_) => "postgres",
+        }
     }
 
     /// The schema version (the newest migration applied).
     pub async fn schema_version(&self) -> Result<i64, StoreError> {
-        let v: Option<i64> = sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
-            .fetch_one(&self.pool)
-            .await?;
+        let v: Option<i64> = on!(&self.pool, p => sqlx::query_scalar("SELECT MAX(version) FROM _sqlx_migrations")
+            .fetch_one(p)
+            .await?);
         Ok(v.unwrap_or(0))
     }
 
@@ -278,22 +402,23 @@ impl Store {
         &self,
         trust_domain: &str,
     ) -> Result<Vec<AuthorityRecord>, StoreError> {
-        let rows = sqlx::query(&format!(
-            "SELECT {COLUMNS} FROM authorities WHERE trust_domain = ? ORDER BY kind, generation"
-        ))
-        .bind(trust_domain)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter().map(record).collect()
+        let q = format!(
+            "SELECT {COLUMNS} FROM authorities WHERE trust_domain = $1 ORDER BY kind, generation"
+        );
+        on!(&self.pool, p => {
+            let rows = sqlx::query(&q).bind(trust_domain).fetch_all(p).await?;
+            rows.iter().map(record).collect()
+        })
     }
 
     /// The bundle's sequence number, if one was ever stored.
     pub async fn sequence(&self, trust_domain: &str) -> Result<Option<u64>, StoreError> {
-        let v: Option<i64> =
-            sqlx::query_scalar("SELECT sequence FROM bundle WHERE trust_domain = ?")
-                .bind(trust_domain)
-                .fetch_optional(&self.pool)
-                .await?;
+        let v: Option<i64> = on!(&self.pool, p => sqlx::query_scalar(
+            "SELECT sequence FROM bundle WHERE trust_domain = $1"
+        )
+        .bind(trust_domain)
+        .fetch_optional(p)
+        .await?);
         v.map(|v| u64::try_from(v).map_err(|_| StoreError::Corrupt("negative sequence".into())))
             .transpose()
     }
@@ -303,23 +428,21 @@ impl Store {
         &self,
         trust_domain: &str,
     ) -> Result<Vec<PublishedJwtKey>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT kid, public_key, expires_at, tainted FROM published_jwt_keys WHERE trust_domain = ? \
-             ORDER BY kid",
-        )
-        .bind(trust_domain)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| {
-                Ok(PublishedJwtKey {
-                    kid: r.try_get("kid")?,
-                    public_key: r.try_get("public_key")?,
-                    expires_at: r.try_get("expires_at")?,
-                    tainted: r.try_get("tainted")?,
+        let q = "SELECT kid, public_key, expires_at, tainted FROM published_jwt_keys WHERE trust_domain = $1 \
+                 ORDER BY kid";
+        on!(&self.pool, p => {
+            let rows = sqlx::query(q).bind(trust_domain).fetch_all(p).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(PublishedJwtKey {
+                        kid: r.try_get("kid")?,
+                        public_key: r.try_get("public_key")?,
+                        expires_at: r.try_get("expires_at")?,
+                        tainted: r.try_get("tainted")?,
+                    })
                 })
-            })
-            .collect()
+                .collect()
+        })
     }
 
     /// The journal of rotation steps, oldest first: (at, step, label).
@@ -327,138 +450,374 @@ impl Store {
         &self,
         trust_domain: &str,
     ) -> Result<Vec<(i64, String, String)>, StoreError> {
-        let rows = sqlx::query(
-            "SELECT at, step, label FROM rotation_journal WHERE trust_domain = ? ORDER BY id",
-        )
-        .bind(trust_domain)
-        .fetch_all(&self.pool)
-        .await?;
-        rows.iter()
-            .map(|r| Ok((r.try_get("at")?, r.try_get("step")?, r.try_get("label")?)))
-            .collect()
+        let q = "SELECT at, step, label FROM rotation_journal WHERE trust_domain = $1 ORDER BY id";
+        on!(&self.pool, p => {
+            let rows = sqlx::query(q).bind(trust_domain).fetch_all(p).await?;
+            rows.iter()
+                .map(|r| Ok((r.try_get("at")?, r.try_get("step")?, r.try_get("label")?)))
+                .collect()
+        })
+    }
+
+    /// The KeyManager key `key_id` of `namespace`, if one was generated.
+    pub async fn keymanager_key(
+        &self,
+        namespace: &str,
+        key_id: &str,
+    ) -> Result<Option<KeyManagerRecord>, StoreError> {
+        let q = "SELECT namespace, key_id, label, public_key, updated_at FROM keymanager_keys \
+                 WHERE namespace = $1 AND key_id = $2";
+        on!(&self.pool, p => {
+            let row = sqlx::query(q).bind(namespace).bind(key_id).fetch_optional(p).await?;
+            row.map(|r| {
+                Ok(KeyManagerRecord {
+                    namespace: r.try_get("namespace")?,
+                    key_id: r.try_get("key_id")?,
+                    label: r.try_get("label")?,
+                    public_key: r.try_get("public_key")?,
+                    updated_at: r.try_get("updated_at")?,
+                })
+            })
+            .transpose()
+        })
+    }
+
+    /// The KeyManager key ids of `namespace`.
+    pub async fn keymanager_ids(&self, namespace: &str) -> Result<Vec<String>, StoreError> {
+        let q = "SELECT key_id FROM keymanager_keys WHERE namespace = $1 ORDER BY key_id";
+        Ok(on!(&self.pool, p => sqlx::query_scalar(q).bind(namespace).fetch_all(p).await?))
+    }
+
+    /// Records this replica's heartbeat and returns the replicas seen within `window_secs` of `now` (this one
+    /// included), by id.
+    pub async fn heartbeat(
+        &self,
+        me: &ReplicaRecord,
+        window_secs: i64,
+    ) -> Result<Vec<ReplicaRecord>, StoreError> {
+        let put = "INSERT INTO replicas (id, address, started_at, seen_at) VALUES ($1, $2, $3, $4) \
+                   ON CONFLICT (id) DO UPDATE SET address = excluded.address, started_at = excluded.started_at, \
+                   seen_at = excluded.seen_at";
+        let get =
+            "SELECT id, address, started_at, seen_at FROM replicas WHERE seen_at >= $1 ORDER BY id";
+        // Rows of replicas gone for a day are dropped.
+        let old = "DELETE FROM replicas WHERE seen_at < $1";
+        on!(&self.pool, p => {
+            sqlx::query(put)
+                .bind(&me.id)
+                .bind(&me.address)
+                .bind(me.started_at)
+                .bind(me.seen_at)
+                .execute(p)
+                .await?;
+            sqlx::query(old).bind(me.seen_at - 86_400).execute(p).await?;
+            let rows = sqlx::query(get).bind(me.seen_at - window_secs).fetch_all(p).await?;
+            rows.iter()
+                .map(|r| {
+                    Ok(ReplicaRecord {
+                        id: r.try_get("id")?,
+                        address: r.try_get("address")?,
+                        started_at: r.try_get("started_at")?,
+                        seen_at: r.try_get("seen_at")?,
+                    })
+                })
+                .collect()
+        })
+    }
+
+    /// Removes this replica's heartbeat (at a clean stop).
+    pub async fn leave(&self, id: &str) -> Result<(), StoreError> {
+        on!(&self.pool, p => { sqlx::query("DELETE FROM replicas WHERE id = $1")
+            .bind(id)
+            .execute(p)
+            .await?; });
+        Ok(())
     }
 
     /// Starts a transaction.
     pub async fn begin(&self) -> Result<Txn, StoreError> {
         Ok(Txn {
-            tx: self.pool.begin().await?,
+            tx: match &self.pool {
+                Pool::Sqlite(p) => Tx::Sqlite(p.begin().await?),
+                Pool::Postgres(p) => Tx::Postgres(p.begin().await?),
+            },
+            notify: Vec::new(),
         })
+    }
+
+    /// Serialises rotation steps across every process sharing the datastore: held while a step reads the rows,
+    /// touches the token and commits (PostgreSQL: a session advisory lock on a connection of its own, released
+    /// when the lock is dropped or the process dies). With SQLite the datastore belongs to one process, which
+    /// serialises its steps itself: the lock is a no-op.
+    pub async fn step_lock(&self) -> Result<DbLock, StoreError> {
+        self.lock(LOCK_STEPS).await
+    }
+
+    /// Serialises the start of replicas sharing the datastore (adopting the first authorities, generating the first
+    /// keys), like [`step_lock`](Self::step_lock).
+    pub async fn start_lock(&self) -> Result<DbLock, StoreError> {
+        self.lock(LOCK_START).await
+    }
+
+    async fn lock(&self, key: i64) -> Result<DbLock, StoreError> {
+        let Some(opts) = &self.pg else {
+            return Ok(DbLock { conn: None });
+        };
+        let mut conn = PgConnection::connect_with(opts).await?;
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(key)
+            .execute(&mut conn)
+            .await?;
+        Ok(DbLock { conn: Some(conn) })
+    }
+
+    /// Tries to become the one process that runs the rotation schedule. `Ok(None)`: another holds it. With SQLite
+    /// the process is alone and always leads.
+    pub async fn try_lead(&self) -> Result<Option<Leadership>, StoreError> {
+        let Some(opts) = &self.pg else {
+            return Ok(Some(Leadership { conn: None }));
+        };
+        let mut conn = PgConnection::connect_with(opts).await?;
+        let got: bool = sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(LOCK_SCHEDULE)
+            .fetch_one(&mut conn)
+            .await?;
+        if got {
+            Ok(Some(Leadership { conn: Some(conn) }))
+        } else {
+            let _ = conn.close().await;
+            Ok(None)
+        }
+    }
+
+    /// Follows the changes other processes commit (PostgreSQL: LISTEN on [`CHANGES_CHANNEL`]): every notification's
+    /// payload is sent on the returned channel, and `"resync"` after the listening connection had to be re-made
+    /// (changes may have been missed meanwhile). `None` with SQLite, where no other process writes.
+    pub fn follow_changes(&self) -> Option<tokio::sync::mpsc::Receiver<String>> {
+        let Pool::Postgres(pool) = &self.pool else {
+            return None;
+        };
+        let pool = pool.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(256);
+        tokio::spawn(async move {
+            let mut backoff = std::time::Duration::from_millis(100);
+            loop {
+                let listener = async {
+                    let mut l = PgListener::connect_with(&pool).await?;
+                    l.listen(CHANGES_CHANNEL).await?;
+                    Ok::<_, sqlx::Error>(l)
+                };
+                let mut l = match listener.await {
+                    Ok(l) => l,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "datastore: cannot listen for changes; retrying");
+                        tokio::time::sleep(backoff).await;
+                        backoff = (backoff * 2).min(std::time::Duration::from_secs(5));
+                        if tx.is_closed() {
+                            return;
+                        }
+                        continue;
+                    }
+                };
+                backoff = std::time::Duration::from_millis(100);
+                if tx.send("resync".into()).await.is_err() {
+                    return;
+                }
+                loop {
+                    match l.try_recv().await {
+                        Ok(Some(n)) => {
+                            if tx.send(n.payload().to_string()).await.is_err() {
+                                return;
+                            }
+                        }
+                        // The connection was lost and re-made by the listener: notifications may be missed.
+                        Ok(None) => {
+                            if tx.send("resync".into()).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::warn!(error = %e, "datastore: listening for changes failed; reconnecting");
+                            break;
+                        }
+                    }
+                }
+            }
+        });
+        Some(rx)
     }
 
     /// Closes the pool (waits for connections to be returned).
     pub async fn close(&self) {
-        self.pool.close().await;
+        on!(&self.pool, p => p.close().await);
     }
 }
 
-/// One transaction: a rotation step's rows, sequence and journal line, committed together.
+/// A lock of [`Store::step_lock`] / [`Store::start_lock`]; released when dropped.
+#[derive(Debug)]
+pub struct DbLock {
+    conn: Option<PgConnection>,
+}
+
+impl DbLock {
+    /// Releases the lock now (dropping it does too, by closing its connection).
+    pub async fn release(mut self) {
+        if let Some(c) = self.conn.take() {
+            let _ = c.close().await;
+        }
+    }
+}
+
+/// The right to run the rotation schedule ([`Store::try_lead`]); lost when dropped, or when the process or its
+/// connection dies.
+#[derive(Debug)]
+pub struct Leadership {
+    conn: Option<PgConnection>,
+}
+
+impl Leadership {
+    /// Whether the lock is still held (its connection still answers).
+    pub async fn still_held(&mut self) -> bool {
+        match &mut self.conn {
+            None => true,
+            Some(c) => c.ping().await.is_ok(),
+        }
+    }
+}
+
+#[derive(Debug)]
+enum Tx {
+    Sqlite(sqlx::Transaction<'static, sqlx::Sqlite>),
+    Postgres(sqlx::Transaction<'static, sqlx::Postgres>),
+}
+
+/// One transaction: a rotation step's rows, sequence and journal line, committed together. With PostgreSQL, the
+/// commit also tells every replica what changed ([`Store::follow_changes`]).
 #[derive(Debug)]
 pub struct Txn {
-    tx: sqlx::Transaction<'static, sqlx::Sqlite>,
+    tx: Tx,
+    notify: Vec<String>,
 }
 
 impl Txn {
+    /// Announces `what` to the other replicas when (and only if) this transaction commits.
+    pub fn announce(&mut self, what: impl Into<String>) {
+        let what = what.into();
+        if !self.notify.contains(&what) {
+            self.notify.push(what);
+        }
+    }
+
     /// Inserts a new authority.
     pub async fn insert_authority(&mut self, a: &AuthorityRecord) -> Result<(), StoreError> {
-        sqlx::query(&format!(
-            "INSERT INTO authorities ({COLUMNS}) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, \
-             ?, ?)"
-        ))
-        .bind(&a.label)
-        .bind(&a.trust_domain)
-        .bind(a.kind.name())
-        .bind(a.generation)
-        .bind(a.state.name())
-        .bind(&a.token)
-        .bind(&a.key_type)
-        .bind(&a.public_key)
-        .bind(&a.certificate)
-        .bind(&a.cross_from_previous)
-        .bind(&a.cross_to_previous)
-        .bind(&a.kid)
-        .bind(a.not_after)
-        .bind(a.created_at)
-        .bind(a.published_at)
-        .bind(a.activated_at)
-        .bind(a.superseded_at)
-        .bind(a.issued_until)
-        .bind(a.retired_at)
-        .bind(a.destroy_requested_at)
-        .bind(a.destroyed_at)
-        .bind(a.tainted)
-        .execute(&mut *self.tx)
-        .await?;
+        let q = format!(
+            "INSERT INTO authorities ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
+             $14, $15, $16, $17, $18, $19, $20, $21, $22)"
+        );
+        on_tx!(&mut self.tx, t => { sqlx::query(&q)
+            .bind(&a.label)
+            .bind(&a.trust_domain)
+            .bind(a.kind.name())
+            .bind(a.generation)
+            .bind(a.state.name())
+            .bind(&a.token)
+            .bind(&a.key_type)
+            .bind(&a.public_key)
+            .bind(&a.certificate)
+            .bind(&a.cross_from_previous)
+            .bind(&a.cross_to_previous)
+            .bind(&a.kid)
+            .bind(a.not_after)
+            .bind(a.created_at)
+            .bind(a.published_at)
+            .bind(a.activated_at)
+            .bind(a.superseded_at)
+            .bind(a.issued_until)
+            .bind(a.retired_at)
+            .bind(a.destroy_requested_at)
+            .bind(a.destroyed_at)
+            .bind(a.tainted)
+            .execute(&mut **t)
+            .await?; });
+        self.announce("authorities");
         Ok(())
     }
 
     /// Writes every mutable column of `a` (found by label).
     pub async fn update_authority(&mut self, a: &AuthorityRecord) -> Result<(), StoreError> {
-        let done = sqlx::query(
-            "UPDATE authorities SET state = ?, public_key = ?, certificate = ?, cross_from_previous = ?, \
-             cross_to_previous = ?, kid = ?, not_after = ?, published_at = ?, activated_at = ?, superseded_at = ?, \
-             issued_until = ?, retired_at = ?, destroy_requested_at = ?, destroyed_at = ?, tainted = ? \
-             WHERE label = ?",
-        )
-        .bind(a.state.name())
-        .bind(&a.public_key)
-        .bind(&a.certificate)
-        .bind(&a.cross_from_previous)
-        .bind(&a.cross_to_previous)
-        .bind(&a.kid)
-        .bind(a.not_after)
-        .bind(a.published_at)
-        .bind(a.activated_at)
-        .bind(a.superseded_at)
-        .bind(a.issued_until)
-        .bind(a.retired_at)
-        .bind(a.destroy_requested_at)
-        .bind(a.destroyed_at)
-        .bind(a.tainted)
-        .bind(&a.label)
-        .execute(&mut *self.tx)
-        .await?;
-        if done.rows_affected() != 1 {
+        let q = "UPDATE authorities SET state = $1, public_key = $2, certificate = $3, cross_from_previous = $4, \
+                 cross_to_previous = $5, kid = $6, not_after = $7, published_at = $8, activated_at = $9, \
+                 superseded_at = $10, issued_until = $11, retired_at = $12, destroy_requested_at = $13, \
+                 destroyed_at = $14, tainted = $15 WHERE label = $16";
+        let affected = on_tx!(&mut self.tx, t => sqlx::query(q)
+            .bind(a.state.name())
+            .bind(&a.public_key)
+            .bind(&a.certificate)
+            .bind(&a.cross_from_previous)
+            .bind(&a.cross_to_previous)
+            .bind(&a.kid)
+            .bind(a.not_after)
+            .bind(a.published_at)
+            .bind(a.activated_at)
+            .bind(a.superseded_at)
+            .bind(a.issued_until)
+            .bind(a.retired_at)
+            .bind(a.destroy_requested_at)
+            .bind(a.destroyed_at)
+            .bind(a.tainted)
+            .bind(&a.label)
+            .execute(&mut **t)
+            .await?
+            .rows_affected());
+        if affected != 1 {
             return Err(StoreError::Corrupt(format!(
                 "no authority labelled {:?}",
                 a.label
             )));
         }
+        self.announce("authorities");
         Ok(())
     }
 
     /// Deletes an authority row.
     pub async fn delete_authority(&mut self, label: &str) -> Result<(), StoreError> {
-        sqlx::query("DELETE FROM authorities WHERE label = ?")
+        on_tx!(&mut self.tx, t => { sqlx::query("DELETE FROM authorities WHERE label = $1")
             .bind(label)
-            .execute(&mut *self.tx)
-            .await?;
+            .execute(&mut **t)
+            .await?; });
+        self.announce("authorities");
         Ok(())
     }
 
-    /// Sets the bundle's sequence number to `max(stored + 1, floor)` and returns it.
+    /// Sets the bundle's sequence number to `max(stored + 1, floor)` and returns it. The row is locked until the
+    /// transaction ends, so concurrent changes get distinct, increasing numbers.
     pub async fn bump_sequence(
         &mut self,
         trust_domain: &str,
         floor: u64,
     ) -> Result<u64, StoreError> {
-        let cur: Option<i64> =
-            sqlx::query_scalar("SELECT sequence FROM bundle WHERE trust_domain = ?")
-                .bind(trust_domain)
-                .fetch_optional(&mut *self.tx)
-                .await?;
-        let next = match cur {
-            Some(c) => u64::try_from(c).unwrap_or(0).saturating_add(1).max(floor),
-            None => floor.max(1),
+        // Make sure the row exists, then lock it (PostgreSQL: FOR UPDATE; SQLite has one writer at a time).
+        let seed = "INSERT INTO bundle (trust_domain, sequence) VALUES ($1, 0) ON CONFLICT (trust_domain) DO NOTHING";
+        let read = match self.tx {
+            Tx::Sqlite(_) => "SELECT sequence FROM bundle WHERE trust_domain = $1",
+            Tx::Postgres(_) => "SELECT sequence FROM bundle WHERE trust_domain = $1 FOR UPDATE",
         };
+        let cur: i64 = on_tx!(&mut self.tx, t => {
+            sqlx::query(seed).bind(trust_domain).execute(&mut **t).await?;
+            sqlx::query_scalar(read).bind(trust_domain).fetch_one(&mut **t).await?
+        });
+        let next = u64::try_from(cur)
+            .unwrap_or(0)
+            .saturating_add(1)
+            .max(floor)
+            .max(1);
         let v = i64::try_from(next).map_err(|_| StoreError::Corrupt("sequence overflow".into()))?;
-        sqlx::query(
-            "INSERT INTO bundle (trust_domain, sequence) VALUES (?, ?) \
-             ON CONFLICT (trust_domain) DO UPDATE SET sequence = excluded.sequence",
-        )
-        .bind(trust_domain)
-        .bind(v)
-        .execute(&mut *self.tx)
-        .await?;
+        on_tx!(&mut self.tx, t => { sqlx::query("UPDATE bundle SET sequence = $1 WHERE trust_domain = $2")
+            .bind(v)
+            .bind(trust_domain)
+            .execute(&mut **t)
+            .await?; });
+        self.announce("authorities");
         Ok(next)
     }
 
@@ -468,18 +827,19 @@ impl Txn {
         trust_domain: &str,
         k: &PublishedJwtKey,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO published_jwt_keys (trust_domain, kid, public_key, expires_at, tainted) VALUES (?, ?, ?, ?, ?) \
-             ON CONFLICT (trust_domain, kid) DO UPDATE SET public_key = excluded.public_key, \
-             expires_at = excluded.expires_at, tainted = excluded.tainted",
-        )
-        .bind(trust_domain)
-        .bind(&k.kid)
-        .bind(&k.public_key)
-        .bind(k.expires_at)
-        .bind(k.tainted)
-        .execute(&mut *self.tx)
-        .await?;
+        let q = "INSERT INTO published_jwt_keys (trust_domain, kid, public_key, expires_at, tainted) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (trust_domain, kid) DO UPDATE SET public_key = excluded.public_key, \
+                 expires_at = excluded.expires_at, tainted = excluded.tainted";
+        on_tx!(&mut self.tx, t => { sqlx::query(q)
+            .bind(trust_domain)
+            .bind(&k.kid)
+            .bind(&k.public_key)
+            .bind(k.expires_at)
+            .bind(k.tainted)
+            .execute(&mut **t)
+            .await?; });
+        self.announce("authorities");
         Ok(())
     }
 
@@ -489,14 +849,17 @@ impl Txn {
         trust_domain: &str,
         now: i64,
     ) -> Result<u64, StoreError> {
-        let r = sqlx::query(
-            "DELETE FROM published_jwt_keys WHERE trust_domain = ? AND expires_at <> 0 AND expires_at <= ?",
-        )
-        .bind(trust_domain)
-        .bind(now)
-        .execute(&mut *self.tx)
-        .await?;
-        Ok(r.rows_affected())
+        let q = "DELETE FROM published_jwt_keys WHERE trust_domain = $1 AND expires_at <> 0 AND expires_at <= $2";
+        let n = on_tx!(&mut self.tx, t => sqlx::query(q)
+            .bind(trust_domain)
+            .bind(now)
+            .execute(&mut **t)
+            .await?
+            .rows_affected());
+        if n > 0 {
+            self.announce("authorities");
+        }
+        Ok(n)
     }
 
     /// Appends a journal line.
@@ -508,22 +871,48 @@ impl Txn {
         label: &str,
         detail: &str,
     ) -> Result<(), StoreError> {
-        sqlx::query(
-            "INSERT INTO rotation_journal (trust_domain, at, step, label, detail) VALUES (?, ?, ?, ?, ?)",
-        )
-        .bind(trust_domain)
-        .bind(at)
-        .bind(step)
-        .bind(label)
-        .bind(detail)
-        .execute(&mut *self.tx)
-        .await?;
+        let q = "INSERT INTO rotation_journal (trust_domain, at, step, label, detail) VALUES ($1, $2, $3, $4, $5)";
+        on_tx!(&mut self.tx, t => { sqlx::query(q)
+            .bind(trust_domain)
+            .bind(at)
+            .bind(step)
+            .bind(label)
+            .bind(detail)
+            .execute(&mut **t)
+            .await?; });
         Ok(())
     }
 
-    /// Commits.
-    pub async fn commit(self) -> Result<(), StoreError> {
-        self.tx.commit().await?;
+    /// Records which token key answers for a KeyManager key id (replacing an earlier generation's).
+    pub async fn put_keymanager_key(&mut self, k: &KeyManagerRecord) -> Result<(), StoreError> {
+        let q = "INSERT INTO keymanager_keys (namespace, key_id, label, public_key, updated_at) \
+                 VALUES ($1, $2, $3, $4, $5) \
+                 ON CONFLICT (namespace, key_id) DO UPDATE SET label = excluded.label, \
+                 public_key = excluded.public_key, updated_at = excluded.updated_at";
+        on_tx!(&mut self.tx, t => { sqlx::query(q)
+            .bind(&k.namespace)
+            .bind(&k.key_id)
+            .bind(&k.label)
+            .bind(&k.public_key)
+            .bind(k.updated_at)
+            .execute(&mut **t)
+            .await?; });
+        self.announce(format!("keymanager {} {}", k.namespace, k.key_id));
+        Ok(())
+    }
+
+    /// Commits, and (PostgreSQL) announces what changed to every replica in the same commit.
+    pub async fn commit(mut self) -> Result<(), StoreError> {
+        if let Tx::Postgres(t) = &mut self.tx {
+            for what in &self.notify {
+                sqlx::query("SELECT pg_notify($1, $2)")
+                    .bind(CHANGES_CHANNEL)
+                    .bind(what)
+                    .execute(&mut **t)
+                    .await?;
+            }
+        }
+        on_tx!(self.tx, t => t.commit().await?);
         Ok(())
     }
 }

@@ -1,0 +1,756 @@
+//! Three replicas of the real `signet` binary on one PostgreSQL datastore (Debian's postgresql, initdb into a
+//! temporary directory, listening on 127.0.0.1 only) and one SoftHSM2 token directory:
+//!
+//! - they start together: one runs the migrations and adopts the first root, the others wait and take it up;
+//! - a JWT-key rotation made by hand through one replica reaches the subscription streams held on the other two
+//!   (the delay is measured and printed);
+//! - `signet bench` drives all three; one replica is killed (SIGKILL) under load: every request is answered by
+//!   another replica or fails cleanly, no serial number is issued twice, the rate recovers;
+//! - the replica that holds the rotation schedule's lock is stopped in the middle of a scheduled root rotation (just
+//!   after its `prepare` step is journalled, before the key exists) and killed: another replica takes the lock,
+//!   finishes the prepare, publishes and activates the new root; every subscriber's bundle goes through each state
+//!   once, in order; credentials minted afterwards chain to the new root (`openssl verify`).
+//!
+//! Needs the `crash-points` feature, for the stop in the middle of a step
+//! (`cargo test -p signet --features crash-points --test replicas`), PostgreSQL's server binaries
+//! (`/usr/lib/postgresql/*/bin`) and SoftHSM2. Without them the test says SKIP, unless `SIGNET_REQUIRE_POSTGRES` is
+//! set (the test script sets it), which makes it fail.
+#![cfg(feature = "crash-points")]
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use signet_pkcs11::testing::SoftHsm;
+use signet_proto::signet::v1 as spb;
+use signet_proto::signet::v1::admin_client::AdminClient;
+use signet_proto::spire::plugin::server::upstreamauthority::v1 as ua;
+use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authority_client::UpstreamAuthorityClient;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+const REQUIRE_ENV: &str = "SIGNET_REQUIRE_POSTGRES";
+/// The roots' life in this test: the schedule prepares the next root at 0.2 of it and activates it at 0.35.
+const ROOT_TTL_SECS: u64 = 90;
+
+/// PostgreSQL's server programs: Debian's (`/usr/lib/postgresql/<version>/bin`), the newest version.
+fn pg_bin() -> Option<PathBuf> {
+    let mut found: Vec<(u32, PathBuf)> = std::fs::read_dir("/usr/lib/postgresql")
+        .ok()?
+        .filter_map(|e| {
+            let e = e.ok()?;
+            let v: u32 = e.file_name().to_str()?.parse().ok()?;
+            let bin = e.path().join("bin");
+            bin.join("initdb").exists().then_some((v, bin))
+        })
+        .collect();
+    found.sort();
+    found.pop().map(|(_, b)| b)
+}
+
+/// The user PostgreSQL runs as: the current one, or when that is root (which PostgreSQL refuses) the `postgres`
+/// account Debian's package makes, else `nobody`.
+fn pg_user() -> Option<(u32, u32)> {
+    if euid() != 0 {
+        return None;
+    }
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let find = |name: &str| {
+        passwd.lines().find_map(|l| {
+            let f: Vec<&str> = l.split(':').collect();
+            (f.first() == Some(&name)).then(|| (f[2].parse().unwrap(), f[3].parse().unwrap()))
+        })
+    };
+    find("postgres").or_else(|| find("nobody"))
+}
+
+fn euid() -> u32 {
+    let out = Command::new("id").arg("-u").output().unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A PostgreSQL server in a temporary directory, stopped when dropped.
+struct Postgres {
+    _dir: tempfile::TempDir,
+    child: Child,
+    url: String,
+}
+
+impl Postgres {
+    fn start() -> Option<Self> {
+        let Some(bin) = pg_bin() else {
+            if std::env::var_os(REQUIRE_ENV).is_some() {
+                panic!(
+                    "PostgreSQL is required ({REQUIRE_ENV} is set) but /usr/lib/postgresql/*/bin is missing"
+                );
+            }
+            eprintln!(
+                "SKIP replicas: PostgreSQL is not installed (install the postgresql package; ./scripts/test does)"
+            );
+            return None;
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("pg");
+        std::fs::create_dir(&data).unwrap();
+        let user = pg_user();
+        let as_user = |c: &mut Command| {
+            use std::os::unix::process::CommandExt as _;
+            if let Some((uid, gid)) = user {
+                c.uid(uid).gid(gid);
+            }
+        };
+        if let Some((uid, gid)) = user {
+            use std::os::unix::fs::PermissionsExt as _;
+            std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+            std::os::unix::fs::chown(&data, Some(uid), Some(gid)).unwrap();
+        }
+        let mut initdb = Command::new(bin.join("initdb"));
+        initdb
+            .args(["-D"])
+            .arg(&data)
+            .args(["-U", "signet", "-A", "trust", "-E", "UTF8", "--no-sync"])
+            .env("LC_ALL", "C")
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        as_user(&mut initdb);
+        let out = initdb.output().unwrap();
+        assert!(
+            out.status.success(),
+            "initdb failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let port = free_port();
+        let log = std::fs::File::create(dir.path().join("postgres.log")).unwrap();
+        let mut pg = Command::new(bin.join("postgres"));
+        pg.arg("-D")
+            .arg(&data)
+            .args(["-p", &port.to_string()])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "unix_socket_directories="])
+            .args(["-c", "fsync=off"])
+            .args(["-c", "max_connections=200"])
+            .current_dir(dir.path())
+            .stdout(Stdio::null())
+            .stderr(log);
+        as_user(&mut pg);
+        let child = pg.spawn().unwrap();
+        let pg = Postgres {
+            child,
+            url: format!("postgres://signet@127.0.0.1:{port}/postgres"),
+            _dir: dir,
+        };
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ready = Command::new(bin.join("pg_isready"))
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "signet"])
+                .stdout(Stdio::null())
+                .status()
+                .unwrap();
+            if ready.success() {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "PostgreSQL did not start within 30 s"
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Some(pg)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        // SIGINT: PostgreSQL's fast shutdown.
+        let _ = Command::new("kill")
+            .args(["-INT", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One `signet serve` process.
+struct Replica {
+    name: String,
+    dir: PathBuf,
+    child: Option<Child>,
+    addr: String,
+}
+
+impl Replica {
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("serve.log")).unwrap_or_default()
+    }
+
+    fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+struct Rig {
+    root: tempfile::TempDir,
+    pg: Postgres,
+    hsm: SoftHsm,
+}
+
+impl Rig {
+    fn config(&self, name: &str) -> PathBuf {
+        let dir = self.root.path().join(name);
+        std::fs::create_dir_all(&dir).unwrap();
+        let cfg = dir.join("signet.toml");
+        std::fs::write(
+            &cfg,
+            format!(
+                r#"trust_domain = "example.org"
+data_dir = "{data}"
+datastore = "{url}"
+
+[server]
+listen = "127.0.0.1:0"
+metrics = ""
+replica_id = "{name}"
+
+[[tokens]]
+name = "hsm"
+module = "{module}"
+token = "{label}"
+pin = {{ env = "SIGNET_PIN" }}
+sessions = 2
+
+[authority]
+bundle_refresh_hint = "1s"
+
+[authority.x509]
+root_ttl = "{ttl}s"
+
+[authority.rotation]
+publish_lead = "3s"
+prepare_at = 0.2
+activate_at = 0.35
+check_every = "1s"
+
+[[policy]]
+caller = "spiffe://example.org/signet/admin"
+may = ["issuer", "admin", "upstream-authority", "key-manager"]
+ids = ["spiffe://example.org/"]
+max_ttl = "20s"
+"#,
+                data = dir.join("data").display(),
+                url = self.pg.url,
+                module = self.hsm.module().display(),
+                label = self.hsm.label(),
+                ttl = ROOT_TTL_SECS,
+            ),
+        )
+        .unwrap();
+        cfg
+    }
+
+    /// Starts replica `name` (its own data directory and port) and waits until it serves.
+    fn start(&self, name: &str, crash_point: Option<&str>) -> Replica {
+        let cfg = self.config(name);
+        let dir = self.root.path().join(name);
+        let _ = std::fs::remove_file(dir.join("data/endpoint"));
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("serve.log"))
+            .unwrap();
+        let mut c = Command::new(env!("CARGO_BIN_EXE_signet"));
+        c.arg("serve")
+            .arg("--config")
+            .arg(&cfg)
+            .env("SOFTHSM2_CONF", self.hsm.conf())
+            .env("SIGNET_PIN", signet_pkcs11::testing::USER_PIN)
+            .env("RUST_LOG", "info")
+            .env_remove("SIGNET_CRASH_POINT")
+            .env_remove("SIGNET_TEST_CLOCK_OFFSET_FILE")
+            .stdout(Stdio::null())
+            .stderr(log);
+        if let Some(p) = crash_point {
+            c.env("SIGNET_CRASH_POINT", p);
+        }
+        let child = c.spawn().unwrap();
+        let mut r = Replica {
+            name: name.into(),
+            dir: dir.clone(),
+            child: Some(child),
+            addr: String::new(),
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(a) = std::fs::read_to_string(dir.join("data/endpoint")) {
+                r.addr = a.trim().to_string();
+                return r;
+            }
+            if let Some(Ok(Some(status))) = r.child.as_mut().map(|c| c.try_wait()) {
+                panic!("replica {name} exited ({status}) at start:\n{}", r.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "replica {name} did not serve within 60 s:\n{}",
+                r.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// The admin credential and bundle of the first replica (the same root signs every replica's).
+    fn creds(&self) -> PathBuf {
+        self.root.path().join("r1/data")
+    }
+}
+
+async fn channel(creds: &Path, addr: &str) -> Channel {
+    let read = |f: &str| std::fs::read(creds.join(f)).unwrap();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("bundle.pem")))
+        .identity(Identity::from_pem(read("admin.pem"), read("admin.key")))
+        .domain_name("localhost");
+    Endpoint::from_shared(format!("https://{addr}"))
+        .unwrap()
+        .tls_config(tls)
+        .unwrap()
+        .connect_timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .unwrap()
+}
+
+async fn status(creds: &Path, addr: &str) -> Option<spb::GetStatusResponse> {
+    let read = |f: &str| std::fs::read(creds.join(f)).ok();
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(read("bundle.pem")?))
+        .identity(Identity::from_pem(read("admin.pem")?, read("admin.key")?))
+        .domain_name("localhost");
+    let ch = Endpoint::from_shared(format!("https://{addr}"))
+        .ok()?
+        .tls_config(tls)
+        .ok()?
+        .connect_timeout(Duration::from_secs(2))
+        .timeout(Duration::from_secs(5))
+        .connect()
+        .await
+        .ok()?;
+    AdminClient::new(ch)
+        .get_status(spb::GetStatusRequest {})
+        .await
+        .ok()
+        .map(|r| r.into_inner())
+}
+
+/// What a subscriber saw: (when, X.509 roots, JWT key ids), one entry per message.
+type Seen = Arc<Mutex<Vec<(Instant, BTreeSet<Vec<u8>>, BTreeSet<String>)>>>;
+
+async fn subscribe(creds: &Path, addr: &str) -> Seen {
+    let mut client = UpstreamAuthorityClient::new(channel(creds, addr).await);
+    let mut stream = client
+        .subscribe_to_local_bundle(ua::SubscribeToLocalBundleRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let seen: Seen = Arc::default();
+    let s2 = seen.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(m)) = stream.message().await {
+            let roots = m.upstream_x509_roots.into_iter().map(|r| r.asn1).collect();
+            let kids = m.upstream_jwt_keys.into_iter().map(|k| k.key_id).collect();
+            s2.lock().unwrap().push((Instant::now(), roots, kids));
+        }
+    });
+    // The first message is the bundle as it is.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while seen.lock().unwrap().is_empty() {
+        assert!(Instant::now() < deadline, "no first bundle from {addr}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    seen
+}
+
+/// Waits until `cond` holds for what `seen` holds last; returns when it first held.
+async fn until_seen(
+    seen: &Seen,
+    what: &str,
+    limit: Duration,
+    cond: impl Fn(&BTreeSet<Vec<u8>>, &BTreeSet<String>) -> bool,
+) -> Instant {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(at) = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(_, r, k)| cond(r, k))
+            .map(|(at, _, _)| *at)
+        {
+            return at;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: not seen within {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// The distinct states a subscriber went through, in order (consecutive repeats merged).
+fn states(seen: &Seen) -> Vec<(BTreeSet<Vec<u8>>, BTreeSet<String>)> {
+    let mut out: Vec<(BTreeSet<Vec<u8>>, BTreeSet<String>)> = Vec::new();
+    for (_, r, k) in seen.lock().unwrap().iter() {
+        if out.last() != Some(&(r.clone(), k.clone())) {
+            out.push((r.clone(), k.clone()));
+        }
+    }
+    out
+}
+
+fn pem(der: &[u8]) -> String {
+    pem::encode(&pem::Pem::new("CERTIFICATE", der.to_vec()))
+}
+
+fn signet(rig: &Rig) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_signet"));
+    c.env_remove("SIGNET_ADDR")
+        .env_remove("SIGNET_CONFIG")
+        .env("SIGNET_DATA_DIR", rig.creds());
+    c
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_replicas_on_postgres() {
+    if !signet_pkcs11::testing::softhsm_available("replicas") {
+        return;
+    }
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let hsm = SoftHsm::new().expect("a SoftHSM2 token");
+    let rig = Rig {
+        root: tempfile::tempdir().unwrap(),
+        pg,
+        hsm,
+    };
+    let t0 = Instant::now();
+
+    // The first replica makes the root; it will be the one running the schedule, and stops in the middle of the
+    // scheduled prepare.
+    let mut r1 = rig.start("r1", Some("prepare:after-journal"));
+    // The other two start together: the migrations and the adoption are theirs to wait for.
+    let (r2, r3) = std::thread::scope(|s| {
+        let a = s.spawn(|| rig.start("r2", None));
+        let b = s.spawn(|| rig.start("r3", None));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let mut r3 = r3;
+    let creds = rig.creds();
+    eprintln!(
+        "three replicas serving after {:.1} s: {} {} {}",
+        t0.elapsed().as_secs_f64(),
+        r1.addr,
+        r2.addr,
+        r3.addr
+    );
+    // One root for all: every replica's bundle file is the first one's.
+    for r in [&r2, &r3] {
+        assert_eq!(
+            std::fs::read(r.dir.join("data/bundle.pem")).unwrap(),
+            std::fs::read(creds.join("bundle.pem")).unwrap(),
+            "{} took up another root",
+            r.name
+        );
+    }
+    // Exactly one runs the schedule, and each sees all three.
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let mut leaders = Vec::new();
+        let mut counts = Vec::new();
+        for r in [&r1, &r2, &r3] {
+            let s = status(&creds, &r.addr).await.expect("status");
+            assert_eq!(s.datastore, "postgres");
+            assert_eq!(s.replica_id, r.name);
+            if s.rotation_leader {
+                leaders.push(r.name.clone());
+            }
+            counts.push(s.replicas.len());
+        }
+        assert!(leaders.len() <= 1, "several replicas lead: {leaders:?}");
+        if leaders == ["r1"] && counts.iter().all(|&n| n == 3) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no single leader r1 with three live replicas: leaders {leaders:?}, counts {counts:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    let on1 = subscribe(&creds, &r1.addr).await;
+    let on2 = subscribe(&creds, &r2.addr).await;
+    let on3 = subscribe(&creds, &r3.addr).await;
+    let (roots1, kids1) = {
+        let s = on2.lock().unwrap();
+        (s[0].1.clone(), s[0].2.clone())
+    };
+    assert_eq!(roots1.len(), 1);
+    assert_eq!(kids1.len(), 1);
+
+    // 1. A JWT-key rotation by hand through r2 reaches the streams held on r1 and r3.
+    let mut admin2 = AdminClient::new(channel(&creds, &r2.addr).await);
+    let rotate = |step: &str| spb::RotateRequest {
+        step: step.into(),
+        kind: "jwt".into(),
+        label: String::new(),
+    };
+    admin2.rotate(rotate("prepare")).await.unwrap();
+    let published_at = Instant::now();
+    admin2.rotate(rotate("publish")).await.unwrap();
+    let returned = published_at.elapsed();
+    let mut reach = Vec::new();
+    for (name, seen) in [("r1", &on1), ("r3", &on3)] {
+        let at = until_seen(
+            seen,
+            &format!("the new JWT key on {name}"),
+            Duration::from_secs(5),
+            |_, k| k.len() == 2,
+        )
+        .await;
+        reach.push(at.saturating_duration_since(published_at));
+    }
+    eprintln!(
+        "JWT key published through r2 (call returned after {:.0} ms) reached the streams on r1 and r3 after {:.0} ms and {:.0} ms",
+        returned.as_secs_f64() * 1e3,
+        reach[0].as_secs_f64() * 1e3,
+        reach[1].as_secs_f64() * 1e3
+    );
+    for d in &reach {
+        assert!(
+            *d < Duration::from_secs(1),
+            "a bundle change took {d:?} to reach another replica's subscribers"
+        );
+    }
+
+    // 2. Load on all three through `signet bench`; r3 is killed under it.
+    if std::env::var_os("TMP_SKIP_BENCH").is_none() {
+        let json = rig.root.path().join("bench.json");
+        let addrs = format!("{},{},{}", r1.addr, r2.addr, r3.addr);
+        let bench = signet(&rig)
+            .args([
+                "bench",
+                "--quiet",
+                "--workload",
+                "x509",
+                "--concurrency",
+                "8",
+                "--duration",
+                "5",
+            ])
+            .env("SIGNET_ADDR", &addrs)
+            .arg("--json")
+            .arg(&json)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        r3.kill();
+        let killed_at = Instant::now();
+        let out = tokio::task::spawn_blocking(move || bench.wait_with_output().unwrap())
+            .await
+            .unwrap();
+        let report = String::from_utf8_lossy(&out.stdout);
+        eprintln!("{report}{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "the bench failed while a replica was killed"
+        );
+        let doc: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+        let run = &doc["runs"][0];
+        assert_eq!(run["bad_credentials"], 0, "{run}");
+        assert_eq!(run["duplicate_serials"], 0, "{run}");
+        assert!(
+            run["failovers"].as_u64().unwrap() > 0,
+            "no request moved to another replica: {run}"
+        );
+        let errors = run["errors"]
+            .as_object()
+            .map_or(0, |e| e.values().filter_map(|v| v.as_u64()).sum::<u64>());
+        assert_eq!(
+            errors, 0,
+            "requests failed although two replicas were serving: {run}"
+        );
+        eprintln!(
+            "bench with r3 killed {:.1} s in: {run}",
+            killed_at.elapsed().as_secs_f64()
+        );
+    }
+    // r3 comes back and takes up the shared state.
+    let r3b = rig.start("r3", None);
+    r3 = r3b;
+    let on3 = subscribe(&creds, &r3.addr).await;
+    assert_eq!(
+        on3.lock().unwrap()[0].2.len(),
+        2,
+        "the restarted replica lacks the published JWT key"
+    );
+
+    // 3. The scheduled root rotation: r1 journals the prepare, stops there, and is killed.
+    let stopped = Instant::now() + Duration::from_secs(ROOT_TTL_SECS);
+    loop {
+        if r1
+            .log()
+            .contains("crash point prepare:after-journal reached")
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < stopped,
+            "r1 never reached the scheduled prepare:\n{}",
+            r1.log()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    r1.kill();
+    eprintln!(
+        "r1 killed in the middle of the scheduled prepare, {:.1} s in",
+        t0.elapsed().as_secs_f64()
+    );
+    // Another replica takes the lock, finishes the prepare, publishes and (after the publish lead) activates.
+    let limit = Duration::from_secs(ROOT_TTL_SECS / 2);
+    until_seen(&on2, "the new root on r2", limit, |r, _| r.len() == 2).await;
+    until_seen(&on3, "the new root on r3", limit, |r, _| r.len() == 2).await;
+    let new_root = on2
+        .lock()
+        .unwrap()
+        .iter()
+        .rev()
+        .find(|(_, r, _)| r.len() == 2)
+        .and_then(|(_, r, _)| r.difference(&roots1).next().cloned())
+        .unwrap();
+    let deadline = Instant::now() + limit;
+    let leader = loop {
+        let mut active_gen2 = 0;
+        let mut leader = None;
+        for r in [&r2, &r3] {
+            let s = status(&creds, &r.addr).await.expect("status");
+            if s.rotation_leader {
+                leader = Some(r.name.clone());
+            }
+            let x509: Vec<_> = s.authorities.iter().filter(|a| a.kind == "x509").collect();
+            if x509.iter().any(|a| a.state == "active")
+                && x509.iter().any(|a| a.state == "superseded")
+            {
+                active_gen2 += 1;
+            }
+        }
+        if active_gen2 == 2
+            && let Some(l) = leader
+        {
+            break l;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the new root was not activated by a surviving replica"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!(
+        "{leader} took over the schedule; new root active {:.1} s in",
+        t0.elapsed().as_secs_f64()
+    );
+    let mut log = String::new();
+    for r in [&r2, &r3] {
+        log.push_str(&r.log());
+    }
+    assert!(
+        log.contains("finished a rotation step a stopped replica left half done"),
+        "{log}"
+    );
+
+    // Every subscriber went through each state once, in order: {root 1} then {root 1, root 2} (JWT keys aside).
+    for (name, seen) in [("r2", &on2), ("r3", &on3)] {
+        let roots: Vec<BTreeSet<Vec<u8>>> = {
+            let mut v: Vec<BTreeSet<Vec<u8>>> = Vec::new();
+            for (r, _) in states(seen) {
+                if v.last() != Some(&r) {
+                    v.push(r);
+                }
+            }
+            v
+        };
+        let both: BTreeSet<Vec<u8>> = roots1.iter().cloned().chain([new_root.clone()]).collect();
+        assert_eq!(
+            roots,
+            vec![roots1.clone(), both],
+            "{name}'s subscribers saw the roots out of order"
+        );
+    }
+
+    // Credentials minted through each survivor now chain to the new root alone.
+    let root2 = rig.root.path().join("root2.pem");
+    std::fs::write(&root2, pem(&new_root)).unwrap();
+    for r in [&r2, &r3] {
+        let out_dir = rig.root.path().join(format!("svid-{}", r.name));
+        let out = signet(&rig)
+            .env("SIGNET_ADDR", &r.addr)
+            .args([
+                "mint",
+                "x509-svid",
+                "--spiffe-id",
+                "spiffe://example.org/w",
+                "--ttl",
+                "10s",
+            ])
+            .arg("--out")
+            .arg(&out_dir)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mint through {}: {}",
+            r.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v = Command::new("openssl")
+            .args(["verify", "-x509_strict", "-CAfile"])
+            .arg(&root2)
+            .arg(out_dir.join("svid.pem"))
+            .output()
+            .unwrap();
+        assert!(
+            v.status.success(),
+            "an SVID minted through {} does not chain to the new root: {}",
+            r.name,
+            String::from_utf8_lossy(&v.stdout)
+        );
+    }
+    eprintln!("done in {:.1} s", t0.elapsed().as_secs_f64());
+}

@@ -27,6 +27,8 @@ use std::time::{Duration, Instant};
 use signet_pkcs11::testing::SoftHsm;
 use signet_proto::signet::v1 as spb;
 use signet_proto::signet::v1::admin_client::AdminClient;
+use signet_proto::spire::plugin::server::keymanager::v1 as km;
+use signet_proto::spire::plugin::server::keymanager::v1::key_manager_client::KeyManagerClient;
 use signet_proto::spire::plugin::server::upstreamauthority::v1 as ua;
 use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authority_client::UpstreamAuthorityClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
@@ -557,7 +559,86 @@ async fn three_replicas_on_postgres() {
         );
     }
 
-    // 2. Load on all three through `signet bench`; r3 is killed under it.
+    // 2. A SPIRE server's KeyManager key generated through r2 is found and used by r1 and r3; replaced through r3,
+    //    the others sign with the new key at once.
+    let digest = ring::digest::digest(&ring::digest::SHA256, b"signed by any replica");
+    let sign = |id: &str| km::SignDataRequest {
+        key_id: id.into(),
+        data: digest.as_ref().to_vec(),
+        signer_opts: Some(km::sign_data_request::SignerOpts::HashAlgorithm(
+            km::HashAlgorithm::Sha256 as i32,
+        )),
+    };
+    let verify = |spki: &[u8], sig: &[u8]| {
+        use x509_parser::prelude::FromDer as _;
+        let (_, info) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki).unwrap();
+        ring::signature::UnparsedPublicKey::new(
+            &ring::signature::ECDSA_P256_SHA256_ASN1,
+            info.subject_public_key.data.to_vec(),
+        )
+        .verify(b"signed by any replica", sig)
+        .is_ok()
+    };
+    let mut km = Vec::new();
+    for r in [&r1, &r2, &r3] {
+        km.push(KeyManagerClient::new(channel(&creds, &r.addr).await));
+    }
+    let mut spki = Vec::new();
+    for (generator, round) in [(1, "first"), (2, "replaced")] {
+        let made = km[generator]
+            .generate_key(km::GenerateKeyRequest {
+                key_id: "x509-CA-A".into(),
+                key_type: km::KeyType::EcP256 as i32,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .public_key
+            .unwrap();
+        assert!(
+            made.pkix_data != spki,
+            "the {round} key is the same as before"
+        );
+        spki = made.pkix_data.clone();
+        for (i, c) in km.iter_mut().enumerate() {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                let got = c
+                    .get_public_key(km::GetPublicKeyRequest {
+                        key_id: "x509-CA-A".into(),
+                    })
+                    .await;
+                if got
+                    .as_ref()
+                    .ok()
+                    .and_then(|g| g.get_ref().public_key.as_ref())
+                    .map(|k| &k.pkix_data)
+                    == Some(&spki)
+                {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "replica r{} does not know the {round} key: {got:?}",
+                    i + 1
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            let sig = c
+                .sign_data(sign("x509-CA-A"))
+                .await
+                .unwrap()
+                .into_inner()
+                .signature;
+            assert!(
+                verify(&spki, &sig),
+                "r{} signed the {round} key's data with another key",
+                i + 1
+            );
+        }
+    }
+
+    // 3. Load on all three through `signet bench`; r3 is killed under it.
     if std::env::var_os("TMP_SKIP_BENCH").is_none() {
         let json = rig.root.path().join("bench.json");
         let addrs = format!("{},{},{}", r1.addr, r2.addr, r3.addr);
@@ -622,7 +703,7 @@ async fn three_replicas_on_postgres() {
         "the restarted replica lacks the published JWT key"
     );
 
-    // 3. The scheduled root rotation: r1 journals the prepare, stops there, and is killed.
+    // 4. The scheduled root rotation: r1 journals the prepare, stops there, and is killed.
     let stopped = Instant::now() + Duration::from_secs(ROOT_TTL_SECS);
     loop {
         if r1
@@ -753,4 +834,56 @@ async fn three_replicas_on_postgres() {
         );
     }
     eprintln!("done in {:.1} s", t0.elapsed().as_secs_f64());
+}
+
+/// Three replicas started at the same moment on an empty database: the migrations run once (the others wait for
+/// the migration lock), one of them makes the root and the first keys, and all three serve with that root.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_start_together_on_an_empty_database() {
+    if !signet_pkcs11::testing::softhsm_available("replicas") {
+        return;
+    }
+    let Some(pg) = Postgres::start() else {
+        return;
+    };
+    let hsm = SoftHsm::new().expect("a SoftHSM2 token");
+    let rig = Rig {
+        root: tempfile::tempdir().unwrap(),
+        pg,
+        hsm,
+    };
+    let replicas: Vec<Replica> = std::thread::scope(|s| {
+        let all: Vec<_> = ["r1", "r2", "r3"]
+            .into_iter()
+            .map(|n| {
+                let rig = &rig;
+                s.spawn(move || rig.start(n, None))
+            })
+            .collect();
+        all.into_iter().map(|h| h.join().unwrap()).collect()
+    });
+    let bundle = std::fs::read(replicas[0].dir.join("data/bundle.pem")).unwrap();
+    let mut ids = BTreeSet::new();
+    for r in &replicas {
+        assert_eq!(
+            std::fs::read(r.dir.join("data/bundle.pem")).unwrap(),
+            bundle,
+            "{} serves another root",
+            r.name
+        );
+        let s = status(&rig.creds(), &r.addr).await.expect("status");
+        let active: Vec<String> = s
+            .authorities
+            .iter()
+            .filter(|a| a.state == "active" && (a.kind == "x509" || a.kind == "jwt"))
+            .map(|a| format!("{} {}", a.kind, a.id))
+            .collect();
+        assert_eq!(active.len(), 2, "{}: {active:?}", r.name);
+        ids.insert(active);
+    }
+    assert_eq!(
+        ids.len(),
+        1,
+        "the replicas disagree on the active authorities: {ids:?}"
+    );
 }

@@ -10,8 +10,11 @@
 //! - [`keys_token`]: [`keys_token::TokenKey`], a token-backed [`keys::AuthorityKey`] for direct, non-pipelined use;
 //! - [`pipeline`]: the batching signer (queue -> HSM workers -> replies), the CPU pool, [`pipeline::PipelineKey`]
 //!   and X509-SVID issuance in direct and delegated mode;
-//! - [`store`]: the datastore (sqlx; SQLite in the data directory), and [`ca`]: the authorities' life cycle on it
-//!   (prepare, publish, activate, retire, taint, destroy; crash-safe; on a schedule or by hand);
+//! - [`store`]: the datastore (sqlx; SQLite in the data directory, or PostgreSQL shared by replicas), and [`ca`]:
+//!   the authorities' life cycle on it (prepare, publish, activate, retire, taint, destroy; crash-safe; on a
+//!   schedule or by hand);
+//! - [`replica`]: several replicas on one PostgreSQL datastore (following each other's changes, one running the
+//!   schedule, rate limits shared);
 //! - [`config`], [`policy`], [`audit`], [`api`] and [`serve`]: the appliance itself (`signet serve`): its
 //!   configuration, who may do what, the audit log, the gRPC services (SPIRE UpstreamAuthority and KeyManager,
 //!   signet Issuer and Admin) with mTLS, and start-up / shutdown;

@@ -1,15 +1,26 @@
-//! signet's datastore: the authorities of each trust domain and their life cycle, the bundle's sequence number, the
-//! JWT keys SPIRE servers publish, and the journal of rotation steps.
+//! signet's datastore: the authorities of each trust domain and their life cycle, the bundle's sequence number,
+//! the JWT keys SPIRE servers publish, the journal of rotation steps, which token key answers for each KeyManager
+//! key id, and the heartbeats of the replicas sharing it.
 //!
-//! It is an existing engine, never a home-made one: SQLite in the data directory (`state.db`) is the embedded
-//! default, reached through `sqlx` with runtime queries (`sqlx::query`, no compile-time checked macros, so building
-//! needs no database). The schema is versioned by embedded migrations (`migrations/sqlite/`, applied at
-//! [`Store::open`]). The SQL is kept to what PostgreSQL also accepts so the same [`Store`] can later serve several
-//! replicas; only the column type of binary data differs between the two, which is why migrations live in a
-//! directory per engine.
+//! It is an existing engine, never a home-made one, reached through `sqlx` with runtime queries (`sqlx::query`, no
+//! compile-time checked macros, so building needs no database):
+//!
+//! - **SQLite** in the data directory (`sqlite://state.db`) is the embedded default, for one process;
+//! - **PostgreSQL** (`postgres://USER[:PASSWORD]@HOST[:PORT]/DB`) lets several replicas share one trust domain
+//!   (see [`crate::replica`]).
+//!
+//! The SQL is the same on both (`$N` placeholders, which SQLite reads too); only the schema's spelling differs (BLOB
+//! or BYTEA, the journal's key), so the versioned migrations live in a directory per engine (`migrations/sqlite/`,
+//! `migrations/postgres/`, embedded and applied at [`Store::open`]; with PostgreSQL the migrator holds an advisory
+//! lock, so replicas starting together run them once and the others wait).
 //!
 //! Every rotation step is one [`Txn`]: the rows it changes, the bundle's new sequence number and a journal line,
-//! committed together before the step takes effect anywhere else (see [`crate::ca`]).
+//! committed together before the step takes effect anywhere else (see [`crate::ca`]). With PostgreSQL the commit
+//! also announces what changed (`NOTIFY` on [`CHANGES_CHANNEL`], delivered with the commit and only if it commits),
+//! and three advisory locks coordinate the replicas: the step lock ([`Store::step_lock`]) that every rotation step
+//! holds, the schedule lock ([`Store::try_lead`]) held by the one replica that runs the schedule, and the start lock
+//! ([`Store::start_lock`]) under which a replica adopts the first authorities. Each is held by a connection of its
+//! own, so the database releases it when the holder dies.
 
 use std::path::Path;
 use std::str::FromStr;

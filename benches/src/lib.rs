@@ -98,7 +98,7 @@ pub struct InProcess {
 /// The client side of an appliance.
 #[derive(Debug, Clone)]
 pub struct Target {
-    /// host:port.
+    /// host:port, or several separated by commas (replicas).
     pub addr: String,
     /// The name on the server's certificate.
     pub server_name: String,
@@ -147,7 +147,9 @@ pub enum TokenKind {
 /// `signet bench`: issuance-rate benchmarking with the token's ceiling side by side.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
-    /// Drive a running appliance at this address (host:port); without it an appliance starts in this process.
+    /// Drive a running appliance at this address (host:port), or several replicas (a:8443,b:8443,...: the agents
+    /// are spread over them, and a request that cannot reach its replica goes to the next); without it an appliance
+    /// starts in this process.
     #[arg(long)]
     pub addr: Option<String>,
     /// With --addr: the data directory holding the admin credential and bundle (as the client commands use).
@@ -259,31 +261,74 @@ fn read(path: &std::path::Path, what: &str) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("cannot read the {what} {}: {e}", path.display()))
 }
 
-async fn connect(t: &Target) -> Result<Channel, String> {
+impl Target {
+    /// The addresses of the replicas, in the order given.
+    fn addrs(&self) -> Vec<String> {
+        self.addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .map(String::from)
+            .collect()
+    }
+}
+
+fn endpoint(t: &Target, addr: &str) -> Result<Endpoint, String> {
     let tls = ClientTlsConfig::new()
         .ca_certificate(Certificate::from_pem(&t.ca_pem))
         .identity(Identity::from_pem(&t.cert_pem, &t.key_pem))
         .domain_name(t.server_name.clone());
-    Endpoint::from_shared(format!("https://{}", t.addr))
-        .map_err(|e| format!("bad address {:?}: {e}", t.addr))?
+    Ok(Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(|e| format!("bad address {addr:?}: {e}"))?
         .tls_config(tls)
         .map_err(|e| format!("TLS set-up: {e}"))?
-        .connect_timeout(Duration::from_secs(10))
+        .connect_timeout(CONNECT_TIMEOUT)
+        // A request a replica never answers (a peer that hangs rather than refuses) fails over after this.
+        .timeout(REQUEST_TIMEOUT)
         .initial_connection_window_size(Some(8 << 20))
-        .initial_stream_window_size(Some(2 << 20))
-        .connect()
+        .initial_stream_window_size(Some(2 << 20)))
+}
+
+/// How long one request may wait for its answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a connection (TCP and the TLS handshake) may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+async fn connect(t: &Target, addr: &str) -> Result<Channel, String> {
+    // The endpoint's own connect timeout covers TCP only: a peer that accepts and never answers the handshake is
+    // bounded here.
+    tokio::time::timeout(CONNECT_TIMEOUT, endpoint(t, addr)?.connect())
         .await
-        .map_err(|e| format!("cannot connect to {}: {e:?}", t.addr))
+        .map_err(|_| {
+            format!("cannot connect to {addr}: no TLS handshake within {CONNECT_TIMEOUT:?}")
+        })?
+        .map_err(|e| format!("cannot connect to {addr}: {e:?}"))
 }
 
 /// CPU seconds and peak RSS of the server, when its Admin.GetStatus reports them.
 async fn server_usage(ch: &Channel) -> Option<(f64, u64)> {
-    let s = AdminClient::new(ch.clone())
-        .get_status(pb::GetStatusRequest {})
-        .await
-        .ok()?
-        .into_inner();
+    let mut req = tonic::Request::new(pb::GetStatusRequest {});
+    req.set_timeout(Duration::from_secs(5));
+    let s = tokio::time::timeout(
+        Duration::from_secs(5),
+        AdminClient::new(ch.clone()).get_status(req),
+    )
+    .await
+    .ok()?
+    .ok()?
+    .into_inner();
     (s.process_cpu_seconds > 0.0).then_some((s.process_cpu_seconds, s.peak_rss_bytes))
+}
+
+/// The servers' CPU seconds and the largest peak RSS, summed over every endpoint (each a replica's process), or
+/// `None` when one does not answer.
+async fn servers_usage(endpoints: &[load::Endpoint]) -> Option<(f64, u64)> {
+    let mut total = (0.0, 0);
+    for e in endpoints {
+        let (cpu, rss) = server_usage(&e.channels[0]).await?;
+        total = (total.0 + cpu, total.1.max(rss));
+    }
+    Some(total)
 }
 
 /// Runs `signet bench`; `launcher` starts an in-process appliance when no `--addr` is given. Returns the report
@@ -508,6 +553,12 @@ async fn run_async(
             "{bad} credentials failed the check against the bundle"
         ));
     }
+    let repeated: u64 = report.runs.iter().map(|r| r.duplicate_serials).sum();
+    if repeated > 0 {
+        return Err(format!(
+            "{repeated} X509-SVIDs carried a serial number an earlier one of the run already had"
+        ));
+    }
     Ok(report)
 }
 
@@ -553,11 +604,52 @@ async fn bench(
     in_process: bool,
     load_before: String,
 ) -> Result<BenchReport, String> {
-    let mut channels = Vec::with_capacity(args.connections);
-    for _ in 0..args.connections {
-        channels.push(connect(target).await?);
+    let addrs = target.addrs();
+    if addrs.is_empty() {
+        return Err("--addr names no address".into());
     }
-    let ch = channels[0].clone();
+    // Replicas that cannot be reached at the start are kept (their connections are made when they come back); the
+    // bench needs one that answers.
+    let several = addrs.len() > 1;
+    let mut endpoints = Vec::with_capacity(addrs.len());
+    let mut first = None;
+    let mut unreachable = Vec::new();
+    for addr in addrs {
+        let mut channels = Vec::with_capacity(args.connections);
+        let mut connected = 0;
+        for _ in 0..args.connections {
+            // After a failure the replica's other connections are made lazily too (one wait per replica).
+            if connected == 0 && !channels.is_empty() {
+                channels.push(endpoint(target, &addr)?.connect_lazy());
+                continue;
+            }
+            match connect(target, &addr).await {
+                Ok(c) => {
+                    channels.push(c);
+                    connected += 1;
+                }
+                Err(e) if several => {
+                    unreachable.push(e);
+                    channels.push(endpoint(target, &addr)?.connect_lazy());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        if first.is_none() && connected > 0 {
+            first = Some(endpoints.len());
+        }
+        endpoints.push(load::Endpoint::new(addr, channels));
+    }
+    let Some(first) = first else {
+        return Err(format!(
+            "no replica can be reached: {}",
+            unreachable.join("; ")
+        ));
+    };
+    if let Some(e) = unreachable.first() {
+        eprintln!("signet bench: {e}; its requests go to the other replicas until it answers");
+    }
+    let ch = endpoints[first].channels[0].clone();
     let bundle = IssuerClient::new(ch.clone())
         .get_bundle(pb::GetBundleRequest {})
         .await
@@ -647,8 +739,11 @@ async fn bench(
         _ => None,
     };
 
+    let addrs: Vec<String> = endpoints.iter().map(|e| e.addr.clone()).collect();
     let shared = Arc::new(Shared {
-        channels,
+        endpoints,
+        epoch: std::time::Instant::now(),
+        serials: std::sync::Mutex::default(),
         pool,
         checker,
         sampling,
@@ -688,7 +783,12 @@ async fn bench(
             };
             let _ = load::run(shared.clone(), &warm, HARD_LIMIT).await;
         }
-        let usage_before = server_usage(&ch).await;
+        shared
+            .serials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+        let usage_before = servers_usage(&shared.endpoints).await;
         let client_before = client_cpu_seconds();
         shared.progress.store(0, Ordering::Relaxed);
         let bar = progress_bar(args, &plan, concurrency);
@@ -708,7 +808,7 @@ async fn bench(
         if let Some(bar) = bar {
             bar.finish_and_clear();
         }
-        let usage_after = server_usage(&ch).await;
+        let usage_after = servers_usage(&shared.endpoints).await;
         let client_cpu = client_cpu_seconds()
             .zip(client_before)
             .map(|(after, before)| after - before);
@@ -750,6 +850,13 @@ async fn bench(
             checked: out.checked,
             bad_credentials: out.bad,
             bad_examples: out.bad_examples,
+            answered_by: out
+                .answered_by
+                .iter()
+                .map(|(e, n)| (addrs[*e].clone(), *n))
+                .collect(),
+            failovers: out.failovers,
+            duplicate_serials: out.duplicate_serials,
             server,
         });
     }

@@ -133,6 +133,12 @@ pub struct Outcome {
     pub bad: u64,
     /// The first few reasons credentials failed.
     pub bad_examples: Vec<String>,
+    /// Requests answered, by endpoint (index into [`Shared::endpoints`]).
+    pub answered_by: BTreeMap<usize, u64>,
+    /// Requests that failed on an endpoint for want of it (connection refused or lost) and were sent to the next.
+    pub failovers: u64,
+    /// X509-SVIDs whose serial number an earlier one of the run already carried (any fails the bench).
+    pub duplicate_serials: u64,
 }
 
 impl Outcome {
@@ -145,6 +151,11 @@ impl Outcome {
         }
         self.checked += o.checked;
         self.bad += o.bad;
+        for (k, v) in o.answered_by {
+            *self.answered_by.entry(k).or_default() += v;
+        }
+        self.failovers += o.failovers;
+        self.duplicate_serials += o.duplicate_serials;
         for b in o.bad_examples {
             if self.bad_examples.len() < 5 {
                 self.bad_examples.push(b);
@@ -167,11 +178,42 @@ impl Outcome {
     }
 }
 
+/// One appliance (replica) the bench drives: its address and the connections to it.
+#[derive(Debug)]
+pub struct Endpoint {
+    /// host:port.
+    pub addr: String,
+    /// The connections; the agents whose home this endpoint is share them.
+    pub channels: Vec<Channel>,
+    /// Until when (milliseconds since [`Shared::epoch`]) the endpoint is passed over: set when it fails for want of
+    /// a connection, so that the agents go to the next one at once.
+    down_until_ms: AtomicU64,
+}
+
+impl Endpoint {
+    /// An endpoint at `addr` with `channels` open to it.
+    pub fn new(addr: String, channels: Vec<Channel>) -> Self {
+        Self {
+            addr,
+            channels,
+            down_until_ms: AtomicU64::new(0),
+        }
+    }
+}
+
+/// How long an endpoint that failed for want of a connection is passed over.
+const DOWN_FOR: Duration = Duration::from_millis(500);
+
 /// Everything the agents share.
 #[derive(Debug)]
 pub struct Shared {
-    /// Connections; agent `i` uses `channels[i % len]`.
-    pub channels: Vec<Channel>,
+    /// The appliances; agent `i`'s home is `endpoints[i % len]`, and a request that cannot reach its endpoint goes
+    /// to the next one.
+    pub endpoints: Vec<Endpoint>,
+    /// The time origin of [`Endpoint`]'s marks.
+    pub epoch: Instant,
+    /// The serial numbers of the X509-SVIDs received so far.
+    pub serials: std::sync::Mutex<std::collections::HashSet<Vec<u8>>>,
     /// Pre-generated requests.
     pub pool: Pool,
     /// The judge.
@@ -187,9 +229,105 @@ fn kind(s: &tonic::Status) -> String {
     format!("{:?}", s.code())
 }
 
-/// One request; adds what it saw to `out`.
+/// Whether `s` says the endpoint could not be reached or the connection broke (so that another replica may answer
+/// the request), rather than that the appliance refused or failed it.
+fn unreachable(s: &tonic::Status) -> bool {
+    match s.code() {
+        // The bench never cancels a request itself: a cancelled one lost its connection.
+        tonic::Code::Unavailable | tonic::Code::Cancelled => true,
+        // A connection cut in the middle of a request surfaces as an unknown error from the HTTP/2 layer.
+        tonic::Code::Unknown | tonic::Code::Internal => {
+            let m = s.message().to_ascii_lowercase();
+            [
+                "transport",
+                "connection",
+                "broken pipe",
+                "h2 protocol",
+                "stream closed",
+                "reset",
+            ]
+            .iter()
+            .any(|w| m.contains(w))
+        }
+        _ => false,
+    }
+}
+
+impl Shared {
+    fn now_ms(&self) -> u64 {
+        self.epoch.elapsed().as_millis() as u64
+    }
+
+    /// The endpoints to try for `agent`, in order: its home first, then the next ones; those marked down last.
+    fn order(&self, agent: usize) -> Vec<usize> {
+        let n = self.endpoints.len();
+        let now = self.now_ms();
+        let (mut up, mut down): (Vec<usize>, Vec<usize>) = (0..n)
+            .map(|k| (agent + k) % n)
+            .partition(|&e| self.endpoints[e].down_until_ms.load(Ordering::Relaxed) <= now);
+        up.append(&mut down);
+        up
+    }
+
+    fn mark_down(&self, e: usize) {
+        let until = self.now_ms() + DOWN_FOR.as_millis() as u64;
+        self.endpoints[e]
+            .down_until_ms
+            .fetch_max(until, Ordering::Relaxed);
+    }
+
+    /// Whether `leaf` (DER) carries a serial number seen before in this run.
+    fn repeated_serial(&self, leaf: &[u8]) -> bool {
+        let Ok((_, cert)) = x509_parser::parse_x509_certificate(leaf) else {
+            return false;
+        };
+        let serial = cert.raw_serial().to_vec();
+        !self
+            .serials
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(serial)
+    }
+}
+
+/// One request: sent to the agent's endpoint, and to the next ones while an endpoint cannot be reached; adds what it
+/// saw to `out`.
 async fn one(sh: &Shared, plan: &Plan, agent: usize, seq: u64, out: &mut Outcome) -> bool {
-    let ch = sh.channels[agent % sh.channels.len()].clone();
+    let order = sh.order(agent);
+    let last = order.len() - 1;
+    for (i, e) in order.into_iter().enumerate() {
+        let ep = &sh.endpoints[e];
+        let ch = ep.channels[(agent / sh.endpoints.len()) % ep.channels.len()].clone();
+        match attempt(sh, plan, agent, seq, ch, out).await {
+            Ok(()) => {
+                *out.answered_by.entry(e).or_default() += 1;
+                return true;
+            }
+            Err(s) if i < last && unreachable(&s) => {
+                sh.mark_down(e);
+                out.failovers += 1;
+            }
+            Err(s) => {
+                if unreachable(&s) {
+                    sh.mark_down(e);
+                }
+                out.error(kind(&s));
+                return false;
+            }
+        }
+    }
+    false
+}
+
+/// One request to one endpoint; on success, what came back is counted (and checked) in `out`.
+async fn attempt(
+    sh: &Shared,
+    plan: &Plan,
+    agent: usize,
+    seq: u64,
+    ch: Channel,
+    out: &mut Outcome,
+) -> Result<(), tonic::Status> {
     let n = sh.pool.csrs.len();
     let base = (seq as usize)
         .wrapping_mul(plan.batch.max(1))
@@ -211,6 +349,13 @@ async fn one(sh: &Shared, plan: &Plan, agent: usize, seq: u64, out: &mut Outcome
                         match res.result {
                             Some(pb::x509svid_result::Result::Svid(svid)) => {
                                 out.credentials += 1;
+                                if svid
+                                    .cert_chain
+                                    .first()
+                                    .is_some_and(|l| sh.repeated_serial(l))
+                                {
+                                    out.duplicate_serials += 1;
+                                }
                                 if sh.sampling.take() {
                                     let (_, id, spki) = &sh.pool.csrs[(base + k) % n];
                                     out.judge(sh.checker.x509_svid(&svid.cert_chain, id, spki));
@@ -222,12 +367,9 @@ async fn one(sh: &Shared, plan: &Plan, agent: usize, seq: u64, out: &mut Outcome
                             None => out.error("empty batch result"),
                         }
                     }
-                    true
+                    Ok(())
                 }
-                Err(s) => {
-                    out.error(kind(&s));
-                    false
-                }
+                Err(s) => Err(s),
             }
         }
         Workload::Jwt => {
@@ -245,12 +387,9 @@ async fn one(sh: &Shared, plan: &Plan, agent: usize, seq: u64, out: &mut Outcome
                     if sh.sampling.take() {
                         out.judge(sh.checker.jwt_svid(&r.into_inner().token, id));
                     }
-                    true
+                    Ok(())
                 }
-                Err(s) => {
-                    out.error(kind(&s));
-                    false
-                }
+                Err(s) => Err(s),
             }
         }
         Workload::SignData => {
@@ -270,12 +409,9 @@ async fn one(sh: &Shared, plan: &Plan, agent: usize, seq: u64, out: &mut Outcome
                     if sh.sampling.take() {
                         out.judge(sh.checker.signature(msg, &r.into_inner().signature));
                     }
-                    true
+                    Ok(())
                 }
-                Err(s) => {
-                    out.error(kind(&s));
-                    false
-                }
+                Err(s) => Err(s),
             }
         }
     }

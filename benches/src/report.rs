@@ -52,7 +52,13 @@ pub struct RunReport {
     pub bad_credentials: u64,
     /// Why some failed.
     pub bad_examples: Vec<String>,
-    /// The server's CPU and memory.
+    /// Requests answered, by the address of the endpoint (replica) that answered.
+    pub answered_by: BTreeMap<String, u64>,
+    /// Requests that could not reach their endpoint and were sent to the next one.
+    pub failovers: u64,
+    /// X509-SVIDs whose serial number an earlier one of the run already carried (any fails the bench).
+    pub duplicate_serials: u64,
+    /// The servers' CPU (summed over replicas) and memory (the largest).
     pub server: Option<ServerUsage>,
 }
 
@@ -187,6 +193,22 @@ impl BenchReport {
             );
             for b in &r.bad_examples {
                 let _ = writeln!(s, "       bad credential: {b}");
+            }
+            if r.answered_by.len() > 1 || r.failovers > 0 {
+                let by = r
+                    .answered_by
+                    .iter()
+                    .map(|(a, n)| format!("{a}: {n}"))
+                    .collect::<Vec<_>>()
+                    .join(", ");
+                let _ = writeln!(
+                    s,
+                    "       answered by {by}; {} failed over to another replica",
+                    r.failovers
+                );
+            }
+            if r.duplicate_serials > 0 {
+                let _ = writeln!(s, "       repeated serial numbers: {}", r.duplicate_serials);
             }
         }
         if self.runs.iter().any(|r| r.server.is_some()) {

@@ -270,7 +270,19 @@ impl Token {
     /// the profile, and checks the PIN by logging in once (so a wrong PIN fails here, clearly).
     pub fn open(config: &TokenConfig) -> Result<Token> {
         let module = Module::get(&config.module)?;
-        let (slot, summary) = find_slot(&module, &config.token)?;
+        // A module may fail the slot list for a moment (SoftHSM2 does while another process writes the token's
+        // files): a transient failure is tried again, a few times, before the open fails.
+        let mut wait = std::time::Duration::from_millis(50);
+        let (slot, summary) = loop {
+            match find_slot(&module, &config.token) {
+                Err(e) if e.is_transient() && wait < std::time::Duration::from_secs(2) => {
+                    tracing::warn!(token = %config.token, error = %e, "the token's slot list failed; trying again");
+                    std::thread::sleep(wait);
+                    wait *= 2;
+                }
+                r => break r?,
+            }
+        };
         let pin = config.pin.resolve()?;
         let profile = match config.profile {
             Some(p) => p,

@@ -553,7 +553,16 @@ async fn spire_with_signet_as_key_manager() {
     };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_path_buf();
-    let data = plugin_data(&bed, &d).await;
+    // The plug-in is given two replicas, the first of which is down: SPIRE's calls go to the second.
+    let data = plugin_data(&bed, &d).await.replace(
+        &format!("endpoint = \"{}\"", bed.app.addr()),
+        &format!(
+            "endpoints = [\"127.0.0.1:{}\", \"{}\"]",
+            free_port(),
+            bed.app.addr()
+        ),
+    );
+    assert!(data.contains("endpoints = ["), "{data}");
     // A plugin_data mistake is shown by `spire-server validate`, in signet's words.
     let bad = plugin_stanza(
         "KeyManager",

@@ -2,7 +2,9 @@
 //!
 //! They connect with mTLS to the address in `<data dir>/endpoint` (written by `signet serve`), trusting
 //! `<data dir>/bundle.pem` and presenting the admin credential `<data dir>/admin.pem` + `admin.key`; every one of
-//! these can be overridden with flags. A refused request exits non-zero with the server's reason on stderr.
+//! these can be overridden with flags. With replicas, `--addr` takes several addresses separated by commas: they are
+//! tried in order and the first that answers serves the command. A refused request exits non-zero with the server's
+//! reason on stderr.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -19,7 +21,8 @@ use super::CliError;
 /// How to reach the appliance.
 #[derive(Debug, Args)]
 pub struct Connection {
-    /// The appliance's address (host:port); default: the one in <data dir>/endpoint, else 127.0.0.1:8443.
+    /// The appliance's address (host:port), or several replicas' separated by commas (tried in order until one
+    /// answers); default: the one in <data dir>/endpoint, else 127.0.0.1:8443.
     #[arg(long, global = true, env = "SIGNET_ADDR")]
     addr: Option<String>,
     /// The data directory of a local appliance (for its address and the admin credential).
@@ -78,18 +81,37 @@ impl Connection {
             .ca_certificate(Certificate::from_pem(ca))
             .identity(Identity::from_pem(cert, key))
             .domain_name(self.server_name.clone());
-        let endpoint = Endpoint::from_shared(format!("https://{addr}"))
-            .map_err(|e| CliError::new(format!("bad address {addr:?}: {e}")))?
-            .tls_config(tls)
-            .map_err(|e| CliError::new(format!("TLS set-up: {e}")))?
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(Duration::from_secs(60));
-        endpoint
-            .connect()
-            .await
-            .map_err(|e| CliError::new(format!("cannot connect to {addr}: {}", error_chain(&e))))
+        let addrs: Vec<&str> = addr
+            .split(',')
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .collect();
+        if addrs.is_empty() {
+            return Err(CliError::new(format!("--addr {addr:?} names no address")));
+        }
+        // Replicas are tried in the order given; the first that completes the TLS handshake serves the command.
+        let mut failures = Vec::new();
+        for a in addrs {
+            let endpoint = Endpoint::from_shared(format!("https://{a}"))
+                .map_err(|e| CliError::new(format!("bad address {a:?}: {e}")))?
+                .tls_config(tls.clone())
+                .map_err(|e| CliError::new(format!("TLS set-up: {e}")))?
+                .connect_timeout(CONNECT_TIMEOUT)
+                .timeout(Duration::from_secs(60));
+            match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+                Ok(Ok(ch)) => return Ok(ch),
+                Ok(Err(e)) => failures.push(format!("cannot connect to {a}: {}", error_chain(&e))),
+                Err(_) => failures.push(format!(
+                    "cannot connect to {a}: no TLS handshake within {CONNECT_TIMEOUT:?}"
+                )),
+            }
+        }
+        Err(CliError::new(failures.join("; ")))
     }
 }
+
+/// How long a connection (TCP and the TLS handshake) to one address may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();

@@ -10,10 +10,16 @@
 //! - `PublishJWTKeyAndSubscribe`: the same request again (publishing is idempotent, and it restores SPIRE's key to
 //!   an appliance that forgot it);
 //! - `SubscribeToLocalBundle`: subscribed again.
+//!
+//! With replicas (`endpoints = [...]`), calls go to one replica at a time, the first of the list to begin with; when
+//! it cannot be reached (or its stream fails) the next one takes over at once, and the backoff applies only once
+//! every replica has failed in turn. The replicas share their state, so a stream resumed on another replica follows
+//! the same roots.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use signet_proto::spire::plugin::server::keymanager::v1 as km;
@@ -28,15 +34,18 @@ use tonic::{Code, Request, Response, Status};
 
 use super::settings::PluginSettings;
 
-/// A connection to the appliance, built from the plug-in's configuration.
+/// A connection to the appliance (or to each of its replicas), built from the plug-in's configuration.
 #[derive(Debug, Clone)]
 pub struct Appliance {
-    channel: Channel,
+    /// One lazily connecting channel per endpoint, in the order of `settings.endpoints`.
+    channels: Arc<Vec<Channel>>,
+    /// The endpoint calls go to now.
+    current: Arc<AtomicUsize>,
     settings: Arc<PluginSettings>,
 }
 
 impl Appliance {
-    /// A lazily connecting channel (tonic reconnects on its own after the appliance comes back).
+    /// Lazily connecting channels (tonic reconnects on its own after an appliance comes back).
     pub fn new(settings: PluginSettings) -> Result<Self, String> {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&settings.trust_bundle_pem))
@@ -45,17 +54,26 @@ impl Appliance {
                 &settings.client_key_pem,
             ))
             .domain_name(settings.server_name.clone());
-        let channel = Endpoint::from_shared(settings.endpoint.clone())
-            .map_err(|e| format!("endpoint {:?}: {e}", settings.endpoint))?
-            .tls_config(tls)
-            .map_err(|e| format!("TLS set-up for the appliance: {e}"))?
-            .connect_timeout(settings.connect_timeout)
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(20))
-            .keep_alive_while_idle(true)
-            .connect_lazy();
+        let mut channels = Vec::with_capacity(settings.endpoints.len());
+        for url in &settings.endpoints {
+            channels.push(
+                Endpoint::from_shared(url.clone())
+                    .map_err(|e| format!("endpoint {url:?}: {e}"))?
+                    .tls_config(tls.clone())
+                    .map_err(|e| format!("TLS set-up for the appliance: {e}"))?
+                    .connect_timeout(settings.connect_timeout)
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_timeout(Duration::from_secs(20))
+                    .keep_alive_while_idle(true)
+                    .connect_lazy(),
+            );
+        }
+        if channels.is_empty() {
+            return Err("no endpoint for the appliance".into());
+        }
         Ok(Self {
-            channel,
+            channels: Arc::new(channels),
+            current: Arc::new(AtomicUsize::new(0)),
             settings: Arc::new(settings),
         })
     }
@@ -65,12 +83,55 @@ impl Appliance {
         &self.settings
     }
 
+    /// The endpoint calls go to now (an index into `settings.endpoints`).
+    fn current(&self) -> usize {
+        self.current.load(Ordering::Relaxed)
+    }
+
+    /// The address of endpoint `i`, for messages.
+    fn endpoint(&self, i: usize) -> &str {
+        &self.settings.endpoints[i]
+    }
+
+    /// Endpoint `failed` could not be reached: calls go to the next one (unless another call moved on already).
+    fn fail_over(&self, failed: usize) {
+        let n = self.channels.len();
+        if n > 1
+            && self
+                .current
+                .compare_exchange(
+                    failed,
+                    (failed + 1) % n,
+                    Ordering::Relaxed,
+                    Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            tracing::warn!(
+                from = self.endpoint(failed),
+                to = self.endpoint((failed + 1) % n),
+                "the appliance replica cannot be reached; its calls go to the next one"
+            );
+        }
+    }
+
+    /// How long to wait before attempt `attempt + 1` after a transient failure: nothing while some replica of this
+    /// round has not been tried, the backoff once all have.
+    fn wait_after(&self, attempt: u32) -> Duration {
+        let n = self.channels.len() as u32;
+        if !(attempt + 1).is_multiple_of(n) {
+            Duration::ZERO
+        } else {
+            backoff(attempt / n, self.settings.max_backoff)
+        }
+    }
+
     fn upstream(&self) -> UpstreamAuthorityClient<Channel> {
-        UpstreamAuthorityClient::new(self.channel.clone())
+        UpstreamAuthorityClient::new(self.channels[self.current()].clone())
     }
 
     fn keymanager(&self) -> KeyManagerClient<Channel> {
-        KeyManagerClient::new(self.channel.clone())
+        KeyManagerClient::new(self.channels[self.current()].clone())
     }
 }
 
@@ -120,24 +181,26 @@ where
     let mut attempt = 0;
     loop {
         let left = until.saturating_duration_since(tokio::time::Instant::now());
+        let on = app.current();
         let r = match tokio::time::timeout(left, call(left)).await {
             Ok(r) => r,
             Err(_) => Err(Status::deadline_exceeded(format!(
                 "no answer from the signet appliance at {} within {timeout:?}",
-                app.settings.endpoint
+                app.endpoint(on)
             ))),
         };
         match r {
             Err(s) if transient(&s) => {
-                let wait = backoff(attempt, app.settings.max_backoff);
+                app.fail_over(on);
+                let wait = app.wait_after(attempt);
                 if tokio::time::Instant::now() + wait >= until {
-                    return Err(explain(s, &app.settings.endpoint));
+                    return Err(explain(s, app.endpoint(on)));
                 }
                 tracing::debug!(error = %s.message(), "the appliance is unavailable; retrying");
                 tokio::time::sleep(wait).await;
                 attempt += 1;
             }
-            other => return other.map_err(|s| explain(s, &app.settings.endpoint)),
+            other => return other.map_err(|s| explain(s, app.endpoint(on))),
         }
     }
 }
@@ -172,6 +235,8 @@ fn relay<T: Clone + Send + 'static>(
             return;
         }
         let mut attempt = 0u32;
+        // The endpoint the appliance's stream is open on.
+        let mut on = app.current();
         loop {
             tokio::select! {
                 m = up.next() => match m {
@@ -193,9 +258,11 @@ fn relay<T: Clone + Send + 'static>(
                 () = tx.closed() => return,
                 () = crate::api::until_shutdown(&mut shutdown) => return,
             }
-            // Reconnect until it works, SPIRE goes away or the plug-in stops.
+            // Reconnect (to the next replica, if there are several) until it works, SPIRE goes away or the plug-in
+            // stops.
+            app.fail_over(on);
             loop {
-                let wait = backoff(attempt, app.settings.max_backoff);
+                let wait = app.wait_after(attempt);
                 attempt = attempt.saturating_add(1);
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
@@ -209,7 +276,12 @@ fn relay<T: Clone + Send + 'static>(
                 };
                 match made {
                     Ok(s) => {
-                        tracing::info!(stream = what, "reconnected to the appliance");
+                        on = app.current();
+                        tracing::info!(
+                            stream = what,
+                            endpoint = app.endpoint(on),
+                            "reconnected to the appliance"
+                        );
                         up = s;
                         break;
                     }

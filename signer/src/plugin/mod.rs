@@ -276,7 +276,7 @@ impl cfgpb::config_server::Config for Configurer {
         let settings = self
             .settings(request.get_ref())
             .map_err(|e| Status::invalid_argument(format!("signet plug-in configuration: {e}")))?;
-        tracing::info!(endpoint = %settings.endpoint, client = %settings.client_id, "configured");
+        tracing::info!(endpoints = ?settings.endpoints, client = %settings.client_id, "configured");
         let app = Appliance::new(settings).map_err(Status::invalid_argument)?;
         *self.slot.write().await = Some(app);
         Ok(Response::new(cfgpb::ConfigureResponse {}))
@@ -463,7 +463,7 @@ async fn start_embedded(
     let admin = read(&p.admin_cert)?;
     let client_id = crate::plugin::settings::spiffe_id_of_pem(&admin).map_err(failed)?;
     let settings = PluginSettings {
-        endpoint: format!("https://{}", app.addr()),
+        endpoints: vec![format!("https://{}", app.addr())],
         server_name: "localhost".into(),
         trust_bundle_pem: read(&p.bundle)?,
         client_cert_pem: admin,

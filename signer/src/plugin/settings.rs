@@ -4,7 +4,10 @@
 //! ```hcl
 //! plugin_data {
 //!   endpoint          = "signet.example.org:8443"      # the appliance (host:port)
-//!   server_name       = "signet.example.org"           # name its certificate carries; default: the endpoint's host
+//!   # or, with replicas sharing one datastore, all of them (tried in order; a replica that cannot be reached
+//!   # hands its calls and streams to the next):
+//!   # endpoints       = ["signet-a.example.org:8443", "signet-b.example.org:8443"]
+//!   server_name       = "signet.example.org"           # name its certificate carries; default: the (first) endpoint's host
 //!   trust_bundle_path = "/etc/spire/signet-bundle.pem" # roots that verify the appliance (PEM)
 //!   client_cert_path  = "/etc/spire/signet-client.pem" # this SPIRE server's X509-SVID chain (PEM, leaf first)
 //!   client_key_path   = "/etc/spire/signet-client.key" # its key (PKCS#8 PEM)
@@ -26,6 +29,7 @@ use crate::config::ConfigDuration;
 #[serde(deny_unknown_fields)]
 struct Raw {
     endpoint: Option<String>,
+    endpoints: Option<Vec<String>>,
     server_name: Option<String>,
     trust_bundle_path: Option<PathBuf>,
     client_cert_path: Option<PathBuf>,
@@ -39,8 +43,8 @@ struct Raw {
 /// The checked configuration, with the files it names read.
 #[derive(Clone)]
 pub struct PluginSettings {
-    /// `https://host:port` of the appliance.
-    pub endpoint: String,
+    /// `https://host:port` of the appliance, or of each of its replicas (in the order of preference).
+    pub endpoints: Vec<String>,
     /// The name the appliance's certificate must carry.
     pub server_name: String,
     /// Roots that verify the appliance (PEM).
@@ -62,7 +66,7 @@ pub struct PluginSettings {
 impl std::fmt::Debug for PluginSettings {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PluginSettings")
-            .field("endpoint", &self.endpoint)
+            .field("endpoints", &self.endpoints)
             .field("server_name", &self.server_name)
             .field("client_id", &self.client_id)
             .finish_non_exhaustive()
@@ -90,26 +94,45 @@ impl PluginSettings {
                     .into(),
             );
         }
-        let endpoint = required(
-            raw.endpoint,
-            "endpoint",
-            "the appliance's address, e.g. \"signet.example.org:8443\"",
-        )?;
-        let host_port = endpoint
-            .strip_prefix("https://")
-            .unwrap_or(&endpoint)
-            .trim_end_matches('/')
-            .to_string();
-        if host_port.contains("://") || !host_port.contains(':') {
-            return Err(format!(
-                "endpoint = {endpoint:?} is not host:port (e.g. \"127.0.0.1:8443\"); signet speaks gRPC over TLS"
-            ));
+        let (field, given) = match (raw.endpoint, raw.endpoints) {
+            (Some(_), Some(_)) => {
+                return Err(
+                    "give endpoint (one appliance) or endpoints (its replicas), not both".into(),
+                );
+            }
+            (Some(e), None) => ("endpoint", vec![e]),
+            (None, Some(list)) if list.is_empty() => {
+                return Err("endpoints is empty: list the replicas' addresses (host:port)".into());
+            }
+            (None, Some(list)) => ("endpoints", list),
+            (None, None) => {
+                return Err("plugin_data needs endpoint: the appliance's address, e.g. \
+                            \"signet.example.org:8443\" (or endpoints = [...], its replicas)"
+                    .into());
+            }
+        };
+        let mut endpoints = Vec::with_capacity(given.len());
+        let mut host = String::new();
+        for endpoint in given {
+            let host_port = endpoint
+                .strip_prefix("https://")
+                .unwrap_or(&endpoint)
+                .trim_end_matches('/')
+                .to_string();
+            if host_port.contains("://") || !host_port.contains(':') {
+                return Err(format!(
+                    "{field}: {endpoint:?} is not host:port (e.g. \"127.0.0.1:8443\"); signet speaks gRPC over TLS"
+                ));
+            }
+            if host.is_empty() {
+                host = host_port
+                    .rsplit_once(':')
+                    .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
+                    .unwrap_or_default()
+                    .to_string();
+            }
+            endpoints.push(format!("https://{host_port}"));
         }
-        let host = host_port
-            .rsplit_once(':')
-            .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-            .unwrap_or_default()
-            .to_string();
         let bundle_path = required(
             raw.trust_bundle_path,
             "trust_bundle_path",
@@ -170,7 +193,7 @@ impl PluginSettings {
             }
         };
         Ok(Self {
-            endpoint: format!("https://{host_port}"),
+            endpoints,
             server_name: raw.server_name.unwrap_or(host),
             trust_bundle_pem,
             client_cert_pem,
@@ -218,6 +241,7 @@ impl PluginSettings {
     pub fn tune(&mut self, hcl: &str) -> Result<(), String> {
         let raw: Raw = hcl::from_str(hcl).map_err(|e| format!("plugin_data: {e}"))?;
         if raw.endpoint.is_some()
+            || raw.endpoints.is_some()
             || raw.server_name.is_some()
             || raw.trust_bundle_path.is_some()
             || raw.client_cert_path.is_some()
@@ -268,6 +292,19 @@ mod tests {
         assert!(e.contains("bogus"), "{e}");
         let e = PluginSettings::parse("endpoint = \"nohost\"", "example.org").unwrap_err();
         assert!(e.contains("host:port"), "{e}");
+        let e =
+            PluginSettings::parse("endpoints = [\"a:1\", \"nohost\"]", "example.org").unwrap_err();
+        assert!(
+            e.starts_with("endpoints: ") && e.contains("host:port"),
+            "{e}"
+        );
+        let e = PluginSettings::parse("endpoints = []", "example.org").unwrap_err();
+        assert!(e.contains("endpoints is empty"), "{e}");
+        let e = PluginSettings::parse("endpoint = \"a:1\"\nendpoints = [\"b:1\"]", "example.org")
+            .unwrap_err();
+        assert!(e.contains("not both"), "{e}");
+        let e = PluginSettings::parse("server_name = \"x\"", "example.org").unwrap_err();
+        assert!(e.contains("plugin_data needs endpoint"), "{e}");
         let e = PluginSettings::parse("workload_api_socket = \"/x\"", "example.org").unwrap_err();
         assert!(e.contains("not supported yet"), "{e}");
         let e = PluginSettings::parse(

@@ -725,7 +725,8 @@ async fn three_replicas_on_postgres() {
     // r3 comes back and takes up the shared state (before r1 stops in the scheduled prepare holding the step lock,
     // which a replica's start waits for).
     assert!(
-        !r1.log().contains("crash point prepare:after-journal reached"),
+        !r1.log()
+            .contains("crash point prepare:after-journal reached"),
         "the phases before the scheduled rotation took {:.0} s, longer than this test's schedule allows",
         t0.elapsed().as_secs_f64()
     );

@@ -197,6 +197,33 @@ fn serve_then_mint_and_bundle_as_processes() {
         "{text}"
     );
 
+    // With several addresses (replicas), the first that answers serves the command; when none does, every
+    // failure is named.
+    let dead = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let live = std::fs::read_to_string(data.join("endpoint")).unwrap();
+    let out = run(
+        cwd,
+        &["status", "--addr", &format!("{dead},{}", live.trim())],
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("trust domain     example.org"));
+    let out = run(cwd, &["status", "--addr", &format!("{dead},{dead}")]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.matches(&format!("cannot connect to {dead}")).count(),
+        2,
+        "{err}"
+    );
+
     // A refusal exits non-zero with the server's reason.
     let out = run(
         cwd,

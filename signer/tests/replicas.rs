@@ -226,6 +226,19 @@ struct Rig {
 }
 
 impl Rig {
+    /// A PostgreSQL server and a SoftHSM2 token, or `None` (the test is skipped, saying why) where either is missing.
+    fn new() -> Option<Self> {
+        if !signet_pkcs11::testing::softhsm_available("replicas") {
+            return None;
+        }
+        let pg = Postgres::start()?;
+        Some(Rig {
+            root: tempfile::tempdir().unwrap(),
+            pg,
+            hsm: SoftHsm::new().expect("a SoftHSM2 token"),
+        })
+    }
+
     fn config(&self, name: &str) -> PathBuf {
         let dir = self.root.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
@@ -474,18 +487,7 @@ fn finish_bench((child, json): (Child, PathBuf)) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn three_replicas_on_postgres() {
-    if !signet_pkcs11::testing::softhsm_available("replicas") {
-        return;
-    }
-    let Some(pg) = Postgres::start() else {
-        return;
-    };
-    let hsm = SoftHsm::new().expect("a SoftHSM2 token");
-    let rig = Rig {
-        root: tempfile::tempdir().unwrap(),
-        pg,
-        hsm,
-    };
+    let Some(rig) = Rig::new() else { return };
     let t0 = Instant::now();
 
     // The first replica makes the root; it will be the one running the schedule, and stops in the middle of the
@@ -876,18 +878,7 @@ async fn three_replicas_on_postgres() {
 /// the migration lock), one of them makes the root and the first keys, and all three serve with that root.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replicas_start_together_on_an_empty_database() {
-    if !signet_pkcs11::testing::softhsm_available("replicas") {
-        return;
-    }
-    let Some(pg) = Postgres::start() else {
-        return;
-    };
-    let hsm = SoftHsm::new().expect("a SoftHSM2 token");
-    let rig = Rig {
-        root: tempfile::tempdir().unwrap(),
-        pg,
-        hsm,
-    };
+    let Some(rig) = Rig::new() else { return };
     let replicas: Vec<Replica> = std::thread::scope(|s| {
         let all: Vec<_> = ["r1", "r2", "r3"]
             .into_iter()
@@ -929,18 +920,7 @@ async fn replicas_start_together_on_an_empty_database() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 #[ignore = "a measurement; run it by name"]
 async fn replicas_aggregate_rate() {
-    if !signet_pkcs11::testing::softhsm_available("replicas") {
-        return;
-    }
-    let Some(pg) = Postgres::start() else {
-        return;
-    };
-    let hsm = SoftHsm::new().expect("a SoftHSM2 token");
-    let rig = Rig {
-        root: tempfile::tempdir().unwrap(),
-        pg,
-        hsm,
-    };
+    let Some(rig) = Rig::new() else { return };
     let first = rig.start("r1", None);
     let replicas = [first, rig.start("r2", None), rig.start("r3", None)];
     let creds = rig.creds();

@@ -541,6 +541,24 @@ async fn three_replicas_on_postgres() {
         );
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    // `signet status` through r1 says so too.
+    let out = signet(&rig)
+        .args(["status", "--addr", &r1.addr])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(text.contains("datastore        postgres"), "{text}");
+    assert_eq!(text.matches("\nreplica          r").count(), 3, "{text}");
+    assert!(
+        text.contains(&format!("replica          r1 {} ", r1.addr))
+            && text.contains("(this one; runs the rotation schedule)"),
+        "{text}"
+    );
 
     let on1 = subscribe(&creds, &r1.addr).await;
     let on2 = subscribe(&creds, &r2.addr).await;

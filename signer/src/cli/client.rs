@@ -427,6 +427,26 @@ pub fn status_cmd(args: StatusArgs) -> Result<(), CliError> {
             .into_inner();
         println!("trust domain     {}", s.trust_domain);
         println!("bundle sequence  {}", s.bundle_sequence);
+        if !s.datastore.is_empty() {
+            println!("datastore        {}", s.datastore);
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs() as i64);
+        for r in &s.replicas {
+            let this = r.id == s.replica_id;
+            println!(
+                "replica          {} {} seen {} s ago{}",
+                r.id,
+                r.address,
+                (now - r.seen_at).max(0),
+                match (this, s.rotation_leader) {
+                    (true, true) => " (this one; runs the rotation schedule)",
+                    (true, false) => " (this one)",
+                    _ => "",
+                }
+            );
+        }
         for a in &s.authorities {
             println!(
                 "authority        {} {} id={} not_after={} token={}{}",

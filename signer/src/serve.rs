@@ -1316,6 +1316,11 @@ async fn accept_loop(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
+                    // HTTP/2 writes a response in several small frames: without TCP_NODELAY, Nagle's algorithm holds
+                    // the last of them until the client's delayed ACK (up to 40 ms a small request).
+                    if let Err(e) = tcp.set_nodelay(true) {
+                        tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
+                    }
                     let (acceptor, tx) = (acceptor.clone(), tx.clone());
                     tokio::spawn(async move {
                         match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {

@@ -214,6 +214,8 @@ pub async fn serve(
             },
             () = crate::api::until_shutdown(&mut shutdown) => return,
         };
+        // Small responses go out at once rather than waiting for the client's delayed ACK.
+        let _ = tcp.set_nodelay(true);
         let (acceptor, shared) = (acceptor.clone(), shared.clone());
         tokio::spawn(async move {
             let _permit = permit;

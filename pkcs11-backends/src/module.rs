@@ -28,7 +28,8 @@ pub(crate) struct ModuleState {
 pub struct Module {
     path: PathBuf,
     state: RwLock<ModuleState>,
-    /// Serialises administrative operations (C_InitToken and friends) in this process.
+    /// Serialises administrative operations (C_InitToken and friends) and the slot lookups of token opens in this
+    /// process.
     admin: Mutex<()>,
     /// Serialises every call of tokens whose profile signs on one session at a time (tpm2-pkcs11:
     /// concurrent logins on two sessions corrupt its TPM context).

@@ -240,6 +240,10 @@ impl fmt::Debug for Token {
 }
 
 fn find_slot(module: &Module, selector: &TokenSelector) -> Result<(Slot, TokenSummary)> {
+    // C_GetSlotList rescans SoftHSM2's token directory: run at the same time as C_InitToken in another thread of
+    // this process, both insert the new token and SoftHSM2 aborts the process. The administrative lock keeps them
+    // apart (opening a token is rare).
+    let _admin = module.admin_lock();
     let slots = module
         .read()
         .ctx

@@ -461,6 +461,31 @@ fn signet(rig: &Rig) -> Command {
     c
 }
 
+/// Starts `signet bench` (X509-SVIDs, no ceiling run) against the replicas at `addrs` (comma-separated), with
+/// `args` added, writing its JSON report to `json`.
+fn start_bench(rig: &Rig, addrs: &str, json: PathBuf, args: &[&str]) -> (Child, PathBuf) {
+    let child = signet(rig)
+        .args([
+            "bench",
+            "--quiet",
+            "--workload",
+            "x509",
+            "--ceiling-seconds",
+            "0",
+        ])
+        .args(["--addr", addrs])
+        .args(args)
+        .arg("--data-dir")
+        .arg(rig.creds())
+        .arg("--json")
+        .arg(&json)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    (child, json)
+}
+
 /// Waits for a `signet bench` run, prints its report and checks it: no bad credential, no serial issued twice, no
 /// request lost. Returns the run's JSON record.
 fn finish_bench((child, json): (Child, PathBuf)) -> serde_json::Value {
@@ -688,26 +713,12 @@ async fn three_replicas_on_postgres() {
     let addrs = format!("{},{},{}", r1.addr, r2.addr, r3.addr);
     let bench = |secs: &str, name: &str| {
         let json = rig.root.path().join(format!("bench-{name}.json"));
-        let child = signet(&rig)
-            .args([
-                "bench",
-                "--quiet",
-                "--workload",
-                "x509",
-                "--concurrency",
-                "8",
-                "--duration",
-                secs,
-            ])
-            .args(["--ceiling-seconds", "0", "--addr", &addrs, "--data-dir"])
-            .arg(&creds)
-            .arg("--json")
-            .arg(&json)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        (child, json)
+        start_bench(
+            &rig,
+            &addrs,
+            json,
+            &["--concurrency", "8", "--duration", secs],
+        )
     };
     // The bench's wait is a blocking one: it runs on the blocking pool, clear of the streams' tasks.
     let finish = |b: (Child, PathBuf)| async move {
@@ -941,24 +952,13 @@ async fn replicas_aggregate_rate() {
     let Some(rig) = Rig::new() else { return };
     let first = rig.start("r1", None);
     let replicas = [first, rig.start("r2", None), rig.start("r3", None)];
-    let creds = rig.creds();
     let mut lines = Vec::new();
     for n in 1..=3 {
         let addrs: Vec<&str> = replicas[..n].iter().map(|r| r.addr.as_str()).collect();
         let json = rig.root.path().join(format!("rate-{n}.json"));
-        let child = signet(&rig)
-            .args(["bench", "--quiet", "--workload", "x509"])
-            .args(["--concurrency", "16", "--duration", "8", "--warmup", "2"])
-            .args(["--ceiling-seconds", "0", "--addr", &addrs.join(",")])
-            .arg("--data-dir")
-            .arg(&creds)
-            .arg("--json")
-            .arg(&json)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let run = tokio::task::spawn_blocking(move || finish_bench((child, json)))
+        let args = ["--concurrency", "16", "--duration", "8", "--warmup", "2"];
+        let started = start_bench(&rig, &addrs.join(","), json, &args);
+        let run = tokio::task::spawn_blocking(move || finish_bench(started))
             .await
             .unwrap();
         lines.push(format!(

@@ -100,17 +100,17 @@ impl PluginSettings {
                     "give endpoint (one appliance) or endpoints (its replicas), not both".into(),
                 );
             }
-            (Some(e), None) => ("endpoint", vec![e]),
-            (None, Some(list)) if list.is_empty() => {
-                return Err("endpoints is empty: list the replicas' addresses (host:port)".into());
-            }
-            (None, Some(list)) => ("endpoints", list),
-            (None, None) => {
-                return Err("plugin_data needs endpoint: the appliance's address, e.g. \
-                            \"signet.example.org:8443\" (or endpoints = [...], its replicas)"
-                    .into());
-            }
+            (Some(e), None) => ("endpoint", Some(vec![e])),
+            (None, list) => ("endpoints", list),
         };
+        let given = required(
+            given,
+            "endpoint",
+            "the appliance's address, e.g. \"signet.example.org:8443\" (or endpoints = [...], its replicas)",
+        )?;
+        if given.is_empty() {
+            return Err("endpoints is empty: list the replicas' addresses (host:port)".into());
+        }
         let mut endpoints = Vec::with_capacity(given.len());
         let mut host = String::new();
         for endpoint in given {

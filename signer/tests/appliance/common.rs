@@ -334,3 +334,12 @@ pub fn audit_lines<'a>(
         .filter(|l| l["caller"] == caller && l["method"] == method)
         .collect()
 }
+
+/// A loopback port nothing listens on (bound, then released).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}

@@ -184,14 +184,6 @@ fn plugin_data(bed: &Bed, spire: &Credential, dir: &Path, addr: std::net::Socket
     )
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// SPIRE's CSR for its intermediate: subject C=US, O=SPIFFE, one URI SAN `spiffe://<td>`.
 fn spire_csr() -> Vec<u8> {
     let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();

@@ -159,6 +159,29 @@ impl CpuPool {
         }
     }
 
+    /// Runs `f` like [`run`](Self::run), except that a pool shutting down does not lose it: when the pool refuses
+    /// it or drops it unrun (`ShuttingDown`), `f` runs on the calling thread. For the last step of work already
+    /// done, which a shutdown must let finish (the check of a signature the token has made); `Overloaded` still
+    /// refuses.
+    pub async fn run_to_completion<T, F>(&self, f: F) -> Result<T, PipelineError>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let slot = Arc::new(Mutex::new(Some(f)));
+        let pools = slot.clone();
+        let taken = move |s: &Mutex<Option<F>>| s.lock().unwrap_or_else(|p| p.into_inner()).take();
+        match self.run(move || taken(&pools).map(|f| f())).await {
+            Ok(Some(t)) => Ok(t),
+            // Refused or dropped unrun, the closure is still here; a task that panicked took it with it, and the
+            // answer stays `ShuttingDown`.
+            Ok(None) | Err(PipelineError::ShuttingDown) => {
+                taken(&slot).map(|f| f()).ok_or(PipelineError::ShuttingDown)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Runs `f` on a pool thread without waiting for it. Returns false if the pool refused it.
     pub fn spawn(&self, f: impl FnOnce() + Send + 'static) -> bool {
         !self.inner.closed.load(Ordering::SeqCst) && self.inner.tx.try_send(Box::new(f)).is_ok()
@@ -210,5 +233,20 @@ fn run(rx: Receiver<Task>, stop: Receiver<()>) {
             },
             recv(stop) -> _ => return,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_stopped_pool_refuses_new_work_but_finishes_the_last_step() {
+        let pool = CpuPool::new(1, 4).unwrap();
+        assert_eq!(pool.run(|| 1).await.unwrap(), 1);
+        assert_eq!(pool.run_to_completion(|| 2).await.unwrap(), 2);
+        pool.shutdown();
+        assert_eq!(pool.run(|| 3).await, Err(PipelineError::ShuttingDown));
+        assert_eq!(pool.run_to_completion(|| 4).await, Ok(4));
     }
 }

@@ -522,8 +522,11 @@ impl Pipeline {
             let Some(digest_copy) = verify else {
                 return Ok(sig);
             };
+            // The signature is made: a shutdown lets its check finish rather than answer `ShuttingDown`.
             let checked = cpu
-                .run(move || verify_digest(&reg, alg, &digest_copy, &sig).map(|()| sig))
+                .run_to_completion(move || {
+                    verify_digest(&reg, alg, &digest_copy, &sig).map(|()| sig)
+                })
                 .await?;
             shared.verified.fetch_add(1, Ordering::Relaxed);
             shared.verify_counter.increment(1);
@@ -576,8 +579,9 @@ impl Pipeline {
         self.shared.rx.len() + self.shared.retry_rx.len()
     }
 
-    /// Stops the pipeline: refuses new jobs (`ShuttingDown`), lets each worker finish the batch in its hands, then
-    /// answers every job still queued with `ShuttingDown`, and stops the CPU pool. Idempotent; blocks until the
+    /// Stops the pipeline: refuses new jobs (`ShuttingDown`), lets each worker finish the batch in its hands (a
+    /// digest signature made is still checked and returned), then answers every job still queued with
+    /// `ShuttingDown`, and stops the CPU pool. Idempotent; blocks until the
     /// worker threads have exited (do not call it from an async task without `spawn_blocking`).
     pub fn shutdown(&self) {
         let s = &self.shared;

@@ -218,6 +218,24 @@ pub trait AuthorityKey: Send + Sync + fmt::Debug {
     fn spki_der(&self) -> &[u8];
     /// Sign `message` (the whole message, not a digest) with `scheme`.
     fn sign(&self, scheme: SignatureScheme, message: &[u8]) -> Result<Vec<u8>, KeyError>;
+    /// Sign `message` and hand the result to `then`, exactly once. The default signs now, on this thread; a key
+    /// behind the signing pipeline queues the signature and returns at once, and `then` runs on the thread that
+    /// answers (see [`SignThen`]), so the caller's thread does not wait for the token.
+    fn sign_then(&self, scheme: SignatureScheme, message: &[u8], then: Box<dyn SignThen>) {
+        then.resume(self.sign(scheme, message));
+    }
+}
+
+/// What to do with a signature made by [`AuthorityKey::sign_then`]. `resume` may run on a token's worker thread:
+/// it should hand any real work on (to the CPU pool) rather than do it there.
+pub trait SignThen: Send {
+    /// Whether the result is no longer wanted (the caller gave up): a queued signature is then not made, and
+    /// `resume` is still called, with an error.
+    fn abandoned(&self) -> bool {
+        false
+    }
+    /// Receives the raw signature (as [`AuthorityKey::sign`] returns it) or the error.
+    fn resume(self: Box<Self>, result: Result<Vec<u8>, KeyError>);
 }
 
 impl<K: AuthorityKey + ?Sized> AuthorityKey for std::sync::Arc<K> {
@@ -229,6 +247,9 @@ impl<K: AuthorityKey + ?Sized> AuthorityKey for std::sync::Arc<K> {
     }
     fn sign(&self, scheme: SignatureScheme, message: &[u8]) -> Result<Vec<u8>, KeyError> {
         (**self).sign(scheme, message)
+    }
+    fn sign_then(&self, scheme: SignatureScheme, message: &[u8], then: Box<dyn SignThen>) {
+        (**self).sign_then(scheme, message, then);
     }
 }
 

@@ -1007,6 +1007,130 @@ mod issuance {
         p.shutdown();
     }
 
+    /// Direct mode no longer holds a CPU thread while the token signs: the certificate is built, its signature
+    /// queued, and the certificate finished when the signature arrives. A batch answers every request, in order,
+    /// with its own outcome; faults of the token reach the request they hit; a shutdown loses no signature made.
+    #[test]
+    fn direct_mode_batch_answers_each_request_in_order() {
+        use signet::pipeline::PipelineError;
+        use signet::x509::IssueError;
+        use signet_pkcs11::cryptoki::error::RvError;
+        use std::sync::atomic::Ordering;
+
+        let Some(token) = token_with_key("root", KeyType::EcP256) else {
+            return;
+        };
+        // One session, so that a held signature holds the whole batch behind it.
+        let (m, faults) = member("a", token, 1);
+        let p = Pipeline::start(config(), vec![m]).unwrap();
+        let root = root_through_pipeline(&p);
+        let rt = runtime();
+        let issuer = rt
+            .block_on(X509SvidIssuer::start(
+                root,
+                SigningMode::Direct,
+                p.cpu().clone(),
+            ))
+            .unwrap();
+        let ttl = Duration::from_secs(600);
+        let mut bad = csr("w/bad");
+        let n = bad.len();
+        bad[n - 5] ^= 0x01;
+        let (good0, key0) = csr_and_key("w/0");
+        let (good3, key3) = csr_and_key("w/3");
+        let signs_before = faults.signs.load(Ordering::SeqCst);
+        let results = rt.block_on(issuer.issue_x509_svids(
+            vec![
+                (good0, ttl),
+                (bad, ttl),
+                (csr("w/2"), Duration::from_secs(100 * 3600)),
+                (good3, ttl),
+            ],
+            in_60s(),
+        ));
+        assert_eq!(results.len(), 4);
+        let mut results = results.into_iter();
+        let first = results.next().unwrap().unwrap();
+        spiffe_check(&first, &key0, "w/0");
+        openssl_verify(&issuer.roots(), &first);
+        match results.next().unwrap() {
+            Err(SvidError::Issue(IssueError::Csr(_))) => {}
+            other => panic!("a CSR with a bad signature: {other:?}"),
+        }
+        match results.next().unwrap() {
+            Err(SvidError::Issue(IssueError::TtlExceedsIssuer { .. })) => {}
+            other => panic!("a TTL beyond the root's: {other:?}"),
+        }
+        let last = results.next().unwrap().unwrap();
+        spiffe_check(&last, &key3, "w/3");
+        openssl_verify(&issuer.roots(), &last);
+        // Only the two good requests reached the token.
+        assert_eq!(faults.signs.load(Ordering::SeqCst), signs_before + 2);
+
+        // A token that corrupts signatures: the post-sign check refuses every certificate.
+        faults.corrupt.store(true, Ordering::SeqCst);
+        let results = rt.block_on(issuer.issue_x509_svids(
+            (0..3).map(|i| (csr(&format!("c/{i}")), ttl)).collect(),
+            in_60s(),
+        ));
+        for r in results {
+            match r {
+                Err(SvidError::Issue(IssueError::PostSignCheck(_))) => {}
+                other => panic!("a corrupted signature: {other:?}"),
+            }
+        }
+        faults.corrupt.store(false, Ordering::SeqCst);
+
+        // A permanent token error fails the request it hit, as a pipeline error; the next one is issued.
+        faults.inject(RvError::KeyFunctionNotPermitted);
+        let e = rt
+            .block_on(issuer.issue_x509_svid(csr("p/0"), ttl, in_60s()))
+            .unwrap_err();
+        assert!(
+            matches!(e, SvidError::Pipeline(PipelineError::Key(_))),
+            "{e}"
+        );
+        assert!(!e.is_retryable());
+        let ok = rt.block_on(issuer.issue_x509_svid(csr("p/1"), ttl, in_60s()));
+        assert!(ok.is_ok(), "{ok:?}");
+
+        // Shutdown while the token holds a signature: every request is answered, and every signature the token
+        // made becomes a certificate.
+        let signs_before = faults.signs.load(Ordering::SeqCst);
+        faults.hold();
+        let batch = rt.spawn(issuer.issue_x509_svids(
+            (0..20).map(|i| (csr(&format!("s/{i}")), ttl)).collect(),
+            in_60s(),
+        ));
+        faults.wait_held(1);
+        let stopper = {
+            let p = p.clone();
+            std::thread::spawn(move || p.shutdown())
+        };
+        std::thread::sleep(Duration::from_millis(50));
+        faults.release();
+        stopper.join().unwrap();
+        let results = rt.block_on(batch).unwrap();
+        assert_eq!(results.len(), 20);
+        let mut issued = 0;
+        for r in &results {
+            match r {
+                Ok(svid) => {
+                    issued += 1;
+                    openssl_verify(&issuer.roots(), svid);
+                }
+                Err(SvidError::Pipeline(PipelineError::ShuttingDown)) => {}
+                Err(e) => panic!("unexpected {e}"),
+            }
+        }
+        assert!(issued >= 1, "the held signature was lost");
+        assert_eq!(
+            faults.signs.load(Ordering::SeqCst) - signs_before,
+            issued,
+            "every signature made became a certificate"
+        );
+    }
+
     #[test]
     fn delegated_mode_svids_chain_through_a_rotating_intermediate() {
         let Some(token) = token_with_key("root", KeyType::EcP256) else {

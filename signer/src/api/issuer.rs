@@ -13,7 +13,7 @@ use tonic::{Code, Request, Response, Status};
 
 use super::{AppState, Caller, Subject, cert_facts, cert_ski, code_name, jwt_status, svid_status};
 use crate::audit::{AuditRecord, Outcome};
-use crate::pipeline::with_deadline;
+use crate::pipeline::{PipelineError, SvidError, with_deadline};
 use crate::policy::Service;
 use crate::spiffe::{SpiffeId, TrustDomain};
 
@@ -104,6 +104,7 @@ impl pb::issuer_server::Issuer for IssuerService {
         let deadline = caller.deadline;
         let signers = st.signers();
         let mut pending = Vec::with_capacity(reqs.len());
+        let mut admitted = Vec::with_capacity(reqs.len());
         for (req, id) in reqs.into_iter().zip(ids) {
             let checked = (|| {
                 let id = id.map_err(|m| (None, Status::invalid_argument(m)))?;
@@ -115,13 +116,18 @@ impl pb::issuer_server::Issuer for IssuerService {
             })();
             match checked {
                 Ok((id, ttl)) => {
-                    // Queued now (all of the batch runs in parallel on the CPU pool); dropped if the caller goes.
-                    let task = signers.x509.issue_x509_svid(req.csr, ttl, deadline);
-                    pending.push(Ok((id, task)));
+                    admitted.push((req.csr, ttl));
+                    pending.push(Ok(id));
                 }
                 Err(e) => pending.push(Err(e)),
             }
         }
+        // Queued now (all of the batch runs in parallel on the CPU pool); dropped if the caller goes.
+        let mut issued = signers
+            .x509
+            .issue_x509_svids(admitted, deadline)
+            .await
+            .into_iter();
         let mut results = Vec::with_capacity(pending.len());
         let mut records = Vec::with_capacity(pending.len());
         for p in pending {
@@ -130,8 +136,11 @@ impl pb::issuer_server::Issuer for IssuerService {
                     records.push(refused(&caller, id, &status));
                     results.push(failure(status.code(), status.message().to_string()));
                 }
-                Ok((id, task)) => {
-                    let issued = task.await.map_err(|e| svid_status(&e));
+                Ok(id) => {
+                    let issued = issued
+                        .next()
+                        .unwrap_or(Err(SvidError::Pipeline(PipelineError::ShuttingDown)))
+                        .map_err(|e| svid_status(&e));
                     match issued {
                         Ok(svid) => {
                             let (serial, authority) = cert_facts(&svid.cert_der);

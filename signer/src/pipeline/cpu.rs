@@ -2,9 +2,9 @@
 //! verification, software signing in delegated mode), off tokio's reactor threads and out of the HSM workers.
 //!
 //! Tasks go through a bounded queue; a full queue refuses at once with `Overloaded`. A task whose caller has gone
-//! (its result future dropped) is skipped when a thread picks it up. Size the pool so that at least as many jobs are
-//! in flight as there are HSM sessions: in direct mode a CPU thread waits for the token's answer inside rcgen's
-//! synchronous `sign`.
+//! (its result future dropped) is skipped when a thread picks it up. X509-SVIDs in direct mode never wait on a pool
+//! thread for the token (see `svid.rs`), but other signatures through the pipeline do (JWT-SVIDs, CAs minted for
+//! SPIRE: rcgen's and the JWT code's synchronous `sign`), so the default pool has more threads than cores.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -124,38 +124,40 @@ impl CpuPool {
         T: Send + 'static,
         F: FnOnce() -> T + Send + 'static,
     {
-        if self.inner.closed.load(Ordering::SeqCst) {
-            return CpuTask {
-                state: CpuTaskState::Refused(Some(PipelineError::ShuttingDown)),
-            };
-        }
         let (tx, rx) = oneshot::channel();
-        let task: Task = Box::new(move || {
+        let queued = self.queue(Box::new(move || {
             if tx.is_closed() {
                 return; // the caller gave up: skip the work
             }
             let _ = tx.send(f());
-        });
+        }));
+        CpuTask {
+            state: match queued {
+                Ok(()) => CpuTaskState::Waiting(rx),
+                Err(e) => CpuTaskState::Refused(Some(e)),
+            },
+        }
+    }
+
+    /// Queues `task`, or refuses it: `Overloaded` when the queue is full, `ShuttingDown` after a shutdown.
+    fn queue(&self, task: Task) -> Result<(), PipelineError> {
+        if self.inner.closed.load(Ordering::SeqCst) {
+            return Err(PipelineError::ShuttingDown);
+        }
         match self.inner.tx.try_send(task) {
             Ok(()) => {
                 if self.inner.closed.load(Ordering::SeqCst) {
                     self.drain();
                 }
-                CpuTask {
-                    state: CpuTaskState::Waiting(rx),
-                }
+                Ok(())
             }
             Err(TrySendError::Full(_)) => {
                 metrics::counter!(super::metrics::CPU_REFUSED).increment(1);
-                CpuTask {
-                    state: CpuTaskState::Refused(Some(PipelineError::Overloaded {
-                        capacity: self.inner.capacity,
-                    })),
-                }
+                Err(PipelineError::Overloaded {
+                    capacity: self.inner.capacity,
+                })
             }
-            Err(TrySendError::Disconnected(_)) => CpuTask {
-                state: CpuTaskState::Refused(Some(PipelineError::ShuttingDown)),
-            },
+            Err(TrySendError::Disconnected(_)) => Err(PipelineError::ShuttingDown),
         }
     }
 
@@ -182,9 +184,27 @@ impl CpuPool {
         }
     }
 
-    /// Runs `f` on a pool thread without waiting for it. Returns false if the pool refused it.
-    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) -> bool {
-        !self.inner.closed.load(Ordering::SeqCst) && self.inner.tx.try_send(Box::new(f)).is_ok()
+    /// Runs `f` on a pool thread without waiting for it, or refuses it as [`run`](Self::run) does. A task queued
+    /// and then dropped by a shutdown does not run.
+    pub fn spawn(&self, f: impl FnOnce() + Send + 'static) -> Result<(), PipelineError> {
+        self.queue(Box::new(f))
+    }
+
+    /// Runs `f` exactly once without waiting for it: on a pool thread; on this thread when the pool refuses it (full
+    /// or stopped); or on the thread that drops it unrun (a shutdown). For work that must not be lost, such as the
+    /// rest of a certificate whose signature is already made.
+    pub fn spawn_to_completion(&self, f: impl FnOnce() + Send + 'static) {
+        struct RunOnce<F: FnOnce()>(Option<F>);
+        impl<F: FnOnce()> Drop for RunOnce<F> {
+            fn drop(&mut self) {
+                if let Some(f) = self.0.take() {
+                    f();
+                }
+            }
+        }
+        let once = RunOnce(Some(f));
+        // Run, dropped unrun or refused, the task drops `once`, which runs `f`.
+        let _ = self.queue(Box::new(move || drop(once)));
     }
 
     /// Drops every queued task unrun (their futures resolve to `ShuttingDown`).
@@ -248,5 +268,36 @@ mod tests {
         pool.shutdown();
         assert_eq!(pool.run(|| 3).await, Err(PipelineError::ShuttingDown));
         assert_eq!(pool.run_to_completion(|| 4).await, Ok(4));
+    }
+
+    #[test]
+    fn spawn_to_completion_runs_on_the_caller_when_the_pool_refuses() {
+        use std::sync::mpsc;
+        let here = || std::thread::current().name().unwrap_or("").to_string();
+        let pool = CpuPool::new(1, 1).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let t = tx.clone();
+        pool.spawn_to_completion(move || t.send(here()).unwrap());
+        assert_eq!(rx.recv().unwrap(), "signet-cpu-0");
+        // Hold the only thread, fill the one-slot queue: the next one runs on this thread.
+        let (started_tx, started_rx) = mpsc::channel();
+        let (gate_tx, gate_rx) = mpsc::channel::<()>();
+        pool.spawn(move || {
+            started_tx.send(()).unwrap();
+            let _ = gate_rx.recv();
+        })
+        .unwrap();
+        started_rx.recv().unwrap();
+        let t = tx.clone();
+        pool.spawn(move || t.send("queued".to_string()).unwrap())
+            .unwrap();
+        let t = tx.clone();
+        pool.spawn_to_completion(move || t.send(here()).unwrap());
+        assert_eq!(rx.recv().unwrap(), here());
+        drop(gate_tx);
+        assert_eq!(rx.recv().unwrap(), "queued");
+        pool.shutdown();
+        pool.spawn_to_completion(move || tx.send(here()).unwrap());
+        assert_eq!(rx.recv().unwrap(), here());
     }
 }

@@ -1,9 +1,11 @@
 //! A signing job and its reply.
 //!
 //! A [`Job`] carries what the token needs (key slot, algorithm, a digest or, for Ed25519, the message), its deadline
-//! and its own reply channel (a `tokio::sync::oneshot`). It is answered exactly once: [`Job::answer`] consumes it,
-//! and a job dropped unanswered (a queue torn down, a thread that died) answers `ShuttingDown` from its `Drop`, so
-//! no caller ever waits forever.
+//! and where its answer goes: its own reply channel (a `tokio::sync::oneshot`), or a [`Continuation`] that the
+//! answering thread runs (X509-SVIDs in direct mode: it queues the rest of the certificate's work on the CPU pool, so
+//! no thread waits for the token). It is answered exactly once: [`Job::answer`] consumes it, and a job dropped
+//! unanswered (a queue torn down, a thread that died) answers `ShuttingDown` from its `Drop`, so no caller ever
+//! waits forever.
 //!
 //! The reply is awaitable from async code ([`Reply`] is a future) and blockable from a sync thread
 //! ([`Reply::wait_until`], which parks the thread; it does not need or touch a tokio runtime).
@@ -33,7 +35,42 @@ pub(crate) struct Job {
     pub(crate) enqueued: Instant,
     /// Sign attempts that failed transiently so far (on any token).
     pub(crate) attempts: u32,
-    reply: Option<oneshot::Sender<SignResult>>,
+    reply: Option<ReplyTo>,
+}
+
+/// Code that receives a job's answer, on the thread that answers it (an HSM worker, or the submitter when the job is
+/// refused): it should only hand the result on.
+pub(crate) trait Continuation: Send {
+    /// Whether the caller gave up (the job is then dropped before it reaches the token, and answered).
+    fn abandoned(&self) -> bool;
+    /// Receives the answer.
+    fn resume(self: Box<Self>, result: SignResult);
+}
+
+/// Where a job's answer goes.
+enum ReplyTo {
+    Channel(oneshot::Sender<SignResult>),
+    Then(Box<dyn Continuation>),
+}
+
+impl ReplyTo {
+    fn closed(&self) -> bool {
+        match self {
+            ReplyTo::Channel(tx) => tx.is_closed(),
+            ReplyTo::Then(c) => c.abandoned(),
+        }
+    }
+
+    fn send(self, result: SignResult) -> bool {
+        match self {
+            ReplyTo::Channel(tx) => tx.send(result).is_ok(),
+            ReplyTo::Then(c) => {
+                let wanted = !c.abandoned();
+                c.resume(result);
+                wanted
+            }
+        }
+    }
 }
 
 impl Job {
@@ -45,7 +82,31 @@ impl Job {
         deadline: Instant,
     ) -> (Job, Reply) {
         let (tx, rx) = oneshot::channel();
-        let job = Job {
+        let job = Self::to(id, key, alg, data, deadline, ReplyTo::Channel(tx));
+        (job, Reply { rx })
+    }
+
+    /// A job whose answer goes to `then`.
+    pub(crate) fn with_continuation(
+        id: u64,
+        key: u32,
+        alg: SignAlgorithm,
+        data: Vec<u8>,
+        deadline: Instant,
+        then: Box<dyn Continuation>,
+    ) -> Job {
+        Self::to(id, key, alg, data, deadline, ReplyTo::Then(then))
+    }
+
+    fn to(
+        id: u64,
+        key: u32,
+        alg: SignAlgorithm,
+        data: Vec<u8>,
+        deadline: Instant,
+        reply: ReplyTo,
+    ) -> Job {
+        Job {
             id,
             key,
             alg,
@@ -53,34 +114,42 @@ impl Job {
             deadline,
             enqueued: Instant::now(),
             attempts: 0,
-            reply: Some(tx),
-        };
-        (job, Reply { rx })
+            reply: Some(reply),
+        }
     }
 
-    /// Whether the caller has given up (its reply receiver was dropped).
+    /// Whether the caller has given up (its reply receiver was dropped, or its continuation says so).
     pub(crate) fn abandoned(&self) -> bool {
-        self.reply.as_ref().is_none_or(|r| r.is_closed())
+        self.reply.as_ref().is_none_or(ReplyTo::closed)
     }
 
     /// Answers the job. Returns whether the caller was still there to receive it.
     pub(crate) fn answer(mut self, result: SignResult) -> bool {
         match self.reply.take() {
-            Some(tx) => tx.send(result).is_ok(),
+            Some(reply) => reply.send(result),
             None => false,
         }
     }
 
-    /// Drops the job without answering (its caller already got an answer another way, e.g. a refused submit).
-    pub(crate) fn disarm(mut self) {
-        self.reply = None;
+    /// Answers a job refused at submission: the caller of a reply channel gets the error from the submission itself
+    /// (the channel is closed unanswered); a continuation receives it here.
+    pub(crate) fn refuse(mut self, e: PipelineError) {
+        if let Some(ReplyTo::Then(c)) = self.reply.take() {
+            c.resume(Err(e));
+        }
+    }
+
+    /// Drops an abandoned job. A reply channel is closed already; a continuation still receives an answer (it
+    /// holds its caller's state and must run exactly once).
+    pub(crate) fn disarm(self) {
+        self.refuse(PipelineError::ShuttingDown);
     }
 }
 
 impl Drop for Job {
     fn drop(&mut self) {
-        if let Some(tx) = self.reply.take() {
-            let _ = tx.send(Err(PipelineError::ShuttingDown));
+        if let Some(reply) = self.reply.take() {
+            reply.send(Err(PipelineError::ShuttingDown));
         }
     }
 }

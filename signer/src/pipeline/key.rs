@@ -4,7 +4,8 @@
 //! thread until the reply arrives or the deadline passes. It is meant for CPU-pool threads (rcgen's synchronous
 //! `SigningKey::sign(tbs)`), never for an async task: from async code use
 //! [`Pipeline::submit_digest`](super::Pipeline::submit_digest). The deadline is the one set with
-//! [`with_deadline`](super::with_deadline), else now + the pipeline's `default_timeout`.
+//! [`with_deadline`](super::with_deadline), else now + the pipeline's `default_timeout`. `sign_then` submits the same
+//! job without waiting: its continuation runs on the HSM worker that answers (direct-mode X509-SVIDs).
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -12,9 +13,9 @@ use std::time::Instant;
 use signet_pkcs11::SignAlgorithm;
 
 use super::error::PipelineError;
-use super::job::current_deadline;
+use super::job::{Continuation, current_deadline};
 use super::{Pipeline, RegisteredKey};
-use crate::keys::{AuthorityKey, KeyError, KeyType, SignatureScheme};
+use crate::keys::{AuthorityKey, KeyError, KeyType, SignThen, SignatureScheme};
 use crate::keys_token::sign_algorithm;
 
 /// A key on the pipeline's tokens, as an [`AuthorityKey`] (see the module docs). Cheap to clone.
@@ -109,13 +110,19 @@ impl PipelineKey {
                 self.reg.key_type
             )));
         }
-        let alg = sign_algorithm(scheme);
-        let data = match alg.hash() {
-            Some(h) => h.digest(message).as_ref().to_vec(),
-            None => message.to_vec(),
-        };
+        let (alg, data) = job_data(scheme, message);
         self.pipeline.submit(self.index, alg, data, deadline)
     }
+}
+
+/// What a job for `message` carries: its algorithm, and the digest (for Ed25519, the message).
+fn job_data(scheme: SignatureScheme, message: &[u8]) -> (SignAlgorithm, Vec<u8>) {
+    let alg = sign_algorithm(scheme);
+    let data = match alg.hash() {
+        Some(h) => h.digest(message).as_ref().to_vec(),
+        None => message.to_vec(),
+    };
+    (alg, data)
 }
 
 fn to_key_error(e: PipelineError) -> KeyError {
@@ -147,5 +154,39 @@ impl AuthorityKey for PipelineKey {
         self.submit_message(scheme, message, deadline)
             .and_then(|reply| reply.wait_until(deadline))
             .map_err(to_key_error)
+    }
+
+    /// Queues the signature and returns at once; `then` runs on the HSM worker that answers (or here, with the
+    /// error, when the job is refused). The deadline is the one [`sign`](AuthorityKey::sign) would use.
+    fn sign_then(&self, scheme: SignatureScheme, message: &[u8], then: Box<dyn SignThen>) {
+        if !self.reg.key_type.supports(scheme) {
+            then.resume(Err(KeyError::UnsupportedScheme {
+                key_type: self.reg.key_type,
+                scheme,
+            }));
+            return;
+        }
+        let deadline = current_deadline()
+            .unwrap_or_else(|| Instant::now() + self.pipeline.config().default_timeout);
+        let (alg, data) = job_data(scheme, message);
+        self.pipeline.submit_then(
+            self.index,
+            alg,
+            data,
+            deadline,
+            Box::new(KeyContinuation(then)),
+        );
+    }
+}
+
+/// A [`SignThen`] as the pipeline's job continuation: pipeline errors become key errors, as `sign` reports them.
+struct KeyContinuation(Box<dyn SignThen>);
+
+impl Continuation for KeyContinuation {
+    fn abandoned(&self) -> bool {
+        self.0.abandoned()
+    }
+    fn resume(self: Box<Self>, result: Result<Vec<u8>, PipelineError>) {
+        self.0.resume(result.map_err(to_key_error));
     }
 }

@@ -3,8 +3,9 @@
 //! How a job travels:
 //! 1. A submitter hashes on its own thread (never in a worker) and submits the digest (Ed25519: the message) with a
 //!    key, an algorithm and a deadline: [`Pipeline::submit_digest`] from async code (SPIRE's KeyManager
-//!    `SignData`), or [`PipelineKey`]'s `AuthorityKey::sign` from a CPU-pool thread (rcgen's synchronous
-//!    `SigningKey::sign(tbs)` while issuing a certificate). The job carries its own reply channel.
+//!    `SignData`), [`PipelineKey`]'s `AuthorityKey::sign` from a CPU-pool thread (rcgen's synchronous
+//!    `SigningKey::sign(tbs)` while issuing a certificate), or its `sign_then`, which does not wait (X509-SVIDs in
+//!    direct mode). The job carries its own reply channel, or the continuation that takes its answer.
 //! 2. The job enters one bounded queue shared by every worker of every token behind the authority. A full queue
 //!    refuses at once with [`PipelineError::Overloaded`] (memory stays bounded whatever the offered load); a closed
 //!    pipeline with `ShuttingDown`; no token in rotation with `Unavailable`.
@@ -95,7 +96,8 @@ pub struct PipelineConfig {
     pub backoff_max: Duration,
     /// Deadline of a [`PipelineKey`] signature when the caller set none ([`with_deadline`]).
     pub default_timeout: Duration,
-    /// CPU-pool threads; 0 picks available cores + 2 x the HSM sessions (a CPU thread waits while the token signs).
+    /// CPU-pool threads; 0 picks available cores + 2 x the HSM sessions (a CPU thread waits while the token signs a
+    /// JWT-SVID or a CA; direct-mode X509-SVIDs do not wait).
     pub cpu_threads: usize,
     /// CPU-pool queue length.
     pub cpu_queue: usize,
@@ -455,37 +457,60 @@ impl Pipeline {
         data: Vec<u8>,
         deadline: Instant,
     ) -> Result<Reply, PipelineError> {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let (job, reply) = Job::new(id, key, alg, data, deadline);
+        self.enqueue(job)?;
+        Ok(reply)
+    }
+
+    /// Queues one job whose answer goes to `then`, which runs exactly once: on the worker that answers, or here
+    /// with the error when the job is refused.
+    pub(crate) fn submit_then(
+        &self,
+        key: u32,
+        alg: SignAlgorithm,
+        data: Vec<u8>,
+        deadline: Instant,
+        then: Box<dyn job::Continuation>,
+    ) {
+        let id = self.shared.next_id.fetch_add(1, Ordering::Relaxed);
+        let job = Job::with_continuation(id, key, alg, data, deadline, then);
+        // A refusal has answered the continuation.
+        let _ = self.enqueue(job);
+    }
+
+    /// Puts `job` in the queue, or refuses it ([`Job::refuse`]) and says why.
+    fn enqueue(&self, job: Job) -> Result<(), PipelineError> {
         let s = &self.shared;
-        let refuse = |e: PipelineError| {
+        let refuse = |e: PipelineError, job: Job| {
             s.handles.outcome(e.outcome());
+            job.refuse(e.clone());
             Err(e)
         };
         if s.closed.load(Ordering::SeqCst) {
-            return refuse(PipelineError::ShuttingDown);
+            return refuse(PipelineError::ShuttingDown, job);
         }
         if s.healthy_tokens.load(Ordering::Acquire) == 0 {
-            return refuse(PipelineError::Unavailable {
+            let e = PipelineError::Unavailable {
                 reason: "every token is out of rotation".into(),
                 retry_after: s.config.backoff_initial,
-            });
+            };
+            return refuse(e, job);
         }
-        if Instant::now() >= deadline {
-            return refuse(PipelineError::DeadlineExceeded);
+        if Instant::now() >= job.deadline {
+            return refuse(PipelineError::DeadlineExceeded, job);
         }
-        let id = s.next_id.fetch_add(1, Ordering::Relaxed);
-        let (job, reply) = Job::new(id, key, alg, data, deadline);
         match s.tx.try_send(job) {
             Ok(()) => {}
             Err(TrySendError::Full(job)) => {
-                job.disarm();
                 s.handles.queue_depth.set(s.rx.len() as f64);
-                return refuse(PipelineError::Overloaded {
+                let e = PipelineError::Overloaded {
                     capacity: s.config.queue_capacity,
-                });
+                };
+                return refuse(e, job);
             }
             Err(TrySendError::Disconnected(job)) => {
-                job.disarm();
-                return refuse(PipelineError::ShuttingDown);
+                return refuse(PipelineError::ShuttingDown, job);
             }
         }
         // A shutdown that raced with this submission may have drained the queue already: drain again so the job is
@@ -493,7 +518,7 @@ impl Pipeline {
         if s.closed.load(Ordering::SeqCst) {
             s.drain_shutting_down();
         }
-        Ok(reply)
+        Ok(())
     }
 
     /// Signs a bare digest computed by the caller (SPIRE KeyManager `SignData`): `digest` must have the length of

@@ -1,9 +1,14 @@
 //! X509-SVID issuance through the pipeline, in `direct` or `delegated` mode.
 //!
-//! [`X509SvidIssuer::issue_x509_svid`] runs the per-certificate CPU work (CSR signature check, template, pre-issuance
-//! lint, post-sign verification) on the pipeline's [`CpuPool`], so an async handler just awaits it:
-//! - `direct`: the authority's key is a [`PipelineKey`](super::PipelineKey): rcgen's `sign(tbs)` hashes the TBS on
-//!   the CPU thread and waits there for the token's signature.
+//! [`X509SvidIssuer::issue_x509_svids`] runs the per-certificate CPU work (CSR signature check, template, pre-issuance
+//! lint, post-sign verification) on the pipeline's [`CpuPool`], so an async handler just awaits it. The results of
+//! one call (a BatchMintX509SVID request) are collected and handed over together: the handler's task is woken once,
+//! not once per certificate.
+//! - `direct`: the authority's key is a [`PipelineKey`](super::PipelineKey). A CPU thread builds and lints the
+//!   certificate ([`Authority::prepare_x509_svid`]), queues the token's signature over the TBS
+//!   ([`AuthorityKey::sign_then`]) and moves on to the next request. When the HSM worker has the signature it queues
+//!   the rest (post-sign check, assembly: [`Authority::complete`]) on the CPU pool. No thread waits for the token, so
+//!   the queue in front of the tokens holds every certificate in flight and the workers sign in full batches.
 //! - `delegated`: the token key signs a short-lived issuing intermediate whose key is a [`SoftwareKey`] in process
 //!   memory; leaves are signed with ring on the CPU pool and chain through that intermediate. The intermediate is
 //!   replaced when `rotate_at` of its life has passed (by default half): the first request after that point starts
@@ -11,19 +16,23 @@
 //!   swapped in atomically. Leaf TTLs are capped at the intermediate's remaining life.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use rcgen::{DistinguishedName, DnType};
 use time::OffsetDateTime;
+use tokio::sync::oneshot;
 
 use super::cpu::CpuPool;
 use super::error::PipelineError;
 use super::job::with_deadline;
-use crate::keys::{AuthorityKey, KeyType, SoftwareKey};
+use crate::keys::{AuthorityKey, KeyError, KeyType, SignThen, SoftwareKey};
 use crate::spki::SubjectKey;
-use crate::x509::{Authority, IntermediateRequest, IssueError, LeafRequest, parse_and_verify_csr};
+use crate::x509::{
+    Authority, IntermediateRequest, IssueError, LeafRequest, UnsignedCertificate,
+    parse_and_verify_csr,
+};
 
 /// How an authority signs leaves.
 #[derive(Debug, Clone)]
@@ -240,7 +249,7 @@ impl X509SvidIssuer {
                     d.rotating.store(false, Ordering::Release);
                 }
             });
-            if !started {
+            if started.is_err() {
                 d.rotating.store(false, Ordering::Release);
             }
         }
@@ -277,40 +286,258 @@ impl X509SvidIssuer {
         ttl: Duration,
         deadline: Instant,
     ) -> impl Future<Output = Result<X509Svid, SvidError>> + Send + 'static + use<> {
+        let all = self.issue_x509_svids(vec![(csr_der, ttl)], deadline);
+        async move {
+            all.await
+                .pop()
+                .unwrap_or(Err(SvidError::Pipeline(PipelineError::ShuttingDown)))
+        }
+    }
+
+    /// Issues X509-SVIDs for several (CSR, TTL) pairs, each as [`issue_x509_svid`](Self::issue_x509_svid) does and
+    /// all in parallel; the results come in the order of `requests`, and the caller is woken once, when the last is
+    /// ready.
+    pub fn issue_x509_svids(
+        &self,
+        requests: Vec<(Vec<u8>, Duration)>,
+        deadline: Instant,
+    ) -> impl Future<Output = Vec<Result<X509Svid, SvidError>>> + Send + 'static + use<> {
+        let (collector, rx) = Collector::new(requests.len());
         let authority = self.signer();
         let delegated = self.inner.delegated.is_some();
-        let task = self.inner.cpu.run(move || {
-            if Instant::now() >= deadline {
-                return Err(SvidError::Pipeline(PipelineError::DeadlineExceeded));
+        for (i, (csr_der, ttl)) in requests.into_iter().enumerate() {
+            let sink = Sink::new(&collector, i);
+            let (authority, cpu) = (authority.clone(), self.inner.cpu.clone());
+            let queued = self.inner.cpu.spawn(move || {
+                if sink.abandoned() {
+                    return; // the caller gave up: skip the work
+                }
+                if Instant::now() >= deadline {
+                    sink.put(Err(SvidError::Pipeline(PipelineError::DeadlineExceeded)));
+                } else if delegated {
+                    sink.put(issue_leaf(&authority, &csr_der, ttl));
+                } else {
+                    issue_direct(authority, &csr_der, ttl, deadline, cpu, sink);
+                }
+            });
+            if let Err(e) = queued {
+                collector.refused(i, e);
             }
-            with_deadline(deadline, || {
-                issue_leaf(&authority, &csr_der, ttl, delegated)
-            })
-        });
-        async move { task.await? }
+        }
+        collector.release();
+        async move {
+            rx.await
+                .unwrap_or_else(|_| vec![Err(SvidError::Pipeline(PipelineError::ShuttingDown))])
+        }
     }
 }
 
-/// The per-certificate work, on the calling (CPU) thread: CSR check, template, lint, sign, verify.
-pub(crate) fn issue_leaf(
+/// Direct mode on a CPU thread: check the CSR, build and lint the certificate, queue the token's signature and move
+/// on; [`Complete`] finishes the certificate on the CPU pool when the signature arrives, so no CPU thread waits for
+/// the token.
+fn issue_direct(
+    authority: Arc<Authority>,
+    csr_der: &[u8],
+    ttl: Duration,
+    deadline: Instant,
+    cpu: CpuPool,
+    sink: Sink,
+) {
+    let unsigned = match prepare_leaf(&authority, csr_der, ttl) {
+        Ok(u) => u,
+        Err(e) => return sink.put(Err(e)),
+    };
+    let key = authority.key().clone();
+    let tbs = unsigned.tbs().to_vec();
+    let then = Complete {
+        authority,
+        unsigned,
+        cpu,
+        sink,
+    };
+    with_deadline(deadline, || {
+        key.sign_then(key.key_type().x509_scheme(), &tbs, Box::new(then));
+    });
+}
+
+type SvidResult = Result<X509Svid, SvidError>;
+
+/// The results of one [`X509SvidIssuer::issue_x509_svids`] call: one slot per request. They are sent to the caller
+/// when every slot is filled and the submitter has released its hold (so that a refusal found while submitting can
+/// still be recorded).
+struct Collector {
+    slots: Mutex<Vec<Option<SvidResult>>>,
+    /// Slots not filled yet, plus one while the submitter holds the collector.
+    left: AtomicUsize,
+    tx: Mutex<Option<oneshot::Sender<Vec<SvidResult>>>>,
+}
+
+impl Collector {
+    fn new(n: usize) -> (Arc<Self>, oneshot::Receiver<Vec<SvidResult>>) {
+        let (tx, rx) = oneshot::channel();
+        let c = Collector {
+            slots: Mutex::new((0..n).map(|_| None).collect()),
+            left: AtomicUsize::new(n + 1),
+            tx: Mutex::new(Some(tx)),
+        };
+        (Arc::new(c), rx)
+    }
+
+    fn abandoned(&self) -> bool {
+        lock(&self.tx)
+            .as_ref()
+            .is_none_or(oneshot::Sender::is_closed)
+    }
+
+    /// Records a refusal of slot `i` at submission (its sink, dropped unrun, filled it with `ShuttingDown`).
+    fn refused(&self, i: usize, e: PipelineError) {
+        if let Some(slot) = lock(&self.slots).get_mut(i) {
+            *slot = Some(Err(SvidError::Pipeline(e)));
+        }
+    }
+
+    fn fill(&self, i: usize, result: SvidResult) {
+        if let Some(slot) = lock(&self.slots).get_mut(i) {
+            *slot = Some(result);
+        }
+        self.release();
+    }
+
+    /// Counts one slot (or the submitter's hold) done; the last sends the results.
+    fn release(&self) {
+        if self.left.fetch_sub(1, Ordering::AcqRel) != 1 {
+            return;
+        }
+        let results = std::mem::take(&mut *lock(&self.slots))
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(SvidError::Pipeline(PipelineError::ShuttingDown))))
+            .collect();
+        if let Some(tx) = lock(&self.tx).take() {
+            let _ = tx.send(results);
+        }
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// One slot of a [`Collector`]: filled exactly once, with `ShuttingDown` if dropped unfilled (work dropped unrun).
+struct Sink {
+    collector: Option<Arc<Collector>>,
+    index: usize,
+}
+
+impl Sink {
+    fn new(collector: &Arc<Collector>, index: usize) -> Self {
+        Sink {
+            collector: Some(collector.clone()),
+            index,
+        }
+    }
+
+    fn abandoned(&self) -> bool {
+        self.collector.as_ref().is_none_or(|c| c.abandoned())
+    }
+
+    fn put(mut self, result: SvidResult) {
+        if let Some(c) = self.collector.take() {
+            c.fill(self.index, result);
+        }
+    }
+}
+
+impl Drop for Sink {
+    fn drop(&mut self) {
+        if let Some(c) = self.collector.take() {
+            c.fill(
+                self.index,
+                Err(SvidError::Pipeline(PipelineError::ShuttingDown)),
+            );
+        }
+    }
+}
+
+/// The rest of a direct-mode X509-SVID once the token has answered: the post-sign check and the assembly, on the CPU
+/// pool (on the answering thread only if the pool refuses the work; a signature already made is not thrown away).
+struct Complete {
+    authority: Arc<Authority>,
+    unsigned: UnsignedCertificate,
+    cpu: CpuPool,
+    sink: Sink,
+}
+
+impl SignThen for Complete {
+    fn abandoned(&self) -> bool {
+        self.sink.abandoned()
+    }
+
+    fn resume(self: Box<Self>, result: Result<Vec<u8>, KeyError>) {
+        let Complete {
+            authority,
+            unsigned,
+            cpu,
+            sink,
+        } = *self;
+        if sink.abandoned() {
+            return;
+        }
+        let raw = match result {
+            Ok(raw) => raw,
+            Err(e) => return sink.put(Err(SvidError::from(IssueError::Key(e)))),
+        };
+        cpu.spawn_to_completion(move || {
+            let issued = authority
+                .complete(unsigned, raw)
+                .map(|issued| X509Svid {
+                    cert_der: issued.der,
+                    chain: authority.chain(),
+                    not_after: issued.not_after,
+                })
+                .map_err(SvidError::from);
+            sink.put(issued);
+        });
+    }
+}
+
+/// The leaf request for a CSR, after checking the CSR's signature; in delegated mode (`cap_ttl`) the TTL is capped
+/// at the issuing intermediate's remaining life.
+fn leaf_request(
     authority: &Authority,
     csr_der: &[u8],
     ttl: Duration,
     cap_ttl: bool,
-) -> Result<X509Svid, SvidError> {
+    now: OffsetDateTime,
+) -> Result<LeafRequest, SvidError> {
     let csr = parse_and_verify_csr(csr_der).map_err(IssueError::Csr)?;
-    let now = OffsetDateTime::now_utc();
     let ttl = if cap_ttl {
         let remaining: Duration = (authority.not_after() - now).try_into().unwrap_or_default();
         ttl.min(remaining)
     } else {
         ttl
     };
-    let req = LeafRequest::from_csr(&csr, ttl)?;
+    Ok(LeafRequest::from_csr(&csr, ttl)?)
+}
+
+/// Delegated mode's per-certificate work, on the calling (CPU) thread: CSR check, template, lint, sign, verify.
+fn issue_leaf(authority: &Authority, csr_der: &[u8], ttl: Duration) -> Result<X509Svid, SvidError> {
+    let now = OffsetDateTime::now_utc();
+    let req = leaf_request(authority, csr_der, ttl, true, now)?;
     let issued = authority.issue_x509_svid(&req, now)?;
     Ok(X509Svid {
         cert_der: issued.der,
         chain: authority.chain(),
         not_after: issued.not_after,
     })
+}
+
+/// Direct mode's first half: CSR check, template, lint; not signed.
+fn prepare_leaf(
+    authority: &Authority,
+    csr_der: &[u8],
+    ttl: Duration,
+) -> Result<UnsignedCertificate, SvidError> {
+    let now = OffsetDateTime::now_utc();
+    let req = leaf_request(authority, csr_der, ttl, false, now)?;
+    Ok(authority.prepare_x509_svid(&req, now)?)
 }

@@ -4,6 +4,12 @@
 //! rcgen builds the DER; it signs through [`LintingSigner`], an rcgen `SigningKey` over an [`AuthorityKey`] that
 //! (1) lints the TBSCertificate for its profile before anything is signed, (2) has the key sign, (3) verifies the
 //! returned signature with ring against the authority's public key, and (4) re-encodes ECDSA r||s as DER.
+//!
+//! A leaf can also be issued in two steps, so that no thread waits for a token: [`Authority::prepare_x509_svid`]
+//! builds and lints the TBSCertificate (rcgen signs it with a placeholder, which is thrown away) and returns an
+//! [`UnsignedCertificate`]; once the key's signature over [`UnsignedCertificate::tbs`] is known (from
+//! [`AuthorityKey::sign_then`]), [`Authority::complete`] verifies it and assembles the certificate around the same
+//! TBS bytes.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -118,7 +124,8 @@ fn issuer_alg(key_type: KeyType) -> (&'static rcgen::SignatureAlgorithm, &'stati
     }
 }
 
-/// The rcgen signing adapter: lint, sign, verify, re-encode.
+/// The rcgen signing adapter: lint, sign, verify, re-encode. In capture mode it lints, keeps the TBSCertificate and
+/// returns a placeholder instead of signing.
 pub struct LintingSigner<'a> {
     key: &'a dyn AuthorityKey,
     scheme: SignatureScheme,
@@ -126,6 +133,8 @@ pub struct LintingSigner<'a> {
     public_bits: Vec<u8>,
     ctx: LintContext<'a>,
     failure: RefCell<Option<IssueError>>,
+    /// Capture mode: the TBSCertificate rcgen asked to sign.
+    captured: Option<RefCell<Option<Vec<u8>>>>,
 }
 
 impl std::fmt::Debug for LintingSigner<'_> {
@@ -149,20 +158,18 @@ impl<'a> LintingSigner<'a> {
             public_bits: own.raw().to_vec(),
             ctx,
             failure: RefCell::new(None),
+            captured: None,
         })
     }
 
     fn sign_checked(&self, tbs: &[u8]) -> Result<Vec<u8>, IssueError> {
         lint_tbs(tbs, &self.ctx)?;
-        let raw = self.key.sign(self.scheme, tbs)?;
-        verify_signature(self.key.spki_der(), self.scheme, tbs, &raw)
-            .map_err(|e| IssueError::PostSignCheck(e.to_string()))?;
-        match self.scheme {
-            SignatureScheme::EcdsaP256Sha256 | SignatureScheme::EcdsaP384Sha384 => {
-                Ok(ecdsa_raw_to_der(&raw)?)
-            }
-            _ => Ok(raw),
+        if let Some(captured) = &self.captured {
+            *captured.borrow_mut() = Some(tbs.to_vec());
+            return Ok(Vec::new());
         }
+        let raw = self.key.sign(self.scheme, tbs)?;
+        checked_signature(self.key, self.scheme, tbs, raw)
     }
 
     /// Turn rcgen's result into ours, preferring the detailed failure stashed during `sign`.
@@ -195,6 +202,92 @@ impl rcgen::SigningKey for LintingSigner<'_> {
             rcgen::Error::RemoteKeyError
         })
     }
+}
+
+/// Verifies `raw` (as the key returns it) over `tbs` against the key's public half, and encodes it as X.509 wants
+/// it (ECDSA r||s as DER).
+fn checked_signature(
+    key: &dyn AuthorityKey,
+    scheme: SignatureScheme,
+    tbs: &[u8],
+    raw: Vec<u8>,
+) -> Result<Vec<u8>, IssueError> {
+    verify_signature(key.spki_der(), scheme, tbs, &raw)
+        .map_err(|e| IssueError::PostSignCheck(e.to_string()))?;
+    match scheme {
+        SignatureScheme::EcdsaP256Sha256 | SignatureScheme::EcdsaP384Sha384 => {
+            Ok(ecdsa_raw_to_der(&raw)?)
+        }
+        _ => Ok(raw),
+    }
+}
+
+/// A leaf built and linted, waiting for its signature (see the module docs).
+#[derive(Debug, Clone)]
+pub struct UnsignedCertificate {
+    /// The TBSCertificate DER: what the key signs.
+    tbs: Vec<u8>,
+    /// rcgen's certificate around `tbs`, with an empty signature: its AlgorithmIdentifier is reused.
+    draft: Vec<u8>,
+    not_after: OffsetDateTime,
+}
+
+impl UnsignedCertificate {
+    /// The TBSCertificate DER, the message to sign with the authority key's X.509 scheme.
+    pub fn tbs(&self) -> &[u8] {
+        &self.tbs
+    }
+}
+
+/// `Certificate ::= SEQUENCE { tbsCertificate, signatureAlgorithm, signatureValue BIT STRING }`, from the
+/// TBSCertificate's and AlgorithmIdentifier's encodings as they are.
+struct CertificateParts<'a> {
+    tbs: &'a [u8],
+    algorithm: &'a [u8],
+    signature: der::asn1::BitStringRef<'a>,
+}
+
+impl der::FixedTag for CertificateParts<'_> {
+    const TAG: der::Tag = der::Tag::Sequence;
+}
+
+impl der::EncodeValue for CertificateParts<'_> {
+    fn value_len(&self) -> der::Result<der::Length> {
+        use der::Encode as _;
+        der::Length::try_from(self.tbs.len())?
+            + der::Length::try_from(self.algorithm.len())?
+            + self.signature.encoded_len()?
+    }
+
+    fn encode_value(&self, writer: &mut impl der::Writer) -> der::Result<()> {
+        use der::Encode as _;
+        writer.write(self.tbs)?;
+        writer.write(self.algorithm)?;
+        self.signature.encode(writer)
+    }
+}
+
+/// Puts `signature` (X.509's encoding) into rcgen's `draft` certificate in place of its placeholder.
+fn assemble(draft: &[u8], signature: &[u8]) -> Result<Vec<u8>, IssueError> {
+    use der::{Decode as _, Encode as _, Reader as _};
+    let bad = |e: der::Error| IssueError::Assembly(format!("certificate assembly: {e}"));
+    let mut reader = der::SliceReader::new(draft).map_err(bad)?;
+    let (tbs, algorithm) = reader
+        .sequence(|r| {
+            let tbs = r.tlv_bytes()?;
+            let algorithm = r.tlv_bytes()?;
+            der::asn1::BitStringRef::decode(r)?;
+            Ok::<_, der::Error>((tbs, algorithm))
+        })
+        .map_err(bad)?;
+    reader.finish().map_err(bad)?;
+    CertificateParts {
+        tbs,
+        algorithm,
+        signature: der::asn1::BitStringRef::from_bytes(signature).map_err(bad)?,
+    }
+    .to_der()
+    .map_err(bad)
 }
 
 /// An issued certificate.
@@ -566,6 +659,58 @@ impl Authority {
         req: &LeafRequest,
         now: OffsetDateTime,
     ) -> Result<IssuedCertificate, IssueError> {
+        let (params, not_after) = self.leaf_params(req, now)?;
+        let ctx = self.lint_context(Profile::Leaf, req.subject_key.spki_der(), None);
+        let der = self.sign_params(&params, &req.subject_key, ctx)?;
+        Ok(IssuedCertificate { der, not_after })
+    }
+
+    /// The first step of issuing a leaf in two (see the module docs): the same checks, template and lint as
+    /// [`issue_x509_svid`](Self::issue_x509_svid), without signing.
+    pub fn prepare_x509_svid(
+        &self,
+        req: &LeafRequest,
+        now: OffsetDateTime,
+    ) -> Result<UnsignedCertificate, IssueError> {
+        let (params, not_after) = self.leaf_params(req, now)?;
+        let ctx = self.lint_context(Profile::Leaf, req.subject_key.spki_der(), None);
+        let mut signer = LintingSigner::new(self.key.as_ref(), ctx)?;
+        signer.captured = Some(RefCell::new(None));
+        let issuer = Issuer::from_params(&self.issuer_params, &signer);
+        let result = params.signed_by(&req.subject_key, &issuer);
+        let draft = signer.finish(result)?;
+        let tbs = signer
+            .captured
+            .and_then(RefCell::into_inner)
+            .ok_or_else(|| IssueError::Assembly("rcgen signed no TBSCertificate".into()))?;
+        Ok(UnsignedCertificate {
+            tbs,
+            draft,
+            not_after,
+        })
+    }
+
+    /// The second step: checks `raw`, the authority key's signature over `unsigned.tbs()` (as
+    /// [`AuthorityKey::sign`] returns it), against the key's public half, and assembles the certificate.
+    pub fn complete(
+        &self,
+        unsigned: UnsignedCertificate,
+        raw: Vec<u8>,
+    ) -> Result<IssuedCertificate, IssueError> {
+        let key = self.key.as_ref();
+        let signature = checked_signature(key, key.key_type().x509_scheme(), &unsigned.tbs, raw)?;
+        Ok(IssuedCertificate {
+            der: assemble(&unsigned.draft, &signature)?,
+            not_after: unsigned.not_after,
+        })
+    }
+
+    /// A leaf's template: the request checked against this authority, validity, serial, SANs, usages.
+    fn leaf_params(
+        &self,
+        req: &LeafRequest,
+        now: OffsetDateTime,
+    ) -> Result<(CertificateParams, OffsetDateTime), IssueError> {
         req.spiffe_id.require_trust_domain(&self.trust_domain)?;
         req.spiffe_id.require_workload()?;
         for d in &req.dns_names {
@@ -600,9 +745,7 @@ impl Authority {
         ];
         params.use_authority_key_identifier_extension = true;
         params.key_identifier_method = KeyIdMethod::PreSpecified(req.subject_key.key_identifier());
-        let ctx = self.lint_context(Profile::Leaf, req.subject_key.spki_der(), None);
-        let der = self.sign_params(&params, &req.subject_key, ctx)?;
-        Ok(IssuedCertificate { der, not_after })
+        Ok((params, not_after))
     }
 
     /// Issue an intermediate CA for a bare public key. A TTL that would outlive this authority is refused.

@@ -290,3 +290,70 @@ fn leaf_with_subject_has_non_critical_san_and_verifies() {
     let (ok, out) = openssl_verify(&[root.cert_der().to_vec()], &[], &leaf.der);
     assert!(ok, "{out}");
 }
+
+/// The two-step leaf (prepare, sign the TBS elsewhere, complete) is the certificate the one-step path makes: same
+/// TBS layout, a signature that `openssl verify` and x509-parser accept, for every authority key type; a signature
+/// over anything else is refused by the post-sign check.
+#[test]
+fn two_step_leaves_verify_for_every_authority_key_type() {
+    use signet::x509::IssueError;
+    for key_type in [
+        KeyType::EcP256,
+        KeyType::EcP384,
+        KeyType::Rsa2048,
+        KeyType::Ed25519,
+    ] {
+        let root = root(&SoftwareKeys, key_type).unwrap();
+        let key = workload_key(KeyType::EcP256);
+        let csr_der = csr(
+            &key,
+            &["spiffe://example.org/two-step"],
+            &["a.example.org"],
+            root_subject("x"),
+        );
+        let req = LeafRequest::from_csr(
+            &parse_and_verify_csr(&csr_der).unwrap(),
+            Duration::from_secs(600),
+        )
+        .unwrap();
+        let scheme = key_type.x509_scheme();
+        let unsigned = root.prepare_x509_svid(&req, now()).unwrap();
+        let raw = root.key().sign(scheme, unsigned.tbs()).unwrap();
+        let leaf = root.complete(unsigned.clone(), raw).unwrap();
+        let (rest, cert) = parse_x509_certificate(&leaf.der).unwrap();
+        assert!(rest.is_empty(), "{key_type}: trailing bytes");
+        assert_eq!(cert.tbs_certificate.as_ref(), unsigned.tbs(), "{key_type}");
+        assert_eq!(uris(&cert), ["spiffe://example.org/two-step"]);
+        assert_eq!(
+            leaf.not_after.unix_timestamp(),
+            cert.validity().not_after.timestamp()
+        );
+        cert.verify_signature(Some(
+            parse_x509_certificate(root.cert_der())
+                .unwrap()
+                .1
+                .public_key(),
+        ))
+        .unwrap_or_else(|e| panic!("{key_type}: {e}"));
+        let (ok, out) = openssl_verify(&[root.cert_der().to_vec()], &[], &leaf.der);
+        assert!(ok, "{key_type}: {out}");
+        // The same template as the one-step path: only serial, validity and signature differ.
+        let one_step = root.issue_x509_svid(&req, now()).unwrap();
+        let (_, other) = parse_x509_certificate(&one_step.der).unwrap();
+        assert_eq!(
+            cert.signature_algorithm, other.signature_algorithm,
+            "{key_type}"
+        );
+        assert_eq!(
+            cert.extensions().len(),
+            other.extensions().len(),
+            "{key_type}"
+        );
+
+        let wrong = root.key().sign(scheme, b"something else").unwrap();
+        match root.complete(unsigned, wrong) {
+            Err(IssueError::PostSignCheck(_)) => {}
+            other => panic!("{key_type}: a signature over another message: {other:?}"),
+        }
+    }
+}

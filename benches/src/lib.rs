@@ -8,7 +8,7 @@
 //! C_Sign rate of the same token with the same number of sessions, and, in process, a loop of the same
 //! per-credential work without gRPC and pipeline. It reports signet's rate as a ratio of both. Every credential is
 //! checked against the bundle ([`check`]; all of them up to 10,000 a second, `--check-rate` to sample); a bad one
-//! fails the bench. Output: a progress bar, the summary table, `--json FILE` and `--plot FILE.svg`.
+//! fails the bench. Output: a progress bar, the summary table, `--json FILE` and `--plot FILE.svg` (or `.png`).
 //!
 //! CPU per credential comes from Admin.GetStatus (the server process's CPU time and peak RSS). In process the server
 //! and the client share that process, so the client runs on its own tokio runtime whose threads are named
@@ -238,7 +238,7 @@ pub struct BenchArgs {
     /// Write the results as JSON.
     #[arg(long)]
     pub json: Option<PathBuf>,
-    /// Draw throughput and p99 latency against concurrency (SVG).
+    /// Draw throughput and p99 latency against concurrency into FILE.svg or FILE.png.
     #[arg(long)]
     pub plot: Option<PathBuf>,
     /// No progress bar (the summary table is printed all the same).
@@ -403,13 +403,8 @@ async fn run_async(
     if args.check_rate.is_some_and(|f| !(0.0..=1.0).contains(&f)) {
         return Err("--check-rate is a fraction between 0 and 1".into());
     }
-    if let Some(p) = &args.plot
-        && p.extension().and_then(|e| e.to_str()) != Some("svg")
-    {
-        return Err(format!(
-            "--plot {}: only SVG is drawn (name the file *.svg)",
-            p.display()
-        ));
+    if let Some(p) = &args.plot {
+        report::PlotFormat::of(p)?;
     }
     if args.sweep.contains(&0) || args.concurrency == 0 {
         return Err("concurrency must be at least 1 (--concurrency, --sweep)".into());

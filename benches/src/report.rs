@@ -232,18 +232,26 @@ impl BenchReport {
         std::fs::write(path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))
     }
 
-    /// Draws throughput and p99 latency against concurrency (log scale), with the ceiling as a line, into an SVG.
+    /// Draws throughput and p99 latency against concurrency (log scale), with the ceiling as a line, into an SVG
+    /// or a PNG ([`PlotFormat::of`] the file name).
     pub fn write_plot(&self, path: &Path) -> Result<(), String> {
         use plotters::prelude::*;
-        if path.extension().and_then(|e| e.to_str()) != Some("svg") {
-            return Err(format!(
-                "--plot {}: only SVG is drawn (name the file *.svg)",
-                path.display()
-            ));
-        }
+        let format = PlotFormat::of(path)?;
         if self.runs.is_empty() {
             return Err("nothing to plot".into());
         }
+        register_font()?;
+        match format {
+            PlotFormat::Svg => self.draw(SVGBackend::new(path, PLOT_SIZE).into_drawing_area()),
+            PlotFormat::Png => self.draw(BitMapBackend::new(path, PLOT_SIZE).into_drawing_area()),
+        }
+    }
+
+    fn draw<DB: plotters::prelude::DrawingBackend>(
+        &self,
+        root: plotters::drawing::DrawingArea<DB, plotters::coord::Shift>,
+    ) -> Result<(), String> {
+        use plotters::prelude::*;
         let err = |e: &dyn std::fmt::Display| format!("plot: {e}");
         let unit = self.workload.unit();
         let x_max = self
@@ -267,7 +275,6 @@ impl BenchReport {
             .map(|r| r.latency.p99_ms)
             .fold(1.0f64, f64::max)
             * 1.15;
-        let root = SVGBackend::new(path, (900, 520)).into_drawing_area();
         root.fill(&WHITE).map_err(|e| err(&e))?;
         let mut chart = ChartBuilder::on(&root)
             .caption(
@@ -340,5 +347,165 @@ impl BenchReport {
             .map_err(|e| err(&e))?;
         root.present().map_err(|e| err(&e))?;
         Ok(())
+    }
+}
+
+/// Width and height of the plot (pixels; SVG user units).
+const PLOT_SIZE: (u32, u32) = (900, 520);
+
+/// The formats `--plot` draws, by the file's extension.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PlotFormat {
+    /// `*.svg`.
+    Svg,
+    /// `*.png`.
+    Png,
+}
+
+impl PlotFormat {
+    /// The format of `path`, or an error that says which names are drawn.
+    pub fn of(path: &Path) -> Result<Self, String> {
+        match path
+            .extension()
+            .and_then(|e| e.to_str())
+            .map(str::to_ascii_lowercase)
+            .as_deref()
+        {
+            Some("svg") => Ok(PlotFormat::Svg),
+            Some("png") => Ok(PlotFormat::Png),
+            _ => Err(format!(
+                "--plot {}: name the file *.svg or *.png",
+                path.display()
+            )),
+        }
+    }
+}
+
+/// Registers the embedded DejaVu Sans as the plot's "sans-serif" (once).
+fn register_font() -> Result<(), String> {
+    static REGISTERED: std::sync::OnceLock<Result<(), String>> = std::sync::OnceLock::new();
+    REGISTERED
+        .get_or_init(|| {
+            plotters::style::register_font(
+                "sans-serif",
+                plotters::style::FontStyle::Normal,
+                dejavu::sans::regular(),
+            )
+            .map_err(|_| "plot: the embedded DejaVu Sans font does not load".to_string())
+        })
+        .clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn report() -> BenchReport {
+        let run = |concurrency: usize, rate: f64, p99_ms: f64| RunReport {
+            concurrency,
+            offered_rate: None,
+            credentials: 1000,
+            requests: 20,
+            seconds: 1.0,
+            rate,
+            ratio_to_ceiling: Some(rate / 10_000.0),
+            ratio_to_work_loop: None,
+            latency: LatencySummary {
+                samples: 20,
+                p99_ms,
+                ..LatencySummary::default()
+            },
+            errors: BTreeMap::new(),
+            checked: 1000,
+            bad_credentials: 0,
+            bad_examples: Vec::new(),
+            answered_by: BTreeMap::new(),
+            failovers: 0,
+            duplicate_serials: 0,
+            server: None,
+        };
+        BenchReport {
+            workload: crate::load::Workload::X509,
+            target: "test".into(),
+            loop_mode: "closed".into(),
+            batch: 50,
+            ceiling: Some(CeilingReport {
+                kind: "token".into(),
+                sessions: 2,
+                rate: 10_000.0,
+                cpu_us_per_signature: None,
+            }),
+            work_loop: None,
+            runs: vec![
+                run(1, 2_000.0, 3.0),
+                run(4, 6_000.0, 9.0),
+                run(16, 8_000.0, 40.0),
+            ],
+            load_average: (String::new(), String::new()),
+            cores: 2,
+        }
+    }
+
+    #[test]
+    fn plot_format_follows_the_file_name() {
+        assert_eq!(PlotFormat::of(Path::new("a/b.svg")), Ok(PlotFormat::Svg));
+        assert_eq!(PlotFormat::of(Path::new("b.PNG")), Ok(PlotFormat::Png));
+        for bad in ["b.jpg", "b", "svg"] {
+            let e = PlotFormat::of(Path::new(bad)).unwrap_err();
+            assert!(e.contains("*.svg or *.png"), "{bad}: {e}");
+        }
+    }
+
+    /// The bitmap has its text drawn with the embedded font: the caption's band holds dark pixels (with no font
+    /// the text would be silently left out), and the PNG file is a 900x520 PNG.
+    #[test]
+    fn png_plot_draws_its_text_with_the_embedded_font() {
+        use plotters::prelude::*;
+        register_font().unwrap();
+        let (w, h) = PLOT_SIZE;
+        let mut buf = vec![0u8; (w * h * 3) as usize];
+        report()
+            .draw(BitMapBackend::with_buffer(&mut buf, PLOT_SIZE).into_drawing_area())
+            .unwrap();
+        // The caption is centred in the top 30 rows, above the chart's frame.
+        let dark_in_caption = buf
+            .chunks(3)
+            .take((w * 30) as usize)
+            .filter(|px| px.iter().all(|&c| c < 100))
+            .count();
+        assert!(
+            dark_in_caption > 200,
+            "{dark_in_caption} dark pixels in the caption"
+        );
+
+        let dir = std::env::temp_dir().join(format!("signet-plot-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let png = dir.join("sweep.png");
+        report().write_plot(&png).unwrap();
+        let bytes = std::fs::read(&png).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(&bytes[..8], b"\x89PNG\r\n\x1a\n");
+        // IHDR: width and height, big-endian, right after the chunk's length and type.
+        assert_eq!(&bytes[12..16], b"IHDR");
+        assert_eq!(u32::from_be_bytes(bytes[16..20].try_into().unwrap()), w);
+        assert_eq!(u32::from_be_bytes(bytes[20..24].try_into().unwrap()), h);
+    }
+
+    #[test]
+    fn svg_plot_carries_its_labels() {
+        let dir = std::env::temp_dir().join(format!("signet-svg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let svg = dir.join("sweep.svg");
+        report().write_plot(&svg).unwrap();
+        let text = std::fs::read_to_string(&svg).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert!(text.starts_with("<svg"));
+        for label in [
+            "p99 latency",
+            "ceiling: bare C_Sign loop (10000/s)",
+            "throughput",
+        ] {
+            assert!(text.contains(label), "{label} missing");
+        }
     }
 }

@@ -168,7 +168,7 @@ fn bench_refuses_bad_flags_with_a_reason() {
     for (args, says) in [
         (&["--batch", "0"][..], "--batch"),
         (&["--check-rate", "2"][..], "--check-rate"),
-        (&["--plot", "x.png"][..], "SVG"),
+        (&["--plot", "x.jpg"][..], "*.svg or *.png"),
         (&["--sweep", "0,4"][..], "concurrency"),
     ] {
         let (out, _) = bench(args);

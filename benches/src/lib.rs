@@ -711,27 +711,21 @@ async fn bench(
                 kind: "token".into(),
                 sessions: n,
                 rate,
+                measured: vec![rate],
                 cpu_us_per_signature,
             })
         }
         _ => None,
     };
-    let work = match work_loop {
-        Some(f) if secs > 0.0 && args.workload == Workload::X509 => {
-            let csrs: Vec<Vec<u8>> = pool.csrs.iter().map(|c| c.0.clone()).collect();
-            let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-            let rate = tokio::task::block_in_place(|| {
-                f(&csrs, threads, Duration::from_secs_f64(secs.min(60.0)))
-            })?;
-            Some(CeilingReport {
-                kind: "work-loop".into(),
-                sessions: threads,
-                rate,
-                cpu_us_per_signature: None,
-            })
-        }
-        _ => None,
+    let work_csrs: Vec<Vec<u8>> = pool.csrs.iter().map(|c| c.0.clone()).collect();
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    let measure_loop = |f: &WorkLoop| {
+        tokio::task::block_in_place(|| {
+            f(&work_csrs, threads, Duration::from_secs_f64(secs.min(60.0)))
+        })
     };
+    let work_loop = work_loop.filter(|_| secs > 0.0 && args.workload == Workload::X509);
+    let loop_before = work_loop.map(measure_loop).transpose()?;
 
     let addrs: Vec<String> = endpoints.iter().map(|e| e.addr.clone()).collect();
     let shared = Arc::new(Shared {
@@ -838,7 +832,8 @@ async fn bench(
             seconds,
             rate,
             ratio_to_ceiling: ceiling.as_ref().and_then(|c| ratio(rate, c.rate)),
-            ratio_to_work_loop: work.as_ref().and_then(|c| ratio(rate, c.rate)),
+            // Set below, once the loop has been measured again after the load.
+            ratio_to_work_loop: None,
             latency: LatencySummary::from_micros(&mut out.latencies_us),
             errors: out.errors,
             checked: out.checked,
@@ -854,6 +849,24 @@ async fn bench(
             server,
         });
     }
+    // The loop again, after the load (see `CeilingReport::measured`).
+    let work = match (work_loop, loop_before) {
+        (Some(f), Some(before)) => {
+            let measured = vec![before, measure_loop(f)?];
+            let rate = measured.iter().sum::<f64>() / measured.len() as f64;
+            for r in &mut runs {
+                r.ratio_to_work_loop = ratio(r.rate, rate);
+            }
+            Some(CeilingReport {
+                kind: "work-loop".into(),
+                sessions: threads,
+                rate,
+                measured,
+                cpu_us_per_signature: None,
+            })
+        }
+        _ => None,
+    };
     Ok(BenchReport {
         workload: args.workload,
         target: description.to_string(),

@@ -69,8 +69,12 @@ pub struct CeilingReport {
     pub kind: String,
     /// Sessions (token) or threads (work loop).
     pub sessions: usize,
-    /// Signatures (or credentials) a second.
+    /// Signatures (or credentials) a second: the mean of `measured`.
     pub rate: f64,
+    /// Each measurement. The work loop is measured before the load and again after it, and its ratio uses the mean:
+    /// on a shared machine the rate drifts over a bench, and bracketing the load halves what the drift does to
+    /// the ratio.
+    pub measured: Vec<f64>,
     /// Token ceiling: host CPU per signature, microseconds (a software token's own signing cost).
     pub cpu_us_per_signature: Option<f64>,
 }
@@ -132,9 +136,18 @@ impl BenchReport {
             );
         }
         if let Some(c) = &self.work_loop {
+            let each = if c.measured.len() > 1 {
+                let each: Vec<String> = c.measured.iter().map(|r| format!("{r:.0}")).collect();
+                format!(
+                    " (mean of {}, before and after the load)",
+                    each.join(" and ")
+                )
+            } else {
+                String::new()
+            };
             let _ = writeln!(
                 s,
-                "in-process loop of the same work, {} threads: {:.0} {unit}/s",
+                "in-process loop of the same work, {} threads: {:.0} {unit}/s{each}",
                 c.sessions, c.rate
             );
         }
@@ -433,6 +446,7 @@ mod tests {
                 kind: "token".into(),
                 sessions: 2,
                 rate: 10_000.0,
+                measured: vec![10_000.0],
                 cpu_us_per_signature: None,
             }),
             work_loop: None,

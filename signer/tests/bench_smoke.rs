@@ -95,6 +95,24 @@ fn bench_smoke_x509_jwt_sign_data() {
     let doc = doc.unwrap();
     assert_sane(&doc, "x509", 200);
     assert!(f(&doc["work_loop"]["rate"]) > 0.0, "{doc}");
+    // The loop is measured before and after the load; its rate is their mean, and the ratio uses it.
+    let measured: Vec<f64> = doc["work_loop"]["measured"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(f)
+        .collect();
+    assert_eq!(measured.len(), 2, "{doc}");
+    assert!(
+        (f(&doc["work_loop"]["rate"]) - (measured[0] + measured[1]) / 2.0).abs() < 1e-6,
+        "{doc}"
+    );
+    let run = &doc["runs"][0];
+    assert!(
+        (f(&run["ratio_to_work_loop"]) - f(&run["rate"]) / f(&doc["work_loop"]["rate"])).abs()
+            < 1e-9,
+        "{doc}"
+    );
     let table = String::from_utf8_lossy(&out.stdout);
     assert!(
         table.contains("p99 ms") && table.contains("ceiling"),

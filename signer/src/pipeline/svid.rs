@@ -302,7 +302,8 @@ impl X509SvidIssuer {
         requests: Vec<(Vec<u8>, Duration)>,
         deadline: Instant,
     ) -> impl Future<Output = Vec<Result<X509Svid, SvidError>>> + Send + 'static + use<> {
-        let (collector, rx) = Collector::new(requests.len());
+        let n = requests.len();
+        let (collector, rx) = Collector::new(n);
         let authority = self.signer();
         let delegated = self.inner.delegated.is_some();
         for (i, (csr_der, ttl)) in requests.into_iter().enumerate() {
@@ -326,8 +327,12 @@ impl X509SvidIssuer {
         }
         collector.release();
         async move {
-            rx.await
-                .unwrap_or_else(|_| vec![Err(SvidError::Pipeline(PipelineError::ShuttingDown))])
+            // The collector always sends (its slots fill even when work is dropped); this is a backstop.
+            rx.await.unwrap_or_else(|_| {
+                (0..n)
+                    .map(|_| Err(SvidError::Pipeline(PipelineError::ShuttingDown)))
+                    .collect()
+            })
         }
     }
 }

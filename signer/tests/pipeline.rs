@@ -947,12 +947,26 @@ mod issuance {
         Instant::now() + Duration::from_secs(60)
     }
 
-    #[test]
-    fn direct_mode_svids_verify_with_openssl() {
-        let Some(token) = token_with_key("root", KeyType::EcP256) else {
-            return;
-        };
-        let (m, faults) = member("a", token, 2);
+    /// A CSR for `path` whose signature does not verify.
+    fn bad_csr(path: &str) -> Vec<u8> {
+        let mut bad = csr(path);
+        let n = bad.len();
+        bad[n - 5] ^= 0x01;
+        bad
+    }
+
+    /// A direct-mode issuer on a fresh SoftHSM2 token with `sessions` worker sessions, its root signed through the
+    /// pipeline; `None` without SoftHSM2.
+    fn direct_issuer(
+        sessions: usize,
+    ) -> Option<(
+        Pipeline,
+        Arc<super::support::Faults>,
+        tokio::runtime::Runtime,
+        X509SvidIssuer,
+    )> {
+        let token = token_with_key("root", KeyType::EcP256)?;
+        let (m, faults) = member("a", token, sessions);
         let p = Pipeline::start(config(), vec![m]).unwrap();
         let root = root_through_pipeline(&p);
         let rt = runtime();
@@ -963,6 +977,14 @@ mod issuance {
                 p.cpu().clone(),
             ))
             .unwrap();
+        Some((p, faults, rt, issuer))
+    }
+
+    #[test]
+    fn direct_mode_svids_verify_with_openssl() {
+        let Some((p, faults, rt, issuer)) = direct_issuer(2) else {
+            return;
+        };
         let svids = rt.block_on(async {
             let mut set = tokio::task::JoinSet::new();
             for i in 0..40 {
@@ -995,11 +1017,8 @@ mod issuance {
             openssl_verify(&issuer.roots(), s);
         }
         // A CSR whose signature does not verify is refused, not signed.
-        let mut bad = csr("w/bad");
-        let n = bad.len();
-        bad[n - 5] ^= 0x01;
         let e = rt
-            .block_on(issuer.issue_x509_svid(bad, Duration::from_secs(600), in_60s()))
+            .block_on(issuer.issue_x509_svid(bad_csr("w/bad"), Duration::from_secs(600), in_60s()))
             .unwrap_err();
         assert!(matches!(e, SvidError::Issue(_)), "{e}");
         assert!(!e.is_retryable());
@@ -1007,9 +1026,9 @@ mod issuance {
         p.shutdown();
     }
 
-    /// Direct mode no longer holds a CPU thread while the token signs: the certificate is built, its signature
-    /// queued, and the certificate finished when the signature arrives. A batch answers every request, in order,
-    /// with its own outcome; faults of the token reach the request they hit; a shutdown loses no signature made.
+    /// Direct mode holds no CPU thread while the token signs: the certificate is built, its signature queued, and
+    /// the certificate finished when the signature arrives. A batch answers every request, in order, with its own
+    /// outcome; faults of the token reach the request they hit; a shutdown loses no signature made.
     #[test]
     fn direct_mode_batch_answers_each_request_in_order() {
         use signet::pipeline::PipelineError;
@@ -1017,25 +1036,12 @@ mod issuance {
         use signet_pkcs11::cryptoki::error::RvError;
         use std::sync::atomic::Ordering;
 
-        let Some(token) = token_with_key("root", KeyType::EcP256) else {
+        // One session, so that a held signature holds the whole batch behind it.
+        let Some((p, faults, rt, issuer)) = direct_issuer(1) else {
             return;
         };
-        // One session, so that a held signature holds the whole batch behind it.
-        let (m, faults) = member("a", token, 1);
-        let p = Pipeline::start(config(), vec![m]).unwrap();
-        let root = root_through_pipeline(&p);
-        let rt = runtime();
-        let issuer = rt
-            .block_on(X509SvidIssuer::start(
-                root,
-                SigningMode::Direct,
-                p.cpu().clone(),
-            ))
-            .unwrap();
         let ttl = Duration::from_secs(600);
-        let mut bad = csr("w/bad");
-        let n = bad.len();
-        bad[n - 5] ^= 0x01;
+        let bad = bad_csr("w/bad");
         let (good0, key0) = csr_and_key("w/0");
         let (good3, key3) = csr_and_key("w/3");
         let signs_before = faults.signs.load(Ordering::SeqCst);

@@ -54,6 +54,53 @@ async fn malformed_and_empty_requests_get_clear_errors() {
     for res in &r.results {
         assert_eq!(expect_failure(res).code, Code::InvalidArgument as i32);
     }
+    // A larger batch (its SPIFFE IDs are read on the CPU pool, not on the request's thread) mixing good and bad
+    // CSRs: each gets its own answer, in order.
+    let good = |i: usize| pb::X509svidRequest {
+        csr: csr_for(&format!("spiffe://example.org/workloads/mixed-{i}")).0,
+        ttl_seconds: 60,
+    };
+    let bad = |csr: &[u8]| pb::X509svidRequest {
+        csr: csr.to_vec(),
+        ttl_seconds: 60,
+    };
+    let (no_uri, _) = {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names =
+            vec![rcgen::SanType::DnsName("a.example.org".try_into().unwrap())];
+        (params.serialize_request(&kp).unwrap().der().to_vec(), kp)
+    };
+    let r = c
+        .batch_mint_x509svid(pb::BatchMintX509svidRequest {
+            requests: vec![
+                good(0),
+                bad(b"not a CSR"),
+                good(2),
+                bad(&no_uri),
+                good(4),
+                good(5),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.results.len(), 6);
+    for (i, res) in r.results.into_iter().enumerate() {
+        if i == 1 || i == 3 {
+            let f = expect_failure(&res);
+            assert_eq!(f.code, Code::InvalidArgument as i32, "{i}: {f:?}");
+            if i == 3 {
+                assert!(f.message.contains("no URI SAN"), "{}", f.message);
+            }
+        } else {
+            let svid = expect_svid(res);
+            assert_eq!(
+                svid.spiffe_id,
+                format!("spiffe://example.org/workloads/mixed-{i}")
+            );
+        }
+    }
     // A CSR whose signature does not verify.
     let (mut csr, _) = csr_for("spiffe://example.org/workloads/t");
     let last = csr.len() - 2;

@@ -71,6 +71,9 @@ pub struct AuditRecord {
     /// Why it was refused or failed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The peer's address, for refusals before authentication (which have no caller).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peer: Option<String>,
 }
 
 impl AuditRecord {
@@ -97,6 +100,7 @@ impl AuditRecord {
             outcome,
             code: None,
             reason: None,
+            peer: None,
         }
     }
 }

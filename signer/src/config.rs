@@ -281,6 +281,19 @@ pub struct ServerSettings {
     /// This replica's name among those sharing a PostgreSQL datastore (default: host name and port).
     #[serde(default)]
     pub replica_id: Option<String>,
+    /// Most connections open (or handshaking) on the gRPC port at once; a peer beyond it is closed at once.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Most concurrent HTTP/2 streams (RPCs, subscriptions) on one connection.
+    #[serde(default = "default_max_streams")]
+    pub max_streams_per_connection: u32,
+    /// Most requests one caller (SPIFFE ID) may have in flight at once; beyond it RESOURCE_EXHAUSTED.
+    #[serde(default = "default_max_in_flight")]
+    pub max_in_flight_per_caller: usize,
+    /// How often peers refused before authentication are written to the audit log: one line per peer address per
+    /// interval, whatever their number.
+    #[serde(default = "default_refusal_audit_interval")]
+    pub refusal_audit_interval: ConfigDuration,
 }
 
 fn default_listen() -> SocketAddr {
@@ -301,6 +314,18 @@ fn default_max_message() -> usize {
 fn default_grace() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(10))
 }
+fn default_max_connections() -> usize {
+    4096
+}
+fn default_max_streams() -> u32 {
+    1024
+}
+fn default_max_in_flight() -> usize {
+    crate::api::DEFAULT_MAX_IN_FLIGHT_PER_CALLER
+}
+fn default_refusal_audit_interval() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(60))
+}
 fn default_service_svid_ttl() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(30 * 86_400))
 }
@@ -317,6 +342,10 @@ impl Default for ServerSettings {
             shutdown_grace: default_grace(),
             service_svid_ttl: default_service_svid_ttl(),
             replica_id: None,
+            max_connections: default_max_connections(),
+            max_streams_per_connection: default_max_streams(),
+            max_in_flight_per_caller: default_max_in_flight(),
+            refusal_audit_interval: default_refusal_audit_interval(),
         }
     }
 }
@@ -712,6 +741,11 @@ pub struct PolicyRule {
     /// Bucket size (default: one second of `rate`, at least 1).
     #[serde(default)]
     pub burst: Option<u32>,
+    /// Also admit this rule's callers when their X509-SVID was signed by a CA below signet (a SPIRE server's CA
+    /// from `MintX509CA`) rather than by signet itself. Off by default; only for rules that grant `issuer` alone
+    /// (admin, key-manager and upstream-authority only ever accept credentials signet issued).
+    #[serde(default)]
+    pub downstream_credentials: bool,
 }
 
 /// The whole configuration.
@@ -806,6 +840,7 @@ impl Config {
                 jwt_max_ttl: Some(ConfigDuration(Duration::from_secs(3600))),
                 rate: None,
                 burst: None,
+                downstream_credentials: false,
             }],
             federation: FederationSettings::default(),
         }
@@ -885,6 +920,26 @@ impl Config {
                     "token {n:?} is used but not defined in [[tokens]]"
                 )));
             }
+        }
+        let srv = &self.server;
+        for (name, v) in [
+            ("max_connections", srv.max_connections),
+            (
+                "max_streams_per_connection",
+                srv.max_streams_per_connection as usize,
+            ),
+            ("max_in_flight_per_caller", srv.max_in_flight_per_caller),
+        ] {
+            if v == 0 {
+                return Err(ConfigError::Invalid(format!(
+                    "server.{name} must be at least 1"
+                )));
+            }
+        }
+        if srv.refusal_audit_interval.0 < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid(
+                "server.refusal_audit_interval must be at least 1 s".into(),
+            ));
         }
         if self.server.max_batch == 0 {
             return Err(ConfigError::Invalid(

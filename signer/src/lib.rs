@@ -19,6 +19,7 @@
 //!   configuration, who may do what, the audit log, the gRPC services (SPIRE UpstreamAuthority and KeyManager,
 //!   signet Issuer and Admin) with mTLS, and start-up / shutdown;
 //! - [`plugin`]: `signet spire-plugin`, the SPIRE external-plugin shim (go-plugin) that forwards to an appliance.
+//! - [`health`]: the plain-HTTP operations listener (`/metrics`, `/healthz`, `/readyz`);
 //! - [`federation`]: the SPIFFE bundle endpoint (https_web, https_spiffe) and the poller of other trust domains'.
 #![forbid(unsafe_code)]
 
@@ -27,6 +28,7 @@ pub mod audit;
 pub mod ca;
 pub mod config;
 pub mod federation;
+pub mod health;
 pub mod jwt;
 pub mod keys;
 pub mod keys_token;

@@ -77,6 +77,28 @@ pub enum Denied {
         /// The allowed prefixes.
         allowed: String,
     },
+    /// The requested SPIFFE ID is one of signet's own (`spiffe://<td>/signet/...`): only signet issues those, to
+    /// itself, at start.
+    #[error(
+        "{id} is reserved for signet's own credentials: they are issued only by signet, to itself"
+    )]
+    Reserved {
+        /// The requested SPIFFE ID.
+        id: String,
+    },
+    /// The caller's credential was signed by a CA below signet (for example a SPIRE server's), not by signet.
+    #[error(
+        "the credential of {caller} was signed by {signer}, a CA below signet (such as a SPIRE server's), not by \
+         signet itself: only credentials signet issued may call the {service} service"
+    )]
+    Downstream {
+        /// The caller.
+        caller: String,
+        /// The subject of the CA that signed its credential.
+        signer: String,
+        /// The service.
+        service: &'static str,
+    },
     /// The requested lifetime is longer than the policy allows.
     #[error(
         "requested TTL {requested}s exceeds the policy's maximum of {max}s for caller {caller}"
@@ -135,6 +157,7 @@ struct Rule {
     max_ttl: Option<Duration>,
     jwt_max_ttl: Duration,
     rate: Option<(f64, u32)>,
+    downstream: bool,
 }
 
 impl Rule {
@@ -212,6 +235,13 @@ impl Policy {
                     ))
                 })?);
             }
+            if r.downstream_credentials && services.iter().any(|s| *s != Service::Issuer) {
+                return Err(err(
+                    "downstream_credentials admits credentials that a CA below signet signed (a SPIRE server's), \
+                     which may only call the issuer service: grant nothing else in this rule"
+                        .into(),
+                ));
+            }
             for id in &r.ids {
                 if !id.starts_with("spiffe://") {
                     return Err(err(format!("ids entry {id:?} is not a spiffe:// prefix")));
@@ -248,6 +278,7 @@ impl Policy {
                 max_ttl,
                 jwt_max_ttl,
                 rate,
+                downstream: r.downstream_credentials,
             });
         }
         Ok(Self {
@@ -263,6 +294,25 @@ impl Policy {
         self.share
             .swap(n.max(1), std::sync::atomic::Ordering::Relaxed)
             != n.max(1)
+    }
+
+    /// Whether `caller`, whose credential a CA below signet signed (`signer`, that CA's subject), may use `service`:
+    /// only the issuer service, and only when the caller's rule opts in with `downstream_credentials`.
+    pub fn admit_downstream(
+        &self,
+        caller: &str,
+        signer: &str,
+        service: Service,
+    ) -> Result<(), Denied> {
+        let rule = self.rules.iter().find(|r| r.matches(caller));
+        if service == Service::Issuer && rule.is_some_and(|r| r.downstream) {
+            return Ok(());
+        }
+        Err(Denied::Downstream {
+            caller: caller.to_string(),
+            signer: signer.to_string(),
+            service: service.name(),
+        })
     }
 
     /// The grant of `caller` for `service`, or why there is none.
@@ -297,6 +347,9 @@ impl Policy {
 impl Grant<'_> {
     /// Whether the caller may request `id` (a SPIFFE ID string).
     pub fn check_id(&self, id: &str) -> Result<(), Denied> {
+        if is_reserved(id) {
+            return Err(Denied::Reserved { id: id.to_string() });
+        }
         if self.rule.ids.iter().any(|p| id_has_prefix(id, p)) {
             Ok(())
         } else {
@@ -405,6 +458,15 @@ fn pick_ttl(caller: &str, requested: Duration, max: Duration) -> Result<Duration
     Ok(requested)
 }
 
+/// signet's own SPIFFE IDs (`spiffe://<td>/signet` and below: its server and admin credentials), which no caller may
+/// obtain whatever its prefixes. `id` is compared as the caller wrote it: a path that only normalises to this one is
+/// refused as an invalid SPIFFE ID before it could be issued.
+fn is_reserved(id: &str) -> bool {
+    id.strip_prefix("spiffe://")
+        .and_then(|rest| rest.split_once('/'))
+        .is_some_and(|(_, path)| path == "signet" || path.starts_with("signet/"))
+}
+
 /// `id` is under `prefix`: equal to it, or (for a prefix not ending in `/`) continuing with a `/` segment, so
 /// `spiffe://td/web` admits `spiffe://td/web/a` but not `spiffe://td/webmail`.
 fn id_has_prefix(id: &str, prefix: &str) -> bool {
@@ -429,6 +491,76 @@ mod tests {
             jwt_max_ttl: None,
             rate: None,
             burst: None,
+            downstream_credentials: false,
+        }
+    }
+
+    #[test]
+    fn signets_own_ids_are_reserved_whatever_the_prefixes() {
+        let p = Policy::from_rules(
+            &[rule("spiffe://td/admin", &["issuer"], &["spiffe://td/"])],
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let g = p.authorize("spiffe://td/admin", Service::Issuer).unwrap();
+        for id in [
+            "spiffe://td/signet",
+            "spiffe://td/signet/admin",
+            "spiffe://td/signet/server",
+            "spiffe://td/signet/x/y",
+        ] {
+            assert!(
+                matches!(g.check_id(id), Err(Denied::Reserved { .. })),
+                "{id}"
+            );
+        }
+        for id in [
+            "spiffe://td/signets",
+            "spiffe://td/web/signet",
+            "spiffe://td/signetwork/a",
+        ] {
+            assert!(g.check_id(id).is_ok(), "{id}");
+        }
+    }
+
+    #[test]
+    fn downstream_credentials_are_an_issuer_only_opt_in() {
+        let mut opted = rule("spiffe://td/down/*", &["issuer"], &["spiffe://td/w/"]);
+        opted.downstream_credentials = true;
+        let p = Policy::from_rules(
+            &[
+                opted,
+                rule("spiffe://td/agents/*", &["issuer"], &["spiffe://td/w/"]),
+            ],
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        assert!(
+            p.admit_downstream("spiffe://td/down/a", "O=SPIRE", Service::Issuer)
+                .is_ok()
+        );
+        for (caller, service) in [
+            ("spiffe://td/down/a", Service::Admin),
+            ("spiffe://td/down/a", Service::KeyManager),
+            ("spiffe://td/agents/a", Service::Issuer),
+            ("spiffe://td/nobody", Service::Issuer),
+        ] {
+            let e = p.admit_downstream(caller, "O=SPIRE", service).unwrap_err();
+            assert!(
+                matches!(e, Denied::Downstream { .. }),
+                "{caller} {service:?}"
+            );
+            assert!(e.to_string().contains("O=SPIRE"), "{e}");
+        }
+        for may in [
+            &["issuer", "admin"][..],
+            &["key-manager"],
+            &["upstream-authority"],
+        ] {
+            let mut r = rule("spiffe://td/down/*", may, &[]);
+            r.downstream_credentials = true;
+            let e = Policy::from_rules(&[r], Duration::from_secs(3600)).unwrap_err();
+            assert!(e.to_string().contains("downstream_credentials"), "{e}");
         }
     }
 

@@ -23,7 +23,7 @@ use std::time::Duration;
 use rcgen::{DistinguishedName, DnType};
 use signet_pkcs11::{ErrorKind, KeyGenOptions, Token};
 use time::OffsetDateTime;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::rustls;
@@ -32,6 +32,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use crate::api::bundle::TrustBundle;
 use crate::api::issuer::{AdminService, IssuerService};
 use crate::api::keymanager::{KeyManagerService, KeyStore};
+use crate::api::listener::{RefusalTally, accept_loop, audit_refusals};
 use crate::api::upstream::UpstreamAuthorityService;
 use crate::api::{AppState, Signers, tls};
 use crate::audit::AuditLog;
@@ -42,6 +43,7 @@ use crate::ca::{
 use crate::config::{
     ADMIN_ID_PATH, Config, ConfigError, ModeSetting, PinConfig, SERVER_ID_PATH, TokenSettings,
 };
+use crate::health::HealthBoard;
 use crate::jwt::JwtIssuer;
 use crate::keys::AuthorityKey;
 use crate::pipeline::{DelegatedConfig, Pipeline, SigningMode, TokenMember, X509SvidIssuer};
@@ -691,9 +693,6 @@ fn bootstrap(
     })
 }
 
-/// Concurrent HTTP/2 streams (RPCs) one connection may hold open.
-const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
-
 /// A running appliance.
 #[derive(Debug)]
 pub struct Appliance {
@@ -727,12 +726,13 @@ impl Appliance {
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         // The recorder goes in before anything registers a metric (handles taken earlier would be no-ops).
         let mut background = Vec::new();
+        let health_board = HealthBoard::default();
         let metrics_addr = match cfg.server.metrics.as_deref().map(str::trim) {
             Some(m) if !m.is_empty() => {
                 let a: SocketAddr = m.parse().map_err(|e| {
                     ConfigError::Invalid(format!("server.metrics = {m:?} is not an address: {e}"))
                 })?;
-                Some(start_metrics(a, &mut background)?)
+                Some(start_metrics(a, health_board.clone(), &mut background).await?)
             }
             _ => None,
         };
@@ -831,12 +831,6 @@ impl Appliance {
             pem_certs(&bundle.current().x509_roots).as_bytes(),
         )?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let tls_cfg = tls::server_config(
-            boot.server.0.clone(),
-            boot.server.1.clone(),
-            &bundle.current().x509_roots,
-        )
-        .map_err(ServeError::Server)?;
         let listener = TcpListener::bind(cfg.server.listen)
             .await
             .map_err(io(format!("listening on {}", cfg.server.listen)))?;
@@ -868,8 +862,15 @@ impl Appliance {
             )
             .with_token_sessions(boot.token_sessions.clone())
             .with_authorities(authorities.clone())
-            .with_replication(replication),
+            .with_replication(replication)
+            .with_max_in_flight_per_caller(cfg.server.max_in_flight_per_caller),
         );
+        let tls_cfg = tls::server_config(
+            boot.server.0.clone(),
+            boot.server.1.clone(),
+            state.client_trust(),
+        )
+        .map_err(ServeError::Server)?;
         background.push(tokio::spawn(follow_authorities(
             state.clone(),
             authorities.clone(),
@@ -905,16 +906,26 @@ impl Appliance {
         }
 
         let (incoming_tx, incoming_rx) = mpsc::channel(64);
+        let refusals = Arc::new(RefusalTally::default());
         background.push(tokio::spawn(accept_loop(
             listener,
             tokio_rustls::TlsAcceptor::from(Arc::new(tls_cfg)),
+            cfg.server.max_connections,
+            refusals.clone(),
             incoming_tx,
+            shutdown_rx.clone(),
+        )));
+        background.push(tokio::spawn(audit_refusals(
+            refusals,
+            boot.audit.clone(),
+            cfg.server.refusal_audit_interval.0,
             shutdown_rx.clone(),
         )));
 
         let (health, health_service) = tonic_health::server::health_reporter();
         background.push(tokio::spawn(health_loop(
             health,
+            health_board,
             state.pipeline.clone(),
             shutdown_rx.clone(),
         )));
@@ -930,7 +941,7 @@ impl Appliance {
         // Subscription streams live for hours: HTTP/2 pings find dead peers (and end their streams); the stream
         // limit bounds what one connection can hold open.
         let router = tonic::transport::Server::builder()
-            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+            .max_concurrent_streams(Some(cfg.server.max_streams_per_connection))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .add_service(health_service)
@@ -1279,71 +1290,29 @@ async fn start_federation(
     Ok(bound)
 }
 
-fn start_metrics(
+async fn start_metrics(
     addr: SocketAddr,
+    health: HealthBoard,
     background: &mut Vec<JoinHandle<()>>,
 ) -> Result<SocketAddr, ServeError> {
-    // Bind here to learn the port (0 picks one) and release it for the exporter at once.
-    let probe =
-        std::net::TcpListener::bind(addr).map_err(io(format!("metrics listener {addr}")))?;
-    let bound = probe.local_addr().map_err(io("metrics listener"))?;
-    drop(probe);
-    let (recorder, exporter) = metrics_exporter_prometheus::PrometheusBuilder::new()
-        .with_http_listener(bound)
-        .build()
-        .map_err(|e| ServeError::Server(format!("metrics endpoint {bound}: {e}")))?;
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(io(format!("metrics listener {addr}")))?;
+    let bound = listener.local_addr().map_err(io("metrics listener"))?;
+    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    let handle = recorder.handle();
     if metrics::set_global_recorder(recorder).is_err() {
         tracing::warn!(
-            "a metrics recorder is already installed in this process: /metrics not served"
+            "a metrics recorder is already installed in this process: /metrics shows nothing of this appliance"
         );
-        return Ok(bound);
     }
-    background.push(tokio::spawn(async move {
-        if let Err(e) = exporter.await {
-            tracing::error!(error = ?e, "the metrics endpoint stopped");
-        }
-    }));
+    background.push(tokio::spawn(crate::health::serve(listener, handle, health)));
     Ok(bound)
-}
-
-async fn accept_loop(
-    listener: TcpListener,
-    acceptor: tokio_rustls::TlsAcceptor,
-    tx: mpsc::Sender<Result<tokio_rustls::server::TlsStream<TcpStream>, std::io::Error>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok((tcp, peer)) => {
-                    // HTTP/2 writes a response in several small frames: without TCP_NODELAY, Nagle's algorithm holds
-                    // the last of them until the client's delayed ACK (up to 40 ms a small request).
-                    if let Err(e) = tcp.set_nodelay(true) {
-                        tracing::debug!(%peer, error = %e, "TCP_NODELAY not set");
-                    }
-                    let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                    tokio::spawn(async move {
-                        match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
-                            Ok(Ok(tls)) => {
-                                let _ = tx.send(Ok(tls)).await;
-                            }
-                            Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                            Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                        }
-                    });
-                }
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-            },
-            () = crate::api::until_shutdown(&mut shutdown) => return,
-        }
-    }
 }
 
 async fn health_loop(
     health: tonic_health::server::HealthReporter,
+    board: HealthBoard,
     pipeline: Pipeline,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -1358,7 +1327,14 @@ async fn health_loop(
     let mut last = None;
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        let serving = pipeline.token_status().iter().any(|t| t.healthy);
+        let tokens = pipeline.token_status();
+        let serving = tokens.iter().any(|t| t.healthy);
+        if serving {
+            board.serving();
+        } else {
+            let names: Vec<&str> = tokens.iter().map(|t| t.name.as_str()).collect();
+            board.not_serving(format!("no token in rotation (out: {})", names.join(", ")));
+        }
         if last != Some(serving) {
             let status = if serving {
                 ServingStatus::Serving
@@ -1376,6 +1352,7 @@ async fn health_loop(
         tokio::select! {
             _ = tick.tick() => {}
             () = crate::api::until_shutdown(&mut shutdown) => {
+                board.not_serving("shutting down");
                 for s in services {
                     health.set_service_status(s, ServingStatus::NotServing).await;
                 }

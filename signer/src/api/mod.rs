@@ -7,7 +7,8 @@
 //! - [`keymanager`]: SPIRE's `KeyManager` v1, keys on the token namespaced per calling SPIRE server;
 //! - [`issuer`]: signet's `Issuer` (batch X509-SVIDs, JWT-SVIDs, the bundle) and `Admin` (status, rotation);
 //! - [`bundle`]: the live bundle the streams follow;
-//! - [`tls`]: the server's rustls configuration and the client-certificate check.
+//! - [`tls`]: the server's rustls configuration and the client-certificate check;
+//! - [`listener`]: the port's front door: connection bounds, handshake timeouts, aggregated refusals.
 //!
 //! Every RPC starts with [`AppState::admit`]: no client certificate, a certificate that does not chain to the
 //! trust domain's roots, or one without a SPIFFE ID of the trust domain is UNAUTHENTICATED; a caller the policy does
@@ -16,6 +17,7 @@
 pub mod bundle;
 pub mod issuer;
 pub mod keymanager;
+pub mod listener;
 pub mod tls;
 pub mod upstream;
 
@@ -74,7 +76,8 @@ pub struct AppState {
     pub federated: crate::federation::FederatedBundles,
     /// This replica among those sharing the datastore.
     pub replication: Arc<crate::replica::Replication>,
-    client_verifier: Mutex<Option<(u64, tls::ClientTrust)>>,
+    client_trust: Arc<tls::LiveClientTrust>,
+    in_flight: Arc<InFlight>,
     token_sessions: std::collections::HashMap<String, u32>,
 }
 
@@ -93,6 +96,10 @@ impl AppState {
         request_timeout: Duration,
         shutdown: watch::Receiver<bool>,
     ) -> Self {
+        let client_trust = Arc::new(tls::LiveClientTrust::new(
+            bundle.clone(),
+            trust_domain.clone(),
+        ));
         Self {
             trust_domain,
             policy,
@@ -107,7 +114,8 @@ impl AppState {
             shutdown,
             federated: crate::federation::FederatedBundles::default(),
             replication: Arc::new(crate::replica::Replication::single("none")),
-            client_verifier: Mutex::new(None),
+            client_trust,
+            in_flight: Arc::new(InFlight::new(DEFAULT_MAX_IN_FLIGHT_PER_CALLER)),
             token_sessions: std::collections::HashMap::new(),
         }
     }
@@ -122,6 +130,17 @@ impl AppState {
     pub fn with_replication(mut self, replication: Arc<crate::replica::Replication>) -> Self {
         self.replication = replication;
         self
+    }
+
+    /// Caps the requests one caller may have in flight at once (beyond: RESOURCE_EXHAUSTED).
+    pub fn with_max_in_flight_per_caller(mut self, max: usize) -> Self {
+        self.in_flight = Arc::new(InFlight::new(max));
+        self
+    }
+
+    /// The client trust of the live bundle, shared with the TLS handshake.
+    pub fn client_trust(&self) -> Arc<tls::LiveClientTrust> {
+        self.client_trust.clone()
     }
 
     /// What signs now.
@@ -163,35 +182,23 @@ impl AppState {
         Instant::now() + theirs.map_or(own, |t| t.min(own))
     }
 
-    fn client_trust(&self) -> Result<tls::ClientTrust, String> {
-        let snapshot = self.bundle.current();
-        let mut cached = self
-            .client_verifier
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some((seq, v)) = cached.as_ref()
-            && *seq == snapshot.sequence
-        {
-            return Ok(v.clone());
-        }
-        let v = tls::ClientTrust::new(&snapshot.x509_roots, self.trust_domain.clone())?;
-        *cached = Some((snapshot.sequence, v.clone()));
-        Ok(v)
-    }
-
     /// Authenticates the caller of `req` and checks that the policy lets it use `service`. A refusal is audited,
     /// then returned as the status to answer.
+    ///
+    /// Only credentials signet signed itself ([`tls::SignedBy::Signet`]) get a role; one that a CA below signet
+    /// signed (a SPIRE server's) is refused with PERMISSION_DENIED unless its rule opts in, for the issuer service
+    /// only. A caller with more than its share of requests in flight is refused with RESOURCE_EXHAUSTED.
     pub async fn admit<T>(
         &self,
         req: &tonic::Request<T>,
         service: Service,
         method: &'static str,
     ) -> Result<Caller, Status> {
-        let caller = match self
-            .client_trust()
-            .and_then(|t| t.authenticate(req.peer_certs().as_deref().map(Vec::as_slice)))
+        let peer = match self
+            .client_trust
+            .authenticate(req.peer_certs().as_deref().map(Vec::as_slice))
         {
-            Ok(id) => id,
+            Ok(p) => p,
             Err(reason) => {
                 return Err(self
                     .refuse(
@@ -202,14 +209,31 @@ impl AppState {
                     .await);
             }
         };
-        let caller = Caller {
-            id: caller,
+        let mut caller = Caller {
+            id: peer.id,
             service,
             method,
             deadline: self.deadline_of(req),
+            _in_flight: None,
         };
+        if let tls::SignedBy::Downstream(signer) = &peer.signed_by
+            && let Err(d) = self.policy.admit_downstream(&caller.id, signer, service)
+        {
+            return Err(self.refuse(&caller, denied_status(&d), None).await);
+        }
         if let Err(d) = self.policy.authorize(&caller.id, service) {
             return Err(self.refuse(&caller, denied_status(&d), None).await);
+        }
+        match self.in_flight.enter(&caller.id) {
+            Some(guard) => caller._in_flight = Some(Arc::new(guard)),
+            None => {
+                let s = Status::resource_exhausted(format!(
+                    "caller {} has {} requests in flight, the most one caller may: wait for answers before \
+                     sending more",
+                    caller.id, self.in_flight.max
+                ));
+                return Err(self.refuse(&caller, s, None).await);
+            }
         }
         Ok(caller)
     }
@@ -271,7 +295,8 @@ impl Subject {
     }
 }
 
-/// An authenticated caller on one RPC.
+/// An authenticated caller on one RPC. It counts as one request in flight for its caller until the last clone is
+/// dropped (the handler returns).
 #[derive(Debug, Clone)]
 pub struct Caller {
     /// The caller's SPIFFE ID (empty when not authenticated).
@@ -282,6 +307,7 @@ pub struct Caller {
     pub method: &'static str,
     /// When the answer is due.
     pub deadline: Instant,
+    _in_flight: Option<Arc<InFlightGuard>>,
 }
 
 impl Caller {
@@ -291,12 +317,65 @@ impl Caller {
             service,
             method,
             deadline: Instant::now(),
+            _in_flight: None,
         }
     }
 
     /// An audit record for this call.
     pub fn record(&self, outcome: Outcome) -> AuditRecord {
         AuditRecord::new(&self.id, self.service.name(), self.method, outcome)
+    }
+}
+
+/// Requests in flight one caller may have by default (`server.max_in_flight_per_caller`).
+pub const DEFAULT_MAX_IN_FLIGHT_PER_CALLER: usize = 4096;
+
+/// Requests in flight per caller, each bounded.
+#[derive(Debug)]
+struct InFlight {
+    max: usize,
+    counts: Mutex<std::collections::HashMap<String, usize>>,
+}
+
+/// One request in flight; counted down when dropped.
+#[derive(Debug)]
+struct InFlightGuard {
+    of: Arc<InFlight>,
+    caller: String,
+}
+
+impl InFlight {
+    fn new(max: usize) -> Self {
+        Self {
+            max: max.max(1),
+            counts: Mutex::new(std::collections::HashMap::new()),
+        }
+    }
+
+    /// Counts a request of `caller` in, or `None` when it already has `max` in flight.
+    fn enter(self: &Arc<Self>, caller: &str) -> Option<InFlightGuard> {
+        let mut counts = self.counts.lock().unwrap_or_else(|p| p.into_inner());
+        let n = counts.entry(caller.to_string()).or_insert(0);
+        if *n >= self.max {
+            return None;
+        }
+        *n += 1;
+        Some(InFlightGuard {
+            of: self.clone(),
+            caller: caller.to_string(),
+        })
+    }
+}
+
+impl Drop for InFlightGuard {
+    fn drop(&mut self) {
+        let mut counts = self.of.counts.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(n) = counts.get_mut(&self.caller) {
+            *n = n.saturating_sub(1);
+            if *n == 0 {
+                counts.remove(&self.caller);
+            }
+        }
     }
 }
 
@@ -467,6 +546,25 @@ pub fn parse_grpc_timeout(v: &str) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn in_flight_is_bounded_per_caller_and_counted_down() {
+        let f = Arc::new(InFlight::new(2));
+        let a1 = f.enter("a").unwrap();
+        let _a2 = f.enter("a").unwrap();
+        assert!(
+            f.enter("a").is_none(),
+            "a third request of one caller is refused"
+        );
+        let _b = f.enter("b").expect("another caller has its own count");
+        drop(a1);
+        let _a3 = f.enter("a").expect("an answered request frees its place");
+        drop((_a2, _a3, _b));
+        assert!(
+            f.counts.lock().unwrap().is_empty(),
+            "callers with nothing in flight are forgotten"
+        );
+    }
 
     #[test]
     fn grpc_timeouts_parse() {

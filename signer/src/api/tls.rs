@@ -1,10 +1,12 @@
 //! TLS for the APIs: the server's rustls configuration, and the check of the client's X509-SVID.
 //!
-//! The handshake asks every client for a certificate and verifies that the client holds its key (the TLS
-//! CertificateVerify signature), but leaves the chain check to the application: [`ClientTrust::authenticate`] runs
-//! on every RPC, against the bundle's current roots, before anything else. This way a client with no certificate or
-//! with one from another CA gets a gRPC UNAUTHENTICATED that says why, and the refusal is in the audit log, instead
-//! of a bare handshake failure; and a root added to the bundle is trusted at once, without a new TLS configuration.
+//! Nothing runs for a peer before it is authenticated: the handshake requires a client certificate and verifies its
+//! chain against the bundle's current roots ([`LiveClientTrust`], so a root added by a rotation is trusted at once
+//! without a new TLS configuration). A peer without one gets no TLS session; the accept loop counts and audits such
+//! refusals in aggregate. Every RPC checks the chain again ([`ClientTrust::authenticate`], cached per chain) and
+//! learns who signed the leaf ([`SignedBy`]): signet's own issuing keys (a root, or an issuing intermediate of
+//! delegated mode directly below one, see [`crate::x509::issuing`]), or a CA below signet such as a SPIRE server's.
+//! The services give a role only to the first kind (see `AppState::admit`).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -16,7 +18,11 @@ use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
 use tokio_rustls::rustls;
 
+use x509_parser::certificate::X509Certificate;
+
+use super::bundle::TrustBundle;
 use crate::spiffe::TrustDomain;
+use crate::x509::issuing;
 
 fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -34,6 +40,27 @@ fn verifier_for(roots: &[Vec<u8>]) -> Result<Arc<dyn ClientCertVerifier>, String
         .map_err(|e| format!("cannot build the client certificate verifier: {e}"))
 }
 
+/// Who signed a client's leaf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum SignedBy {
+    /// One of signet's own issuing keys: a root of the bundle, or an issuing intermediate of delegated mode
+    /// directly below one.
+    Signet,
+    /// A CA below signet's roots that is not signet's own (for example the CA a SPIRE server got from
+    /// `MintX509CA`); the subject of that CA.
+    Downstream(String),
+}
+
+/// An authenticated client: its SPIFFE ID and who signed its leaf.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Peer {
+    /// The SPIFFE ID of the client's X509-SVID.
+    pub id: String,
+    /// Who signed it.
+    pub signed_by: SignedBy,
+}
+
 /// Verifies client X509-SVIDs against a set of roots.
 ///
 /// A chain that verified once is remembered (by the SHA-256 of its certificates) until the earliest NotAfter in it,
@@ -43,16 +70,17 @@ fn verifier_for(roots: &[Vec<u8>]) -> Result<Arc<dyn ClientCertVerifier>, String
 pub struct ClientTrust {
     verifier: Arc<dyn ClientCertVerifier>,
     trust_domain: TrustDomain,
+    roots: Arc<Vec<Vec<u8>>>,
     verified: Arc<Mutex<Verified>>,
 }
 
-/// Verified chains: digest -> (SPIFFE ID, trusted until, Unix seconds).
-type Verified = HashMap<[u8; 32], (String, i64)>;
+/// Verified chains: digest -> (the peer, trusted until, Unix seconds).
+type Verified = HashMap<[u8; 32], (Peer, i64)>;
 
 /// Most verified chains remembered; beyond it the memory starts afresh.
 const MAX_REMEMBERED: usize = 10_000;
 
-fn chain_digest(certs: &[CertificateDer<'static>]) -> [u8; 32] {
+fn chain_digest(certs: &[CertificateDer<'_>]) -> [u8; 32] {
     let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
     for c in certs {
         ctx.update(&(c.len() as u64).to_be_bytes());
@@ -71,21 +99,58 @@ impl std::fmt::Debug for ClientTrust {
     }
 }
 
+/// True when `child` names `parent` as its issuer and `parent`'s key verifies `child`'s signature.
+fn signed_by(child: &X509Certificate<'_>, parent: &X509Certificate<'_>) -> bool {
+    child.issuer().as_raw() == parent.subject().as_raw()
+        && child.verify_signature(Some(parent.public_key())).is_ok()
+}
+
 impl ClientTrust {
     /// Trust `roots` for clients of `trust_domain`.
     pub fn new(roots: &[Vec<u8>], trust_domain: TrustDomain) -> Result<Self, String> {
         Ok(Self {
             verifier: verifier_for(roots)?,
             trust_domain,
+            roots: Arc::new(roots.to_vec()),
             verified: Arc::new(Mutex::new(HashMap::new())),
         })
     }
 
-    /// The caller's SPIFFE ID from the certificates it presented (leaf first), or why it is not authenticated.
-    pub fn authenticate(
-        &self,
-        certs: Option<&[CertificateDer<'static>]>,
-    ) -> Result<String, String> {
+    /// Who signed `leaf`: a root of the bundle or an issuing intermediate of signet's directly below one (both
+    /// signet's own keys), or else the presented CA that did. Called once the chain verified to a root, so some
+    /// presented certificate or root signed the leaf.
+    fn signer_of(&self, leaf: &[u8], presented: &[CertificateDer<'_>]) -> SignedBy {
+        let Ok((_, leaf)) = x509_parser::parse_x509_certificate(leaf) else {
+            return SignedBy::Downstream("an unparsable certificate".into());
+        };
+        let roots: Vec<X509Certificate<'_>> = self
+            .roots
+            .iter()
+            .filter_map(|r| x509_parser::parse_x509_certificate(r).ok().map(|(_, c)| c))
+            .collect();
+        if roots.iter().any(|r| signed_by(&leaf, r)) {
+            return SignedBy::Signet;
+        }
+        let mut downstream = None;
+        for c in presented {
+            let Ok((_, ca)) = x509_parser::parse_x509_certificate(c) else {
+                continue;
+            };
+            if !signed_by(&leaf, &ca) {
+                continue;
+            }
+            if issuing::carries_issuing_policy(&ca) && roots.iter().any(|r| signed_by(&ca, r)) {
+                return SignedBy::Signet;
+            }
+            downstream.get_or_insert_with(|| ca.subject().to_string());
+        }
+        SignedBy::Downstream(downstream.unwrap_or_else(|| "an unknown CA".into()))
+    }
+
+    /// The caller from the certificates it presented (leaf first), or why it is not authenticated: the chain must
+    /// verify to a root of the bundle and the leaf must be an X509-SVID of the trust domain. Who signed the leaf is
+    /// reported, not judged: the services decide what a credential that signet did not sign may do.
+    pub fn authenticate(&self, certs: Option<&[CertificateDer<'_>]>) -> Result<Peer, String> {
         let td = &self.trust_domain;
         let Some((leaf, intermediates)) = certs.and_then(|c| c.split_first()) else {
             return Err(format!(
@@ -95,14 +160,14 @@ impl ClientTrust {
         let all = certs.unwrap_or_default();
         let digest = chain_digest(all);
         let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        if let Some((id, until)) = self
+        if let Some((peer, until)) = self
             .verified
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&digest)
             && now < *until
         {
-            return Ok(id.clone());
+            return Ok(peer.clone());
         }
         self.verifier
             .verify_client_cert(leaf, intermediates, UnixTime::now())
@@ -112,6 +177,10 @@ impl ClientTrust {
         let id = crate::x509::svid_spiffe_id(leaf, "the client certificate")?;
         id.require_trust_domain(td)
             .map_err(|e| format!("the client certificate's SPIFFE ID is not accepted: {e}"))?;
+        let peer = Peer {
+            id: id.as_str().to_string(),
+            signed_by: self.signer_of(leaf, intermediates),
+        };
         let until = all
             .iter()
             .filter_map(|c| x509_parser::parse_x509_certificate(c).ok())
@@ -122,38 +191,97 @@ impl ClientTrust {
         if verified.len() >= MAX_REMEMBERED {
             verified.clear();
         }
-        verified.insert(digest, (id.as_str().to_string(), until));
-        Ok(id.as_str().to_string())
+        verified.insert(digest, (peer.clone(), until));
+        Ok(peer)
     }
 }
 
-/// Asks for a client certificate and checks the client's possession of its key; the chain is checked per RPC
-/// (see the module docs).
+/// The client trust of the live bundle: rebuilt when the bundle's sequence changes, shared by the TLS handshake
+/// and the per-RPC check, so a root added to the bundle is trusted at once and a removed one at once no longer is.
 #[derive(Debug)]
-struct DeferredClientVerifier {
-    inner: Arc<dyn ClientCertVerifier>,
+pub struct LiveClientTrust {
+    bundle: TrustBundle,
+    trust_domain: TrustDomain,
+    cached: Mutex<Option<(u64, ClientTrust)>>,
 }
 
-impl ClientCertVerifier for DeferredClientVerifier {
+impl LiveClientTrust {
+    /// Client trust following `bundle`.
+    pub fn new(bundle: TrustBundle, trust_domain: TrustDomain) -> Self {
+        Self {
+            bundle,
+            trust_domain,
+            cached: Mutex::new(None),
+        }
+    }
+
+    /// The trust of the bundle's current roots.
+    pub fn current(&self) -> Result<ClientTrust, String> {
+        let snapshot = self.bundle.current();
+        let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((seq, v)) = cached.as_ref()
+            && *seq == snapshot.sequence
+        {
+            return Ok(v.clone());
+        }
+        let v = ClientTrust::new(&snapshot.x509_roots, self.trust_domain.clone())?;
+        *cached = Some((snapshot.sequence, v.clone()));
+        Ok(v)
+    }
+
+    /// Authenticates a client's certificates against the current roots.
+    pub fn authenticate(&self, certs: Option<&[CertificateDer<'_>]>) -> Result<Peer, String> {
+        self.current()?.authenticate(certs)
+    }
+}
+
+/// Requires a client certificate at the handshake and verifies it against the live bundle: a peer without an
+/// X509-SVID of the trust domain that chains to its roots gets no TLS session, so nothing of the appliance runs for
+/// it. The same check runs again per RPC (cached), where it also learns who signed the leaf.
+struct HandshakeClientVerifier {
+    trust: Arc<LiveClientTrust>,
+    /// For the handshake signatures and the supported schemes (these do not depend on the roots).
+    schemes: Arc<dyn ClientCertVerifier>,
+}
+
+impl std::fmt::Debug for HandshakeClientVerifier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandshakeClientVerifier")
+            .finish_non_exhaustive()
+    }
+}
+
+impl ClientCertVerifier for HandshakeClientVerifier {
     fn offer_client_auth(&self) -> bool {
         true
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        false
+        true
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        // No hints: the roots change with rotation, and clients present their one SVID anyway.
+        &[]
     }
 
     fn verify_client_cert(
         &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
         _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        Ok(ClientCertVerified::assertion())
+        let mut chain = Vec::with_capacity(1 + intermediates.len());
+        chain.push(end_entity.clone());
+        chain.extend(intermediates.iter().cloned());
+        self.trust
+            .authenticate(Some(&chain))
+            .map(|_| ClientCertVerified::assertion())
+            .map_err(|reason| {
+                rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
+                    rustls::OtherError(Arc::new(Refusal(reason))),
+                ))
+            })
     }
 
     fn verify_tls12_signature(
@@ -162,7 +290,7 @@ impl ClientCertVerifier for DeferredClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        self.schemes.verify_tls12_signature(message, cert, dss)
     }
 
     fn verify_tls13_signature(
@@ -171,23 +299,37 @@ impl ClientCertVerifier for DeferredClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        self.schemes.verify_tls13_signature(message, cert, dss)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.schemes.supported_verify_schemes()
     }
 }
 
+/// Why a client certificate was refused at the handshake.
+#[derive(Debug)]
+struct Refusal(String);
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for Refusal {}
+
 /// The server's rustls configuration: `chain` (leaf first, DER) with its PKCS#8 key, HTTP/2 only, client
-/// certificates requested (hinting `roots`) and checked per RPC.
+/// certificates required and verified against the live bundle at the handshake (`trust`).
 pub fn server_config(
     chain: Vec<Vec<u8>>,
     key_pkcs8: Vec<u8>,
-    roots: &[Vec<u8>],
+    trust: Arc<LiveClientTrust>,
 ) -> Result<rustls::ServerConfig, String> {
-    let verifier = Arc::new(DeferredClientVerifier {
-        inner: verifier_for(roots)?,
+    let roots = trust.bundle.current().x509_roots.clone();
+    let verifier = Arc::new(HandshakeClientVerifier {
+        trust,
+        schemes: verifier_for(&roots)?,
     });
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()

@@ -166,7 +166,7 @@ fn mint(upstream: &Authority, cfg: &DelegatedConfig) -> Result<Issuing, SvidErro
         ttl,
         path_len: Some(0),
     };
-    let issued = upstream.issue_intermediate(&req, now)?;
+    let issued = upstream.issue_issuing_intermediate(&req, now)?;
     let key: Arc<dyn AuthorityKey> = Arc::new(key);
     let authority = Authority::new(
         issued.der,

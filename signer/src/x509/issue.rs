@@ -566,6 +566,7 @@ impl Authority {
             issuer: None,
             path_len: req.path_len.map(u32::from),
             subject_der: None,
+            issuing: false,
         };
         let signer = LintingSigner::new(key.as_ref(), ctx)?;
         let der = signer.finish(params.self_signed(&signer))?;
@@ -638,6 +639,7 @@ impl Authority {
             }),
             path_len,
             subject_der: None,
+            issuing: false,
         }
     }
 
@@ -754,6 +756,26 @@ impl Authority {
         req: &IntermediateRequest,
         now: OffsetDateTime,
     ) -> Result<IssuedCertificate, IssueError> {
+        self.intermediate(req, false, now)
+    }
+
+    /// Issue one of signet's own issuing intermediates (delegated mode): as
+    /// [`issue_intermediate`](Self::issue_intermediate), with the issuing certificate policy that lets signet's
+    /// trust boundary accept the leaves it signs as signet's own (see [`super::issuing`]).
+    pub fn issue_issuing_intermediate(
+        &self,
+        req: &IntermediateRequest,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCertificate, IssueError> {
+        self.intermediate(req, true, now)
+    }
+
+    fn intermediate(
+        &self,
+        req: &IntermediateRequest,
+        issuing: bool,
+        now: OffsetDateTime,
+    ) -> Result<IssuedCertificate, IssueError> {
         let (now, _) = validity(now)?;
         let not_after = add_ttl(now, req.ttl)?;
         self.check_within_issuer(not_after)?;
@@ -763,6 +785,7 @@ impl Authority {
             None,
             not_after,
             req.path_len,
+            issuing,
             now,
         )
     }
@@ -812,6 +835,7 @@ impl Authority {
             Some(csr.subject_der()),
             not_after,
             Some(0),
+            false,
             now,
         )?;
         let mut x509_ca_chain = vec![issued.der];
@@ -823,6 +847,10 @@ impl Authority {
         })
     }
 
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "the CA template's parts, each used once; a struct would only rename them"
+    )]
     fn issue_ca(
         &self,
         subject_key: &SubjectKey,
@@ -830,6 +858,7 @@ impl Authority {
         subject_der: Option<&[u8]>,
         not_after: OffsetDateTime,
         path_len: Option<u8>,
+        issuing: bool,
         now: OffsetDateTime,
     ) -> Result<IssuedCertificate, IssueError> {
         if subject.iter().next().is_none() {
@@ -857,6 +886,12 @@ impl Authority {
             path_len.map(u32::from),
         );
         ctx.subject_der = subject_der;
+        ctx.issuing = issuing;
+        if issuing {
+            params
+                .custom_extensions
+                .push(super::issuing::issuing_extension().map_err(IssueError::Assembly)?);
+        }
         let der = self.sign_params(&params, subject_key, ctx)?;
         Ok(IssuedCertificate { der, not_after })
     }

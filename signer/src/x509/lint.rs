@@ -57,6 +57,9 @@ pub struct LintContext<'a> {
     pub path_len: Option<u32>,
     /// The exact subject DER the certificate must carry, when it is copied from a request (SPIRE's CA subject).
     pub subject_der: Option<&'a [u8]>,
+    /// True for signet's own issuing intermediates (delegated mode): they, and only they, carry the issuing
+    /// certificate policy (see [`super::issuing`]).
+    pub issuing: bool,
 }
 
 /// Lint a TBSCertificate DER for `ctx`.
@@ -165,6 +168,7 @@ pub fn lint_tbs(tbs_der: &[u8], ctx: &LintContext<'_>) -> Result<(), LintFailure
         oids::OID_X509_EXT_BASIC_CONSTRAINTS,
         oids::OID_X509_EXT_SUBJECT_KEY_IDENTIFIER,
         oids::OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER,
+        oids::OID_X509_EXT_CERTIFICATE_POLICIES,
     ];
     let mut san = None;
     let mut ku = None;
@@ -172,6 +176,7 @@ pub fn lint_tbs(tbs_der: &[u8], ctx: &LintContext<'_>) -> Result<(), LintFailure
     let mut bc = None;
     let mut ski = None;
     let mut aki = None;
+    let mut policies = false;
     for ext in tbs.extensions() {
         let oid = ext.oid.to_id_string();
         ensure(seen.insert(oid.clone()), "x509.extension-duplicate", || {
@@ -191,6 +196,23 @@ pub fn lint_tbs(tbs_der: &[u8], ctx: &LintContext<'_>) -> Result<(), LintFailure
             ParsedExtension::AuthorityKeyIdentifier(v) => {
                 aki = Some(v.key_identifier.as_ref().map(|k| k.0))
             }
+            ParsedExtension::CertificatePolicies(p) => {
+                // Only signet's issuing intermediates carry a policy, and exactly the issuing one: it is what the
+                // trust boundary tells them apart by, so nothing else signet signs may carry it.
+                let only_issuing = p.len() == 1 && super::issuing::is_issuing_policy(&p[0]);
+                ensure(
+                    ctx.issuing
+                        && ctx.profile == Profile::IntermediateCa
+                        && only_issuing
+                        && !ext.critical,
+                    "x509.certificate-policies",
+                    || {
+                        "certificatePolicies is carried only by signet's issuing intermediates"
+                            .into()
+                    },
+                )?;
+                policies = true;
+            }
             _ => {
                 return Err(LintFailure::record(
                     "x509.der",
@@ -199,6 +221,11 @@ pub fn lint_tbs(tbs_der: &[u8], ctx: &LintContext<'_>) -> Result<(), LintFailure
             }
         }
     }
+    ensure(
+        policies || !ctx.issuing,
+        "x509.certificate-policies",
+        || "an issuing intermediate must carry signet's issuing policy".into(),
+    )?;
 
     // SAN: exactly one URI SAN, a SPIFFE ID of the trust domain, with or without a path per profile.
     let (san, san_critical) = san.ok_or_else(|| {

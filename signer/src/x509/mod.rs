@@ -3,6 +3,7 @@
 
 pub mod csr;
 pub mod issue;
+pub mod issuing;
 pub mod lint;
 pub mod names;
 

@@ -45,6 +45,7 @@ fn rule(caller: &str, may: &[&str], ids: &[&str], max_ttl: u64) -> PolicyRule {
         jwt_max_ttl: None,
         rate: None,
         burst: None,
+        downstream_credentials: false,
     }
 }
 
@@ -167,8 +168,47 @@ impl Bed {
         std::fs::read_to_string(&self.app.paths().bundle).unwrap()
     }
 
+    /// Why the appliance refuses a connection presenting `identity` (or no client certificate) at the TLS
+    /// handshake: the connection, or its first RPC (TLS 1.3 tells a client of the refusal after its side of the
+    /// handshake is done), fails at the transport, and no RPC is answered. Fails the test if an RPC is answered.
+    pub async fn refused_at_handshake(&self, identity: Option<&Credential>) -> String {
+        use signet_proto::signet::v1::admin_client::AdminClient;
+        let ch = match self.try_channel(identity).await {
+            Ok(ch) => ch,
+            Err(e) => return format!("{e:?}"),
+        };
+        match AdminClient::new(ch)
+            .get_status(pb::GetStatusRequest {})
+            .await
+        {
+            Ok(r) => panic!("an RPC was answered over a connection that should be refused: {r:?}"),
+            Err(e) => {
+                // A transport failure, not an answer of a service: tonic reports those as UNAVAILABLE, UNKNOWN or CANCELLED
+                // with the connection error, and the appliance wrote nothing for the RPC.
+                assert!(
+                    matches!(
+                        e.code(),
+                        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+                    ),
+                    "{e:?}"
+                );
+                format!("{e:?}")
+            }
+        }
+    }
+
     /// A channel presenting `identity` (or no client certificate).
     pub async fn channel(&self, identity: Option<&Credential>) -> Channel {
+        self.try_channel(identity)
+            .await
+            .expect("connecting to the appliance")
+    }
+
+    /// A channel presenting `identity` (or no client certificate), or why it could not connect.
+    pub async fn try_channel(
+        &self,
+        identity: Option<&Credential>,
+    ) -> Result<Channel, tonic::transport::Error> {
         let mut tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(self.roots_pem()))
             .domain_name("localhost");
@@ -181,7 +221,6 @@ impl Bed {
             .unwrap()
             .connect()
             .await
-            .expect("connecting to the appliance")
     }
 
     /// An X509-SVID for `id`, minted through the Issuer API with the admin credential.

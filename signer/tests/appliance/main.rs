@@ -9,6 +9,7 @@
 )]
 
 mod bad_input;
+mod boundary;
 mod cli;
 mod common;
 mod figures;

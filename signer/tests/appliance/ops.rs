@@ -1,5 +1,6 @@
-//! Operations: gRPC health and reflection (open to probes without a client certificate), and an audit log that
-//! cannot be written stops issuance (UNAVAILABLE) instead of issuing unaudited.
+//! Operations: health probes on the plain-HTTP operations listener (no credential), gRPC health and reflection
+//! for authenticated clients, and an audit log that cannot be written stops issuance (UNAVAILABLE) instead of
+//! issuing unaudited.
 
 use signet_proto::signet::v1 as pb;
 use signet_proto::signet::v1::issuer_client::IssuerClient;
@@ -16,10 +17,25 @@ use crate::common::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn health_and_reflection_answer() {
-    let Some(bed) = Bed::start().await else {
+    let Some(bed) = Bed::start_with(|c| c.server.metrics = Some("127.0.0.1:0".into())).await else {
         return;
     };
-    let ch = bed.channel(None).await;
+    // Orchestrators' probes need no credential: plain HTTP on the operations listener.
+    let ops = bed
+        .app
+        .metrics_addr()
+        .expect("the operations listener is on");
+    for path in ["/healthz", "/readyz"] {
+        let (status, body) = http_get(ops, path).await;
+        assert_eq!(status, 200, "{path}: {body}");
+        assert_eq!(body.trim(), "serving", "{path}");
+    }
+    let (status, _) = http_get(ops, "/nothing").await;
+    assert_eq!(status, 404);
+    let (status, body) = http_get(ops, "/metrics").await;
+    assert_eq!(status, 200, "{body}");
+    // gRPC health and reflection answer authenticated clients.
+    let ch = bed.channel(Some(&bed.admin())).await;
     let mut h = HealthClient::new(ch.clone());
     for service in [
         "",
@@ -114,4 +130,33 @@ async fn shutdown_ends_open_subscriptions() {
         .await
         .expect("the stream ends after shutdown");
     assert!(!matches!(end, Ok(Some(_))), "{end:?}");
+}
+
+/// GET `path` from `addr` over HTTP/1.1: the status code and the body.
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: probe\r\nConnection: close\r\n\r\n").as_bytes(),
+    )
+    .await
+    .unwrap();
+    let mut raw = String::new();
+    tokio::time::timeout(
+        std::time::Duration::from_secs(30),
+        s.read_to_string(&mut raw),
+    )
+    .await
+    .expect("an answer within 30 s")
+    .unwrap();
+    let status = raw
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or_else(|| panic!("not an HTTP answer: {raw:?}"));
+    let body = raw
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }

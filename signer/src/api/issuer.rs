@@ -183,8 +183,8 @@ impl pb::issuer_server::Issuer for IssuerService {
                 return Err(st.refuse(&caller, s, subject()).await);
             }
         };
-        if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
-            let s = Status::invalid_argument("give at least one audience, none empty");
+        if let Err(e) = crate::jwt::check_audience(&req.audience) {
+            let s = Status::invalid_argument(e.to_string());
             return Err(st.refuse(&caller, s, subject()).await);
         }
         let grant = st.grant(&caller)?;

@@ -1,7 +1,9 @@
 //! signet's own API: `signet.v1.Issuer` (X509-SVIDs in batches, JWT-SVIDs, the bundle) and `signet.v1.Admin`.
 //!
 //! `BatchMintX509SVID` answers each CSR on its own, in request order: a CSR refused by the policy or the issuance
-//! checks gets a `Failure` with the status code and reason, the others are issued. The batch is bounded
+//! checks gets a `Failure` with the status code and reason, the others are issued. A SPIFFE ID no caller could get
+//! (another trust domain, or the bare trust domain ID) is INVALID_ARGUMENT before the policy is asked, for
+//! X509-SVIDs and JWT-SVIDs alike; one the policy keeps from this caller is PERMISSION_DENIED. The batch is bounded
 //! (`server.max_batch`); the caller's rate limit is charged one token per CSR. All of a batch's audit lines are
 //! written with one flush before the answer goes out.
 
@@ -82,7 +84,7 @@ impl pb::issuer_server::Issuer for IssuerService {
         }
         // The SPIFFE IDs, for the policy (the CSR's signature is verified when it is issued). A few are read here: a
         // DER parse takes microseconds, less than a trip to the CPU pool and back; a larger batch goes to the pool.
-        let ids: Vec<Result<String, String>> = if reqs.len() <= INLINE_ID_READS {
+        let ids: Vec<Result<SpiffeId, String>> = if reqs.len() <= INLINE_ID_READS {
             reqs.iter().map(|r| csr_spiffe_id(&r.csr)).collect()
         } else {
             let csrs: Vec<Vec<u8>> = reqs.iter().map(|r| r.csr.clone()).collect();
@@ -99,6 +101,9 @@ impl pb::issuer_server::Issuer for IssuerService {
         for (req, id) in reqs.into_iter().zip(ids) {
             let checked = (|| {
                 let id = id.map_err(|m| (None, Status::invalid_argument(m)))?;
+                let id = issuable(&st.trust_domain, &id, "CSR URI SAN")
+                    .map_err(|s| (Some(id.as_str().to_string()), s))
+                    .map(|()| id.as_str().to_string())?;
                 let ttl = ttl_of(req.ttl_seconds).map_err(|s| (Some(id.clone()), s))?;
                 match grant.check_id(&id).and_then(|()| grant.x509_ttl(ttl)) {
                     Ok(ttl) => Ok((id, ttl)),
@@ -183,8 +188,11 @@ impl pb::issuer_server::Issuer for IssuerService {
                 return Err(st.refuse(&caller, s, subject()).await);
             }
         };
-        if req.audience.is_empty() || req.audience.iter().any(String::is_empty) {
-            let s = Status::invalid_argument("give at least one audience, none empty");
+        if let Err(s) = issuable(&st.trust_domain, &id, "spiffe_id") {
+            return Err(st.refuse(&caller, s, subject()).await);
+        }
+        if let Err(e) = crate::jwt::check_audience(&req.audience) {
+            let s = Status::invalid_argument(e.to_string());
             return Err(st.refuse(&caller, s, subject()).await);
         }
         let grant = st.grant(&caller)?;
@@ -613,9 +621,17 @@ fn peak_rss_bytes() -> Option<u64> {
 const INLINE_ID_READS: usize = 4;
 
 /// The SPIFFE ID a CSR asks for (its signature is not checked here).
-fn csr_spiffe_id(csr: &[u8]) -> Result<String, String> {
+fn csr_spiffe_id(csr: &[u8]) -> Result<SpiffeId, String> {
     let csr = crate::x509::parse_csr_unverified(csr).map_err(|e| e.to_string())?;
     csr.spiffe_id()
-        .map(|id| id.as_str().to_string())
+        .cloned()
         .ok_or_else(|| "the CSR has no URI SAN: an X509-SVID needs exactly one SPIFFE ID".into())
+}
+
+/// An SVID can be issued for `id` only if it is a workload ID (with a path) of this trust domain: whoever asks, so
+/// this is checked before the policy and answered INVALID_ARGUMENT, not PERMISSION_DENIED. `what` names the field.
+fn issuable(td: &TrustDomain, id: &SpiffeId, what: &str) -> Result<(), Status> {
+    id.require_trust_domain(td)
+        .and_then(|()| id.require_workload())
+        .map_err(|e| Status::invalid_argument(format!("{what} {id}: {e}", id = id.as_str())))
 }

@@ -1,10 +1,10 @@
 //! JWT-SVID issuance (JWT-SVID §1–§3): JWS compact serialization signed by an [`AuthorityKey`].
 //!
 //! The header holds exactly `alg`, `kid` and `typ` (`JWT`); the claims exactly `sub` (the SPIFFE ID), `aud` (a
-//! non-empty array), `exp` and `iat`. The algorithm follows the key: ES256 (P-256), ES384 (P-384), RS256 for RSA by
-//! default with PS256 selectable. Ed25519 keys are refused (EdDSA is not a JWT-SVID algorithm). As for X.509, the
-//! exact header and claims bytes are linted before the key signs, and the signature is verified with ring before the
-//! token leaves.
+//! non-empty array of at most 64 non-empty values, 4096 bytes together: [`check_audience`]), `exp` and `iat`. The
+//! algorithm follows the key: ES256 (P-256), ES384 (P-384), RS256 for RSA by default with PS256 selectable. Ed25519
+//! keys are refused (EdDSA is not a JWT-SVID algorithm). As for X.509, the exact header and claims bytes are linted
+//! before the key signs, and the signature is verified with ring before the token leaves.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -107,6 +107,35 @@ pub enum JwtError {
     /// JSON encoding failed.
     #[error("JSON encoding failed: {0}")]
     Json(String),
+}
+
+/// Most audience values a JWT-SVID carries (JWT-SVID §3 recommends one).
+pub const MAX_AUDIENCES: usize = 64;
+/// Most bytes of all audience values together: with the other claims and the signature the token stays within the
+/// 8 KiB that HTTP servers commonly allow for a header, where JWT-SVIDs travel.
+pub const MAX_AUDIENCE_BYTES: usize = 4096;
+
+/// Checks an audience before anything is signed for it: at least one value, none empty, at most [`MAX_AUDIENCES`]
+/// values of at most [`MAX_AUDIENCE_BYTES`] together.
+pub fn check_audience(audience: &[String]) -> Result<(), JwtError> {
+    if audience.is_empty() || audience.iter().any(String::is_empty) {
+        return Err(JwtError::Audience(
+            "give at least one audience, none empty".into(),
+        ));
+    }
+    if audience.len() > MAX_AUDIENCES {
+        return Err(JwtError::Audience(format!(
+            "{} audience values: at most {MAX_AUDIENCES} are issued (one per token is recommended)",
+            audience.len()
+        )));
+    }
+    let bytes: usize = audience.iter().map(String::len).sum();
+    if bytes > MAX_AUDIENCE_BYTES {
+        return Err(JwtError::Audience(format!(
+            "{bytes} bytes of audience: at most {MAX_AUDIENCE_BYTES} are issued"
+        )));
+    }
+    Ok(())
 }
 
 impl JwtError {
@@ -315,11 +344,7 @@ impl JwtIssuer {
     ) -> Result<String, JwtError> {
         subject.require_trust_domain(&self.trust_domain)?;
         subject.require_workload()?;
-        if audience.is_empty() || audience.iter().any(String::is_empty) {
-            return Err(JwtError::Audience(
-                "give at least one audience, none empty".into(),
-            ));
-        }
+        check_audience(audience)?;
         if ttl.is_zero() {
             return Err(JwtError::Ttl("the TTL must be positive".into()));
         }
@@ -365,5 +390,22 @@ impl JwtIssuer {
         token.push('.');
         token.push_str(&URL_SAFE_NO_PAD.encode(&sig));
         Ok(token)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audiences_are_bounded() {
+        let v = |n: usize, len: usize| vec!["a".repeat(len); n];
+        assert!(check_audience(&v(1, 1)).is_ok());
+        assert!(check_audience(&v(MAX_AUDIENCES, 1)).is_ok());
+        assert!(check_audience(&v(1, MAX_AUDIENCE_BYTES)).is_ok());
+        assert!(check_audience(&[]).is_err());
+        assert!(check_audience(&v(1, 0)).is_err());
+        assert!(check_audience(&v(MAX_AUDIENCES + 1, 1)).is_err());
+        assert!(check_audience(&v(2, MAX_AUDIENCE_BYTES / 2 + 1)).is_err());
     }
 }

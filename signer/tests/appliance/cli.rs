@@ -235,7 +235,7 @@ fn serve_then_mint_and_bundle_as_processes() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("PERMISSION_DENIED") && err.contains("spiffe://other.org/x"),
+        err.contains("INVALID_ARGUMENT") && err.contains("spiffe://other.org/x"),
         "{err}"
     );
     assert!(!cwd.join("nope").exists());

@@ -1,7 +1,7 @@
 //! Appliance tests over real gRPC on 127.0.0.1 (ephemeral ports) with mTLS and SoftHSM2: the SPIRE
 //! UpstreamAuthority and KeyManager contracts checked with independent verifiers (the `spiffe` crate, `openssl
 //! verify`, ring), signet's Issuer and Admin, the security boundary (authentication, policy, rate limits, audit), bad
-//! input, and `signet serve` / `mint` / `bundle` as processes.
+//! input, a table of hostile callers and requests, and `signet serve` / `mint` / `bundle` as processes.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -13,6 +13,7 @@ mod boundary;
 mod cli;
 mod common;
 mod figures;
+mod hostile;
 mod issuer;
 mod keymanager;
 mod ops;

@@ -77,7 +77,8 @@ async fn start(spec: InProcess) -> Result<Started, String> {
         }
         InProcessToken::Module(t) => {
             let pin_file = spec.data_dir.join("token.pin");
-            signet::serve::write_private(&pin_file, t.pin.expose().as_bytes()).map_err(|e| e.to_string())?;
+            signet::serve::write_private(&pin_file, t.pin.expose().as_bytes())
+                .map_err(|e| e.to_string())?;
             cfg.tokens = vec![TokenSettings {
                 name: "bench".into(),
                 module: t.module.clone(),

@@ -687,7 +687,7 @@ mod tests {
             ),
         ];
         for (kt, opts) in bad {
-            let e = sign_algorithm(kt, opts.clone()).unwrap_err();
+            let e = sign_algorithm(kt, opts).unwrap_err();
             assert_eq!(e.code(), Code::InvalidArgument, "{kt:?} {opts:?}");
         }
     }

@@ -271,7 +271,7 @@ async fn bad_requests_get_the_right_status_and_make_nothing() {
         .sign_data(pb::SignDataRequest {
             key_id: "no-such-key".into(),
             data: sha256(b"m"),
-            signer_opts: sha256_opts.clone(),
+            signer_opts: sha256_opts,
         })
         .await
         .unwrap_err();
@@ -287,12 +287,8 @@ async fn bad_requests_get_the_right_status_and_make_nothing() {
         },
     ));
     for (what, data, opts) in [
-        ("empty digest", vec![], sha256_opts.clone()),
-        (
-            "48-byte digest named SHA256",
-            vec![7u8; 48],
-            sha256_opts.clone(),
-        ),
+        ("empty digest", vec![], sha256_opts),
+        ("48-byte digest named SHA256", vec![7u8; 48], sha256_opts),
         ("no signer options", sha256(b"m"), None),
         (
             "unknown hash",

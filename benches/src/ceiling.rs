@@ -16,8 +16,8 @@ pub struct TokenSpec {
     pub module: PathBuf,
     /// The token's label.
     pub label: String,
-    /// The user PIN.
-    pub pin: String,
+    /// The user PIN (zeroised on drop; `Debug` does not show it).
+    pub pin: Pin,
 }
 
 /// The label of the key the ceiling signs with (created on the token when missing).
@@ -29,7 +29,7 @@ pub fn token_ceiling(spec: &TokenSpec, sessions: usize, duration: Duration) -> R
     let cfg = TokenConfig::new(
         spec.module.clone(),
         spec.label.clone(),
-        PinSource::Value(Pin::new(spec.pin.clone())),
+        PinSource::Value(spec.pin.clone()),
     );
     let token = Token::open(&cfg).map_err(|e| format!("opening token {:?}: {e}", spec.label))?;
     let mut s = token.session().map_err(|e| format!("session: {e}"))?;
@@ -92,4 +92,20 @@ pub fn token_ceiling(spec: &TokenSpec, sessions: usize, duration: Duration) -> R
         return Err(format!("{failed} signatures of the ceiling loop failed"));
     }
     Ok(crate::stats::per_second(done.load(Ordering::Relaxed), secs))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn debug_hides_the_pin() {
+        let spec = TokenSpec {
+            module: "/m.so".into(),
+            label: "t".into(),
+            pin: Pin::new("s3cret-pin"),
+        };
+        let shown = format!("{spec:?} {spec:#?}");
+        assert!(!shown.contains("s3cret-pin"), "{shown}");
+    }
 }

@@ -444,9 +444,9 @@ async fn run_async(
                     (Some(m), Some(t), Some(p)) => Some(TokenSpec {
                         module: m.clone(),
                         label: t.clone(),
-                        pin: String::from_utf8_lossy(&read(p, "PIN file")?)
-                            .trim()
-                            .to_string(),
+                        pin: signet_pkcs11::PinSource::File(p.clone())
+                            .resolve()
+                            .map_err(|e| format!("the ceiling's PIN file: {e}"))?,
                     }),
                     (None, None, None) => None,
                     _ => {
@@ -476,7 +476,7 @@ async fn run_async(
                         let spec = TokenSpec {
                             module: hsm.module().to_path_buf(),
                             label: hsm.label().to_string(),
-                            pin: signet_pkcs11::testing::USER_PIN.to_string(),
+                            pin: signet_pkcs11::Pin::new(signet_pkcs11::testing::USER_PIN),
                         };
                         _softhsm = Some(hsm);
                         InProcessToken::Module(spec)
@@ -490,7 +490,7 @@ async fn run_async(
                         InProcessToken::Module(TokenSpec {
                             module: var("TPM2_PKCS11_MODULE")?.into(),
                             label: var("TPM_RIG_TOKEN_LABEL")?,
-                            pin: var("TPM_RIG_USER_PIN")?,
+                            pin: signet_pkcs11::Pin::new(var("TPM_RIG_USER_PIN")?),
                         })
                     }
                 };

@@ -18,6 +18,7 @@ use cryptoki::error::RvError;
 
 use crate::error::{Error, ErrorKind, Result};
 use crate::pin::Pin;
+use zeroize::Zeroizing;
 
 pub(crate) struct ModuleState {
     pub(crate) ctx: Pkcs11,
@@ -34,9 +35,13 @@ pub struct Module {
     /// Serialises every call of tokens whose profile signs on one session at a time (tpm2-pkcs11:
     /// concurrent logins on two sessions corrupt its TPM context).
     serial: Mutex<()>,
-    /// SHA-256 of the user PIN of each slot this process logged in to (C_Login answered CKR_OK): the
-    /// check of a PIN when the token answers CKR_USER_ALREADY_LOGGED_IN.
-    logins: Mutex<HashMap<u64, Vec<u8>>>,
+    /// HMAC-SHA256 (under [`login_key`](Self::login_key)) of the user PIN of each slot this process
+    /// logged in to (C_Login answered CKR_OK): the check of a PIN when the token answers
+    /// CKR_USER_ALREADY_LOGGED_IN. Keyed, not a bare hash: PINs are short, and a plain SHA-256 of one is
+    /// reversed by trying them all; zeroised when dropped.
+    logins: Mutex<HashMap<u64, Zeroizing<Vec<u8>>>>,
+    /// A random key of this process for [`logins`](Self::logins).
+    login_key: ring::hmac::Key,
 }
 
 impl std::fmt::Debug for Module {
@@ -104,12 +109,16 @@ impl Module {
             Error::pkcs11(what, e)
         })?;
         initialize(&ctx)?;
+        let login_key =
+            ring::hmac::Key::generate(ring::hmac::HMAC_SHA256, &ring::rand::SystemRandom::new())
+                .map_err(|_| Error::new(ErrorKind::Io, "the system random generator failed"))?;
         let m = Arc::new(Module {
             path: path.to_path_buf(),
             state: RwLock::new(ModuleState { ctx, generation: 0 }),
             admin: Mutex::new(()),
             serial: Mutex::new(()),
             logins: Mutex::new(HashMap::new()),
+            login_key,
         });
         reg.insert(path.to_path_buf(), m.clone());
         tracing::info!(module = %path.display(), "PKCS#11 module loaded and initialised");
@@ -146,10 +155,12 @@ impl Module {
         self.serial.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn pin_digest(pin: &Pin) -> Vec<u8> {
-        ring::digest::digest(&ring::digest::SHA256, pin.expose().as_bytes())
-            .as_ref()
-            .to_vec()
+    fn pin_tag(&self, pin: &Pin) -> Zeroizing<Vec<u8>> {
+        Zeroizing::new(
+            ring::hmac::sign(&self.login_key, pin.expose().as_bytes())
+                .as_ref()
+                .to_vec(),
+        )
     }
 
     /// Remembers that this process logged in to `slot` with `pin`.
@@ -157,7 +168,7 @@ impl Module {
         self.logins
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(slot, Self::pin_digest(pin));
+            .insert(slot, self.pin_tag(pin));
     }
 
     /// Whether `pin` is the PIN this process logged in to `slot` with (`None`: it did not log in
@@ -167,7 +178,7 @@ impl Module {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .get(&slot)
-            .map(|d| *d == Self::pin_digest(pin))
+            .map(|tag| ring::hmac::verify(&self.login_key, pin.expose().as_bytes(), tag).is_ok())
     }
 
     /// The current generation (bumped by every re-initialisation).

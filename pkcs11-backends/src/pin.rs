@@ -1,6 +1,10 @@
 //! PINs: where they come from and how they are held.
 //!
-//! A [`Pin`] is zeroised on drop, never logged, and its `Debug` prints `Pin(<redacted>)`.
+//! A [`Pin`] is zeroised on drop, never logged, and its `Debug` prints `Pin(<redacted>)`. Every copy of a PIN in
+//! this workspace lives in a [`Pin`] (or a `Zeroizing` buffer on its way into one): the value read from a file, the
+//! terminal or the environment is moved into it without a plain copy left behind, and cryptoki gets it as an
+//! [`AuthPin`] (a `secrecy` box, itself zeroised on drop) built for the one call that needs it. No error message
+//! of the token layer contains a PIN.
 
 use std::fmt;
 use std::path::PathBuf;
@@ -15,9 +19,14 @@ use crate::error::{Error, ErrorKind, Result};
 pub struct Pin(Zeroizing<String>);
 
 impl Pin {
-    /// Wraps a PIN value.
+    /// Wraps a PIN value. A `String` is moved in (its buffer is the one zeroised on drop); a `&str` is copied.
     pub fn new(pin: impl Into<String>) -> Self {
         Pin(Zeroizing::new(pin.into()))
+    }
+
+    /// Wraps a PIN already held in a zeroising buffer, without copying it.
+    pub fn from_zeroizing(pin: Zeroizing<String>) -> Self {
+        Pin(pin)
     }
 
     /// The PIN as cryptoki wants it (a `secrecy` box, itself zeroised on drop).
@@ -102,8 +111,16 @@ mod tests {
     fn debug_redacts() {
         let p = Pin::new("123456");
         assert_eq!(format!("{p:?}"), "Pin(<redacted>)");
-        let s = PinSource::Value(p);
+        assert!(!format!("{p:#?}").contains("123456"));
+        let s = PinSource::Value(p.clone());
         assert!(!format!("{s:?}").contains("123456"));
+        let cfg = crate::TokenConfig::new("/m.so", "label", PinSource::Value(p));
+        let shown = format!("{cfg:?} {cfg:#?}");
+        assert!(!shown.contains("123456"), "{shown}");
+        assert!(shown.contains("<redacted>"), "{shown}");
+        let z = Pin::from_zeroizing(Zeroizing::new("987654".to_string()));
+        assert_eq!(format!("{z:?}"), "Pin(<redacted>)");
+        assert_eq!(z.expose(), "987654");
     }
 
     #[test]

@@ -413,7 +413,7 @@ pub struct JwtSettings {
     /// Label of the JWT key on the token.
     #[serde(default = "default_jwt_label")]
     pub key_label: String,
-    /// The longest JWT-SVID lifetime any caller may get.
+    /// The longest JWT-SVID lifetime any caller may get (a longer request is cut to it).
     #[serde(default = "default_jwt_max")]
     pub max_ttl: ConfigDuration,
 }
@@ -729,10 +729,11 @@ pub struct PolicyRule {
     /// SPIFFE ID prefixes it may request SVIDs for (issuer).
     #[serde(default)]
     pub ids: Vec<String>,
-    /// Longest X509-SVID (and, for upstream-authority, SPIRE CA) lifetime.
+    /// Longest X509-SVID (and, for upstream-authority, SPIRE CA) lifetime: a longer request is cut to it.
     #[serde(default)]
     pub max_ttl: Option<ConfigDuration>,
-    /// Longest JWT-SVID lifetime (defaults to `max_ttl`, then to `authority.jwt.max_ttl`).
+    /// Longest JWT-SVID lifetime (defaults to `max_ttl`, then to `authority.jwt.max_ttl`): a longer request is cut
+    /// to it.
     #[serde(default)]
     pub jwt_max_ttl: Option<ConfigDuration>,
     /// Credentials or signatures per unit of time for each caller matching this rule (token bucket).

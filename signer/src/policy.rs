@@ -99,18 +99,6 @@ pub enum Denied {
         /// The service.
         service: &'static str,
     },
-    /// The requested lifetime is longer than the policy allows.
-    #[error(
-        "requested TTL {requested}s exceeds the policy's maximum of {max}s for caller {caller}"
-    )]
-    Ttl {
-        /// The caller.
-        caller: String,
-        /// Requested seconds.
-        requested: u64,
-        /// Allowed seconds.
-        max: u64,
-    },
     /// One request asks for more credentials than the caller's bucket can ever hold.
     #[error(
         "a request for {cost} credentials exceeds the burst of {burst} allowed to caller {caller}: split it"
@@ -361,22 +349,21 @@ impl Grant<'_> {
         }
     }
 
-    /// The X.509 lifetime to issue: `requested` (0: the default, 1 h capped at the maximum) when within the maximum.
-    pub fn x509_ttl(&self, requested: Duration) -> Result<Duration, Denied> {
+    /// The X.509 lifetime to issue (the TTL rule; see the Issuer API's protos): `requested`, 0 meaning the default
+    /// (1 h), capped at the policy's `max_ttl`. A request above the maximum is cut to it, not refused, as
+    /// `MintX509CA`'s `preferred_ttl` is; the issuing authority then cuts the NotAfter at its own.
+    pub fn x509_ttl(&self, requested: Duration) -> Duration {
         pick_ttl(
-            self.caller,
             requested,
+            Duration::from_secs(3600),
             self.rule.max_ttl.unwrap_or(Duration::MAX),
         )
     }
 
-    /// The JWT lifetime to issue: `requested` (0: 5 minutes capped at the maximum) when within the maximum.
-    pub fn jwt_ttl(&self, requested: Duration) -> Result<Duration, Denied> {
-        let max = self.rule.jwt_max_ttl;
-        if requested.is_zero() {
-            return Ok(Duration::from_secs(300).min(max));
-        }
-        pick_ttl(self.caller, requested, max)
+    /// The JWT lifetime to issue: `requested`, 0 meaning the default (5 minutes), capped at the policy's
+    /// `jwt_max_ttl` (the same rule as [`x509_ttl`](Self::x509_ttl)).
+    pub fn jwt_ttl(&self, requested: Duration) -> Duration {
+        pick_ttl(requested, Duration::from_secs(300), self.rule.jwt_max_ttl)
     }
 
     /// The most an upstream CA minted for this caller may live (SPIRE asks for its `ca_ttl`; it is capped here).
@@ -444,18 +431,13 @@ impl Grant<'_> {
     }
 }
 
-fn pick_ttl(caller: &str, requested: Duration, max: Duration) -> Result<Duration, Denied> {
+/// The TTL rule's policy step: 0 is `default`; anything (the default included) above `max` is `max`.
+fn pick_ttl(requested: Duration, default: Duration, max: Duration) -> Duration {
     if requested.is_zero() {
-        return Ok(Duration::from_secs(3600).min(max));
+        default.min(max)
+    } else {
+        requested.min(max)
     }
-    if requested > max {
-        return Err(Denied::Ttl {
-            caller: caller.to_string(),
-            requested: requested.as_secs(),
-            max: max.as_secs(),
-        });
-    }
-    Ok(requested)
 }
 
 /// signet's own SPIFFE IDs (`spiffe://<td>/signet` and below: its server and admin credentials), which no caller may
@@ -588,19 +570,20 @@ mod tests {
             p.authorize("spiffe://td/other", Service::Issuer),
             Err(Denied::UnknownCaller { .. })
         ));
-        assert!(matches!(
+        // The TTL rule: 0 is the default, above the maximum is cut to it, huge values too.
+        assert_eq!(
             g.x509_ttl(Duration::from_secs(7200)),
-            Err(Denied::Ttl { .. })
-        ));
-        assert_eq!(
-            g.x509_ttl(Duration::ZERO).ok(),
-            Some(Duration::from_secs(3600))
+            Duration::from_secs(3600)
         );
+        assert_eq!(g.x509_ttl(Duration::MAX), Duration::from_secs(3600));
+        assert_eq!(g.x509_ttl(Duration::from_secs(60)), Duration::from_secs(60));
+        assert_eq!(g.x509_ttl(Duration::ZERO), Duration::from_secs(3600));
+        assert_eq!(g.jwt_ttl(Duration::ZERO), Duration::from_secs(300));
         assert_eq!(
-            g.jwt_ttl(Duration::ZERO).ok(),
-            Some(Duration::from_secs(300))
+            g.jwt_ttl(Duration::from_secs(601)),
+            Duration::from_secs(600)
         );
-        assert!(g.jwt_ttl(Duration::from_secs(601)).is_err());
+        assert_eq!(g.jwt_ttl(Duration::MAX), Duration::from_secs(600));
     }
 
     #[test]

@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::rustls;
 use tokio_stream::wrappers::ReceiverStream;
+use zeroize::Zeroizing;
 
 use crate::api::bundle::TrustBundle;
 use crate::api::issuer::{AdminService, IssuerService};
@@ -186,7 +187,7 @@ fn provision_token(module: PathBuf, data_dir: &Path) -> Result<TokenSettings, Se
     let so_pin_file = data_dir.join("token.so-pin");
     for f in [&pin_file, &so_pin_file] {
         if !f.exists() {
-            write_private(f, random_hex(16)?.as_bytes())?;
+            write_private(f, random_pin()?.as_bytes())?;
         }
     }
     let slots = signet_pkcs11::list_slots(&module).map_err(|e| token_err(e.to_string()))?;
@@ -195,9 +196,10 @@ fn provision_token(module: PathBuf, data_dir: &Path) -> Result<TokenSettings, Se
         .any(|s| s.token.as_ref().is_some_and(|t| t.label == EMBEDDED_LABEL));
     if !exists {
         let read = |p: &Path| -> Result<signet_pkcs11::Pin, ServeError> {
-            let text =
-                std::fs::read_to_string(p).map_err(io(format!("reading {}", p.display())))?;
-            Ok(signet_pkcs11::Pin::new(text.trim().to_string()))
+            let text = Zeroizing::new(
+                std::fs::read_to_string(p).map_err(io(format!("reading {}", p.display())))?,
+            );
+            Ok(signet_pkcs11::Pin::new(text.trim()))
         };
         signet_pkcs11::init_token(
             &module,
@@ -223,13 +225,14 @@ pub fn default_embedded_token() -> Arc<dyn EmbeddedToken> {
     Arc::new(HsmSimEmbedded)
 }
 
-fn random_hex(bytes: usize) -> Result<String, ServeError> {
+/// A random PIN for the embedded token: 16 random bytes in hex, both buffers zeroised when dropped.
+fn random_pin() -> Result<Zeroizing<String>, ServeError> {
     use ring::rand::SecureRandom as _;
-    let mut b = vec![0u8; bytes];
+    let mut b = Zeroizing::new([0u8; 16]);
     ring::rand::SystemRandom::new()
-        .fill(&mut b)
+        .fill(b.as_mut())
         .map_err(|_| ServeError::Authority("the system random generator failed".into()))?;
-    Ok(hex::encode(b))
+    Ok(Zeroizing::new(hex::encode(&b[..])))
 }
 
 /// Writes a file only its owner can read (0600 on Unix).

@@ -6,6 +6,11 @@
 //! X509-SVIDs and JWT-SVIDs alike; one the policy keeps from this caller is PERMISSION_DENIED. The batch is bounded
 //! (`server.max_batch`); the caller's rate limit is charged one token per CSR. All of a batch's audit lines are
 //! written with one flush before the answer goes out.
+//!
+//! Lifetimes follow the TTL rule written in `signet.proto` (above the Issuer service), the same for X509-SVIDs,
+//! JWT-SVIDs and `MintX509CA`, in direct and delegated mode: 0 is the default, negative INVALID_ARGUMENT, above the
+//! caller's policy maximum cut to it ([`Grant::x509_ttl`](crate::policy::Grant::x509_ttl)), and the NotAfter cut at
+//! the issuing CA's (in [`Authority`](crate::x509::Authority)); huge values are cut, never an overflow.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -49,6 +54,8 @@ fn refused(caller: &Caller, id: Option<String>, status: &Status) -> AuditRecord 
     r
 }
 
+/// A request's `ttl_seconds` (the TTL rule, see `signet.proto`): negative is INVALID_ARGUMENT; 0 (the default) and
+/// every positive value, however large, go on to the policy, which cuts them to the caller's maximum.
 fn ttl_of(secs: i64) -> Result<Duration, Status> {
     u64::try_from(secs)
         .map(Duration::from_secs)
@@ -105,8 +112,8 @@ impl pb::issuer_server::Issuer for IssuerService {
                     .map_err(|s| (Some(id.as_str().to_string()), s))
                     .map(|()| id.as_str().to_string())?;
                 let ttl = ttl_of(req.ttl_seconds).map_err(|s| (Some(id.clone()), s))?;
-                match grant.check_id(&id).and_then(|()| grant.x509_ttl(ttl)) {
-                    Ok(ttl) => Ok((id, ttl)),
+                match grant.check_id(&id) {
+                    Ok(()) => Ok((id, grant.x509_ttl(ttl))),
                     Err(d) => Err((Some(id), super::denied_status(&d))),
                 }
             })();
@@ -200,9 +207,11 @@ impl pb::issuer_server::Issuer for IssuerService {
             Ok(t) => t,
             Err(s) => return Err(st.refuse(&caller, s, subject()).await),
         };
+        let jwt = st.signers().jwt.clone();
+        // The TTL rule: 0 is the default, cut at the policy's jwt_max_ttl and at the JWT authority's max_ttl.
         let ttl = match grant
             .check_id(id.as_str())
-            .and_then(|()| grant.jwt_ttl(ttl))
+            .map(|()| grant.jwt_ttl(ttl).min(jwt.max_ttl()))
             .and_then(|ttl| grant.take(1).map(|()| ttl))
         {
             Ok(t) => t,
@@ -212,7 +221,6 @@ impl pb::issuer_server::Issuer for IssuerService {
                     .await);
             }
         };
-        let jwt = st.signers().jwt.clone();
         let kid = jwt.kid().to_string();
         let deadline = caller.deadline;
         let audience = req.audience.clone();

@@ -7,6 +7,12 @@
 //! fingerprint) and destroys the old one. The fingerprint is the SHA-256 of the key's SubjectPublicKeyInfo, in hex.
 //! `SignData` takes a digest of the hash the request names (its length is checked) and returns ECDSA signatures as
 //! ASN.1 DER, RSA signatures as PKCS#1 v1.5 or PSS (salt length = hash length) per the request.
+//!
+//! Status codes: a bad request is INVALID_ARGUMENT (unknown or unspecified key type, bad key id, unknown hash
+//! algorithm, no signer options, a hash or PSS salt the key does not sign with, a digest whose length is not the
+//! named hash's, an empty one included); a key id the caller has not generated is NOT_FOUND. Token failures are
+//! classified by kind ([`token_status`]): only transient ones are UNAVAILABLE (SPIRE retries UNAVAILABLE without
+//! end), a key type the token cannot make is UNIMPLEMENTED, a token unusable as configured is FAILED_PRECONDITION.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -129,7 +135,8 @@ impl KeyStore {
         }
         let mut keys = HashMap::new();
         for ((ns, id), (_, label)) in newest {
-            let k = register(&mut session, &pipeline, &label)?;
+            let k = register(&mut session, &pipeline, &label)
+                .map_err(|s| format!("key manager: {}", s.message()))?;
             keys.insert((ns, id), Arc::new(k));
         }
         Ok(Self {
@@ -164,6 +171,7 @@ impl KeyStore {
         let Some(store) = self.store.get() else {
             return Ok(None);
         };
+        // The datastore is a service signet reaches over the network (or a file): its failures are transient.
         let rec = store
             .keymanager_key(&ns, id)
             .await
@@ -173,13 +181,14 @@ impl KeyStore {
         };
         let (token, pipeline, label) = (self.token.clone(), self.pipeline.clone(), rec.label);
         let found = tokio::task::spawn_blocking(move || {
-            let mut s = token.session().map_err(|e| e.to_string())?;
+            let mut s = token
+                .session()
+                .map_err(|e| token_status(&e, "key manager: cannot open a session"))?;
             register(&mut s, &pipeline, &label)
         })
         .await
-        .map_err(|e| e.to_string())
-        .and_then(|r| r)
-        .map_err(|e| Status::unavailable(format!("key manager: {e}")))?;
+        .map_err(join_status)
+        .and_then(|r| r)?;
         let k = Arc::new(found);
         self.insert(ns, id.to_string(), k.clone());
         Ok(Some(k))
@@ -208,18 +217,20 @@ fn register(
     session: &mut signet_pkcs11::TokenSession,
     pipeline: &Pipeline,
     label: &str,
-) -> Result<KmKey, String> {
+) -> Result<KmKey, Status> {
     let found = session
         .find_key(label)
-        .map_err(|e| format!("key {label:?}: {e}"))?;
-    let key_type = proto_key_type(found.key_type())
-        .ok_or_else(|| format!("key {label:?} has a type SPIRE does not use"))?;
+        .map_err(|e| token_status(&e, &format!("key {label:?}")))?;
+    let key_type = proto_key_type(found.key_type()).ok_or_else(|| {
+        Status::failed_precondition(format!("key {label:?} has a type SPIRE does not use"))
+    })?;
     let spki = session
         .public_key_der(label)
-        .map_err(|e| format!("key {label:?}: {e}"))?;
-    let key = pipeline
-        .key(label)
-        .map_err(|e| format!("key {label:?}: {e}"))?;
+        .map_err(|e| token_status(&e, &format!("key {label:?}")))?;
+    let key = pipeline.key(label).map_err(|e| {
+        let s = pipeline_status(&e);
+        Status::new(s.code(), format!("key {label:?}: {}", s.message()))
+    })?;
     Ok(KmKey {
         label: label.to_string(),
         key_type,
@@ -227,6 +238,33 @@ fn register(
         spki,
         key,
     })
+}
+
+/// The gRPC status of a token failure while managing keys, by what went wrong: a transient failure (device busy or
+/// unplugged, session lost) is UNAVAILABLE, the one answer SPIRE retries; a key type or mechanism the token cannot
+/// do is UNIMPLEMENTED; a token that is not usable as configured (PIN wrong, locked or missing, token or module
+/// missing) is FAILED_PRECONDITION; anything else permanent (a template the token refuses, a key it will not show)
+/// is INTERNAL. Retrying any of those repeats the answer, and SPIRE retries UNAVAILABLE without end.
+pub(crate) fn token_status(e: &signet_pkcs11::Error, what: &str) -> Status {
+    use signet_pkcs11::ErrorKind as K;
+    let m = format!("{what}: {e}");
+    if e.is_transient() {
+        return Status::unavailable(m);
+    }
+    match e.kind() {
+        K::NotSupported => Status::unimplemented(m),
+        K::PinIncorrect
+        | K::PinLocked
+        | K::PinUnavailable
+        | K::TokenNotFound
+        | K::ModuleLoad
+        | K::KeyNotFound => Status::failed_precondition(m),
+        _ => Status::internal(m),
+    }
+}
+
+fn join_status(e: tokio::task::JoinError) -> Status {
+    Status::internal(format!("key manager: the token task failed: {e}"))
 }
 
 /// The KeyManager service.
@@ -374,25 +412,30 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
         let old = ks.get(&caller.id, &req.key_id).await.ok().flatten();
         let (token, pipeline, l) = (ks.token.clone(), ks.pipeline.clone(), label.clone());
         let made = tokio::task::spawn_blocking(move || {
-            let mut s = token.session().map_err(|e| e.to_string())?;
+            let mut s = token
+                .session()
+                .map_err(|e| token_status(&e, "cannot open a session on the token"))?;
             s.generate_key(&l, tt, KeyGenOptions::default())
-                .map_err(|e| e.to_string())?;
+                .map_err(|e| {
+                    token_status(
+                        &e,
+                        &format!("the token could not generate a {} key", kt.as_str_name()),
+                    )
+                })?;
             register(&mut s, &pipeline, &l)
         })
         .await
-        .map_err(|e| e.to_string())
+        .map_err(join_status)
         .and_then(|r| r);
         let made = match made {
             Ok(k) => Arc::new(KmKey { key_type: kt, ..k }),
-            Err(e) => {
+            Err(s) => {
                 let mut r = caller.record(Outcome::Failed);
                 r.key_id = Some(req.key_id.clone());
-                r.reason = Some(e.clone());
-                r.code = Some("UNAVAILABLE");
+                r.reason = Some(s.message().to_string());
+                r.code = Some(super::code_name(s.code()));
                 st.audit(&[r]).await?;
-                return Err(Status::unavailable(format!(
-                    "the token could not generate the key: {e}"
-                )));
+                return Err(s);
             }
         };
         let mut r = caller.record(Outcome::KeyUsed);
@@ -546,5 +589,106 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
             signature: sig?,
             key_fingerprint: k.fingerprint.clone(),
         }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use signet_pkcs11::cryptoki::context::Function;
+    use signet_pkcs11::cryptoki::error::{Error as CkError, RvError};
+    use signet_pkcs11::{Error, ErrorKind};
+    use tonic::Code;
+
+    fn rv(rv: RvError) -> Error {
+        Error::pkcs11(
+            "C_GenerateKeyPair",
+            CkError::Pkcs11(rv, Function::GenerateKeyPair),
+        )
+    }
+
+    #[test]
+    fn token_errors_are_classified_by_kind() {
+        let cases = [
+            (rv(RvError::DeviceRemoved), Code::Unavailable),
+            (rv(RvError::DeviceError), Code::Unavailable),
+            (rv(RvError::SessionHandleInvalid), Code::Unavailable),
+            (rv(RvError::FunctionFailed), Code::Unavailable),
+            (rv(RvError::GeneralError), Code::Unavailable),
+            (Error::new(ErrorKind::Stale, "stale"), Code::Unavailable),
+            (rv(RvError::MechanismInvalid), Code::Unimplemented),
+            (rv(RvError::CurveNotSupported), Code::Unimplemented),
+            (rv(RvError::KeySizeRange), Code::Unimplemented),
+            (
+                Error::new(ErrorKind::NotSupported, "no RSA-4096 on this token"),
+                Code::Unimplemented,
+            ),
+            (rv(RvError::PinIncorrect), Code::FailedPrecondition),
+            (rv(RvError::PinLocked), Code::FailedPrecondition),
+            (
+                Error::new(ErrorKind::PinUnavailable, "no PIN"),
+                Code::FailedPrecondition,
+            ),
+            (
+                Error::new(ErrorKind::TokenNotFound, "gone"),
+                Code::FailedPrecondition,
+            ),
+            (rv(RvError::TemplateInconsistent), Code::Internal),
+            (rv(RvError::TemplateIncomplete), Code::Internal),
+            (rv(RvError::AttributeValueInvalid), Code::Internal),
+            (rv(RvError::TokenWriteProtected), Code::Internal),
+            (Error::new(ErrorKind::KeyExists, "exists"), Code::Internal),
+        ];
+        for (e, want) in cases {
+            let s = token_status(&e, "generating");
+            assert_eq!(s.code(), want, "{e}");
+            assert!(s.message().starts_with("generating: "), "{}", s.message());
+        }
+    }
+
+    #[test]
+    fn unknown_and_unspecified_key_types_are_invalid_arguments() {
+        for t in [0, 99, -1] {
+            let e = token_key_type(t).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{t}");
+        }
+        assert!(token_key_type(pb::KeyType::Rsa4096 as i32).is_ok());
+    }
+
+    #[test]
+    fn signer_options_are_checked() {
+        use pb::sign_data_request::{PssOptions, SignerOpts};
+        let bad = [
+            (pb::KeyType::EcP256, None),
+            (pb::KeyType::EcP256, Some(SignerOpts::HashAlgorithm(77))),
+            (
+                pb::KeyType::EcP256,
+                Some(SignerOpts::HashAlgorithm(pb::HashAlgorithm::Sha384 as i32)),
+            ),
+            (
+                pb::KeyType::EcP256,
+                Some(SignerOpts::PssOptions(PssOptions {
+                    salt_length: 32,
+                    hash_algorithm: pb::HashAlgorithm::Sha256 as i32,
+                })),
+            ),
+            (
+                pb::KeyType::Rsa2048,
+                Some(SignerOpts::PssOptions(PssOptions {
+                    salt_length: 7,
+                    hash_algorithm: pb::HashAlgorithm::Sha256 as i32,
+                })),
+            ),
+            (
+                pb::KeyType::Rsa2048,
+                Some(SignerOpts::HashAlgorithm(
+                    pb::HashAlgorithm::UnspecifiedHashAlgorithm as i32,
+                )),
+            ),
+        ];
+        for (kt, opts) in bad {
+            let e = sign_algorithm(kt, opts).unwrap_err();
+            assert_eq!(e.code(), Code::InvalidArgument, "{kt:?} {opts:?}");
+        }
     }
 }

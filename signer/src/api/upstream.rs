@@ -132,7 +132,9 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
                 .refuse(&caller, super::denied_status(&d), subject())
                 .await);
         }
-        // SPIRE asks for its ca_ttl; the policy's max_ttl caps it (SPIRE accepts a shorter CA).
+        // The TTL rule (signet.proto): SPIRE asks for its ca_ttl; 0 is the default (1 h), the policy's max_ttl caps
+        // it (SPIRE accepts a shorter CA), a negative one is refused and the root's NotAfter cuts the CA's
+        // (`mint_spire_ca`).
         let mut ttl = match req.preferred_ttl {
             0 => 3600,
             n => i64::from(n),

@@ -18,7 +18,7 @@ use signet_bench::ceiling::{CEILING_KEY, TokenSpec};
 use signet_bench::{
     BenchArgs, BoxFuture, InProcess, InProcessToken, Mode, Started, Target, WorkLoop,
 };
-use signet_pkcs11::{KeyGenOptions, Pin, PinSource, Token, TokenConfig};
+use signet_pkcs11::{KeyGenOptions, PinSource, Token, TokenConfig};
 use time::OffsetDateTime;
 
 use super::CliError;
@@ -64,19 +64,21 @@ async fn start(spec: InProcess) -> Result<Started, String> {
             let PinConfig::File(pin_file) = &settings.pin else {
                 return Err("the embedded token has no PIN file".into());
             };
-            let pin = std::fs::read_to_string(pin_file)
-                .map_err(|e| format!("reading {}: {e}", pin_file.display()))?;
+            let pin = PinSource::File(pin_file.clone())
+                .resolve()
+                .map_err(|e| format!("the embedded token's PIN: {e}"))?;
             let token = TokenSpec {
                 module: settings.module.clone(),
                 label: settings.token.clone().unwrap_or_default(),
-                pin: pin.trim().to_string(),
+                pin,
             };
             cfg.tokens = vec![settings];
             (token, format!("hsm-sim at {latency_ms} ms a signature"))
         }
         InProcessToken::Module(t) => {
             let pin_file = spec.data_dir.join("token.pin");
-            signet::serve::write_private(&pin_file, t.pin.as_bytes()).map_err(|e| e.to_string())?;
+            signet::serve::write_private(&pin_file, t.pin.expose().as_bytes())
+                .map_err(|e| e.to_string())?;
             cfg.tokens = vec![TokenSettings {
                 name: "bench".into(),
                 module: t.module.clone(),
@@ -132,7 +134,7 @@ fn work_loop(mode: Mode, token: TokenSpec, sessions: usize, td: TrustDomain) -> 
                     let cfg = TokenConfig::new(
                         token.module.clone(),
                         token.label.clone(),
-                        PinSource::Value(Pin::new(token.pin.clone())),
+                        PinSource::Value(token.pin.clone()),
                     );
                     let t = Token::open(&cfg).map_err(|e| format!("opening the token: {e}"))?;
                     let mut s = t.session().map_err(|e| e.to_string())?;

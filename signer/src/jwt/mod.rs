@@ -323,6 +323,12 @@ impl JwtIssuer {
         &self.kid
     }
 
+    /// The longest lifetime [`issue`](Self::issue) accepts (the authority's `max_ttl`): the API cuts a request to
+    /// it, as it cuts one to the policy's maximum, before it gets here.
+    pub fn max_ttl(&self) -> Duration {
+        self.max_ttl
+    }
+
     /// The algorithm.
     pub fn algorithm(&self) -> JwsAlgorithm {
         self.alg

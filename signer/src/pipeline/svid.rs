@@ -13,7 +13,10 @@
 //!   memory; leaves are signed with ring on the CPU pool and chain through that intermediate. The intermediate is
 //!   replaced when `rotate_at` of its life has passed (by default half): the first request after that point starts
 //!   a rotation on the CPU pool while requests keep using the current intermediate, which stays valid; the new one is
-//!   swapped in atomically. Leaf TTLs are capped at the intermediate's remaining life.
+//!   swapped in atomically.
+//!
+//! In both modes a leaf's NotAfter is `now + ttl` cut at the issuing authority's NotAfter (the root's in direct
+//! mode, the intermediate's in delegated mode), never refused for outliving it: the TTL rule of the Issuer API.
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -277,7 +280,8 @@ impl X509SvidIssuer {
 
     /// Issues an X509-SVID for a DER CSR: on the CPU pool, verify the CSR's signature, build the template, lint it,
     /// sign (through the pipeline in direct mode, with the in-memory intermediate in delegated mode) and verify the
-    /// signature. `ttl` is capped at the issuing intermediate's remaining life in delegated mode. The work is queued
+    /// signature. The NotAfter is `now + ttl` cut at the issuing authority's (the intermediate in delegated mode, the
+    /// root in direct mode): the same rule in both. The work is queued
     /// when this is called (a full CPU queue answers `Overloaded` at once); work not started by `deadline`, or whose
     /// future was dropped, is skipped.
     pub fn issue_x509_svid(
@@ -505,29 +509,17 @@ impl SignThen for Complete {
     }
 }
 
-/// The leaf request for a CSR, after checking the CSR's signature; in delegated mode (`cap_ttl`) the TTL is capped
-/// at the issuing intermediate's remaining life.
-fn leaf_request(
-    authority: &Authority,
-    csr_der: &[u8],
-    ttl: Duration,
-    cap_ttl: bool,
-    now: OffsetDateTime,
-) -> Result<LeafRequest, SvidError> {
+/// The leaf request for a CSR, after checking the CSR's signature. The TTL goes as asked: the authority cuts the
+/// NotAfter at its own, the same in both modes.
+fn leaf_request(csr_der: &[u8], ttl: Duration) -> Result<LeafRequest, SvidError> {
     let csr = parse_and_verify_csr(csr_der).map_err(IssueError::Csr)?;
-    let ttl = if cap_ttl {
-        let remaining: Duration = (authority.not_after() - now).try_into().unwrap_or_default();
-        ttl.min(remaining)
-    } else {
-        ttl
-    };
     Ok(LeafRequest::from_csr(&csr, ttl)?)
 }
 
 /// Delegated mode's per-certificate work, on the calling (CPU) thread: CSR check, template, lint, sign, verify.
 fn issue_leaf(authority: &Authority, csr_der: &[u8], ttl: Duration) -> Result<X509Svid, SvidError> {
     let now = OffsetDateTime::now_utc();
-    let req = leaf_request(authority, csr_der, ttl, true, now)?;
+    let req = leaf_request(csr_der, ttl)?;
     let issued = authority.issue_x509_svid(&req, now)?;
     Ok(X509Svid {
         cert_der: issued.der,
@@ -543,6 +535,6 @@ fn prepare_leaf(
     ttl: Duration,
 ) -> Result<UnsignedCertificate, SvidError> {
     let now = OffsetDateTime::now_utc();
-    let req = leaf_request(authority, csr_der, ttl, false, now)?;
+    let req = leaf_request(csr_der, ttl)?;
     Ok(authority.prepare_x509_svid(&req, now)?)
 }

@@ -10,6 +10,14 @@
 //! [`UnsignedCertificate`]; once the key's signature over [`UnsignedCertificate::tbs`] is known (from
 //! [`AuthorityKey::sign_then`]), [`Authority::complete`] verifies it and assembles the certificate around the same
 //! TBS bytes.
+//!
+//! Lifetimes follow one rule for every request (the TTL rule, also in the API protos): a zero TTL is refused here
+//! (the API maps 0 to its default before it gets here); a leaf's or a SPIRE CA's NotAfter is `now + ttl` **cut at
+//! this authority's NotAfter** — never refused for outliving it, in direct and delegated mode alike (both issue
+//! through [`Authority::issue_x509_svid`] / [`Authority::prepare_x509_svid`]); a TTL too large to represent (up to
+//! `Duration::MAX`) is cut the same way and never overflows; an authority that has expired issues nothing
+//! ([`IssueError::Authority`]). Internal intermediates ([`Authority::issue_intermediate`]) are refused instead of
+//! cut: their callers size them to the issuer's remaining life.
 
 use std::cell::RefCell;
 use std::sync::Arc;
@@ -655,7 +663,7 @@ impl Authority {
         signer.finish(result)
     }
 
-    /// Issue a leaf X509-SVID. A TTL that would outlive this authority is refused.
+    /// Issue a leaf X509-SVID. Its NotAfter is `now + ttl` cut at this authority's NotAfter.
     pub fn issue_x509_svid(
         &self,
         req: &LeafRequest,
@@ -721,8 +729,7 @@ impl Authority {
             }
         }
         let (now, not_before) = validity(now)?;
-        let not_after = add_ttl(now, req.ttl)?;
-        self.check_within_issuer(not_after)?;
+        let not_after = self.capped_not_after(now, req.ttl)?;
 
         let mut params = CertificateParams::default();
         params.not_before = not_before;
@@ -823,12 +830,7 @@ impl Authority {
             n => Duration::from_secs(n.unsigned_abs().into()),
         };
         let (now, _) = validity(now)?;
-        let not_after = add_ttl(now, ttl)?.min(self.not_after);
-        if not_after <= now {
-            return Err(IssueError::Authority(
-                "this authority has expired; rotate it".into(),
-            ));
-        }
+        let not_after = self.capped_not_after(now, ttl)?;
         let issued = self.issue_ca(
             csr.subject_key(),
             csr.subject(),
@@ -911,6 +913,31 @@ impl Authority {
         Ok(IssuedCertificate {
             der,
             not_after: params.not_after,
+        })
+    }
+
+    /// `now + ttl`, cut at this authority's NotAfter: the TTL rule's last step, the same for every leaf and SPIRE CA
+    /// in every mode. A TTL too large to add (up to `Duration::MAX`) is cut too, never an overflow. Zero is refused
+    /// (callers map 0 to their default first); so is an authority that has expired.
+    fn capped_not_after(
+        &self,
+        now: OffsetDateTime,
+        ttl: Duration,
+    ) -> Result<OffsetDateTime, IssueError> {
+        if ttl.is_zero() {
+            return Err(IssueError::InvalidTtl("the TTL must be positive".into()));
+        }
+        if self.not_after <= now {
+            return Err(IssueError::Authority(
+                "this authority has expired; rotate it".into(),
+            ));
+        }
+        let wanted = time::Duration::try_from(ttl)
+            .ok()
+            .and_then(|t| now.checked_add(t));
+        Ok(match wanted {
+            Some(t) if t < self.not_after => t,
+            _ => self.not_after,
         })
     }
 

@@ -222,3 +222,118 @@ async fn rsa_keys_sign_pkcs1_and_pss() {
         .expect("PSS verifies");
     bed.stop().await;
 }
+
+/// Bad KeyManager requests get the status that says what is wrong (never UNAVAILABLE, which SPIRE retries without
+/// end), make no key, and each leave an audit line with that code.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_requests_get_the_right_status_and_make_nothing() {
+    let Some(bed) = Bed::start().await else {
+        return;
+    };
+    let a = bed.credential_for(SPIRE_A).await;
+    let mut ka = KeyManagerClient::new(bed.channel(Some(&a)).await);
+    let keys_before = bed.token().session().unwrap().list_keys().unwrap().len();
+
+    // An unknown key-type enum value, and the unspecified one.
+    for t in [99, 0] {
+        let e = ka
+            .generate_key(pb::GenerateKeyRequest {
+                key_id: "x509-CA-A".into(),
+                key_type: t,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "key type {t}: {e:?}");
+        assert!(
+            e.message().contains("key type") || e.message().contains("key_type"),
+            "{}",
+            e.message()
+        );
+    }
+    assert_eq!(
+        bed.token().session().unwrap().list_keys().unwrap().len(),
+        keys_before,
+        "no key was made"
+    );
+    let e = ka
+        .get_public_key(pb::GetPublicKeyRequest {
+            key_id: "x509-CA-A".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound);
+
+    // SignData with an unknown key id.
+    let sha256_opts = Some(pb::sign_data_request::SignerOpts::HashAlgorithm(
+        pb::HashAlgorithm::Sha256 as i32,
+    ));
+    let e = ka
+        .sign_data(pb::SignDataRequest {
+            key_id: "no-such-key".into(),
+            data: sha256(b"m"),
+            signer_opts: sha256_opts,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // On a real key: an empty digest, a SHA-384-long digest named SHA-256, no signer options, an unknown hash enum
+    // value, PSS options on an EC key.
+    generate(&mut ka, "k", pb::KeyType::EcP256).await;
+    let pss = Some(pb::sign_data_request::SignerOpts::PssOptions(
+        pb::sign_data_request::PssOptions {
+            salt_length: 32,
+            hash_algorithm: pb::HashAlgorithm::Sha256 as i32,
+        },
+    ));
+    for (what, data, opts) in [
+        ("empty digest", vec![], sha256_opts),
+        ("48-byte digest named SHA256", vec![7u8; 48], sha256_opts),
+        ("no signer options", sha256(b"m"), None),
+        (
+            "unknown hash",
+            sha256(b"m"),
+            Some(pb::sign_data_request::SignerOpts::HashAlgorithm(1234)),
+        ),
+        ("PSS on EC", sha256(b"m"), pss),
+    ] {
+        let e = ka
+            .sign_data(pb::SignDataRequest {
+                key_id: "k".into(),
+                data,
+                signer_opts: opts,
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{what}: {e:?}");
+    }
+
+    let audit = bed.audit();
+    let gen_lines = audit_lines(&audit, SPIRE_A, "GenerateKey");
+    assert_eq!(
+        gen_lines
+            .iter()
+            .filter(|l| l["code"] == "INVALID_ARGUMENT")
+            .count(),
+        2,
+        "{gen_lines:?}"
+    );
+    let sign_lines = audit_lines(&audit, SPIRE_A, "SignData");
+    assert!(
+        sign_lines.iter().any(|l| l["code"] == "NOT_FOUND"),
+        "{sign_lines:?}"
+    );
+    assert_eq!(
+        sign_lines
+            .iter()
+            .filter(|l| l["code"] == "INVALID_ARGUMENT")
+            .count(),
+        5,
+        "{sign_lines:?}"
+    );
+    assert!(
+        !audit.iter().any(|l| l["code"] == "UNAVAILABLE"),
+        "nothing was answered UNAVAILABLE"
+    );
+    bed.stop().await;
+}

@@ -21,4 +21,5 @@ mod plugin;
 mod rotation;
 mod security;
 mod tpm;
+mod ttl;
 mod upstream;

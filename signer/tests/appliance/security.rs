@@ -1,6 +1,6 @@
 //! The security boundary: unauthenticated callers, foreign certificates, callers outside the policy, SPIFFE IDs
-//! outside a caller's prefixes, over-long TTLs and rate limits are each refused with the right status and an audit
-//! line, and nothing is issued.
+//! outside a caller's prefixes and rate limits are each refused with the right status and an audit line, and
+//! nothing is issued; over-long TTLs are cut to the caller's maximum (the TTL rule; see `ttl.rs`).
 
 use signet_proto::signet::v1 as pb;
 use signet_proto::signet::v1::admin_client::AdminClient;
@@ -133,21 +133,27 @@ async fn the_policy_decides_who_gets_what() {
         "{}",
         f0.message
     );
-    let f1 = expect_failure(&r.results[1]);
-    assert_eq!(f1.code, Code::PermissionDenied as i32);
-    assert!(
-        f1.message.contains("exceeds the policy's maximum"),
-        "{}",
-        f1.message
+    // An over-long TTL is cut to the policy's maximum (the TTL rule), never beyond it.
+    let s1 = expect_svid(r.results[1].clone());
+    let (_, leaf) = x509_parser::parse_x509_certificate(&s1.cert_chain[0]).unwrap();
+    assert_eq!(
+        leaf.validity().not_after.timestamp() - leaf.validity().not_before.timestamp(),
+        3600 + 10,
+        "cut to the agent's max_ttl of 1 h (NotBefore backdated 10 s)"
     );
     let e = jwt(&mut a, "spiffe://example.org/admin/x", 60)
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
-    let e = jwt(&mut a, "spiffe://example.org/workloads/w", 7200)
+    let t = jwt(&mut a, "spiffe://example.org/workloads/w", 7200)
         .await
-        .unwrap_err();
-    assert_eq!(e.code(), Code::PermissionDenied);
+        .unwrap();
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    assert!(
+        t.expires_at <= now + 3600,
+        "cut to the agent's 1 h: {}",
+        t.expires_at - now
+    );
 
     // A rate limit of 1/h with a burst of 2: the third credential is refused with the limit in the message.
     let mut l = IssuerClient::new(bed.channel(Some(&limited)).await);
@@ -166,8 +172,9 @@ async fn the_policy_decides_who_gets_what() {
     let audit = bed.audit();
     assert_eq!(
         issued_count(&bed),
-        before + 2,
-        "only the two rate-limited caller's tokens were issued"
+        before + 4,
+        "only the agent's two over-long requests (cut to its maximum) and the rate-limited caller's two tokens \
+         were issued"
     );
     let refused = |caller: &str| {
         audit
@@ -176,7 +183,7 @@ async fn the_policy_decides_who_gets_what() {
             .count()
     };
     assert_eq!(refused(OUTSIDER), 1);
-    assert_eq!(refused(AGENT), 5);
+    assert_eq!(refused(AGENT), 3);
     assert_eq!(refused(LIMITED), 1);
     assert!(
         audit

@@ -303,12 +303,19 @@ fn rejected_csrs_and_requests() {
         |e| e.rule(),
         "missing-path",
     );
-    expect_rule(
-        "leaf TTL beyond the issuer",
-        leaf("spiffe://example.org/w", 7200),
-        |e| e.rule(),
-        "ttl-exceeds-issuer",
-    );
+    // A TTL beyond the issuer's life, however large, is cut at the issuer's NotAfter (the TTL rule), not refused
+    // (on another root: this one counts what it signs).
+    let other = ctx();
+    for ttl in [Duration::from_secs(7200), Duration::MAX] {
+        let req = LeafRequest::from_spki(
+            SpiffeId::parse("spiffe://example.org/w").unwrap(),
+            spki.spki_der(),
+            ttl,
+        )
+        .unwrap();
+        let issued = other.root.issue_x509_svid(&req, now()).unwrap();
+        assert_eq!(issued.not_after, other.root.not_after(), "{ttl:?}");
+    }
     expect_rule(
         "leaf TTL zero",
         leaf("spiffe://example.org/w", 0),

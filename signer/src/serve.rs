@@ -1356,9 +1356,22 @@ async fn health_loop(
         "signet.v1.Admin",
     ];
     let mut last = None;
+    let mut last_out = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
-        let serving = pipeline.token_status().iter().any(|t| t.healthy);
+        let tokens = pipeline.token_status();
+        let serving = tokens.iter().any(|t| t.healthy);
+        // The health protocol carries no reason: say in the log which tokens are out of rotation and why.
+        let out: Vec<(String, String)> = tokens
+            .iter()
+            .filter_map(|t| t.reason.clone().map(|r| (t.name.clone(), r)))
+            .collect();
+        if out != last_out {
+            for (token, reason) in &out {
+                tracing::warn!(token, reason, "health: token out of rotation");
+            }
+            last_out = out;
+        }
         if last != Some(serving) {
             let status = if serving {
                 ServingStatus::Serving

@@ -214,7 +214,10 @@ impl TokenState {
     }
 
     fn reason(&self) -> Option<String> {
-        self.reason.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn set_reason(&self, reason: Option<String>) {
@@ -321,10 +324,7 @@ impl Shared {
                 None => format!("{:?}", t.name),
             })
             .collect();
-        format!(
-            "every token is out of rotation ({})",
-            reasons.join("; ")
-        )
+        format!("every token is out of rotation ({})", reasons.join("; "))
     }
 
     /// Answers every queued job `Unavailable` (no token can take it).
@@ -651,11 +651,15 @@ impl Pipeline {
         async move {
             let (reg, verify, reply) = checked?;
             let reply = reply?;
-            // A lost reply cannot hold the caller past its deadline.
-            let job::Signed { sig, token } =
+            // A lost reply cannot hold the caller past its deadline (on a tokio runtime; the pipeline answers every
+            // job it holds in any case).
+            let job::Signed { sig, token } = if tokio::runtime::Handle::try_current().is_ok() {
                 tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), reply.signed())
                     .await
-                    .unwrap_or(Err(PipelineError::DeadlineExceeded))?;
+                    .unwrap_or(Err(PipelineError::DeadlineExceeded))?
+            } else {
+                reply.signed().await?
+            };
             let Some(digest_copy) = verify else {
                 return Ok(sig);
             };
@@ -793,7 +797,10 @@ mod tests {
             assert!(reg.verifier.is_none(), "{key_type}");
             let alg = crate::keys_token::sign_algorithm(key_type.x509_scheme());
             let e = verify_digest(&reg, alg, &[0u8; 32], &[1u8; 64]).unwrap_err();
-            assert!(matches!(e, PipelineError::PostSignCheck(_)), "{key_type}: {e}");
+            assert!(
+                matches!(e, PipelineError::PostSignCheck(_)),
+                "{key_type}: {e}"
+            );
         }
     }
 
@@ -865,7 +872,12 @@ mod tests {
         .unwrap();
         let id = crate::spiffe::SpiffeId::parse("spiffe://example.org/w").unwrap();
         let e = issuer
-            .issue(&id, &["aud".into()], Duration::from_secs(60), time::OffsetDateTime::now_utc())
+            .issue(
+                &id,
+                &["aud".into()],
+                Duration::from_secs(60),
+                time::OffsetDateTime::now_utc(),
+            )
             .unwrap_err();
         assert!(matches!(e, crate::jwt::JwtError::PostSignCheck(_)), "{e}");
         assert_eq!(*key.checked.lock().unwrap(), vec![false]);

@@ -329,8 +329,12 @@ impl X509SvidIssuer {
         async move {
             // The collector always sends (its slots fill even when work is dropped); this is a backstop, and the
             // wait ends at the deadline whatever happens to the work.
-            let deadline = tokio::time::Instant::from_std(deadline);
-            match tokio::time::timeout_at(deadline, rx).await {
+            let waited = if tokio::runtime::Handle::try_current().is_ok() {
+                tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), rx).await
+            } else {
+                Ok(rx.await)
+            };
+            match waited {
                 Ok(Ok(results)) => results,
                 Ok(Err(_)) => (0..n)
                     .map(|_| Err(SvidError::Pipeline(PipelineError::ShuttingDown)))

@@ -109,8 +109,11 @@ impl Worker {
     fn replace_after_panic(&mut self) {
         self.token.panic_counter.increment(1);
         tracing::error!(token = %self.token.name, "an HSM worker panicked: its jobs are answered and it is replaced");
-        let internal =
-            || PipelineError::Internal("the HSM worker holding the job panicked (it was replaced)".into());
+        let internal = || {
+            PipelineError::Internal(
+                "the HSM worker holding the job panicked (it was replaced)".into(),
+            )
+        };
         self.held_since = None;
         for (job, _sig) in std::mem::take(&mut self.held) {
             self.finish(job, Err(internal()));
@@ -141,10 +144,13 @@ impl Worker {
         if let Err(TryRecvError::Disconnected) = self.shared.stop_rx.try_recv() {
             return false;
         }
+        // An idle worker looks up now and then, so that a token taken out of rotation while no job comes (its
+        // pipeline then refuses new jobs) is still probed back.
         let first = select! {
             recv(self.shared.retry_rx) -> j => j.ok(),
             recv(self.shared.rx) -> j => j.ok(),
             recv(self.shared.stop_rx) -> _ => None,
+            default(self.shared.config.backoff_max) => return true,
         };
         let Some(first) = first else { return false };
         self.batch.push(first);

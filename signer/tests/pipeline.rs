@@ -109,6 +109,9 @@ mod support {
         fn public_key_der(&mut self, label: &str) -> Result<Vec<u8>, Error> {
             self.inner.public_key_der(label)
         }
+        fn forget_key(&mut self, label: &str) {
+            self.inner.forget_key(label);
+        }
         fn sign_digest(
             &mut self,
             key: &Key,

@@ -319,6 +319,11 @@ impl Worker {
                 if let Some(slot) = self.keys.get_mut(job.key as usize) {
                     *slot = None;
                 }
+                if let (Some(reg), Some(session)) =
+                    (self.shared.registered(job.key), self.session.as_mut())
+                {
+                    session.forget_key(&reg.label);
+                }
                 continue;
             }
             if !err.is_transient() {

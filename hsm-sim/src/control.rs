@@ -65,7 +65,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ControlError> {
 ///
 /// Each change writes a whole plan with a new `seq`. Level faults (`fail_rate`, `corrupt_rate`, `unplugged`)
 /// carry over from one change to the next; one-shot faults (`fail_next`, `corrupt_next`, `unplug`,
-/// `invalidate_sessions`) are armed by the change that sets them.
+/// `invalidate_sessions`, `invalidate_handles`) are armed by the change that sets them.
 #[derive(Debug)]
 pub struct Control {
     path: PathBuf,
@@ -111,6 +111,7 @@ impl Control {
         plan.corrupt_next = 0;
         plan.unplug_ms = 0;
         plan.invalidate_sessions = false;
+        plan.invalidate_handles = false;
         plan.cancel_pending = false;
         change(&mut plan);
         plan.seq = self.plan.seq + 1;
@@ -176,6 +177,11 @@ impl Control {
     /// Drops every open session.
     pub fn invalidate_sessions(&mut self) -> Result<u64, ControlError> {
         self.update(|p| p.invalidate_sessions = true)
+    }
+
+    /// Renumbers every object (an HSM cluster fail-over): cached key handles become invalid.
+    pub fn invalidate_handles(&mut self) -> Result<u64, ControlError> {
+        self.update(|p| p.invalidate_handles = true)
     }
 
     /// Ends every fault: rates to zero, device back, pending one-shots forgotten.

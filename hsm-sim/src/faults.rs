@@ -2,7 +2,7 @@
 //! file) says what to inject; [`Faults`] is the engine that decides, call by call, whether this one fails, whether
 //! the device is unplugged, and whether a signature comes back corrupted, and counts what it injected.
 //!
-//! One-shot faults (`fail_next`, `corrupt_next`, `unplug_ms`, `invalidate_sessions`) are armed each time a plan with
+//! One-shot faults (`fail_next`, `corrupt_next`, `unplug_ms`, `invalidate_sessions`, `invalidate_handles`) are armed each time a plan with
 //! a new `seq` is applied; the others (`fail_rate`, `corrupt_rate`, `unplugged`) hold for as long as the plan does.
 //! Random decisions come from a RNG seeded with `seed`, so a run can be replayed.
 
@@ -57,6 +57,10 @@ pub struct FaultPlan {
     pub unplugged: bool,
     /// One-shot: drop every open session (their handles become invalid, the login is lost).
     pub invalidate_sessions: bool,
+    /// One-shot: renumber every object, as an HSM cluster that failed over to a member numbering its objects
+    /// differently: sessions and login survive, but cached object and key handles answer
+    /// `CKR_OBJECT_HANDLE_INVALID` / `CKR_KEY_HANDLE_INVALID` until the objects are found again.
+    pub invalidate_handles: bool,
     /// Seed of the RNG behind `fail_rate` and `corrupt_rate`.
     pub seed: u64,
     /// One-shot: forget unconsumed `fail_next` / `corrupt_next` counts and end a timed unplug before arming this
@@ -77,6 +81,7 @@ impl Default for FaultPlan {
             unplug_ms: 0,
             unplugged: false,
             invalidate_sessions: false,
+            invalidate_handles: false,
             seed: 1,
             cancel_pending: false,
         }
@@ -100,6 +105,8 @@ pub struct Counters {
     pub calls_while_unplugged: u64,
     /// Times every session was dropped (by `invalidate_sessions` or an unplug).
     pub session_invalidations: u64,
+    /// Times every object was renumbered (by `invalidate_handles`).
+    pub handle_invalidations: u64,
     /// Signatures refused by the rate limiter (in `reject` mode) or made to wait (in `wait` mode).
     pub rate_limited: u64,
     /// Signatures made (including corrupted ones).
@@ -132,6 +139,8 @@ pub struct Faults {
 pub struct Applied {
     /// Every session must be dropped now (and the login lost).
     pub drop_sessions: bool,
+    /// Every object must get a new handle now.
+    pub renumber_objects: bool,
 }
 
 impl Faults {
@@ -180,6 +189,10 @@ impl Faults {
             if plan.invalidate_sessions {
                 applied.drop_sessions = true;
                 self.counters.session_invalidations += 1;
+            }
+            if plan.invalidate_handles {
+                applied.renumber_objects = true;
+                self.counters.handle_invalidations += 1;
             }
             self.applied_seq = Some(plan.seq);
             self.counters.applied_seq = plan.seq;
@@ -458,6 +471,21 @@ mod tests {
         assert!(!f.apply(plan.clone(), now).drop_sessions);
         assert!(f.apply(FaultPlan { seq: 6, ..plan }, now).drop_sessions);
         assert_eq!(f.counters().session_invalidations, 2);
+    }
+
+    #[test]
+    fn invalidate_handles_is_one_shot_per_seq() {
+        let plan = FaultPlan {
+            seq: 5,
+            invalidate_handles: true,
+            ..Default::default()
+        };
+        let (mut f, applied, now) = engine(plan.clone());
+        assert!(applied.renumber_objects);
+        assert!(!applied.drop_sessions, "sessions survive a renumbering");
+        assert!(!f.apply(plan.clone(), now).renumber_objects);
+        assert!(f.apply(FaultPlan { seq: 6, ..plan }, now).renumber_objects);
+        assert_eq!(f.counters().handle_invalidations, 2);
     }
 
     #[test]

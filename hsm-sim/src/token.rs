@@ -11,7 +11,7 @@ use crate::control::ControlWatch;
 use crate::crypto::{
     Curve, KeyMaterial, KeySpec, MECHANISMS, SignMechanism, ulong_bytes, ulong_from,
 };
-use crate::faults::{Counters, FaultPlan, Faults, OpKind};
+use crate::faults::{Applied, Counters, FaultPlan, Faults, OpKind};
 use crate::limiter::TokenBucket;
 use crate::rv::{CkResult, Rv};
 use crate::store::{
@@ -322,21 +322,24 @@ impl Device {
         };
         let now = Instant::now();
         if let Some(result) = watch.poll(now) {
-            let drop_sessions = {
+            let applied = {
                 let mut f = lock(&self.faults);
                 match result {
                     Ok(plan) => {
                         f.set_error(None);
-                        f.apply(plan, now).drop_sessions
+                        f.apply(plan, now)
                     }
                     Err(msg) => {
                         f.set_error(Some(msg));
-                        false
+                        Applied::default()
                     }
                 }
             };
-            if drop_sessions {
+            if applied.drop_sessions {
                 self.drop_all_sessions();
+            }
+            if applied.renumber_objects {
+                self.renumber_objects();
             }
         }
         let counters = {
@@ -391,6 +394,24 @@ impl Device {
     }
 
     /// Drops every session and the login, as a device reset does.
+    /// Gives every object a new handle (the old ones become invalid); sessions, login and objects stay.
+    fn renumber_objects(&self) {
+        {
+            let mut st = self.write();
+            let objects = std::mem::take(&mut st.objects);
+            for (_, entry) in objects {
+                let h = self.handle();
+                st.objects.insert(h, entry);
+            }
+        }
+        // A search in progress would hand out the old handles: end it (the state lock is released first, and each
+        // session is locked on its own).
+        let sessions: Vec<_> = lock(&self.sessions).values().cloned().collect();
+        for s in sessions {
+            lock(&s).find = None;
+        }
+    }
+
     fn drop_all_sessions(&self) {
         lock(&self.sessions).clear();
         let mut st = self.write();

@@ -126,7 +126,8 @@ impl RvClass {
 /// - `CKR_HOST_MEMORY` is **transient (retry)**.
 /// - PIN errors, key handle/type/mechanism errors, attribute and template errors are **permanent**:
 ///   they mean the configuration or the request is wrong, and retrying repeats the same answer (and
-///   retrying a wrong PIN can lock the token).
+///   retrying a wrong PIN can lock the token). Key and object handle errors are permanent *for that
+///   handle*: a caller that cached it looks the key up again by label once ([`Error::is_stale_handle`]).
 pub fn classify_rv(rv: RvError) -> RvClass {
     match rv {
         RvError::DeviceError
@@ -255,6 +256,17 @@ impl Error {
     /// Whether retrying (after [`recovery`](Self::recovery)'s step) may succeed.
     pub fn is_transient(&self) -> bool {
         self.recovery().is_transient()
+    }
+
+    /// Whether the token no longer knows an object handle the caller cached (`CKR_KEY_HANDLE_INVALID`,
+    /// `CKR_OBJECT_HANDLE_INVALID`), as after an HSM cluster failed over to a member that numbers its objects
+    /// differently. The error stays permanent for the call that got it ([`classify_rv`]); a caller that cached
+    /// the handle should drop it, find the object again by its label and retry once.
+    pub fn is_stale_handle(&self) -> bool {
+        matches!(
+            self.rv(),
+            Some(RvError::KeyHandleInvalid | RvError::ObjectHandleInvalid)
+        )
     }
 }
 

@@ -422,6 +422,13 @@ impl TokenSession {
         self.cached(label).cloned()
     }
 
+    /// Forgets the cached handle of the key labelled `label`, so that the next use looks it up again: after
+    /// the token answered that the handle is invalid ([`Error::is_stale_handle`], an HSM cluster that failed
+    /// over). The session itself stays.
+    pub fn forget_key(&mut self, label: &str) {
+        self.keys.remove(label);
+    }
+
     /// The private key with CKA_ID `id`.
     pub fn find_key_by_id(&mut self, id: &[u8]) -> Result<Key> {
         let key = self.load_key(

@@ -545,6 +545,10 @@ pub struct PipelineSettings {
     /// a token that corrupts signatures then gets up to N-1 in N of them past the check).
     #[serde(default = "default_verify")]
     pub verify_after_sign: String,
+    /// Failed post-sign checks of a token's signatures (since it last entered rotation) that take it out of
+    /// rotation until a probe signature verifies (at least 1).
+    #[serde(default = "default_max_bad_signatures")]
+    pub max_bad_signatures: u32,
     /// Deadline of a request that carries none.
     #[serde(default = "default_timeout")]
     pub default_timeout: ConfigDuration,
@@ -559,6 +563,9 @@ fn default_batch() -> usize {
 fn default_verify() -> String {
     "always".into()
 }
+fn default_max_bad_signatures() -> u32 {
+    3
+}
 fn default_timeout() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(10))
 }
@@ -570,6 +577,7 @@ impl Default for PipelineSettings {
             batch: default_batch(),
             cpu_threads: 0,
             verify_after_sign: default_verify(),
+            max_bad_signatures: default_max_bad_signatures(),
             default_timeout: default_timeout(),
         }
     }
@@ -595,6 +603,13 @@ impl PipelineSettings {
                 VerifyPolicy::Sample(n)
             }
         };
+        if self.max_bad_signatures == 0 {
+            return Err(ConfigError::Invalid(
+                "pipeline.max_bad_signatures must be at least 1 (a token whose signatures fail the post-sign \
+                 check must leave rotation)"
+                    .into(),
+            ));
+        }
         if self.queue == 0 || self.batch == 0 {
             return Err(ConfigError::Invalid(
                 "pipeline.queue and pipeline.batch must be at least 1".into(),
@@ -605,6 +620,7 @@ impl PipelineSettings {
             batch: self.batch,
             cpu_threads: self.cpu_threads,
             verify_digests: verify,
+            max_bad_signatures: self.max_bad_signatures,
             default_timeout: self.default_timeout.0,
             ..crate::pipeline::PipelineConfig::default()
         })

@@ -224,6 +224,12 @@ pub trait AuthorityKey: Send + Sync + fmt::Debug {
     fn sign_then(&self, scheme: SignatureScheme, message: &[u8], then: Box<dyn SignThen>) {
         then.resume(self.sign(scheme, message));
     }
+    /// The issuance core's post-sign check of `signature` (just returned by this key, checked on the thread that
+    /// received it) passed or failed. A key spread over several tokens counts failures against the token that
+    /// made the signature and takes it out of rotation after enough of them; the default does nothing.
+    fn post_sign_checked(&self, signature: &[u8], passed: bool) {
+        let _ = (signature, passed);
+    }
 }
 
 /// What to do with a signature made by [`AuthorityKey::sign_then`]. `resume` may run on a token's worker thread:
@@ -250,6 +256,9 @@ impl<K: AuthorityKey + ?Sized> AuthorityKey for std::sync::Arc<K> {
     }
     fn sign_then(&self, scheme: SignatureScheme, message: &[u8], then: Box<dyn SignThen>) {
         (**self).sign_then(scheme, message, then);
+    }
+    fn post_sign_checked(&self, signature: &[u8], passed: bool) {
+        (**self).post_sign_checked(signature, passed);
     }
 }
 

@@ -206,11 +206,25 @@ impl AuthorityKey for TokenKey {
         let alg = sign_algorithm(scheme);
         let (mut session, mut key) = self.checkout()?;
         let mut attempt = 1;
+        let mut relooked = false;
         loop {
             match session.sign(&key, alg, message) {
                 Ok(sig) => {
                     self.checkin(Some((session, key)));
                     return Ok(sig);
+                }
+                // The token forgot the cached handle (an HSM cluster failed over): find the key again, retry once.
+                Err(e) if e.is_stale_handle() && !relooked => {
+                    relooked = true;
+                    tracing::warn!(label = %self.label, error = %e, "stale key handle: looking the key up again");
+                    session.forget_key(&self.label);
+                    match session.find_key(&self.label) {
+                        Ok(k) => key = k,
+                        Err(fe) => {
+                            self.checkin(None);
+                            return Err(key_error("finding the key again", fe));
+                        }
+                    }
                 }
                 Err(e) if e.is_transient() && attempt < MAX_ATTEMPTS => {
                     attempt += 1;

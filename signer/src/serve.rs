@@ -1328,15 +1328,32 @@ async fn health_loop(
         "signet.v1.Admin",
     ];
     let mut last = None;
+    let mut last_out = Vec::new();
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     loop {
         let tokens = pipeline.token_status();
         let serving = tokens.iter().any(|t| t.healthy);
+        // The gRPC health protocol carries no reason: the plain-HTTP probe and the log say which tokens are out of
+        // rotation and why.
+        let out: Vec<(String, String)> = tokens
+            .iter()
+            .filter(|t| !t.healthy)
+            .map(|t| {
+                let why = t.reason.clone().unwrap_or_else(|| "out of rotation".into());
+                (t.name.clone(), why)
+            })
+            .collect();
         if serving {
             board.serving();
         } else {
-            let names: Vec<&str> = tokens.iter().map(|t| t.name.as_str()).collect();
-            board.not_serving(format!("no token in rotation (out: {})", names.join(", ")));
+            let said: Vec<String> = out.iter().map(|(t, r)| format!("{t}: {r}")).collect();
+            board.not_serving(format!("no token in rotation ({})", said.join("; ")));
+        }
+        if out != last_out {
+            for (token, reason) in &out {
+                tracing::warn!(token, reason, "health: token out of rotation");
+            }
+            last_out = out;
         }
         if last != Some(serving) {
             let status = if serving {

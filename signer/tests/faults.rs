@@ -370,6 +370,7 @@ async fn rig() -> Rig {
         let mut cfg = config_on("hsm-sim", &module, &label, USER_PIN, dir);
         cfg.tokens[0].sessions = 2;
         cfg.pipeline.cpu_threads = 4;
+        cfg.server.metrics = Some("127.0.0.1:0".into());
         cfg.authority.x509.key_label = format!("{prefix}root");
         cfg.authority.jwt.key_label = format!("{prefix}jwt");
         cfg
@@ -641,6 +642,7 @@ fn delta(a: &Counters, b: &Counters) -> Counters {
     d.unplugs -= a.unplugs;
     d.calls_while_unplugged -= a.calls_while_unplugged;
     d.session_invalidations -= a.session_invalidations;
+    d.handle_invalidations -= a.handle_invalidations;
     d.signatures -= a.signatures;
     d
 }
@@ -709,12 +711,13 @@ fn print_report(plan: &Plan, fault_at: Duration, back_at: Duration, r: &Report, 
     }
     println!("  bad credentials: {bad} (openssl verify sample: {openssl} leaves)");
     println!(
-        "  injected: failures {}, corrupted signatures {}, unplugs {}, calls while unplugged {}, session invalidations {}, signatures {}",
+        "  injected: failures {}, corrupted signatures {}, unplugs {}, calls while unplugged {}, session invalidations {}, handle invalidations {}, signatures {}",
         r.counters.failures,
         r.counters.corrupted_signatures,
         r.counters.unplugs,
         r.counters.calls_while_unplugged,
         r.counters.session_invalidations,
+        r.counters.handle_invalidations,
         r.counters.signatures
     );
     match rec {
@@ -852,7 +855,210 @@ async fn corrupted_signatures(rig: &Rig, control: Control) -> Control {
     control
 }
 
-/// The four runs one after the other on one appliance (one token, one loaded module: its fault counters carry on).
+/// An HSM cluster fails over to a member that numbers its objects differently: every cached key handle is
+/// invalid. The workers look their keys up again and retry, so no request fails for it.
+async fn key_handles_invalidated(rig: &Rig, control: Control) -> Control {
+    let (r, control) = fault_run(
+        rig,
+        control,
+        Plan {
+            name: "every key handle renumbered (HSM cluster fail-over)",
+            before: Duration::from_millis(1500),
+            after: Duration::from_millis(1500),
+        },
+        |mut c, t0, poke| async move {
+            let seq = c.invalidate_handles().unwrap();
+            applied(&c, seq, &poke).await;
+            (c, t0.elapsed())
+        },
+    )
+    .await;
+    assert_eq!(r.counters.handle_invalidations, 1);
+    let failed: Vec<&Outcome> = r
+        .answers
+        .iter()
+        .map(|a| &a.outcome)
+        .filter(|o| {
+            matches!(
+                o,
+                Outcome::Refused(Code::FailedPrecondition | Code::Internal | Code::Unavailable)
+            )
+        })
+        .collect();
+    assert!(
+        failed.is_empty(),
+        "requests failed for stale key handles: {failed:?}"
+    );
+    control
+}
+
+/// GET /metrics from the appliance's Prometheus endpoint (plain HTTP on loopback).
+async fn scrape(rig: &Rig) -> String {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let addr = rig.bed.app.metrics_addr().expect("the metrics endpoint");
+    let mut tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    tcp.write_all(b"GET /metrics HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut body = String::new();
+    tcp.read_to_string(&mut body).await.unwrap();
+    body
+}
+
+fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample).map(|v| v.trim().parse().unwrap()))
+}
+
+/// The only token returns nothing but corrupted signatures: after `max_bad_signatures` (3) failed post-sign checks
+/// it leaves rotation. Over the wire: nothing that fails a verifier is returned, callers then get UNAVAILABLE naming
+/// the post-sign check, `GetStatus` and the metrics show the token out and why, the health service says NOT_SERVING;
+/// once the fault is cleared a probe signature brings the token back and SignData serves good signatures again.
+async fn corrupting_token_leaves_rotation(rig: &Rig, mut control: Control) -> Control {
+    use signet_proto::signet::v1::admin_client::AdminClient;
+    use tonic_health::pb::HealthCheckRequest;
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::health_client::HealthClient;
+
+    let seq = control.clear().unwrap();
+    applied(&control, seq, &rig.poke).await;
+    let audit_before = audit_lines(&rig.bed.audit(), SPIRE_A, "SignData").len();
+    let seq = control.corrupt_rate(1.0).unwrap();
+    applied(&control, seq, &rig.poke).await;
+    let mut km = KeyManagerClient::new(rig.spire.clone());
+    let sign = |n: u64| {
+        let msg = format!("corrupting token {n}").into_bytes();
+        let digest = ring::digest::digest(&ring::digest::SHA256, &msg);
+        let req = km::SignDataRequest {
+            key_id: KM_KEY.into(),
+            data: digest.as_ref().to_vec(),
+            signer_opts: Some(km::sign_data_request::SignerOpts::HashAlgorithm(
+                km::HashAlgorithm::Sha256 as i32,
+            )),
+        };
+        (msg, req)
+    };
+    let mut refused_by_check = 0;
+    let unavailable = loop {
+        assert!(
+            refused_by_check < 20,
+            "the corrupting token never left rotation"
+        );
+        let (_, req) = sign(refused_by_check);
+        match tokio::time::timeout(ANSWER_WITHIN, km.sign_data(req))
+            .await
+            .expect("answered")
+        {
+            Ok(r) => panic!(
+                "a signature by a corrupting token left: {:?}",
+                r.into_inner()
+            ),
+            Err(s) if s.code() == Code::Internal => refused_by_check += 1,
+            Err(s) if s.code() == Code::Unavailable => break s,
+            Err(s) => panic!("unexpected status {s:?}"),
+        }
+    };
+    assert!(
+        unavailable
+            .message()
+            .contains("signatures failed the post-sign check"),
+        "{unavailable:?}"
+    );
+    // One audit line per request, none of them a key use.
+    let audit = rig.bed.audit();
+    let lines = &audit_lines(&audit, SPIRE_A, "SignData")[audit_before..];
+    assert_eq!(lines.len(), refused_by_check as usize + 1);
+    assert!(
+        lines.iter().all(|l| l["outcome"] != "key_used"),
+        "{lines:?}"
+    );
+
+    let status = AdminClient::new(rig.admin.clone())
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let token = &status.tokens[0];
+    assert!(!token.healthy, "{token:?}");
+    assert!(
+        token.last_error.starts_with("out of rotation: ")
+            && token
+                .last_error
+                .ends_with("signatures failed the post-sign check"),
+        "{token:?}"
+    );
+    let text = scrape(rig).await;
+    assert_eq!(
+        metric(&text, "signet_pipeline_token_healthy{token=\"hsm-sim\"} "),
+        Some(0.0),
+        "{text}"
+    );
+    assert!(
+        metric(
+            &text,
+            "signet_pipeline_token_bad_signatures_total{token=\"hsm-sim\"} "
+        )
+        .is_some_and(|n| n >= 3.0),
+        "{text}"
+    );
+    let mut health = HealthClient::new(rig.admin.clone());
+    let until = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = health
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        if r.status == ServingStatus::NotServing as i32 {
+            break;
+        }
+        assert!(Instant::now() < until, "health never said NOT_SERVING");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The fault ends: the probe's signature verifies, the token is back, and SignData serves good signatures.
+    let seq = control.clear().unwrap();
+    let until = Instant::now() + Duration::from_secs(15);
+    let mut n = 1000;
+    loop {
+        assert!(Instant::now() < until, "the token never came back");
+        n += 1;
+        let (msg, req) = sign(n);
+        match km.sign_data(req).await {
+            Ok(r) => {
+                check_sign_data(&rig.judge, &msg, &r.into_inner()).unwrap();
+                break;
+            }
+            Err(s) => assert!(
+                matches!(s.code(), Code::Unavailable | Code::Internal),
+                "{s:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(control.counters().unwrap().applied_seq >= seq);
+    let status = AdminClient::new(rig.admin.clone())
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.tokens[0].healthy, "{:?}", status.tokens[0]);
+    assert!(
+        !status.tokens[0].last_error.contains("out of rotation"),
+        "{:?}",
+        status.tokens[0]
+    );
+    let text = scrape(rig).await;
+    assert_eq!(
+        metric(&text, "signet_pipeline_token_healthy{token=\"hsm-sim\"} "),
+        Some(1.0)
+    );
+    control
+}
+
+/// The runs one after the other on one appliance (one token, one loaded module: its fault counters carry on).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn fault_runs_through_the_whole_appliance() {
     let rig = rig().await;
@@ -860,7 +1066,9 @@ async fn fault_runs_through_the_whole_appliance() {
     control = one_percent_device_errors(&rig, control).await;
     control = device_unplugged_for_two_seconds(&rig, control).await;
     control = all_sessions_invalidated(&rig, control).await;
+    control = key_handles_invalidated(&rig, control).await;
     control = corrupted_signatures(&rig, control).await;
+    control = corrupting_token_leaves_rotation(&rig, control).await;
     control.clear().unwrap();
     rig.bed.stop().await;
 }

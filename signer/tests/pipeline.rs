@@ -36,6 +36,12 @@ mod support {
         pub down: AtomicBool,
         /// While set, every signature comes back with one bit flipped (the call succeeds).
         pub corrupt: AtomicBool,
+        /// Test-only panic injection at the session seam: when N > 0, the Nth sign call from now panics.
+        pub panic_in: AtomicU64,
+        /// Key look-ups by label.
+        pub finds: AtomicU64,
+        /// Sessions opened.
+        pub opens: AtomicU64,
         gate: Mutex<bool>,
         gate_cv: Condvar,
     }
@@ -73,6 +79,13 @@ mod support {
                 self.held.fetch_sub(1, Ordering::SeqCst);
             }
             drop(g);
+            if self
+                .panic_in
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                == Ok(1)
+            {
+                panic!("injected by the test: the HSM worker panics inside C_Sign");
+            }
             if self.down.load(Ordering::SeqCst) {
                 return Err(rv_error(RvError::DeviceRemoved));
             }
@@ -90,10 +103,14 @@ mod support {
 
     impl HsmSession for FaultySession {
         fn find_key(&mut self, label: &str) -> Result<Key, Error> {
+            self.faults.finds.fetch_add(1, Ordering::SeqCst);
             self.inner.find_key(label)
         }
         fn public_key_der(&mut self, label: &str) -> Result<Vec<u8>, Error> {
             self.inner.public_key_der(label)
+        }
+        fn forget_key(&mut self, label: &str) {
+            self.inner.forget_key(label);
         }
         fn sign_digest(
             &mut self,
@@ -152,6 +169,7 @@ mod support {
             if self.faults.down.load(Ordering::SeqCst) {
                 return Err(rv_error(RvError::DeviceRemoved));
             }
+            self.faults.opens.fetch_add(1, Ordering::SeqCst);
             Ok(Box::new(FaultySession {
                 inner: self.token.session()?,
                 faults: self.faults.clone(),
@@ -440,6 +458,8 @@ mod queue {
         let (m, faults) = member("a", token, 1);
         let cfg = PipelineConfig {
             verify_digests: signet::pipeline::VerifyPolicy::Sample(16),
+            // This test is about sampling: the only token must stay in rotation whatever it returns.
+            max_bad_signatures: u32::MAX,
             ..config()
         };
         let p = Pipeline::start(cfg, vec![m]).unwrap();
@@ -1092,6 +1112,18 @@ mod issuance {
             }
         }
         faults.corrupt.store(false, Ordering::SeqCst);
+        // Three failed checks (the default threshold) took the token out of rotation; with the fault gone, its
+        // probe signature verifies and brings it back.
+        let st = &p.token_status()[0];
+        assert_eq!(st.bad_signatures, 3, "{st:?}");
+        let until = Instant::now() + Duration::from_secs(30);
+        while !p.token_status()[0].healthy {
+            assert!(
+                Instant::now() < until,
+                "the token never came back after its probe"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
 
         // A permanent token error fails the request it hit, as a pipeline error; the next one is issued.
         faults.inject(RvError::KeyFunctionNotPermitted);
@@ -1252,6 +1284,410 @@ mod issuance {
             i += 1;
             std::thread::sleep(Duration::from_millis(5));
         }
+        p.shutdown();
+    }
+}
+
+/// A token that returns bad signatures, a worker that panics, a reply held past its deadline, a key handle the token
+/// forgot: every request is answered, nothing that fails an independent verifier leaves, and the pipeline signs on.
+mod hardening {
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, OnceLock};
+    use std::time::{Duration, Instant};
+
+    use signet::keys::{AuthorityKey, SignatureScheme};
+    use signet::pipeline::{Pipeline, PipelineConfig, PipelineError, PipelineKey, TokenStatus};
+    use signet_pkcs11::cryptoki::error::RvError;
+    use signet_pkcs11::{KeyType, SignAlgorithm};
+
+    use super::support::{
+        config, digest, far, import_shared_p256, member, runtime, single_token, verify_digest,
+    };
+
+    /// The process's metrics, rendered in the Prometheus text format (a recorder installed once per test binary).
+    fn metrics_text() -> String {
+        static HANDLE: OnceLock<metrics_exporter_prometheus::PrometheusHandle> = OnceLock::new();
+        HANDLE
+            .get_or_init(|| {
+                let recorder =
+                    metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+                let handle = recorder.handle();
+                metrics::set_global_recorder(recorder).expect("the only recorder of this binary");
+                handle
+            })
+            .render()
+    }
+
+    /// The value of the sample `name{token="<token>"}` in the rendered metrics.
+    fn sample(name: &str, token: &str) -> Option<f64> {
+        let prefix = format!("{name}{{token=\"{token}\"}} ");
+        metrics_text()
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix).map(|v| v.trim().parse().unwrap()))
+    }
+
+    fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+        let until = Instant::now() + Duration::from_secs(30);
+        while !cond() {
+            assert!(Instant::now() < until, "{what}: not within 30 s");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    fn status_of(p: &Pipeline, name: &str) -> TokenStatus {
+        p.token_status()
+            .into_iter()
+            .find(|t| t.name == name)
+            .unwrap()
+    }
+
+    /// `n` concurrent digest signatures; each answer is a signature that verifies with the `p256` crate or a
+    /// refusal by the post-sign check (anything else fails the test). Returns (good, refused).
+    fn load(
+        rt: &tokio::runtime::Runtime,
+        p: &Pipeline,
+        key: &PipelineKey,
+        from: u64,
+        n: u64,
+    ) -> (u64, u64) {
+        rt.block_on(async {
+            let mut set = tokio::task::JoinSet::new();
+            for i in from..from + n {
+                let (p, key) = (p.clone(), key.clone());
+                set.spawn(async move {
+                    let d = digest(i);
+                    match p
+                        .submit_digest(&key, SignAlgorithm::EcdsaSha256, &d, far())
+                        .await
+                    {
+                        Ok(sig) => {
+                            assert!(
+                                verify_digest(key.spki_der(), &d, &sig),
+                                "a signature that does not verify left the pipeline"
+                            );
+                            true
+                        }
+                        Err(PipelineError::PostSignCheck(_)) => false,
+                        Err(e) => panic!("unexpected answer: {e}"),
+                    }
+                });
+            }
+            let (mut good, mut refused) = (0, 0);
+            while let Some(r) = set.join_next().await {
+                if r.unwrap() {
+                    good += 1;
+                } else {
+                    refused += 1;
+                }
+            }
+            (good, refused)
+        })
+    }
+
+    /// Two tokens hold the same key; one starts returning corrupted signatures. After `max_bad_signatures` failed
+    /// post-sign checks it leaves rotation (status, metrics and the refusal reason say why), no bad signature ever
+    /// leaves, the healthy token carries the load, and when the fault is cleared a probe signature brings it back.
+    /// With both tokens bad, callers get `Unavailable` naming the post-sign check.
+    #[test]
+    fn a_token_returning_bad_signatures_leaves_rotation_until_a_probe_verifies() {
+        let Some(ta) = signet_pkcs11::testing::SoftHsm::new().map(|h| h.open()) else {
+            return;
+        };
+        let Some(tb) = signet_pkcs11::testing::SoftHsm::new().map(|h| h.open()) else {
+            return;
+        };
+        import_shared_p256(&[&ta, &tb], "shared");
+        let (ma, fa) = member("corrupting", ta, 2);
+        let (mb, fb) = member("healthy", tb, 2);
+        metrics_text();
+        let cfg = PipelineConfig {
+            max_bad_signatures: 3,
+            ..config()
+        };
+        let p = Pipeline::start(cfg, vec![ma, mb]).unwrap();
+        let key = p.key("shared").unwrap();
+        let rt = runtime();
+        let (good, refused) = load(&rt, &p, &key, 0, 100);
+        assert_eq!((good, refused), (100, 0));
+        assert_eq!(
+            sample("signet_pipeline_token_healthy", "corrupting"),
+            Some(1.0)
+        );
+
+        fa.corrupt.store(true, Ordering::SeqCst);
+        // Load until the corrupting token is out (bounded): every answer verifies or is refused.
+        let mut from = 1000;
+        let mut refused_total = 0;
+        while status_of(&p, "corrupting").healthy {
+            assert!(
+                from < 1000 + 50 * 100,
+                "the corrupting token never left rotation"
+            );
+            let (_, refused) = load(&rt, &p, &key, from, 100);
+            refused_total += refused;
+            from += 100;
+        }
+        let st = status_of(&p, "corrupting");
+        assert!(st.bad_signatures >= 3, "{st:?}");
+        assert_eq!(
+            refused_total, st.bad_signatures,
+            "each refusal counted once"
+        );
+        let reason = st.reason.clone().unwrap();
+        assert!(
+            reason.contains("signatures failed the post-sign check"),
+            "{reason}"
+        );
+        assert!(status_of(&p, "healthy").healthy);
+        assert_eq!(
+            sample("signet_pipeline_token_healthy", "corrupting"),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample("signet_pipeline_token_bad_signatures_total", "corrupting"),
+            Some(st.bad_signatures as f64)
+        );
+        assert_eq!(
+            sample("signet_pipeline_token_healthy", "healthy"),
+            Some(1.0)
+        );
+
+        // Out of rotation it signs no job: the healthy token carries all of them, and every one verifies.
+        let a_jobs = status_of(&p, "corrupting").signatures;
+        let b_jobs = status_of(&p, "healthy").signatures;
+        let (good, refused) = load(&rt, &p, &key, 100_000, 300);
+        assert_eq!((good, refused), (300, 0));
+        assert_eq!(status_of(&p, "corrupting").signatures, a_jobs);
+        assert_eq!(status_of(&p, "healthy").signatures, b_jobs + 300);
+        // Its probes keep failing while the fault lasts: it stays out.
+        let probes = fa.signs.load(Ordering::SeqCst);
+        wait_for("a failed probe", || {
+            fa.signs.load(Ordering::SeqCst) > probes
+        });
+        assert!(!status_of(&p, "corrupting").healthy);
+
+        // Certificates and JWTs count too: signatures checked by the issuance core, here a JWT-SVID signer on the
+        // same key, whose check fails when the healthy token also turns bad.
+        fb.corrupt.store(true, Ordering::SeqCst);
+        let jwt = signet::jwt::JwtIssuer::new(
+            Arc::new(key.clone()),
+            signet::spiffe::TrustDomain::parse("example.org").unwrap(),
+            Some("kid".into()),
+            None,
+            Duration::from_secs(300),
+        )
+        .unwrap();
+        let id = signet::spiffe::SpiffeId::parse("spiffe://example.org/w").unwrap();
+        let mut jwt_refused = 0;
+        let e = loop {
+            assert!(jwt_refused < 100, "the second token never left rotation");
+            match jwt.issue(&id, &["aud".into()], Duration::from_secs(60), time_now()) {
+                Err(signet::jwt::JwtError::PostSignCheck(_)) => jwt_refused += 1,
+                Err(e) => break e,
+                Ok(token) => panic!("a JWT signed by a corrupting token left: {token}"),
+            }
+        };
+        assert_eq!(jwt_refused, 3, "the threshold, counted from the JWT checks");
+        let st = status_of(&p, "healthy");
+        assert_eq!(st.bad_signatures, 3, "{st:?}");
+        assert!(e.to_string().contains("out of rotation"), "{e}");
+        // Every token out: callers are refused at once, told why.
+        let e = rt
+            .block_on(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(7), far()))
+            .unwrap_err();
+        assert!(matches!(e, PipelineError::Unavailable { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .contains("signatures failed the post-sign check"),
+            "{e}"
+        );
+
+        // The faults are cleared: the probes verify and bring both back; both sign again.
+        fa.corrupt.store(false, Ordering::SeqCst);
+        fb.corrupt.store(false, Ordering::SeqCst);
+        wait_for("both tokens back in rotation", || {
+            p.token_status()
+                .iter()
+                .all(|t| t.healthy && t.reason.is_none())
+        });
+        assert_eq!(
+            sample("signet_pipeline_token_healthy", "corrupting"),
+            Some(1.0)
+        );
+        let (good, refused) = load(&rt, &p, &key, 200_000, 300);
+        assert_eq!((good, refused), (300, 0));
+        assert!(
+            status_of(&p, "corrupting").signatures > a_jobs,
+            "the probed token signs again"
+        );
+        p.shutdown();
+    }
+
+    fn time_now() -> ::time::OffsetDateTime {
+        ::time::OffsetDateTime::now_utc()
+    }
+
+    /// A worker that panics inside C_Sign answers every job it held (`Internal`), none hangs, and a replacement
+    /// worker with a new session keeps signing. A sync signer (a CPU thread in `AuthorityKey::sign`) is answered
+    /// too.
+    #[test]
+    fn a_panicking_worker_answers_every_job_and_is_replaced() {
+        let Some((p, key, faults, rt)) = single_token("k", KeyType::EcP256) else {
+            return;
+        };
+        let opens = faults.opens.load(Ordering::SeqCst);
+        // Hold the worker at the token with one job, queue 63 more behind it, then make the 4th sign of the next
+        // batch panic.
+        faults.hold();
+        let request = |i: u64| {
+            let (p, key) = (p.clone(), key.clone());
+            async move {
+                let d = digest(i);
+                let r = tokio::time::timeout(
+                    Duration::from_secs(60),
+                    p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &d, far()),
+                )
+                .await
+                .expect("a request hung");
+                if let Ok(sig) = &r {
+                    assert!(verify_digest(key.spki_der(), &d, sig));
+                }
+                r.map(|_| ())
+            }
+        };
+        let blocker = rt.spawn(request(0));
+        faults.wait_held(1);
+        let rest: Vec<_> = (1..64u64).map(|i| rt.spawn(request(i))).collect();
+        wait_for("63 jobs queued behind the held one", || p.queued() == 63);
+        // The held call is the 1st; the worker then takes the other 63 as one batch, and its 4th sign panics.
+        faults.panic_in.store(5, Ordering::SeqCst);
+        faults.release();
+        let answers = rt.block_on(async move {
+            let mut out = vec![blocker.await.unwrap()];
+            for t in rest {
+                out.push(t.await.unwrap());
+            }
+            out
+        });
+        assert_eq!(answers.len(), 64, "one answer per request");
+        let internal = answers
+            .iter()
+            .filter(|r| matches!(r, Err(PipelineError::Internal(_))))
+            .count();
+        // The job in the panicking call, and the batch's jobs not yet signed (59), are answered Internal.
+        assert!(internal >= 60, "{internal} answered Internal");
+        for r in &answers {
+            assert!(
+                matches!(r, Ok(()) | Err(PipelineError::Internal(_))),
+                "{r:?}"
+            );
+        }
+        // The replacement worker opened a new session and signs on.
+        wait_for("a new session", || {
+            faults.opens.load(Ordering::SeqCst) > opens
+        });
+        let d = digest(1000);
+        let sig = rt
+            .block_on(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &d, far()))
+            .unwrap();
+        assert!(verify_digest(key.spki_der(), &d, &sig));
+
+        // A sync signer whose job is in the panicking call gets an error, not a hang.
+        faults.panic_in.store(1, Ordering::SeqCst);
+        let k = key.clone();
+        let e = std::thread::spawn(move || k.sign(SignatureScheme::EcdsaP256Sha256, b"message"))
+            .join()
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            matches!(
+                PipelineError::in_chain(&e),
+                Some(PipelineError::Internal(_))
+            ),
+            "{e}"
+        );
+        let sig = key
+            .sign(SignatureScheme::EcdsaP256Sha256, b"message")
+            .unwrap();
+        signet::keys::verify_signature(
+            key.spki_der(),
+            SignatureScheme::EcdsaP256Sha256,
+            b"message",
+            &sig,
+        )
+        .unwrap();
+        assert!(p.token_status()[0].healthy);
+        p.shutdown();
+    }
+
+    /// A reply that does not come (the worker is stuck in C_Sign) is given up at the job's deadline: the caller
+    /// gets `DeadlineExceeded` while the worker is still stuck.
+    #[test]
+    fn a_reply_that_does_not_come_ends_at_the_deadline() {
+        let Some((p, key, faults, rt)) = single_token("k", KeyType::EcP256) else {
+            return;
+        };
+        faults.hold();
+        let deadline = Instant::now() + Duration::from_secs(3);
+        let reply =
+            rt.spawn(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(1), deadline));
+        // The worker has the job in C_Sign, and stays there.
+        faults.wait_held(1);
+        let r = rt.block_on(reply).unwrap();
+        assert_eq!(r, Err(PipelineError::DeadlineExceeded));
+        assert_eq!(
+            faults.held.load(Ordering::SeqCst),
+            1,
+            "the worker is still stuck"
+        );
+        faults.release();
+        let d = digest(2);
+        let sig = rt
+            .block_on(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &d, far()))
+            .unwrap();
+        assert!(verify_digest(key.spki_der(), &d, &sig));
+        p.shutdown();
+    }
+
+    /// CKR_KEY_HANDLE_INVALID / CKR_OBJECT_HANDLE_INVALID (an HSM cluster failed over): the cached handle is dropped,
+    /// the key found again by label and the signature retried once; a handle error that persists fails the job.
+    #[test]
+    fn a_stale_key_handle_is_looked_up_again() {
+        let Some((p, key, faults, rt)) = single_token("k", KeyType::EcP256) else {
+            return;
+        };
+        let d = digest(1);
+        rt.block_on(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &d, far()))
+            .unwrap();
+        for rv in [RvError::KeyHandleInvalid, RvError::ObjectHandleInvalid] {
+            let finds = faults.finds.load(Ordering::SeqCst);
+            let signs = faults.signs.load(Ordering::SeqCst);
+            faults.inject(rv);
+            let sig = rt
+                .block_on(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &d, far()))
+                .unwrap();
+            assert!(verify_digest(key.spki_der(), &d, &sig));
+            assert_eq!(
+                faults.finds.load(Ordering::SeqCst),
+                finds + 1,
+                "{rv:?}: looked up again"
+            );
+            assert_eq!(faults.signs.load(Ordering::SeqCst), signs + 1);
+        }
+        // Twice in a row: retried once only, then reported as a key error.
+        faults.inject(RvError::KeyHandleInvalid);
+        faults.inject(RvError::KeyHandleInvalid);
+        let e = rt
+            .block_on(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &d, far()))
+            .unwrap_err();
+        assert!(matches!(e, PipelineError::Key(_)), "{e}");
+        // The session is not reopened for it, the token stays in rotation, and the next job signs.
+        assert_eq!(faults.reopens.load(Ordering::SeqCst), 0);
+        assert!(p.token_status()[0].healthy);
+        let sig = rt
+            .block_on(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &d, far()))
+            .unwrap();
+        assert!(verify_digest(key.spki_der(), &d, &sig));
         p.shutdown();
     }
 }

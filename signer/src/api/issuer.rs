@@ -364,10 +364,10 @@ impl pb::admin_server::Admin for AdminService {
                 sessions: st.token_sessions(&t.name),
                 name: t.name,
                 healthy: t.healthy,
-                last_error: if t.failures > 0 {
-                    format!("{} transient failures so far", t.failures)
-                } else {
-                    String::new()
+                last_error: match (&t.reason, t.failures) {
+                    (Some(why), _) => format!("out of rotation: {why}"),
+                    (None, 0) => String::new(),
+                    (None, n) => format!("{n} transient failures so far"),
                 },
             })
             .collect();

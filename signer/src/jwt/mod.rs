@@ -391,8 +391,10 @@ impl JwtIssuer {
         token.push_str(&URL_SAFE_NO_PAD.encode(claims_json));
         let scheme = self.alg.scheme();
         let sig = self.key.sign(scheme, token.as_bytes())?;
-        verify_signature(self.key.spki_der(), scheme, token.as_bytes(), &sig)
-            .map_err(|e| JwtError::PostSignCheck(e.to_string()))?;
+        // Fail closed: a public key that does not parse fails the check like a signature that does not verify.
+        let checked = verify_signature(self.key.spki_der(), scheme, token.as_bytes(), &sig);
+        self.key.post_sign_checked(&sig, checked.is_ok());
+        checked.map_err(|e| JwtError::PostSignCheck(e.to_string()))?;
         token.push('.');
         token.push_str(&URL_SAFE_NO_PAD.encode(&sig));
         Ok(token)

@@ -2,7 +2,8 @@
 //! verification, software signing in delegated mode), off tokio's reactor threads and out of the HSM workers.
 //!
 //! Tasks go through a bounded queue; a full queue refuses at once with `Overloaded`. A task whose caller has gone
-//! (its result future dropped) is skipped when a thread picks it up. X509-SVIDs in direct mode never wait on a pool
+//! (its result future dropped) is skipped when a thread picks it up. A task that panics does not take its thread
+//! with it, and its caller is answered `Internal` (never left waiting). X509-SVIDs in direct mode never wait on a pool
 //! thread for the token (see `svid.rs`), but other signatures through the pipeline do (JWT-SVIDs, CAs minted for
 //! SPIRE: rcgen's and the JWT code's synchronous `sign`), so the default pool has more threads than cores.
 
@@ -55,7 +56,7 @@ pub struct CpuTask<T> {
 #[derive(Debug)]
 enum CpuTaskState<T> {
     Refused(Option<PipelineError>),
-    Waiting(oneshot::Receiver<T>),
+    Waiting(oneshot::Receiver<Result<T, PipelineError>>),
 }
 
 impl<T> Future for CpuTask<T> {
@@ -69,7 +70,7 @@ impl<T> Future for CpuTask<T> {
             }
             CpuTaskState::Waiting(rx) => Pin::new(rx)
                 .poll(cx)
-                .map(|r| r.map_err(|_| PipelineError::ShuttingDown)),
+                .map(|r| r.unwrap_or(Err(PipelineError::ShuttingDown))),
         }
     }
 }
@@ -118,7 +119,8 @@ impl CpuPool {
     }
 
     /// Runs `f` on a pool thread; the returned future resolves to its result. Refuses at once with `Overloaded` when
-    /// the queue is full and `ShuttingDown` after [`shutdown`](Self::shutdown).
+    /// the queue is full and `ShuttingDown` after [`shutdown`](Self::shutdown); resolves to `Internal` if `f`
+    /// panics.
     pub fn run<T, F>(&self, f: F) -> CpuTask<T>
     where
         T: Send + 'static,
@@ -129,7 +131,11 @@ impl CpuPool {
             if tx.is_closed() {
                 return; // the caller gave up: skip the work
             }
-            let _ = tx.send(f());
+            let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| {
+                tracing::error!("a CPU-pool task panicked");
+                PipelineError::Internal("a CPU-pool task panicked".into())
+            });
+            let _ = tx.send(r);
         }));
         CpuTask {
             state: match queued {
@@ -175,8 +181,7 @@ impl CpuPool {
         let taken = move |s: &Mutex<Option<F>>| s.lock().unwrap_or_else(|p| p.into_inner()).take();
         match self.run(move || taken(&pools).map(|f| f())).await {
             Ok(Some(t)) => Ok(t),
-            // Refused or dropped unrun, the closure is still here; a task that panicked took it with it, and the
-            // answer stays `ShuttingDown`.
+            // Refused or dropped unrun, the closure is still here (a task that panicked answered `Internal`).
             Ok(None) | Err(PipelineError::ShuttingDown) => {
                 taken(&slot).map(|f| f()).ok_or(PipelineError::ShuttingDown)
             }
@@ -242,8 +247,8 @@ fn run(rx: Receiver<Task>, stop: Receiver<()>) {
     loop {
         crossbeam::channel::select! {
             recv(rx) -> task => match task {
-                // A task that panics must not take the thread with it: its caller sees `ShuttingDown` (its reply
-                // sender was dropped) and the thread serves the next task.
+                // A task that panics must not take the thread with it: `run`'s tasks answer their caller `Internal`
+                // themselves; the state a spawned task owns answers from its `Drop` (e.g. an X509-SVID's slot).
                 Ok(task) => {
                     if std::panic::catch_unwind(std::panic::AssertUnwindSafe(task)).is_err() {
                         tracing::error!("a CPU-pool task panicked");
@@ -268,6 +273,20 @@ mod tests {
         pool.shutdown();
         assert_eq!(pool.run(|| 3).await, Err(PipelineError::ShuttingDown));
         assert_eq!(pool.run_to_completion(|| 4).await, Ok(4));
+    }
+
+    /// A panicking task answers its caller `Internal` (it does not hang it), and the thread serves the next task.
+    #[tokio::test]
+    async fn a_panicking_task_answers_internal_and_the_pool_keeps_working() {
+        let pool = CpuPool::new(1, 4).unwrap();
+        let r: Result<u32, _> = pool.run(|| panic!("injected by the test")).await;
+        assert!(matches!(r, Err(PipelineError::Internal(_))), "{r:?}");
+        let r: Result<u32, _> = pool
+            .run_to_completion(|| panic!("injected by the test"))
+            .await;
+        assert!(matches!(r, Err(PipelineError::Internal(_))), "{r:?}");
+        assert_eq!(pool.run(|| 7).await, Ok(7));
+        pool.shutdown();
     }
 
     #[test]

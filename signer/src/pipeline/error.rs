@@ -44,6 +44,11 @@ pub enum PipelineError {
          faulty and nothing was issued"
     )]
     PostSignCheck(String),
+    /// The pipeline failed internally while it held the job (an HSM worker or a CPU task panicked; the worker was
+    /// replaced). The job was answered rather than lost; whether a signature was made for it is unknown, and none
+    /// is returned.
+    #[error("internal error in the signing pipeline: {0}; no signature is returned for this job")]
+    Internal(String),
 }
 
 impl PipelineError {
@@ -68,6 +73,7 @@ impl PipelineError {
             PipelineError::Key(_) => "key_error",
             PipelineError::InvalidRequest(_) => "invalid_request",
             PipelineError::PostSignCheck(_) => "post_sign_check",
+            PipelineError::Internal(_) => "internal",
         }
     }
 

@@ -4,8 +4,9 @@
 //! and where its answer goes: its own reply channel (a `tokio::sync::oneshot`), or a [`Continuation`] that the
 //! answering thread runs (X509-SVIDs in direct mode: it queues the rest of the certificate's work on the CPU pool, so
 //! no thread waits for the token). It is answered exactly once: [`Job::answer`] consumes it, and a job dropped
-//! unanswered (a queue torn down, a thread that died) answers `ShuttingDown` from its `Drop`, so no caller ever
-//! waits forever.
+//! unanswered answers from its `Drop`: `Internal` when it is dropped by a thread that panics (an HSM worker that
+//! panicked while it held the job), `ShuttingDown` otherwise (a queue torn down). A successful answer carries the
+//! token that made the signature, so that a signature failing its post-sign check counts against that token.
 //!
 //! The reply is awaitable from async code ([`Reply`] is a future) and blockable from a sync thread
 //! ([`Reply::wait_until`], which parks the thread; it does not need or touch a tokio runtime).
@@ -20,9 +21,24 @@ use std::time::Instant;
 use signet_pkcs11::SignAlgorithm;
 use tokio::sync::oneshot;
 
+use super::TokenState;
 use super::error::PipelineError;
 
-pub(crate) type SignResult = Result<Vec<u8>, PipelineError>;
+/// A signature and the token that made it.
+pub(crate) struct Signed {
+    pub(crate) sig: Vec<u8>,
+    pub(crate) token: Arc<TokenState>,
+}
+
+pub(crate) type SignResult = Result<Signed, PipelineError>;
+
+impl std::fmt::Debug for Signed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Signed")
+            .field("token", &self.token.name)
+            .finish_non_exhaustive()
+    }
+}
 
 /// One signing job on its way through the queue to a worker.
 pub(crate) struct Job {
@@ -149,7 +165,14 @@ impl Job {
 impl Drop for Job {
     fn drop(&mut self) {
         if let Some(reply) = self.reply.take() {
-            reply.send(Err(PipelineError::ShuttingDown));
+            let e = if std::thread::panicking() {
+                PipelineError::Internal(
+                    "the HSM worker holding the job panicked (it was replaced)".into(),
+                )
+            } else {
+                PipelineError::ShuttingDown
+            };
+            reply.send(Err(e));
         }
     }
 }
@@ -162,11 +185,9 @@ pub struct Reply {
 }
 
 impl Future for Reply {
-    type Output = SignResult;
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SignResult> {
-        Pin::new(&mut self.rx)
-            .poll(cx)
-            .map(|r| r.unwrap_or(Err(PipelineError::ShuttingDown)))
+    type Output = Result<Vec<u8>, PipelineError>;
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        self.poll_signed(cx).map(|r| r.map(|s| s.sig))
     }
 }
 
@@ -187,13 +208,29 @@ thread_local! {
 }
 
 impl Reply {
+    fn poll_signed(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<SignResult> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(PipelineError::ShuttingDown)))
+    }
+
+    /// The answer with the token that signed (for the post-sign check's accounting).
+    pub(crate) async fn signed(mut self) -> SignResult {
+        std::future::poll_fn(|cx| Pin::new(&mut self).poll_signed(cx)).await
+    }
+
     /// Blocks the calling (non-async) thread until the answer arrives or `deadline` passes (then
     /// `DeadlineExceeded`, and the job is abandoned). Parks the thread; never needs a runtime.
-    pub fn wait_until(mut self, deadline: Instant) -> SignResult {
+    pub fn wait_until(self, deadline: Instant) -> Result<Vec<u8>, PipelineError> {
+        self.wait_signed_until(deadline).map(|s| s.sig)
+    }
+
+    /// [`wait_until`](Self::wait_until), with the token that signed.
+    pub(crate) fn wait_signed_until(mut self, deadline: Instant) -> SignResult {
         WAKER.with(|waker| {
             let mut cx = Context::from_waker(waker);
             loop {
-                if let Poll::Ready(r) = Pin::new(&mut self).poll(&mut cx) {
+                if let Poll::Ready(r) = Pin::new(&mut self).poll_signed(&mut cx) {
                     return r;
                 }
                 let now = Instant::now();

@@ -6,17 +6,62 @@
 //! [`Pipeline::submit_digest`](super::Pipeline::submit_digest). The deadline is the one set with
 //! [`with_deadline`](super::with_deadline), else now + the pipeline's `default_timeout`. `sign_then` submits the same
 //! job without waiting: its continuation runs on the HSM worker that answers (direct-mode X509-SVIDs).
+//!
+//! The issuance core checks every X.509 and JWT signature after signing and reports the outcome with
+//! [`AuthorityKey::post_sign_checked`]. To count a failed check against the token that made the signature, the
+//! thread that receives a signature notes which token made it ([`note_signer`]): `sign` on its own thread; for
+//! `sign_then`, the continuation's thread, and the direct-mode completion carries the note to the CPU thread that
+//! runs the check ([`take_signer`] / [`restore_signer`]). A note is matched to the checked signature by a
+//! fingerprint of its bytes, so a stale note is never blamed for another signature.
 
+use std::cell::RefCell;
+use std::hash::{Hash as _, Hasher as _};
 use std::sync::Arc;
 use std::time::Instant;
 
 use signet_pkcs11::SignAlgorithm;
 
 use super::error::PipelineError;
-use super::job::{Continuation, current_deadline};
-use super::{Pipeline, RegisteredKey};
+use super::job::{Continuation, Signed, current_deadline};
+use super::{Pipeline, RegisteredKey, TokenState};
 use crate::keys::{AuthorityKey, KeyError, KeyType, SignThen, SignatureScheme};
 use crate::keys_token::sign_algorithm;
+
+/// Which token made the signature this thread received last, and a fingerprint of that signature.
+#[derive(Clone)]
+pub(crate) struct SignerNote {
+    token: Arc<TokenState>,
+    fingerprint: u64,
+}
+
+thread_local! {
+    static SIGNER: RefCell<Option<SignerNote>> = const { RefCell::new(None) };
+}
+
+fn fingerprint(sig: &[u8]) -> u64 {
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    sig.hash(&mut h);
+    h.finish()
+}
+
+/// Notes on this thread that `token` made `sig`.
+fn note_signer(token: Arc<TokenState>, sig: &[u8]) {
+    let note = SignerNote {
+        token,
+        fingerprint: fingerprint(sig),
+    };
+    SIGNER.with(|s| *s.borrow_mut() = Some(note));
+}
+
+/// Takes this thread's note (to carry it to the thread that will check the signature).
+pub(crate) fn take_signer() -> Option<SignerNote> {
+    SIGNER.with(|s| s.borrow_mut().take())
+}
+
+/// Puts a note taken with [`take_signer`] on this thread.
+pub(crate) fn restore_signer(note: Option<SignerNote>) {
+    SIGNER.with(|s| *s.borrow_mut() = note);
+}
 
 /// A key on the pipeline's tokens, as an [`AuthorityKey`] (see the module docs). Cheap to clone.
 #[derive(Clone)]
@@ -116,7 +161,7 @@ impl PipelineKey {
 }
 
 /// What a job for `message` carries: its algorithm, and the digest (for Ed25519, the message).
-fn job_data(scheme: SignatureScheme, message: &[u8]) -> (SignAlgorithm, Vec<u8>) {
+pub(super) fn job_data(scheme: SignatureScheme, message: &[u8]) -> (SignAlgorithm, Vec<u8>) {
     let alg = sign_algorithm(scheme);
     let data = match alg.hash() {
         Some(h) => h.digest(message).as_ref().to_vec(),
@@ -151,9 +196,23 @@ impl AuthorityKey for PipelineKey {
         }
         let deadline = current_deadline()
             .unwrap_or_else(|| Instant::now() + self.pipeline.config().default_timeout);
-        self.submit_message(scheme, message, deadline)
-            .and_then(|reply| reply.wait_until(deadline))
-            .map_err(to_key_error)
+        let Signed { sig, token } = self
+            .submit_message(scheme, message, deadline)
+            .and_then(|reply| reply.wait_signed_until(deadline))
+            .map_err(to_key_error)?;
+        note_signer(token, &sig);
+        Ok(sig)
+    }
+
+    /// Counts a signature that failed the issuance core's check against the token that made it (see the module
+    /// docs); a passed check just drops the note.
+    fn post_sign_checked(&self, signature: &[u8], passed: bool) {
+        let Some(note) = take_signer() else {
+            return;
+        };
+        if !passed && note.fingerprint == fingerprint(signature) {
+            self.pipeline.shared.post_sign_failed(&note.token);
+        }
     }
 
     /// Queues the signature and returns at once; `then` runs on the HSM worker that answers (or here, with the
@@ -186,7 +245,11 @@ impl Continuation for KeyContinuation {
     fn abandoned(&self) -> bool {
         self.0.abandoned()
     }
-    fn resume(self: Box<Self>, result: Result<Vec<u8>, PipelineError>) {
+    fn resume(self: Box<Self>, result: Result<Signed, PipelineError>) {
+        let result = result.map(|Signed { sig, token }| {
+            note_signer(token, &sig);
+            sig
+        });
         self.0.resume(result.map_err(to_key_error));
     }
 }

@@ -6,9 +6,11 @@
 //! | `signet_pipeline_batch_size` | histogram | | jobs a worker took in one wake-up |
 //! | `signet_pipeline_sign_seconds` | histogram | `token` | time of one C_Sign on that token |
 //! | `signet_pipeline_queue_wait_seconds` | histogram | | time from submit to a worker picking the job |
-//! | `signet_pipeline_jobs_total` | counter | `outcome` | jobs by how they ended (`ok`, `overloaded`, `deadline_exceeded`, `abandoned`, `unavailable`, `shutting_down`, `key_error`, `invalid_request`, `post_sign_check`) |
+//! | `signet_pipeline_jobs_total` | counter | `outcome` | jobs by how they ended (`ok`, `overloaded`, `deadline_exceeded`, `abandoned`, `unavailable`, `shutting_down`, `key_error`, `invalid_request`, `post_sign_check`, `internal`) |
 //! | `signet_pipeline_token_healthy` | gauge | `token` | 1 while the token is in rotation, 0 while it is out |
 //! | `signet_pipeline_token_failures_total` | counter | `token` | transient failures seen on the token |
+//! | `signet_pipeline_token_bad_signatures_total` | counter | `token` | signatures by the token that failed a post-sign check |
+//! | `signet_pipeline_worker_panics_total` | counter | `token` | HSM workers of the token that panicked (and were replaced) |
 //! | `signet_pipeline_cpu_refused_total` | counter | | CPU-pool tasks refused because its queue was full |
 //! | `signet_pipeline_digest_verified_total` | counter | | bare-digest signatures checked after signing |
 //! | `signet_pipeline_intermediate_rotations_total` | counter | | delegated-mode issuing intermediates minted |
@@ -29,6 +31,11 @@ pub const JOBS: &str = "signet_pipeline_jobs_total";
 pub const TOKEN_HEALTHY: &str = "signet_pipeline_token_healthy";
 /// Transient failures per token, label `token`.
 pub const TOKEN_FAILURES: &str = "signet_pipeline_token_failures_total";
+/// Signatures that failed a post-sign check, label `token` (`max_bad_signatures` of them since the token last
+/// entered rotation take it out).
+pub const TOKEN_BAD_SIGNATURES: &str = "signet_pipeline_token_bad_signatures_total";
+/// HSM worker panics, label `token`.
+pub const WORKER_PANICS: &str = "signet_pipeline_worker_panics_total";
 /// CPU-pool refusals.
 pub const CPU_REFUSED: &str = "signet_pipeline_cpu_refused_total";
 /// Bare-digest signatures verified after signing.
@@ -37,7 +44,7 @@ pub const DIGEST_VERIFIED: &str = "signet_pipeline_digest_verified_total";
 pub const ROTATIONS: &str = "signet_pipeline_intermediate_rotations_total";
 
 /// The outcomes a job can end with (the `outcome` label values).
-pub(crate) const OUTCOMES: [&str; 9] = [
+pub(crate) const OUTCOMES: [&str; 10] = [
     "ok",
     "overloaded",
     "deadline_exceeded",
@@ -47,12 +54,13 @@ pub(crate) const OUTCOMES: [&str; 9] = [
     "key_error",
     "invalid_request",
     "post_sign_check",
+    "internal",
 ];
 
 /// Metric handles registered once (per worker or per pipeline), so the hot path does no key lookup.
 #[derive(Clone)]
 pub(crate) struct Handles {
-    outcomes: [Counter; 9],
+    outcomes: [Counter; 10],
     pub(crate) queue_depth: Gauge,
     pub(crate) batch_size: Histogram,
     pub(crate) queue_wait: Histogram,

@@ -14,12 +14,22 @@
 //!    `C_Sign`. Jobs whose caller gave up or whose deadline passed are dropped before they reach the token.
 //!    Transient token errors are retried on a fresh session within the job's deadline; a token whose session cannot
 //!    be recovered is taken out of rotation (probed again with backoff) and its unfinished jobs go to the others.
+//!    A key handle the token no longer knows (`CKR_KEY_HANDLE_INVALID` / `CKR_OBJECT_HANDLE_INVALID`, as after an
+//!    HSM cluster failed over) is dropped from the worker's cache, the key is found again by its label and the
+//!    signature retried once.
 //! 4. The worker answers the job on its reply channel, exactly once: a signature or an error. Within a batch,
 //!    signatures are answered in small groups held back at most `REPLY_DELAY` (2 ms), so that one wake-up of the
 //!    callers' threads serves several answers; on a slow HSM each answer goes out at once. On shutdown the queue is
-//!    drained and every job still in it is answered `ShuttingDown`.
+//!    drained and every job still in it is answered `ShuttingDown`. A worker that panics answers every job it held
+//!    `Internal` and carries on as a fresh worker with a new session; callers awaiting a reply wait at most until
+//!    the job's deadline (then `DeadlineExceeded`), so no caller waits forever even if a reply were lost.
 //! 5. Before a credential leaves, its signature is checked against the public key: X.509 and JWT signatures by the
-//!    issuance core (ring, over the whole message), bare digests here ([`VerifyPolicy`]).
+//!    issuance core (ring, over the whole message), bare digests here ([`VerifyPolicy`]). The check fails closed:
+//!    a signature that cannot be checked (no verifier for the key) is refused like one that does not verify.
+//!    Every failed check counts against the token that made the signature; after
+//!    [`max_bad_signatures`](PipelineConfig::max_bad_signatures) of them the token leaves rotation (its workers'
+//!    unfinished jobs go to the other tokens) and comes back only when a probe signature over a fixed digest, made
+//!    with every registered key, verifies. [`Pipeline::token_status`] says why a token is out.
 //!
 //! CPU work (CSR verification, DER building, lint, post-sign verification, delegated mode's software signing) runs
 //! on the pipeline's [`CpuPool`], never on tokio's reactor threads and never in the HSM workers. [`X509SvidIssuer`]
@@ -103,6 +113,9 @@ pub struct PipelineConfig {
     pub cpu_queue: usize,
     /// Post-sign check of bare-digest signatures.
     pub verify_digests: VerifyPolicy,
+    /// Failed post-sign checks (of signatures a token made since it last entered rotation) that take the token out
+    /// of rotation until a probe signature verifies; 0 counts as 1.
+    pub max_bad_signatures: u32,
 }
 
 impl Default for PipelineConfig {
@@ -117,6 +130,7 @@ impl Default for PipelineConfig {
             cpu_threads: 0,
             cpu_queue: 65_536,
             verify_digests: VerifyPolicy::Always,
+            max_bad_signatures: 3,
         }
     }
 }
@@ -155,6 +169,10 @@ pub struct TokenStatus {
     pub signatures: u64,
     /// Transient failures seen on it.
     pub failures: u64,
+    /// Its signatures that failed a post-sign check (over the pipeline's life).
+    pub bad_signatures: u64,
+    /// Why it is out of rotation (`None` while it is in), e.g. "3 signatures failed the post-sign check".
+    pub reason: Option<String>,
 }
 
 pub(crate) struct TokenState {
@@ -163,15 +181,56 @@ pub(crate) struct TokenState {
     pub(crate) healthy: AtomicBool,
     pub(crate) signatures: AtomicU64,
     pub(crate) failures: AtomicU64,
+    /// Failed post-sign checks since the token last entered rotation.
+    bad_since_up: AtomicU64,
+    bad_total: AtomicU64,
+    /// Out of rotation for bad signatures: only a probe signature that verifies brings it back.
+    pub(crate) needs_probe: AtomicBool,
+    /// Why it is out of rotation.
+    reason: Mutex<Option<String>>,
     healthy_gauge: ::metrics::Gauge,
     pub(crate) failure_counter: ::metrics::Counter,
+    bad_counter: ::metrics::Counter,
+    pub(crate) panic_counter: ::metrics::Counter,
+}
+
+impl TokenState {
+    fn new(name: &str, opener: Arc<dyn SessionOpener>) -> Self {
+        Self {
+            name: name.to_string(),
+            opener,
+            healthy: AtomicBool::new(true),
+            signatures: AtomicU64::new(0),
+            failures: AtomicU64::new(0),
+            bad_since_up: AtomicU64::new(0),
+            bad_total: AtomicU64::new(0),
+            needs_probe: AtomicBool::new(false),
+            reason: Mutex::new(None),
+            healthy_gauge: ::metrics::gauge!(metrics::TOKEN_HEALTHY, "token" => name.to_string()),
+            failure_counter: ::metrics::counter!(metrics::TOKEN_FAILURES, "token" => name.to_string()),
+            bad_counter: ::metrics::counter!(metrics::TOKEN_BAD_SIGNATURES, "token" => name.to_string()),
+            panic_counter: ::metrics::counter!(metrics::WORKER_PANICS, "token" => name.to_string()),
+        }
+    }
+
+    fn reason(&self) -> Option<String> {
+        self.reason
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    fn set_reason(&self, reason: Option<String>) {
+        *self.reason.lock().unwrap_or_else(|p| p.into_inner()) = reason;
+    }
 }
 
 pub(crate) struct RegisteredKey {
     pub(crate) label: Arc<str>,
     pub(crate) key_type: KeyType,
     pub(crate) spki: Arc<[u8]>,
-    /// The post-sign check of its digest signatures (`None`: the public key did not parse; nothing is checked).
+    /// The post-sign check of its digest signatures (`None`: the public key did not parse, and every signature
+    /// fails the check; [`Pipeline::key`] refuses to register such a key).
     pub(crate) verifier: Option<verify::DigestVerifier>,
 }
 
@@ -206,8 +265,14 @@ impl Shared {
             .cloned()
     }
 
+    /// Every registered key, in slot order.
+    pub(crate) fn registered_all(&self) -> Vec<Arc<RegisteredKey>> {
+        self.keys.read().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
     pub(crate) fn mark_down(&self, token: &TokenState, reason: &str) {
         if token.healthy.swap(false, Ordering::AcqRel) {
+            token.set_reason(Some(reason.to_string()));
             self.healthy_tokens.fetch_sub(1, Ordering::AcqRel);
             token.healthy_gauge.set(0.0);
             tracing::warn!(token = %token.name, reason, "token taken out of rotation");
@@ -216,17 +281,58 @@ impl Shared {
 
     pub(crate) fn mark_up(&self, token: &TokenState) {
         if !token.healthy.swap(true, Ordering::AcqRel) {
+            token.set_reason(None);
             self.healthy_tokens.fetch_add(1, Ordering::AcqRel);
             token.healthy_gauge.set(1.0);
             tracing::info!(token = %token.name, "token back in rotation");
         }
     }
 
+    /// A signature `token` made failed its post-sign check: counted, and the token leaves rotation once
+    /// `max_bad_signatures` of them were seen since it last entered it.
+    pub(crate) fn post_sign_failed(&self, token: &TokenState) {
+        token.bad_counter.increment(1);
+        token.bad_total.fetch_add(1, Ordering::Relaxed);
+        let n = token.bad_since_up.fetch_add(1, Ordering::AcqRel) + 1;
+        tracing::error!(token = %token.name, failed = n, "a signature made by the token failed the post-sign check");
+        if n >= u64::from(self.config.max_bad_signatures.max(1)) {
+            token.needs_probe.store(true, Ordering::Release);
+            let reason = format!("{n} signatures failed the post-sign check");
+            if !token.healthy.load(Ordering::Acquire) {
+                // Already out (e.g. its session failed): it now also needs a probe signature to come back.
+                token.set_reason(Some(reason));
+            } else {
+                self.mark_down(token, &reason);
+            }
+        }
+    }
+
+    /// A probe signature verified: the token's count of failed checks starts again.
+    pub(crate) fn probe_passed(&self, token: &TokenState) {
+        token.bad_since_up.store(0, Ordering::Release);
+        token.needs_probe.store(false, Ordering::Release);
+    }
+
+    /// Why no token can sign: each token's reason for being out of rotation.
+    pub(crate) fn out_of_rotation(&self) -> String {
+        let reasons: Vec<String> = self
+            .tokens
+            .iter()
+            .filter(|t| !t.healthy.load(Ordering::Acquire))
+            .map(|t| match t.reason() {
+                Some(r) => format!("{:?}: {r}", t.name),
+                None => format!("{:?}", t.name),
+            })
+            .collect();
+        format!("every token is out of rotation ({})", reasons.join("; "))
+    }
+
     /// Answers every queued job `Unavailable` (no token can take it).
-    pub(crate) fn fail_queued(&self, reason: &str) {
+    pub(crate) fn fail_queued(&self) {
+        let reason = self.out_of_rotation();
         while let Ok(job) = self.retry_rx.try_recv().or_else(|_| self.rx.try_recv()) {
             let e = PipelineError::Unavailable {
-                reason: reason.to_string(),
+                reason: reason.clone(),
                 retry_after: self.config.backoff_initial,
             };
             self.handles.outcome(e.outcome());
@@ -289,21 +395,14 @@ impl Pipeline {
         let mut opened = Vec::new();
         let mut tokens = Vec::new();
         for m in &members {
-            let state = Arc::new(TokenState {
-                name: m.name.clone(),
-                opener: m.opener.clone(),
-                healthy: AtomicBool::new(true),
-                signatures: AtomicU64::new(0),
-                failures: AtomicU64::new(0),
-                healthy_gauge: ::metrics::gauge!(metrics::TOKEN_HEALTHY, "token" => m.name.clone()),
-                failure_counter: ::metrics::counter!(metrics::TOKEN_FAILURES, "token" => m.name.clone()),
-            });
+            let state = Arc::new(TokenState::new(&m.name, m.opener.clone()));
             for _ in 0..m.sessions.max(1) {
                 match m.opener.open() {
                     Ok(s) => opened.push((state.clone(), Some(s))),
                     Err(e) if e.is_transient() => {
                         tracing::warn!(token = %m.name, error = %e, "cannot open a worker session; token starts out of rotation");
                         state.healthy.store(false, Ordering::Release);
+                        state.set_reason(Some(format!("cannot open a session: {e}")));
                         opened.push((state.clone(), None));
                     }
                     Err(e) => {
@@ -432,7 +531,14 @@ impl Pipeline {
         };
         let key_type = crate::keys_token::key_type_of(token_type)
             .map_err(|e| PipelineError::Key(e.to_string()))?;
-        let verifier = verify::DigestVerifier::new(key_type, &spki);
+        // Fail closed: a key whose signatures could not be checked after signing is not used at all.
+        let Some(verifier) = verify::DigestVerifier::new(key_type, &spki) else {
+            return Err(PipelineError::Key(format!(
+                "key {label:?}: its public key does not parse as a {key_type} key, so its signatures could not be \
+                 checked after signing"
+            )));
+        };
+        let verifier = Some(verifier);
         let reg = Arc::new(RegisteredKey {
             label: Arc::from(label),
             key_type,
@@ -492,7 +598,7 @@ impl Pipeline {
         }
         if s.healthy_tokens.load(Ordering::Acquire) == 0 {
             let e = PipelineError::Unavailable {
-                reason: "every token is out of rotation".into(),
+                reason: s.out_of_rotation(),
                 retry_after: s.config.backoff_initial,
             };
             return refuse(e, job);
@@ -524,8 +630,9 @@ impl Pipeline {
     /// Signs a bare digest computed by the caller (SPIRE KeyManager `SignData`): `digest` must have the length of
     /// `alg`'s hash (for Ed25519, pass the message). ECDSA signatures come back raw r||s
     /// ([`ecdsa_raw_to_der`](crate::keys::ecdsa_raw_to_der) for DER). The job is refused at once when the queue is
-    /// full; dropping the future abandons the job (it is then never signed). P-256 signatures are checked against
-    /// the public key per [`VerifyPolicy`] (on the CPU pool) before they are returned.
+    /// full; dropping the future abandons the job (it is then never signed); the reply is awaited until `deadline`
+    /// at most (then `DeadlineExceeded`). Signatures are checked against the public key per [`VerifyPolicy`] (on
+    /// the CPU pool) before they are returned; a failed check counts against the token that signed.
     pub fn submit_digest(
         &self,
         key: &PipelineKey,
@@ -535,7 +642,7 @@ impl Pipeline {
     ) -> impl Future<Output = Result<Vec<u8>, PipelineError>> + Send + 'static + use<> {
         let checked = key.check_request(alg, digest).map(|reg| {
             // Keep a copy of the digest only for the signatures that will be checked.
-            let verify = (reg.verifier.is_some() && self.should_verify()).then(|| digest.to_vec());
+            let verify = self.should_verify().then(|| digest.to_vec());
             let reply = self.submit(key.index(), alg, digest.to_vec(), deadline);
             (reg, verify, reply)
         });
@@ -543,7 +650,16 @@ impl Pipeline {
         let shared = self.shared.clone();
         async move {
             let (reg, verify, reply) = checked?;
-            let sig = reply?.await?;
+            let reply = reply?;
+            // A lost reply cannot hold the caller past its deadline (on a tokio runtime; the pipeline answers every
+            // job it holds in any case).
+            let job::Signed { sig, token } = if tokio::runtime::Handle::try_current().is_ok() {
+                tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), reply.signed())
+                    .await
+                    .unwrap_or(Err(PipelineError::DeadlineExceeded))?
+            } else {
+                reply.signed().await?
+            };
             let Some(digest_copy) = verify else {
                 return Ok(sig);
             };
@@ -555,6 +671,9 @@ impl Pipeline {
                 .await?;
             shared.verified.fetch_add(1, Ordering::Relaxed);
             shared.verify_counter.increment(1);
+            if let Err(PipelineError::PostSignCheck(_)) = &checked {
+                shared.post_sign_failed(&token);
+            }
             if checked.is_err() && !shared.verify_escalated.swap(true, Ordering::AcqRel) {
                 tracing::error!(
                     "a token returned a digest signature that does not verify: every digest signature is checked \
@@ -590,6 +709,12 @@ impl Pipeline {
                 healthy: t.healthy.load(Ordering::Acquire),
                 signatures: t.signatures.load(Ordering::Relaxed),
                 failures: t.failures.load(Ordering::Relaxed),
+                bad_signatures: t.bad_total.load(Ordering::Relaxed),
+                reason: if t.healthy.load(Ordering::Acquire) {
+                    None
+                } else {
+                    Some(t.reason().unwrap_or_else(|| "out of rotation".into()))
+                },
             })
             .collect()
     }
@@ -627,13 +752,134 @@ fn verify_digest(
     digest: &[u8],
     sig: &[u8],
 ) -> Result<(), PipelineError> {
+    // Fail closed: a signature that cannot be checked does not leave.
     let Some(v) = reg.verifier.as_ref() else {
-        return Ok(());
+        tracing::error!(key = %reg.label, "no post-sign verifier for the key: the signature is refused");
+        return Err(PipelineError::PostSignCheck(format!(
+            "key {:?}: its public key could not be read, so the signature could not be checked",
+            reg.label
+        )));
     };
     if v.verify(alg, digest, sig) {
         Ok(())
     } else {
         tracing::error!(key = %reg.label, "token signature over a digest does not verify");
         Err(PipelineError::PostSignCheck(format!("key {:?}", reg.label)))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use super::*;
+    use crate::keys::{AuthorityKey, KeyError, SignatureScheme, SoftwareKey};
+
+    fn registered(key_type: KeyType, spki: &[u8]) -> RegisteredKey {
+        RegisteredKey {
+            label: Arc::from("k"),
+            key_type,
+            spki: Arc::from(spki),
+            verifier: verify::DigestVerifier::new(key_type, spki),
+        }
+    }
+
+    /// A key whose public half cannot be read: no verifier is built, and a signature is refused, not passed.
+    #[test]
+    fn a_signature_that_cannot_be_checked_fails_the_post_sign_check() {
+        for key_type in [
+            KeyType::EcP256,
+            KeyType::EcP384,
+            KeyType::Rsa2048,
+            KeyType::Ed25519,
+        ] {
+            let reg = registered(key_type, b"not a SubjectPublicKeyInfo");
+            assert!(reg.verifier.is_none(), "{key_type}");
+            let alg = crate::keys_token::sign_algorithm(key_type.x509_scheme());
+            let e = verify_digest(&reg, alg, &[0u8; 32], &[1u8; 64]).unwrap_err();
+            assert!(
+                matches!(e, PipelineError::PostSignCheck(_)),
+                "{key_type}: {e}"
+            );
+        }
+    }
+
+    /// A P-256 key's verifier given another key type's point, or the right key but a bad signature: refused.
+    #[test]
+    fn wrong_key_type_or_bad_signature_fails_the_post_sign_check() {
+        let (key, _) = SoftwareKey::generate(KeyType::EcP256).unwrap();
+        let spki = key.spki_der().to_vec();
+        // The P-256 point is no P-384 point, nor an RSA key.
+        assert!(verify::DigestVerifier::new(KeyType::EcP384, &spki).is_none());
+        assert!(verify::DigestVerifier::new(KeyType::Rsa2048, &spki).is_none());
+        let reg = registered(KeyType::EcP256, &spki);
+        let msg = b"message";
+        let sig = key.sign(SignatureScheme::EcdsaP256Sha256, msg).unwrap();
+        let digest = ring::digest::digest(&ring::digest::SHA256, msg);
+        let alg = SignAlgorithm::EcdsaSha256;
+        assert_eq!(verify_digest(&reg, alg, digest.as_ref(), &sig), Ok(()));
+        let mut bad = sig.clone();
+        bad[5] ^= 1;
+        assert!(matches!(
+            verify_digest(&reg, alg, digest.as_ref(), &bad),
+            Err(PipelineError::PostSignCheck(_))
+        ));
+        // An RSA verifier refuses a non-RSA algorithm outright.
+        assert!(matches!(
+            verify_digest(&reg, alg, digest.as_ref(), &[]),
+            Err(PipelineError::PostSignCheck(_))
+        ));
+    }
+
+    /// A key that signs correctly but whose public key does not parse, recording what it was told.
+    #[derive(Debug)]
+    struct Unreadable {
+        key: SoftwareKey,
+        checked: Mutex<Vec<bool>>,
+    }
+
+    impl AuthorityKey for Unreadable {
+        fn key_type(&self) -> KeyType {
+            KeyType::EcP256
+        }
+        fn spki_der(&self) -> &[u8] {
+            b"\x30\x03\x02\x01\x00"
+        }
+        fn sign(&self, scheme: SignatureScheme, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+            self.key.sign(scheme, message)
+        }
+        fn post_sign_checked(&self, _signature: &[u8], passed: bool) {
+            self.checked.lock().unwrap().push(passed);
+        }
+    }
+
+    /// The JWT post-sign check fails closed on a public key it cannot read, and tells the key.
+    #[test]
+    fn a_jwt_whose_key_cannot_be_read_is_refused() {
+        let (key, _) = SoftwareKey::generate(KeyType::EcP256).unwrap();
+        let key = Arc::new(Unreadable {
+            key,
+            checked: Mutex::new(Vec::new()),
+        });
+        let td = crate::spiffe::TrustDomain::parse("example.org").unwrap();
+        let issuer = crate::jwt::JwtIssuer::new(
+            key.clone(),
+            td,
+            Some("kid".into()),
+            None,
+            Duration::from_secs(300),
+        )
+        .unwrap();
+        let id = crate::spiffe::SpiffeId::parse("spiffe://example.org/w").unwrap();
+        let e = issuer
+            .issue(
+                &id,
+                &["aud".into()],
+                Duration::from_secs(60),
+                time::OffsetDateTime::now_utc(),
+            )
+            .unwrap_err();
+        assert!(matches!(e, crate::jwt::JwtError::PostSignCheck(_)), "{e}");
+        assert_eq!(*key.checked.lock().unwrap(), vec![false]);
     }
 }

@@ -28,6 +28,11 @@ pub trait HsmSession: Send {
         alg: SignAlgorithm,
         message: &[u8],
     ) -> Result<Vec<u8>, Error>;
+    /// Forgets any handle cached for the key labelled `label` (the token said it no longer knows it), so that
+    /// the next [`find_key`](Self::find_key) looks it up on the token again.
+    fn forget_key(&mut self, label: &str) {
+        let _ = label;
+    }
     /// Replaces the PKCS#11 session with a fresh, logged-in one; cached keys become stale.
     fn reopen(&mut self) -> Result<(), Error>;
     /// The library generation the session was opened in (for [`SessionOpener::reinitialize`]).
@@ -56,6 +61,9 @@ impl HsmSession for TokenSession {
         message: &[u8],
     ) -> Result<Vec<u8>, Error> {
         TokenSession::sign(self, key, alg, message)
+    }
+    fn forget_key(&mut self, label: &str) {
+        TokenSession::forget_key(self, label);
     }
     fn reopen(&mut self) -> Result<(), Error> {
         TokenSession::reopen(self)

@@ -331,12 +331,22 @@ impl X509SvidIssuer {
         }
         collector.release();
         async move {
-            // The collector always sends (its slots fill even when work is dropped); this is a backstop.
-            rx.await.unwrap_or_else(|_| {
-                (0..n)
+            // The collector always sends (its slots fill even when work is dropped); this is a backstop, and the
+            // wait ends at the deadline whatever happens to the work.
+            let waited = if tokio::runtime::Handle::try_current().is_ok() {
+                tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), rx).await
+            } else {
+                Ok(rx.await)
+            };
+            match waited {
+                Ok(Ok(results)) => results,
+                Ok(Err(_)) => (0..n)
                     .map(|_| Err(SvidError::Pipeline(PipelineError::ShuttingDown)))
-                    .collect()
-            })
+                    .collect(),
+                Err(_) => (0..n)
+                    .map(|_| Err(SvidError::Pipeline(PipelineError::DeadlineExceeded)))
+                    .collect(),
+            }
         }
     }
 }
@@ -459,10 +469,13 @@ impl Sink {
 impl Drop for Sink {
     fn drop(&mut self) {
         if let Some(c) = self.collector.take() {
-            c.fill(
-                self.index,
-                Err(SvidError::Pipeline(PipelineError::ShuttingDown)),
-            );
+            // Dropped by a thread that panics (a CPU task, an HSM worker running the continuation): internal.
+            let e = if std::thread::panicking() {
+                PipelineError::Internal("the thread issuing the X509-SVID panicked".into())
+            } else {
+                PipelineError::ShuttingDown
+            };
+            c.fill(self.index, Err(SvidError::Pipeline(e)));
         }
     }
 }
@@ -495,7 +508,10 @@ impl SignThen for Complete {
             Ok(raw) => raw,
             Err(e) => return sink.put(Err(SvidError::from(IssueError::Key(e)))),
         };
+        // Which token made the signature, for the post-sign check on the CPU thread (see `key.rs`).
+        let signer = super::key::take_signer();
         cpu.spawn_to_completion(move || {
+            super::key::restore_signer(signer);
             let issued = authority
                 .complete(unsigned, raw)
                 .map(|issued| X509Svid {

@@ -220,8 +220,10 @@ fn checked_signature(
     tbs: &[u8],
     raw: Vec<u8>,
 ) -> Result<Vec<u8>, IssueError> {
-    verify_signature(key.spki_der(), scheme, tbs, &raw)
-        .map_err(|e| IssueError::PostSignCheck(e.to_string()))?;
+    // Fail closed: a public key that does not parse fails the check like a signature that does not verify.
+    let checked = verify_signature(key.spki_der(), scheme, tbs, &raw);
+    key.post_sign_checked(&raw, checked.is_ok());
+    checked.map_err(|e| IssueError::PostSignCheck(e.to_string()))?;
     match scheme {
         SignatureScheme::EcdsaP256Sha256 | SignatureScheme::EcdsaP384Sha384 => {
             Ok(ecdsa_raw_to_der(&raw)?)

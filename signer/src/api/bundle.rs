@@ -5,8 +5,15 @@
 //! every open `MintX509CAAndSubscribe`, `PublishJWTKeyAndSubscribe` and `SubscribeToLocalBundle` stream sees the
 //! change. The authorities' life cycle ([`crate::ca`]) commits each change to the datastore first and then hands the
 //! bundle the new version ([`TrustBundle::replace`]), so the sequence number survives restarts. Keys published by
-//! SPIRE servers change the live bundle first and are then stored
-//! ([`crate::ca::Authorities::keep_published_jwt_keys`]), so a restart still publishes them.
+//! SPIRE servers are stored first ([`crate::ca::Authorities::store_published_jwt_key`]) and then join the live
+//! bundle ([`TrustBundle::publish_jwt_key`]), so a restart still publishes them.
+//!
+//! **Every JWT key has an owner** ([`KeyOwner`]): signet's own authorities (from rotation) belong to signet and
+//! change only through rotation, never through [`TrustBundle::publish_jwt_key`]; a key a SPIRE server published
+//! belongs to that server (the caller's SPIFFE ID) and only it may publish it again, change its expiry or taint it.
+//! Nobody else removes it either: only its own expiry does. [`check_publishable`] holds the rules for what a caller
+//! may put into the bundle at all (key id, expiry, key type). No RPC puts anything else into the bundle: X.509 roots
+//! and their `tainted` flag are signet's authorities and move only through rotation.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +22,49 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::spiffe::{BundleDocument, JwtAuthority, X509Authority};
+
+/// Whom a JWT key in the bundle belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KeyOwner {
+    /// signet's own JWT authority (rotation): never changed through the UpstreamAuthority API.
+    Signet,
+    /// The SPIFFE ID of the caller that published it.
+    Publisher(String),
+    /// Published before owners were recorded: it stays until it expires, and nobody may change it.
+    Unknown,
+}
+
+impl KeyOwner {
+    /// The owner as stored with a published key (`""`: unknown).
+    pub fn stored(&self) -> &str {
+        match self {
+            KeyOwner::Publisher(id) => id,
+            KeyOwner::Signet | KeyOwner::Unknown => "",
+        }
+    }
+
+    /// The owner of a published key as the datastore holds it (`""`: unknown).
+    pub fn from_stored(owner: String) -> Self {
+        if owner.is_empty() {
+            KeyOwner::Unknown
+        } else {
+            KeyOwner::Publisher(owner)
+        }
+    }
+}
+
+impl std::fmt::Display for KeyOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyOwner::Signet => f.write_str("signet (its own JWT authority)"),
+            KeyOwner::Publisher(id) => write!(f, "{id}"),
+            KeyOwner::Unknown => f.write_str("an unrecorded publisher"),
+        }
+    }
+}
+
+/// Longest key id accepted from a publisher, in bytes.
+pub const MAX_KID_LEN: usize = 256;
 
 /// A JWT signing key in the bundle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +77,8 @@ pub struct JwtKey {
     pub expires_at: i64,
     /// Whether it is tainted.
     pub tainted: bool,
+    /// Whom it belongs to.
+    pub owner: KeyOwner,
 }
 
 /// One version of the bundle.
@@ -67,17 +119,99 @@ impl BundleSnapshot {
 }
 
 /// Why a JWT key was not published.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum PublishError {
-    /// The key id is taken by a different key.
+    /// The key id is taken by a different key of the same publisher.
     #[error(
         "key id {0:?} is already in the bundle with a different public key: use a fresh key id"
     )]
     KidConflict(String),
+    /// The key id belongs to signet's own JWT authorities.
+    #[error(
+        "key id {0:?} is one of signet's own JWT authorities: they change only through rotation"
+    )]
+    SignetKey(String),
+    /// The key id is in the bundle under another owner.
+    #[error("key id {kid:?} belongs to {owner}: only its owner may publish, expire or taint it")]
+    NotOwner {
+        /// The key id.
+        kid: String,
+        /// Its owner.
+        owner: KeyOwner,
+    },
+    /// The key id is empty, too long or not printable ASCII.
+    #[error("key_id {0}")]
+    BadKid(String),
+    /// The expiry is not in the future.
+    #[error(
+        "expires_at {expires_at} is not in the future (now {now}): give the key's expiry in Unix seconds"
+    )]
+    Expired {
+        /// The expiry asked for.
+        expires_at: i64,
+        /// Now.
+        now: i64,
+    },
     /// The key is unusable.
     #[error("the JWT key is invalid: {0}")]
     Invalid(String),
+}
+
+impl PublishError {
+    /// Whether the caller asked to change what is not its own (PERMISSION_DENIED), rather than sent something
+    /// unusable (INVALID_ARGUMENT) or clashing with its own key (ALREADY_EXISTS).
+    pub fn is_denied(&self) -> bool {
+        matches!(self, Self::SignetKey(_) | Self::NotOwner { .. })
+    }
+}
+
+/// Checks what a caller asks to publish, before anything else: a key id of 1 to [`MAX_KID_LEN`] bytes of printable
+/// ASCII, an expiry after `now` (Unix seconds), and a public key that is a SubjectPublicKeyInfo (DER, nothing
+/// after it) of a JWT key type signet accepts: EC P-256 or P-384 (a point on the curve) or RSA of at least 2048
+/// bits.
+pub fn check_publishable(kid: &str, spki: &[u8], expires_at: i64, now: i64) -> Result<(), PublishError> {
+    if kid.is_empty() {
+        return Err(PublishError::BadKid("is empty".into()));
+    }
+    if kid.len() > MAX_KID_LEN {
+        return Err(PublishError::BadKid(format!(
+            "is {} bytes long, more than {MAX_KID_LEN}",
+            kid.len()
+        )));
+    }
+    if let Some(b) = kid.bytes().find(|b| !(0x21..=0x7e).contains(b)) {
+        return Err(PublishError::BadKid(format!(
+            "holds byte 0x{b:02x}: use printable ASCII without spaces"
+        )));
+    }
+    if expires_at <= now {
+        return Err(PublishError::Expired { expires_at, now });
+    }
+    check_jwt_spki(spki)
+}
+
+/// Checks that `spki` is a JWT key signet accepts (see [`check_publishable`]).
+pub fn check_jwt_spki(spki: &[u8]) -> Result<(), PublishError> {
+    use crate::spki::{SubjectKey, SubjectKeyKind};
+    let key = SubjectKey::from_spki_der(spki).map_err(|e| PublishError::Invalid(e.to_string()))?;
+    let on_curve = match key.kind() {
+        SubjectKeyKind::EcP256 => p256::PublicKey::from_sec1_bytes(key.raw()).is_ok(),
+        SubjectKeyKind::EcP384 => p384::PublicKey::from_sec1_bytes(key.raw()).is_ok(),
+        SubjectKeyKind::Rsa(_) => true,
+        _ => {
+            return Err(PublishError::Invalid(
+                "the key type is not accepted for JWT keys: use EC P-256, EC P-384 or RSA (2048 bits or more)"
+                    .into(),
+            ));
+        }
+    };
+    if !on_curve {
+        return Err(PublishError::Invalid(
+            "the EC public key is not a point on its curve".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The live bundle (cheap to clone).
@@ -175,31 +309,66 @@ impl TrustBundle {
         })
     }
 
-    /// Adds a JWT key; the same kid with the same key is a no-op (its expiry is refreshed). Expired keys are
-    /// dropped at the same time. Returns whether the bundle changed.
+    /// Whether publishing `key` (owned by `key.owner`) would be allowed by the keys in the bundle now: see
+    /// [`publish_jwt_key`](Self::publish_jwt_key). Lets a caller refuse (and audit) before doing anything.
+    pub fn may_publish(&self, key: &JwtKey) -> Result<(), PublishError> {
+        Self::ownership(&self.current(), key)
+    }
+
+    fn ownership(b: &BundleSnapshot, key: &JwtKey) -> Result<(), PublishError> {
+        if !matches!(key.owner, KeyOwner::Publisher(_)) {
+            return Err(PublishError::Invalid(
+                "only a caller publishes JWT keys; signet's own change through rotation".into(),
+            ));
+        }
+        match b.jwt_keys.iter().find(|k| k.kid == key.kid) {
+            None => Ok(()),
+            Some(k) if k.owner == KeyOwner::Signet => Err(PublishError::SignetKey(key.kid.clone())),
+            Some(k) if k.owner != key.owner => Err(PublishError::NotOwner {
+                kid: key.kid.clone(),
+                owner: k.owner.clone(),
+            }),
+            Some(k) if k.spki != key.spki => Err(PublishError::KidConflict(key.kid.clone())),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Adds a JWT key published by `key.owner` (a [`KeyOwner::Publisher`]), or lets its owner change its expiry or
+    /// taint. Refused, with the bundle unchanged: a key id of signet's own authorities ([`PublishError::SignetKey`]),
+    /// one in the bundle under another owner ([`PublishError::NotOwner`]), the owner's own key id with another
+    /// public key ([`PublishError::KidConflict`]), a key that is not a usable JWT authority. Published keys that
+    /// have expired are dropped at the same time; signet's own never are. The check and the change are one atomic
+    /// step on the live bundle. Returns whether the bundle changed.
     pub fn publish_jwt_key(&self, key: JwtKey) -> Result<bool, PublishError> {
         JwtAuthority::new(key.kid.clone(), key.spki.clone())
             .map_err(|e| PublishError::Invalid(e.to_string()))?;
-        if let Some(existing) = self.current().jwt_keys.iter().find(|k| k.kid == key.kid)
-            && existing.spki != key.spki
-        {
-            return Err(PublishError::KidConflict(key.kid));
-        }
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        Ok(self.modify(|b| {
+        let mut refused = None;
+        let changed = self.modify(|b| {
+            if let Err(e) = Self::ownership(b, &key) {
+                refused = Some(e);
+                return false;
+            }
             let before = b.jwt_keys.clone();
-            b.jwt_keys
-                .retain(|k| k.expires_at == 0 || k.expires_at > now || k.kid == key.kid);
+            b.jwt_keys.retain(|k| {
+                k.owner == KeyOwner::Signet
+                    || k.expires_at == 0
+                    || k.expires_at > now
+                    || k.kid == key.kid
+            });
             match b.jwt_keys.iter_mut().find(|k| k.kid == key.kid) {
-                Some(k) if k.spki == key.spki => {
+                Some(k) => {
                     k.expires_at = key.expires_at;
                     k.tainted = key.tainted;
                 }
-                Some(_) => {}
                 None => b.jwt_keys.push(key),
             }
             b.jwt_keys != before
-        }))
+        });
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(changed),
+        }
     }
 }
 

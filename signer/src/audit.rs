@@ -186,8 +186,7 @@ impl AuditLog {
     /// the audit log can be shown to stop rather than act unaudited.
     #[doc(hidden)]
     pub fn simulate_write_failure(&self, on: bool) {
-        self.failing
-            .store(on, std::sync::atomic::Ordering::SeqCst);
+        self.failing.store(on, std::sync::atomic::Ordering::SeqCst);
     }
 
     /// Stops the writer after the lines already handed to it are written. Blocks until it has exited.

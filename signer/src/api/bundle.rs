@@ -170,7 +170,21 @@ impl PublishError {
 /// ASCII, an expiry after `now` (Unix seconds), and a public key that is a SubjectPublicKeyInfo (DER, nothing
 /// after it) of a JWT key type signet accepts: EC P-256 or P-384 (a point on the curve) or RSA of at least 2048
 /// bits.
-pub fn check_publishable(kid: &str, spki: &[u8], expires_at: i64, now: i64) -> Result<(), PublishError> {
+pub fn check_publishable(
+    kid: &str,
+    spki: &[u8],
+    expires_at: i64,
+    now: i64,
+) -> Result<(), PublishError> {
+    check_kid(kid)?;
+    if expires_at <= now {
+        return Err(PublishError::Expired { expires_at, now });
+    }
+    check_jwt_spki(spki)
+}
+
+/// Checks a key id from a publisher: 1 to [`MAX_KID_LEN`] bytes of printable ASCII without spaces.
+pub fn check_kid(kid: &str) -> Result<(), PublishError> {
     if kid.is_empty() {
         return Err(PublishError::BadKid("is empty".into()));
     }
@@ -185,10 +199,7 @@ pub fn check_publishable(kid: &str, spki: &[u8], expires_at: i64, now: i64) -> R
             "holds byte 0x{b:02x}: use printable ASCII without spaces"
         )));
     }
-    if expires_at <= now {
-        return Err(PublishError::Expired { expires_at, now });
-    }
-    check_jwt_spki(spki)
+    Ok(())
 }
 
 /// Checks that `spki` is a JWT key signet accepts (see [`check_publishable`]).
@@ -376,6 +387,40 @@ impl TrustBundle {
 mod tests {
     use super::*;
 
+    const RSA_1024_SPKI: &str = "MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQC77TgcM4zQRhCSFWCeRSWCwz4OT20F4+AZRic5aD/3QYzY5jkwGcKvUDGn+hhDEwROMDC4qBwwOEqJsSc2pSir/hSK4w5JfFj2Iqe/bODGA8s/auXMWfZUQWMlqT03USCumHIiaUJieqeLTtdFCaiMC7peKNI5ilDyy7jvhhv/wwIDAQAB";
+    const RSA_2048_SPKI: &str = "MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAojVXIyaXR5s2c+H5dc8bS4FRLHNzaNqoekcVLQremDKEIKUtwdUsOGJ25030Fp4lRz+Kvn0vR7cKiP2su+QE+bfVWklgHajF//hJiNrAe5XvBwyrnTx6pftbkb4BTWTlm9Id0gyw09uuVrcBfZO1SPCw4anECMBxBR0EnBobrwLccmEjx4PwWN8sxqCoUTpkUab4C/8Qy7oFX1HzoKF7rz3Ln4m8//lC/dtRtMyC/nvSUMFL04YYNoJdrFjqfQbHy5aO4YJyg1KKSZdj2sZYLcJjMiXYlcegkd078QkeWN8bxovIUjElcKMEFKIAJAAsWYhAA3u60ycEUoFM45N0PQIDAQAB";
+
+    fn spki() -> Vec<u8> {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        rcgen::PublicKeyData::subject_public_key_info(&kp)
+    }
+
+    fn now() -> i64 {
+        OffsetDateTime::now_utc().unix_timestamp()
+    }
+
+    fn key(kid: &str, spki: Vec<u8>, owner: &str) -> JwtKey {
+        JwtKey {
+            kid: kid.into(),
+            spki,
+            expires_at: now() + 3600,
+            tainted: false,
+            owner: KeyOwner::Publisher(owner.into()),
+        }
+    }
+
+    /// A bundle with signet's own JWT key `signet-kid`.
+    fn with_signet_key() -> (TrustBundle, JwtKey) {
+        let own = JwtKey {
+            kid: "signet-kid".into(),
+            spki: spki(),
+            expires_at: 0,
+            tainted: false,
+            owner: KeyOwner::Signet,
+        };
+        (TrustBundle::new(vec![vec![1]], vec![own.clone()]), own)
+    }
+
     #[test]
     fn every_change_bumps_the_sequence_and_reaches_subscribers() {
         let b = TrustBundle::new(vec![vec![1]], Vec::new());
@@ -388,5 +433,198 @@ mod tests {
         assert!(b.remove_x509_root(&[1]));
         assert_eq!(b.current().x509_roots, vec![vec![2]]);
         assert_eq!(b.current().sequence, s0 + 2);
+    }
+
+    #[test]
+    fn signets_own_key_cannot_be_expired_or_tainted_by_a_publisher() {
+        let (b, own) = with_signet_key();
+        let before = b.current();
+        // The attack: signet's own kid and public key, with an expiry in the past and tainted.
+        let mut attack = key("signet-kid", own.spki.clone(), "spiffe://td/spire/a");
+        attack.expires_at = 1;
+        attack.tainted = true;
+        assert_eq!(
+            b.publish_jwt_key(attack.clone()),
+            Err(PublishError::SignetKey("signet-kid".into()))
+        );
+        assert!(b.may_publish(&attack).unwrap_err().is_denied());
+        // Even the same key with a valid expiry is not taken over.
+        assert!(
+            b.publish_jwt_key(key("signet-kid", own.spki.clone(), "x"))
+                .is_err()
+        );
+        assert_eq!(b.current(), before, "nothing changed");
+        // Another key's publication leaves signet's key in place.
+        assert!(
+            b.publish_jwt_key(key("other", spki(), "spiffe://td/spire/a"))
+                .unwrap()
+        );
+        assert!(b.current().jwt_keys.contains(&own));
+    }
+
+    #[test]
+    fn signets_key_is_never_dropped_as_expired_and_nobody_publishes_as_signet() {
+        let mut own = with_signet_key().1;
+        own.expires_at = 1;
+        let b = TrustBundle::new(Vec::new(), vec![own.clone()]);
+        assert!(b.publish_jwt_key(key("k", spki(), "a")).unwrap());
+        assert!(b.current().jwt_keys.contains(&own));
+        let mut forged = key("k2", spki(), "a");
+        forged.owner = KeyOwner::Signet;
+        assert!(matches!(
+            b.publish_jwt_key(forged),
+            Err(PublishError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn only_the_owner_changes_its_key() {
+        let b = TrustBundle::new(Vec::new(), Vec::new());
+        let k = key("spire-a-1", spki(), "spiffe://td/spire/a");
+        assert!(b.publish_jwt_key(k.clone()).unwrap());
+        // Another caller cannot expire, taint or re-publish it, even with the same public key.
+        for change in [
+            JwtKey {
+                expires_at: 1,
+                ..k.clone()
+            },
+            JwtKey {
+                tainted: true,
+                ..k.clone()
+            },
+            k.clone(),
+        ] {
+            let by_b = JwtKey {
+                owner: KeyOwner::Publisher("spiffe://td/spire/b".into()),
+                ..change
+            };
+            assert_eq!(
+                b.publish_jwt_key(by_b),
+                Err(PublishError::NotOwner {
+                    kid: "spire-a-1".into(),
+                    owner: KeyOwner::Publisher("spiffe://td/spire/a".into()),
+                })
+            );
+        }
+        assert_eq!(b.current().jwt_keys, vec![k.clone()]);
+        // The owner re-publishes (no change), then taints and changes its expiry.
+        assert!(!b.publish_jwt_key(k.clone()).unwrap());
+        let tainted = JwtKey {
+            tainted: true,
+            expires_at: k.expires_at + 60,
+            ..k.clone()
+        };
+        assert!(b.publish_jwt_key(tainted.clone()).unwrap());
+        assert_eq!(b.current().jwt_keys, vec![tainted]);
+        // Its own key id with another public key is a conflict, not a replacement.
+        assert_eq!(
+            b.publish_jwt_key(key("spire-a-1", spki(), "spiffe://td/spire/a")),
+            Err(PublishError::KidConflict("spire-a-1".into()))
+        );
+    }
+
+    #[test]
+    fn keys_without_a_recorded_owner_are_changed_by_nobody() {
+        let legacy = JwtKey {
+            owner: KeyOwner::Unknown,
+            ..key("old", spki(), "")
+        };
+        let b = TrustBundle::new(Vec::new(), vec![legacy.clone()]);
+        let r = b.publish_jwt_key(JwtKey {
+            owner: KeyOwner::Publisher("spiffe://td/spire/a".into()),
+            expires_at: 1,
+            ..legacy.clone()
+        });
+        assert!(r.unwrap_err().is_denied());
+        assert_eq!(b.current().jwt_keys, vec![legacy]);
+    }
+
+    #[test]
+    fn expired_published_keys_leave_at_the_next_publication() {
+        let b = TrustBundle::new(Vec::new(), Vec::new());
+        let mut k = key("short", spki(), "a");
+        k.expires_at = now() - 1;
+        // Accepted by the bundle itself (the API refuses it first: check_publishable), then dropped.
+        assert!(b.publish_jwt_key(k).unwrap());
+        assert!(b.publish_jwt_key(key("next", spki(), "b")).unwrap());
+        let kids: Vec<String> = b.current().jwt_keys.iter().map(|k| k.kid.clone()).collect();
+        assert_eq!(kids, vec!["next".to_string()]);
+    }
+
+    #[test]
+    fn what_a_caller_may_publish() {
+        let t = now();
+        let good = spki();
+        assert_eq!(check_publishable("k", &good, t + 60, t), Ok(()));
+        for (kid, why) in [
+            ("", "is empty"),
+            ("has space", "0x20"),
+            ("tab\t", "0x09"),
+            ("é", "0xc3"),
+        ] {
+            let e = check_publishable(kid, &good, t + 60, t).unwrap_err();
+            assert!(matches!(e, PublishError::BadKid(_)), "{kid:?}: {e}");
+            assert!(e.to_string().contains(why), "{kid:?}: {e}");
+        }
+        let long = "k".repeat(MAX_KID_LEN + 1);
+        assert!(matches!(
+            check_publishable(&long, &good, t + 60, t),
+            Err(PublishError::BadKid(_))
+        ));
+        assert_eq!(
+            check_publishable(&"k".repeat(MAX_KID_LEN), &good, t + 60, t),
+            Ok(())
+        );
+        for exp in [t, t - 1, 1, 0, -5] {
+            assert!(
+                matches!(
+                    check_publishable("k", &good, exp, t),
+                    Err(PublishError::Expired { .. })
+                ),
+                "{exp}"
+            );
+        }
+        // Garbage, trailing bytes, Ed25519, a P-256 point off the curve, RSA 1024: refused; P-384 and RSA 2048 fine.
+        let mut trailing = good.clone();
+        trailing.push(0);
+        let ed = rcgen::PublicKeyData::subject_public_key_info(
+            &rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap(),
+        );
+        let mut off_curve = good.clone();
+        let n = off_curve.len();
+        off_curve[n - 1] ^= 1;
+        let p384 = rcgen::PublicKeyData::subject_public_key_info(
+            &rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap(),
+        );
+        // RSA public keys made with `openssl genpkey` (generating RSA keys in a test is slow).
+        let rsa = |bits: usize| {
+            use base64::Engine as _;
+            let b64 = if bits == 1024 {
+                RSA_1024_SPKI
+            } else {
+                RSA_2048_SPKI
+            };
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap()
+        };
+        for bad in [
+            b"garbage".to_vec(),
+            Vec::new(),
+            trailing,
+            ed,
+            off_curve,
+            rsa(1024),
+        ] {
+            assert!(
+                matches!(
+                    check_publishable("k", &bad, t + 60, t),
+                    Err(PublishError::Invalid(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(check_publishable("k", &p384, t + 60, t), Ok(()));
+        assert_eq!(check_publishable("k", &rsa(2048), t + 60, t), Ok(()));
     }
 }

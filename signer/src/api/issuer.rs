@@ -98,9 +98,7 @@ impl pb::issuer_server::Issuer for IssuerService {
                 Ok(ids) => ids,
                 // The CPU pool refuses the batch (Overloaded, ShuttingDown): refused as a whole, and audited.
                 Err(e) => {
-                    return Err(st
-                        .refuse(&caller, super::pipeline_status(&e), None)
-                        .await);
+                    return Err(st.refuse(&caller, super::pipeline_status(&e), None).await);
                 }
             }
         };

@@ -21,7 +21,7 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::bundle::{BundleSnapshot, JwtKey, KeyOwner, PublishError, check_publishable};
+use super::bundle::{BundleSnapshot, JwtKey, KeyOwner, PublishError, check_kid, check_publishable};
 use super::{AppState, Subject, cert_facts, issue_status, pipeline_status};
 use crate::audit::Outcome;
 use crate::ca::RotationError;
@@ -227,8 +227,7 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
             return Err(st.refuse(&caller, s, None).await);
         };
         let subject = || Some(Subject::KeyId(key.key_id.clone()));
-        let now = time::OffsetDateTime::now_utc().unix_timestamp();
-        if let Err(e) = check_publishable(&key.key_id, &key.public_key, key.expires_at, now) {
+        if let Err(e) = check_kid(&key.key_id) {
             return Err(st.refuse(&caller, publish_status(&e), subject()).await);
         }
         let taken = match st.grant(&caller) {
@@ -256,7 +255,12 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
         } else {
             st.bundle.may_publish(&jwt)
         };
-        if let Err(e) = allowed {
+        // Whose the key id is comes first (an attempt on another's key is PERMISSION_DENIED whatever it asks), then
+        // whether what is asked is usable.
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if let Err(e) = allowed
+            .and_then(|()| check_publishable(&key.key_id, &key.public_key, key.expires_at, now))
+        {
             return Err(st.refuse(&caller, publish_status(&e), subject()).await);
         }
         // The audit line is written before the key is stored or joins the bundle: if it cannot be, nothing changes.

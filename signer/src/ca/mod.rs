@@ -115,7 +115,11 @@ impl StepWitness for Unwitnessed {
     }
 }
 
-async fn witness<W: StepWitness>(w: &W, step: &'static str, label: &str) -> Result<(), RotationError> {
+async fn witness<W: StepWitness>(
+    w: &W,
+    step: &'static str,
+    label: &str,
+) -> Result<(), RotationError> {
     w.before_commit(step, label)
         .await
         .map_err(RotationError::NotRecorded)
@@ -1246,7 +1250,11 @@ impl Authorities {
     }
 
     /// [`taint`](Self::taint), told to `w` before it commits (not at all when the authority is already tainted).
-    pub async fn taint_with<W: StepWitness>(&self, label: &str, w: &W) -> Result<(), RotationError> {
+    pub async fn taint_with<W: StepWitness>(
+        &self,
+        label: &str,
+        w: &W,
+    ) -> Result<(), RotationError> {
         let mut records = self.records.lock().await;
         let _step = self.lock_step(&mut records).await?;
         let Some(mut rec) = records.iter().find(|r| r.label == label).cloned() else {

@@ -9,6 +9,7 @@
 )]
 
 mod bad_input;
+mod bundle_owners;
 mod cli;
 mod common;
 mod figures;

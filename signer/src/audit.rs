@@ -2,10 +2,11 @@
 //! the answer goes out.
 //!
 //! A request hands its records (one, or all of a batch RPC's) to [`AuditLog::record`] and awaits it; a dedicated
-//! writer thread takes every batch waiting, appends their lines, flushes (and with `fsync` syncs) once for all of
-//! them, then answers each: many concurrent requests share one write (group commit), and none is answered before its
-//! lines are in the file. If the file cannot be written, `record` fails and the request must fail (UNAVAILABLE):
-//! nothing is handed out unaudited.
+//! writer thread takes every batch waiting, appends their lines, flushes and (with `sync`, the default:
+//! `[server] audit_sync`) syncs the data to the disk (`fdatasync`) once for all of them, then answers each: many
+//! concurrent requests share one write and one sync (group commit), and none is answered before its lines are in the
+//! file (and, synced, survive a crash of the machine). If the file cannot be written or synced, `record` fails and
+//! the request must fail (UNAVAILABLE): nothing is handed out or changed unaudited.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write as _;
@@ -123,13 +124,15 @@ struct Batch {
 pub struct AuditLog {
     tx: Sender<Batch>,
     path: PathBuf,
+    /// Fault drills: while set, every write fails as a full disk would.
+    failing: std::sync::Arc<std::sync::atomic::AtomicBool>,
     writer: std::sync::Arc<std::sync::Mutex<Option<JoinHandle<()>>>>,
 }
 
 impl AuditLog {
-    /// Opens (creates, appends to) the audit log at `path` and starts its writer thread. With `fsync`, every write
-    /// is also synced to the disk.
-    pub fn open(path: &Path, fsync: bool) -> std::io::Result<Self> {
+    /// Opens (creates, appends to) the audit log at `path` and starts its writer thread. With `sync`, every group of
+    /// lines is also synced to the disk (`fdatasync`) before the requests that wrote them are answered.
+    pub fn open(path: &Path, sync: bool) -> std::io::Result<Self> {
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir)?;
         }
@@ -143,12 +146,15 @@ impl AuditLog {
         let file = opts.open(path)?;
         let (tx, rx) = channel::unbounded::<Batch>();
         let shown = path.display().to_string();
+        let failing = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let f2 = failing.clone();
         let handle = std::thread::Builder::new()
             .name("signet-audit".into())
-            .spawn(move || writer(file, rx, fsync, shown))?;
+            .spawn(move || writer(file, rx, sync, &f2, shown))?;
         Ok(Self {
             tx,
             path: path.to_path_buf(),
+            failing,
             writer: std::sync::Arc::new(std::sync::Mutex::new(Some(handle))),
         })
     }
@@ -180,6 +186,13 @@ impl AuditLog {
             .map_err(|_| fail("the audit writer has stopped".into()))?
     }
 
+    /// Fault drills and tests: while `on`, every write fails (ENOSPC, as on a full disk), so that what depends on
+    /// the audit log can be shown to stop rather than act unaudited.
+    #[doc(hidden)]
+    pub fn simulate_write_failure(&self, on: bool) {
+        self.failing.store(on, std::sync::atomic::Ordering::SeqCst);
+    }
+
     /// Stops the writer after the lines already handed to it are written. Blocks until it has exited.
     pub fn close(&self) {
         let handle = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take();
@@ -195,14 +208,24 @@ impl AuditLog {
     }
 }
 
-fn writer(mut file: File, rx: Receiver<Batch>, fsync: bool, path: String) {
+fn writer(
+    mut file: File,
+    rx: Receiver<Batch>,
+    sync: bool,
+    failing: &std::sync::atomic::AtomicBool,
+    path: String,
+) {
     while let Ok(first) = rx.recv() {
         let stop = first.lines.is_empty();
         let mut batch = vec![first];
         batch.extend(rx.try_iter());
         let stop = stop || batch.iter().any(|b| b.lines.is_empty());
-        let mut result = Ok(());
-        for b in &batch {
+        let mut result = if failing.load(std::sync::atomic::Ordering::SeqCst) {
+            Err(std::io::Error::from_raw_os_error(28))
+        } else {
+            Ok(())
+        };
+        for b in batch.iter().filter(|_| result.is_ok()) {
             if let Err(e) = file.write_all(&b.lines) {
                 result = Err(e);
                 break;
@@ -210,7 +233,7 @@ fn writer(mut file: File, rx: Receiver<Batch>, fsync: bool, path: String) {
         }
         let result = result
             .and_then(|()| file.flush())
-            .and_then(|()| if fsync { file.sync_data() } else { Ok(()) })
+            .and_then(|()| if sync { file.sync_data() } else { Ok(()) })
             .map_err(|e| {
                 tracing::error!(path = %path, error = %e, "cannot write the audit log");
                 AuditError {

@@ -263,6 +263,10 @@ pub struct ServerSettings {
     /// The audit log (JSON lines); relative paths are under the data directory.
     #[serde(default = "default_audit")]
     pub audit_log: PathBuf,
+    /// Whether the audit log is synced to the disk (`fdatasync`) before a request is answered (once for all the
+    /// requests written together); without it a line is flushed to the kernel only and may be lost with the machine.
+    #[serde(default = "default_audit_sync")]
+    pub audit_sync: bool,
     /// DNS names of the server certificate (besides its SPIFFE ID).
     #[serde(default = "default_names")]
     pub names: Vec<String>,
@@ -302,6 +306,9 @@ fn default_listen() -> SocketAddr {
 fn default_audit() -> PathBuf {
     PathBuf::from("audit.jsonl")
 }
+fn default_audit_sync() -> bool {
+    true
+}
 fn default_names() -> Vec<String> {
     vec!["localhost".into()]
 }
@@ -336,6 +343,7 @@ impl Default for ServerSettings {
             listen: default_listen(),
             metrics: Some("127.0.0.1:9090".into()),
             audit_log: default_audit(),
+            audit_sync: default_audit_sync(),
             names: default_names(),
             max_batch: default_max_batch(),
             max_message_bytes: default_max_message(),

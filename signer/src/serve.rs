@@ -480,7 +480,7 @@ fn bootstrap(
     } else {
         dir.join(&cfg.server.audit_log)
     };
-    let audit = AuditLog::open(&audit_path, false).map_err(io(format!(
+    let audit = AuditLog::open(&audit_path, cfg.server.audit_sync).map_err(io(format!(
         "opening the audit log {}",
         audit_path.display()
     )))?;
@@ -1043,6 +1043,11 @@ impl Appliance {
     /// The audit log's path.
     pub fn audit_path(&self) -> &Path {
         self.state.audit.path()
+    }
+
+    /// The audit log (fault drills: [`AuditLog::simulate_write_failure`]).
+    pub fn audit_log(&self) -> &AuditLog {
+        &self.state.audit
     }
 
     /// Stops: no new connections, subscription streams end, requests in flight finish (within the grace period),

@@ -245,6 +245,7 @@ fn fresh_jwt_key(kid: &str) -> JwtKey {
         spki: rcgen::PublicKeyData::subject_public_key_info(&kp),
         expires_at: 0,
         tainted: false,
+        owner: signet::api::bundle::KeyOwner::Publisher("spiffe://test/spire".into()),
     }
 }
 

@@ -5,8 +5,15 @@
 //! every open `MintX509CAAndSubscribe`, `PublishJWTKeyAndSubscribe` and `SubscribeToLocalBundle` stream sees the
 //! change. The authorities' life cycle ([`crate::ca`]) commits each change to the datastore first and then hands the
 //! bundle the new version ([`TrustBundle::replace`]), so the sequence number survives restarts. Keys published by
-//! SPIRE servers change the live bundle first and are then stored
-//! ([`crate::ca::Authorities::keep_published_jwt_keys`]), so a restart still publishes them.
+//! SPIRE servers are stored first ([`crate::ca::Authorities::store_published_jwt_key`]) and then join the live
+//! bundle ([`TrustBundle::publish_jwt_key`]), so a restart still publishes them.
+//!
+//! **Every JWT key has an owner** ([`KeyOwner`]): signet's own authorities (from rotation) belong to signet and
+//! change only through rotation, never through [`TrustBundle::publish_jwt_key`]; a key a SPIRE server published
+//! belongs to that server (the caller's SPIFFE ID) and only it may publish it again, change its expiry or taint it.
+//! Nobody else removes it either: only its own expiry does. [`check_publishable`] holds the rules for what a caller
+//! may put into the bundle at all (key id, expiry, key type). No RPC puts anything else into the bundle: X.509 roots
+//! and their `tainted` flag are signet's authorities and move only through rotation.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -15,6 +22,49 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use crate::spiffe::{BundleDocument, JwtAuthority, X509Authority};
+
+/// Whom a JWT key in the bundle belongs to.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KeyOwner {
+    /// signet's own JWT authority (rotation): never changed through the UpstreamAuthority API.
+    Signet,
+    /// The SPIFFE ID of the caller that published it.
+    Publisher(String),
+    /// Published before owners were recorded: it stays until it expires, and nobody may change it.
+    Unknown,
+}
+
+impl KeyOwner {
+    /// The owner as stored with a published key (`""`: unknown).
+    pub fn stored(&self) -> &str {
+        match self {
+            KeyOwner::Publisher(id) => id,
+            KeyOwner::Signet | KeyOwner::Unknown => "",
+        }
+    }
+
+    /// The owner of a published key as the datastore holds it (`""`: unknown).
+    pub fn from_stored(owner: String) -> Self {
+        if owner.is_empty() {
+            KeyOwner::Unknown
+        } else {
+            KeyOwner::Publisher(owner)
+        }
+    }
+}
+
+impl std::fmt::Display for KeyOwner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyOwner::Signet => f.write_str("signet (its own JWT authority)"),
+            KeyOwner::Publisher(id) => write!(f, "{id}"),
+            KeyOwner::Unknown => f.write_str("an unrecorded publisher"),
+        }
+    }
+}
+
+/// Longest key id accepted from a publisher, in bytes.
+pub const MAX_KID_LEN: usize = 256;
 
 /// A JWT signing key in the bundle.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,6 +77,8 @@ pub struct JwtKey {
     pub expires_at: i64,
     /// Whether it is tainted.
     pub tainted: bool,
+    /// Whom it belongs to.
+    pub owner: KeyOwner,
 }
 
 /// One version of the bundle.
@@ -67,17 +119,110 @@ impl BundleSnapshot {
 }
 
 /// Why a JWT key was not published.
-#[derive(Debug, Clone, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub enum PublishError {
-    /// The key id is taken by a different key.
+    /// The key id is taken by a different key of the same publisher.
     #[error(
         "key id {0:?} is already in the bundle with a different public key: use a fresh key id"
     )]
     KidConflict(String),
+    /// The key id belongs to signet's own JWT authorities.
+    #[error(
+        "key id {0:?} is one of signet's own JWT authorities: they change only through rotation"
+    )]
+    SignetKey(String),
+    /// The key id is in the bundle under another owner.
+    #[error("key id {kid:?} belongs to {owner}: only its owner may publish, expire or taint it")]
+    NotOwner {
+        /// The key id.
+        kid: String,
+        /// Its owner.
+        owner: KeyOwner,
+    },
+    /// The key id is empty, too long or not printable ASCII.
+    #[error("key_id {0}")]
+    BadKid(String),
+    /// The expiry is not in the future.
+    #[error(
+        "expires_at {expires_at} is not in the future (now {now}): give the key's expiry in Unix seconds"
+    )]
+    Expired {
+        /// The expiry asked for.
+        expires_at: i64,
+        /// Now.
+        now: i64,
+    },
     /// The key is unusable.
     #[error("the JWT key is invalid: {0}")]
     Invalid(String),
+}
+
+impl PublishError {
+    /// Whether the caller asked to change what is not its own (PERMISSION_DENIED), rather than sent something
+    /// unusable (INVALID_ARGUMENT) or clashing with its own key (ALREADY_EXISTS).
+    pub fn is_denied(&self) -> bool {
+        matches!(self, Self::SignetKey(_) | Self::NotOwner { .. })
+    }
+}
+
+/// Checks what a caller asks to publish, before anything else: a key id of 1 to [`MAX_KID_LEN`] bytes of printable
+/// ASCII, an expiry after `now` (Unix seconds), and a public key that is a SubjectPublicKeyInfo (DER, nothing
+/// after it) of a JWT key type signet accepts: EC P-256 or P-384 (a point on the curve) or RSA of at least 2048
+/// bits.
+pub fn check_publishable(
+    kid: &str,
+    spki: &[u8],
+    expires_at: i64,
+    now: i64,
+) -> Result<(), PublishError> {
+    check_kid(kid)?;
+    if expires_at <= now {
+        return Err(PublishError::Expired { expires_at, now });
+    }
+    check_jwt_spki(spki)
+}
+
+/// Checks a key id from a publisher: 1 to [`MAX_KID_LEN`] bytes of printable ASCII without spaces.
+pub fn check_kid(kid: &str) -> Result<(), PublishError> {
+    if kid.is_empty() {
+        return Err(PublishError::BadKid("is empty".into()));
+    }
+    if kid.len() > MAX_KID_LEN {
+        return Err(PublishError::BadKid(format!(
+            "is {} bytes long, more than {MAX_KID_LEN}",
+            kid.len()
+        )));
+    }
+    if let Some(b) = kid.bytes().find(|b| !(0x21..=0x7e).contains(b)) {
+        return Err(PublishError::BadKid(format!(
+            "holds byte 0x{b:02x}: use printable ASCII without spaces"
+        )));
+    }
+    Ok(())
+}
+
+/// Checks that `spki` is a JWT key signet accepts (see [`check_publishable`]).
+pub fn check_jwt_spki(spki: &[u8]) -> Result<(), PublishError> {
+    use crate::spki::{SubjectKey, SubjectKeyKind};
+    let key = SubjectKey::from_spki_der(spki).map_err(|e| PublishError::Invalid(e.to_string()))?;
+    let on_curve = match key.kind() {
+        SubjectKeyKind::EcP256 => p256::PublicKey::from_sec1_bytes(key.raw()).is_ok(),
+        SubjectKeyKind::EcP384 => p384::PublicKey::from_sec1_bytes(key.raw()).is_ok(),
+        SubjectKeyKind::Rsa(_) => true,
+        _ => {
+            return Err(PublishError::Invalid(
+                "the key type is not accepted for JWT keys: use EC P-256, EC P-384 or RSA (2048 bits or more)"
+                    .into(),
+            ));
+        }
+    };
+    if !on_curve {
+        return Err(PublishError::Invalid(
+            "the EC public key is not a point on its curve".into(),
+        ));
+    }
+    Ok(())
 }
 
 /// The live bundle (cheap to clone).
@@ -175,37 +320,106 @@ impl TrustBundle {
         })
     }
 
-    /// Adds a JWT key; the same kid with the same key is a no-op (its expiry is refreshed). Expired keys are
-    /// dropped at the same time. Returns whether the bundle changed.
+    /// Whether publishing `key` (owned by `key.owner`) would be allowed by the keys in the bundle now: see
+    /// [`publish_jwt_key`](Self::publish_jwt_key). Lets a caller refuse (and audit) before doing anything.
+    pub fn may_publish(&self, key: &JwtKey) -> Result<(), PublishError> {
+        Self::ownership(&self.current(), key)
+    }
+
+    fn ownership(b: &BundleSnapshot, key: &JwtKey) -> Result<(), PublishError> {
+        if !matches!(key.owner, KeyOwner::Publisher(_)) {
+            return Err(PublishError::Invalid(
+                "only a caller publishes JWT keys; signet's own change through rotation".into(),
+            ));
+        }
+        match b.jwt_keys.iter().find(|k| k.kid == key.kid) {
+            None => Ok(()),
+            Some(k) if k.owner == KeyOwner::Signet => Err(PublishError::SignetKey(key.kid.clone())),
+            Some(k) if k.owner != key.owner => Err(PublishError::NotOwner {
+                kid: key.kid.clone(),
+                owner: k.owner.clone(),
+            }),
+            Some(k) if k.spki != key.spki => Err(PublishError::KidConflict(key.kid.clone())),
+            Some(_) => Ok(()),
+        }
+    }
+
+    /// Adds a JWT key published by `key.owner` (a [`KeyOwner::Publisher`]), or lets its owner change its expiry or
+    /// taint. Refused, with the bundle unchanged: a key id of signet's own authorities ([`PublishError::SignetKey`]),
+    /// one in the bundle under another owner ([`PublishError::NotOwner`]), the owner's own key id with another
+    /// public key ([`PublishError::KidConflict`]), a key that is not a usable JWT authority. Published keys that
+    /// have expired are dropped at the same time; signet's own never are. The check and the change are one atomic
+    /// step on the live bundle. Returns whether the bundle changed.
     pub fn publish_jwt_key(&self, key: JwtKey) -> Result<bool, PublishError> {
         JwtAuthority::new(key.kid.clone(), key.spki.clone())
             .map_err(|e| PublishError::Invalid(e.to_string()))?;
-        if let Some(existing) = self.current().jwt_keys.iter().find(|k| k.kid == key.kid)
-            && existing.spki != key.spki
-        {
-            return Err(PublishError::KidConflict(key.kid));
-        }
         let now = OffsetDateTime::now_utc().unix_timestamp();
-        Ok(self.modify(|b| {
+        let mut refused = None;
+        let changed = self.modify(|b| {
+            if let Err(e) = Self::ownership(b, &key) {
+                refused = Some(e);
+                return false;
+            }
             let before = b.jwt_keys.clone();
-            b.jwt_keys
-                .retain(|k| k.expires_at == 0 || k.expires_at > now || k.kid == key.kid);
+            b.jwt_keys.retain(|k| {
+                k.owner == KeyOwner::Signet
+                    || k.expires_at == 0
+                    || k.expires_at > now
+                    || k.kid == key.kid
+            });
             match b.jwt_keys.iter_mut().find(|k| k.kid == key.kid) {
-                Some(k) if k.spki == key.spki => {
+                Some(k) => {
                     k.expires_at = key.expires_at;
                     k.tainted = key.tainted;
                 }
-                Some(_) => {}
                 None => b.jwt_keys.push(key),
             }
             b.jwt_keys != before
-        }))
+        });
+        match refused {
+            Some(e) => Err(e),
+            None => Ok(changed),
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const RSA_1024_SPKI: &str = "MIGfMA0GCSqGSIb3DQEBAQUAA4GNADCBiQKBgQC77TgcM4zQRhCSFWCeRSWCwz4OT20F4+AZRic5aD/3QYzY5jkwGcKvUDGn+hhDEwROMDC4qBwwOEqJsSc2pSir/hSK4w5JfFj2Iqe/bODGA8s/auXMWfZUQWMlqT03USCumHIiaUJieqeLTtdFCaiMC7peKNI5ilDyy7jvhhv/wwIDAQAB";
+    const RSA_2048_SPKI: &str = "MIIBIjANBgkqhkiG9w0BAQEFAAOCAQ8AMIIBCgKCAQEAojVXIyaXR5s2c+H5dc8bS4FRLHNzaNqoekcVLQremDKEIKUtwdUsOGJ25030Fp4lRz+Kvn0vR7cKiP2su+QE+bfVWklgHajF//hJiNrAe5XvBwyrnTx6pftbkb4BTWTlm9Id0gyw09uuVrcBfZO1SPCw4anECMBxBR0EnBobrwLccmEjx4PwWN8sxqCoUTpkUab4C/8Qy7oFX1HzoKF7rz3Ln4m8//lC/dtRtMyC/nvSUMFL04YYNoJdrFjqfQbHy5aO4YJyg1KKSZdj2sZYLcJjMiXYlcegkd078QkeWN8bxovIUjElcKMEFKIAJAAsWYhAA3u60ycEUoFM45N0PQIDAQAB";
+
+    fn spki() -> Vec<u8> {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        rcgen::PublicKeyData::subject_public_key_info(&kp)
+    }
+
+    fn now() -> i64 {
+        OffsetDateTime::now_utc().unix_timestamp()
+    }
+
+    fn key(kid: &str, spki: Vec<u8>, owner: &str) -> JwtKey {
+        JwtKey {
+            kid: kid.into(),
+            spki,
+            expires_at: now() + 3600,
+            tainted: false,
+            owner: KeyOwner::Publisher(owner.into()),
+        }
+    }
+
+    /// A bundle with signet's own JWT key `signet-kid`.
+    fn with_signet_key() -> (TrustBundle, JwtKey) {
+        let own = JwtKey {
+            kid: "signet-kid".into(),
+            spki: spki(),
+            expires_at: 0,
+            tainted: false,
+            owner: KeyOwner::Signet,
+        };
+        (TrustBundle::new(vec![vec![1]], vec![own.clone()]), own)
+    }
 
     #[test]
     fn every_change_bumps_the_sequence_and_reaches_subscribers() {
@@ -219,5 +433,198 @@ mod tests {
         assert!(b.remove_x509_root(&[1]));
         assert_eq!(b.current().x509_roots, vec![vec![2]]);
         assert_eq!(b.current().sequence, s0 + 2);
+    }
+
+    #[test]
+    fn signets_own_key_cannot_be_expired_or_tainted_by_a_publisher() {
+        let (b, own) = with_signet_key();
+        let before = b.current();
+        // The attack: signet's own kid and public key, with an expiry in the past and tainted.
+        let mut attack = key("signet-kid", own.spki.clone(), "spiffe://td/spire/a");
+        attack.expires_at = 1;
+        attack.tainted = true;
+        assert_eq!(
+            b.publish_jwt_key(attack.clone()),
+            Err(PublishError::SignetKey("signet-kid".into()))
+        );
+        assert!(b.may_publish(&attack).unwrap_err().is_denied());
+        // Even the same key with a valid expiry is not taken over.
+        assert!(
+            b.publish_jwt_key(key("signet-kid", own.spki.clone(), "x"))
+                .is_err()
+        );
+        assert_eq!(b.current(), before, "nothing changed");
+        // Another key's publication leaves signet's key in place.
+        assert!(
+            b.publish_jwt_key(key("other", spki(), "spiffe://td/spire/a"))
+                .unwrap()
+        );
+        assert!(b.current().jwt_keys.contains(&own));
+    }
+
+    #[test]
+    fn signets_key_is_never_dropped_as_expired_and_nobody_publishes_as_signet() {
+        let mut own = with_signet_key().1;
+        own.expires_at = 1;
+        let b = TrustBundle::new(Vec::new(), vec![own.clone()]);
+        assert!(b.publish_jwt_key(key("k", spki(), "a")).unwrap());
+        assert!(b.current().jwt_keys.contains(&own));
+        let mut forged = key("k2", spki(), "a");
+        forged.owner = KeyOwner::Signet;
+        assert!(matches!(
+            b.publish_jwt_key(forged),
+            Err(PublishError::Invalid(_))
+        ));
+    }
+
+    #[test]
+    fn only_the_owner_changes_its_key() {
+        let b = TrustBundle::new(Vec::new(), Vec::new());
+        let k = key("spire-a-1", spki(), "spiffe://td/spire/a");
+        assert!(b.publish_jwt_key(k.clone()).unwrap());
+        // Another caller cannot expire, taint or re-publish it, even with the same public key.
+        for change in [
+            JwtKey {
+                expires_at: 1,
+                ..k.clone()
+            },
+            JwtKey {
+                tainted: true,
+                ..k.clone()
+            },
+            k.clone(),
+        ] {
+            let by_b = JwtKey {
+                owner: KeyOwner::Publisher("spiffe://td/spire/b".into()),
+                ..change
+            };
+            assert_eq!(
+                b.publish_jwt_key(by_b),
+                Err(PublishError::NotOwner {
+                    kid: "spire-a-1".into(),
+                    owner: KeyOwner::Publisher("spiffe://td/spire/a".into()),
+                })
+            );
+        }
+        assert_eq!(b.current().jwt_keys, vec![k.clone()]);
+        // The owner re-publishes (no change), then taints and changes its expiry.
+        assert!(!b.publish_jwt_key(k.clone()).unwrap());
+        let tainted = JwtKey {
+            tainted: true,
+            expires_at: k.expires_at + 60,
+            ..k.clone()
+        };
+        assert!(b.publish_jwt_key(tainted.clone()).unwrap());
+        assert_eq!(b.current().jwt_keys, vec![tainted]);
+        // Its own key id with another public key is a conflict, not a replacement.
+        assert_eq!(
+            b.publish_jwt_key(key("spire-a-1", spki(), "spiffe://td/spire/a")),
+            Err(PublishError::KidConflict("spire-a-1".into()))
+        );
+    }
+
+    #[test]
+    fn keys_without_a_recorded_owner_are_changed_by_nobody() {
+        let legacy = JwtKey {
+            owner: KeyOwner::Unknown,
+            ..key("old", spki(), "")
+        };
+        let b = TrustBundle::new(Vec::new(), vec![legacy.clone()]);
+        let r = b.publish_jwt_key(JwtKey {
+            owner: KeyOwner::Publisher("spiffe://td/spire/a".into()),
+            expires_at: 1,
+            ..legacy.clone()
+        });
+        assert!(r.unwrap_err().is_denied());
+        assert_eq!(b.current().jwt_keys, vec![legacy]);
+    }
+
+    #[test]
+    fn expired_published_keys_leave_at_the_next_publication() {
+        let b = TrustBundle::new(Vec::new(), Vec::new());
+        let mut k = key("short", spki(), "a");
+        k.expires_at = now() - 1;
+        // Accepted by the bundle itself (the API refuses it first: check_publishable), then dropped.
+        assert!(b.publish_jwt_key(k).unwrap());
+        assert!(b.publish_jwt_key(key("next", spki(), "b")).unwrap());
+        let kids: Vec<String> = b.current().jwt_keys.iter().map(|k| k.kid.clone()).collect();
+        assert_eq!(kids, vec!["next".to_string()]);
+    }
+
+    #[test]
+    fn what_a_caller_may_publish() {
+        let t = now();
+        let good = spki();
+        assert_eq!(check_publishable("k", &good, t + 60, t), Ok(()));
+        for (kid, why) in [
+            ("", "is empty"),
+            ("has space", "0x20"),
+            ("tab\t", "0x09"),
+            ("é", "0xc3"),
+        ] {
+            let e = check_publishable(kid, &good, t + 60, t).unwrap_err();
+            assert!(matches!(e, PublishError::BadKid(_)), "{kid:?}: {e}");
+            assert!(e.to_string().contains(why), "{kid:?}: {e}");
+        }
+        let long = "k".repeat(MAX_KID_LEN + 1);
+        assert!(matches!(
+            check_publishable(&long, &good, t + 60, t),
+            Err(PublishError::BadKid(_))
+        ));
+        assert_eq!(
+            check_publishable(&"k".repeat(MAX_KID_LEN), &good, t + 60, t),
+            Ok(())
+        );
+        for exp in [t, t - 1, 1, 0, -5] {
+            assert!(
+                matches!(
+                    check_publishable("k", &good, exp, t),
+                    Err(PublishError::Expired { .. })
+                ),
+                "{exp}"
+            );
+        }
+        // Garbage, trailing bytes, Ed25519, a P-256 point off the curve, RSA 1024: refused; P-384 and RSA 2048 fine.
+        let mut trailing = good.clone();
+        trailing.push(0);
+        let ed = rcgen::PublicKeyData::subject_public_key_info(
+            &rcgen::KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap(),
+        );
+        let mut off_curve = good.clone();
+        let n = off_curve.len();
+        off_curve[n - 1] ^= 1;
+        let p384 = rcgen::PublicKeyData::subject_public_key_info(
+            &rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P384_SHA384).unwrap(),
+        );
+        // RSA public keys made with `openssl genpkey` (generating RSA keys in a test is slow).
+        let rsa = |bits: usize| {
+            use base64::Engine as _;
+            let b64 = if bits == 1024 {
+                RSA_1024_SPKI
+            } else {
+                RSA_2048_SPKI
+            };
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .unwrap()
+        };
+        for bad in [
+            b"garbage".to_vec(),
+            Vec::new(),
+            trailing,
+            ed,
+            off_curve,
+            rsa(1024),
+        ] {
+            assert!(
+                matches!(
+                    check_publishable("k", &bad, t + 60, t),
+                    Err(PublishError::Invalid(_))
+                ),
+                "{bad:?}"
+            );
+        }
+        assert_eq!(check_publishable("k", &p384, t + 60, t), Ok(()));
+        assert_eq!(check_publishable("k", &rsa(2048), t + 60, t), Ok(()));
     }
 }

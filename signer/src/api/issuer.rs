@@ -85,7 +85,10 @@ impl pb::issuer_server::Issuer for IssuerService {
             ));
             return Err(st.refuse(&caller, s, None).await);
         }
-        let grant = st.grant(&caller)?;
+        let grant = match st.grant(&caller) {
+            Ok(g) => g,
+            Err(s) => return Err(st.refuse(&caller, s, None).await),
+        };
         if let Err(d) = grant.take(u32::try_from(reqs.len()).unwrap_or(u32::MAX)) {
             return Err(st.refuse(&caller, super::denied_status(&d), None).await);
         }
@@ -95,11 +98,18 @@ impl pb::issuer_server::Issuer for IssuerService {
             reqs.iter().map(|r| csr_spiffe_id(&r.csr)).collect()
         } else {
             let csrs: Vec<Vec<u8>> = reqs.iter().map(|r| r.csr.clone()).collect();
-            st.pipeline
+            let read = st
+                .pipeline
                 .cpu()
                 .run(move || csrs.iter().map(|c| csr_spiffe_id(c)).collect())
-                .await
-                .map_err(|e| super::pipeline_status(&e))?
+                .await;
+            match read {
+                Ok(ids) => ids,
+                // The CPU pool refuses the batch (Overloaded, ShuttingDown): refused as a whole, and audited.
+                Err(e) => {
+                    return Err(st.refuse(&caller, super::pipeline_status(&e), None).await);
+                }
+            }
         };
         let deadline = caller.deadline;
         let signers = st.signers();
@@ -202,7 +212,10 @@ impl pb::issuer_server::Issuer for IssuerService {
             let s = Status::invalid_argument(e.to_string());
             return Err(st.refuse(&caller, s, subject()).await);
         }
-        let grant = st.grant(&caller)?;
+        let grant = match st.grant(&caller) {
+            Ok(g) => g,
+            Err(s) => return Err(st.refuse(&caller, s, subject()).await),
+        };
         let ttl = match ttl_of(req.ttl_seconds) {
             Ok(t) => t,
             Err(s) => return Err(st.refuse(&caller, s, subject()).await),
@@ -261,15 +274,18 @@ impl pb::issuer_server::Issuer for IssuerService {
         request: Request<pb::GetBundleRequest>,
     ) -> Result<Response<pb::GetBundleResponse>, Status> {
         let st = &self.state;
-        st.admit(&request, Service::Issuer, "GetBundle").await?;
+        let caller = st.admit(&request, Service::Issuer, "GetBundle").await?;
         let b = st.bundle.current();
-        let doc = b
-            .document()
-            .and_then(|mut d| {
-                d.refresh_hint_secs = Some(st.bundle.refresh_hint_secs());
-                d.to_json()
-            })
-            .map_err(|e| Status::internal(format!("cannot render the bundle: {e}")))?;
+        let doc = match b.document().and_then(|mut d| {
+            d.refresh_hint_secs = Some(st.bundle.refresh_hint_secs());
+            d.to_json()
+        }) {
+            Ok(d) => d,
+            Err(e) => {
+                let s = Status::internal(format!("cannot render the bundle: {e}"));
+                return Err(st.refuse(&caller, s, None).await);
+            }
+        };
         Ok(Response::new(pb::GetBundleResponse {
             spiffe_bundle: doc.into_bytes(),
             x509_authorities: b.x509_roots.clone(),
@@ -466,8 +482,31 @@ pub fn rotation_status(e: &crate::ca::RotationError) -> Status {
         E::Precondition(_) | E::TooEarly { .. } => Status::failed_precondition(e.to_string()),
         E::NotFound(_) => Status::not_found(e.to_string()),
         E::Token(_) => Status::unavailable(format!("{e}; nothing was changed")),
-        E::Store(_) => Status::unavailable(e.to_string()),
+        E::Store(_) | E::NotRecorded(_) => Status::unavailable(e.to_string()),
         _ => Status::internal(e.to_string()),
+    }
+}
+
+/// Writes a Rotate call's audit line just before its step commits ([`crate::ca::StepWitness`]).
+struct AuditWitness<'a> {
+    st: &'a AppState,
+    caller: &'a Caller,
+    step: String,
+    recorded: std::sync::atomic::AtomicBool,
+}
+
+impl crate::ca::StepWitness for AuditWitness<'_> {
+    async fn before_commit(&self, _step: &'static str, label: &str) -> Result<(), String> {
+        let mut r = self.caller.record(Outcome::Rotated);
+        r.key_id = Some(label.to_string());
+        r.reason = Some(self.step.clone());
+        self.st
+            .audit(&[r])
+            .await
+            .map_err(|s| s.message().to_string())?;
+        self.recorded
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
     }
 }
 
@@ -483,8 +522,11 @@ impl AdminService {
         request: Request<pb::GetRotationRequest>,
     ) -> Result<Response<pb::GetRotationResponse>, Status> {
         let st = &self.state;
-        st.admit(&request, Service::Admin, "GetRotation").await?;
-        let a = rotation_of(st)?;
+        let caller = st.admit(&request, Service::Admin, "GetRotation").await?;
+        let a = match rotation_of(st) {
+            Ok(a) => a,
+            Err(s) => return Err(st.refuse(&caller, s, None).await),
+        };
         Ok(Response::new(rotation_view(st, &a).await?))
     }
 
@@ -496,7 +538,10 @@ impl AdminService {
         let st = &self.state;
         let caller = st.admit(&request, Service::Admin, "Rotate").await?;
         let req = request.into_inner();
-        let a = rotation_of(st)?;
+        let a = match rotation_of(st) {
+            Ok(a) => a,
+            Err(s) => return Err(st.refuse(&caller, s, None).await),
+        };
         let kind = match req.kind.as_str() {
             "" | "x509" => AuthorityKind::X509,
             "jwt" => AuthorityKind::Jwt,
@@ -515,17 +560,24 @@ impl AdminService {
                 Ok(req.label.clone())
             }
         };
+        // The step's audit line is written just before it commits; if it cannot be, the step does not happen.
+        let w = AuditWitness {
+            st,
+            caller: &caller,
+            step: req.step.clone(),
+            recorded: std::sync::atomic::AtomicBool::new(false),
+        };
         let done = match req.step.as_str() {
-            "prepare" => a.prepare(kind).await,
-            "publish" => a.publish(kind).await,
-            "activate" => a.activate(kind).await,
-            "retire" => a.retire(kind).await,
+            "prepare" => a.prepare_with(kind, &w).await,
+            "publish" => a.publish_with(kind, &w).await,
+            "activate" => a.activate_with(kind, &w).await,
+            "retire" => a.retire_with(kind, &w).await,
             "taint" => match need_label() {
-                Ok(l) => a.taint(&l).await.map(|()| l),
+                Ok(l) => a.taint_with(&l, &w).await.map(|()| l),
                 Err(s) => return Err(st.refuse(&caller, s, None).await),
             },
             "destroy" => match need_label() {
-                Ok(l) => a.destroy(&l).await.map(|()| l),
+                Ok(l) => a.destroy_with(&l, &w).await.map(|()| l),
                 Err(s) => return Err(st.refuse(&caller, s, None).await),
             },
             other => {
@@ -535,14 +587,28 @@ impl AdminService {
                 return Err(st.refuse(&caller, s, None).await);
             }
         };
+        let recorded = w.recorded.load(std::sync::atomic::Ordering::SeqCst);
         let label = match done {
             Ok(l) => l,
+            // The step was recorded as about to commit and then failed: the failure follows its line.
+            Err(e) if recorded => {
+                let s = rotation_status(&e);
+                let mut r = caller.record(Outcome::Failed);
+                r.key_id = (!req.label.is_empty()).then(|| req.label.clone());
+                r.code = Some(code_name(s.code()));
+                r.reason = Some(format!("{}: {}", req.step, s.message()));
+                st.audit(&[r]).await?;
+                return Err(s);
+            }
             Err(e) => return Err(st.refuse(&caller, rotation_status(&e), None).await),
         };
-        let mut r = caller.record(Outcome::Rotated);
-        r.key_id = Some(label.clone());
-        r.reason = Some(req.step.clone());
-        st.audit(&[r]).await?;
+        if !recorded {
+            // Nothing was committed (tainting a tainted authority, destroying a destroyed key): recorded now.
+            let mut r = caller.record(Outcome::Rotated);
+            r.key_id = Some(label.clone());
+            r.reason = Some(format!("{} (already done)", req.step));
+            st.audit(&[r]).await?;
+        }
         Ok(Response::new(pb::RotateResponse {
             label,
             rotation: Some(rotation_view(st, &a).await?),
@@ -554,20 +620,26 @@ impl AdminService {
         request: Request<pb::ListFederatedBundlesRequest>,
     ) -> Result<Response<pb::ListFederatedBundlesResponse>, Status> {
         let st = &self.state;
-        st.admit(&request, Service::Admin, "ListFederatedBundles")
+        let caller = st
+            .admit(&request, Service::Admin, "ListFederatedBundles")
             .await?;
         let wanted = request.get_ref().trust_domain.trim();
         let entries = if wanted.is_empty() {
             st.federated.all()
         } else {
-            let td = TrustDomain::parse(wanted)
-                .map_err(|e| Status::invalid_argument(format!("trust_domain {wanted:?}: {e}")))?;
-            let e = st.federated.get(&td).ok_or_else(|| {
-                Status::not_found(format!(
-                    "{td} is not a federated trust domain (see [[federation.trust_domains]])"
-                ))
-            })?;
-            vec![e]
+            let found = TrustDomain::parse(wanted)
+                .map_err(|e| Status::invalid_argument(format!("trust_domain {wanted:?}: {e}")))
+                .and_then(|td| {
+                    st.federated.get(&td).ok_or_else(|| {
+                        Status::not_found(format!(
+                            "{td} is not a federated trust domain (see [[federation.trust_domains]])"
+                        ))
+                    })
+                });
+            match found {
+                Ok(e) => vec![e],
+                Err(s) => return Err(st.refuse(&caller, s, None).await),
+            }
         };
         let mut bundles = Vec::with_capacity(entries.len());
         for e in entries {

@@ -205,6 +205,18 @@ impl KeyStore {
         }
     }
 
+    /// Destroys a key generated for a `GenerateKey` that did not complete (its audit line or its datastore record
+    /// could not be written); a failure is logged (`signet token` lists what is left).
+    async fn discard(&self, label: &str) {
+        let (token, label) = (self.token.clone(), label.to_string());
+        let _ = tokio::task::spawn_blocking(move || {
+            if let Err(e) = token.session().and_then(|mut s| s.destroy_key(&label)) {
+                tracing::warn!(label, error = %e, "key manager: cannot destroy a discarded key");
+            }
+        })
+        .await;
+    }
+
     fn insert(&self, ns: String, id: String, key: Arc<KmKey>) {
         self.keys
             .write()
@@ -438,10 +450,16 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
                 return Err(s);
             }
         };
+        // The audit line is written before the key is recorded, usable or returned; if it cannot be, or the
+        // datastore cannot record the key, the new key is destroyed and nothing changes.
         let mut r = caller.record(Outcome::KeyUsed);
         r.key_id = Some(req.key_id.clone());
         r.authority = Some(made.fingerprint.clone());
         r.reason = Some(format!("generated {}", kt.as_str_name()));
+        if let Err(s) = st.audit(&[r]).await {
+            ks.discard(&made.label).await;
+            return Err(s);
+        }
         // Every replica finds the new key through the datastore before the old one is destroyed.
         if let Some(store) = ks.store.get() {
             let rec = crate::store::KeyManagerRecord {
@@ -457,10 +475,18 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
                 tx.commit().await
             };
             if let Err(e) = kept.await {
-                tracing::warn!(key_id = req.key_id, error = %e, "key manager: cannot record the new key in the datastore");
+                ks.discard(&made.label).await;
+                let s = Status::unavailable(format!(
+                    "the datastore cannot record the new key ({e}); it was discarded, the old one is unchanged"
+                ));
+                let mut r = caller.record(Outcome::Failed);
+                r.key_id = Some(req.key_id.clone());
+                r.code = Some(super::code_name(s.code()));
+                r.reason = Some(s.message().to_string());
+                st.audit(&[r]).await?;
+                return Err(s);
             }
         }
-        st.audit(&[r]).await?;
         ks.insert(ns, req.key_id.clone(), made.clone());
         drop(generating);
         if let Some(old) = old {
@@ -486,13 +512,18 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
             .admit(&request, Service::KeyManager, "GetPublicKey")
             .await?;
         let id = request.into_inner().key_id;
-        match st.keys.get(&caller.id, &id).await? {
-            Some(k) => Ok(Response::new(pb::GetPublicKeyResponse {
+        let subject = || Some(Subject::KeyId(id.clone()));
+        match st.keys.get(&caller.id, &id).await {
+            Ok(Some(k)) => Ok(Response::new(pb::GetPublicKeyResponse {
                 public_key: Some(k.public_key(&id)),
             })),
-            None => Err(Status::not_found(format!(
-                "no key {id:?} for this caller: call GenerateKey first"
-            ))),
+            Ok(None) => {
+                let s = Status::not_found(format!(
+                    "no key {id:?} for this caller: call GenerateKey first"
+                ));
+                Err(st.refuse(&caller, s, subject()).await)
+            }
+            Err(s) => Err(st.refuse(&caller, s, subject()).await),
         }
     }
 
@@ -506,12 +537,17 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
             .await?;
         let ns = namespace(&caller.id);
         if let Some(store) = st.keys.store.get() {
-            let ids = store
-                .keymanager_ids(&ns)
-                .await
-                .map_err(|e| Status::unavailable(format!("key manager: {e}")))?;
+            let ids = match store.keymanager_ids(&ns).await {
+                Ok(ids) => ids,
+                Err(e) => {
+                    let s = Status::unavailable(format!("key manager: {e}"));
+                    return Err(st.refuse(&caller, s, None).await);
+                }
+            };
             for id in ids {
-                st.keys.get(&caller.id, &id).await?;
+                if let Err(s) = st.keys.get(&caller.id, &id).await {
+                    return Err(st.refuse(&caller, s, Some(Subject::KeyId(id))).await);
+                }
             }
         }
         let mut public_keys: Vec<pb::PublicKey> = st
@@ -535,7 +571,11 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
         let caller = st.admit(&request, Service::KeyManager, "SignData").await?;
         let req = request.into_inner();
         let subject = || Some(Subject::KeyId(req.key_id.clone()));
-        let Some(k) = st.keys.get(&caller.id, &req.key_id).await? else {
+        let found = match st.keys.get(&caller.id, &req.key_id).await {
+            Ok(k) => k,
+            Err(s) => return Err(st.refuse(&caller, s, subject()).await),
+        };
+        let Some(k) = found else {
             let s = Status::not_found(format!(
                 "no key {:?} for this caller: call GenerateKey first",
                 req.key_id

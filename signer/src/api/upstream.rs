@@ -3,7 +3,11 @@
 //! `MintX509CAAndSubscribe` signs the SPIRE server's intermediate with the root (through the pipeline, on the CPU
 //! pool), answers with the chain and the roots, then keeps the stream open and pushes the roots (without a chain)
 //! whenever they change. `PublishJWTKeyAndSubscribe` adds the server's JWT key to the bundle and streams the JWT
-//! keys (and keeps them in the datastore, when there is one, so a restart still publishes them);
+//! keys (and keeps them in the datastore, when there is one, so a restart still publishes them). The key belongs to
+//! its publisher (see [`super::bundle`]): a key id of signet's own authorities or of another publisher is
+//! PERMISSION_DENIED; an empty, over-long or unprintable key id, an expiry not in the future, or a public key that is
+//! not EC P-256/P-384 or RSA >= 2048 is INVALID_ARGUMENT. The `published` audit line is written before the key is
+//! stored or joins the bundle, and if it cannot be written nothing changes (UNAVAILABLE);
 //! `SubscribeToLocalBundle` streams both. The streams end only when the client goes away or the appliance shuts
 //! down; nothing transient ends them.
 
@@ -17,11 +21,25 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::bundle::{BundleSnapshot, JwtKey};
+use super::bundle::{BundleSnapshot, JwtKey, KeyOwner, PublishError, check_kid, check_publishable};
 use super::{AppState, Subject, cert_facts, issue_status, pipeline_status};
 use crate::audit::Outcome;
+use crate::ca::RotationError;
 use crate::pipeline::with_deadline;
 use crate::policy::Service;
+use crate::store::StoreError;
+
+/// The gRPC status of a refused publication: PERMISSION_DENIED for a key that is not the caller's to change,
+/// ALREADY_EXISTS for the caller's own key id with another public key, INVALID_ARGUMENT for the rest.
+fn publish_status(e: &PublishError) -> Status {
+    if e.is_denied() {
+        Status::permission_denied(e.to_string())
+    } else if matches!(e, PublishError::KidConflict(_)) {
+        Status::already_exists(e.to_string())
+    } else {
+        Status::invalid_argument(e.to_string())
+    }
+}
 
 type Stream2<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 
@@ -126,7 +144,10 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
                 Status::invalid_argument("csr is empty: send the SPIRE server's PKCS#10 CSR (DER)");
             return Err(st.refuse(&caller, s, subject()).await);
         }
-        let grant = st.grant(&caller)?;
+        let grant = match st.grant(&caller) {
+            Ok(g) => g,
+            Err(s) => return Err(st.refuse(&caller, s, subject()).await),
+        };
         if let Err(d) = grant.take(1) {
             return Err(st
                 .refuse(&caller, super::denied_status(&d), subject())
@@ -208,41 +229,76 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
             return Err(st.refuse(&caller, s, None).await);
         };
         let subject = || Some(Subject::KeyId(key.key_id.clone()));
-        if key.key_id.is_empty() || key.public_key.is_empty() {
-            let s = Status::invalid_argument("jwt_key needs a key_id and a public_key (PKIX DER)");
+        if let Err(e) = check_kid(&key.key_id) {
+            return Err(st.refuse(&caller, publish_status(&e), subject()).await);
+        }
+        let taken = match st.grant(&caller) {
+            Ok(g) => g.take(1).map_err(|d| super::denied_status(&d)),
+            Err(s) => Err(s),
+        };
+        if let Err(s) = taken {
             return Err(st.refuse(&caller, s, subject()).await);
         }
-        if let Err(d) = st.grant(&caller)?.take(1) {
-            return Err(st
-                .refuse(&caller, super::denied_status(&d), subject())
-                .await);
-        }
-        let published = st.bundle.publish_jwt_key(JwtKey {
+        let jwt = JwtKey {
             kid: key.key_id.clone(),
             spki: key.public_key.clone(),
             expires_at: key.expires_at,
             tainted: key.tainted,
-        });
-        let changed = matches!(published, Ok(true));
-        if let Err(e) = published {
-            let s = match e {
-                super::bundle::PublishError::KidConflict(_) => {
-                    Status::already_exists(e.to_string())
-                }
-                _ => Status::invalid_argument(e.to_string()),
+            owner: KeyOwner::Publisher(caller.id.clone()),
+        };
+        // signet's own key ids, in the bundle or not (the active one, prepared and retired ones), are never taken.
+        let own = st.signers().jwt.kid() == jwt.kid
+            || match &st.authorities {
+                Some(a) => a.is_own_kid(&jwt.kid).await,
+                None => false,
             };
-            return Err(st.refuse(&caller, s, subject()).await);
-        }
-        // Kept in the datastore too, so a restart still publishes it.
-        if let Some(a) = st.authorities.as_ref().filter(|_| changed)
-            && let Err(e) = a.keep_published_jwt_keys().await
+        let allowed = if own {
+            Err(PublishError::SignetKey(jwt.kid.clone()))
+        } else {
+            st.bundle.may_publish(&jwt)
+        };
+        // Whose the key id is comes first (an attempt on another's key is PERMISSION_DENIED whatever it asks), then
+        // whether what is asked is usable.
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        if let Err(e) = allowed
+            .and_then(|()| check_publishable(&key.key_id, &key.public_key, key.expires_at, now))
         {
-            tracing::warn!(error = %e, "cannot store the published JWT keys; they last until a restart");
+            return Err(st.refuse(&caller, publish_status(&e), subject()).await);
         }
+        // The audit line is written before the key is stored or joins the bundle: if it cannot be, nothing changes.
         let mut r = caller.record(Outcome::Published);
         r.key_id = Some(key.key_id.clone());
         r.expires_at = Some(key.expires_at);
+        if key.tainted {
+            r.reason = Some("tainted".into());
+        }
         st.audit(&[r]).await?;
+        if !st.bundle.current().jwt_keys.contains(&jwt) {
+            // Stored first (so a restart, and every replica, still publishes it), then live.
+            if let Some(a) = &st.authorities
+                && let Err(e) = a.store_published_jwt_key(&jwt).await
+            {
+                let s = match &e {
+                    RotationError::Store(StoreError::NotOwner(_)) => {
+                        Status::permission_denied(format!(
+                            "key id {:?} is stored under another owner: only its owner may publish, expire or \
+                             taint it",
+                            jwt.kid
+                        ))
+                    }
+                    RotationError::Precondition(_) => Status::permission_denied(
+                        PublishError::SignetKey(jwt.kid.clone()).to_string(),
+                    ),
+                    _ => Status::unavailable(format!(
+                        "the JWT key could not be stored ({e}); it was not published"
+                    )),
+                };
+                return Err(st.refuse(&caller, s, subject()).await);
+            }
+            if let Err(e) = st.bundle.publish_jwt_key(jwt) {
+                return Err(st.refuse(&caller, publish_status(&e), subject()).await);
+            }
+        }
         let first = |b: &BundleSnapshot| pb::PublishJwtKeyResponse {
             upstream_jwt_keys: jwt_keys(b),
         };

@@ -45,7 +45,7 @@ use rcgen::{DistinguishedName, DnType};
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, watch};
 
-use crate::api::bundle::{BundleSnapshot, JwtKey, TrustBundle};
+use crate::api::bundle::{BundleSnapshot, JwtKey, KeyOwner, TrustBundle};
 use crate::keys::AuthorityKey;
 use crate::spiffe::TrustDomain;
 use crate::spki::SubjectKey;
@@ -88,6 +88,41 @@ pub enum RotationError {
     /// A certificate could not be made.
     #[error("certificate: {0}")]
     Certificate(String),
+    /// The step's witness (the Admin API's audit log) could not record it: the step did not happen.
+    #[error("the step could not be recorded ({0}); nothing was changed")]
+    NotRecorded(String),
+}
+
+/// Told about a rotation step just before it commits, i.e. before it takes effect anywhere (the bundle, what signs,
+/// the token): the Admin API writes the step's audit line here ([`Authorities::publish_with`] and its siblings), and
+/// if that fails the step does not happen ([`RotationError::NotRecorded`]).
+pub trait StepWitness: Sync {
+    /// `step` of the authority `label` is about to commit; an error stops it.
+    fn before_commit(
+        &self,
+        step: &'static str,
+        label: &str,
+    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+}
+
+/// No witness: the schedule and the CLI's steps commit without telling anyone first.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Unwitnessed;
+
+impl StepWitness for Unwitnessed {
+    async fn before_commit(&self, _step: &'static str, _label: &str) -> Result<(), String> {
+        Ok(())
+    }
+}
+
+async fn witness<W: StepWitness>(
+    w: &W,
+    step: &'static str,
+    label: &str,
+) -> Result<(), RotationError> {
+    w.before_commit(step, label)
+        .await
+        .map_err(RotationError::NotRecorded)
 }
 
 /// When the schedule moves an authority along, as fractions of the active authority's life.
@@ -393,6 +428,7 @@ impl Authorities {
                     spki: k.public_key,
                     expires_at: k.expires_at,
                     tainted: k.tainted,
+                    owner: KeyOwner::from_stored(k.owner),
                 }),
         );
         lock.release().await;
@@ -428,7 +464,8 @@ impl Authorities {
     }
 
     /// Stores the JWT keys of the live bundle that SPIRE servers published (those no authority row names), with the
-    /// bundle's current sequence number, so that a restart still publishes them. Expired keys are dropped.
+    /// bundle's current sequence number, so that a restart still publishes them. Expired keys are dropped; keys
+    /// without a recorded owner are already stored and left as they are.
     pub async fn keep_published_jwt_keys(&self) -> Result<(), RotationError> {
         let records = self.records.lock().await;
         let current = self.bundle.current();
@@ -437,23 +474,61 @@ impl Authorities {
         tx.expire_published_jwt_keys(&tds, unix(self.clock.now()))
             .await?;
         for k in current.jwt_keys.iter().filter(|k| {
-            !records
-                .iter()
-                .any(|r| r.kid.as_deref() == Some(k.kid.as_str()))
+            matches!(k.owner, KeyOwner::Publisher(_))
+                && !records
+                    .iter()
+                    .any(|r| r.kid.as_deref() == Some(k.kid.as_str()))
         }) {
-            tx.put_published_jwt_key(
-                &tds,
-                &crate::store::PublishedJwtKey {
-                    kid: k.kid.clone(),
-                    public_key: k.spki.clone(),
-                    expires_at: k.expires_at,
-                    tainted: k.tainted,
-                },
-            )
-            .await?;
+            tx.put_published_jwt_key(&tds, &Self::stored_key(k)).await?;
         }
         // The stored sequence catches up with the live one (max(stored + 1, live)).
         tx.bump_sequence(&tds, current.sequence).await?;
+        tx.commit().await?;
+        Ok(())
+    }
+
+    fn stored_key(k: &JwtKey) -> crate::store::PublishedJwtKey {
+        crate::store::PublishedJwtKey {
+            kid: k.kid.clone(),
+            public_key: k.spki.clone(),
+            expires_at: k.expires_at,
+            tainted: k.tainted,
+            owner: k.owner.stored().to_string(),
+        }
+    }
+
+    /// Whether `kid` names one of signet's own JWT authorities, in the bundle or not (prepared, retired): such a key
+    /// id is never accepted from a publisher.
+    pub async fn is_own_kid(&self, kid: &str) -> bool {
+        self.records
+            .lock()
+            .await
+            .iter()
+            .any(|r| r.kid.as_deref() == Some(kid))
+    }
+
+    /// Stores a JWT key a SPIRE server publishes, before it joins the live bundle
+    /// ([`TrustBundle::publish_jwt_key`]): one transaction that drops expired published keys, inserts the key (or
+    /// updates it, under the same owner only: [`StoreError::NotOwner`] otherwise) and moves the stored sequence
+    /// past the live one. A key id of signet's own authorities is refused ([`RotationError::Precondition`]).
+    pub async fn store_published_jwt_key(&self, key: &JwtKey) -> Result<(), RotationError> {
+        let records = self.records.lock().await;
+        if records
+            .iter()
+            .any(|r| r.kid.as_deref() == Some(key.kid.as_str()))
+        {
+            return Err(RotationError::Precondition(format!(
+                "key id {:?} is one of signet's own JWT authorities",
+                key.kid
+            )));
+        }
+        let tds = self.td.to_string();
+        let mut tx = self.store.begin().await?;
+        tx.expire_published_jwt_keys(&tds, unix(self.clock.now()))
+            .await?;
+        tx.put_published_jwt_key(&tds, &Self::stored_key(key))
+            .await?;
+        tx.bump_sequence(&tds, self.next_sequence()).await?;
         tx.commit().await?;
         Ok(())
     }
@@ -543,6 +618,7 @@ impl Authorities {
                         spki: r.public_key.clone()?,
                         expires_at: 0,
                         tainted: r.tainted,
+                        owner: KeyOwner::Signet,
                     })
                 })
                 .collect(),
@@ -634,6 +710,7 @@ impl Authorities {
                     spki: k.public_key,
                     expires_at: k.expires_at,
                     tainted: k.tainted,
+                    owner: KeyOwner::from_stored(k.owner),
                 });
             }
         }
@@ -705,12 +782,14 @@ impl Authorities {
 
     /// A step that changes the bundle: `rec`'s new state is journalled and committed with the next bundle sequence,
     /// then replaces its row in `records`, which then take effect.
-    async fn commit_bundle_change(
+    async fn commit_bundle_change<W: StepWitness>(
         &self,
         step: &'static str,
         rec: AuthorityRecord,
         records: &mut [AuthorityRecord],
+        w: &W,
     ) -> Result<(), RotationError> {
+        witness(w, step, &rec.label).await?;
         let mut tx = self.begin(step, &rec.label, rec.kind.name()).await?;
         tx.update_authority(&rec).await?;
         tx.bump_sequence(&self.td.to_string(), self.next_sequence())
@@ -824,6 +903,15 @@ impl Authorities {
 
     /// Prepare: a new key on the token and (X.509) its root and cross-certificates. Returns the new label.
     pub async fn prepare(&self, kind: AuthorityKind) -> Result<String, RotationError> {
+        self.prepare_with(kind, &Unwitnessed).await
+    }
+
+    /// [`prepare`](Self::prepare), told to `w` before the step's first commit (before the token is touched).
+    pub async fn prepare_with<W: StepWitness>(
+        &self,
+        kind: AuthorityKind,
+        w: &W,
+    ) -> Result<String, RotationError> {
         if let Some(why) = &self.policy.cannot_prepare {
             return Err(RotationError::Precondition(why.clone()));
         }
@@ -875,6 +963,7 @@ impl Authorities {
             destroyed_at: None,
             tainted: false,
         };
+        witness(w, "prepare", &label).await?;
         // A key left on the token under this label by an earlier, failed attempt that never reached the journal
         // would make generation fail; it names no authority, so it is removed first.
         let l = label.clone();
@@ -996,6 +1085,15 @@ impl Authorities {
 
     /// Publish: the prepared authority of `kind` joins the bundle.
     pub async fn publish(&self, kind: AuthorityKind) -> Result<String, RotationError> {
+        self.publish_with(kind, &Unwitnessed).await
+    }
+
+    /// [`publish`](Self::publish), told to `w` before it commits.
+    pub async fn publish_with<W: StepWitness>(
+        &self,
+        kind: AuthorityKind,
+        w: &W,
+    ) -> Result<String, RotationError> {
         let mut records = self.records.lock().await;
         let _step = self.lock_step(&mut records).await?;
         let Some(mut rec) = records
@@ -1012,7 +1110,7 @@ impl Authorities {
         rec.state = AuthorityState::Published;
         rec.published_at = Some(unix(now));
         let label = rec.label.clone();
-        self.commit_bundle_change("publish", rec, &mut records)
+        self.commit_bundle_change("publish", rec, &mut records, w)
             .await?;
         tracing::info!(label, kind = kind.name(), "authority published");
         Ok(label)
@@ -1020,6 +1118,15 @@ impl Authorities {
 
     /// Activate: the published authority of `kind` signs from now on; the active one is superseded.
     pub async fn activate(&self, kind: AuthorityKind) -> Result<String, RotationError> {
+        self.activate_with(kind, &Unwitnessed).await
+    }
+
+    /// [`activate`](Self::activate), told to `w` before it commits.
+    pub async fn activate_with<W: StepWitness>(
+        &self,
+        kind: AuthorityKind,
+        w: &W,
+    ) -> Result<String, RotationError> {
         let mut records = self.records.lock().await;
         let _step = self.lock_step(&mut records).await?;
         let Some(mut rec) = records
@@ -1057,6 +1164,7 @@ impl Authorities {
             .cloned();
         rec.state = AuthorityState::Active;
         rec.activated_at = Some(unix(now));
+        witness(w, "activate", &rec.label).await?;
         let mut tx = self.begin("activate", &rec.label, kind.name()).await?;
         tx.update_authority(&rec).await?;
         if let Some(o) = old.as_mut() {
@@ -1079,6 +1187,15 @@ impl Authorities {
 
     /// Retire: the superseded authority of `kind` leaves the bundle, once nothing it signed is valid.
     pub async fn retire(&self, kind: AuthorityKind) -> Result<String, RotationError> {
+        self.retire_with(kind, &Unwitnessed).await
+    }
+
+    /// [`retire`](Self::retire), told to `w` before it commits.
+    pub async fn retire_with<W: StepWitness>(
+        &self,
+        kind: AuthorityKind,
+        w: &W,
+    ) -> Result<String, RotationError> {
         let mut records = self.records.lock().await;
         let _step = self.lock_step(&mut records).await?;
         let Some(mut rec) = records
@@ -1121,7 +1238,7 @@ impl Authorities {
         rec.state = AuthorityState::Retired;
         rec.retired_at = Some(unix(now));
         let label = rec.label.clone();
-        self.commit_bundle_change("retire", rec, &mut records)
+        self.commit_bundle_change("retire", rec, &mut records, w)
             .await?;
         tracing::info!(label, kind = kind.name(), "authority retired");
         Ok(label)
@@ -1129,6 +1246,15 @@ impl Authorities {
 
     /// Taint: marks the authority `label` compromised (SPIRE is told at once).
     pub async fn taint(&self, label: &str) -> Result<(), RotationError> {
+        self.taint_with(label, &Unwitnessed).await
+    }
+
+    /// [`taint`](Self::taint), told to `w` before it commits (not at all when the authority is already tainted).
+    pub async fn taint_with<W: StepWitness>(
+        &self,
+        label: &str,
+        w: &W,
+    ) -> Result<(), RotationError> {
         let mut records = self.records.lock().await;
         let _step = self.lock_step(&mut records).await?;
         let Some(mut rec) = records.iter().find(|r| r.label == label).cloned() else {
@@ -1144,7 +1270,7 @@ impl Authorities {
             return Ok(());
         }
         rec.tainted = true;
-        self.commit_bundle_change("taint", rec, &mut records)
+        self.commit_bundle_change("taint", rec, &mut records, w)
             .await?;
         tracing::warn!(label, "authority tainted");
         Ok(())
@@ -1152,6 +1278,16 @@ impl Authorities {
 
     /// Destroy: removes a retired authority's key from the token.
     pub async fn destroy(&self, label: &str) -> Result<(), RotationError> {
+        self.destroy_with(label, &Unwitnessed).await
+    }
+
+    /// [`destroy`](Self::destroy), told to `w` before the request commits (not at all when the key is already
+    /// destroyed).
+    pub async fn destroy_with<W: StepWitness>(
+        &self,
+        label: &str,
+        w: &W,
+    ) -> Result<(), RotationError> {
         let mut records = self.records.lock().await;
         let _step = self.lock_step(&mut records).await?;
         let Some(mut rec) = records.iter().find(|r| r.label == label).cloned() else {
@@ -1167,6 +1303,7 @@ impl Authorities {
             return Ok(());
         }
         rec.destroy_requested_at = Some(unix(self.clock.now()));
+        witness(w, "destroy", label).await?;
         let mut tx = self.begin("destroy", label, rec.kind.name()).await?;
         tx.update_authority(&rec).await?;
         self.commit(tx, "destroy").await?;

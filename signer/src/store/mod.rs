@@ -50,6 +50,9 @@ pub enum StoreError {
     /// A row holds something this version cannot read.
     #[error("datastore row is invalid: {0}")]
     Corrupt(String),
+    /// A published JWT key is stored under another owner.
+    #[error("datastore: JWT key {0:?} is stored under another owner")]
+    NotOwner(String),
 }
 
 /// What an authority is.
@@ -193,6 +196,8 @@ pub struct PublishedJwtKey {
     pub expires_at: i64,
     /// Tainted by its owner.
     pub tainted: bool,
+    /// The publisher's SPIFFE ID (`""`: stored before owners were recorded; nobody may change it).
+    pub owner: String,
 }
 
 /// A KeyManager key a SPIRE server generated: which key on the token answers for its key id.
@@ -439,8 +444,8 @@ impl Store {
         &self,
         trust_domain: &str,
     ) -> Result<Vec<PublishedJwtKey>, StoreError> {
-        let q = "SELECT kid, public_key, expires_at, tainted FROM published_jwt_keys WHERE trust_domain = $1 \
-                 ORDER BY kid";
+        let q = "SELECT kid, public_key, expires_at, tainted, owner FROM published_jwt_keys \
+                 WHERE trust_domain = $1 ORDER BY kid";
         on!(&self.pool, p => {
             let rows = sqlx::query(q).bind(trust_domain).fetch_all(p).await?;
             rows.iter()
@@ -450,6 +455,7 @@ impl Store {
                         public_key: r.try_get("public_key")?,
                         expires_at: r.try_get("expires_at")?,
                         tainted: r.try_get("tainted")?,
+                        owner: r.try_get("owner")?,
                     })
                 })
                 .collect()
@@ -832,24 +838,32 @@ impl Txn {
         Ok(next)
     }
 
-    /// Inserts or replaces a JWT key a SPIRE server published.
+    /// Inserts a JWT key a SPIRE server published, or updates it if it is already stored under the same owner.
+    /// A key id stored under another owner (or under none) is left alone and refused
+    /// ([`StoreError::NotOwner`]), so replicas sharing the datastore keep the same rule as the live bundle.
     pub async fn put_published_jwt_key(
         &mut self,
         trust_domain: &str,
         k: &PublishedJwtKey,
     ) -> Result<(), StoreError> {
-        let q = "INSERT INTO published_jwt_keys (trust_domain, kid, public_key, expires_at, tainted) \
-                 VALUES ($1, $2, $3, $4, $5) \
+        let q = "INSERT INTO published_jwt_keys (trust_domain, kid, public_key, expires_at, tainted, owner) \
+                 VALUES ($1, $2, $3, $4, $5, $6) \
                  ON CONFLICT (trust_domain, kid) DO UPDATE SET public_key = excluded.public_key, \
-                 expires_at = excluded.expires_at, tainted = excluded.tainted";
-        on_tx!(&mut self.tx, t => { sqlx::query(q)
+                 expires_at = excluded.expires_at, tainted = excluded.tainted \
+                 WHERE published_jwt_keys.owner = excluded.owner AND published_jwt_keys.owner <> ''";
+        let n = on_tx!(&mut self.tx, t => sqlx::query(q)
             .bind(trust_domain)
             .bind(&k.kid)
             .bind(&k.public_key)
             .bind(k.expires_at)
             .bind(k.tainted)
+            .bind(&k.owner)
             .execute(&mut **t)
-            .await?; });
+            .await?
+            .rows_affected());
+        if n != 1 {
+            return Err(StoreError::NotOwner(k.kid.clone()));
+        }
         self.announce("authorities");
         Ok(())
     }

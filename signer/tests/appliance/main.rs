@@ -10,6 +10,7 @@
 
 mod bad_input;
 mod boundary;
+mod bundle_owners;
 mod cli;
 mod common;
 mod figures;

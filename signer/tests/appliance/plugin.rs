@@ -327,7 +327,7 @@ async fn upstream_authority_plugin_forwards_and_its_stream_survives_an_appliance
             jwt_key: Some(signet_proto::spire::plugin::types::JwtKey {
                 public_key: spki,
                 key_id: "spire-jwt-1".into(),
-                expires_at: 0,
+                expires_at: time::OffsetDateTime::now_utc().unix_timestamp() + 3600,
                 tainted: false,
             }),
         })

@@ -11,21 +11,6 @@ use tonic::Code;
 
 use crate::common::*;
 
-async fn still_serving(c: &mut IssuerClient<tonic::transport::Channel>) {
-    let (csr, _) = csr_for("spiffe://example.org/workloads/after");
-    let r = c
-        .batch_mint_x509svid(pb::BatchMintX509svidRequest {
-            requests: vec![pb::X509svidRequest {
-                csr,
-                ttl_seconds: 60,
-            }],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    expect_svid(r.results[0].clone());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_empty_requests_get_clear_errors() {
     let Some(bed) = Bed::start().await else {

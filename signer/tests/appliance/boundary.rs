@@ -205,17 +205,8 @@ async fn signets_own_ids_are_never_minted() {
         "spiffe://example.org/signet/anything/else",
     ] {
         let (csr, _) = csr_for(id);
-        let r = c
-            .batch_mint_x509svid(pb::BatchMintX509svidRequest {
-                requests: vec![pb::X509svidRequest {
-                    csr,
-                    ttl_seconds: 60,
-                }],
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        let f = expect_failure(&r.results[0]);
+        let r = mint_one(&mut c, csr, 60).await;
+        let f = expect_failure(&r);
         assert_eq!(f.code, Code::PermissionDenied as i32, "{id}: {f:?}");
         assert!(f.message.contains("reserved"), "{id}: {}", f.message);
         let e = c

@@ -197,6 +197,14 @@ impl Bed {
         }
     }
 
+    /// The appliance still issues to its admin (after whatever a test threw at it).
+    pub async fn assert_serving(&self) {
+        still_serving(&mut IssuerClient::new(
+            self.channel(Some(&self.admin())).await,
+        ))
+        .await;
+    }
+
     /// A channel presenting `identity` (or no client certificate).
     pub async fn channel(&self, identity: Option<&Credential>) -> Channel {
         self.try_channel(identity)
@@ -287,6 +295,28 @@ pub fn csr_for(id: &str) -> (Vec<u8>, rcgen::KeyPair) {
     params.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into().unwrap())];
     let der = params.serialize_request(&kp).unwrap().der().to_vec();
     (der, kp)
+}
+
+/// `BatchMintX509SVID` of one CSR: its result.
+pub async fn mint_one(
+    c: &mut IssuerClient<Channel>,
+    csr: Vec<u8>,
+    ttl_seconds: i64,
+) -> pb::X509svidResult {
+    c.batch_mint_x509svid(pb::BatchMintX509svidRequest {
+        requests: vec![pb::X509svidRequest { csr, ttl_seconds }],
+    })
+    .await
+    .unwrap()
+    .into_inner()
+    .results
+    .remove(0)
+}
+
+/// The appliance still issues to `c` (after whatever a test threw at it).
+pub async fn still_serving(c: &mut IssuerClient<Channel>) {
+    let (csr, _) = csr_for("spiffe://example.org/workloads/still-serving");
+    expect_svid(mint_one(c, csr, 60).await);
 }
 
 pub fn expect_svid(r: pb::X509svidResult) -> pb::X509svid {

@@ -442,23 +442,6 @@ async fn run(bed: &Bed, cases: Vec<Case>) {
     );
 }
 
-/// The server still issues to a real caller.
-async fn still_serving(bed: &Bed) {
-    let mut c = IssuerClient::new(bed.channel(Some(&bed.admin())).await);
-    let (csr, _) = csr_for("spiffe://example.org/workloads/still-serving");
-    let r = c
-        .batch_mint_x509svid(pb::BatchMintX509svidRequest {
-            requests: vec![pb::X509svidRequest {
-                csr,
-                ttl_seconds: 60,
-            }],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    expect_svid(r.results[0].clone());
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_csrs_are_refused_by_the_rule_they_break() {
     let Some(bed) = bed(false).await else {
@@ -549,7 +532,7 @@ async fn hostile_csrs_are_refused_by_the_rule_they_break() {
         ),
     ];
     run(&bed, cases).await;
-    still_serving(&bed).await;
+    bed.assert_serving().await;
     bed.stop().await;
 }
 
@@ -675,7 +658,7 @@ async fn hostile_spiffe_ids_are_refused_for_x509_and_jwt() {
         cases.push(case(&j, me(&j), jwt(&id, &["db"], 60), code, says).about_id(&id));
     }
     run(&bed, cases).await;
-    still_serving(&bed).await;
+    bed.assert_serving().await;
     bed.stop().await;
 }
 
@@ -835,7 +818,7 @@ async fn hostile_jwt_audiences_are_refused() {
         .about_id(&w("huge")),
     ];
     run(&bed, cases).await;
-    still_serving(&bed).await;
+    bed.assert_serving().await;
     bed.stop().await;
 }
 
@@ -1060,7 +1043,7 @@ async fn hostile_batches_are_bounded() {
         grown < 512 << 20,
         "peak RSS grew by {grown} bytes for a 2 MB request"
     );
-    still_serving(&bed).await;
+    bed.assert_serving().await;
     bed.stop().await;
 }
 
@@ -1155,7 +1138,7 @@ async fn hostile_callers_are_refused() {
         ),
     ];
     run(&bed, cases).await;
-    still_serving(&bed).await;
+    bed.assert_serving().await;
     bed.stop().await;
 }
 

@@ -36,6 +36,7 @@ pub mod lint;
 pub mod pipeline;
 pub mod plugin;
 pub mod policy;
+pub mod own;
 pub mod replica;
 pub mod serve;
 pub mod spiffe;

@@ -18,7 +18,7 @@
 //!   heartbeat ([`crate::replica::Replication::set_serving_roots`]), so `retire` is refused while any live replica
 //!   still serves a credential of the root being retired.
 //! - **Failures.** A failed renewal (token unavailable, disk full) is logged and retried with backoff (1 s doubling
-//!   up to 5 min, never later than the normal renewal time); the credential in use stays in use.
+//!   up to 5 min; a change of the active root retries at once); the credential in use stays in use meanwhile.
 //! - **Metrics.** `signet_own_credential_not_after_seconds{credential="server|admin|bundle_endpoint"}` (Unix
 //!   seconds) and `signet_own_credential_renewals_total{credential, outcome="renewed|failed"}`.
 
@@ -396,14 +396,9 @@ impl OwnCredentials {
                             metrics::counter!("signet_own_credential_renewals_total", "credential" => which.name(), "outcome" => "renewed").increment(1);
                         }
                         Err(e) => {
-                            let backoff = r.map_or(MIN_BACKOFF, |r| (r.backoff * 2).min(MAX_BACKOFF));
-                            let mut at = OffsetDateTime::now_utc() + backoff;
-                            // Never later than the renewal would have been due anyway.
-                            if let Some(h) = &held
-                                && !h.stale(&set)
-                            {
-                                at = at.min(h.renew_at().max(OffsetDateTime::now_utc() + MIN_BACKOFF));
-                            }
+                            let backoff =
+                                r.map_or(MIN_BACKOFF, |r| (r.backoff * 2).min(MAX_BACKOFF));
+                            let at = OffsetDateTime::now_utc() + backoff;
                             retry[which.index()] = Some(Retry { at, backoff });
                             metrics::counter!("signet_own_credential_renewals_total", "credential" => which.name(), "outcome" => "failed").increment(1);
                             tracing::warn!(

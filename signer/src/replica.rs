@@ -95,10 +95,7 @@ impl Replication {
     /// Records which roots signed the credentials this replica serves now (its own server and admin X509-SVIDs)
     /// and has the heartbeat report them at once.
     pub fn set_serving_roots(&self, roots: Vec<String>) {
-        *self
-            .serving_roots
-            .lock()
-            .unwrap_or_else(|p| p.into_inner()) = roots;
+        *self.serving_roots.lock().unwrap_or_else(|p| p.into_inner()) = roots;
         self.beat_now.notify_one();
     }
 

@@ -872,7 +872,8 @@ impl Appliance {
         // signet's own credentials: what the listeners present (swapped in place when renewed), held on the root
         // that signed them (it stays in the bundle while they are in use) and reported in the heartbeat.
         let server_cert = Arc::new(
-            crate::own::LiveCert::new(&boot.server.0, &boot.server.1).map_err(ServeError::Server)?,
+            crate::own::LiveCert::new(&boot.server.0, &boot.server.1)
+                .map_err(ServeError::Server)?,
         );
         let own = Arc::new(crate::own::OwnCredentials::new(
             crate::own::OwnSettings {

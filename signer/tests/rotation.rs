@@ -566,8 +566,11 @@ async fn retire_waits_for_every_live_replica_to_serve_the_new_root() {
     let old_spki = rig.auth.active().x509.key().spki_der().to_vec();
     // This process serves a credential of the old root.
     let real_now = OffsetDateTime::now_utc();
-    rig.auth
-        .hold_descendant(&old_spki, rig.clock.now() + time::Duration::days(60), "the test's server certificate");
+    rig.auth.hold_descendant(
+        &old_spki,
+        rig.clock.now() + time::Duration::days(60),
+        "the test's server certificate",
+    );
     rig.auth.prepare(K::X509).await.unwrap();
     rig.auth.publish(K::X509).await.unwrap();
     rig.clock.advance(LEAD + Duration::from_secs(1));
@@ -587,12 +590,18 @@ async fn retire_waits_for_every_live_replica_to_serve_the_new_root() {
     };
     let now = real_now.unix_timestamp();
     let both = format!("{},{}", root_id(&new_root), root_id(&old_root));
-    store.heartbeat(&beat("r-old", now, Some(&both)), 6).await.unwrap();
+    store
+        .heartbeat(&beat("r-old", now, Some(&both)), 6)
+        .await
+        .unwrap();
     store
         .heartbeat(&beat("r-new", now, Some(&root_id(&new_root))), 6)
         .await
         .unwrap();
-    store.heartbeat(&beat("r-silent", now, None), 6).await.unwrap();
+    store
+        .heartbeat(&beat("r-silent", now, None), 6)
+        .await
+        .unwrap();
     // Gone for a minute: not live, not counted.
     store
         .heartbeat(&beat("r-gone", now - 60, Some(&root_id(&old_root))), 6)
@@ -608,13 +617,23 @@ async fn retire_waits_for_every_live_replica_to_serve_the_new_root() {
     let m = refused(rig.auth.retire(K::X509).await);
     assert!(m.contains("the test's server certificate"), "{m}");
     // Renewed by the new root: the hold on the old one is replaced.
-    rig.auth
-        .hold_descendant(&new_spki, rig.clock.now() + time::Duration::days(60), "the test's server certificate");
+    rig.auth.hold_descendant(
+        &new_spki,
+        rig.clock.now() + time::Duration::days(60),
+        "the test's server certificate",
+    );
     let m = refused(rig.auth.retire(K::X509).await);
     assert!(m.contains("r-old (r-old.example:8443)"), "{m}");
-    assert!(m.contains("r-silent") && m.contains("does not report"), "{m}");
+    assert!(
+        m.contains("r-silent") && m.contains("does not report"),
+        "{m}"
+    );
     assert!(!m.contains("r-new") && !m.contains("r-gone"), "{m}");
-    assert_eq!(*rig.auth.bundle().current(), *before, "a refused retire changes nothing");
+    assert_eq!(
+        *rig.auth.bundle().current(),
+        *before,
+        "a refused retire changes nothing"
+    );
     // r-old renews, r-silent leaves: retire succeeds.
     store
         .heartbeat(&beat("r-old", now, Some(&root_id(&new_root))), 6)

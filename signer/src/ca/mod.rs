@@ -1111,8 +1111,8 @@ impl Authorities {
         }
         if let Some(cert) = rec.certificate.as_deref() {
             let root = crate::own::root_id(cert);
-            let since = OffsetDateTime::now_utc().unix_timestamp()
-                - dur(crate::replica::LIVE_WINDOW);
+            let since =
+                OffsetDateTime::now_utc().unix_timestamp() - dur(crate::replica::LIVE_WINDOW);
             let on_old: Vec<String> = self
                 .store
                 .live_replicas(since)

@@ -46,10 +46,8 @@ async fn served(
     for r in ders(roots_pem) {
         roots.add(r.into()).unwrap();
     }
-    let chain: Vec<rustls::pki_types::CertificateDer<'static>> = ders(&who.chain_pem)
-        .into_iter()
-        .map(Into::into)
-        .collect();
+    let chain: Vec<rustls::pki_types::CertificateDer<'static>> =
+        ders(&who.chain_pem).into_iter().map(Into::into).collect();
     let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
         pem::parse(&who.key_pem).unwrap().contents().to_vec().into(),
     );
@@ -150,7 +148,8 @@ impl Tally {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn own_credentials_renew_live_without_a_failed_request() {
     let Some(bed) =
-        Bed::start_with(|c| c.server.service_svid_ttl = ConfigDuration(Duration::from_secs(4))).await
+        Bed::start_with(|c| c.server.service_svid_ttl = ConfigDuration(Duration::from_secs(4)))
+            .await
     else {
         return;
     };
@@ -194,12 +193,8 @@ async fn own_credentials_renew_live_without_a_failed_request() {
         })
     };
     let fresh = {
-        let (stop, tally, roots, agent) = (
-            stop.clone(),
-            on_new.clone(),
-            roots.clone(),
-            agent.clone(),
-        );
+        let (stop, tally, roots, agent) =
+            (stop.clone(), on_new.clone(), roots.clone(), agent.clone());
         tokio::spawn(async move {
             while !stop.load(Ordering::Relaxed) {
                 let r = async {
@@ -398,7 +393,10 @@ async fn rotation_needs_no_restart() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(admin_ok, "the admin credential was not renewed after activate");
+    assert!(
+        admin_ok,
+        "the admin credential was not renewed after activate"
+    );
     // The connection opened before the rotation still works.
     mint_one(&mut before).await.unwrap();
 
@@ -467,7 +465,8 @@ async fn retire_is_refused_while_the_old_roots_credential_is_served() {
     let e = admin.rotate(step("retire")).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
     assert!(
-        e.message().contains("still has a valid descendant in use here")
+        e.message()
+            .contains("still has a valid descendant in use here")
             && e.message().contains("signet's server certificate"),
         "{}",
         e.message()

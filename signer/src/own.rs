@@ -227,6 +227,12 @@ fn leaf_facts(der: &[u8]) -> Result<(OffsetDateTime, OffsetDateTime, String), St
 
 /// Replaces `path` with `data` atomically: written aside (0600 when `private`), then renamed over it.
 pub fn replace_file(path: &Path, data: &[u8], private: bool) -> Result<(), ServeError> {
+    let aside = write_aside(path, data, private)?;
+    rename_over(&aside, path)
+}
+
+/// Writes `data` next to `path` (`.<name>.new`, 0600 when `private`) and returns where.
+fn write_aside(path: &Path, data: &[u8], private: bool) -> Result<std::path::PathBuf, ServeError> {
     let name = path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -242,7 +248,11 @@ pub fn replace_file(path: &Path, data: &[u8], private: bool) -> Result<(), Serve
             source,
         })?;
     }
-    std::fs::rename(&aside, path).map_err(|source| ServeError::Io {
+    Ok(aside)
+}
+
+fn rename_over(aside: &Path, path: &Path) -> Result<(), ServeError> {
+    std::fs::rename(aside, path).map_err(|source| ServeError::Io {
         what: format!("replacing {}", path.display()),
         source,
     })
@@ -467,7 +477,17 @@ fn issue(
         .map_err(|e| format!("cannot issue the SVID for {id}: {e}"))?;
     let mut chain = vec![issued.der];
     chain.extend(authority.chain());
-    replace_file(key_path, kp.serialize_pem().as_bytes(), true).map_err(|e| e.to_string())?;
-    replace_file(cert_path, pem_certs(&chain).as_bytes(), false).map_err(|e| e.to_string())?;
+    // Both files are written aside before either is replaced, so a failure leaves the pair in use untouched.
+    let key_aside =
+        write_aside(key_path, kp.serialize_pem().as_bytes(), true).map_err(|e| e.to_string())?;
+    let cert_aside = match write_aside(cert_path, pem_certs(&chain).as_bytes(), false) {
+        Ok(p) => p,
+        Err(e) => {
+            let _ = std::fs::remove_file(&key_aside);
+            return Err(e.to_string());
+        }
+    };
+    rename_over(&key_aside, key_path).map_err(|e| e.to_string())?;
+    rename_over(&cert_aside, cert_path).map_err(|e| e.to_string())?;
     Ok((chain, kp.serialize_der()))
 }

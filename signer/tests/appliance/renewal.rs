@@ -488,3 +488,65 @@ async fn retire_is_refused_while_the_old_roots_credential_is_served() {
     assert_eq!(refused.len(), 1, "{refused:?}");
     bed.stop().await;
 }
+
+/// A renewal that fails (the server certificate's file cannot be replaced: a directory sits where it is written
+/// aside) is retried and does not stop the task: the server keeps presenting its certificate, the admin credential
+/// is still renewed, and once the obstacle is gone the server's renewal succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_renewal_is_retried() {
+    let Some(bed) =
+        Bed::start_with(|c| c.server.service_svid_ttl = ConfigDuration(Duration::from_secs(8)))
+            .await
+    else {
+        return;
+    };
+    let addr = bed.app.addr();
+    let roots = bed.roots_pem();
+    let agent = bed.credential_for(AGENT).await;
+    let p = bed.app.paths().clone();
+    let obstacle = p.dir.join(".server.pem.new");
+    std::fs::create_dir(&obstacle).unwrap();
+    let server0 = serial(&served(addr, &roots, &agent).await.unwrap()[0]);
+    let admin0 = serial(&ders(&bed.admin().chain_pem)[0]);
+    // The admin credential is renewed (at half its life, like the server's, which fails at the same moment).
+    let mut renewed = false;
+    for _ in 0..200 {
+        if serial(&ders(&admin_pair(&bed).chain_pem)[0]) != admin0 {
+            renewed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(renewed, "the admin credential was not renewed");
+    let now = served(addr, &roots, &agent).await.unwrap();
+    assert_eq!(
+        serial(&now[0]),
+        server0,
+        "the server certificate could not be renewed"
+    );
+    // The pair on disk is untouched: nothing was replaced.
+    let kp = rcgen::KeyPair::from_pem(&std::fs::read_to_string(&p.server_key).unwrap()).unwrap();
+    let on_disk = ders(&std::fs::read_to_string(&p.server_cert).unwrap()).remove(0);
+    assert_eq!(serial(&on_disk), server0);
+    assert_eq!(
+        x509_parser::parse_x509_certificate(&on_disk)
+            .unwrap()
+            .1
+            .public_key()
+            .raw,
+        rcgen::PublicKeyData::subject_public_key_info(&kp).as_slice()
+    );
+    std::fs::remove_dir(&obstacle).unwrap();
+    let mut changed = false;
+    for _ in 0..200 {
+        if serial(&served(addr, &roots, &agent).await.unwrap()[0]) != server0 {
+            changed = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(changed, "the server's renewal was not retried");
+    let files = ders(&std::fs::read_to_string(&p.server_cert).unwrap());
+    assert_ne!(serial(&files[0]), server0);
+    bed.stop().await;
+}

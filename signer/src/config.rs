@@ -279,9 +279,16 @@ pub struct ServerSettings {
     /// How long a shutdown waits for requests in flight.
     #[serde(default = "default_grace")]
     pub shutdown_grace: ConfigDuration,
-    /// Lifetime of the server's and the admin's X509-SVIDs (re-issued at start when less than half is left).
+    /// Lifetime of the server's and the admin's X509-SVIDs: re-issued at start when no more than half is left, and
+    /// while running once half their life has passed and right after a root rotation activates (see
+    /// [`crate::own`]).
     #[serde(default = "default_service_svid_ttl")]
     pub service_svid_ttl: ConfigDuration,
+    /// Whether the running appliance renews its own credentials (default true). Off, they are re-issued at start
+    /// only, the old root's retirement waits for them (`service_svid_ttl` counts in its descendants' life) and each
+    /// replica must be restarted after `activate`: for diagnosis and tests.
+    #[serde(default = "default_true")]
+    pub renew_own_credentials: bool,
     /// This replica's name among those sharing a PostgreSQL datastore (default: host name and port).
     #[serde(default)]
     pub replica_id: Option<String>,
@@ -349,6 +356,7 @@ impl Default for ServerSettings {
             max_message_bytes: default_max_message(),
             shutdown_grace: default_grace(),
             service_svid_ttl: default_service_svid_ttl(),
+            renew_own_credentials: true,
             replica_id: None,
             max_connections: default_max_connections(),
             max_streams_per_connection: default_max_streams(),
@@ -964,6 +972,11 @@ impl Config {
         if srv.refusal_audit_interval.0 < Duration::from_secs(1) {
             return Err(ConfigError::Invalid(
                 "server.refusal_audit_interval must be at least 1 s".into(),
+            ));
+        }
+        if self.server.service_svid_ttl.0 < Duration::from_secs(2) {
+            return Err(ConfigError::Invalid(
+                "server.service_svid_ttl must be at least 2 s".into(),
             ));
         }
         if self.server.max_batch == 0 {

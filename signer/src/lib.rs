@@ -33,6 +33,7 @@ pub mod jwt;
 pub mod keys;
 pub mod keys_token;
 pub mod lint;
+pub mod own;
 pub mod pipeline;
 pub mod plugin;
 pub mod policy;

@@ -22,6 +22,11 @@
 //!   `rate × (N+1)/N`; while one leaves, the others keep the smaller share for up to [`LIVE_WINDOW`] (they grant
 //!   less, never more). A caller that reaches only one replica gets `rate / N`: the safe side.
 //!
+//! - **Own credentials**: the heartbeat also records which roots signed the credentials the replica serves now (its
+//!   server and admin X509-SVIDs, renewed by [`crate::own`] right after every activate); `retire` of a root is
+//!   refused while a live replica still reports it ([`crate::ca::Authorities::retire`]), so no replica is left
+//!   serving a credential its clients no longer trust, and no replica has to be restarted for a rotation.
+//!
 //! With SQLite the datastore belongs to one process: none of this runs, and the process leads alone.
 
 use std::sync::Arc;
@@ -52,6 +57,10 @@ pub struct Replication {
     pub started_at: i64,
     leader: AtomicBool,
     live: std::sync::Mutex<Vec<ReplicaRecord>>,
+    /// The roots (see [`crate::own::root_id`]) that signed the credentials this replica serves now.
+    serving_roots: std::sync::Mutex<Vec<String>>,
+    /// Asks the heartbeat to record at once (after this replica's own credentials changed).
+    beat_now: tokio::sync::Notify,
 }
 
 impl Replication {
@@ -63,6 +72,8 @@ impl Replication {
             started_at: time::OffsetDateTime::now_utc().unix_timestamp(),
             leader: AtomicBool::new(false),
             live: std::sync::Mutex::new(Vec::new()),
+            serving_roots: std::sync::Mutex::new(Vec::new()),
+            beat_now: tokio::sync::Notify::new(),
         }
     }
 
@@ -79,6 +90,21 @@ impl Replication {
     /// The replicas the last heartbeat saw.
     pub fn live(&self) -> Vec<ReplicaRecord> {
         self.live.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Records which roots signed the credentials this replica serves now (its own server and admin X509-SVIDs)
+    /// and has the heartbeat report them at once.
+    pub fn set_serving_roots(&self, roots: Vec<String>) {
+        *self.serving_roots.lock().unwrap_or_else(|p| p.into_inner()) = roots;
+        self.beat_now.notify_one();
+    }
+
+    /// The roots that signed the credentials this replica serves now.
+    pub fn serving_roots(&self) -> Vec<String> {
+        self.serving_roots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 }
 
@@ -107,6 +133,7 @@ pub async fn heartbeat(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
+            () = repl.beat_now.notified() => {}
             () = crate::api::until_shutdown(&mut shutdown) => {
                 if let Err(e) = store.leave(&repl.id).await {
                     tracing::debug!(error = %e, "cannot remove this replica's heartbeat");
@@ -119,6 +146,7 @@ pub async fn heartbeat(
             address: address.clone(),
             started_at: repl.started_at,
             seen_at: time::OffsetDateTime::now_utc().unix_timestamp(),
+            serving_roots: Some(repl.serving_roots().join(",")),
         };
         match store.heartbeat(&me, window).await {
             Ok(live) => {

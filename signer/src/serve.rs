@@ -4,12 +4,14 @@
 //! are the active root and JWT key after a rotation; the tokens (the configured ones, or the embedded token
 //! provisioned in the data directory through the [`EmbeddedToken`] seam); the root and JWT keys on the token (generated when
 //! missing); the signing pipeline; the root certificate (`root.pem`, self-signed through the pipeline on the first
-//! start, reused after); the server's and the admin's X509-SVIDs (issued by the root, re-issued when less than half
-//! their life is left, or issued by another root than the active one); the authorities' life cycle
+//! start, reused after); the server's and the admin's X509-SVIDs (issued by the root, re-issued when no more than
+//! half their life is left, or issued by another root than the active one); the authorities' life cycle
 //! ([`crate::ca::Authorities`], which adopts the first root and JWT key into a fresh datastore and finishes any
 //! rotation step a crash interrupted) and the bundle it keeps; the KeyManager keys; the audit log. Background tasks
-//! swap the issuers when a rotation activates a new root or key, keep `bundle.pem` in step, and run the rotation
-//! schedule. Then the gRPC server (mTLS) with the four
+//! swap the issuers when a rotation activates a new root or key, keep `bundle.pem` in step, run the rotation
+//! schedule, and renew signet's own server and admin credentials while it runs ([`crate::own`]: at half their life
+//! and right after every activate, swapped into the TLS listeners without dropping a connection, so no restart is
+//! needed for a rotation). Then the gRPC server (mTLS) with the four
 //! APIs, gRPC health (NOT_SERVING while no token can sign) and reflection, and the Prometheus endpoint.
 //!
 //! [`Appliance::shutdown`] stops accepting connections, ends the subscription streams, lets requests in flight
@@ -26,7 +28,6 @@ use time::OffsetDateTime;
 use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tokio_rustls::rustls;
 use tokio_stream::wrappers::ReceiverStream;
 use zeroize::Zeroizing;
 
@@ -447,6 +448,8 @@ struct Bootstrapped {
     km_pipeline: Option<Pipeline>,
     root_der: Vec<u8>,
     server: (Vec<Vec<u8>>, Vec<u8>),
+    /// The admin's chain (leaf first).
+    admin: Vec<Vec<u8>>,
     keys: KeyStore,
     audit: AuditLog,
     token_names: Vec<String>,
@@ -616,7 +619,7 @@ fn bootstrap(
             &paths.server_cert,
             &paths.server_key,
         )?;
-        service_svid(
+        let (admin, _) = service_svid(
             &root,
             &admin_id,
             &[],
@@ -630,9 +633,9 @@ fn bootstrap(
         )?;
         // The JWT key was checked by building its issuer; the running issuers come from the datastore's active set.
         drop(jwt);
-        Ok::<_, ServeError>((root_der, server))
+        Ok::<_, ServeError>((root_der, server, admin))
     })();
-    let (root_der, server) = match started {
+    let (root_der, server, admin) = match started {
         Ok(v) => v,
         Err(e) => {
             pipeline.shutdown();
@@ -681,6 +684,7 @@ fn bootstrap(
         km_pipeline,
         root_der,
         server,
+        admin,
         keys,
         audit,
         token_names: settings.iter().map(|s| s.name.clone()).collect(),
@@ -723,6 +727,24 @@ impl Appliance {
     pub async fn start_with(
         cfg: Config,
         embedded: Arc<dyn EmbeddedToken>,
+    ) -> Result<Self, ServeError> {
+        Self::start_inner(cfg, embedded, crate::ca::crash::clock()).await
+    }
+
+    /// [`start`](Self::start) with the rotation life cycle reading `clock` (tests move it past a publish lead or
+    /// a root's descendants without waiting). Certificates, TLS and signet's own credentials keep the system time.
+    #[doc(hidden)]
+    pub async fn start_with_clock(
+        cfg: Config,
+        clock: Arc<dyn crate::ca::Clock>,
+    ) -> Result<Self, ServeError> {
+        Self::start_inner(cfg, default_embedded_token(), clock).await
+    }
+
+    async fn start_inner(
+        cfg: Config,
+        embedded: Arc<dyn EmbeddedToken>,
+        clock: Arc<dyn crate::ca::Clock>,
     ) -> Result<Self, ServeError> {
         cfg.validate()?;
         let policy = Policy::from_rules(&cfg.policy, cfg.authority.jwt.max_ttl.0)
@@ -783,7 +805,7 @@ impl Appliance {
             let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
         };
         boot.keys.attach_store(store.clone());
-        let authorities = match open_authorities(&cfg, &boot, store.clone()).await {
+        let authorities = match open_authorities(&cfg, &boot, store.clone(), clock).await {
             Ok(a) => Arc::new(a),
             Err(e) => {
                 stop_pipeline(boot.pipeline.clone()).await;
@@ -791,27 +813,6 @@ impl Appliance {
             }
         };
         start_lock.release().await;
-        // signet's own credentials were issued by the active root at start: it stays in the bundle while they are
-        // in use.
-        {
-            let issuer = authorities.active().x509.key().spki_der().to_vec();
-            for (what, path) in [
-                ("signet's server certificate", &boot.paths.server_cert),
-                ("signet's admin certificate", &boot.paths.admin_cert),
-            ] {
-                if let Some(not_after) = std::fs::read(path)
-                    .ok()
-                    .and_then(|t| pem::parse(t).ok())
-                    .and_then(|p| {
-                        x509_parser::parse_x509_certificate(p.contents())
-                            .ok()
-                            .map(|(_, c)| c.validity().not_after.to_datetime())
-                    })
-                {
-                    authorities.hold_descendant(&issuer, not_after, what);
-                }
-            }
-        }
         let signers = match signers_of(
             &authorities.active(),
             &boot.td,
@@ -868,12 +869,44 @@ impl Appliance {
             .with_replication(replication)
             .with_max_in_flight_per_caller(cfg.server.max_in_flight_per_caller),
         );
-        let tls_cfg = tls::server_config(
-            boot.server.0.clone(),
-            boot.server.1.clone(),
-            state.client_trust(),
-        )
-        .map_err(ServeError::Server)?;
+        // signet's own credentials: what the listeners present (swapped in place when renewed), held on the root
+        // that signed them (it stays in the bundle while they are in use) and reported in the heartbeat.
+        let server_cert = Arc::new(
+            crate::own::LiveCert::new(&boot.server.0, &boot.server.1)
+                .map_err(ServeError::Server)?,
+        );
+        let own = Arc::new(crate::own::OwnCredentials::new(
+            crate::own::OwnSettings {
+                server_id: boot
+                    .td
+                    .workload_id(SERVER_ID_PATH)
+                    .map_err(|e| ServeError::Authority(e.to_string()))?,
+                admin_id: boot
+                    .td
+                    .workload_id(ADMIN_ID_PATH)
+                    .map_err(|e| ServeError::Authority(e.to_string()))?,
+                dns: cfg.server.names.clone(),
+                ttl: cfg.server.service_svid_ttl.0,
+                paths: boot.paths.clone(),
+                bundle_endpoint: cfg.federation.listen.is_some()
+                    && cfg.federation.profile == crate::config::EndpointProfile::HttpsSpiffe,
+            },
+            server_cert.clone(),
+            authorities.clone(),
+            state.replication.clone(),
+        ));
+        for (which, chain) in [
+            (crate::own::Own::Server, &boot.server.0),
+            (crate::own::Own::Admin, &boot.admin),
+        ] {
+            own.adopt(which, chain, &boot.root_der)
+                .map_err(ServeError::Authority)?;
+        }
+        if cfg.server.renew_own_credentials {
+            background.push(tokio::spawn(own.clone().run(shutdown_rx.clone())));
+        }
+        let tls_cfg = tls::server_config_live(server_cert.clone(), state.client_trust())
+            .map_err(ServeError::Server)?;
         background.push(tokio::spawn(follow_authorities(
             state.clone(),
             authorities.clone(),
@@ -970,7 +1003,7 @@ impl Appliance {
             }),
         );
         let federation_addr =
-            match start_federation(&cfg, &boot.server, &state, &shutdown_rx, &mut background).await
+            match start_federation(&cfg, &server_cert, &state, &shutdown_rx, &mut background).await
             {
                 Ok(a) => a,
                 Err(e) => {
@@ -1108,16 +1141,19 @@ fn rotation_policy(cfg: &Config, single_token: bool) -> RotationPolicy {
     p.root_ttl = x.root_ttl.0;
     p.publish_lead = r.publish_lead.0;
     // The longest life of anything a root signs: SPIRE CAs and X509-SVIDs (capped by the policy's max_ttl),
-    // issuing intermediates, and signet's own credentials.
+    // issuing intermediates, and signet's own credentials unless they are renewed while running (then they are
+    // re-issued right after activate, and `retire` waits for that through the holds and the replicas' heartbeats
+    // instead).
     let policy_max = cfg
         .policy
         .iter()
         .filter_map(|p| p.max_ttl.map(|t| t.0))
         .max()
         .unwrap_or(Duration::from_secs(24 * 3600));
-    p.max_x509_issued_ttl = policy_max
-        .max(x.intermediate_ttl.0)
-        .max(cfg.server.service_svid_ttl.0);
+    p.max_x509_issued_ttl = policy_max.max(x.intermediate_ttl.0);
+    if !cfg.server.renew_own_credentials {
+        p.max_x509_issued_ttl = p.max_x509_issued_ttl.max(cfg.server.service_svid_ttl.0);
+    }
     p.max_jwt_issued_ttl = cfg.authority.jwt.max_ttl.0;
     // A new key is generated on one token; with several tokens sharing the load it must be made on each first.
     if !single_token {
@@ -1138,6 +1174,7 @@ async fn open_authorities(
     cfg: &Config,
     boot: &Bootstrapped,
     store: Store,
+    clock: Arc<dyn crate::ca::Clock>,
 ) -> Result<Authorities, ServeError> {
     let keyring = Arc::new(TokenKeyring::new(
         boot.authority_token.0.clone(),
@@ -1148,7 +1185,7 @@ async fn open_authorities(
         boot.td.clone(),
         store,
         keyring,
-        crate::ca::crash::clock(),
+        clock,
         rotation_policy(cfg, boot.single),
         Initial {
             x509_label: boot.root_label.clone(),
@@ -1250,7 +1287,7 @@ async fn follow_authorities(
 /// domains; returns the endpoint's address.
 async fn start_federation(
     cfg: &Config,
-    server_svid: &(Vec<Vec<u8>>, Vec<u8>),
+    server_cert: &Arc<crate::own::LiveCert>,
     state: &Arc<AppState>,
     shutdown: &watch::Receiver<bool>,
     background: &mut Vec<JoinHandle<()>>,
@@ -1261,22 +1298,21 @@ async fn start_federation(
     let invalid = |m: String| ServeError::Config(ConfigError::Invalid(m));
     let mut bound = None;
     if let Some(listen) = f.listen {
-        let (chain, key) = match f.profile {
-            EndpointProfile::HttpsSpiffe => (
-                server_svid.0.clone(),
-                rustls::pki_types::PrivateKeyDer::Pkcs8(server_svid.1.clone().into()),
-            ),
+        let tls = match f.profile {
+            // The appliance's own server SVID, renewed in place.
+            EndpointProfile::HttpsSpiffe => endpoint::tls_config_live(server_cert.clone()),
             _ => {
                 let (Some(cert), Some(key)) = (&f.cert, &f.key) else {
                     return Err(invalid(
                         "federation.profile = \"https_web\" needs federation.cert and federation.key".into(),
                     ));
                 };
-                endpoint::load_pem(cert, key).map_err(|e| invalid(format!("federation: {e}")))?
+                let (chain, key) =
+                    endpoint::load_pem(cert, key).map_err(|e| invalid(format!("federation: {e}")))?;
+                endpoint::tls_config(chain, key)
             }
-        };
-        let tls =
-            endpoint::tls_config(chain, key).map_err(|e| invalid(format!("federation: {e}")))?;
+        }
+        .map_err(|e| invalid(format!("federation: {e}")))?;
         let listener = TcpListener::bind(listen)
             .await
             .map_err(io(format!("listening on {listen} (federation)")))?;

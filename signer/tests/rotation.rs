@@ -553,3 +553,94 @@ async fn the_schedule_rotates_on_time() {
         ["retire", "retire"]
     );
 }
+
+/// `retire` waits for every live replica to serve credentials of the new root: each replica's heartbeat (the
+/// datastore's `replicas` table, here on SQLite) says which roots signed what it serves. A live replica on the old
+/// root, or one that does not say, holds retire back (FAILED_PRECONDITION naming it); a replica whose heartbeat is
+/// older than the live window does not. A local hold on the old root is replaced when the credential is renewed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retire_waits_for_every_live_replica_to_serve_the_new_root() {
+    use signet::own::root_id;
+    use signet::store::ReplicaRecord;
+    let Some(rig) = rig().await else { return };
+    let old_root = rig.auth.active().x509.cert_der().to_vec();
+    let old_spki = rig.auth.active().x509.key().spki_der().to_vec();
+    // This process serves a credential of the old root.
+    let real_now = OffsetDateTime::now_utc();
+    rig.auth.hold_descendant(
+        &old_spki,
+        rig.clock.now() + time::Duration::days(60),
+        "the test's server certificate",
+    );
+    rig.auth.prepare(K::X509).await.unwrap();
+    rig.auth.publish(K::X509).await.unwrap();
+    rig.clock.advance(LEAD + Duration::from_secs(1));
+    rig.auth.activate(K::X509).await.unwrap();
+    let new_root = rig.auth.active().x509.cert_der().to_vec();
+    let new_spki = rig.auth.active().x509.key().spki_der().to_vec();
+    assert_ne!(root_id(&old_root), root_id(&new_root));
+    rig.clock.advance(ISSUED_TTL + Duration::from_secs(1));
+
+    let store = rig.auth.store();
+    let beat = |id: &str, seen_at: i64, roots: Option<&str>| ReplicaRecord {
+        id: id.into(),
+        address: format!("{id}.example:8443"),
+        started_at: seen_at,
+        seen_at,
+        serving_roots: roots.map(str::to_string),
+    };
+    let now = real_now.unix_timestamp();
+    let both = format!("{},{}", root_id(&new_root), root_id(&old_root));
+    store
+        .heartbeat(&beat("r-old", now, Some(&both)), 6)
+        .await
+        .unwrap();
+    store
+        .heartbeat(&beat("r-new", now, Some(&root_id(&new_root))), 6)
+        .await
+        .unwrap();
+    store
+        .heartbeat(&beat("r-silent", now, None), 6)
+        .await
+        .unwrap();
+    // Gone for a minute: not live, not counted.
+    store
+        .heartbeat(&beat("r-gone", now - 60, Some(&root_id(&old_root))), 6)
+        .await
+        .unwrap();
+
+    let refused = |r: Result<String, RotationError>| match r {
+        Err(RotationError::Precondition(m)) => m,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    let before = rig.auth.bundle().current();
+    // The local hold first.
+    let m = refused(rig.auth.retire(K::X509).await);
+    assert!(m.contains("the test's server certificate"), "{m}");
+    // Renewed by the new root: the hold on the old one is replaced.
+    rig.auth.hold_descendant(
+        &new_spki,
+        rig.clock.now() + time::Duration::days(60),
+        "the test's server certificate",
+    );
+    let m = refused(rig.auth.retire(K::X509).await);
+    assert!(m.contains("r-old (r-old.example:8443)"), "{m}");
+    assert!(
+        m.contains("r-silent") && m.contains("does not report"),
+        "{m}"
+    );
+    assert!(!m.contains("r-new") && !m.contains("r-gone"), "{m}");
+    assert_eq!(
+        *rig.auth.bundle().current(),
+        *before,
+        "a refused retire changes nothing"
+    );
+    // r-old renews, r-silent leaves: retire succeeds.
+    store
+        .heartbeat(&beat("r-old", now, Some(&root_id(&new_root))), 6)
+        .await
+        .unwrap();
+    store.leave("r-silent").await.unwrap();
+    rig.auth.retire(K::X509).await.unwrap();
+    assert_eq!(rig.auth.bundle().current().x509_roots, vec![new_root]);
+}

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, UnixTime};
+use rustls::pki_types::{CertificateDer, UnixTime};
 use rustls::server::WebPkiClientVerifier;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
@@ -326,6 +326,16 @@ pub fn server_config(
     key_pkcs8: Vec<u8>,
     trust: Arc<LiveClientTrust>,
 ) -> Result<rustls::ServerConfig, String> {
+    let cert = crate::own::LiveCert::new(&chain, &key_pkcs8)?;
+    server_config_live(Arc::new(cert), trust)
+}
+
+/// [`server_config`] presenting whatever `cert` holds at each handshake: renewing the server's credential
+/// ([`crate::own`]) swaps the certificate for new connections without touching open ones.
+pub fn server_config_live(
+    cert: Arc<dyn rustls::server::ResolvesServerCert>,
+    trust: Arc<LiveClientTrust>,
+) -> Result<rustls::ServerConfig, String> {
     let roots = trust.bundle.current().x509_roots.clone();
     let verifier = Arc::new(HandshakeClientVerifier {
         trust,
@@ -335,11 +345,7 @@ pub fn server_config(
         .with_safe_default_protocol_versions()
         .map_err(|e| e.to_string())?
         .with_client_cert_verifier(verifier)
-        .with_single_cert(
-            chain.into_iter().map(CertificateDer::from).collect(),
-            PrivateKeyDer::Pkcs8(key_pkcs8.into()),
-        )
-        .map_err(|e| format!("the server certificate or key is unusable: {e}"))?;
+        .with_cert_resolver(cert);
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
 }

@@ -454,13 +454,13 @@ impl Authorities {
 
     /// Records a credential this process serves (its own server or client certificate), issued by the key whose
     /// SubjectPublicKeyInfo is `issuer_spki` and valid until `not_after`: the issuer is not retired while it is in
-    /// use, since relying parties that drop the issuer would stop trusting the process.
+    /// use, since relying parties that drop the issuer would stop trusting the process. `what` names the
+    /// credential: a new hold under the same name replaces the earlier one (the credential was renewed, the old one
+    /// is no longer served).
     pub fn hold_descendant(&self, issuer_spki: &[u8], not_after: OffsetDateTime, what: &str) {
-        self.holds.lock().unwrap_or_else(|p| p.into_inner()).push((
-            issuer_spki.to_vec(),
-            unix(not_after),
-            what.to_string(),
-        ));
+        let mut holds = self.holds.lock().unwrap_or_else(|p| p.into_inner());
+        holds.retain(|(_, _, w)| w != what);
+        holds.push((issuer_spki.to_vec(), unix(not_after), what.to_string()));
     }
 
     /// Stores the JWT keys of the live bundle that SPIRE servers published (those no authority row names), with the
@@ -1209,6 +1209,48 @@ impl Authorities {
             )));
         };
         let now = self.clock.now();
+        // First what is in use now: credentials this process and the live replicas serve (renewed right after
+        // activate, so this clears within a heartbeat or two); then the time bound of everything else it signed.
+        let held = self
+            .holds
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .find(|(spki, until, _)| Some(spki) == rec.public_key.as_ref() && *until > unix(now))
+            .map(|(_, until, what)| (*until, what.clone()));
+        if let Some((until, what)) = held {
+            return Err(RotationError::Precondition(format!(
+                "{} still has a valid descendant in use here: {what} (valid until {}); it is renewed by the active \
+                 root right after activate (see the log for why it was not), then retire",
+                rec.label,
+                at(until)
+            )));
+        }
+        if let Some(cert) = rec.certificate.as_deref() {
+            let root = crate::own::root_id(cert);
+            let since =
+                OffsetDateTime::now_utc().unix_timestamp() - dur(crate::replica::LIVE_WINDOW);
+            let on_old: Vec<String> = self
+                .store
+                .live_replicas(since)
+                .await?
+                .into_iter()
+                .filter(|r| r.may_serve_root(&root))
+                .map(|r| match r.serving_roots {
+                    Some(_) => format!("{} ({})", r.id, r.address),
+                    None => format!("{} ({}, which does not report its roots)", r.id, r.address),
+                })
+                .collect();
+            if !on_old.is_empty() {
+                return Err(RotationError::Precondition(format!(
+                    "{} still signs credentials that live replicas serve: {}; each replica renews its own \
+                     credentials with the active root right after activate and reports it in its next heartbeat: \
+                     retry in a few seconds, or see those replicas' logs",
+                    rec.label,
+                    on_old.join(", ")
+                )));
+            }
+        }
         let until = rec.issued_until.unwrap_or(0);
         if unix(now) < until {
             return Err(RotationError::TooEarly {
@@ -1219,21 +1261,6 @@ impl Authorities {
                     rec.label
                 ),
             });
-        }
-        let held = self
-            .holds
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .iter()
-            .find(|(spki, until, _)| Some(spki) == rec.public_key.as_ref() && *until > unix(now))
-            .map(|(_, until, what)| (*until, what.clone()));
-        if let Some((until, what)) = held {
-            return Err(RotationError::Precondition(format!(
-                "{} still has a valid descendant in use here: {what} (valid until {}); restart signet serve so it \
-                 is re-issued by the active root, then retire",
-                rec.label,
-                at(until)
-            )));
         }
         rec.state = AuthorityState::Retired;
         rec.retired_at = Some(unix(now));

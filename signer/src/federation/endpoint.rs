@@ -31,14 +31,31 @@ pub fn tls_config(
     chain: Vec<Vec<u8>>,
     key: PrivateKeyDer<'static>,
 ) -> Result<rustls::ServerConfig, String> {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(super::verify::provider())
-        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-        .map_err(|e| e.to_string())?
-        .with_no_client_auth()
+    let mut cfg = builder()?
         .with_single_cert(chain.into_iter().map(CertificateDer::from).collect(), key)
         .map_err(|e| format!("the bundle endpoint's certificate or key is unusable: {e}"))?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
+}
+
+/// [`tls_config`] presenting whatever `cert` holds at each handshake: with `https_spiffe`, the appliance's own
+/// server X509-SVID, which [`crate::own`] renews in place.
+pub fn tls_config_live(
+    cert: Arc<dyn rustls::server::ResolvesServerCert>,
+) -> Result<rustls::ServerConfig, String> {
+    let mut cfg = builder()?.with_cert_resolver(cert);
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(cfg)
+}
+
+fn builder()
+-> Result<rustls::ConfigBuilder<rustls::ServerConfig, rustls::server::WantsServerCert>, String> {
+    Ok(
+        rustls::ServerConfig::builder_with_provider(super::verify::provider())
+            .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+            .map_err(|e| e.to_string())?
+            .with_no_client_auth(),
+    )
 }
 
 /// Reads a PEM certificate chain (leaf first) and its private key (PKCS#8, SEC1 or PKCS#1).

@@ -226,6 +226,18 @@ pub struct ReplicaRecord {
     pub started_at: i64,
     /// Unix seconds of its last heartbeat.
     pub seen_at: i64,
+    /// The ids of the roots that signed the credentials it serves now (see [`crate::own::root_id`]),
+    /// comma-separated; `None` when it does not report them.
+    pub serving_roots: Option<String>,
+}
+
+impl ReplicaRecord {
+    /// Whether this replica serves a credential of the root `root_id`, or does not say (then it may).
+    pub fn may_serve_root(&self, root_id: &str) -> bool {
+        self.serving_roots
+            .as_deref()
+            .is_none_or(|s| s.split(',').any(|r| r == root_id))
+    }
 }
 
 /// The engines behind a [`Store`].
@@ -512,11 +524,9 @@ impl Store {
         me: &ReplicaRecord,
         window_secs: i64,
     ) -> Result<Vec<ReplicaRecord>, StoreError> {
-        let put = "INSERT INTO replicas (id, address, started_at, seen_at) VALUES ($1, $2, $3, $4) \
+        let put = "INSERT INTO replicas (id, address, started_at, seen_at, serving_roots) VALUES ($1, $2, $3, $4, $5) \
                    ON CONFLICT (id) DO UPDATE SET address = excluded.address, started_at = excluded.started_at, \
-                   seen_at = excluded.seen_at";
-        let get =
-            "SELECT id, address, started_at, seen_at FROM replicas WHERE seen_at >= $1 ORDER BY id";
+                   seen_at = excluded.seen_at, serving_roots = excluded.serving_roots";
         // Rows of replicas gone for a day are dropped.
         let old = "DELETE FROM replicas WHERE seen_at < $1";
         on!(&self.pool, p => {
@@ -525,10 +535,20 @@ impl Store {
                 .bind(&me.address)
                 .bind(me.started_at)
                 .bind(me.seen_at)
+                .bind(&me.serving_roots)
                 .execute(p)
                 .await?;
             sqlx::query(old).bind(me.seen_at - 86_400).execute(p).await?;
-            let rows = sqlx::query(get).bind(me.seen_at - window_secs).fetch_all(p).await?;
+        });
+        self.live_replicas(me.seen_at - window_secs).await
+    }
+
+    /// The replicas whose last heartbeat is at `since` (Unix seconds) or later, by id.
+    pub async fn live_replicas(&self, since: i64) -> Result<Vec<ReplicaRecord>, StoreError> {
+        let get = "SELECT id, address, started_at, seen_at, serving_roots FROM replicas WHERE seen_at >= $1 \
+                   ORDER BY id";
+        on!(&self.pool, p => {
+            let rows = sqlx::query(get).bind(since).fetch_all(p).await?;
             rows.iter()
                 .map(|r| {
                     Ok(ReplicaRecord {
@@ -536,6 +556,7 @@ impl Store {
                         address: r.try_get("address")?,
                         started_at: r.try_get("started_at")?,
                         seen_at: r.try_get("seen_at")?,
+                        serving_roots: r.try_get("serving_roots")?,
                     })
                 })
                 .collect()

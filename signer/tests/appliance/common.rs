@@ -121,6 +121,27 @@ impl Bed {
         Some(Self::start_config(cfg, dir, Box::new(hsm)).await)
     }
 
+    /// [`start_with`](Self::start_with) with the rotation life cycle reading `clock` (the test moves it past the
+    /// publish lead or the old root's descendants; certificates and TLS keep the system time).
+    pub async fn start_clocked(
+        tweak: impl FnOnce(&mut Config),
+        clock: std::sync::Arc<dyn signet::ca::Clock>,
+    ) -> Option<Bed> {
+        let hsm = SoftHsm::new()?;
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = config(&hsm, dir.path());
+        tweak(&mut cfg);
+        let app = Appliance::start_with_clock(cfg.clone(), clock)
+            .await
+            .expect("the appliance starts");
+        Some(Bed {
+            app,
+            dir,
+            cfg,
+            _hsm: Box::new(hsm),
+        })
+    }
+
     /// An appliance on the configuration `make` returns for a fresh directory; `hsm` (the token's test bed) lives
     /// as long as the appliance.
     pub async fn start_on(

@@ -19,6 +19,7 @@ mod issuer;
 mod keymanager;
 mod ops;
 mod plugin;
+mod renewal;
 mod rotation;
 mod security;
 mod tpm;

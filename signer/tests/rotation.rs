@@ -517,7 +517,7 @@ async fn a_restart_keeps_the_rotation_state() {
         "the authorities changed across the restart"
     );
     assert_eq!(*again.bundle().current(), *before);
-    assert_eq!(again.store().schema_version().await.unwrap(), 2);
+    assert_eq!(again.store().schema_version().await.unwrap(), 3);
 }
 
 /// The automatic schedule: prepare+publish at half the life, activate at ~83 %, retire when nothing is valid.

@@ -176,7 +176,7 @@ fn plugin_data(bed: &Bed, spire: &Credential, dir: &Path, addr: std::net::Socket
     std::fs::write(dir.join("client.key"), &spire.key_pem).unwrap();
     std::fs::write(dir.join("bundle.pem"), bed.roots_pem()).unwrap();
     format!(
-        "endpoint = \"{addr}\"\nserver_name = \"localhost\"\ntrust_bundle_path = \"{}\"\n\
+        "endpoint = \"{addr}\"\ntrust_bundle_path = \"{}\"\n\
          client_cert_path = \"{}\"\nclient_key_path = \"{}\"\nrequest_timeout = \"20s\"\nmax_backoff = \"1s\"\n",
         dir.join("bundle.pem").display(),
         dir.join("client.pem").display(),
@@ -531,6 +531,145 @@ async fn key_manager_plugin_forwards_to_keys_on_the_token() {
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    p.shutdown().await;
+    bed.stop().await;
+}
+
+/// A credential for `id` with lifetime `ttl_seconds`, minted with the admin credential.
+async fn short_credential(bed: &Bed, id: &str, ttl_seconds: i64) -> Credential {
+    let mut c = signet_proto::signet::v1::issuer_client::IssuerClient::new(
+        bed.channel(Some(&bed.admin())).await,
+    );
+    let (csr, kp) = csr_for(id);
+    let r = c
+        .batch_mint_x509svid(signet_proto::signet::v1::BatchMintX509svidRequest {
+            requests: vec![signet_proto::signet::v1::X509svidRequest { csr, ttl_seconds }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let svid = expect_svid(r.results.into_iter().next().unwrap());
+    Credential {
+        chain_pem: pem_chain(&svid.cert_chain),
+        key_pem: kp.serialize_pem(),
+    }
+}
+
+async fn configure(p: &PluginProcess, data: String) -> Result<(), tonic::Status> {
+    cfg::config_client::ConfigClient::new(p.channel.clone())
+        .configure(cfg::ConfigureRequest {
+            core_configuration: core(TD),
+            hcl_configuration: data,
+        })
+        .await
+        .map(|_| ())
+}
+
+/// The plug-in renews its own X509-SVID (Issuer.RenewX509SVID, a SPIRE server's rule grants no issuer service)
+/// before half its life, again and again, and a loop that keeps calling through it never sees a failure; the
+/// renewed credential is kept in its files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_renews_its_credential_without_a_failed_call() {
+    let Some(bed) = Bed::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spire = short_credential(&bed, SPIRE_A, 12).await;
+    let data = plugin_data(&bed, &spire, dir.path(), bed.app.addr()) + "svid_ttl = \"12s\"\n";
+    let p = PluginProcess::start("key-manager", "KeyManager", dir.path());
+    let _broker =
+        spire_loader_steps(&p.channel, "spire.plugin.server.keymanager.v1.KeyManager").await;
+    configure(&p, data).await.unwrap();
+    let key = generate_and_sign(&p.channel).await;
+    let mut c = km::key_manager_client::KeyManagerClient::new(p.channel.clone());
+    let renewals = |bed: &Bed| {
+        bed.audit()
+            .iter()
+            .filter(|l| {
+                l["caller"] == SPIRE_A && l["method"] == "RenewX509SVID" && l["outcome"] == "issued"
+            })
+            .count()
+    };
+    let mut calls = 0u32;
+    for _ in 0..2000 {
+        let listed = c
+            .get_public_keys(km::GetPublicKeysRequest {})
+            .await
+            .unwrap_or_else(|e| panic!("call {calls} failed: {e:?}\n{}", p.log()))
+            .into_inner()
+            .public_keys;
+        assert_eq!(listed, vec![key.clone()]);
+        calls += 1;
+        if renewals(&bed) >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        renewals(&bed) >= 3,
+        "three renewals within the loop's bound ({calls} calls): {}",
+        p.log()
+    );
+    // Calls after the last renewal still work (the first credentials have expired by now).
+    c.get_public_keys(km::GetPublicKeysRequest {}).await.unwrap();
+    let kept = std::fs::read_to_string(dir.path().join("client.pem")).unwrap();
+    assert_ne!(kept, spire.chain_pem, "the renewed credential is kept in its file");
+    assert!(p.log().contains("renewed the plug-in's X509-SVID"), "{}", p.log());
+    p.shutdown().await;
+    bed.stop().await;
+}
+
+/// A first credential from a join token: Configure exchanges it on the bootstrap port (the key made in the
+/// plug-in), keeps the credential in the files named, and the plug-in works; the appliance is reached by address
+/// and checked by its SPIFFE ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_joins_with_a_token() {
+    let Some(bed) = Bed::start_with(|c| {
+        c.server.bootstrap_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let token = signet_proto::signet::v1::admin_client::AdminClient::new(
+        bed.channel(Some(&bed.admin())).await,
+    )
+    .create_join_token(signet_proto::signet::v1::CreateJoinTokenRequest {
+        spiffe_id: SPIRE_B.into(),
+        ttl_seconds: 600,
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(
+        token.bootstrap_address,
+        bed.app.bootstrap_addr().unwrap().to_string()
+    );
+    std::fs::write(dir.path().join("bundle.pem"), bed.roots_pem()).unwrap();
+    let data = format!(
+        "endpoint = \"{}\"\ntrust_bundle_path = \"{}\"\nspiffe_id = \"{SPIRE_B}\"\njoin_token = \"{}\"\n\
+         bootstrap_endpoint = \"{}\"\nclient_cert_path = \"{}\"\nclient_key_path = \"{}\"\n",
+        bed.app.addr(),
+        dir.path().join("bundle.pem").display(),
+        token.token,
+        token.bootstrap_address,
+        dir.path().join("client.pem").display(),
+        dir.path().join("client.key").display(),
+    );
+    let p = PluginProcess::start("key-manager", "KeyManager", dir.path());
+    let _broker =
+        spire_loader_steps(&p.channel, "spire.plugin.server.keymanager.v1.KeyManager").await;
+    configure(&p, data.clone()).await.unwrap_or_else(|e| panic!("{e:?}\n{}", p.log()));
+    generate_and_sign(&p.channel).await;
+    let kept = std::fs::read_to_string(dir.path().join("client.pem")).unwrap();
+    assert!(kept.contains("BEGIN CERTIFICATE"));
+    // Configured again (a SPIRE restart): the token is spent, the kept credential is used instead.
+    configure(&p, data).await.unwrap_or_else(|e| panic!("{e:?}\n{}", p.log()));
+    km::key_manager_client::KeyManagerClient::new(p.channel.clone())
+        .get_public_keys(km::GetPublicKeysRequest {})
+        .await
+        .unwrap();
     p.shutdown().await;
     bed.stop().await;
 }

@@ -10,7 +10,8 @@
 //! tonic's own TLS settings cannot take a custom certificate verifier, so the channel is built with
 //! [`Endpoint::connect_with_connector`] and a tokio-rustls connector ([`channel`], [`lazy_channel`]) that offers HTTP/2
 //! by ALPN. The client's credential comes from a [`ResolvesClientCert`]: [`SwappableIdentity`] lets a long-running
-//! client (the plug-in) replace its X509-SVID while it runs; connections opened afterwards present the new one.
+//! client (the plug-in) replace its X509-SVID while it runs; connections opened afterwards present the new one
+//! (TLS session resumption is off, since a resumed session would present the old one).
 
 use std::sync::{Arc, RwLock};
 
@@ -347,6 +348,10 @@ pub fn client_config(
         None => builder.with_no_client_auth(),
     };
     cfg.alpn_protocols = vec![b"h2".to_vec()];
+    // No session resumption: a resumed TLS session carries the client certificate of the session it resumes, so a
+    // client that swapped its credential would go on presenting the old one (until the appliance refuses it as
+    // expired). Connections are long-lived; a full handshake each costs little.
+    cfg.resumption = rustls::client::Resumption::disabled();
     Ok(cfg)
 }
 

@@ -168,6 +168,7 @@ fn leaf_cpu(c: &mut Criterion) {
         }),
         path_len: None,
         subject_der: None,
+        issuing: false,
     };
     g.bench_function("lint", |b| {
         b.iter(|| lint_tbs(black_box(&f.leaf_tbs), &ctx).unwrap())

@@ -36,12 +36,12 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use signet_proto::connect;
 use signet_proto::signet::v1 as pb;
 use signet_proto::signet::v1::admin_client::AdminClient;
 use signet_proto::signet::v1::issuer_client::IssuerClient;
 use signet_proto::spire::plugin::server::keymanager::v1 as km;
 use signet_proto::spire::plugin::server::keymanager::v1::key_manager_client::KeyManagerClient;
-use signet_proto::connect;
 use tokio_rustls::rustls;
 use tonic::transport::{Channel, Endpoint};
 
@@ -315,7 +315,8 @@ fn tune(e: Endpoint) -> Endpoint {
 }
 
 fn lazy(t: &Target, addr: &str) -> Result<Channel, String> {
-    connect::lazy_channel(addr, client_tls(t)?, tune).map_err(|e| format!("bad address {addr:?}: {e}"))
+    connect::lazy_channel(addr, client_tls(t)?, tune)
+        .map_err(|e| format!("bad address {addr:?}: {e}"))
 }
 
 /// How long one request may wait for its answer.

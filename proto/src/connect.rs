@@ -16,10 +16,10 @@
 use std::sync::{Arc, RwLock};
 
 use tokio_rustls::rustls;
+use tokio_rustls::rustls::client::ResolvesClientCert;
 use tokio_rustls::rustls::client::danger::{
     HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier,
 };
-use tokio_rustls::rustls::client::ResolvesClientCert;
 use tokio_rustls::rustls::crypto::CryptoProvider;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName, UnixTime};
 use tokio_rustls::rustls::sign::CertifiedKey;
@@ -265,8 +265,8 @@ pub fn certified_key(chain_der: Vec<Vec<u8>>, key_pkcs8: Vec<u8>) -> Result<Cert
 
 /// A client X509-SVID from PEM text (the chain, leaf first, and a PKCS#8 `PRIVATE KEY`).
 pub fn certified_key_pem(chain_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, String> {
-    let chain: Vec<Vec<u8>> = pem_blocks(chain_pem, "CERTIFICATE")
-        .map_err(|e| format!("the client certificate: {e}"))?;
+    let chain: Vec<Vec<u8>> =
+        pem_blocks(chain_pem, "CERTIFICATE").map_err(|e| format!("the client certificate: {e}"))?;
     let key = pem_blocks(key_pem, "PRIVATE KEY")
         .map_err(|e| format!("the client key: {e}"))?
         .into_iter()
@@ -469,7 +469,10 @@ mod tests {
 
     #[test]
     fn pem_and_ids() {
-        assert_eq!(trust_domain_of("spiffe://example.org/a/b"), Some("example.org"));
+        assert_eq!(
+            trust_domain_of("spiffe://example.org/a/b"),
+            Some("example.org")
+        );
         assert_eq!(trust_domain_of("https://x"), None);
         assert_eq!(
             ServerAuth::for_appliance("example.org", None),

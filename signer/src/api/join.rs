@@ -468,7 +468,10 @@ impl pb::bootstrap_server::Bootstrap for BootstrapService {
 
 /// The bootstrap port's TLS: the appliance's X509-SVID (`chain`, leaf first, and its PKCS#8 key), no client
 /// certificate asked, HTTP/2 only.
-pub fn bootstrap_tls(chain: Vec<Vec<u8>>, key_pkcs8: Vec<u8>) -> Result<rustls::ServerConfig, String> {
+pub fn bootstrap_tls(
+    chain: Vec<Vec<u8>>,
+    key_pkcs8: Vec<u8>,
+) -> Result<rustls::ServerConfig, String> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
@@ -543,7 +546,10 @@ mod tests {
         let b = new_secret().unwrap();
         assert_ne!(a, b);
         assert_eq!(a.len(), 43, "32 bytes, base64url without padding");
-        assert!(a.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+        assert!(
+            a.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        );
         assert_eq!(token_hash(&a).len(), 64);
         assert_eq!(token_hash(&a), token_hash(&format!(" {a}\n")));
     }

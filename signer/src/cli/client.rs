@@ -202,7 +202,12 @@ enum MintCommand {
         out: PathBuf,
         /// Get the SVID with this one-time join token (from `signet join-token create`) instead of a client
         /// credential, on the appliance's bootstrap port (--bootstrap-addr).
-        #[arg(long, env = "SIGNET_JOIN_TOKEN", hide_env_values = true, requires = "bootstrap_addr")]
+        #[arg(
+            long,
+            env = "SIGNET_JOIN_TOKEN",
+            hide_env_values = true,
+            requires = "bootstrap_addr"
+        )]
         join_token: Option<String>,
         /// The appliance's bootstrap port (host:port, `[server] bootstrap_listen`), for --join-token.
         #[arg(long)]

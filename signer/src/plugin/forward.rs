@@ -174,8 +174,14 @@ impl Appliance {
                 token,
                 bootstrap_endpoint,
             } => {
-                let held =
-                    exchange(&settings, verifier.clone(), &roots, token, bootstrap_endpoint).await?;
+                let held = exchange(
+                    &settings,
+                    verifier.clone(),
+                    &roots,
+                    token,
+                    bootstrap_endpoint,
+                )
+                .await?;
                 if let Some((c, k)) = &settings.credential_paths {
                     write_atomically(k, &held.key_pem, true)?;
                     write_atomically(c, &held.cert_pem, false)?;
@@ -416,7 +422,10 @@ async fn renewal(app: Appliance, mut held: Held) {
                     if id == app.settings.client_id {
                         Ok(())
                     } else {
-                        Err(format!("the files now hold a credential for {id}, not {}", app.settings.client_id))
+                        Err(format!(
+                            "the files now hold a credential for {id}, not {}",
+                            app.settings.client_id
+                        ))
                     }
                 })
                 .and_then(|()| Held::new(cert_pem, key_pem));
@@ -427,7 +436,9 @@ async fn renewal(app: Appliance, mut held: Held) {
                     retry_at = None;
                     continue;
                 }
-                Err(e) => tracing::debug!(error = %e, "the credential files changed but are not usable (yet)"),
+                Err(e) => {
+                    tracing::debug!(error = %e, "the credential files changed but are not usable (yet)")
+                }
             }
         }
         if tokio::time::Instant::now() < due {

@@ -192,10 +192,14 @@ impl PluginSettings {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
             (Some(_), None) => {
-                return Err("client_cert_path needs client_key_path (the key of the certificate)".into());
+                return Err(
+                    "client_cert_path needs client_key_path (the key of the certificate)".into(),
+                );
             }
             (None, Some(_)) => {
-                return Err("client_key_path needs client_cert_path (the certificate of the key)".into());
+                return Err(
+                    "client_key_path needs client_cert_path (the certificate of the key)".into(),
+                );
             }
         };
         let (credential, client_id) = match raw.join_token {
@@ -285,8 +289,7 @@ impl PluginSettings {
 
 /// Checks a credential (chain PEM and PKCS#8 key PEM) and returns its SPIFFE ID.
 pub fn check_credential(cert_pem: &[u8], key_pem: &[u8]) -> Result<String, String> {
-    let chain =
-        pem::parse_many(cert_pem).map_err(|e| format!("client_cert_path: not PEM: {e}"))?;
+    let chain = pem::parse_many(cert_pem).map_err(|e| format!("client_cert_path: not PEM: {e}"))?;
     let leaf = chain
         .iter()
         .find(|p| p.tag() == "CERTIFICATE")

@@ -570,7 +570,10 @@ impl Store {
     }
 
     /// The join token whose secret hashes to `token_hash`, if there is one.
-    pub async fn join_token(&self, token_hash: &str) -> Result<Option<JoinTokenRecord>, StoreError> {
+    pub async fn join_token(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<JoinTokenRecord>, StoreError> {
         let q = "SELECT token_hash, spiffe_id, created_by, created_at, expires_at, used_at FROM join_tokens \
                  WHERE token_hash = $1";
         on!(&self.pool, p => {

@@ -24,7 +24,11 @@ async fn with_bootstrap() -> Option<Bed> {
     .await
 }
 
-async fn create(bed: &Bed, id: &str, ttl_seconds: i64) -> Result<pb::CreateJoinTokenResponse, tonic::Status> {
+async fn create(
+    bed: &Bed,
+    id: &str,
+    ttl_seconds: i64,
+) -> Result<pb::CreateJoinTokenResponse, tonic::Status> {
     AdminClient::new(bed.channel(Some(&bed.admin())).await)
         .create_join_token(pb::CreateJoinTokenRequest {
             spiffe_id: id.into(),
@@ -66,7 +70,11 @@ async fn exchange(
 fn exchanges(bed: &Bed, outcome: &str) -> Vec<serde_json::Value> {
     bed.audit()
         .into_iter()
-        .filter(|l| l["service"] == "bootstrap" && l["method"] == "ExchangeJoinToken" && l["outcome"] == outcome)
+        .filter(|l| {
+            l["service"] == "bootstrap"
+                && l["method"] == "ExchangeJoinToken"
+                && l["outcome"] == outcome
+        })
         .collect()
 }
 
@@ -87,21 +95,33 @@ async fn a_join_token_works_once_for_its_id_until_it_expires_and_every_attempt_i
     let fp = created[0]["key_id"].as_str().unwrap().to_string();
     assert!(fp.starts_with("join-token:"));
     assert!(
-        !std::fs::read_to_string(bed.app.audit_path()).unwrap().contains(&t.token),
+        !std::fs::read_to_string(bed.app.audit_path())
+            .unwrap()
+            .contains(&t.token),
         "the secret is never written"
     );
 
     // A CSR for another ID: INVALID_ARGUMENT, nothing issued, the token stays usable.
-    let wrong = exchange(&bed, &t.token, "spiffe://example.org/workloads/other").await.unwrap_err();
+    let wrong = exchange(&bed, &t.token, "spiffe://example.org/workloads/other")
+        .await
+        .unwrap_err();
     assert_eq!(wrong.code(), Code::InvalidArgument, "{wrong:?}");
-    assert!(wrong.message().contains("the join token is for"), "{wrong:?}");
+    assert!(
+        wrong.message().contains("the join token is for"),
+        "{wrong:?}"
+    );
     assert!(exchanges(&bed, "issued").is_empty());
 
     // The exchange: an SVID for exactly the token's ID that chains to the roots it answers.
     let r = exchange(&bed, &t.token, JOINER).await.unwrap();
     let svid = r.svid.unwrap();
     assert_eq!(svid.spiffe_id, JOINER);
-    openssl_verify(&r.x509_authorities, &svid.cert_chain[1..], &svid.cert_chain[0]).unwrap();
+    openssl_verify(
+        &r.x509_authorities,
+        &svid.cert_chain[1..],
+        &svid.cert_chain[0],
+    )
+    .unwrap();
     let issued = exchanges(&bed, "issued");
     assert_eq!(issued.len(), 1);
     assert_eq!(issued[0]["spiffe_id"], JOINER);
@@ -129,13 +149,25 @@ async fn a_join_token_works_once_for_its_id_until_it_expires_and_every_attempt_i
     let expired = exchange(&bed, &short.token, JOINER).await.unwrap_err();
     assert_eq!(expired.code(), Code::PermissionDenied, "{expired:?}");
     assert!(expired.message().contains("expired"), "{expired:?}");
-    assert_eq!(exchanges(&bed, "issued").len(), 1, "nothing more was issued");
+    assert_eq!(
+        exchanges(&bed, "issued").len(),
+        1,
+        "nothing more was issued"
+    );
 
     let refused = exchanges(&bed, "refused");
-    let codes: Vec<&str> = refused.iter().map(|l| l["code"].as_str().unwrap()).collect();
+    let codes: Vec<&str> = refused
+        .iter()
+        .map(|l| l["code"].as_str().unwrap())
+        .collect();
     assert_eq!(
         codes,
-        ["INVALID_ARGUMENT", "PERMISSION_DENIED", "PERMISSION_DENIED", "PERMISSION_DENIED"],
+        [
+            "INVALID_ARGUMENT",
+            "PERMISSION_DENIED",
+            "PERMISSION_DENIED",
+            "PERMISSION_DENIED"
+        ],
         "{refused:?}"
     );
     assert!(refused.iter().all(|l| l["peer"] == "127.0.0.1"));
@@ -147,7 +179,9 @@ async fn join_tokens_are_for_admins_and_never_for_signets_own_ids() {
     let Some(bed) = with_bootstrap().await else {
         return;
     };
-    let own = create(&bed, "spiffe://example.org/signet/server", 60).await.unwrap_err();
+    let own = create(&bed, "spiffe://example.org/signet/server", 60)
+        .await
+        .unwrap_err();
     assert_eq!(own.code(), Code::PermissionDenied, "{own:?}");
     let agent = bed.credential_for(AGENT).await;
     let denied = AdminClient::new(bed.channel(Some(&agent)).await)
@@ -177,27 +211,39 @@ async fn a_caller_renews_only_its_own_svid() {
     let mut c = IssuerClient::new(bed.channel(Some(&spire)).await);
     let (csr, _) = csr_for(SPIRE_A);
     let r = c
-        .renew_x509svid(pb::RenewX509svidRequest { csr, ttl_seconds: 60 })
+        .renew_x509svid(pb::RenewX509svidRequest {
+            csr,
+            ttl_seconds: 60,
+        })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(r.svid.unwrap().spiffe_id, SPIRE_A);
     let (csr, _) = csr_for(SPIRE_B);
     let other = c
-        .renew_x509svid(pb::RenewX509svidRequest { csr, ttl_seconds: 60 })
+        .renew_x509svid(pb::RenewX509svidRequest {
+            csr,
+            ttl_seconds: 60,
+        })
         .await
         .unwrap_err();
     assert_eq!(other.code(), Code::PermissionDenied, "{other:?}");
     let lines = bed.audit();
     let renewals = audit_lines(&lines, SPIRE_A, "RenewX509SVID");
-    let outcomes: Vec<&str> = renewals.iter().map(|l| l["outcome"].as_str().unwrap()).collect();
+    let outcomes: Vec<&str> = renewals
+        .iter()
+        .map(|l| l["outcome"].as_str().unwrap())
+        .collect();
     assert_eq!(outcomes, ["issued", "refused"]);
     assert_eq!(renewals[1]["spiffe_id"], SPIRE_B);
     // Nor may it get another ID through the issuer service.
     let (csr, _) = csr_for(SPIRE_A);
     let batch = c
         .batch_mint_x509svid(pb::BatchMintX509svidRequest {
-            requests: vec![pb::X509svidRequest { csr, ttl_seconds: 60 }],
+            requests: vec![pb::X509svidRequest {
+                csr,
+                ttl_seconds: 60,
+            }],
         })
         .await
         .unwrap_err();
@@ -222,36 +268,71 @@ async fn the_cli_checks_the_appliance_by_spiffe_id_and_joins_with_a_token() {
     };
     let data = bed.app.paths().dir.clone();
     let addr = bed.app.addr().to_string();
-    let status = signet(&data).args(["status", "--addr", &addr]).output().unwrap();
-    assert!(status.status.success(), "{}", String::from_utf8_lossy(&status.stderr));
+    let status = signet(&data)
+        .args(["status", "--addr", &addr])
+        .output()
+        .unwrap();
+    assert!(
+        status.status.success(),
+        "{}",
+        String::from_utf8_lossy(&status.stderr)
+    );
 
     let created = signet(&data)
-        .args(["join-token", "create", "--spiffe-id", JOINER, "--ttl", "10m"])
+        .args([
+            "join-token",
+            "create",
+            "--spiffe-id",
+            JOINER,
+            "--ttl",
+            "10m",
+        ])
         .output()
         .unwrap();
     let err = String::from_utf8_lossy(&created.stderr);
     assert!(created.status.success(), "{err}");
-    let token = String::from_utf8(created.stdout).unwrap().trim().to_string();
+    let token = String::from_utf8(created.stdout)
+        .unwrap()
+        .trim()
+        .to_string();
     assert!(err.contains("join_token") && err.contains(&token), "{err}");
     let out = tempfile::tempdir().unwrap();
     let bootstrap = bed.app.bootstrap_addr().unwrap().to_string();
     // A client with nothing but the bundle and the token.
     let minted = signet(out.path())
-        .args(["mint", "x509-svid", "--spiffe-id", JOINER, "--join-token", &token])
+        .args([
+            "mint",
+            "x509-svid",
+            "--spiffe-id",
+            JOINER,
+            "--join-token",
+            &token,
+        ])
         .args(["--bootstrap-addr", &bootstrap, "--ca"])
         .arg(data.join("bundle.pem"))
         .arg("--out")
         .arg(out.path().join("svid"))
         .output()
         .unwrap();
-    assert!(minted.status.success(), "{}", String::from_utf8_lossy(&minted.stderr));
+    assert!(
+        minted.status.success(),
+        "{}",
+        String::from_utf8_lossy(&minted.stderr)
+    );
     let chain = std::fs::read_to_string(out.path().join("svid/svid.pem")).unwrap();
     assert_eq!(
         signet::plugin::settings::spiffe_id_of_pem(chain.as_bytes()).unwrap(),
         JOINER
     );
     let again = signet(out.path())
-        .args(["mint", "x509-svid", "--spiffe-id", JOINER, "--join-token", &token])
+        .args([
+            "mint",
+            "x509-svid",
+            "--spiffe-id",
+            JOINER,
+            "--join-token",
+            &token,
+        ])
         .args(["--bootstrap-addr", &bootstrap, "--ca"])
         .arg(data.join("bundle.pem"))
         .arg("--out")
@@ -260,12 +341,20 @@ async fn the_cli_checks_the_appliance_by_spiffe_id_and_joins_with_a_token() {
         .unwrap();
     assert!(!again.status.success());
     let err = String::from_utf8_lossy(&again.stderr);
-    assert!(err.contains("PERMISSION_DENIED") && err.contains("already used"), "{err}");
+    assert!(
+        err.contains("PERMISSION_DENIED") && err.contains("already used"),
+        "{err}"
+    );
 
     // An impostor: a TLS server with a valid X509-SVID of the trust domain, but not the appliance's.
-    let impostor = bed.credential_for("spiffe://example.org/workloads/impostor").await;
-    let chain: Vec<Vec<u8>> = connect::pem_blocks(impostor.chain_pem.as_bytes(), "CERTIFICATE").unwrap();
-    let key = connect::pem_blocks(impostor.key_pem.as_bytes(), "PRIVATE KEY").unwrap().remove(0);
+    let impostor = bed
+        .credential_for("spiffe://example.org/workloads/impostor")
+        .await;
+    let chain: Vec<Vec<u8>> =
+        connect::pem_blocks(impostor.chain_pem.as_bytes(), "CERTIFICATE").unwrap();
+    let key = connect::pem_blocks(impostor.key_pem.as_bytes(), "PRIVATE KEY")
+        .unwrap()
+        .remove(0);
     let mut cfg = tokio_rustls::rustls::ServerConfig::builder_with_provider(Arc::new(
         tokio_rustls::rustls::crypto::ring::default_provider(),
     ))
@@ -283,7 +372,9 @@ async fn the_cli_checks_the_appliance_by_spiffe_id_and_joins_with_a_token() {
     let fake = listener.local_addr().unwrap().to_string();
     let server = tokio::spawn(async move {
         for _ in 0..8 {
-            let Ok((tcp, _)) = listener.accept().await else { return };
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
             let a = acceptor.clone();
             tokio::spawn(async move {
                 let _ = a.accept(tcp).await;
@@ -292,7 +383,10 @@ async fn the_cli_checks_the_appliance_by_spiffe_id_and_joins_with_a_token() {
     });
     let data2 = data.clone();
     let refused = tokio::task::spawn_blocking(move || {
-        signet(&data2).args(["status", "--addr", &fake]).output().unwrap()
+        signet(&data2)
+            .args(["status", "--addr", &fake])
+            .output()
+            .unwrap()
     })
     .await
     .unwrap();

@@ -611,10 +611,19 @@ async fn the_plugin_renews_its_credential_without_a_failed_call() {
         p.log()
     );
     // Calls after the last renewal still work (the first credentials have expired by now).
-    c.get_public_keys(km::GetPublicKeysRequest {}).await.unwrap();
+    c.get_public_keys(km::GetPublicKeysRequest {})
+        .await
+        .unwrap();
     let kept = std::fs::read_to_string(dir.path().join("client.pem")).unwrap();
-    assert_ne!(kept, spire.chain_pem, "the renewed credential is kept in its file");
-    assert!(p.log().contains("renewed the plug-in's X509-SVID"), "{}", p.log());
+    assert_ne!(
+        kept, spire.chain_pem,
+        "the renewed credential is kept in its file"
+    );
+    assert!(
+        p.log().contains("renewed the plug-in's X509-SVID"),
+        "{}",
+        p.log()
+    );
     p.shutdown().await;
     bed.stop().await;
 }
@@ -660,12 +669,16 @@ async fn the_plugin_joins_with_a_token() {
     let p = PluginProcess::start("key-manager", "KeyManager", dir.path());
     let _broker =
         spire_loader_steps(&p.channel, "spire.plugin.server.keymanager.v1.KeyManager").await;
-    configure(&p, data.clone()).await.unwrap_or_else(|e| panic!("{e:?}\n{}", p.log()));
+    configure(&p, data.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", p.log()));
     generate_and_sign(&p.channel).await;
     let kept = std::fs::read_to_string(dir.path().join("client.pem")).unwrap();
     assert!(kept.contains("BEGIN CERTIFICATE"));
     // Configured again (a SPIRE restart): the token is spent, the kept credential is used instead.
-    configure(&p, data).await.unwrap_or_else(|e| panic!("{e:?}\n{}", p.log()));
+    configure(&p, data)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", p.log()));
     km::key_manager_client::KeyManagerClient::new(p.channel.clone())
         .get_public_keys(km::GetPublicKeysRequest {})
         .await

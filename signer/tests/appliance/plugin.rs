@@ -686,3 +686,108 @@ async fn the_plugin_joins_with_a_token() {
     p.shutdown().await;
     bed.stop().await;
 }
+
+/// A server presenting a valid X509-SVID of the trust domain that is not the appliance's: the plug-in refuses it
+/// at the handshake and SPIRE's call fails with a message that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_refuses_a_server_with_another_spiffe_id() {
+    use std::sync::Arc;
+    use tokio_rustls::rustls;
+    let Some(bed) = Bed::start().await else {
+        return;
+    };
+    let impostor = bed
+        .credential_for("spiffe://example.org/workloads/impostor")
+        .await;
+    let chain = pem::parse_many(&impostor.chain_pem)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.contents().to_vec().into())
+        .collect();
+    let key = pem::parse(&impostor.key_pem).unwrap().contents().to_vec();
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()))
+    .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake = listener.local_addr().unwrap();
+    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = handshakes.clone();
+    let server = tokio::spawn(async move {
+        for _ in 0..200 {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (a, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                if a.accept(tcp).await.is_ok() {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let spire = bed.credential_for(SPIRE_A).await;
+    let data = plugin_data(&bed, &spire, dir.path(), fake).replace("\"20s\"", "\"2s\"");
+    let p = PluginProcess::start("key-manager", "KeyManager", dir.path());
+    let _broker =
+        spire_loader_steps(&p.channel, "spire.plugin.server.keymanager.v1.KeyManager").await;
+    configure(&p, data).await.unwrap();
+    let e = km::key_manager_client::KeyManagerClient::new(p.channel.clone())
+        .get_public_keys(km::GetPublicKeysRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let said = e.message().to_string();
+    assert!(
+        said.contains("spiffe://example.org/workloads/impostor")
+            && said.contains("not of the signet appliance spiffe://example.org/signet/server"),
+        "{e:?}\n{}",
+        p.log()
+    );
+    server.abort();
+    p.shutdown().await;
+    bed.stop().await;
+}
+
+/// The plug-in reloads its credential when someone else replaces the files it came from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_reloads_its_credential_files() {
+    let Some(bed) = Bed::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spire = bed.credential_for(SPIRE_A).await;
+    let data = plugin_data(&bed, &spire, dir.path(), bed.app.addr());
+    let p = PluginProcess::start("key-manager", "KeyManager", dir.path());
+    let _broker =
+        spire_loader_steps(&p.channel, "spire.plugin.server.keymanager.v1.KeyManager").await;
+    configure(&p, data).await.unwrap();
+    generate_and_sign(&p.channel).await;
+    let fresh = bed.credential_for(SPIRE_A).await;
+    std::fs::write(dir.path().join("client.key"), &fresh.key_pem).unwrap();
+    std::fs::write(dir.path().join("client.pem"), &fresh.chain_pem).unwrap();
+    for _ in 0..200 {
+        if p.log().contains("reloaded the plug-in's credential") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        p.log().contains("reloaded the plug-in's credential"),
+        "{}",
+        p.log()
+    );
+    km::key_manager_client::KeyManagerClient::new(p.channel.clone())
+        .get_public_keys(km::GetPublicKeysRequest {})
+        .await
+        .unwrap();
+    p.shutdown().await;
+    bed.stop().await;
+}

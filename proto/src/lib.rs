@@ -15,6 +15,12 @@
 // Generated code: its shape is prost's and tonic's, not ours.
 #![allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
 
+/// The X.509 part of the SPIFFE Workload API (no package: `/SpiffeWorkloadAPI/...`), for tests that stand in
+/// for a SPIRE agent. signet does not serve it.
+pub mod workload {
+    include!(concat!(env!("OUT_DIR"), "/_.rs"));
+}
+
 /// Client connections to the appliance (rustls, the appliance checked by its SPIFFE ID).
 #[warn(clippy::all)]
 pub mod connect;

@@ -158,17 +158,40 @@ impl Appliance {
     /// Gets the first credential (exchanging a join token when the configuration has one), then builds lazily
     /// connecting channels (tonic reconnects on its own after an appliance comes back) and starts the renewal.
     pub async fn connect(settings: PluginSettings) -> Result<Self, String> {
-        let roots = LiveRoots::new(
-            connect::pem_blocks(&settings.trust_bundle_pem, "CERTIFICATE")
-                .map_err(|e| format!("trust_bundle_path: {e}"))?,
-        );
+        let roots = if settings.trust_bundle_pem.is_empty() {
+            LiveRoots::default()
+        } else {
+            LiveRoots::new(
+                connect::pem_blocks(&settings.trust_bundle_pem, "CERTIFICATE")
+                    .map_err(|e| format!("trust_bundle_path: {e}"))?,
+            )
+        };
         let verifier = Arc::new(connect::ApplianceVerifier::new(
             roots.clone(),
             ServerAuth::for_appliance(&settings.trust_domain, settings.server_name.as_deref()),
         ));
+        let mut source = None;
         let held = match &settings.credential {
             FirstCredential::Pem { cert_pem, key_pem } => {
                 Held::new(cert_pem.clone(), key_pem.clone())?
+            }
+            FirstCredential::WorkloadApi { socket } => {
+                let src = tokio::time::timeout(
+                    settings.request_timeout,
+                    spiffe::X509Source::builder().endpoint(socket).build(),
+                )
+                .await
+                .map_err(|_| {
+                    format!(
+                        "the Workload API at {socket} gave no X509-SVID within {:?}",
+                        settings.request_timeout
+                    )
+                })?
+                .map_err(|e| format!("the Workload API at {socket}: {e}"))?;
+                let (held, r) = from_source(&src, &settings.trust_domain)?;
+                roots.set(r);
+                source = Some(src);
+                held
             }
             FirstCredential::JoinToken {
                 token,
@@ -202,7 +225,12 @@ impl Appliance {
             swaps: Arc::new(AtomicUsize::new(0)),
             _renewal: Arc::new(AbortOnDrop(None)),
         };
-        if app.settings.renew {
+        if let Some(src) = source {
+            let worker = app.clone();
+            app._renewal = Arc::new(AbortOnDrop(Some(tokio::spawn(follow_workload_api(
+                worker, src,
+            )))));
+        } else if app.settings.renew {
             // The task holds a copy without the abort handle, so dropping the last Appliance ends it.
             let worker = app.clone();
             app._renewal = Arc::new(AbortOnDrop(Some(tokio::spawn(renewal(worker, held)))));
@@ -394,6 +422,64 @@ async fn renew_once(app: &Appliance) -> Result<(Held, Vec<Vec<u8>>), String> {
         }
     }
     Err(errors.join("; "))
+}
+
+/// The X509-SVID the Workload API gives now (its default one, which must be of `td`) and the roots of `td`.
+fn from_source(src: &spiffe::X509Source, td: &str) -> Result<(Held, Vec<Vec<u8>>), String> {
+    let svid = src
+        .svid()
+        .map_err(|e| format!("the Workload API has no X509-SVID: {e}"))?;
+    let id = svid.spiffe_id().to_string();
+    if connect::trust_domain_of(&id) != Some(td) {
+        return Err(format!(
+            "the Workload API's X509-SVID is {id}, not of SPIRE's trust domain {td}"
+        ));
+    }
+    let chain: Vec<Vec<u8>> = svid
+        .cert_chain()
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+    let key_pem = pem::encode(&pem::Pem::new(
+        "PRIVATE KEY",
+        svid.private_key().as_bytes().to_vec(),
+    ));
+    let tdn = spiffe::TrustDomain::new(td).map_err(|e| format!("trust domain {td:?}: {e}"))?;
+    let roots: Vec<Vec<u8>> = src
+        .bundle_set()
+        .map_err(|e| format!("the Workload API has no bundle: {e}"))?
+        .get(&tdn)
+        .map(|b| {
+            b.authorities()
+                .iter()
+                .map(|c| c.as_bytes().to_vec())
+                .collect()
+        })
+        .unwrap_or_default();
+    if roots.is_empty() {
+        return Err(format!(
+            "the Workload API has no X.509 roots for trust domain {td}"
+        ));
+    }
+    Ok((Held::new(pem_chain(&chain), key_pem.into_bytes())?, roots))
+}
+
+/// Follows the Workload API's rotations: each new X509-SVID (and bundle) is put in force as a renewal is.
+async fn follow_workload_api(app: Appliance, src: spiffe::X509Source) {
+    let mut updates = src.updated();
+    loop {
+        if let Err(e) = updates.changed().await {
+            tracing::error!(error = %e, "the Workload API source stopped; the plug-in keeps its last credential");
+            return;
+        }
+        match from_source(&src, &app.settings.trust_domain).and_then(|(h, r)| app.swap(&h, r)) {
+            Ok(()) => tracing::info!(
+                renewals = app.swaps(),
+                "took the rotated X509-SVID from the Workload API"
+            ),
+            Err(e) => tracing::warn!(error = %e, "the Workload API's update is unusable"),
+        }
+    }
 }
 
 /// How often the credential files are looked at for a change made by someone else.

@@ -14,6 +14,8 @@
 //!   # spiffe_id          = "spiffe://example.org/spire/server"
 //!   # join_token         = "..."                       # used once; the credential is then kept (and renewed) in
 //!   # bootstrap_endpoint = "signet.example.org:8444"   # client_cert_path/client_key_path when they are given
+//!   # or the credential (and the roots) from a SPIFFE Workload API, rotations followed:
+//!   # workload_api_socket = "unix:///run/spire/agent.sock"
 //!   # server_name     = "signet.example.org"           # check this DNS name instead of the appliance's SPIFFE ID
 //!   svid_ttl          = "0s"                           # lifetime asked at renewal (0: the policy's default)
 //!   connect_timeout   = "10s"
@@ -62,6 +64,12 @@ pub enum FirstCredential {
         /// Its key.
         key_pem: Vec<u8>,
     },
+    /// From a SPIFFE Workload API (`unix:///path` or `tcp://host:port`), its rotations followed; the roots that
+    /// verify the appliance come from there too (the bundle of the trust domain).
+    WorkloadApi {
+        /// The Workload API endpoint.
+        socket: String,
+    },
     /// Exchanged for a one-time join token on the appliance's bootstrap port (at Configure).
     JoinToken {
         /// The secret.
@@ -76,6 +84,10 @@ impl std::fmt::Debug for FirstCredential {
         // Never the key or the token.
         match self {
             FirstCredential::Pem { .. } => f.write_str("Pem"),
+            FirstCredential::WorkloadApi { socket } => f
+                .debug_struct("WorkloadApi")
+                .field("socket", socket)
+                .finish(),
             FirstCredential::JoinToken {
                 bootstrap_endpoint, ..
             } => f
@@ -139,13 +151,6 @@ impl PluginSettings {
     /// says what is wrong.
     pub fn parse(hcl: &str, trust_domain: &str) -> Result<Self, String> {
         let raw: Raw = hcl::from_str(hcl).map_err(|e| format!("plugin_data: {e}"))?;
-        if raw.workload_api_socket.is_some() {
-            return Err(
-                "workload_api_socket is not supported yet: give client_cert_path and \
-                        client_key_path (an X509-SVID for this SPIRE server issued by signet)"
-                    .into(),
-            );
-        }
         let (field, given) = match (raw.endpoint, raw.endpoints) {
             (Some(_), Some(_)) => {
                 return Err(
@@ -176,6 +181,59 @@ impl PluginSettings {
                 ));
             }
             endpoints.push(format!("https://{host_port}"));
+        }
+        if let Some(socket) = raw.workload_api_socket {
+            if raw.client_cert_path.is_some()
+                || raw.client_key_path.is_some()
+                || raw.join_token.is_some()
+                || raw.spiffe_id.is_some()
+                || raw.bootstrap_endpoint.is_some()
+            {
+                return Err(
+                    "workload_api_socket gives the plug-in its credential: leave out client_cert_path, \
+                     client_key_path and join_token"
+                        .into(),
+                );
+            }
+            if !(socket.starts_with("unix:") || socket.starts_with("tcp:")) {
+                return Err(format!(
+                    "workload_api_socket {socket:?} is not a Workload API address: write \
+                     \"unix:///run/spire/agent.sock\" (or tcp://host:port)"
+                ));
+            }
+            if trust_domain.is_empty() {
+                return Err(
+                    "workload_api_socket needs SPIRE's trust domain (from its core configuration)"
+                        .into(),
+                );
+            }
+            let trust_bundle_pem = match raw.trust_bundle_path {
+                Some(p) => read(&p, "trust_bundle_path")?,
+                None => Vec::new(),
+            };
+            let secs = |d: Option<ConfigDuration>, default: u64, field: &str| {
+                let d = d.map_or(Duration::from_secs(default), |d| d.0);
+                if d.is_zero() {
+                    Err(format!("{field} must be longer than 0"))
+                } else {
+                    Ok(d)
+                }
+            };
+            return Ok(Self {
+                endpoints,
+                server_name: raw.server_name.filter(|n| !n.trim().is_empty()),
+                trust_domain: trust_domain.to_string(),
+                trust_bundle_pem,
+                credential: FirstCredential::WorkloadApi { socket },
+                credential_paths: None,
+                // Known once the Workload API answers.
+                client_id: String::new(),
+                svid_ttl: Duration::ZERO,
+                renew: false,
+                connect_timeout: secs(raw.connect_timeout, 10, "connect_timeout")?,
+                request_timeout: secs(raw.request_timeout, 30, "request_timeout")?,
+                max_backoff: secs(raw.max_backoff, 30, "max_backoff")?,
+            });
         }
         let bundle_path = required(
             raw.trust_bundle_path,
@@ -420,8 +478,18 @@ mod tests {
         assert!(e.contains("not both"), "{e}");
         let e = PluginSettings::parse("server_name = \"x\"", "example.org").unwrap_err();
         assert!(e.contains("plugin_data needs endpoint"), "{e}");
-        let e = PluginSettings::parse("workload_api_socket = \"/x\"", "example.org").unwrap_err();
-        assert!(e.contains("not supported yet"), "{e}");
+        let e = PluginSettings::parse(
+            "endpoint = \"x:1\"\nworkload_api_socket = \"/x\"",
+            "example.org",
+        )
+        .unwrap_err();
+        assert!(e.contains("unix:///run/spire/agent.sock"), "{e}");
+        let e = PluginSettings::parse(
+            "endpoint = \"x:1\"\nworkload_api_socket = \"unix:///x\"\njoin_token = \"t\"",
+            "example.org",
+        )
+        .unwrap_err();
+        assert!(e.contains("leave out"), "{e}");
         let e = PluginSettings::parse(
             "endpoint = \"x:1\"\ntrust_bundle_path = \"/nonexistent/b.pem\"\nclient_cert_path = \"/c\"\nclient_key_path = \"/k\"",
             "example.org",

@@ -791,3 +791,144 @@ async fn the_plugin_reloads_its_credential_files() {
     p.shutdown().await;
     bed.stop().await;
 }
+
+/// A stand-in for a SPIRE agent's Workload API: answers FetchX509SVID with the SVIDs sent on its channel.
+#[derive(Clone)]
+struct FakeAgent {
+    updates: std::sync::Arc<
+        tokio::sync::watch::Receiver<Option<signet_proto::workload::X509svidResponse>>,
+    >,
+}
+
+#[tonic::async_trait]
+impl signet_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi for FakeAgent {
+    type FetchX509SVIDStream = std::pin::Pin<
+        Box<
+            dyn tokio_stream::Stream<
+                    Item = Result<signet_proto::workload::X509svidResponse, tonic::Status>,
+                > + Send,
+        >,
+    >;
+    type FetchX509BundlesStream = std::pin::Pin<
+        Box<
+            dyn tokio_stream::Stream<
+                    Item = Result<signet_proto::workload::X509BundlesResponse, tonic::Status>,
+                > + Send,
+        >,
+    >;
+
+    async fn fetch_x509svid(
+        &self,
+        _: tonic::Request<signet_proto::workload::X509svidRequest>,
+    ) -> Result<tonic::Response<Self::FetchX509SVIDStream>, tonic::Status> {
+        let rx = (*self.updates).clone();
+        let s = tokio_stream::StreamExt::filter_map(
+            tokio_stream::wrappers::WatchStream::new(rx),
+            |u| u.map(Ok),
+        );
+        Ok(tonic::Response::new(Box::pin(s)))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        _: tonic::Request<signet_proto::workload::X509BundlesRequest>,
+    ) -> Result<tonic::Response<Self::FetchX509BundlesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this stand-in"))
+    }
+}
+
+fn workload_response(c: &Credential, roots_pem: &str) -> signet_proto::workload::X509svidResponse {
+    let der = |text: &str| -> Vec<u8> {
+        pem::parse_many(text)
+            .unwrap()
+            .into_iter()
+            .filter(|p| p.tag() == "CERTIFICATE")
+            .flat_map(|p| p.contents().to_vec())
+            .collect()
+    };
+    signet_proto::workload::X509svidResponse {
+        svids: vec![signet_proto::workload::X509svid {
+            spiffe_id: SPIRE_A.into(),
+            x509_svid: der(&c.chain_pem),
+            x509_svid_key: pem::parse(&c.key_pem).unwrap().contents().to_vec(),
+            bundle: der(roots_pem),
+            hint: String::new(),
+        }],
+        crl: Vec::new(),
+        federated_bundles: Default::default(),
+    }
+}
+
+/// `workload_api_socket`: the plug-in takes its credential and the roots from a Workload API and follows its
+/// rotations (calls keep working after the first credential has expired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_takes_its_credential_from_a_workload_api() {
+    let Some(bed) = Bed::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let first = short_credential(&bed, SPIRE_A, 6).await;
+    let (tx, rx) = tokio::sync::watch::channel(Some(workload_response(&first, &bed.roots_pem())));
+    let socket = dir.path().join("agent.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let agent = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                signet_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(
+                    FakeAgent {
+                        updates: std::sync::Arc::new(rx),
+                    },
+                ),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+    );
+    let data = format!(
+        "endpoint = \"{}\"\nworkload_api_socket = \"unix://{}\"\nrequest_timeout = \"20s\"\n",
+        bed.app.addr(),
+        socket.display()
+    );
+    let p = PluginProcess::start("key-manager", "KeyManager", dir.path());
+    let _broker =
+        spire_loader_steps(&p.channel, "spire.plugin.server.keymanager.v1.KeyManager").await;
+    configure(&p, data)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", p.log()));
+    generate_and_sign(&p.channel).await;
+    // The agent rotates the SVID.
+    let second = short_credential(&bed, SPIRE_A, 3600).await;
+    tx.send(Some(workload_response(&second, &bed.roots_pem())))
+        .unwrap();
+    for _ in 0..200 {
+        if p.log()
+            .contains("took the rotated X509-SVID from the Workload API")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        p.log()
+            .contains("took the rotated X509-SVID from the Workload API"),
+        "{}",
+        p.log()
+    );
+    // Once the first credential has expired, calls still work: they use the rotated one.
+    let first_expiry = {
+        let leaf = pem::parse_many(&first.chain_pem).unwrap().remove(0);
+        let (_, c) = x509_parser::parse_x509_certificate(leaf.contents()).unwrap();
+        c.validity().not_after.timestamp()
+    };
+    for _ in 0..200 {
+        if time::OffsetDateTime::now_utc().unix_timestamp() > first_expiry + 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    km::key_manager_client::KeyManagerClient::new(p.channel.clone())
+        .get_public_keys(km::GetPublicKeysRequest {})
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", p.log()));
+    agent.abort();
+    p.shutdown().await;
+    bed.stop().await;
+}

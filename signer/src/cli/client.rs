@@ -1,8 +1,12 @@
-//! The client commands: `signet mint x509-svid`, `signet mint jwt-svid`, `signet bundle` and `signet status`.
+//! The client commands: `signet mint x509-svid`, `signet mint jwt-svid`, `signet bundle`, `signet status` and
+//! `signet join-token create`.
 //!
 //! They connect with mTLS to the address in `<data dir>/endpoint` (written by `signet serve`), trusting
 //! `<data dir>/bundle.pem` and presenting the admin credential `<data dir>/admin.pem` + `admin.key`; every one of
-//! these can be overridden with flags. With replicas, `--addr` takes several addresses separated by commas: they are
+//! these can be overridden with flags. The appliance is checked by its SPIFFE ID (`spiffe://<trust domain of the
+//! client certificate>/signet/server`, see [`signet_proto::connect`]), whatever address is dialled; `--server-name`
+//! checks a DNS name instead. `mint x509-svid --join-token` needs no credential: it exchanges a one-time join token
+//! on the appliance's bootstrap port (`--bootstrap-addr`) for the SVID, with a key made here. With replicas, `--addr` takes several addresses separated by commas: they are
 //! tried in order and the first that answers serves the command. A refused request exits non-zero with the server's
 //! reason on stderr.
 

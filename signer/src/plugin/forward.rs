@@ -533,7 +533,10 @@ async fn renewal(app: Appliance, mut held: Held) {
         match renew_once(&app).await {
             Ok((h, roots)) => {
                 if let Err(e) = app.swap(&h, roots) {
-                    tracing::error!(error = %e, "the renewed credential is unusable");
+                    failures = failures.saturating_add(1);
+                    let wait = backoff(failures, app.settings.max_backoff);
+                    tracing::error!(error = %e, retry_in = ?wait, "the renewed credential is unusable");
+                    retry_at = Some(tokio::time::Instant::now() + wait);
                     continue;
                 }
                 if let Some((c, k)) = &app.settings.credential_paths {

@@ -182,6 +182,14 @@ impl PluginSettings {
             }
             endpoints.push(format!("https://{host_port}"));
         }
+        let secs = |d: Option<ConfigDuration>, default: u64, field: &str| {
+            let d = d.map_or(Duration::from_secs(default), |d| d.0);
+            if d.is_zero() {
+                Err(format!("{field} must be longer than 0"))
+            } else {
+                Ok(d)
+            }
+        };
         if let Some(socket) = raw.workload_api_socket {
             if raw.client_cert_path.is_some()
                 || raw.client_key_path.is_some()
@@ -210,14 +218,6 @@ impl PluginSettings {
             let trust_bundle_pem = match raw.trust_bundle_path {
                 Some(p) => read(&p, "trust_bundle_path")?,
                 None => Vec::new(),
-            };
-            let secs = |d: Option<ConfigDuration>, default: u64, field: &str| {
-                let d = d.map_or(Duration::from_secs(default), |d| d.0);
-                if d.is_zero() {
-                    Err(format!("{field} must be longer than 0"))
-                } else {
-                    Ok(d)
-                }
             };
             return Ok(Self {
                 endpoints,
@@ -320,14 +320,6 @@ impl PluginSettings {
         let trust_domain = signet_proto::connect::trust_domain_of(&client_id)
             .ok_or_else(|| format!("{client_id:?} is not a SPIFFE ID"))?
             .to_string();
-        let secs = |d: Option<ConfigDuration>, default: u64, field: &str| {
-            let d = d.map_or(Duration::from_secs(default), |d| d.0);
-            if d.is_zero() {
-                Err(format!("{field} must be longer than 0"))
-            } else {
-                Ok(d)
-            }
-        };
         Ok(Self {
             endpoints,
             server_name: raw.server_name.filter(|n| !n.trim().is_empty()),

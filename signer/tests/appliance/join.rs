@@ -277,6 +277,32 @@ async fn the_cli_checks_the_appliance_by_spiffe_id_and_joins_with_a_token() {
         "{}",
         String::from_utf8_lossy(&status.stderr)
     );
+    // --server-name checks a DNS name of the certificate instead (`[server] names`, localhost by default).
+    let dns = signet(&data)
+        .args(["status", "--addr", &addr, "--server-name", "localhost"])
+        .output()
+        .unwrap();
+    assert!(
+        dns.status.success(),
+        "{}",
+        String::from_utf8_lossy(&dns.stderr)
+    );
+    let wrong = signet(&data)
+        .args([
+            "status",
+            "--addr",
+            &addr,
+            "--server-name",
+            "signet.example.net",
+        ])
+        .output()
+        .unwrap();
+    assert!(!wrong.status.success());
+    let err = String::from_utf8_lossy(&wrong.stderr);
+    assert!(
+        err.contains("not valid for the name signet.example.net"),
+        "{err}"
+    );
 
     let created = signet(&data)
         .args([

@@ -31,5 +31,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .build_client(true)
         .build_server(true)
         .compile_fds(fds)?;
+    // The SPIFFE Workload API, apart (not in the descriptor set signet reflects: signet does not serve it).
+    let workload = root.join("spiffe/workload.proto");
+    println!("cargo:rerun-if-changed={}", workload.display());
+    let fds = protox::compile([&workload], [&root])?;
+    tonic_prost_build::configure()
+        .build_client(true)
+        .build_server(true)
+        .compile_fds(fds)?;
     Ok(())
 }

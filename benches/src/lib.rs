@@ -36,12 +36,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use clap::{Args, ValueEnum};
+use signet_proto::connect;
 use signet_proto::signet::v1 as pb;
 use signet_proto::signet::v1::admin_client::AdminClient;
 use signet_proto::signet::v1::issuer_client::IssuerClient;
 use signet_proto::spire::plugin::server::keymanager::v1 as km;
 use signet_proto::spire::plugin::server::keymanager::v1::key_manager_client::KeyManagerClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tokio_rustls::rustls;
+use tonic::transport::{Channel, Endpoint};
 
 use crate::ceiling::TokenSpec;
 use crate::check::{Checker, Sampling};
@@ -100,8 +102,9 @@ pub struct InProcess {
 pub struct Target {
     /// host:port, or several separated by commas (replicas).
     pub addr: String,
-    /// The name on the server's certificate.
-    pub server_name: String,
+    /// A DNS name to check on the server's certificate; `None`: the appliance is checked by its SPIFFE ID,
+    /// `spiffe://<trust domain of the client certificate>/signet/server`.
+    pub server_name: Option<String>,
     /// Roots to trust for the server (PEM).
     pub ca_pem: Vec<u8>,
     /// The client's certificate chain (PEM).
@@ -164,9 +167,9 @@ pub struct BenchArgs {
     /// With --addr: roots for the server (PEM); default <data dir>/bundle.pem.
     #[arg(long)]
     pub ca: Option<PathBuf>,
-    /// The name the server's certificate carries.
-    #[arg(long, default_value = "localhost")]
-    pub server_name: String,
+    /// Check this DNS name on the server's certificate instead of the appliance's SPIFFE ID.
+    #[arg(long)]
+    pub server_name: Option<String>,
 
     /// In process: the token.
     #[arg(long, value_enum, default_value_t = TokenKind::HsmSim)]
@@ -273,20 +276,47 @@ impl Target {
     }
 }
 
-fn endpoint(t: &Target, addr: &str) -> Result<Endpoint, String> {
-    let tls = ClientTlsConfig::new()
-        .ca_certificate(Certificate::from_pem(&t.ca_pem))
-        .identity(Identity::from_pem(&t.cert_pem, &t.key_pem))
-        .domain_name(t.server_name.clone());
-    Ok(Endpoint::from_shared(format!("https://{addr}"))
-        .map_err(|e| format!("bad address {addr:?}: {e}"))?
-        .tls_config(tls)
-        .map_err(|e| format!("TLS set-up: {e}"))?
-        .connect_timeout(CONNECT_TIMEOUT)
+/// The client TLS of `t`: the appliance checked by its SPIFFE ID (or `server_name`), the client's credential.
+fn client_tls(t: &Target) -> Result<Arc<rustls::ClientConfig>, String> {
+    let leaf = connect::pem_blocks(&t.cert_pem, "CERTIFICATE")
+        .map_err(|e| format!("the client certificate: {e}"))?;
+    let td = leaf
+        .first()
+        .and_then(|d| x509_parser::parse_x509_certificate(d).ok())
+        .and_then(|(_, c)| {
+            c.subject_alternative_name().ok().flatten().and_then(|san| {
+                san.value.general_names.iter().find_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => {
+                        connect::trust_domain_of(u).map(str::to_string)
+                    }
+                    _ => None,
+                })
+            })
+        })
+        .ok_or("the client certificate carries no SPIFFE ID")?;
+    let verifier = Arc::new(connect::ApplianceVerifier::new(
+        connect::LiveRoots::new(
+            connect::pem_blocks(&t.ca_pem, "CERTIFICATE").map_err(|e| format!("the roots: {e}"))?,
+        ),
+        connect::ServerAuth::for_appliance(&td, t.server_name.as_deref()),
+    ));
+    let identity = connect::certified_key_pem(&t.cert_pem, &t.key_pem)?;
+    let identity: Arc<dyn rustls::client::ResolvesClientCert> =
+        Arc::new(connect::SwappableIdentity::new(Some(identity)));
+    Ok(Arc::new(connect::client_config(verifier, Some(identity))?))
+}
+
+fn tune(e: Endpoint) -> Endpoint {
+    e.connect_timeout(CONNECT_TIMEOUT)
         // A request a replica never answers (a peer that hangs rather than refuses) fails over after this.
         .timeout(REQUEST_TIMEOUT)
         .initial_connection_window_size(Some(8 << 20))
-        .initial_stream_window_size(Some(2 << 20)))
+        .initial_stream_window_size(Some(2 << 20))
+}
+
+fn lazy(t: &Target, addr: &str) -> Result<Channel, String> {
+    connect::lazy_channel(addr, client_tls(t)?, tune)
+        .map_err(|e| format!("bad address {addr:?}: {e}"))
 }
 
 /// How long one request may wait for its answer.
@@ -297,12 +327,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 async fn connect(t: &Target, addr: &str) -> Result<Channel, String> {
     // The endpoint's own connect timeout covers TCP only: a peer that accepts and never answers the handshake is
     // bounded here.
-    tokio::time::timeout(CONNECT_TIMEOUT, endpoint(t, addr)?.connect())
-        .await
-        .map_err(|_| {
-            format!("cannot connect to {addr}: no TLS handshake within {CONNECT_TIMEOUT:?}")
-        })?
-        .map_err(|e| format!("cannot connect to {addr}: {e:?}"))
+    tokio::time::timeout(
+        CONNECT_TIMEOUT,
+        connect::channel(addr, client_tls(t)?, tune),
+    )
+    .await
+    .map_err(|_| format!("cannot connect to {addr}: no TLS handshake within {CONNECT_TIMEOUT:?}"))?
+    .map_err(|e| format!("cannot connect to {addr}: {e}"))
 }
 
 /// CPU seconds and peak RSS of the server, when its Admin.GetStatus reports them.
@@ -614,7 +645,7 @@ async fn bench(
         for _ in 0..args.connections {
             // After a failure the replica's other connections are made lazily too (one wait per replica).
             if connected == 0 && !channels.is_empty() {
-                channels.push(endpoint(target, &addr)?.connect_lazy());
+                channels.push(lazy(target, &addr)?);
                 continue;
             }
             match connect(target, &addr).await {
@@ -624,7 +655,7 @@ async fn bench(
                 }
                 Err(e) if several => {
                     unreachable.push(e);
-                    channels.push(endpoint(target, &addr)?.connect_lazy());
+                    channels.push(lazy(target, &addr)?);
                 }
                 Err(e) => return Err(e),
             }

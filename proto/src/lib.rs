@@ -8,10 +8,22 @@
 //!   plug-ins;
 //! - signet's own API, [`signet::v1`]: `Issuer` (batch X509-SVIDs, JWT-SVIDs, the bundle) and `Admin`.
 //!
+//! [`connect`] builds the clients' channels to the appliance (checked by its SPIFFE ID).
+//!
 //! [`FILE_DESCRIPTOR_SET`] holds the encoded descriptors of all of them, for gRPC server reflection.
 #![forbid(unsafe_code)]
 // Generated code: its shape is prost's and tonic's, not ours.
 #![allow(missing_debug_implementations, clippy::all, clippy::pedantic)]
+
+/// The X.509 part of the SPIFFE Workload API (no package: `/SpiffeWorkloadAPI/...`), for tests that stand in
+/// for a SPIRE agent. signet does not serve it.
+pub mod workload {
+    include!(concat!(env!("OUT_DIR"), "/_.rs"));
+}
+
+/// Client connections to the appliance (rustls, the appliance checked by its SPIFFE ID).
+#[warn(clippy::all)]
+pub mod connect;
 
 /// The encoded `FileDescriptorSet` of every service and message in this crate.
 pub const FILE_DESCRIPTOR_SET: &[u8] =

@@ -305,6 +305,10 @@ pub struct ServerSettings {
     /// interval, whatever their number.
     #[serde(default = "default_refusal_audit_interval")]
     pub refusal_audit_interval: ConfigDuration,
+    /// The bootstrap port: TLS without a client certificate, serving only `Bootstrap.ExchangeJoinToken` (a join
+    /// token for a first X509-SVID), rate-limited per peer address and audited. Absent: no bootstrap port.
+    #[serde(default)]
+    pub bootstrap_listen: Option<SocketAddr>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -362,6 +366,7 @@ impl Default for ServerSettings {
             max_streams_per_connection: default_max_streams(),
             max_in_flight_per_caller: default_max_in_flight(),
             refusal_audit_interval: default_refusal_audit_interval(),
+            bootstrap_listen: None,
         }
     }
 }

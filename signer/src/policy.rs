@@ -303,6 +303,23 @@ impl Policy {
         })
     }
 
+    /// The grant of `caller`'s rule whatever services it allows: for what every caller in the policy may do for
+    /// itself (renew its own X509-SVID), and for the lifetime of a first credential obtained with a join token.
+    pub fn own<'a>(&'a self, caller: &'a str) -> Result<Grant<'a>, Denied> {
+        let rule = self
+            .rules
+            .iter()
+            .find(|r| r.matches(caller))
+            .ok_or_else(|| Denied::UnknownCaller {
+                caller: caller.to_string(),
+            })?;
+        Ok(Grant {
+            policy: self,
+            rule,
+            caller,
+        })
+    }
+
     /// The grant of `caller` for `service`, or why there is none.
     pub fn authorize<'a>(&'a self, caller: &'a str, service: Service) -> Result<Grant<'a>, Denied> {
         let rule = self
@@ -443,7 +460,7 @@ fn pick_ttl(requested: Duration, default: Duration, max: Duration) -> Duration {
 /// signet's own SPIFFE IDs (`spiffe://<td>/signet` and below: its server and admin credentials), which no caller may
 /// obtain whatever its prefixes. `id` is compared as the caller wrote it: a path that only normalises to this one is
 /// refused as an invalid SPIFFE ID before it could be issued.
-fn is_reserved(id: &str) -> bool {
+pub(crate) fn is_reserved(id: &str) -> bool {
     id.strip_prefix("spiffe://")
         .and_then(|rest| rest.split_once('/'))
         .is_some_and(|(_, path)| path == "signet" || path.starts_with("signet/"))

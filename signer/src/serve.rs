@@ -867,6 +867,7 @@ impl Appliance {
             .with_token_sessions(boot.token_sessions.clone())
             .with_authorities(authorities.clone())
             .with_replication(replication)
+            .with_store(store.clone())
             .with_max_in_flight_per_caller(cfg.server.max_in_flight_per_caller),
         );
         // signet's own credentials: what the listeners present (swapped in place when renewed), held on the root
@@ -951,6 +952,20 @@ impl Appliance {
             incoming_tx,
             shutdown_rx.clone(),
         )));
+        if let Some(listen) = cfg.server.bootstrap_listen {
+            let tls = crate::api::join::bootstrap_tls(boot.server.0.clone(), boot.server.1.clone())
+                .map_err(ServeError::Server)?;
+            crate::api::join::start_bootstrap(
+                listen,
+                tls,
+                state.clone(),
+                refusals.clone(),
+                shutdown_rx.clone(),
+                &mut background,
+            )
+            .await
+            .map_err(ServeError::Server)?;
+        }
         background.push(tokio::spawn(audit_refusals(
             refusals,
             boot.audit.clone(),
@@ -1036,6 +1051,11 @@ impl Appliance {
     /// The gRPC address.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The bootstrap port's address (join tokens), if `[server] bootstrap_listen` is set.
+    pub fn bootstrap_addr(&self) -> Option<SocketAddr> {
+        self.state.bootstrap_addr.get().copied()
     }
 
     /// The Prometheus address, if any.

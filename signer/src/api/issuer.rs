@@ -56,7 +56,7 @@ fn refused(caller: &Caller, id: Option<String>, status: &Status) -> AuditRecord 
 
 /// A request's `ttl_seconds` (the TTL rule, see `signet.proto`): negative is INVALID_ARGUMENT; 0 (the default) and
 /// every positive value, however large, go on to the policy, which cuts them to the caller's maximum.
-fn ttl_of(secs: i64) -> Result<Duration, Status> {
+pub(super) fn ttl_of(secs: i64) -> Result<Duration, Status> {
     u64::try_from(secs)
         .map(Duration::from_secs)
         .map_err(|_| Status::invalid_argument(format!("ttl_seconds {secs} is negative")))
@@ -269,6 +269,13 @@ impl pb::issuer_server::Issuer for IssuerService {
         Ok(Response::new(pb::MintJwtsvidResponse { token, expires_at }))
     }
 
+    async fn renew_x509svid(
+        &self,
+        request: Request<pb::RenewX509svidRequest>,
+    ) -> Result<Response<pb::RenewX509svidResponse>, Status> {
+        super::join::renew_x509_svid(&self.state, request).await
+    }
+
     async fn get_bundle(
         &self,
         request: Request<pb::GetBundleRequest>,
@@ -430,6 +437,13 @@ impl pb::admin_server::Admin for AdminService {
         request: Request<pb::ListFederatedBundlesRequest>,
     ) -> Result<Response<pb::ListFederatedBundlesResponse>, Status> {
         self.federated_bundles(request).await
+    }
+
+    async fn create_join_token(
+        &self,
+        request: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        super::join::create_join_token(&self.state, request).await
     }
 }
 
@@ -701,7 +715,7 @@ fn peak_rss_bytes() -> Option<u64> {
 const INLINE_ID_READS: usize = 4;
 
 /// The SPIFFE ID a CSR asks for (its signature is not checked here).
-fn csr_spiffe_id(csr: &[u8]) -> Result<SpiffeId, String> {
+pub(super) fn csr_spiffe_id(csr: &[u8]) -> Result<SpiffeId, String> {
     let csr = crate::x509::parse_csr_unverified(csr).map_err(|e| e.to_string())?;
     csr.spiffe_id()
         .cloned()
@@ -710,7 +724,7 @@ fn csr_spiffe_id(csr: &[u8]) -> Result<SpiffeId, String> {
 
 /// An SVID can be issued for `id` only if it is a workload ID (with a path) of this trust domain: whoever asks, so
 /// this is checked before the policy and answered INVALID_ARGUMENT, not PERMISSION_DENIED. `what` names the field.
-fn issuable(td: &TrustDomain, id: &SpiffeId, what: &str) -> Result<(), Status> {
+pub(super) fn issuable(td: &TrustDomain, id: &SpiffeId, what: &str) -> Result<(), Status> {
     id.require_trust_domain(td)
         .and_then(|()| id.require_workload())
         .map_err(|e| Status::invalid_argument(format!("{what} {id}: {e}", id = id.as_str())))

@@ -8,7 +8,9 @@
 //! - [`issuer`]: signet's `Issuer` (batch X509-SVIDs, JWT-SVIDs, the bundle) and `Admin` (status, rotation);
 //! - [`bundle`]: the live bundle the streams follow;
 //! - [`tls`]: the server's rustls configuration and the client-certificate check;
-//! - [`listener`]: the port's front door: connection bounds, handshake timeouts, aggregated refusals.
+//! - [`listener`]: the port's front door: connection bounds, handshake timeouts, aggregated refusals;
+//! - [`join`]: join tokens (`Admin.CreateJoinToken`, `Bootstrap.ExchangeJoinToken` on the bootstrap port) and the
+//!   renewal of a caller's own X509-SVID (`Issuer.RenewX509SVID`).
 //!
 //! Every RPC starts with [`AppState::admit`]: no client certificate, a certificate that does not chain to the
 //! trust domain's roots, or one without a SPIFFE ID of the trust domain is UNAUTHENTICATED; a caller the policy does
@@ -16,6 +18,7 @@
 
 pub mod bundle;
 pub mod issuer;
+pub mod join;
 pub mod keymanager;
 pub mod listener;
 pub mod tls;
@@ -76,6 +79,10 @@ pub struct AppState {
     pub federated: crate::federation::FederatedBundles,
     /// This replica among those sharing the datastore.
     pub replication: Arc<crate::replica::Replication>,
+    /// The datastore (join tokens), when the appliance runs on one.
+    pub store: Option<crate::store::Store>,
+    /// The bootstrap port's address, once it listens (answered with a new join token).
+    pub bootstrap_addr: std::sync::OnceLock<std::net::SocketAddr>,
     client_trust: Arc<tls::LiveClientTrust>,
     in_flight: Arc<InFlight>,
     token_sessions: std::collections::HashMap<String, u32>,
@@ -114,6 +121,8 @@ impl AppState {
             shutdown,
             federated: crate::federation::FederatedBundles::default(),
             replication: Arc::new(crate::replica::Replication::single("none")),
+            store: None,
+            bootstrap_addr: std::sync::OnceLock::new(),
             client_trust,
             in_flight: Arc::new(InFlight::new(DEFAULT_MAX_IN_FLIGHT_PER_CALLER)),
             token_sessions: std::collections::HashMap::new(),
@@ -123,6 +132,12 @@ impl AppState {
     /// Runs the authorities' life cycle on `authorities` (rotation RPCs, status from the datastore).
     pub fn with_authorities(mut self, authorities: Arc<crate::ca::Authorities>) -> Self {
         self.authorities = Some(authorities);
+        self
+    }
+
+    /// Keeps join tokens in `store`.
+    pub fn with_store(mut self, store: crate::store::Store) -> Self {
+        self.store = Some(store);
         self
     }
 
@@ -230,6 +245,61 @@ impl AppState {
                 let s = Status::resource_exhausted(format!(
                     "caller {} has {} requests in flight, the most one caller may: wait for answers before \
                      sending more",
+                    caller.id, self.in_flight.max
+                ));
+                return Err(self.refuse(&caller, s, None).await);
+            }
+        }
+        Ok(caller)
+    }
+
+    /// Authenticates the caller of `req` for what any caller in the policy may do for itself (renew its own
+    /// X509-SVID), whatever services its rule grants: a credential signet signed and a rule naming the caller are
+    /// enough. Refusals are audited, as in [`admit`](Self::admit).
+    pub async fn admit_self<T>(
+        &self,
+        req: &tonic::Request<T>,
+        method: &'static str,
+    ) -> Result<Caller, Status> {
+        let service = Service::Issuer;
+        let peer = match self
+            .client_trust
+            .authenticate(req.peer_certs().as_deref().map(Vec::as_slice))
+        {
+            Ok(p) => p,
+            Err(reason) => {
+                return Err(self
+                    .refuse(
+                        &Caller::anonymous(service, method),
+                        Status::unauthenticated(reason),
+                        None,
+                    )
+                    .await);
+            }
+        };
+        let mut caller = Caller {
+            id: peer.id,
+            service,
+            method,
+            deadline: self.deadline_of(req),
+            _in_flight: None,
+        };
+        if let tls::SignedBy::Downstream(signer) = &peer.signed_by {
+            let d = Denied::Downstream {
+                caller: caller.id.clone(),
+                signer: signer.clone(),
+                service: service.name(),
+            };
+            return Err(self.refuse(&caller, denied_status(&d), None).await);
+        }
+        if let Err(d) = self.policy.own(&caller.id) {
+            return Err(self.refuse(&caller, denied_status(&d), None).await);
+        }
+        match self.in_flight.enter(&caller.id) {
+            Some(guard) => caller._in_flight = Some(Arc::new(guard)),
+            None => {
+                let s = Status::resource_exhausted(format!(
+                    "caller {} has {} requests in flight, the most one caller may",
                     caller.id, self.in_flight.max
                 ));
                 return Err(self.refuse(&caller, s, None).await);

@@ -97,7 +97,7 @@ async fn start(spec: InProcess) -> Result<Started, String> {
     let read = |f: &PathBuf| std::fs::read(f).map_err(|e| format!("reading {}: {e}", f.display()));
     let target = Target {
         addr: app.addr().to_string(),
-        server_name: "localhost".into(),
+        server_name: None,
         ca_pem: read(&p.bundle)?,
         cert_pem: read(&p.admin_cert)?,
         key_pem: read(&p.admin_key)?,

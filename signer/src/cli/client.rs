@@ -1,8 +1,12 @@
-//! The client commands: `signet mint x509-svid`, `signet mint jwt-svid`, `signet bundle` and `signet status`.
+//! The client commands: `signet mint x509-svid`, `signet mint jwt-svid`, `signet bundle`, `signet status` and
+//! `signet join-token create`.
 //!
 //! They connect with mTLS to the address in `<data dir>/endpoint` (written by `signet serve`), trusting
 //! `<data dir>/bundle.pem` and presenting the admin credential `<data dir>/admin.pem` + `admin.key`; every one of
-//! these can be overridden with flags. With replicas, `--addr` takes several addresses separated by commas: they are
+//! these can be overridden with flags. The appliance is checked by its SPIFFE ID (`spiffe://<trust domain of the
+//! client certificate>/signet/server`, see [`signet_proto::connect`]), whatever address is dialled; `--server-name`
+//! checks a DNS name instead. `mint x509-svid --join-token` needs no credential: it exchanges a one-time join token
+//! on the appliance's bootstrap port (`--bootstrap-addr`) for the SVID, with a key made here. With replicas, `--addr` takes several addresses separated by commas: they are
 //! tried in order and the first that answers serves the command. A refused request exits non-zero with the server's
 //! reason on stderr.
 
@@ -14,7 +18,11 @@ use signet::config::ConfigDuration;
 use signet::serve::write_private;
 use signet_proto::signet::v1 as pb;
 use signet_proto::signet::v1::issuer_client::IssuerClient;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use std::sync::Arc;
+
+use signet_proto::connect;
+use tokio_rustls::rustls::client::ResolvesClientCert;
+use tonic::transport::Channel;
 
 use super::CliError;
 
@@ -42,9 +50,11 @@ pub struct Connection {
     /// The roots to trust for the server (PEM); default: <data dir>/bundle.pem.
     #[arg(long, global = true)]
     ca: Option<PathBuf>,
-    /// The name the server's certificate must carry.
-    #[arg(long, global = true, default_value = "localhost")]
-    server_name: String,
+    /// Check the appliance's certificate for this DNS name instead of its SPIFFE ID (for deployments that give it
+    /// a name in `[server] names`). Without it, the appliance must present the X509-SVID of
+    /// spiffe://<trust domain>/signet/server, whatever address is dialled.
+    #[arg(long, global = true)]
+    server_name: Option<String>,
 }
 
 fn read(path: &Path, what: &str) -> Result<Vec<u8>, CliError> {
@@ -57,6 +67,18 @@ fn read(path: &Path, what: &str) -> Result<Vec<u8>, CliError> {
 }
 
 impl Connection {
+    /// The trust bundle's roots (DER), from --ca or the data directory.
+    fn roots(&self) -> Result<Vec<Vec<u8>>, CliError> {
+        let path = self
+            .ca
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("bundle.pem"));
+        let pem = read(&path, "trust bundle")?;
+        connect::pem_blocks(&pem, "CERTIFICATE")
+            .map_err(|e| CliError::new(format!("the trust bundle {}: {e}", path.display())))
+    }
+
+    /// A channel presenting the configured client credential (the admin's by default).
     pub(super) async fn channel(&self) -> Result<Channel, CliError> {
         let d = &self.data_dir;
         let addr = match &self.addr {
@@ -73,14 +95,33 @@ impl Connection {
             self.key.as_deref().unwrap_or(&d.join("admin.key")),
             "client key",
         )?;
-        let ca = read(
-            self.ca.as_deref().unwrap_or(&d.join("bundle.pem")),
-            "trust bundle",
-        )?;
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(ca))
-            .identity(Identity::from_pem(cert, key))
-            .domain_name(self.server_name.clone());
+        let td = signet::plugin::settings::spiffe_id_of_pem(&cert)
+            .ok()
+            .and_then(|id| connect::trust_domain_of(&id).map(str::to_string))
+            .ok_or_else(|| {
+                CliError::new(
+                    "the client certificate carries no SPIFFE ID: it must be an X509-SVID issued by signet",
+                )
+            })?;
+        let identity = connect::certified_key_pem(&cert, &key).map_err(CliError::new)?;
+        let identity: Arc<dyn ResolvesClientCert> =
+            Arc::new(connect::SwappableIdentity::new(Some(identity)));
+        self.connect(&addr, &td, Some(identity)).await
+    }
+
+    /// A channel to `addr` (one address or several, comma-separated) that checks the appliance of `td` (or
+    /// --server-name) and presents `identity`.
+    async fn connect(
+        &self,
+        addr: &str,
+        td: &str,
+        identity: Option<Arc<dyn ResolvesClientCert>>,
+    ) -> Result<Channel, CliError> {
+        let verifier = Arc::new(connect::ApplianceVerifier::new(
+            connect::LiveRoots::new(self.roots()?),
+            connect::ServerAuth::for_appliance(td, self.server_name.as_deref()),
+        ));
+        let tls = Arc::new(connect::client_config(verifier, identity).map_err(CliError::new)?);
         let addrs: Vec<&str> = addr
             .split(',')
             .map(str::trim)
@@ -92,15 +133,15 @@ impl Connection {
         // Replicas are tried in the order given; the first that completes the TLS handshake serves the command.
         let mut failures = Vec::new();
         for a in addrs {
-            let endpoint = Endpoint::from_shared(format!("https://{a}"))
-                .map_err(|e| CliError::new(format!("bad address {a:?}: {e}")))?
-                .tls_config(tls.clone())
-                .map_err(|e| CliError::new(format!("TLS set-up: {e}")))?
-                .connect_timeout(CONNECT_TIMEOUT)
-                .timeout(Duration::from_secs(60));
-            match tokio::time::timeout(CONNECT_TIMEOUT, endpoint.connect()).await {
+            connect::check_address(a)
+                .map_err(|e| CliError::new(format!("bad address {a:?}: {e}")))?;
+            let made = connect::channel(a, tls.clone(), |e| {
+                e.connect_timeout(CONNECT_TIMEOUT)
+                    .timeout(Duration::from_secs(60))
+            });
+            match tokio::time::timeout(CONNECT_TIMEOUT, made).await {
                 Ok(Ok(ch)) => return Ok(ch),
-                Ok(Err(e)) => failures.push(format!("cannot connect to {a}: {}", error_chain(&e))),
+                Ok(Err(e)) => failures.push(format!("cannot connect to {a}: {e}")),
                 Err(_) => failures.push(format!(
                     "cannot connect to {a}: no TLS handshake within {CONNECT_TIMEOUT:?}"
                 )),
@@ -108,21 +149,19 @@ impl Connection {
         }
         Err(CliError::new(failures.join("; ")))
     }
+
+    /// A channel to the bootstrap port `addr` without a client certificate (for a join token whose SPIFFE ID is
+    /// `id`: the appliance is checked as the one of `id`'s trust domain).
+    async fn bootstrap_channel(&self, addr: &str, id: &str) -> Result<Channel, CliError> {
+        let td = connect::trust_domain_of(id)
+            .ok_or_else(|| CliError::new(format!("--spiffe-id {id:?} is not a SPIFFE ID")))?
+            .to_string();
+        self.connect(addr, &td, None).await
+    }
 }
 
 /// How long a connection (TCP and the TLS handshake) to one address may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
-
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
 
 pub(super) fn status(e: tonic::Status) -> CliError {
     CliError::new(format!(
@@ -165,6 +204,18 @@ enum MintCommand {
         /// Where to write the files.
         #[arg(long)]
         out: PathBuf,
+        /// Get the SVID with this one-time join token (from `signet join-token create`) instead of a client
+        /// credential, on the appliance's bootstrap port (--bootstrap-addr).
+        #[arg(
+            long,
+            env = "SIGNET_JOIN_TOKEN",
+            hide_env_values = true,
+            requires = "bootstrap_addr"
+        )]
+        join_token: Option<String>,
+        /// The appliance's bootstrap port (host:port, `[server] bootstrap_listen`), for --join-token.
+        #[arg(long)]
+        bootstrap_addr: Option<String>,
     },
     /// Mint a JWT-SVID and print it.
     #[command(name = "jwt-svid")]
@@ -219,9 +270,89 @@ fn roots_pem(roots: &[Vec<u8>]) -> String {
         .collect()
 }
 
+/// A new key of `key_type` and a CSR for `spiffe_id` signed with it.
+fn key_and_csr(
+    spiffe_id: &str,
+    key_type: LocalKeyType,
+) -> Result<(rcgen::KeyPair, Vec<u8>), CliError> {
+    let alg = match key_type {
+        LocalKeyType::EcP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
+        LocalKeyType::EcP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
+    };
+    let kp = rcgen::KeyPair::generate_for(alg)
+        .map_err(|e| CliError::new(format!("cannot generate a key: {e}")))?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        spiffe_id
+            .to_string()
+            .try_into()
+            .map_err(|e| CliError::new(format!("--spiffe-id: {e}")))?,
+    )];
+    let csr = params
+        .serialize_request(&kp)
+        .map_err(|e| CliError::new(format!("cannot make the CSR: {e}")))?;
+    Ok((kp, csr.der().to_vec()))
+}
+
+fn ttl_secs(ttl: ConfigDuration) -> i64 {
+    i64::try_from(ttl.0.as_secs()).unwrap_or(i64::MAX)
+}
+
+/// Writes DIR/svid.pem, DIR/svid.key (0600) and DIR/bundle.pem, and says so.
+fn write_svid(
+    out: &Path,
+    svid: &pb::X509svid,
+    kp: &rcgen::KeyPair,
+    roots: &[Vec<u8>],
+) -> Result<(), CliError> {
+    std::fs::create_dir_all(out)?;
+    std::fs::write(out.join("svid.pem"), roots_pem(&svid.cert_chain))?;
+    write_private(&out.join("svid.key"), kp.serialize_pem().as_bytes())
+        .map_err(|e| CliError::new(e.to_string()))?;
+    std::fs::write(out.join("bundle.pem"), roots_pem(roots))?;
+    println!(
+        "{} (serial {}, expires at {}) written to {}",
+        svid.spiffe_id,
+        svid.serial,
+        svid.expires_at,
+        out.display()
+    );
+    Ok(())
+}
+
 /// Runs `signet mint ...`.
 pub fn mint(args: MintArgs) -> Result<(), CliError> {
     runtime()?.block_on(async move {
+        if let MintCommand::X509Svid {
+            spiffe_id,
+            ttl,
+            key_type,
+            out,
+            join_token: Some(token),
+            bootstrap_addr,
+        } = &args.what
+        {
+            use signet_proto::signet::v1::bootstrap_client::BootstrapClient;
+            let addr = bootstrap_addr
+                .as_deref()
+                .ok_or_else(|| CliError::new("--join-token needs --bootstrap-addr"))?;
+            let (kp, csr) = key_and_csr(spiffe_id, *key_type)?;
+            let ch = args.conn.bootstrap_channel(addr, spiffe_id).await?;
+            let r = BootstrapClient::new(ch)
+                .exchange_join_token(pb::ExchangeJoinTokenRequest {
+                    token: token.trim().to_string(),
+                    csr,
+                    ttl_seconds: ttl_secs(*ttl),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            let svid = r
+                .svid
+                .ok_or_else(|| CliError::new("the server answered no SVID"))?;
+            return write_svid(out, &svid, &kp, &r.x509_authorities);
+        }
         let mut client = IssuerClient::new(args.conn.channel().await?);
         match args.what {
             MintCommand::X509Svid {
@@ -229,29 +360,14 @@ pub fn mint(args: MintArgs) -> Result<(), CliError> {
                 ttl,
                 key_type,
                 out,
+                ..
             } => {
-                let alg = match key_type {
-                    LocalKeyType::EcP256 => &rcgen::PKCS_ECDSA_P256_SHA256,
-                    LocalKeyType::EcP384 => &rcgen::PKCS_ECDSA_P384_SHA384,
-                };
-                let kp = rcgen::KeyPair::generate_for(alg)
-                    .map_err(|e| CliError::new(format!("cannot generate a key: {e}")))?;
-                let mut params = rcgen::CertificateParams::default();
-                params.distinguished_name = rcgen::DistinguishedName::new();
-                params.subject_alt_names = vec![rcgen::SanType::URI(
-                    spiffe_id
-                        .clone()
-                        .try_into()
-                        .map_err(|e| CliError::new(format!("--spiffe-id: {e}")))?,
-                )];
-                let csr = params
-                    .serialize_request(&kp)
-                    .map_err(|e| CliError::new(format!("cannot make the CSR: {e}")))?;
+                let (kp, csr) = key_and_csr(&spiffe_id, key_type)?;
                 let resp = client
                     .batch_mint_x509svid(pb::BatchMintX509svidRequest {
                         requests: vec![pb::X509svidRequest {
-                            csr: csr.der().to_vec(),
-                            ttl_seconds: i64::try_from(ttl.0.as_secs()).unwrap_or(i64::MAX),
+                            csr,
+                            ttl_seconds: ttl_secs(ttl),
                         }],
                     })
                     .await
@@ -269,19 +385,7 @@ pub fn mint(args: MintArgs) -> Result<(), CliError> {
                     .await
                     .map_err(status)?
                     .into_inner();
-                std::fs::create_dir_all(&out)?;
-                std::fs::write(out.join("svid.pem"), roots_pem(&svid.cert_chain))?;
-                write_private(&out.join("svid.key"), kp.serialize_pem().as_bytes())
-                    .map_err(|e| CliError::new(e.to_string()))?;
-                std::fs::write(out.join("bundle.pem"), roots_pem(&bundle.x509_authorities))?;
-                println!(
-                    "{} (serial {}, expires at {}) written to {}",
-                    svid.spiffe_id,
-                    svid.serial,
-                    svid.expires_at,
-                    out.display()
-                );
-                Ok(())
+                write_svid(&out, &svid, &kp, &bundle.x509_authorities)
             }
             MintCommand::JwtSvid {
                 spiffe_id,
@@ -475,6 +579,63 @@ pub fn status_cmd(args: StatusArgs) -> Result<(), CliError> {
                 }
             );
         }
+        Ok(())
+    })
+}
+
+/// `signet join-token ...`.
+#[derive(Debug, Args)]
+pub struct JoinTokenArgs {
+    #[command(flatten)]
+    conn: Connection,
+    #[command(subcommand)]
+    what: JoinTokenCommand,
+}
+
+#[derive(Debug, Subcommand)]
+enum JoinTokenCommand {
+    /// Create a one-time join token for a SPIFFE ID (admin credential): its holder gets one X509-SVID for that ID
+    /// from the appliance's bootstrap port (`[server] bootstrap_listen`).
+    Create {
+        /// The SPIFFE ID the token gets (e.g. the SPIRE server's, spiffe://example.org/spire/server).
+        #[arg(long)]
+        spiffe_id: String,
+        /// How long the token may wait to be used (at most 7 days).
+        #[arg(long, default_value = "1h", value_parser = parse_duration)]
+        ttl: ConfigDuration,
+    },
+}
+
+/// Runs `signet join-token create`: prints the token, then how to use it.
+pub fn join_token(args: JoinTokenArgs) -> Result<(), CliError> {
+    use signet_proto::signet::v1::admin_client::AdminClient;
+    runtime()?.block_on(async move {
+        let JoinTokenCommand::Create { spiffe_id, ttl } = args.what;
+        let r = AdminClient::new(args.conn.channel().await?)
+            .create_join_token(pb::CreateJoinTokenRequest {
+                spiffe_id,
+                ttl_seconds: ttl_secs(ttl),
+            })
+            .await
+            .map_err(status)?
+            .into_inner();
+        println!("{}", r.token);
+        let bootstrap = if r.bootstrap_address.is_empty() {
+            eprintln!(
+                "warning: the appliance has no bootstrap port: set [server] bootstrap_listen to exchange join tokens"
+            );
+            "<[server] bootstrap_listen>".to_string()
+        } else {
+            r.bootstrap_address.clone()
+        };
+        eprintln!(
+            "\nA one-time join token for {} (expires at unix time {}). Its holder needs the trust bundle too \
+             (bundle.pem). For the SPIRE plug-in, in plugin_data:\n  \
+             spiffe_id          = \"{}\"\n  join_token         = \"{}\"\n  bootstrap_endpoint = \"{bootstrap}\"\n\
+             Or by hand: signet mint x509-svid --spiffe-id {} --join-token {} --bootstrap-addr {bootstrap} --ca \
+             bundle.pem --out DIR",
+            r.spiffe_id, r.expires_at, r.spiffe_id, r.token, r.spiffe_id, r.token
+        );
         Ok(())
     })
 }

@@ -27,6 +27,8 @@ enum Command {
     Serve(serve::ServeArgs),
     /// Mint an X509-SVID or a JWT-SVID from a running appliance.
     Mint(client::MintArgs),
+    /// One-time join tokens: a client's first X509-SVID without copying a key (admin credential).
+    JoinToken(client::JoinTokenArgs),
     /// Print the trust domain's bundle.
     Bundle(client::BundleArgs),
     /// Show the appliance's authorities, tokens and bundle sequence.
@@ -68,6 +70,7 @@ pub fn main() -> ExitCode {
         Command::Serve(s) => serve::run(s),
         Command::Mint(m) => client::mint(m),
         Command::Bundle(b) => client::bundle(b),
+        Command::JoinToken(j) => client::join_token(j),
         Command::Status(s) => client::status_cmd(s),
         Command::Bench(b) => bench::run(*b),
         Command::SpirePlugin(_) => Ok(()),

@@ -24,6 +24,9 @@ pub struct ServeArgs {
     /// The Prometheus listen address (overrides server.metrics; "" disables it).
     #[arg(long)]
     metrics: Option<String>,
+    /// The bootstrap port for join tokens (overrides server.bootstrap_listen; e.g. 127.0.0.1:8445).
+    #[arg(long)]
+    bootstrap_listen: Option<SocketAddr>,
 }
 
 /// Runs `signet serve`.
@@ -40,6 +43,9 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
     }
     if let Some(m) = &args.metrics {
         cfg.server.metrics = Some(m.clone());
+    }
+    if let Some(b) = args.bootstrap_listen {
+        cfg.server.bootstrap_listen = Some(b);
     }
     std::fs::create_dir_all(&cfg.data_dir).map_err(|e| {
         CliError::new(format!(
@@ -130,6 +136,12 @@ fn print_banner(a: &Appliance, td: &str, embedded: &str) {
     match a.metrics_addr() {
         Some(m) => println!("  metrics         http://{m}/metrics"),
         None => println!("  metrics         off"),
+    }
+    match a.bootstrap_addr() {
+        Some(b) => println!(
+            "  bootstrap       {b} (join tokens: signet join-token create{data_flag} --spiffe-id ...)"
+        ),
+        None => println!("  bootstrap       off (--bootstrap-listen for join tokens)"),
     }
     println!("Try:");
     println!("  signet mint x509-svid{data_flag} --spiffe-id spiffe://{td}/demo --out ./svid");

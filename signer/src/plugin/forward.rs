@@ -17,65 +17,225 @@
 //! the same roots.
 
 use std::future::Future;
+use std::path::Path;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, RwLock as StdRwLock};
 use std::time::Duration;
 
+use signet_proto::connect::{self, LiveRoots, ServerAuth, SwappableIdentity};
+use signet_proto::signet::v1 as pb;
 use signet_proto::spire::plugin::server::keymanager::v1 as km;
 use signet_proto::spire::plugin::server::keymanager::v1::key_manager_client::KeyManagerClient;
 use signet_proto::spire::plugin::server::upstreamauthority::v1 as ua;
 use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authority_client::UpstreamAuthorityClient;
 use tokio::sync::{RwLock, mpsc, watch};
+use tokio_rustls::rustls;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt as _};
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::transport::Channel;
 use tonic::{Code, Request, Response, Status};
 
-use super::settings::PluginSettings;
+use super::settings::{FirstCredential, PluginSettings};
+
+/// The plug-in's X509-SVID as it holds it: PEM text (as on disk), when it got it, and its NotAfter.
+#[derive(Clone)]
+struct Held {
+    cert_pem: Vec<u8>,
+    key_pem: Vec<u8>,
+    obtained: std::time::SystemTime,
+    not_after: std::time::SystemTime,
+}
+
+impl Held {
+    fn new(cert_pem: Vec<u8>, key_pem: Vec<u8>) -> Result<Self, String> {
+        let leaf = pem::parse_many(&cert_pem)
+            .map_err(|e| format!("the client certificate is not PEM: {e}"))?
+            .into_iter()
+            .find(|p| p.tag() == "CERTIFICATE")
+            .ok_or("the client certificate holds no CERTIFICATE")?;
+        let (_, c) = x509_parser::parse_x509_certificate(leaf.contents())
+            .map_err(|e| format!("the client certificate does not parse: {e}"))?;
+        let secs = u64::try_from(c.validity().not_after.timestamp()).unwrap_or(0);
+        Ok(Self {
+            cert_pem,
+            key_pem,
+            obtained: std::time::SystemTime::now(),
+            not_after: std::time::UNIX_EPOCH + Duration::from_secs(secs),
+        })
+    }
+
+    /// rustls's form of it (the key checked against the certificate).
+    fn certified(&self) -> Result<rustls::sign::CertifiedKey, String> {
+        let k = connect::certified_key_pem(&self.cert_pem, &self.key_pem)?;
+        k.keys_match()
+            .map_err(|e| format!("the client key does not match its certificate: {e}"))?;
+        Ok(k)
+    }
+
+    /// When to renew it: half-way from when it was obtained to its NotAfter.
+    fn renew_in(&self) -> Duration {
+        let life = self
+            .not_after
+            .duration_since(self.obtained)
+            .unwrap_or_default();
+        let due = self.obtained + life / 2;
+        due.duration_since(std::time::SystemTime::now())
+            .unwrap_or_default()
+    }
+}
+
+fn pem_chain(ders: &[Vec<u8>]) -> Vec<u8> {
+    ders.iter()
+        .map(|d| pem::encode(&pem::Pem::new("CERTIFICATE", d.clone())))
+        .collect::<String>()
+        .into_bytes()
+}
+
+/// A new P-256 key (PKCS#8 PEM) and a CSR for `id` signed with it.
+fn key_and_csr(id: &str) -> Result<(Vec<u8>, Vec<u8>), String> {
+    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| format!("cannot generate a key: {e}"))?;
+    let mut params = rcgen::CertificateParams::default();
+    params.distinguished_name = rcgen::DistinguishedName::new();
+    params.subject_alt_names = vec![rcgen::SanType::URI(
+        id.to_string()
+            .try_into()
+            .map_err(|e| format!("{id}: {e}"))?,
+    )];
+    let csr = params
+        .serialize_request(&kp)
+        .map_err(|e| format!("cannot make the CSR: {e}"))?;
+    Ok((kp.serialize_pem().into_bytes(), csr.der().to_vec()))
+}
+
+/// Writes `data` to `path` through a temporary file and a rename (a reader never sees half of it); `private`: 0600.
+fn write_atomically(path: &Path, data: &[u8], private: bool) -> Result<(), String> {
+    let tmp = path.with_extension("signet-tmp");
+    if private {
+        crate::serve::write_private(&tmp, data).map_err(|e| e.to_string())?;
+    } else {
+        std::fs::write(&tmp, data).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+    }
+    std::fs::rename(&tmp, path).map_err(|e| format!("writing {}: {e}", path.display()))
+}
 
 /// A connection to the appliance (or to each of its replicas), built from the plug-in's configuration.
+///
+/// The appliance is checked by its SPIFFE ID ([`connect::ApplianceVerifier`]); the plug-in presents its current
+/// X509-SVID ([`SwappableIdentity`]), which a background task renews half-way through its life
+/// (`Issuer.RenewX509SVID`, a new key made in this process) and reloads when the files it came from change. After a
+/// swap the channels are rebuilt, so new calls open connections with the new credential while streams already open
+/// carry on over theirs.
 #[derive(Debug, Clone)]
 pub struct Appliance {
-    /// One lazily connecting channel per endpoint, in the order of `settings.endpoints`.
-    channels: Arc<Vec<Channel>>,
+    /// One lazily connecting channel per endpoint, in the order of `settings.endpoints`; rebuilt after a renewal.
+    channels: Arc<StdRwLock<Arc<Vec<Channel>>>>,
     /// The endpoint calls go to now.
     current: Arc<AtomicUsize>,
     settings: Arc<PluginSettings>,
+    identity: Arc<SwappableIdentity>,
+    roots: LiveRoots,
+    tls: Arc<rustls::ClientConfig>,
+    /// How many times the credential was renewed or reloaded.
+    swaps: Arc<AtomicUsize>,
+    /// Ends the renewal task when the last clone goes (a new Configure replaced this one).
+    _renewal: Arc<AbortOnDrop>,
+}
+
+#[derive(Debug)]
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
 }
 
 impl Appliance {
-    /// Lazily connecting channels (tonic reconnects on its own after an appliance comes back).
-    pub fn new(settings: PluginSettings) -> Result<Self, String> {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&settings.trust_bundle_pem))
-            .identity(Identity::from_pem(
-                &settings.client_cert_pem,
-                &settings.client_key_pem,
-            ))
-            .domain_name(settings.server_name.clone());
-        let mut channels = Vec::with_capacity(settings.endpoints.len());
-        for url in &settings.endpoints {
-            channels.push(
-                Endpoint::from_shared(url.clone())
-                    .map_err(|e| format!("endpoint {url:?}: {e}"))?
-                    .tls_config(tls.clone())
-                    .map_err(|e| format!("TLS set-up for the appliance: {e}"))?
-                    .connect_timeout(settings.connect_timeout)
-                    .http2_keep_alive_interval(Duration::from_secs(30))
-                    .keep_alive_timeout(Duration::from_secs(20))
-                    .keep_alive_while_idle(true)
-                    .connect_lazy(),
-            );
-        }
-        if channels.is_empty() {
-            return Err("no endpoint for the appliance".into());
-        }
-        Ok(Self {
-            channels: Arc::new(channels),
+    /// Gets the first credential (exchanging a join token when the configuration has one), then builds lazily
+    /// connecting channels (tonic reconnects on its own after an appliance comes back) and starts the renewal.
+    pub async fn connect(settings: PluginSettings) -> Result<Self, String> {
+        let roots = if settings.trust_bundle_pem.is_empty() {
+            LiveRoots::default()
+        } else {
+            LiveRoots::new(
+                connect::pem_blocks(&settings.trust_bundle_pem, "CERTIFICATE")
+                    .map_err(|e| format!("trust_bundle_path: {e}"))?,
+            )
+        };
+        let verifier = Arc::new(connect::ApplianceVerifier::new(
+            roots.clone(),
+            ServerAuth::for_appliance(&settings.trust_domain, settings.server_name.as_deref()),
+        ));
+        let mut source = None;
+        let held = match &settings.credential {
+            FirstCredential::Pem { cert_pem, key_pem } => {
+                Held::new(cert_pem.clone(), key_pem.clone())?
+            }
+            FirstCredential::WorkloadApi { socket } => {
+                let src = tokio::time::timeout(
+                    settings.request_timeout,
+                    spiffe::X509Source::builder().endpoint(socket).build(),
+                )
+                .await
+                .map_err(|_| {
+                    format!(
+                        "the Workload API at {socket} gave no X509-SVID within {:?}",
+                        settings.request_timeout
+                    )
+                })?
+                .map_err(|e| format!("the Workload API at {socket}: {e}"))?;
+                let (held, r) = from_source(&src, &settings.trust_domain)?;
+                roots.set(r);
+                source = Some(src);
+                held
+            }
+            FirstCredential::JoinToken {
+                token,
+                bootstrap_endpoint,
+            } => {
+                let held = exchange(
+                    &settings,
+                    verifier.clone(),
+                    &roots,
+                    token,
+                    bootstrap_endpoint,
+                )
+                .await?;
+                if let Some((c, k)) = &settings.credential_paths {
+                    write_atomically(k, &held.key_pem, true)?;
+                    write_atomically(c, &held.cert_pem, false)?;
+                }
+                held
+            }
+        };
+        let identity = Arc::new(SwappableIdentity::new(Some(held.certified()?)));
+        let tls = Arc::new(connect::client_config(verifier, Some(identity.clone()))?);
+        let channels = build_channels(&settings, &tls)?;
+        let mut app = Self {
+            channels: Arc::new(StdRwLock::new(Arc::new(channels))),
             current: Arc::new(AtomicUsize::new(0)),
             settings: Arc::new(settings),
-        })
+            identity,
+            roots,
+            tls,
+            swaps: Arc::new(AtomicUsize::new(0)),
+            _renewal: Arc::new(AbortOnDrop(None)),
+        };
+        if let Some(src) = source {
+            let worker = app.clone();
+            app._renewal = Arc::new(AbortOnDrop(Some(tokio::spawn(follow_workload_api(
+                worker, src,
+            )))));
+        } else if app.settings.renew {
+            // The task holds a copy without the abort handle, so dropping the last Appliance ends it.
+            let worker = app.clone();
+            app._renewal = Arc::new(AbortOnDrop(Some(tokio::spawn(renewal(worker, held)))));
+        }
+        Ok(app)
     }
 
     /// The configuration in force.
@@ -83,6 +243,36 @@ impl Appliance {
         &self.settings
     }
 
+    /// How many times the credential was renewed or reloaded so far.
+    pub fn swaps(&self) -> usize {
+        self.swaps.load(Ordering::Relaxed)
+    }
+
+    fn channel(&self, i: usize) -> Channel {
+        let chs = self
+            .channels
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        chs[i % chs.len()].clone()
+    }
+
+    fn count(&self) -> usize {
+        self.settings.endpoints.len().max(1)
+    }
+
+    /// Puts `held` in force: the credential new connections present, and fresh channels for new calls.
+    fn swap(&self, held: &Held, roots: Vec<Vec<u8>>) -> Result<(), String> {
+        let key = held.certified()?;
+        if !roots.is_empty() {
+            self.roots.set(roots);
+        }
+        self.identity.set(key);
+        let fresh = build_channels(&self.settings, &self.tls)?;
+        *self.channels.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(fresh);
+        self.swaps.fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
     /// The endpoint calls go to now (an index into `settings.endpoints`).
     fn current(&self) -> usize {
         self.current.load(Ordering::Relaxed)
@@ -95,7 +285,7 @@ impl Appliance {
 
     /// Endpoint `failed` could not be reached: calls go to the next one (unless another call moved on already).
     fn fail_over(&self, failed: usize) {
-        let n = self.channels.len();
+        let n = self.count();
         if n > 1
             && self
                 .current
@@ -118,7 +308,7 @@ impl Appliance {
     /// How long to wait before attempt `attempt + 1` after a transient failure: nothing while some replica of this
     /// round has not been tried, the backoff once all have.
     fn wait_after(&self, attempt: u32) -> Duration {
-        let n = self.channels.len() as u32;
+        let n = self.count() as u32;
         if !(attempt + 1).is_multiple_of(n) {
             Duration::ZERO
         } else {
@@ -127,11 +317,248 @@ impl Appliance {
     }
 
     fn upstream(&self) -> UpstreamAuthorityClient<Channel> {
-        UpstreamAuthorityClient::new(self.channels[self.current()].clone())
+        UpstreamAuthorityClient::new(self.channel(self.current()))
     }
 
     fn keymanager(&self) -> KeyManagerClient<Channel> {
-        KeyManagerClient::new(self.channels[self.current()].clone())
+        KeyManagerClient::new(self.channel(self.current()))
+    }
+}
+
+fn build_channels(
+    settings: &PluginSettings,
+    tls: &Arc<rustls::ClientConfig>,
+) -> Result<Vec<Channel>, String> {
+    let mut channels = Vec::with_capacity(settings.endpoints.len());
+    for url in &settings.endpoints {
+        let timeout = settings.connect_timeout;
+        channels.push(
+            connect::lazy_channel(url, tls.clone(), |e| {
+                e.connect_timeout(timeout)
+                    .http2_keep_alive_interval(Duration::from_secs(30))
+                    .keep_alive_timeout(Duration::from_secs(20))
+                    .keep_alive_while_idle(true)
+            })
+            .map_err(|e| format!("endpoint {url:?}: {e}"))?,
+        );
+    }
+    if channels.is_empty() {
+        return Err("no endpoint for the appliance".into());
+    }
+    Ok(channels)
+}
+
+/// Exchanges the join token for the plug-in's first X509-SVID (a key made here) on the bootstrap port.
+async fn exchange(
+    settings: &PluginSettings,
+    verifier: Arc<connect::ApplianceVerifier>,
+    roots: &LiveRoots,
+    token: &str,
+    bootstrap: &str,
+) -> Result<Held, String> {
+    use signet_proto::signet::v1::bootstrap_client::BootstrapClient;
+    let (key_pem, csr) = key_and_csr(&settings.client_id)?;
+    let tls = Arc::new(connect::client_config(verifier, None)?);
+    let timeout = settings.connect_timeout;
+    let ch = connect::channel(bootstrap, tls, |e| e.connect_timeout(timeout))
+        .await
+        .map_err(|e| format!("join token: cannot reach the bootstrap port {bootstrap}: {e}"))?;
+    let r = BootstrapClient::new(ch)
+        .exchange_join_token(with_timeout(
+            pb::ExchangeJoinTokenRequest {
+                token: token.to_string(),
+                csr,
+                ttl_seconds: i64::try_from(settings.svid_ttl.as_secs()).unwrap_or(i64::MAX),
+            },
+            settings.request_timeout,
+        ))
+        .await
+        .map_err(|s| {
+            format!(
+                "join token: the appliance refused it ({}): {}",
+                crate::api::code_name(s.code()),
+                s.message()
+            )
+        })?
+        .into_inner();
+    let svid = r.svid.ok_or("join token: the appliance answered no SVID")?;
+    if !r.x509_authorities.is_empty() {
+        roots.set(r.x509_authorities);
+    }
+    tracing::info!(spiffe_id = %svid.spiffe_id, expires_at = svid.expires_at,
+        "got the plug-in's first X509-SVID with the join token");
+    Held::new(pem_chain(&svid.cert_chain), key_pem)
+}
+
+/// One renewal: a new key, `Issuer.RenewX509SVID` over the authenticated connection (each endpoint in turn).
+async fn renew_once(app: &Appliance) -> Result<(Held, Vec<Vec<u8>>), String> {
+    let (key_pem, csr) = key_and_csr(&app.settings.client_id)?;
+    let req = pb::RenewX509svidRequest {
+        csr,
+        ttl_seconds: i64::try_from(app.settings.svid_ttl.as_secs()).unwrap_or(i64::MAX),
+    };
+    let mut errors = Vec::new();
+    for k in 0..app.count() {
+        let i = (app.current() + k) % app.count();
+        let mut c = signet_proto::signet::v1::issuer_client::IssuerClient::new(app.channel(i));
+        match c
+            .renew_x509svid(with_timeout(req.clone(), app.settings.request_timeout))
+            .await
+        {
+            Ok(r) => {
+                let r = r.into_inner();
+                let svid = r.svid.ok_or("the appliance answered no SVID")?;
+                return Ok((
+                    Held::new(pem_chain(&svid.cert_chain), key_pem)?,
+                    r.x509_authorities,
+                ));
+            }
+            Err(s) => errors.push(format!(
+                "{}: {}: {}",
+                app.endpoint(i),
+                crate::api::code_name(s.code()),
+                s.message()
+            )),
+        }
+    }
+    Err(errors.join("; "))
+}
+
+/// The X509-SVID the Workload API gives now (its default one, which must be of `td`) and the roots of `td`.
+fn from_source(src: &spiffe::X509Source, td: &str) -> Result<(Held, Vec<Vec<u8>>), String> {
+    let svid = src
+        .svid()
+        .map_err(|e| format!("the Workload API has no X509-SVID: {e}"))?;
+    let id = svid.spiffe_id().to_string();
+    if connect::trust_domain_of(&id) != Some(td) {
+        return Err(format!(
+            "the Workload API's X509-SVID is {id}, not of SPIRE's trust domain {td}"
+        ));
+    }
+    let chain: Vec<Vec<u8>> = svid
+        .cert_chain()
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+    let key_pem = pem::encode(&pem::Pem::new(
+        "PRIVATE KEY",
+        svid.private_key().as_bytes().to_vec(),
+    ));
+    let tdn = spiffe::TrustDomain::new(td).map_err(|e| format!("trust domain {td:?}: {e}"))?;
+    let roots: Vec<Vec<u8>> = src
+        .bundle_set()
+        .map_err(|e| format!("the Workload API has no bundle: {e}"))?
+        .get(&tdn)
+        .map(|b| {
+            b.authorities()
+                .iter()
+                .map(|c| c.as_bytes().to_vec())
+                .collect()
+        })
+        .unwrap_or_default();
+    if roots.is_empty() {
+        return Err(format!(
+            "the Workload API has no X.509 roots for trust domain {td}"
+        ));
+    }
+    Ok((Held::new(pem_chain(&chain), key_pem.into_bytes())?, roots))
+}
+
+/// Follows the Workload API's rotations: each new X509-SVID (and bundle) is put in force as a renewal is.
+async fn follow_workload_api(app: Appliance, src: spiffe::X509Source) {
+    let mut updates = src.updated();
+    loop {
+        if let Err(e) = updates.changed().await {
+            tracing::error!(error = %e, "the Workload API source stopped; the plug-in keeps its last credential");
+            return;
+        }
+        match from_source(&src, &app.settings.trust_domain).and_then(|(h, r)| app.swap(&h, r)) {
+            Ok(()) => tracing::info!(
+                renewals = app.swaps(),
+                "took the rotated X509-SVID from the Workload API"
+            ),
+            Err(e) => tracing::warn!(error = %e, "the Workload API's update is unusable"),
+        }
+    }
+}
+
+/// How often the credential files are looked at for a change made by someone else.
+const FILE_POLL: Duration = Duration::from_secs(2);
+
+/// Renews the plug-in's credential half-way through its life and reloads it when its files change, until the
+/// plug-in stops or is configured again.
+async fn renewal(app: Appliance, mut held: Held) {
+    let mut failures = 0u32;
+    let mut retry_at: Option<tokio::time::Instant> = None;
+    loop {
+        let due = retry_at.unwrap_or_else(|| tokio::time::Instant::now() + held.renew_in());
+        let wake = if app.settings.credential_paths.is_some() {
+            due.min(tokio::time::Instant::now() + FILE_POLL)
+        } else {
+            due
+        };
+        tokio::time::sleep_until(wake).await;
+        if let Some((c, k)) = &app.settings.credential_paths
+            && let (Ok(cert_pem), Ok(key_pem)) = (std::fs::read(c), std::fs::read(k))
+            && (cert_pem != held.cert_pem || key_pem != held.key_pem)
+        {
+            // Someone else changed the files: take them if they are a whole, matching credential for this ID.
+            let fresh = super::settings::check_credential(&cert_pem, &key_pem)
+                .and_then(|id| {
+                    if id == app.settings.client_id {
+                        Ok(())
+                    } else {
+                        Err(format!(
+                            "the files now hold a credential for {id}, not {}",
+                            app.settings.client_id
+                        ))
+                    }
+                })
+                .and_then(|()| Held::new(cert_pem, key_pem));
+            match fresh.and_then(|h| app.swap(&h, Vec::new()).map(|()| h)) {
+                Ok(h) => {
+                    tracing::info!(path = %c.display(), "reloaded the plug-in's credential: its files changed");
+                    held = h;
+                    retry_at = None;
+                    continue;
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "the credential files changed but are not usable (yet)")
+                }
+            }
+        }
+        if tokio::time::Instant::now() < due {
+            continue;
+        }
+        match renew_once(&app).await {
+            Ok((h, roots)) => {
+                if let Err(e) = app.swap(&h, roots) {
+                    failures = failures.saturating_add(1);
+                    let wait = backoff(failures, app.settings.max_backoff);
+                    tracing::error!(error = %e, retry_in = ?wait, "the renewed credential is unusable");
+                    retry_at = Some(tokio::time::Instant::now() + wait);
+                    continue;
+                }
+                if let Some((c, k)) = &app.settings.credential_paths {
+                    let written = write_atomically(k, &h.key_pem, true)
+                        .and_then(|()| write_atomically(c, &h.cert_pem, false));
+                    if let Err(e) = written {
+                        tracing::warn!(error = %e, "cannot keep the renewed credential in its files; it is used from memory");
+                    }
+                }
+                tracing::info!(spiffe_id = %app.settings.client_id, renewals = app.swaps(),
+                    "renewed the plug-in's X509-SVID");
+                held = h;
+                failures = 0;
+                retry_at = None;
+            }
+            Err(e) => {
+                failures = failures.saturating_add(1);
+                let wait = backoff(failures, app.settings.max_backoff);
+                tracing::warn!(error = %e, retry_in = ?wait, "cannot renew the plug-in's X509-SVID");
+                retry_at = Some(tokio::time::Instant::now() + wait);
+            }
+        }
     }
 }
 

@@ -277,7 +277,9 @@ impl cfgpb::config_server::Config for Configurer {
             .settings(request.get_ref())
             .map_err(|e| Status::invalid_argument(format!("signet plug-in configuration: {e}")))?;
         tracing::info!(endpoints = ?settings.endpoints, client = %settings.client_id, "configured");
-        let app = Appliance::new(settings).map_err(Status::invalid_argument)?;
+        let app = Appliance::connect(settings)
+            .await
+            .map_err(|e| Status::failed_precondition(format!("signet plug-in: {e}")))?;
         *self.slot.write().await = Some(app);
         Ok(Response::new(cfgpb::ConfigureResponse {}))
     }
@@ -462,13 +464,23 @@ async fn start_embedded(
     let read = |f: &Path| std::fs::read(f).map_err(|e| failed(format!("{}: {e}", f.display())));
     let admin = read(&p.admin_cert)?;
     let client_id = crate::plugin::settings::spiffe_id_of_pem(&admin).map_err(failed)?;
+    let trust_domain = signet_proto::connect::trust_domain_of(&client_id)
+        .unwrap_or_default()
+        .to_string();
     let settings = PluginSettings {
         endpoints: vec![format!("https://{}", app.addr())],
-        server_name: "localhost".into(),
+        server_name: None,
+        trust_domain,
         trust_bundle_pem: read(&p.bundle)?,
-        client_cert_pem: admin,
-        client_key_pem: read(&p.admin_key)?,
+        credential: settings::FirstCredential::Pem {
+            cert_pem: admin,
+            key_pem: read(&p.admin_key)?,
+        },
+        credential_paths: None,
         client_id,
+        svid_ttl: Duration::ZERO,
+        // The admin credential is the appliance's own, renewed by the appliance.
+        renew: false,
         connect_timeout: Duration::from_secs(10),
         request_timeout: Duration::from_secs(30),
         max_backoff: Duration::from_secs(5),

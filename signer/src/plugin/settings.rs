@@ -7,15 +7,25 @@
 //!   # or, with replicas sharing one datastore, all of them (tried in order; a replica that cannot be reached
 //!   # hands its calls and streams to the next):
 //!   # endpoints       = ["signet-a.example.org:8443", "signet-b.example.org:8443"]
-//!   server_name       = "signet.example.org"           # name its certificate carries; default: the (first) endpoint's host
 //!   trust_bundle_path = "/etc/spire/signet-bundle.pem" # roots that verify the appliance (PEM)
 //!   client_cert_path  = "/etc/spire/signet-client.pem" # this SPIRE server's X509-SVID chain (PEM, leaf first)
 //!   client_key_path   = "/etc/spire/signet-client.key" # its key (PKCS#8 PEM)
+//!   # or, for the first start, a join token (`signet join-token create`) instead of a credential made by hand:
+//!   # spiffe_id          = "spiffe://example.org/spire/server"
+//!   # join_token         = "..."                       # used once; the credential is then kept (and renewed) in
+//!   # bootstrap_endpoint = "signet.example.org:8444"   # client_cert_path/client_key_path when they are given
+//!   # or the credential (and the roots) from a SPIFFE Workload API, rotations followed:
+//!   # workload_api_socket = "unix:///run/spire/agent.sock"
+//!   # server_name     = "signet.example.org"           # check this DNS name instead of the appliance's SPIFFE ID
+//!   svid_ttl          = "0s"                           # lifetime asked at renewal (0: the policy's default)
 //!   connect_timeout   = "10s"
 //!   request_timeout   = "30s"                          # per RPC, retries included
 //!   max_backoff       = "30s"                          # longest wait between reconnections of a stream
 //! }
 //! ```
+//!
+//! The appliance is checked by its SPIFFE ID, `spiffe://<trust domain>/signet/server`, against the trust bundle,
+//! whatever address `endpoint` names (so `127.0.0.1:8443` works); `server_name` switches to a DNS-name check.
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -35,9 +45,57 @@ struct Raw {
     client_cert_path: Option<PathBuf>,
     client_key_path: Option<PathBuf>,
     workload_api_socket: Option<String>,
+    spiffe_id: Option<String>,
+    join_token: Option<String>,
+    bootstrap_endpoint: Option<String>,
+    svid_ttl: Option<ConfigDuration>,
     connect_timeout: Option<ConfigDuration>,
     request_timeout: Option<ConfigDuration>,
     max_backoff: Option<ConfigDuration>,
+}
+
+/// Where the plug-in's first credential comes from.
+#[derive(Clone)]
+pub enum FirstCredential {
+    /// Read from files (or handed over in process): the chain (PEM, leaf first) and its PKCS#8 key (PEM).
+    Pem {
+        /// The X509-SVID chain.
+        cert_pem: Vec<u8>,
+        /// Its key.
+        key_pem: Vec<u8>,
+    },
+    /// From a SPIFFE Workload API (`unix:///path` or `tcp://host:port`), its rotations followed; the roots that
+    /// verify the appliance come from there too (the bundle of the trust domain).
+    WorkloadApi {
+        /// The Workload API endpoint.
+        socket: String,
+    },
+    /// Exchanged for a one-time join token on the appliance's bootstrap port (at Configure).
+    JoinToken {
+        /// The secret.
+        token: String,
+        /// The bootstrap port, `host:port`.
+        bootstrap_endpoint: String,
+    },
+}
+
+impl std::fmt::Debug for FirstCredential {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key or the token.
+        match self {
+            FirstCredential::Pem { .. } => f.write_str("Pem"),
+            FirstCredential::WorkloadApi { socket } => f
+                .debug_struct("WorkloadApi")
+                .field("socket", socket)
+                .finish(),
+            FirstCredential::JoinToken {
+                bootstrap_endpoint, ..
+            } => f
+                .debug_struct("JoinToken")
+                .field("bootstrap_endpoint", bootstrap_endpoint)
+                .finish_non_exhaustive(),
+        }
+    }
 }
 
 /// The checked configuration, with the files it names read.
@@ -45,16 +103,22 @@ struct Raw {
 pub struct PluginSettings {
     /// `https://host:port` of the appliance, or of each of its replicas (in the order of preference).
     pub endpoints: Vec<String>,
-    /// The name the appliance's certificate must carry.
-    pub server_name: String,
+    /// The DNS name the appliance's certificate must carry; `None`: it is checked by its SPIFFE ID.
+    pub server_name: Option<String>,
+    /// The trust domain (SPIRE's): the appliance is `spiffe://<td>/signet/server`.
+    pub trust_domain: String,
     /// Roots that verify the appliance (PEM).
     pub trust_bundle_pem: Vec<u8>,
-    /// The client's X509-SVID chain (PEM).
-    pub client_cert_pem: Vec<u8>,
-    /// The client's key (PKCS#8 PEM).
-    pub client_key_pem: Vec<u8>,
-    /// The client's SPIFFE ID (from its certificate).
+    /// The first credential.
+    pub credential: FirstCredential,
+    /// Where the credential is kept: renewals are written there, and changes made there by others are loaded.
+    pub credential_paths: Option<(PathBuf, PathBuf)>,
+    /// The client's SPIFFE ID (from its certificate, or `spiffe_id` with a join token).
     pub client_id: String,
+    /// The lifetime asked for at renewal (zero: the policy's default).
+    pub svid_ttl: Duration,
+    /// Whether the plug-in renews its credential (not when it runs the appliance itself with `--embedded`).
+    pub renew: bool,
     /// Connection timeout.
     pub connect_timeout: Duration,
     /// Per-RPC timeout, retries included.
@@ -87,13 +151,6 @@ impl PluginSettings {
     /// says what is wrong.
     pub fn parse(hcl: &str, trust_domain: &str) -> Result<Self, String> {
         let raw: Raw = hcl::from_str(hcl).map_err(|e| format!("plugin_data: {e}"))?;
-        if raw.workload_api_socket.is_some() {
-            return Err(
-                "workload_api_socket is not supported yet: give client_cert_path and \
-                        client_key_path (an X509-SVID for this SPIRE server issued by signet)"
-                    .into(),
-            );
-        }
         let (field, given) = match (raw.endpoint, raw.endpoints) {
             (Some(_), Some(_)) => {
                 return Err(
@@ -112,7 +169,6 @@ impl PluginSettings {
             return Err("endpoints is empty: list the replicas' addresses (host:port)".into());
         }
         let mut endpoints = Vec::with_capacity(given.len());
-        let mut host = String::new();
         for endpoint in given {
             let host_port = endpoint
                 .strip_prefix("https://")
@@ -124,65 +180,7 @@ impl PluginSettings {
                     "{field}: {endpoint:?} is not host:port (e.g. \"127.0.0.1:8443\"); signet speaks gRPC over TLS"
                 ));
             }
-            if host.is_empty() {
-                host = host_port
-                    .rsplit_once(':')
-                    .map(|(h, _)| h.trim_start_matches('[').trim_end_matches(']'))
-                    .unwrap_or_default()
-                    .to_string();
-            }
             endpoints.push(format!("https://{host_port}"));
-        }
-        let bundle_path = required(
-            raw.trust_bundle_path,
-            "trust_bundle_path",
-            "the PEM roots that verify the appliance (its bundle.pem)",
-        )?;
-        let cert_path = required(
-            raw.client_cert_path,
-            "client_cert_path",
-            "this SPIRE server's X509-SVID chain (PEM) issued by signet",
-        )?;
-        let key_path = required(
-            raw.client_key_path,
-            "client_key_path",
-            "the key of client_cert_path (PKCS#8 PEM)",
-        )?;
-        let trust_bundle_pem = read(&bundle_path, "trust_bundle_path")?;
-        let client_cert_pem = read(&cert_path, "client_cert_path")?;
-        let client_key_pem = read(&key_path, "client_key_path")?;
-        let roots = pem::parse_many(&trust_bundle_pem)
-            .map_err(|e| format!("trust_bundle_path: not PEM: {e}"))?;
-        if !roots.iter().any(|p| p.tag() == "CERTIFICATE") {
-            return Err("trust_bundle_path holds no CERTIFICATE".into());
-        }
-        let chain = pem::parse_many(&client_cert_pem)
-            .map_err(|e| format!("client_cert_path: not PEM: {e}"))?;
-        let leaf = chain
-            .iter()
-            .find(|p| p.tag() == "CERTIFICATE")
-            .ok_or("client_cert_path holds no CERTIFICATE")?;
-        let client_id =
-            spiffe_id_of(leaf.contents()).map_err(|e| format!("client_cert_path: {e}"))?;
-        let key =
-            pem::parse(&client_key_pem).map_err(|e| format!("client_key_path: not PEM: {e}"))?;
-        if key.tag() != "PRIVATE KEY" {
-            return Err(format!(
-                "client_key_path holds a {:?} block: give the key as PKCS#8 (\"PRIVATE KEY\")",
-                key.tag()
-            ));
-        }
-        if !trust_domain.is_empty() {
-            let td = client_id
-                .strip_prefix("spiffe://")
-                .and_then(|r| r.split('/').next())
-                .unwrap_or_default();
-            if td != trust_domain {
-                return Err(format!(
-                    "client_cert_path is an SVID of trust domain {td:?} but this SPIRE server's is \
-                     {trust_domain:?}: signet must serve SPIRE's own trust domain"
-                ));
-            }
         }
         let secs = |d: Option<ConfigDuration>, default: u64, field: &str| {
             let d = d.map_or(Duration::from_secs(default), |d| d.0);
@@ -192,18 +190,181 @@ impl PluginSettings {
                 Ok(d)
             }
         };
+        if let Some(socket) = raw.workload_api_socket {
+            if raw.client_cert_path.is_some()
+                || raw.client_key_path.is_some()
+                || raw.join_token.is_some()
+                || raw.spiffe_id.is_some()
+                || raw.bootstrap_endpoint.is_some()
+            {
+                return Err(
+                    "workload_api_socket gives the plug-in its credential: leave out client_cert_path, \
+                     client_key_path and join_token"
+                        .into(),
+                );
+            }
+            if !(socket.starts_with("unix:") || socket.starts_with("tcp:")) {
+                return Err(format!(
+                    "workload_api_socket {socket:?} is not a Workload API address: write \
+                     \"unix:///run/spire/agent.sock\" (or tcp://host:port)"
+                ));
+            }
+            if trust_domain.is_empty() {
+                return Err(
+                    "workload_api_socket needs SPIRE's trust domain (from its core configuration)"
+                        .into(),
+                );
+            }
+            let trust_bundle_pem = match raw.trust_bundle_path {
+                Some(p) => read(&p, "trust_bundle_path")?,
+                None => Vec::new(),
+            };
+            return Ok(Self {
+                endpoints,
+                server_name: raw.server_name.filter(|n| !n.trim().is_empty()),
+                trust_domain: trust_domain.to_string(),
+                trust_bundle_pem,
+                credential: FirstCredential::WorkloadApi { socket },
+                credential_paths: None,
+                // Known once the Workload API answers.
+                client_id: String::new(),
+                svid_ttl: Duration::ZERO,
+                renew: false,
+                connect_timeout: secs(raw.connect_timeout, 10, "connect_timeout")?,
+                request_timeout: secs(raw.request_timeout, 30, "request_timeout")?,
+                max_backoff: secs(raw.max_backoff, 30, "max_backoff")?,
+            });
+        }
+        let bundle_path = required(
+            raw.trust_bundle_path,
+            "trust_bundle_path",
+            "the PEM roots that verify the appliance (its bundle.pem)",
+        )?;
+        let trust_bundle_pem = read(&bundle_path, "trust_bundle_path")?;
+        let roots = pem::parse_many(&trust_bundle_pem)
+            .map_err(|e| format!("trust_bundle_path: not PEM: {e}"))?;
+        if !roots.iter().any(|p| p.tag() == "CERTIFICATE") {
+            return Err("trust_bundle_path holds no CERTIFICATE".into());
+        }
+        let paths = match (raw.client_cert_path, raw.client_key_path) {
+            (Some(c), Some(k)) => Some((c, k)),
+            (None, None) => None,
+            (Some(_), None) => {
+                return Err(
+                    "client_cert_path needs client_key_path (the key of the certificate)".into(),
+                );
+            }
+            (None, Some(_)) => {
+                return Err(
+                    "client_key_path needs client_cert_path (the certificate of the key)".into(),
+                );
+            }
+        };
+        let (credential, client_id) = match raw.join_token {
+            Some(token) => {
+                let id = required(
+                    raw.spiffe_id,
+                    "spiffe_id",
+                    "the SPIFFE ID the join token was created for",
+                )?;
+                let bootstrap = required(
+                    raw.bootstrap_endpoint,
+                    "bootstrap_endpoint",
+                    "the appliance's bootstrap port (host:port, [server] bootstrap_listen) that exchanges join tokens",
+                )?;
+                signet_proto::connect::check_address(&bootstrap)
+                    .map_err(|e| format!("bootstrap_endpoint: {e}"))?;
+                if token.trim().is_empty() {
+                    return Err("join_token is empty".into());
+                }
+                // A credential kept from an earlier start (the token worked once) is used instead of the token.
+                match paths.as_ref().and_then(|(c, k)| kept_credential(c, k, &id)) {
+                    Some((cert_pem, key_pem)) => (FirstCredential::Pem { cert_pem, key_pem }, id),
+                    None => (
+                        FirstCredential::JoinToken {
+                            token: token.trim().to_string(),
+                            bootstrap_endpoint: bootstrap,
+                        },
+                        id,
+                    ),
+                }
+            }
+            None => {
+                if raw.spiffe_id.is_some() || raw.bootstrap_endpoint.is_some() {
+                    return Err("spiffe_id and bootstrap_endpoint go with join_token".into());
+                }
+                let (cert_path, key_path) = required(
+                    paths.clone(),
+                    "client_cert_path",
+                    "this SPIRE server's X509-SVID chain (PEM) issued by signet, and client_key_path its key \
+                     (or a join_token)",
+                )?;
+                let cert_pem = read(&cert_path, "client_cert_path")?;
+                let key_pem = read(&key_path, "client_key_path")?;
+                let id = check_credential(&cert_pem, &key_pem)?;
+                (FirstCredential::Pem { cert_pem, key_pem }, id)
+            }
+        };
+        if !trust_domain.is_empty() {
+            let td = client_id
+                .strip_prefix("spiffe://")
+                .and_then(|r| r.split('/').next())
+                .unwrap_or_default();
+            if td != trust_domain {
+                return Err(format!(
+                    "the plug-in's credential is an SVID of trust domain {td:?} but this SPIRE server's is \
+                     {trust_domain:?}: signet must serve SPIRE's own trust domain"
+                ));
+            }
+        }
+        let trust_domain = signet_proto::connect::trust_domain_of(&client_id)
+            .ok_or_else(|| format!("{client_id:?} is not a SPIFFE ID"))?
+            .to_string();
         Ok(Self {
             endpoints,
-            server_name: raw.server_name.unwrap_or(host),
+            server_name: raw.server_name.filter(|n| !n.trim().is_empty()),
+            trust_domain,
             trust_bundle_pem,
-            client_cert_pem,
-            client_key_pem,
+            credential,
+            credential_paths: paths,
             client_id,
+            svid_ttl: raw.svid_ttl.map_or(Duration::ZERO, |d| d.0),
+            renew: true,
             connect_timeout: secs(raw.connect_timeout, 10, "connect_timeout")?,
             request_timeout: secs(raw.request_timeout, 30, "request_timeout")?,
             max_backoff: secs(raw.max_backoff, 30, "max_backoff")?,
         })
     }
+}
+
+/// Checks a credential (chain PEM and PKCS#8 key PEM) and returns its SPIFFE ID.
+pub fn check_credential(cert_pem: &[u8], key_pem: &[u8]) -> Result<String, String> {
+    let chain = pem::parse_many(cert_pem).map_err(|e| format!("client_cert_path: not PEM: {e}"))?;
+    let leaf = chain
+        .iter()
+        .find(|p| p.tag() == "CERTIFICATE")
+        .ok_or("client_cert_path holds no CERTIFICATE")?;
+    let id = spiffe_id_of(leaf.contents()).map_err(|e| format!("client_cert_path: {e}"))?;
+    let key = pem::parse(key_pem).map_err(|e| format!("client_key_path: not PEM: {e}"))?;
+    if key.tag() != "PRIVATE KEY" {
+        return Err(format!(
+            "client_key_path holds a {:?} block: give the key as PKCS#8 (\"PRIVATE KEY\")",
+            key.tag()
+        ));
+    }
+    Ok(id)
+}
+
+/// The credential kept at `cert`/`key` from an earlier start, if it is there, for `id` and not expired.
+fn kept_credential(cert: &Path, key: &Path, id: &str) -> Option<(Vec<u8>, Vec<u8>)> {
+    let cert_pem = std::fs::read(cert).ok()?;
+    let key_pem = std::fs::read(key).ok()?;
+    if check_credential(&cert_pem, &key_pem).ok()? != id {
+        return None;
+    }
+    let leaf = pem::parse_many(&cert_pem).ok()?.into_iter().next()?;
+    let (_, c) = x509_parser::parse_x509_certificate(leaf.contents()).ok()?;
+    c.validity().is_valid().then_some((cert_pem, key_pem))
 }
 
 /// The SPIFFE ID of the first certificate in `pem_text`.
@@ -247,6 +408,10 @@ impl PluginSettings {
             || raw.client_cert_path.is_some()
             || raw.client_key_path.is_some()
             || raw.workload_api_socket.is_some()
+            || raw.join_token.is_some()
+            || raw.spiffe_id.is_some()
+            || raw.bootstrap_endpoint.is_some()
+            || raw.svid_ttl.is_some()
         {
             return Err(
                 "with --embedded the plug-in runs the appliance itself: plugin_data may set \
@@ -305,8 +470,18 @@ mod tests {
         assert!(e.contains("not both"), "{e}");
         let e = PluginSettings::parse("server_name = \"x\"", "example.org").unwrap_err();
         assert!(e.contains("plugin_data needs endpoint"), "{e}");
-        let e = PluginSettings::parse("workload_api_socket = \"/x\"", "example.org").unwrap_err();
-        assert!(e.contains("not supported yet"), "{e}");
+        let e = PluginSettings::parse(
+            "endpoint = \"x:1\"\nworkload_api_socket = \"/x\"",
+            "example.org",
+        )
+        .unwrap_err();
+        assert!(e.contains("unix:///run/spire/agent.sock"), "{e}");
+        let e = PluginSettings::parse(
+            "endpoint = \"x:1\"\nworkload_api_socket = \"unix:///x\"\njoin_token = \"t\"",
+            "example.org",
+        )
+        .unwrap_err();
+        assert!(e.contains("leave out"), "{e}");
         let e = PluginSettings::parse(
             "endpoint = \"x:1\"\ntrust_bundle_path = \"/nonexistent/b.pem\"\nclient_cert_path = \"/c\"\nclient_key_path = \"/k\"",
             "example.org",

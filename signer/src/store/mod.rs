@@ -215,6 +215,23 @@ pub struct KeyManagerRecord {
     pub updated_at: i64,
 }
 
+/// A join token (Admin.CreateJoinToken), by the SHA-256 of its secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JoinTokenRecord {
+    /// Lowercase hex SHA-256 of the secret.
+    pub token_hash: String,
+    /// The only SPIFFE ID the token gets.
+    pub spiffe_id: String,
+    /// The admin who created it.
+    pub created_by: String,
+    /// Unix seconds.
+    pub created_at: i64,
+    /// Unix seconds.
+    pub expires_at: i64,
+    /// When it was spent (unix seconds), if it was.
+    pub used_at: Option<i64>,
+}
+
 /// A running replica, as its heartbeat shows it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ReplicaRecord {
@@ -561,6 +578,77 @@ impl Store {
                 })
                 .collect()
         })
+    }
+
+    /// Stores a new join token.
+    pub async fn put_join_token(&self, t: &JoinTokenRecord) -> Result<(), StoreError> {
+        let q = "INSERT INTO join_tokens (token_hash, spiffe_id, created_by, created_at, expires_at, used_at) \
+                 VALUES ($1, $2, $3, $4, $5, $6)";
+        on!(&self.pool, p => { sqlx::query(q)
+            .bind(&t.token_hash)
+            .bind(&t.spiffe_id)
+            .bind(&t.created_by)
+            .bind(t.created_at)
+            .bind(t.expires_at)
+            .bind(t.used_at)
+            .execute(p)
+            .await?; });
+        Ok(())
+    }
+
+    /// The join token whose secret hashes to `token_hash`, if there is one.
+    pub async fn join_token(
+        &self,
+        token_hash: &str,
+    ) -> Result<Option<JoinTokenRecord>, StoreError> {
+        let q = "SELECT token_hash, spiffe_id, created_by, created_at, expires_at, used_at FROM join_tokens \
+                 WHERE token_hash = $1";
+        on!(&self.pool, p => {
+            let row = sqlx::query(q).bind(token_hash).fetch_optional(p).await?;
+            row.map(|r| {
+                Ok(JoinTokenRecord {
+                    token_hash: r.try_get("token_hash")?,
+                    spiffe_id: r.try_get("spiffe_id")?,
+                    created_by: r.try_get("created_by")?,
+                    created_at: r.try_get("created_at")?,
+                    expires_at: r.try_get("expires_at")?,
+                    used_at: r.try_get("used_at")?,
+                })
+            })
+            .transpose()
+        })
+    }
+
+    /// Spends the join token `token_hash` for `spiffe_id` at `now`: true if this call spent it (it was unspent, for
+    /// that ID and not expired), false otherwise. One statement, so two replicas cannot both spend a token.
+    pub async fn spend_join_token(
+        &self,
+        token_hash: &str,
+        spiffe_id: &str,
+        now: i64,
+    ) -> Result<bool, StoreError> {
+        let q = "UPDATE join_tokens SET used_at = $1 WHERE token_hash = $2 AND spiffe_id = $3 \
+                 AND used_at IS NULL AND expires_at > $1";
+        let n = on!(&self.pool, p => sqlx::query(q)
+            .bind(now)
+            .bind(token_hash)
+            .bind(spiffe_id)
+            .execute(p)
+            .await?
+            .rows_affected());
+        // Tokens expired for a day are dropped.
+        let old = "DELETE FROM join_tokens WHERE expires_at < $1";
+        on!(&self.pool, p => { sqlx::query(old).bind(now - 86_400).execute(p).await?; });
+        Ok(n == 1)
+    }
+
+    /// Gives back a join token this replica spent but could not issue for (the issuance failed).
+    pub async fn unspend_join_token(&self, token_hash: &str) -> Result<(), StoreError> {
+        on!(&self.pool, p => { sqlx::query("UPDATE join_tokens SET used_at = NULL WHERE token_hash = $1")
+            .bind(token_hash)
+            .execute(p)
+            .await?; });
+        Ok(())
     }
 
     /// Removes this replica's heartbeat (at a clean stop).

@@ -16,6 +16,7 @@ mod common;
 mod figures;
 mod hostile;
 mod issuer;
+mod join;
 mod keymanager;
 mod ops;
 mod plugin;

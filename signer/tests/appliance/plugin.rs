@@ -176,7 +176,7 @@ fn plugin_data(bed: &Bed, spire: &Credential, dir: &Path, addr: std::net::Socket
     std::fs::write(dir.join("client.key"), &spire.key_pem).unwrap();
     std::fs::write(dir.join("bundle.pem"), bed.roots_pem()).unwrap();
     format!(
-        "endpoint = \"{addr}\"\nserver_name = \"localhost\"\ntrust_bundle_path = \"{}\"\n\
+        "endpoint = \"{addr}\"\ntrust_bundle_path = \"{}\"\n\
          client_cert_path = \"{}\"\nclient_key_path = \"{}\"\nrequest_timeout = \"20s\"\nmax_backoff = \"1s\"\n",
         dir.join("bundle.pem").display(),
         dir.join("client.pem").display(),
@@ -531,6 +531,404 @@ async fn key_manager_plugin_forwards_to_keys_on_the_token() {
         .await
         .unwrap_err();
     assert_eq!(missing.code(), Code::NotFound, "{missing:?}");
+    p.shutdown().await;
+    bed.stop().await;
+}
+
+/// A credential for `id` with lifetime `ttl_seconds`, minted with the admin credential.
+async fn short_credential(bed: &Bed, id: &str, ttl_seconds: i64) -> Credential {
+    let mut c = signet_proto::signet::v1::issuer_client::IssuerClient::new(
+        bed.channel(Some(&bed.admin())).await,
+    );
+    let (csr, kp) = csr_for(id);
+    let r = c
+        .batch_mint_x509svid(signet_proto::signet::v1::BatchMintX509svidRequest {
+            requests: vec![signet_proto::signet::v1::X509svidRequest { csr, ttl_seconds }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let svid = expect_svid(r.results.into_iter().next().unwrap());
+    Credential {
+        chain_pem: pem_chain(&svid.cert_chain),
+        key_pem: kp.serialize_pem(),
+    }
+}
+
+async fn configure(p: &PluginProcess, data: String) -> Result<(), tonic::Status> {
+    cfg::config_client::ConfigClient::new(p.channel.clone())
+        .configure(cfg::ConfigureRequest {
+            core_configuration: core(TD),
+            hcl_configuration: data,
+        })
+        .await
+        .map(|_| ())
+}
+
+/// The plug-in renews its own X509-SVID (Issuer.RenewX509SVID, a SPIRE server's rule grants no issuer service)
+/// before half its life, again and again, and a loop that keeps calling through it never sees a failure; the
+/// renewed credential is kept in its files.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_renews_its_credential_without_a_failed_call() {
+    let Some(bed) = Bed::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spire = short_credential(&bed, SPIRE_A, 12).await;
+    let data = plugin_data(&bed, &spire, dir.path(), bed.app.addr()) + "svid_ttl = \"12s\"\n";
+    let p = PluginProcess::start("key-manager", "KeyManager", dir.path());
+    let _broker =
+        spire_loader_steps(&p.channel, "spire.plugin.server.keymanager.v1.KeyManager").await;
+    configure(&p, data).await.unwrap();
+    let key = generate_and_sign(&p.channel).await;
+    let mut c = km::key_manager_client::KeyManagerClient::new(p.channel.clone());
+    let renewals = |bed: &Bed| {
+        bed.audit()
+            .iter()
+            .filter(|l| {
+                l["caller"] == SPIRE_A && l["method"] == "RenewX509SVID" && l["outcome"] == "issued"
+            })
+            .count()
+    };
+    let mut calls = 0u32;
+    for _ in 0..2000 {
+        let listed = c
+            .get_public_keys(km::GetPublicKeysRequest {})
+            .await
+            .unwrap_or_else(|e| panic!("call {calls} failed: {e:?}\n{}", p.log()))
+            .into_inner()
+            .public_keys;
+        assert_eq!(listed, vec![key.clone()]);
+        calls += 1;
+        if renewals(&bed) >= 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        renewals(&bed) >= 3,
+        "three renewals within the loop's bound ({calls} calls): {}",
+        p.log()
+    );
+    // Calls after the last renewal still work (the first credentials have expired by now).
+    c.get_public_keys(km::GetPublicKeysRequest {})
+        .await
+        .unwrap();
+    let kept = std::fs::read_to_string(dir.path().join("client.pem")).unwrap();
+    assert_ne!(
+        kept, spire.chain_pem,
+        "the renewed credential is kept in its file"
+    );
+    assert!(
+        p.log().contains("renewed the plug-in's X509-SVID"),
+        "{}",
+        p.log()
+    );
+    p.shutdown().await;
+    bed.stop().await;
+}
+
+/// A first credential from a join token: Configure exchanges it on the bootstrap port (the key made in the
+/// plug-in), keeps the credential in the files named, and the plug-in works; the appliance is reached by address
+/// and checked by its SPIFFE ID.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_joins_with_a_token() {
+    let Some(bed) = Bed::start_with(|c| {
+        c.server.bootstrap_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let token = signet_proto::signet::v1::admin_client::AdminClient::new(
+        bed.channel(Some(&bed.admin())).await,
+    )
+    .create_join_token(signet_proto::signet::v1::CreateJoinTokenRequest {
+        spiffe_id: SPIRE_B.into(),
+        ttl_seconds: 600,
+    })
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(
+        token.bootstrap_address,
+        bed.app.bootstrap_addr().unwrap().to_string()
+    );
+    std::fs::write(dir.path().join("bundle.pem"), bed.roots_pem()).unwrap();
+    let data = format!(
+        "endpoint = \"{}\"\ntrust_bundle_path = \"{}\"\nspiffe_id = \"{SPIRE_B}\"\njoin_token = \"{}\"\n\
+         bootstrap_endpoint = \"{}\"\nclient_cert_path = \"{}\"\nclient_key_path = \"{}\"\n",
+        bed.app.addr(),
+        dir.path().join("bundle.pem").display(),
+        token.token,
+        token.bootstrap_address,
+        dir.path().join("client.pem").display(),
+        dir.path().join("client.key").display(),
+    );
+    let p = PluginProcess::start("key-manager", "KeyManager", dir.path());
+    let _broker =
+        spire_loader_steps(&p.channel, "spire.plugin.server.keymanager.v1.KeyManager").await;
+    configure(&p, data.clone())
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", p.log()));
+    generate_and_sign(&p.channel).await;
+    let kept = std::fs::read_to_string(dir.path().join("client.pem")).unwrap();
+    assert!(kept.contains("BEGIN CERTIFICATE"));
+    // Configured again (a SPIRE restart): the token is spent, the kept credential is used instead.
+    configure(&p, data)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", p.log()));
+    km::key_manager_client::KeyManagerClient::new(p.channel.clone())
+        .get_public_keys(km::GetPublicKeysRequest {})
+        .await
+        .unwrap();
+    p.shutdown().await;
+    bed.stop().await;
+}
+
+/// A server presenting a valid X509-SVID of the trust domain that is not the appliance's: the plug-in refuses it
+/// at the handshake and SPIRE's call fails with a message that says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_refuses_a_server_with_another_spiffe_id() {
+    use std::sync::Arc;
+    use tokio_rustls::rustls;
+    let Some(bed) = Bed::start().await else {
+        return;
+    };
+    let impostor = bed
+        .credential_for("spiffe://example.org/workloads/impostor")
+        .await;
+    let chain = pem::parse_many(&impostor.chain_pem)
+        .unwrap()
+        .into_iter()
+        .map(|p| p.contents().to_vec().into())
+        .collect();
+    let key = pem::parse(&impostor.key_pem).unwrap().contents().to_vec();
+    let mut tls = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(chain, rustls::pki_types::PrivateKeyDer::Pkcs8(key.into()))
+    .unwrap();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(tls));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let fake = listener.local_addr().unwrap();
+    let handshakes = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let seen = handshakes.clone();
+    let server = tokio::spawn(async move {
+        for _ in 0..200 {
+            let Ok((tcp, _)) = listener.accept().await else {
+                return;
+            };
+            let (a, seen) = (acceptor.clone(), seen.clone());
+            tokio::spawn(async move {
+                if a.accept(tcp).await.is_ok() {
+                    seen.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+            });
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let spire = bed.credential_for(SPIRE_A).await;
+    let data = plugin_data(&bed, &spire, dir.path(), fake).replace("\"20s\"", "\"2s\"");
+    let p = PluginProcess::start("key-manager", "KeyManager", dir.path());
+    let _broker =
+        spire_loader_steps(&p.channel, "spire.plugin.server.keymanager.v1.KeyManager").await;
+    configure(&p, data).await.unwrap();
+    let e = km::key_manager_client::KeyManagerClient::new(p.channel.clone())
+        .get_public_keys(km::GetPublicKeysRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    let said = e.message().to_string();
+    assert!(
+        said.contains("spiffe://example.org/workloads/impostor")
+            && said.contains("not of the signet appliance spiffe://example.org/signet/server"),
+        "{e:?}\n{}",
+        p.log()
+    );
+    server.abort();
+    p.shutdown().await;
+    bed.stop().await;
+}
+
+/// The plug-in reloads its credential when someone else replaces the files it came from.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_reloads_its_credential_files() {
+    let Some(bed) = Bed::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spire = bed.credential_for(SPIRE_A).await;
+    let data = plugin_data(&bed, &spire, dir.path(), bed.app.addr());
+    let p = PluginProcess::start("key-manager", "KeyManager", dir.path());
+    let _broker =
+        spire_loader_steps(&p.channel, "spire.plugin.server.keymanager.v1.KeyManager").await;
+    configure(&p, data).await.unwrap();
+    generate_and_sign(&p.channel).await;
+    let fresh = bed.credential_for(SPIRE_A).await;
+    std::fs::write(dir.path().join("client.key"), &fresh.key_pem).unwrap();
+    std::fs::write(dir.path().join("client.pem"), &fresh.chain_pem).unwrap();
+    for _ in 0..200 {
+        if p.log().contains("reloaded the plug-in's credential") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        p.log().contains("reloaded the plug-in's credential"),
+        "{}",
+        p.log()
+    );
+    km::key_manager_client::KeyManagerClient::new(p.channel.clone())
+        .get_public_keys(km::GetPublicKeysRequest {})
+        .await
+        .unwrap();
+    p.shutdown().await;
+    bed.stop().await;
+}
+
+/// A stand-in for a SPIRE agent's Workload API: answers FetchX509SVID with the SVIDs sent on its channel.
+#[derive(Clone)]
+struct FakeAgent {
+    updates: std::sync::Arc<
+        tokio::sync::watch::Receiver<Option<signet_proto::workload::X509svidResponse>>,
+    >,
+}
+
+#[tonic::async_trait]
+impl signet_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApi for FakeAgent {
+    type FetchX509SVIDStream = std::pin::Pin<
+        Box<
+            dyn tokio_stream::Stream<
+                    Item = Result<signet_proto::workload::X509svidResponse, tonic::Status>,
+                > + Send,
+        >,
+    >;
+    type FetchX509BundlesStream = std::pin::Pin<
+        Box<
+            dyn tokio_stream::Stream<
+                    Item = Result<signet_proto::workload::X509BundlesResponse, tonic::Status>,
+                > + Send,
+        >,
+    >;
+
+    async fn fetch_x509svid(
+        &self,
+        _: tonic::Request<signet_proto::workload::X509svidRequest>,
+    ) -> Result<tonic::Response<Self::FetchX509SVIDStream>, tonic::Status> {
+        let rx = (*self.updates).clone();
+        let s = tokio_stream::StreamExt::filter_map(
+            tokio_stream::wrappers::WatchStream::new(rx),
+            |u| u.map(Ok),
+        );
+        Ok(tonic::Response::new(Box::pin(s)))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        _: tonic::Request<signet_proto::workload::X509BundlesRequest>,
+    ) -> Result<tonic::Response<Self::FetchX509BundlesStream>, tonic::Status> {
+        Err(tonic::Status::unimplemented("not in this stand-in"))
+    }
+}
+
+fn workload_response(c: &Credential, roots_pem: &str) -> signet_proto::workload::X509svidResponse {
+    let der = |text: &str| -> Vec<u8> {
+        pem::parse_many(text)
+            .unwrap()
+            .into_iter()
+            .filter(|p| p.tag() == "CERTIFICATE")
+            .flat_map(|p| p.contents().to_vec())
+            .collect()
+    };
+    signet_proto::workload::X509svidResponse {
+        svids: vec![signet_proto::workload::X509svid {
+            spiffe_id: SPIRE_A.into(),
+            x509_svid: der(&c.chain_pem),
+            x509_svid_key: pem::parse(&c.key_pem).unwrap().contents().to_vec(),
+            bundle: der(roots_pem),
+            hint: String::new(),
+        }],
+        crl: Vec::new(),
+        federated_bundles: Default::default(),
+    }
+}
+
+/// `workload_api_socket`: the plug-in takes its credential and the roots from a Workload API and follows its
+/// rotations (calls keep working after the first credential has expired).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_plugin_takes_its_credential_from_a_workload_api() {
+    let Some(bed) = Bed::start().await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let first = short_credential(&bed, SPIRE_A, 6).await;
+    let (tx, rx) = tokio::sync::watch::channel(Some(workload_response(&first, &bed.roots_pem())));
+    let socket = dir.path().join("agent.sock");
+    let listener = tokio::net::UnixListener::bind(&socket).unwrap();
+    let agent = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(
+                signet_proto::workload::spiffe_workload_api_server::SpiffeWorkloadApiServer::new(
+                    FakeAgent {
+                        updates: std::sync::Arc::new(rx),
+                    },
+                ),
+            )
+            .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
+    );
+    let data = format!(
+        "endpoint = \"{}\"\nworkload_api_socket = \"unix://{}\"\nrequest_timeout = \"20s\"\n",
+        bed.app.addr(),
+        socket.display()
+    );
+    let p = PluginProcess::start("key-manager", "KeyManager", dir.path());
+    let _broker =
+        spire_loader_steps(&p.channel, "spire.plugin.server.keymanager.v1.KeyManager").await;
+    configure(&p, data)
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", p.log()));
+    generate_and_sign(&p.channel).await;
+    // The agent rotates the SVID.
+    let second = short_credential(&bed, SPIRE_A, 3600).await;
+    tx.send(Some(workload_response(&second, &bed.roots_pem())))
+        .unwrap();
+    for _ in 0..200 {
+        if p.log()
+            .contains("took the rotated X509-SVID from the Workload API")
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        p.log()
+            .contains("took the rotated X509-SVID from the Workload API"),
+        "{}",
+        p.log()
+    );
+    // Once the first credential has expired, calls still work: they use the rotated one.
+    let first_expiry = {
+        let leaf = pem::parse_many(&first.chain_pem).unwrap().remove(0);
+        let (_, c) = x509_parser::parse_x509_certificate(leaf.contents()).unwrap();
+        c.validity().not_after.timestamp()
+    };
+    for _ in 0..200 {
+        if time::OffsetDateTime::now_utc().unix_timestamp() > first_expiry + 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    km::key_manager_client::KeyManagerClient::new(p.channel.clone())
+        .get_public_keys(km::GetPublicKeysRequest {})
+        .await
+        .unwrap_or_else(|e| panic!("{e:?}\n{}", p.log()));
+    agent.abort();
     p.shutdown().await;
     bed.stop().await;
 }

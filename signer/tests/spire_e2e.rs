@@ -835,3 +835,118 @@ async fn spire_svid_rate() {
     );
     assert!(memory > 0.0 && softhsm > 0.0 && sim > 0.0);
 }
+
+/// The serial number of the first certificate in the PEM file `path`, if it holds one.
+fn first_serial(path: &Path) -> Option<Vec<u8>> {
+    let text = std::fs::read(path).ok()?;
+    let der = pem_ders(&text).into_iter().next()?;
+    let (_, c) = x509_parser::parse_x509_certificate(&der).ok()?;
+    Some(c.raw_serial().to_vec())
+}
+
+/// SPIRE as it would be set up from the README: signet running, a join token created, the stanza pasted. The
+/// plug-in gets its first credential for a join token (no key file copied), checks the appliance by its SPIFFE ID at
+/// `127.0.0.1:<port>`, and renews its credential (20 s) three times while SPIRE keeps signing through signet's
+/// KeyManager, with no restart. Every renewal is followed by an X509-SVID that `spire-server x509 mint` signs with
+/// its CA key on signet's token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spire_joins_with_a_token_and_renews_its_credential() {
+    use signet_proto::signet::v1 as spb;
+    use signet_proto::signet::v1::admin_client::AdminClient;
+    let Some(bin) = spire_bin() else { return };
+    let Some(bed) = Bed::start_with(|c| {
+        c.server.bootstrap_listen = Some("127.0.0.1:0".parse().unwrap());
+    })
+    .await
+    else {
+        panic!("the SoftHSM2 test bed is required");
+    };
+    let mut admin = AdminClient::new(bed.channel(Some(&bed.admin())).await);
+    let token = admin
+        .create_join_token(spb::CreateJoinTokenRequest {
+            spiffe_id: SPIRE_A.into(),
+            ttl_seconds: 600,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!token.bootstrap_address.is_empty());
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    std::fs::write(d.join("bundle.pem"), bed.roots_pem()).unwrap();
+    let (cert, key) = (d.join("client.pem"), d.join("client.key"));
+    let data = format!(
+        "      endpoint = \"{}\"\n      trust_bundle_path = \"{}\"\n      client_cert_path = \"{}\"\n      \
+         client_key_path = \"{}\"\n      spiffe_id = \"{SPIRE_A}\"\n      join_token = \"{}\"\n      \
+         bootstrap_endpoint = \"{}\"\n      svid_ttl = \"20s\"\n      max_backoff = \"2s\"\n",
+        bed.app.addr(),
+        d.join("bundle.pem").display(),
+        cert.display(),
+        key.display(),
+        token.token,
+        token.bootstrap_address,
+    );
+    let plugins = plugin_stanza("KeyManager", "key-manager", &data);
+    let mut spire = tokio::task::block_in_place(|| Spire::start_server(&bin, &d, &plugins));
+    tokio::task::block_in_place(|| spire.start_agent());
+    let spire_roots = spire.bundle_roots();
+    let (chain, _) = tokio::task::block_in_place(|| spire.fetch_x509());
+    openssl_verify(&spire_roots, &chain[1..], &chain[0])
+        .expect("the workload X509-SVID verifies against SPIRE's bundle (openssl)");
+    // The token was exchanged once, for exactly SPIRE's ID.
+    let exchanged: Vec<serde_json::Value> = bed
+        .audit()
+        .into_iter()
+        .filter(|l| l["method"] == "ExchangeJoinToken" && l["outcome"] == "issued")
+        .collect();
+    assert_eq!(exchanged.len(), 1, "{exchanged:?}");
+    assert_eq!(exchanged[0]["spiffe_id"], SPIRE_A);
+
+    let logs = [spire.server_log.clone(), d.join("server.err")];
+    let log_refs: Vec<&Path> = logs.iter().map(PathBuf::as_path).collect();
+    let mut serial = first_serial(&cert).expect("the plug-in keeps its credential in client_cert_path");
+    for round in 1..=3 {
+        serial = tokio::task::block_in_place(|| {
+            eventually(
+                Duration::from_secs(120),
+                &format!("renewal {round} of the plug-in's credential"),
+                &log_refs,
+                || first_serial(&cert).filter(|s| *s != serial),
+            )
+        });
+        // SPIRE keeps signing with its CA key on signet's token, through the renewed credential.
+        let used_before = audit_lines(&bed.audit(), SPIRE_A, "SignData").len();
+        let out = d.join(format!("minted-{round}"));
+        std::fs::create_dir_all(&out).unwrap();
+        let o = spire.server(&[
+            "x509",
+            "mint",
+            "-spiffeID",
+            &format!("spiffe://example.org/minted/{round}"),
+            "-write",
+            out.to_str().unwrap(),
+        ]);
+        assert!(o.status.success(), "x509 mint after renewal {round}: {}", text(&o));
+        let svid = pem_ders(&std::fs::read(out.join("svid.pem")).unwrap());
+        openssl_verify(&spire.bundle_roots(), &svid[1..], &svid[0])
+            .unwrap_or_else(|e| panic!("minted SVID after renewal {round}: {e}"));
+        assert!(
+            audit_lines(&bed.audit(), SPIRE_A, "SignData").len() > used_before,
+            "SPIRE signed through signet after renewal {round}"
+        );
+    }
+    // Every renewal is audited as signet's, and the key file stayed private.
+    let renewed = bed
+        .audit()
+        .into_iter()
+        .filter(|l| l["caller"] == SPIRE_A && l["method"] == "RenewX509SVID" && l["outcome"] == "issued")
+        .count();
+    assert!(renewed >= 3, "{renewed} renewals audited");
+    use std::os::unix::fs::PermissionsExt as _;
+    assert_eq!(
+        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
+        0o600
+    );
+    drop(spire);
+    bed.stop().await;
+}

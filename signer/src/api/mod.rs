@@ -209,6 +209,47 @@ impl AppState {
         service: Service,
         method: &'static str,
     ) -> Result<Caller, Status> {
+        self.admit_as(req, service, method, |caller, signed_by| {
+            if let tls::SignedBy::Downstream(signer) = signed_by {
+                self.policy.admit_downstream(caller, signer, service)?;
+            }
+            self.policy.authorize(caller, service).map(|_| ())
+        })
+        .await
+    }
+
+    /// Authenticates the caller of `req` for what any caller in the policy may do for itself (renew its own
+    /// X509-SVID), whatever services its rule grants: a credential signet signed and a rule naming the caller are
+    /// enough. A credential a CA below signet signed is refused whatever its rule says: renewing it would turn it into
+    /// one of signet's own. Refusals are audited, as in [`admit`](Self::admit).
+    pub async fn admit_self<T>(
+        &self,
+        req: &tonic::Request<T>,
+        method: &'static str,
+    ) -> Result<Caller, Status> {
+        let service = Service::Issuer;
+        self.admit_as(req, service, method, |caller, signed_by| {
+            if let tls::SignedBy::Downstream(signer) = signed_by {
+                return Err(Denied::Downstream {
+                    caller: caller.to_string(),
+                    signer: signer.clone(),
+                    service: service.name(),
+                });
+            }
+            self.policy.own(caller).map(|_| ())
+        })
+        .await
+    }
+
+    /// The steps every admission shares: authenticate the peer, let `decide` judge the caller and who signed its
+    /// credential, and count the request in flight; each refusal audited.
+    async fn admit_as<T>(
+        &self,
+        req: &tonic::Request<T>,
+        service: Service,
+        method: &'static str,
+        decide: impl FnOnce(&str, &tls::SignedBy) -> Result<(), Denied>,
+    ) -> Result<Caller, Status> {
         let peer = match self
             .client_trust
             .authenticate(req.peer_certs().as_deref().map(Vec::as_slice))
@@ -231,12 +272,7 @@ impl AppState {
             deadline: self.deadline_of(req),
             _in_flight: None,
         };
-        if let tls::SignedBy::Downstream(signer) = &peer.signed_by
-            && let Err(d) = self.policy.admit_downstream(&caller.id, signer, service)
-        {
-            return Err(self.refuse(&caller, denied_status(&d), None).await);
-        }
-        if let Err(d) = self.policy.authorize(&caller.id, service) {
+        if let Err(d) = decide(&caller.id, &peer.signed_by) {
             return Err(self.refuse(&caller, denied_status(&d), None).await);
         }
         match self.in_flight.enter(&caller.id) {
@@ -245,61 +281,6 @@ impl AppState {
                 let s = Status::resource_exhausted(format!(
                     "caller {} has {} requests in flight, the most one caller may: wait for answers before \
                      sending more",
-                    caller.id, self.in_flight.max
-                ));
-                return Err(self.refuse(&caller, s, None).await);
-            }
-        }
-        Ok(caller)
-    }
-
-    /// Authenticates the caller of `req` for what any caller in the policy may do for itself (renew its own
-    /// X509-SVID), whatever services its rule grants: a credential signet signed and a rule naming the caller are
-    /// enough. Refusals are audited, as in [`admit`](Self::admit).
-    pub async fn admit_self<T>(
-        &self,
-        req: &tonic::Request<T>,
-        method: &'static str,
-    ) -> Result<Caller, Status> {
-        let service = Service::Issuer;
-        let peer = match self
-            .client_trust
-            .authenticate(req.peer_certs().as_deref().map(Vec::as_slice))
-        {
-            Ok(p) => p,
-            Err(reason) => {
-                return Err(self
-                    .refuse(
-                        &Caller::anonymous(service, method),
-                        Status::unauthenticated(reason),
-                        None,
-                    )
-                    .await);
-            }
-        };
-        let mut caller = Caller {
-            id: peer.id,
-            service,
-            method,
-            deadline: self.deadline_of(req),
-            _in_flight: None,
-        };
-        if let tls::SignedBy::Downstream(signer) = &peer.signed_by {
-            let d = Denied::Downstream {
-                caller: caller.id.clone(),
-                signer: signer.clone(),
-                service: service.name(),
-            };
-            return Err(self.refuse(&caller, denied_status(&d), None).await);
-        }
-        if let Err(d) = self.policy.own(&caller.id) {
-            return Err(self.refuse(&caller, denied_status(&d), None).await);
-        }
-        match self.in_flight.enter(&caller.id) {
-            Some(guard) => caller._in_flight = Some(Arc::new(guard)),
-            None => {
-                let s = Status::resource_exhausted(format!(
-                    "caller {} has {} requests in flight, the most one caller may",
                     caller.id, self.in_flight.max
                 ));
                 return Err(self.refuse(&caller, s, None).await);

@@ -142,6 +142,16 @@ async fn a_spire_ca_cannot_make_itself_signets_admin() {
         .await
         .unwrap_err();
     assert_downstream_refused(&bed, &e, ADMIN, "MintJWTSVID");
+    // Nor can it launder the forged credential into one of signet's own by renewing it.
+    let (csr, _) = csr_for(ADMIN);
+    let e = i
+        .renew_x509svid(pb::RenewX509svidRequest {
+            csr,
+            ttl_seconds: 60,
+        })
+        .await
+        .unwrap_err();
+    assert_downstream_refused(&bed, &e, ADMIN, "RenewX509SVID");
     let as_spire = signed_under(&ca, &ca_key, SPIRE_B);
     let mut u = UpstreamAuthorityClient::new(bed.channel(Some(&as_spire)).await);
     let (csr, _) = csr_for("spiffe://example.org");

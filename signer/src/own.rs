@@ -19,8 +19,9 @@
 //!   still serves a credential of the root being retired.
 //! - **Failures.** A failed renewal (token unavailable, disk full) is logged and retried with backoff (1 s doubling
 //!   up to 5 min; a change of the active root retries at once); the credential in use stays in use meanwhile.
-//! - **Metrics.** `signet_own_credential_not_after_seconds{credential="server|admin|bundle_endpoint"}` (Unix
-//!   seconds) and `signet_own_credential_renewals_total{credential, outcome="renewed|failed"}`.
+//! - **Metrics.** `signet_own_credential_not_after_seconds{credential="server|admin|bundle_endpoint"}` and
+//!   `signet_own_credential_issued_at_seconds{credential}` (Unix seconds) and
+//!   `signet_own_credential_renewals_total{credential, outcome="renewed|failed"}`.
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, RwLock};
@@ -311,11 +312,21 @@ impl OwnCredentials {
                 .hold_descendant(&spki, held.not_after, which.what());
         }
         let not_after = held.not_after.unix_timestamp() as f64;
-        metrics::gauge!("signet_own_credential_not_after_seconds", "credential" => which.name())
-            .set(not_after);
+        let issued_at = held.issued_at.unix_timestamp() as f64;
+        let mut names = vec![which.name()];
         if which == Own::Server && self.bundle_endpoint {
-            metrics::gauge!("signet_own_credential_not_after_seconds", "credential" => "bundle_endpoint")
+            names.push("bundle_endpoint");
+        }
+        for name in names {
+            metrics::gauge!("signet_own_credential_not_after_seconds", "credential" => name)
                 .set(not_after);
+            metrics::gauge!("signet_own_credential_issued_at_seconds", "credential" => name)
+                .set(issued_at);
+        }
+        // Exported from the start (0), so that the first renewal or failure shows as an increase.
+        for outcome in ["renewed", "failed"] {
+            metrics::counter!("signet_own_credential_renewals_total", "credential" => which.name(), "outcome" => outcome)
+                .increment(0);
         }
         let roots = {
             let mut h = self.held.lock().unwrap_or_else(|p| p.into_inner());

@@ -1354,6 +1354,11 @@ async fn start_federation(
     Ok(bound)
 }
 
+/// Buckets of the `*_seconds` histograms: 1 ms to 30 s.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
 async fn start_metrics(
     addr: SocketAddr,
     health: HealthBoard,
@@ -1363,7 +1368,20 @@ async fn start_metrics(
         .await
         .map_err(io(format!("metrics listener {addr}")))?;
     let bound = listener.local_addr().map_err(io("metrics listener"))?;
-    let recorder = metrics_exporter_prometheus::PrometheusBuilder::new().build_recorder();
+    // Time histograms (`*_seconds`: RPC latency, signing, queue wait) are exported as Prometheus histograms with
+    // these buckets, so that percentiles can be aggregated across replicas (`histogram_quantile`).
+    let builder = match metrics_exporter_prometheus::PrometheusBuilder::new()
+        .set_buckets_for_metric(
+            metrics_exporter_prometheus::Matcher::Suffix("_seconds".into()),
+            &LATENCY_BUCKETS,
+        ) {
+        Ok(b) => b,
+        Err(e) => {
+            tracing::warn!(error = %e, "latency buckets refused: time histograms are exported as summaries");
+            metrics_exporter_prometheus::PrometheusBuilder::new()
+        }
+    };
+    let recorder = builder.build_recorder();
     let handle = recorder.handle();
     if metrics::set_global_recorder(recorder).is_err() {
         tracing::warn!(

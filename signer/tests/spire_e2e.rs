@@ -904,7 +904,8 @@ async fn spire_joins_with_a_token_and_renews_its_credential() {
 
     let logs = [spire.server_log.clone(), d.join("server.err")];
     let log_refs: Vec<&Path> = logs.iter().map(PathBuf::as_path).collect();
-    let mut serial = first_serial(&cert).expect("the plug-in keeps its credential in client_cert_path");
+    let mut serial =
+        first_serial(&cert).expect("the plug-in keeps its credential in client_cert_path");
     for round in 1..=3 {
         serial = tokio::task::block_in_place(|| {
             eventually(
@@ -926,7 +927,11 @@ async fn spire_joins_with_a_token_and_renews_its_credential() {
             "-write",
             out.to_str().unwrap(),
         ]);
-        assert!(o.status.success(), "x509 mint after renewal {round}: {}", text(&o));
+        assert!(
+            o.status.success(),
+            "x509 mint after renewal {round}: {}",
+            text(&o)
+        );
         let svid = pem_ders(&std::fs::read(out.join("svid.pem")).unwrap());
         openssl_verify(&spire.bundle_roots(), &svid[1..], &svid[0])
             .unwrap_or_else(|e| panic!("minted SVID after renewal {round}: {e}"));
@@ -939,7 +944,9 @@ async fn spire_joins_with_a_token_and_renews_its_credential() {
     let renewed = bed
         .audit()
         .into_iter()
-        .filter(|l| l["caller"] == SPIRE_A && l["method"] == "RenewX509SVID" && l["outcome"] == "issued")
+        .filter(|l| {
+            l["caller"] == SPIRE_A && l["method"] == "RenewX509SVID" && l["outcome"] == "issued"
+        })
         .count();
     assert!(renewed >= 3, "{renewed} renewals audited");
     use std::os::unix::fs::PermissionsExt as _;

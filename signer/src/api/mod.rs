@@ -15,6 +15,12 @@
 //! Every RPC starts with [`AppState::admit`]: no client certificate, a certificate that does not chain to the
 //! trust domain's roots, or one without a SPIFFE ID of the trust domain is UNAUTHENTICATED; a caller the policy does
 //! not allow is PERMISSION_DENIED. Each refusal is audited before it is answered.
+//!
+//! Metrics: every audited outcome counts in `signet_api_outcomes_total{service,method,outcome}`; every RPC's time,
+//! from [`AppState::admit`] until the handler drops its last [`Caller`], is recorded in the histogram
+//! `signet_api_request_seconds{service,method,outcome}`, its `outcome` the worst the RPC audited (`failed`, then
+//! `refused`, then the first success; `none` if it audited nothing). For a subscription stream that is the stream's
+//! life.
 
 pub mod bundle;
 pub mod issuer;
@@ -250,6 +256,7 @@ impl AppState {
         method: &'static str,
         decide: impl FnOnce(&str, &tls::SignedBy) -> Result<(), Denied>,
     ) -> Result<Caller, Status> {
+        let timer = Arc::new(RequestTimer::start(service.name(), method));
         let peer = match self
             .client_trust
             .authenticate(req.peer_certs().as_deref().map(Vec::as_slice))
@@ -258,7 +265,7 @@ impl AppState {
             Err(reason) => {
                 return Err(self
                     .refuse(
-                        &Caller::anonymous(service, method),
+                        &Caller::anonymous(service, method, timer),
                         Status::unauthenticated(reason),
                         None,
                     )
@@ -271,6 +278,7 @@ impl AppState {
             method,
             deadline: self.deadline_of(req),
             _in_flight: None,
+            timer,
         };
         if let Err(d) = decide(&caller.id, &peer.signed_by) {
             return Err(self.refuse(&caller, denied_status(&d), None).await);
@@ -359,22 +367,75 @@ pub struct Caller {
     /// When the answer is due.
     pub deadline: Instant,
     _in_flight: Option<Arc<InFlightGuard>>,
+    timer: Arc<RequestTimer>,
 }
 
 impl Caller {
-    fn anonymous(service: Service, method: &'static str) -> Self {
+    fn anonymous(service: Service, method: &'static str, timer: Arc<RequestTimer>) -> Self {
         Self {
             id: String::new(),
             service,
             method,
             deadline: Instant::now(),
             _in_flight: None,
+            timer,
         }
     }
 
-    /// An audit record for this call.
+    /// An audit record for this call (its outcome also labels the call's time in `signet_api_request_seconds`).
     pub fn record(&self, outcome: Outcome) -> AuditRecord {
+        self.timer.saw(outcome);
         AuditRecord::new(&self.id, self.service.name(), self.method, outcome)
+    }
+}
+
+/// The time of one RPC, recorded in `signet_api_request_seconds` when the last clone of its [`Caller`] is dropped.
+#[derive(Debug)]
+struct RequestTimer {
+    started: Instant,
+    service: &'static str,
+    method: &'static str,
+    /// The worst outcome audited so far (see the module docs).
+    outcome: Mutex<Option<Outcome>>,
+}
+
+impl RequestTimer {
+    fn start(service: &'static str, method: &'static str) -> Self {
+        Self {
+            started: Instant::now(),
+            service,
+            method,
+            outcome: Mutex::new(None),
+        }
+    }
+
+    fn saw(&self, outcome: Outcome) {
+        let rank = |o: Outcome| match o {
+            Outcome::Failed => 2,
+            Outcome::Refused => 1,
+            _ => 0,
+        };
+        let mut worst = self.outcome.lock().unwrap_or_else(|p| p.into_inner());
+        if worst.is_none_or(|w| rank(outcome) > rank(w)) {
+            *worst = Some(outcome);
+        }
+    }
+}
+
+impl Drop for RequestTimer {
+    fn drop(&mut self) {
+        let outcome = self
+            .outcome
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .map_or("none", outcome_name);
+        metrics::histogram!(
+            "signet_api_request_seconds",
+            "service" => self.service,
+            "method" => self.method,
+            "outcome" => outcome
+        )
+        .record(self.started.elapsed().as_secs_f64());
     }
 }
 
@@ -558,21 +619,25 @@ pub async fn until_shutdown(shutdown: &mut watch::Receiver<bool>) {
 /// Counts audited outcomes per service, method and outcome (`signet_api_outcomes_total`).
 fn count(records: &[AuditRecord]) {
     for r in records {
-        let outcome = match r.outcome {
-            Outcome::Issued => "issued",
-            Outcome::KeyUsed => "key_used",
-            Outcome::Published => "published",
-            Outcome::Refused => "refused",
-            Outcome::Failed => "failed",
-            Outcome::Rotated => "rotated",
-        };
         metrics::counter!(
             "signet_api_outcomes_total",
             "service" => r.service,
             "method" => r.method,
-            "outcome" => outcome
+            "outcome" => outcome_name(r.outcome)
         )
         .increment(1);
+    }
+}
+
+/// The `outcome` label of an audited outcome.
+fn outcome_name(o: Outcome) -> &'static str {
+    match o {
+        Outcome::Issued => "issued",
+        Outcome::KeyUsed => "key_used",
+        Outcome::Published => "published",
+        Outcome::Refused => "refused",
+        Outcome::Failed => "failed",
+        Outcome::Rotated => "rotated",
     }
 }
 

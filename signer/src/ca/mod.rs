@@ -33,6 +33,16 @@
 //! at ~83 %, retire as soon as nothing the superseded one signed is valid) is run by [`Authorities::tick`]; every
 //! step is also available by hand (`signet rotate`, the Admin API). Time comes from a [`Clock`], so a test drives a
 //! whole rotation without sleeping.
+//!
+//! Metrics (updated whenever the authorities change here, including steps another replica committed and
+//! [`Authorities::reload`] picked up), labels `kind` (`x509`, `jwt`) and `label` (the key's label):
+//!
+//! | name | kind | meaning |
+//! |---|---|---|
+//! | `signet_authority_not_after_seconds{kind,label}` | gauge | the authority's NotAfter, Unix seconds |
+//! | `signet_authority_state{kind,label,state}` | gauge | 1 for the authority's state, 0 for the other five |
+//! | `signet_authority_tainted{kind,label}` | gauge | 1 when the authority was tainted |
+//! | `signet_authority_successor{kind}` | gauge | 1 while a successor of that kind is prepared or published |
 
 pub mod clock;
 pub mod crash;
@@ -249,6 +259,52 @@ struct ActivePlan {
     jwt_label: Option<String>,
 }
 
+/// Every state, for the `signet_authority_state` series (one per state, so that a change leaves no stale 1).
+const STATES: [AuthorityState; 6] = [
+    AuthorityState::Preparing,
+    AuthorityState::Prepared,
+    AuthorityState::Published,
+    AuthorityState::Active,
+    AuthorityState::Superseded,
+    AuthorityState::Retired,
+];
+
+/// Sets the authorities' gauges (see the module docs) from `records`.
+fn export_metrics(records: &[AuthorityRecord]) {
+    for r in records {
+        let (kind, label) = (r.kind.name(), r.label.clone());
+        if let Some(t) = r.not_after {
+            metrics::gauge!("signet_authority_not_after_seconds", "kind" => kind, "label" => label.clone())
+                .set(t as f64);
+        }
+        for s in STATES {
+            metrics::gauge!(
+                "signet_authority_state",
+                "kind" => kind,
+                "label" => label.clone(),
+                "state" => s.name()
+            )
+            .set(if r.state == s { 1.0 } else { 0.0 });
+        }
+        metrics::gauge!("signet_authority_tainted", "kind" => kind, "label" => label)
+            .set(if r.tainted { 1.0 } else { 0.0 });
+    }
+    for kind in [AuthorityKind::X509, AuthorityKind::Jwt] {
+        let successor = records.iter().any(|r| {
+            r.kind == kind
+                && matches!(
+                    r.state,
+                    AuthorityState::Prepared | AuthorityState::Published
+                )
+        });
+        metrics::gauge!("signet_authority_successor", "kind" => kind.name()).set(if successor {
+            1.0
+        } else {
+            0.0
+        });
+    }
+}
+
 fn unix(t: OffsetDateTime) -> i64 {
     t.unix_timestamp()
 }
@@ -449,6 +505,7 @@ impl Authorities {
             holds: std::sync::Mutex::new(Vec::new()),
         };
         this.recover().await?;
+        export_metrics(&this.records.lock().await);
         Ok(this)
     }
 
@@ -698,6 +755,7 @@ impl Authorities {
     /// The JWT keys SPIRE servers published (the datastore's, and any in the live bundle that no authority row
     /// names) stay.
     async fn take_effect(&self, records: &[AuthorityRecord]) -> Result<(), RotationError> {
+        export_metrics(records);
         let tds = self.td.to_string();
         let sequence = self.store.sequence(&tds).await?.unwrap_or(1);
         let mut snapshot = Self::snapshot_of(records, sequence);
@@ -1080,6 +1138,7 @@ impl Authorities {
         if let Some(r) = records.iter_mut().find(|r| r.label == rec.label) {
             *r = rec;
         }
+        export_metrics(records);
         Ok(())
     }
 

@@ -3,11 +3,14 @@
 //! | name | kind | labels | meaning |
 //! |---|---|---|---|
 //! | `signet_pipeline_queue_depth` | gauge | | jobs waiting in the queue (sampled per batch and per submit refusal) |
+//! | `signet_pipeline_queue_capacity` | gauge | | most jobs the queue holds (`pipeline.queue_capacity`; set at start) |
 //! | `signet_pipeline_batch_size` | histogram | | jobs a worker took in one wake-up |
 //! | `signet_pipeline_sign_seconds` | histogram | `token` | time of one C_Sign on that token |
 //! | `signet_pipeline_queue_wait_seconds` | histogram | | time from submit to a worker picking the job |
 //! | `signet_pipeline_jobs_total` | counter | `outcome` | jobs by how they ended (`ok`, `overloaded`, `deadline_exceeded`, `abandoned`, `unavailable`, `shutting_down`, `key_error`, `invalid_request`, `post_sign_check`, `internal`) |
 //! | `signet_pipeline_token_healthy` | gauge | `token` | 1 while the token is in rotation, 0 while it is out |
+//! | `signet_pipeline_token_sessions` | gauge | `token` | HSM worker sessions of the token (set at start) |
+//! | `signet_pipeline_token_busy_workers` | gauge | `token` | workers of the token handling a batch now |
 //! | `signet_pipeline_token_failures_total` | counter | `token` | transient failures seen on the token |
 //! | `signet_pipeline_token_bad_signatures_total` | counter | `token` | signatures by the token that failed a post-sign check |
 //! | `signet_pipeline_worker_panics_total` | counter | `token` | HSM workers of the token that panicked (and were replaced) |
@@ -19,6 +22,12 @@ use metrics::{Counter, Gauge, Histogram};
 
 /// Queue depth gauge.
 pub const QUEUE_DEPTH: &str = "signet_pipeline_queue_depth";
+/// Queue capacity gauge.
+pub const QUEUE_CAPACITY: &str = "signet_pipeline_queue_capacity";
+/// Worker sessions per token, label `token`.
+pub const TOKEN_SESSIONS: &str = "signet_pipeline_token_sessions";
+/// Workers of a token busy with a batch, label `token`.
+pub const TOKEN_BUSY_WORKERS: &str = "signet_pipeline_token_busy_workers";
 /// Batch size histogram.
 pub const BATCH_SIZE: &str = "signet_pipeline_batch_size";
 /// Sign latency histogram, label `token`.

@@ -189,6 +189,8 @@ pub(crate) struct TokenState {
     /// Why it is out of rotation.
     reason: Mutex<Option<String>>,
     healthy_gauge: ::metrics::Gauge,
+    /// Workers of this token handling a batch now.
+    pub(crate) busy_gauge: ::metrics::Gauge,
     pub(crate) failure_counter: ::metrics::Counter,
     bad_counter: ::metrics::Counter,
     pub(crate) panic_counter: ::metrics::Counter,
@@ -207,6 +209,7 @@ impl TokenState {
             needs_probe: AtomicBool::new(false),
             reason: Mutex::new(None),
             healthy_gauge: ::metrics::gauge!(metrics::TOKEN_HEALTHY, "token" => name.to_string()),
+            busy_gauge: ::metrics::gauge!(metrics::TOKEN_BUSY_WORKERS, "token" => name.to_string()),
             failure_counter: ::metrics::counter!(metrics::TOKEN_FAILURES, "token" => name.to_string()),
             bad_counter: ::metrics::counter!(metrics::TOKEN_BAD_SIGNATURES, "token" => name.to_string()),
             panic_counter: ::metrics::counter!(metrics::WORKER_PANICS, "token" => name.to_string()),
@@ -388,6 +391,9 @@ impl Pipeline {
             }
         })?;
         let (tx, rx) = channel::bounded(config.queue_capacity.max(1));
+        ::metrics::gauge!(metrics::QUEUE_CAPACITY).set(config.queue_capacity.max(1) as f64);
+        // Exported from the start (0), so that the first refusal shows as an increase.
+        ::metrics::counter!(metrics::CPU_REFUSED).increment(0);
         // Unbounded, but it only ever holds jobs that were in a worker's hands: at most workers x batch.
         let (retry_tx, retry_rx) = channel::unbounded();
         let (stop_tx, stop_rx) = channel::bounded(0);
@@ -421,6 +427,9 @@ impl Pipeline {
                 } else {
                     0.0
                 });
+            state.busy_gauge.set(0.0);
+            ::metrics::gauge!(metrics::TOKEN_SESSIONS, "token" => m.name.clone())
+                .set(m.sessions.max(1) as f64);
             tokens.push(state);
         }
         let healthy = tokens

@@ -49,6 +49,15 @@ pub(crate) const REPLY_DELAY: Duration = Duration::from_micros(2000);
 /// Most answers held back at once.
 pub(crate) const REPLY_GROUP: usize = 32;
 
+/// Counts a worker out of its token's busy gauge when the batch ends (also when it panics).
+struct BusyGuard(metrics::Gauge);
+
+impl Drop for BusyGuard {
+    fn drop(&mut self) {
+        self.0.decrement(1.0);
+    }
+}
+
 enum Flow {
     Continue,
     TokenDown,
@@ -170,6 +179,8 @@ impl Worker {
         // Jobs are taken from the front of `self.batch` one at a time, so that a panic leaves the ones not yet
         // handled there (answered by `replace_after_panic`); the one in hand answers from its `Drop`.
         self.batch.reverse();
+        self.token.busy_gauge.increment(1.0);
+        let _idle = BusyGuard(self.token.busy_gauge.clone());
         let mut down = false;
         while let Some(job) = self.batch.pop() {
             // A token taken out of rotation meanwhile (by another worker, or for bad signatures) signs no more.

@@ -404,6 +404,43 @@ impl Store {
         })
     }
 
+    /// Tries one connection to a PostgreSQL datastore, without the pool's retries (which turn a refused connection
+    /// into a bare timeout), so a diagnosis can name the real error (`signet doctor`). SQLite URLs are not probed.
+    pub async fn probe(url: &str, timeout: std::time::Duration) -> Result<(), StoreError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Ok(());
+        }
+        let opts = PgConnectOptions::from_str(url).map_err(|e| StoreError::Url {
+            url: redacted(url),
+            message: e.to_string(),
+        })?;
+        match tokio::time::timeout(timeout, PgConnection::connect_with(&opts)).await {
+            Ok(Ok(c)) => {
+                let _ = c.close().await;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(StoreError::Database(e)),
+            Err(_) => Err(StoreError::Url {
+                url: redacted(url),
+                message: format!("no connection within {} s", timeout.as_secs()),
+            }),
+        }
+    }
+
+    /// The database server's clock (unix seconds) for PostgreSQL, to measure this host's skew against the other
+    /// replicas' shared time; `None` for SQLite (its clock is this host's).
+    pub async fn database_now(&self) -> Result<Option<f64>, StoreError> {
+        match &self.pool {
+            Pool::Sqlite(_) => Ok(None),
+            Pool::Postgres(p) => {
+                let t: f64 = sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8")
+                    .fetch_one(p)
+                    .await?;
+                Ok(Some(t))
+            }
+        }
+    }
+
     /// Whether several processes can share this datastore (PostgreSQL); SQLite belongs to one process.
     pub fn is_shared(&self) -> bool {
         matches!(self.pool, Pool::Postgres(_))

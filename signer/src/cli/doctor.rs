@@ -113,7 +113,10 @@ fn required_mechanisms(kt: KeyType) -> [MechanismType; 2] {
             MechanismType::RSA_PKCS,
             MechanismType::RSA_PKCS_KEY_PAIR_GEN,
         ],
-        KeyType::Ed25519 => [MechanismType::EDDSA, MechanismType::ECC_EDWARDS_KEY_PAIR_GEN],
+        KeyType::Ed25519 => [
+            MechanismType::EDDSA,
+            MechanismType::ECC_EDWARDS_KEY_PAIR_GEN,
+        ],
         _ => [MechanismType::ECDSA, MechanismType::ECC_KEY_PAIR_GEN],
     }
 }
@@ -133,7 +136,11 @@ fn policy_findings(rules: &[PolicyRule], trust_domain: &str) -> Vec<String> {
         out.push("no [[policy]] rule: every caller is refused".into());
     }
     let td_root = format!("spiffe://{trust_domain}");
-    let wildcard = |c: &str| c.strip_suffix('*').filter(|p| p.ends_with('/')).map(str::to_string);
+    let wildcard = |c: &str| {
+        c.strip_suffix('*')
+            .filter(|p| p.ends_with('/'))
+            .map(str::to_string)
+    };
     for (i, r) in rules.iter().enumerate() {
         let n = i + 1;
         let name = format!("rule {n} (caller {})", r.caller);
@@ -144,8 +151,7 @@ fn policy_findings(rules: &[PolicyRule], trust_domain: &str) -> Vec<String> {
             ));
         }
         if prefix.is_some()
-            && r
-                .ids
+            && r.ids
                 .iter()
                 .any(|id| id.trim_end_matches('/') == td_root.as_str())
         {
@@ -250,7 +256,10 @@ pub fn run(args: DoctorArgs) -> Result<(), CliError> {
     expiry_checks(&mut r, &cfg, started, authorities.as_deref());
     let findings = policy_findings(&cfg.policy, &cfg.trust_domain);
     if findings.is_empty() {
-        r.ok("policy", format!("{} rule(s), no obvious mistake", cfg.policy.len()));
+        r.ok(
+            "policy",
+            format!("{} rule(s), no obvious mistake", cfg.policy.len()),
+        );
     }
     for f in findings {
         r.warn("policy", f);
@@ -298,8 +307,8 @@ fn data_dir_check(r: &mut Report, cfg: &Config) -> bool {
     }
 }
 
-/// Opens the datastore, measures the clock skew, and returns the trust domain's authorities (`None` when it could
-/// not be read or does not exist yet).
+/// Opens the datastore, measures the clock skew, and returns the trust domain's authorities (none when the
+/// datastore was never created; `None` when it could not be read).
 async fn datastore_checks(
     r: &mut Report,
     cfg: &Config,
@@ -315,13 +324,20 @@ async fn datastore_checks(
     if let Some(path) = url.strip_prefix("sqlite://") {
         let file = cfg.data_dir.join(path);
         if !file.exists() {
-            let msg = format!("{} does not exist yet (created at first start)", file.display());
+            let msg = format!(
+                "{} does not exist yet (created at first start)",
+                file.display()
+            );
             if started {
-                r.warn("datastore", format!("{msg}, but the data directory was used: was it moved?"));
-            } else {
-                r.ok("datastore", msg);
+                r.warn(
+                    "datastore",
+                    format!("{msg}, but the data directory was used: was it moved?"),
+                );
+                return None;
             }
-            return None;
+            r.ok("datastore", msg);
+            // Nothing stored yet: no authority.
+            return Some(Vec::new());
         }
     }
     if let Err(e) = Store::probe(url, Duration::from_secs(10)).await {
@@ -341,7 +357,11 @@ async fn datastore_checks(
     let version = store.schema_version().await.unwrap_or(0);
     r.ok(
         "datastore",
-        format!("{} opens ({}, schema version {version})", shown, store.engine()),
+        format!(
+            "{} opens ({}, schema version {version})",
+            shown,
+            store.engine()
+        ),
     );
     match store.database_now().await {
         Ok(None) => r.ok("clock", "local (SQLite keeps this host's time)"),
@@ -352,7 +372,10 @@ async fn datastore_checks(
             let skew = local - db;
             let msg = format!("this host is {skew:+.1} s from the datastore's clock");
             if skew.abs() > 60.0 {
-                r.fail("clock", format!("{msg}: synchronise the clocks (NTP) before serving"));
+                r.fail(
+                    "clock",
+                    format!("{msg}: synchronise the clocks (NTP) before serving"),
+                );
             } else if skew.abs() > 2.0 {
                 r.warn("clock", format!("{msg}: check NTP on both"));
             } else {
@@ -475,7 +498,11 @@ fn token_checks(
                     .collect();
                 r.ok(
                     &check,
-                    format!("mechanisms for {} supported ({})", kt.name(), names.join(", ")),
+                    format!(
+                        "mechanisms for {} supported ({})",
+                        kt.name(),
+                        names.join(", ")
+                    ),
                 );
             }
         }
@@ -485,7 +512,11 @@ fn token_checks(
 
 /// The authority keys an X.509 token must hold: the datastore's live authorities, or the configured labels when
 /// the datastore has none yet.
-fn wanted_keys(cfg: &Config, authorities: Option<&[AuthorityRecord]>, single: bool) -> Vec<WantedKey> {
+fn wanted_keys(
+    cfg: &Config,
+    authorities: Option<&[AuthorityRecord]>,
+    single: bool,
+) -> Vec<WantedKey> {
     let live: Vec<&AuthorityRecord> = authorities
         .unwrap_or_default()
         .iter()
@@ -523,11 +554,7 @@ fn wanted_keys(cfg: &Config, authorities: Option<&[AuthorityRecord]>, single: bo
 }
 
 /// Module, token, login; the opened token when all three pass.
-fn open_token(
-    r: &mut Report,
-    check: &str,
-    s: &signet::config::TokenSettings,
-) -> Option<Token> {
+fn open_token(r: &mut Report, check: &str, s: &signet::config::TokenSettings) -> Option<Token> {
     let tc = match s.token_config() {
         Ok(c) => c,
         Err(e) => {
@@ -551,14 +578,20 @@ fn open_token(
             return None;
         }
     };
-    let found = slots.iter().filter_map(|sl| sl.token.as_ref()).find(|t| match &tc.token {
-        signet_pkcs11::TokenSelector::Label(l) => &t.label == l,
-        signet_pkcs11::TokenSelector::Serial(n) => &t.serial == n,
-    });
+    let found = slots
+        .iter()
+        .filter_map(|sl| sl.token.as_ref())
+        .find(|t| match &tc.token {
+            signet_pkcs11::TokenSelector::Label(l) => &t.label == l,
+            signet_pkcs11::TokenSelector::Serial(n) => &t.serial == n,
+        });
     match found {
         Some(t) => r.ok(
             check,
-            format!("token with {} found (serial {:?}, {} {})", tc.token, t.serial, t.manufacturer, t.model),
+            format!(
+                "token with {} found (serial {:?}, {} {})",
+                tc.token, t.serial, t.manufacturer, t.model
+            ),
         ),
         None => {
             let labels: Vec<String> = slots
@@ -613,7 +646,10 @@ fn key_checks(r: &mut Report, check: &str, token: &Token, wanted: &[WantedKey], 
     let mut session = match token.session() {
         Ok(s) => s,
         Err(e) => {
-            r.fail(check, format!("cannot open a session to look for the keys: {e}"));
+            r.fail(
+                check,
+                format!("cannot open a session to look for the keys: {e}"),
+            );
             return;
         }
     };
@@ -706,7 +742,7 @@ fn expiry_checks(
                 }
             }
         }
-        Some(_) | None if !started => r.ok(
+        Some(_) if !started => r.ok(
             "authorities",
             "none yet: the root and the JWT key are made at first start",
         ),
@@ -714,7 +750,7 @@ fn expiry_checks(
             "authorities",
             "the datastore holds no authority for this trust domain although the data directory was used",
         ),
-        None => {}
+        None => r.warn("authorities", "not checked: the datastore could not be read"),
     }
     let paths = DataPaths::new(&cfg.data_dir);
     let mut creds = vec![
@@ -739,7 +775,8 @@ fn cert_expiry(r: &mut Report, what: &str, path: &Path, now: i64, renewed_by_sig
         .map_err(|e| e.to_string())
         .and_then(|b| pem::parse(b).map_err(|e| e.to_string()))
         .and_then(|p| {
-            let (_, c) = x509_parser::parse_x509_certificate(p.contents()).map_err(|e| e.to_string())?;
+            let (_, c) =
+                x509_parser::parse_x509_certificate(p.contents()).map_err(|e| e.to_string())?;
             Ok((
                 c.validity().not_before.timestamp(),
                 c.validity().not_after.timestamp(),
@@ -780,8 +817,16 @@ mod tests {
     fn expiry_window() {
         let day = 86_400;
         assert_eq!(expiry_level(0, 365 * day, 10 * day), Level::Ok);
-        assert_eq!(expiry_level(0, 365 * day, 300 * day), Level::Warn, "under a quarter");
-        assert_eq!(expiry_level(0, 10 * day, 4 * day), Level::Warn, "under 7 days");
+        assert_eq!(
+            expiry_level(0, 365 * day, 300 * day),
+            Level::Warn,
+            "under a quarter"
+        );
+        assert_eq!(
+            expiry_level(0, 10 * day, 4 * day),
+            Level::Warn,
+            "under 7 days"
+        );
         assert_eq!(expiry_level(0, 10 * day, 2 * day), Level::Ok);
         assert_eq!(expiry_level(0, 10 * day, 10 * day), Level::Fail);
         assert_eq!(expiry_level(0, 10 * day, 11 * day), Level::Fail);
@@ -794,10 +839,14 @@ mod tests {
         assert!(missing_mechanisms(KeyType::EcP256, has).is_empty());
         assert_eq!(
             missing_mechanisms(KeyType::Rsa2048, has),
-            vec![MechanismType::RSA_PKCS, MechanismType::RSA_PKCS_KEY_PAIR_GEN]
+            vec![
+                MechanismType::RSA_PKCS,
+                MechanismType::RSA_PKCS_KEY_PAIR_GEN
+            ]
         );
         assert_eq!(
-            missing_mechanisms(KeyType::Ed25519, |m| m == MechanismType::ECC_EDWARDS_KEY_PAIR_GEN),
+            missing_mechanisms(KeyType::Ed25519, |m| m
+                == MechanismType::ECC_EDWARDS_KEY_PAIR_GEN),
             vec![MechanismType::EDDSA]
         );
     }
@@ -820,19 +869,59 @@ mod tests {
         let td = "example.org";
         assert!(policy_findings(&Config::embedded_default().policy, td).is_empty());
         let rules = vec![
-            rule("spiffe://example.org/agents/*", &["issuer", "admin"], &["spiffe://example.org/"], true),
-            rule("spiffe://example.org/agents/a1", &["issuer"], &["spiffe://example.org/w"], true),
-            rule("spiffe://example.org/spire", &["upstream-authority"], &[], false),
+            rule(
+                "spiffe://example.org/agents/*",
+                &["issuer", "admin"],
+                &["spiffe://example.org/"],
+                true,
+            ),
+            rule(
+                "spiffe://example.org/agents/a1",
+                &["issuer"],
+                &["spiffe://example.org/w"],
+                true,
+            ),
+            rule(
+                "spiffe://example.org/spire",
+                &["upstream-authority"],
+                &[],
+                false,
+            ),
             rule("spiffe://example.org/spire", &["key-manager"], &[], true),
-            rule("spiffe://other.org/x", &["issuer"], &["spiffe://example.org/w"], true),
+            rule(
+                "spiffe://other.org/x",
+                &["issuer"],
+                &["spiffe://example.org/w"],
+                true,
+            ),
         ];
         let f = policy_findings(&rules, td).join("\n");
-        assert!(f.contains("rule 1 (caller spiffe://example.org/agents/*) grants admin"), "{f}");
-        assert!(f.contains("rule 1 (caller spiffe://example.org/agents/*) lets every caller"), "{f}");
-        assert!(f.contains("rule 2 (caller spiffe://example.org/agents/a1) can match no request: rule 1"), "{f}");
-        assert!(f.contains("rule 3 (caller spiffe://example.org/spire) has no max_ttl"), "{f}");
-        assert!(f.contains("rule 4 (caller spiffe://example.org/spire) duplicates rule 3"), "{f}");
-        assert!(f.contains("rule 5 (caller spiffe://other.org/x) can match no request"), "{f}");
+        assert!(
+            f.contains("rule 1 (caller spiffe://example.org/agents/*) grants admin"),
+            "{f}"
+        );
+        assert!(
+            f.contains("rule 1 (caller spiffe://example.org/agents/*) lets every caller"),
+            "{f}"
+        );
+        assert!(
+            f.contains(
+                "rule 2 (caller spiffe://example.org/agents/a1) can match no request: rule 1"
+            ),
+            "{f}"
+        );
+        assert!(
+            f.contains("rule 3 (caller spiffe://example.org/spire) has no max_ttl"),
+            "{f}"
+        );
+        assert!(
+            f.contains("rule 4 (caller spiffe://example.org/spire) duplicates rule 3"),
+            "{f}"
+        );
+        assert!(
+            f.contains("rule 5 (caller spiffe://other.org/x) can match no request"),
+            "{f}"
+        );
         assert_eq!(f.lines().count(), 6, "{f}");
         assert_eq!(policy_findings(&[], td).len(), 1);
     }

@@ -83,9 +83,7 @@ pub fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if serving { "info" } else { "warn" })
     });
-    let format = cli
-        .log_format
-        .unwrap_or_else(LogFormat::default_for_stderr);
+    let format = cli.log_format.unwrap_or_else(LogFormat::default_for_stderr);
     let _ = match format {
         LogFormat::Json => tracing_subscriber::fmt()
             .json()

@@ -19,8 +19,8 @@ use signet_proto::signet::v1 as pb;
 use signet_proto::signet::v1::admin_client::AdminClient;
 
 use super::CliError;
-use super::when::when_or_dash as when;
 use super::client::{Connection, runtime, status};
+use super::when::when_or_dash as when;
 
 /// `signet rotate`.
 #[derive(Debug, Args)]

@@ -433,9 +433,10 @@ impl Store {
         match &self.pool {
             Pool::Sqlite(_) => Ok(None),
             Pool::Postgres(p) => {
-                let t: f64 = sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8")
-                    .fetch_one(p)
-                    .await?;
+                let t: f64 =
+                    sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8")
+                        .fetch_one(p)
+                        .await?;
                 Ok(Some(t))
             }
         }

@@ -99,7 +99,9 @@ fn serve_then_mint_and_bundle_as_processes() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(out.status.success(), "{text}");
     assert!(
-        text.contains("ok    data directory: signet-data does not exist: signet has never been started here"),
+        text.contains(
+            "ok    data directory: signet-data does not exist: signet has never been started here"
+        ),
         "{text}"
     );
     assert!(!cwd.join("signet-data").exists(), "doctor created state");
@@ -318,7 +320,10 @@ fn serve_then_mint_and_bundle_as_processes() {
         for line in err.lines().filter(|l| !l.is_empty()) {
             let v: serde_json::Value = serde_json::from_str(line)
                 .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
-            assert!(v.get("level").is_some() && v.get("fields").is_some(), "{line}");
+            assert!(
+                v.get("level").is_some() && v.get("fields").is_some(),
+                "{line}"
+            );
         }
     }
     let text = logs(Some("text"));

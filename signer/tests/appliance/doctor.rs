@@ -112,7 +112,10 @@ async fn doctor_says_all_is_well_after_a_first_start() {
     }
     // Times are RFC 3339 with a relative hint.
     let root = lines_with(&text, "ok    authority x509").join("\n");
-    assert!(root.contains("Z (in 36") || root.contains("Z (in 364 d)"), "{root}");
+    assert!(
+        root.contains("Z (in 36") || root.contains("Z (in 364 d)"),
+        "{root}"
+    );
 }
 
 #[tokio::test]
@@ -201,7 +204,10 @@ async fn doctor_warns_of_an_authority_within_its_alert_window() {
     start_once(&config).await;
     let (code, text) = doctor(&hsm, &config);
     assert_eq!(code, 0, "warnings only: {text}");
-    let root = lines_with(&text, "warn  authority x509 signet-x509-root: active, expires ");
+    let root = lines_with(
+        &text,
+        "warn  authority x509 signet-x509-root: active, expires ",
+    );
     assert_eq!(root.len(), 1, "{text}");
     assert!(
         root[0].contains("Z (in 4 d), within the alert window")

@@ -20,6 +20,10 @@
 //! failure when expired, a warning in the alert window (under a quarter of the life or under 7 days left); and the
 //! policy's obvious mistakes, as warnings.
 //!
+//! It changes nothing: the datastore is opened without migrations (SQLite read-only, never created; an older schema
+//! is reported as migrated by the next start, a newer one as a failure), the tokens are only logged into and
+//! searched, no key is generated.
+//!
 //! Exit status 0 when no check failed (warnings allowed), 1 otherwise. With the embedded token (no `[[tokens]]`)
 //! the token is read from the data directory as `signet serve` provisions it.
 
@@ -347,22 +351,61 @@ async fn datastore_checks(
         );
         return None;
     }
-    let store = match Store::open(url, &cfg.data_dir).await {
+    let store = match Store::open_to_inspect(url, &cfg.data_dir).await {
         Ok(s) => s,
         Err(e) => {
             r.fail("datastore", format!("{shown} does not open: {e}"));
             return None;
         }
     };
-    let version = store.schema_version().await.unwrap_or(0);
-    r.ok(
-        "datastore",
-        format!(
-            "{} opens ({}, schema version {version})",
-            shown,
-            store.engine()
-        ),
-    );
+    let expected = store.expected_schema_version();
+    let mut older = false;
+    let schema_ok = match store.schema_version().await {
+        Ok(v) if v == expected => {
+            r.ok(
+                "datastore",
+                format!("{shown} opens ({}, schema version {v})", store.engine()),
+            );
+            true
+        }
+        Ok(v) if v < expected => {
+            r.ok(
+                "datastore",
+                format!(
+                    "{shown} opens ({}, schema version {v}; the next `signet serve` migrates it to {expected})",
+                    store.engine()
+                ),
+            );
+            older = true;
+            v > 0
+        }
+        Ok(v) => {
+            r.fail(
+                "datastore",
+                format!(
+                    "{shown} has schema version {v}, newer than this signet's {expected}: a newer signet wrote it; \
+                     run that version"
+                ),
+            );
+            false
+        }
+        Err(_) if !started => {
+            r.ok(
+                "datastore",
+                format!("{shown} opens and holds no signet schema yet (made at first start)"),
+            );
+            false
+        }
+        Err(e) => {
+            r.fail(
+                "datastore",
+                format!(
+                    "{shown} opens but holds no signet schema: {e}; is this the right database?"
+                ),
+            );
+            false
+        }
+    };
     match store.database_now().await {
         Ok(None) => r.ok("clock", "local (SQLite keeps this host's time)"),
         Ok(Some(db)) => {
@@ -384,8 +427,19 @@ async fn datastore_checks(
         }
         Err(e) => r.warn("clock", format!("cannot read the datastore's clock: {e}")),
     }
+    if !schema_ok {
+        store.close().await;
+        return (!started).then(Vec::new);
+    }
     let out = match store.authorities(&cfg.trust_domain).await {
         Ok(a) => Some(a),
+        Err(e) if older => {
+            r.warn(
+                "datastore",
+                format!("cannot read the authorities before the schema is migrated: {e}"),
+            );
+            None
+        }
         Err(e) => {
             r.fail("datastore", format!("cannot read the authorities: {e}"));
             None

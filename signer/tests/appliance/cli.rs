@@ -150,6 +150,11 @@ fn serve_then_mint_and_bundle_as_processes() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let minted = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        minted.contains(", expires 20") && minted.contains("Z (in "),
+        "{minted}"
+    );
     let svid_dir = cwd.join("svid");
     let verify = Command::new("openssl")
         .args(["verify", "-x509_strict", "-purpose", "any", "-CAfile"])
@@ -206,6 +211,15 @@ fn serve_then_mint_and_bundle_as_processes() {
     assert!(
         text.contains("token            embedded healthy sessions=2"),
         "{text}"
+    );
+    // Times in RFC 3339 with a relative hint.
+    let root = text
+        .lines()
+        .find(|l| l.starts_with("authority        x509 active"))
+        .unwrap_or_else(|| panic!("no active root in {text}"));
+    assert!(
+        root.contains("Z (in 364 d) token=") || root.contains("Z (in 365 d) token="),
+        "{root}"
     );
 
     // With several addresses (replicas), the first that answers serves the command; when none does, every

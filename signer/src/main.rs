@@ -1,5 +1,6 @@
 //! The `signet` binary. Subcommands live in `cli/`: `signet serve` runs the appliance; `signet mint`,
-//! `signet bundle` and `signet status` are its clients; `signet token ...` manages PKCS#11 tokens and keys.
+//! `signet bundle` and `signet status` are its clients; `signet token ...` manages PKCS#11 tokens and keys;
+//! `signet doctor` checks an appliance's configuration and environment offline.
 
 mod cli;
 

@@ -146,7 +146,20 @@ pub trait EmbeddedToken: std::fmt::Debug + Send + Sync {
 #[derive(Debug, Clone, Copy, Default)]
 pub struct HsmSimEmbedded;
 
-const EMBEDDED_LABEL: &str = "signet";
+/// The embedded token's label.
+pub const EMBEDDED_LABEL: &str = "signet";
+
+/// The settings of the embedded token provisioned in `data_dir` on `module` (its user PIN in `token.pin`).
+pub fn embedded_token_settings(module: PathBuf, data_dir: &Path) -> TokenSettings {
+    TokenSettings {
+        name: "embedded".into(),
+        module,
+        token: Some(EMBEDDED_LABEL.into()),
+        serial: None,
+        pin: PinConfig::File(data_dir.join("token.pin")),
+        sessions: 2,
+    }
+}
 
 impl EmbeddedToken for HsmSimEmbedded {
     fn name(&self) -> &'static str {
@@ -211,14 +224,7 @@ fn provision_token(module: PathBuf, data_dir: &Path) -> Result<TokenSettings, Se
         .map_err(|e| token_err(format!("cannot initialise the embedded token: {e}")))?;
         tracing::info!("embedded token created");
     }
-    Ok(TokenSettings {
-        name: "embedded".into(),
-        module,
-        token: Some(EMBEDDED_LABEL.into()),
-        serial: None,
-        pin: PinConfig::File(pin_file),
-        sessions: 2,
-    })
+    Ok(embedded_token_settings(module, data_dir))
 }
 
 /// The embedded token used when the configuration names none.

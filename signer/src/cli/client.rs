@@ -312,10 +312,10 @@ fn write_svid(
         .map_err(|e| CliError::new(e.to_string()))?;
     std::fs::write(out.join("bundle.pem"), roots_pem(roots))?;
     println!(
-        "{} (serial {}, expires at {}) written to {}",
+        "{} (serial {}, expires {}) written to {}",
         svid.spiffe_id,
         svid.serial,
-        svid.expires_at,
+        super::when::when(svid.expires_at),
         out.display()
     );
     Ok(())
@@ -534,9 +534,7 @@ pub fn status_cmd(args: StatusArgs) -> Result<(), CliError> {
         if !s.datastore.is_empty() {
             println!("datastore        {}", s.datastore);
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
+        let now = super::when::now_unix();
         for r in &s.replicas {
             let this = r.id == s.replica_id;
             println!(
@@ -557,7 +555,7 @@ pub fn status_cmd(args: StatusArgs) -> Result<(), CliError> {
                 a.kind,
                 a.state,
                 a.id,
-                a.not_after,
+                super::when::when_or_dash(a.not_after),
                 a.token,
                 if a.tainted { " TAINTED" } else { "" }
             );

@@ -1,22 +1,53 @@
 //! signet's command line (clap derive).
+//!
+//! Logs go to stderr, as text for people (`--log-format text`) or JSON lines for log pipelines (`--log-format json`);
+//! the default is text when stderr is a terminal and JSON otherwise. `RUST_LOG` sets the filter (default `info` for
+//! `serve`, `warn` for the other commands). The SPIRE plug-in keeps SPIRE's hclog format whatever the flag says.
+//! Times are printed in RFC 3339 with a relative hint (see `when`).
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{Parser, Subcommand, ValueEnum};
 
 mod bench;
 mod client;
+mod doctor;
 mod plugin;
 mod rotate;
 mod serve;
 mod token;
+mod when;
 
 /// signet: a high-throughput signing appliance for SPIFFE identities, CA keys in PKCS#11 tokens.
 #[derive(Debug, Parser)]
 #[command(name = "signet", version, about)]
 struct Cli {
+    /// Log format on stderr: text for people, json for log pipelines (default: text on a terminal, else json).
+    #[arg(long, global = true, value_enum, env = "SIGNET_LOG_FORMAT")]
+    log_format: Option<LogFormat>,
     #[command(subcommand)]
     command: Command,
+}
+
+/// How log lines are written.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+impl LogFormat {
+    /// The format when none is asked for: text for a person at a terminal, JSON for whatever collects the output.
+    fn default_for_stderr() -> Self {
+        use std::io::IsTerminal as _;
+        if std::io::stderr().is_terminal() {
+            LogFormat::Text
+        } else {
+            LogFormat::Json
+        }
+    }
 }
 
 #[derive(Debug, Subcommand)]
@@ -39,6 +70,8 @@ enum Command {
     SpirePlugin(plugin::PluginArgs),
     /// Rotate the root or the JWT key: status, prepare, publish, activate, retire, taint, destroy.
     Rotate(rotate::RotateArgs),
+    /// Check the configuration, tokens, keys, datastore, expiries and policy offline (exit 1 when a check fails).
+    Doctor(doctor::DoctorArgs),
 }
 
 /// Parses the command line, runs it, and reports errors on stderr with a non-zero exit status.
@@ -52,18 +85,17 @@ pub fn main() -> ExitCode {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
         tracing_subscriber::EnvFilter::new(if serving { "info" } else { "warn" })
     });
-    // The server logs JSON lines (for log pipelines); the client commands plain text.
-    let _ = if serving {
-        tracing_subscriber::fmt()
+    let format = cli.log_format.unwrap_or_else(LogFormat::default_for_stderr);
+    let _ = match format {
+        LogFormat::Json => tracing_subscriber::fmt()
             .json()
             .with_writer(std::io::stderr)
             .with_env_filter(filter)
-            .try_init()
-    } else {
-        tracing_subscriber::fmt()
+            .try_init(),
+        LogFormat::Text => tracing_subscriber::fmt()
             .with_writer(std::io::stderr)
             .with_env_filter(filter)
-            .try_init()
+            .try_init(),
     };
     let result = match cli.command {
         Command::Token(t) => token::run(t),
@@ -75,6 +107,7 @@ pub fn main() -> ExitCode {
         Command::Bench(b) => bench::run(*b),
         Command::SpirePlugin(_) => Ok(()),
         Command::Rotate(r) => rotate::run(r),
+        Command::Doctor(d) => doctor::run(d),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

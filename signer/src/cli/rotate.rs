@@ -10,6 +10,7 @@
 //! signet rotate taint    --label LABEL
 //! signet rotate destroy  --label LABEL
 //! ```
+//! Times are printed in RFC 3339 with a relative hint (`2026-12-06T10:00:00Z (in 23 h)`).
 //! A refused step exits non-zero with the server's reason (e.g. `FAILED_PRECONDITION: activate is allowed from
 //! ... on`) and changes nothing.
 
@@ -19,6 +20,7 @@ use signet_proto::signet::v1::admin_client::AdminClient;
 
 use super::CliError;
 use super::client::{Connection, runtime, status};
+use super::when::when_or_dash as when;
 
 /// `signet rotate`.
 #[derive(Debug, Args)]
@@ -68,19 +70,6 @@ enum Step {
     Taint(LabelArg),
     /// Destroy a retired authority's key on the token.
     Destroy(LabelArg),
-}
-
-fn when(t: i64) -> String {
-    if t == 0 {
-        return "-".into();
-    }
-    time::OffsetDateTime::from_unix_timestamp(t)
-        .ok()
-        .and_then(|d| {
-            d.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| t.to_string())
 }
 
 fn print(r: &pb::GetRotationResponse) {

@@ -421,6 +421,92 @@ impl Store {
         })
     }
 
+    /// Opens an existing datastore to look at it, changing nothing: no schema migration, SQLite read-only and never
+    /// created (`signet doctor`). Compare [`schema_version`](Self::schema_version) with
+    /// [`expected_schema_version`](Self::expected_schema_version) before reading: an older schema is migrated by the
+    /// next `signet serve` only.
+    pub async fn open_to_inspect(url: &str, base: &Path) -> Result<Self, StoreError> {
+        let bad = |message: String| StoreError::Url {
+            url: redacted(url),
+            message,
+        };
+        if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            let opts = PgConnectOptions::from_str(url)
+                .map_err(|e| bad(e.to_string()))?
+                .application_name("signet-doctor");
+            let pool = PgPoolOptions::new()
+                .max_connections(1)
+                .acquire_timeout(std::time::Duration::from_secs(10))
+                .connect_with(opts.clone())
+                .await?;
+            return Ok(Self {
+                pool: Pool::Postgres(pool),
+                pg: Some(opts),
+            });
+        }
+        let Some(path) = url.strip_prefix("sqlite://").filter(|p| !p.is_empty()) else {
+            return Err(bad("use sqlite://PATH or postgres://USER@HOST/DB".into()));
+        };
+        let opts = SqliteConnectOptions::new()
+            .filename(base.join(path))
+            .read_only(true);
+        let pool = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts)
+            .await?;
+        Ok(Self {
+            pool: Pool::Sqlite(pool),
+            pg: None,
+        })
+    }
+
+    /// The schema version this program's migrations bring the datastore to.
+    pub fn expected_schema_version(&self) -> i64 {
+        let m = match self.pool {
+            Pool::Sqlite(_) => &SQLITE_MIGRATOR,
+            Pool::Postgres(_) => &POSTGRES_MIGRATOR,
+        };
+        m.iter().map(|m| m.version).max().unwrap_or(0)
+    }
+
+    /// Tries one connection to a PostgreSQL datastore, without the pool's retries (which turn a refused connection
+    /// into a bare timeout), so a diagnosis can name the real error (`signet doctor`). SQLite URLs are not probed.
+    pub async fn probe(url: &str, timeout: std::time::Duration) -> Result<(), StoreError> {
+        if !(url.starts_with("postgres://") || url.starts_with("postgresql://")) {
+            return Ok(());
+        }
+        let opts = PgConnectOptions::from_str(url).map_err(|e| StoreError::Url {
+            url: redacted(url),
+            message: e.to_string(),
+        })?;
+        match tokio::time::timeout(timeout, PgConnection::connect_with(&opts)).await {
+            Ok(Ok(c)) => {
+                let _ = c.close().await;
+                Ok(())
+            }
+            Ok(Err(e)) => Err(StoreError::Database(e)),
+            Err(_) => Err(StoreError::Url {
+                url: redacted(url),
+                message: format!("no connection within {} s", timeout.as_secs()),
+            }),
+        }
+    }
+
+    /// The database server's clock (unix seconds) for PostgreSQL, to measure this host's skew against the other
+    /// replicas' shared time; `None` for SQLite (its clock is this host's).
+    pub async fn database_now(&self) -> Result<Option<f64>, StoreError> {
+        match &self.pool {
+            Pool::Sqlite(_) => Ok(None),
+            Pool::Postgres(p) => {
+                let t: f64 =
+                    sqlx::query_scalar("SELECT EXTRACT(EPOCH FROM clock_timestamp())::float8")
+                        .fetch_one(p)
+                        .await?;
+                Ok(Some(t))
+            }
+        }
+    }
+
     /// Whether several processes can share this datastore (PostgreSQL); SQLite belongs to one process.
     pub fn is_shared(&self) -> bool {
         matches!(self.pool, Pool::Postgres(_))

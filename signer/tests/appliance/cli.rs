@@ -94,6 +94,17 @@ fn serve_then_mint_and_bundle_as_processes() {
     }
     let dir = tempfile::tempdir().unwrap();
     let cwd = dir.path();
+    // Before the first start, `signet doctor` checks the embedded default and says it has never run here.
+    let out = run(cwd, &["doctor"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(
+        text.contains(
+            "ok    data directory: signet-data does not exist: signet has never been started here"
+        ),
+        "{text}"
+    );
+    assert!(!cwd.join("signet-data").exists(), "doctor created state");
     let (child, banner) = serve(cwd);
     assert!(
         banner.contains("signet is serving trust domain example.org"),
@@ -138,6 +149,11 @@ fn serve_then_mint_and_bundle_as_processes() {
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
+    );
+    let minted = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        minted.contains(", expires 20") && minted.contains("Z (in "),
+        "{minted}"
     );
     let svid_dir = cwd.join("svid");
     let verify = Command::new("openssl")
@@ -195,6 +211,15 @@ fn serve_then_mint_and_bundle_as_processes() {
     assert!(
         text.contains("token            embedded healthy sessions=2"),
         "{text}"
+    );
+    // Times in RFC 3339 with a relative hint.
+    let root = text
+        .lines()
+        .find(|l| l.starts_with("authority        x509 active"))
+        .unwrap_or_else(|| panic!("no active root in {text}"));
+    assert!(
+        root.contains("Z (in 364 d) token=") || root.contains("Z (in 365 d) token="),
+        "{root}"
     );
 
     // With several addresses (replicas), the first that answers serves the command; when none does, every
@@ -269,4 +294,55 @@ fn serve_then_mint_and_bundle_as_processes() {
         String::from_utf8_lossy(&out.stderr)
     );
     stop(child);
+
+    // After it ran, doctor finds the embedded token, its keys, the datastore and the credentials in order.
+    let out = run(cwd, &["doctor"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for expected in [
+        "ok    token embedded: login with the PIN from file",
+        "ok    token embedded: key \"signet-x509-root\" (x509 authority (active)) is on the token",
+        "ok    authority x509 signet-x509-root: active, expires ",
+        "ok    admin certificate: ",
+    ] {
+        assert!(text.contains(expected), "missing {expected:?} in\n{text}");
+    }
+    assert!(!text.contains("FAIL") && !text.contains("warn"), "{text}");
+
+    // --log-format: JSON lines for machines, plain text for people (stderr is not a terminal here: JSON by default).
+    let logs = |format: Option<&str>| {
+        let mut c = signet();
+        if let Some(f) = format {
+            c.args(["--log-format", f]);
+        }
+        let out = c
+            .arg("doctor")
+            .env("RUST_LOG", "debug")
+            .current_dir(cwd)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        let err = String::from_utf8(out.stderr).unwrap();
+        assert!(!err.trim().is_empty(), "no log line at debug level");
+        err
+    };
+    for err in [logs(Some("json")), logs(None)] {
+        for line in err.lines().filter(|l| !l.is_empty()) {
+            let v: serde_json::Value = serde_json::from_str(line)
+                .unwrap_or_else(|e| panic!("not a JSON log line ({e}): {line}"));
+            assert!(
+                v.get("level").is_some() && v.get("fields").is_some(),
+                "{line}"
+            );
+        }
+    }
+    let text = logs(Some("text"));
+    assert!(
+        text.lines().all(|l| !l.starts_with('{')) && text.contains("DEBUG"),
+        "{text}"
+    );
 }

@@ -13,6 +13,7 @@ mod boundary;
 mod bundle_owners;
 mod cli;
 mod common;
+mod doctor;
 mod figures;
 mod hostile;
 mod issuer;

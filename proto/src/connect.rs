@@ -257,11 +257,25 @@ pub fn certified_key(chain_der: Vec<Vec<u8>>, key_pkcs8: Vec<u8>) -> Result<Cert
     if chain_der.is_empty() {
         return Err("the client certificate chain is empty".into());
     }
-    Ok(CertifiedKey::new(
+    let certified = CertifiedKey::new(
         chain_der.into_iter().map(CertificateDer::from).collect(),
         key,
-    ))
+    );
+    // A key that is not the certificate's would fail every handshake with a bare transport error (as when a
+    // certificate file is read just before its renewal replaced it and the key file just after): say so instead.
+    match certified.keys_match() {
+        Ok(()) | Err(rustls::Error::InconsistentKeys(rustls::InconsistentKeys::Unknown)) => {
+            Ok(certified)
+        }
+        Err(e) => Err(format!(
+            "{KEY_MISMATCH} ({e}): give the key that belongs to the certificate"
+        )),
+    }
 }
+
+/// How [`certified_key`] says that a key is not its certificate's (callers that read a pair a renewal may be
+/// replacing read it again on this).
+pub const KEY_MISMATCH: &str = "the client key does not match the client certificate";
 
 /// A client X509-SVID from PEM text (the chain, leaf first, and a PKCS#8 `PRIVATE KEY`).
 pub fn certified_key_pem(chain_pem: &[u8], key_pem: &[u8]) -> Result<CertifiedKey, String> {

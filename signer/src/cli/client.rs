@@ -78,6 +78,27 @@ impl Connection {
             .map_err(|e| CliError::new(format!("the trust bundle {}: {e}", path.display())))
     }
 
+    /// The client credential's certificate and key files (the admin's by default), read as a matching pair: a
+    /// running appliance renews its admin credential by replacing the two files one after the other, so a pair read
+    /// across a renewal is read again (a few times, briefly) before it is called a mismatch.
+    fn credential(&self) -> Result<(Vec<u8>, zeroize::Zeroizing<Vec<u8>>), CliError> {
+        let d = &self.data_dir;
+        let cert_path = self.cert.clone().unwrap_or_else(|| d.join("admin.pem"));
+        let key_path = self.key.clone().unwrap_or_else(|| d.join("admin.key"));
+        let mut tries = 0;
+        loop {
+            let cert = read(&cert_path, "client certificate")?;
+            let key = zeroize::Zeroizing::new(read(&key_path, "client key")?);
+            match connect::certified_key_pem(&cert, &key) {
+                Err(e) if e.starts_with(connect::KEY_MISMATCH) && tries < 10 => {
+                    tries += 1;
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                }
+                _ => return Ok((cert, key)),
+            }
+        }
+    }
+
     /// A channel presenting the configured client credential (the admin's by default).
     pub(super) async fn channel(&self) -> Result<Channel, CliError> {
         let d = &self.data_dir;
@@ -87,14 +108,7 @@ impl Connection {
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "127.0.0.1:8443".into()),
         };
-        let cert = read(
-            self.cert.as_deref().unwrap_or(&d.join("admin.pem")),
-            "client certificate",
-        )?;
-        let key = read(
-            self.key.as_deref().unwrap_or(&d.join("admin.key")),
-            "client key",
-        )?;
+        let (cert, key) = self.credential()?;
         let td = signet::plugin::settings::spiffe_id_of_pem(&cert)
             .ok()
             .and_then(|id| connect::trust_domain_of(&id).map(str::to_string))
@@ -104,6 +118,7 @@ impl Connection {
                 )
             })?;
         let identity = connect::certified_key_pem(&cert, &key).map_err(CliError::new)?;
+        drop(key);
         let identity: Arc<dyn ResolvesClientCert> =
             Arc::new(connect::SwappableIdentity::new(Some(identity)));
         self.connect(&addr, &td, Some(identity)).await
@@ -636,4 +651,27 @@ pub fn join_token(args: JoinTokenArgs) -> Result<(), CliError> {
         );
         Ok(())
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pair() -> (String, String) {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a".into()])
+            .unwrap()
+            .self_signed(&kp)
+            .unwrap();
+        (cert.pem(), kp.serialize_pem())
+    }
+
+    #[test]
+    fn a_key_that_is_not_the_certificates_is_named_as_such() {
+        let (cert_a, key_a) = pair();
+        let (_, key_b) = pair();
+        assert!(connect::certified_key_pem(cert_a.as_bytes(), key_a.as_bytes()).is_ok());
+        let e = connect::certified_key_pem(cert_a.as_bytes(), key_b.as_bytes()).unwrap_err();
+        assert!(e.starts_with(connect::KEY_MISMATCH), "{e}");
+    }
 }

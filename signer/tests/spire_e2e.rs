@@ -844,11 +844,11 @@ fn first_serial(path: &Path) -> Option<Vec<u8>> {
     Some(c.raw_serial().to_vec())
 }
 
-/// SPIRE as it would be set up from the README: signet running, a join token created, the stanza pasted. The
-/// plug-in gets its first credential for a join token (no key file copied), checks the appliance by its SPIFFE ID at
-/// `127.0.0.1:<port>`, and renews its credential (20 s) three times while SPIRE keeps signing through signet's
-/// KeyManager, with no restart. Every renewal is followed by an X509-SVID that `spire-server x509 mint` signs with
-/// its CA key on signet's token.
+/// SPIRE as it would be set up from the README: signet running, join tokens created, the stanzas pasted. The
+/// plug-ins (signet as UpstreamAuthority and as KeyManager) get their first credentials for join tokens (no key file
+/// copied), check the appliance by its SPIFFE ID at `127.0.0.1:<port>`, and renew their credentials (20 s) three
+/// times each while SPIRE keeps signing through signet, with no restart. Every round is followed by an X509-SVID that
+/// `spire-server x509 mint` signs with its CA key on signet's token, under a CA that chains to signet's root.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spire_joins_with_a_token_and_renews_its_credential() {
     use signet_proto::signet::v1 as spb;
@@ -861,61 +861,81 @@ async fn spire_joins_with_a_token_and_renews_its_credential() {
     else {
         panic!("the SoftHSM2 test bed is required");
     };
-    let mut admin = AdminClient::new(bed.channel(Some(&bed.admin())).await);
-    let token = admin
-        .create_join_token(spb::CreateJoinTokenRequest {
-            spiffe_id: SPIRE_A.into(),
-            ttl_seconds: 600,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    assert!(!token.bootstrap_address.is_empty());
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path().to_path_buf();
     std::fs::write(d.join("bundle.pem"), bed.roots_pem()).unwrap();
-    let (cert, key) = (d.join("client.pem"), d.join("client.key"));
-    let data = format!(
-        "      endpoint = \"{}\"\n      trust_bundle_path = \"{}\"\n      client_cert_path = \"{}\"\n      \
-         client_key_path = \"{}\"\n      spiffe_id = \"{SPIRE_A}\"\n      join_token = \"{}\"\n      \
-         bootstrap_endpoint = \"{}\"\n      svid_ttl = \"20s\"\n      max_backoff = \"2s\"\n",
-        bed.app.addr(),
-        d.join("bundle.pem").display(),
-        cert.display(),
-        key.display(),
-        token.token,
-        token.bootstrap_address,
+    let mut admin = AdminClient::new(bed.channel(Some(&bed.admin())).await);
+    let mut stanzas = String::new();
+    let mut files = Vec::new();
+    for (kind, arg) in [
+        ("UpstreamAuthority", "upstream-authority"),
+        ("KeyManager", "key-manager"),
+    ] {
+        let token = admin
+            .create_join_token(spb::CreateJoinTokenRequest {
+                spiffe_id: SPIRE_A.into(),
+                ttl_seconds: 600,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert!(!token.bootstrap_address.is_empty());
+        let (cert, key) = (d.join(format!("{arg}.pem")), d.join(format!("{arg}.key")));
+        let data = format!(
+            "      endpoint = \"{}\"\n      trust_bundle_path = \"{}\"\n      client_cert_path = \"{}\"\n      \
+             client_key_path = \"{}\"\n      spiffe_id = \"{SPIRE_A}\"\n      join_token = \"{}\"\n      \
+             bootstrap_endpoint = \"{}\"\n      svid_ttl = \"20s\"\n      max_backoff = \"2s\"\n",
+            bed.app.addr(),
+            d.join("bundle.pem").display(),
+            cert.display(),
+            key.display(),
+            token.token,
+            token.bootstrap_address,
+        );
+        stanzas.push_str(&plugin_stanza(kind, arg, &data));
+        files.push((cert, key));
+    }
+    let mut spire = tokio::task::block_in_place(|| Spire::start_server(&bin, &d, &stanzas));
+    let signet_root = pem_ders(bed.roots_pem().as_bytes());
+    assert!(
+        spire.bundle_roots().contains(&signet_root[0]),
+        "spire-server bundle show lacks signet's root"
     );
-    let plugins = plugin_stanza("KeyManager", "key-manager", &data);
-    let mut spire = tokio::task::block_in_place(|| Spire::start_server(&bin, &d, &plugins));
     tokio::task::block_in_place(|| spire.start_agent());
-    let spire_roots = spire.bundle_roots();
     let (chain, _) = tokio::task::block_in_place(|| spire.fetch_x509());
-    openssl_verify(&spire_roots, &chain[1..], &chain[0])
-        .expect("the workload X509-SVID verifies against SPIRE's bundle (openssl)");
-    // The token was exchanged once, for exactly SPIRE's ID.
+    openssl_verify(&signet_root, &chain[1..], &chain[0])
+        .expect("the workload X509-SVID verifies against signet's root (openssl)");
+    // Each token was exchanged once, for exactly SPIRE's ID.
     let exchanged: Vec<serde_json::Value> = bed
         .audit()
         .into_iter()
         .filter(|l| l["method"] == "ExchangeJoinToken" && l["outcome"] == "issued")
         .collect();
-    assert_eq!(exchanged.len(), 1, "{exchanged:?}");
-    assert_eq!(exchanged[0]["spiffe_id"], SPIRE_A);
+    assert_eq!(exchanged.len(), 2, "{exchanged:?}");
+    assert!(exchanged.iter().all(|l| l["spiffe_id"] == SPIRE_A));
 
     let logs = [spire.server_log.clone(), d.join("server.err")];
     let log_refs: Vec<&Path> = logs.iter().map(PathBuf::as_path).collect();
-    let mut serial =
-        first_serial(&cert).expect("the plug-in keeps its credential in client_cert_path");
+    let mut serials: Vec<Vec<u8>> = files
+        .iter()
+        .map(|(cert, _)| {
+            first_serial(cert).expect("the plug-in keeps its credential in client_cert_path")
+        })
+        .collect();
     for round in 1..=3 {
-        serial = tokio::task::block_in_place(|| {
-            eventually(
-                Duration::from_secs(120),
-                &format!("renewal {round} of the plug-in's credential"),
-                &log_refs,
-                || first_serial(&cert).filter(|s| *s != serial),
-            )
-        });
-        // SPIRE keeps signing with its CA key on signet's token, through the renewed credential.
+        for (i, (cert, _)) in files.iter().enumerate() {
+            let before = serials[i].clone();
+            serials[i] = tokio::task::block_in_place(|| {
+                eventually(
+                    Duration::from_secs(120),
+                    &format!("renewal {round} of {}", cert.display()),
+                    &log_refs,
+                    || first_serial(cert).filter(|s| *s != before),
+                )
+            });
+        }
+        // SPIRE keeps signing with its CA key on signet's token, through the renewed credentials, under a CA
+        // signet's root signed.
         let used_before = audit_lines(&bed.audit(), SPIRE_A, "SignData").len();
         let out = d.join(format!("minted-{round}"));
         std::fs::create_dir_all(&out).unwrap();
@@ -929,18 +949,18 @@ async fn spire_joins_with_a_token_and_renews_its_credential() {
         ]);
         assert!(
             o.status.success(),
-            "x509 mint after renewal {round}: {}",
+            "x509 mint after round {round}: {}",
             text(&o)
         );
         let svid = pem_ders(&std::fs::read(out.join("svid.pem")).unwrap());
-        openssl_verify(&spire.bundle_roots(), &svid[1..], &svid[0])
-            .unwrap_or_else(|e| panic!("minted SVID after renewal {round}: {e}"));
+        openssl_verify(&signet_root, &svid[1..], &svid[0])
+            .unwrap_or_else(|e| panic!("minted SVID after round {round}: {e}"));
         assert!(
             audit_lines(&bed.audit(), SPIRE_A, "SignData").len() > used_before,
-            "SPIRE signed through signet after renewal {round}"
+            "SPIRE signed through signet after round {round}"
         );
     }
-    // Every renewal is audited as signet's, and the key file stayed private.
+    // Every renewal is audited as signet's, and the key files stayed private.
     let renewed = bed
         .audit()
         .into_iter()
@@ -948,12 +968,14 @@ async fn spire_joins_with_a_token_and_renews_its_credential() {
             l["caller"] == SPIRE_A && l["method"] == "RenewX509SVID" && l["outcome"] == "issued"
         })
         .count();
-    assert!(renewed >= 3, "{renewed} renewals audited");
+    assert!(renewed >= 6, "{renewed} renewals audited");
     use std::os::unix::fs::PermissionsExt as _;
-    assert_eq!(
-        std::fs::metadata(&key).unwrap().permissions().mode() & 0o777,
-        0o600
-    );
+    for (_, key) in &files {
+        assert_eq!(
+            std::fs::metadata(key).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+    }
     drop(spire);
     bed.stop().await;
 }

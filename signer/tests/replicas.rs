@@ -9,7 +9,10 @@
 //! - the replica that holds the rotation schedule's lock is stopped in the middle of a scheduled root rotation (just
 //!   after its `prepare` step is journalled, before the key exists) and killed: another replica takes the lock,
 //!   finishes the prepare, publishes and activates the new root; every subscriber's bundle goes through each state
-//!   once, in order; credentials minted afterwards chain to the new root (`openssl verify`).
+//!   once, in order; credentials minted afterwards chain to the new root (`openssl verify`);
+//! - two replicas with 6-second server and admin credentials renew them live, go through a root rotation by hand
+//!   (prepare, publish, activate, retire) without a restart, and a client calling both on new connections and on
+//!   open ones sees no failed call.
 //!
 //! Needs the `crash-points` feature, for the stop in the middle of a step
 //! (`cargo test -p signet --features crash-points --test replicas`), PostgreSQL's server binaries
@@ -239,13 +242,14 @@ impl Rig {
         })
     }
 
-    fn config(&self, name: &str) -> PathBuf {
+    /// Writes replica `name`'s configuration, passed through `edit` (the test's own settings).
+    fn config(&self, name: &str, edit: &dyn Fn(String) -> String) -> PathBuf {
         let dir = self.root.path().join(name);
         std::fs::create_dir_all(&dir).unwrap();
         let cfg = dir.join("signet.toml");
         std::fs::write(
             &cfg,
-            format!(
+            edit(format!(
                 r#"trust_domain = "example.org"
 data_dir = "{data}"
 datastore = "{url}"
@@ -285,7 +289,7 @@ max_ttl = "15m"
                 module = self.hsm.module().display(),
                 label = self.hsm.label(),
                 ttl = ROOT_TTL_SECS,
-            ),
+            )),
         )
         .unwrap();
         cfg
@@ -293,7 +297,17 @@ max_ttl = "15m"
 
     /// Starts replica `name` (its own data directory and port) and waits until it serves.
     fn start(&self, name: &str, crash_point: Option<&str>) -> Replica {
-        let cfg = self.config(name);
+        self.start_edited(name, crash_point, &|c| c)
+    }
+
+    /// [`start`](Self::start) with the configuration passed through `edit`.
+    fn start_edited(
+        &self,
+        name: &str,
+        crash_point: Option<&str>,
+        edit: &dyn Fn(String) -> String,
+    ) -> Replica {
+        let cfg = self.config(name, edit);
         let dir = self.root.path().join(name);
         let _ = std::fs::remove_file(dir.join("data/endpoint"));
         let log = std::fs::OpenOptions::new()
@@ -970,4 +984,557 @@ async fn replicas_aggregate_rate() {
         ));
     }
     eprintln!("{}", lines.join("\n"));
+}
+
+/// What a client's calls came to.
+#[derive(Default)]
+struct Tally {
+    ok: std::sync::atomic::AtomicUsize,
+    failed: std::sync::atomic::AtomicUsize,
+}
+
+impl Tally {
+    fn count<E: std::fmt::Display>(&self, r: Result<(), E>, what: &str) {
+        use std::sync::atomic::Ordering::Relaxed;
+        match r {
+            Ok(()) => self.ok.fetch_add(1, Relaxed),
+            Err(e) => {
+                eprintln!("{what} failed: {e}");
+                self.failed.fetch_add(1, Relaxed)
+            }
+        };
+    }
+
+    fn get(&self) -> (usize, usize) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.ok.load(Relaxed), self.failed.load(Relaxed))
+    }
+}
+
+fn ders(pem_text: &str) -> Vec<Vec<u8>> {
+    pem::parse_many(pem_text)
+        .unwrap_or_default()
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| p.contents().to_vec())
+        .collect()
+}
+
+/// A client credential (chain PEM, key PEM) from `cert` and `key`, read again until the two are a pair (a replica
+/// renewing its admin credential replaces the two files one after the other).
+fn read_pair(cert: &Path, key: &Path) -> Result<(String, String), String> {
+    for _ in 0..100 {
+        let (Ok(c), Ok(k)) = (std::fs::read_to_string(cert), std::fs::read_to_string(key)) else {
+            std::thread::sleep(Duration::from_millis(10));
+            continue;
+        };
+        let spki = ders(&c).first().and_then(|leaf| {
+            x509_parser::parse_x509_certificate(leaf)
+                .ok()
+                .map(|(_, l)| l.public_key().raw.to_vec())
+        });
+        let kp = rcgen::KeyPair::from_pem(&k).ok();
+        if let (Some(spki), Some(kp)) = (spki, kp)
+            && spki == rcgen::PublicKeyData::subject_public_key_info(&kp)
+        {
+            return Ok((c, k));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Err(format!(
+        "{} and {} never matched",
+        cert.display(),
+        key.display()
+    ))
+}
+
+/// A client of the replica at `addr`: it trusts `dir/bundle.pem` and presents `cert`/`key`, all read now, as the
+/// CLI does. Every connection the channel makes is counted in `connects`.
+async fn client_channel(
+    addr: &str,
+    bundle: &Path,
+    cert: &Path,
+    key: &Path,
+    connects: Option<Arc<std::sync::atomic::AtomicUsize>>,
+) -> Result<Channel, String> {
+    let (c, k) = read_pair(cert, key)?;
+    let roots = std::fs::read(bundle).map_err(|e| e.to_string())?;
+    let tls = ClientTlsConfig::new()
+        .ca_certificate(Certificate::from_pem(roots))
+        .identity(Identity::from_pem(c, k))
+        .domain_name("localhost");
+    let ep = Endpoint::from_shared(format!("https://{addr}"))
+        .map_err(|e| e.to_string())?
+        .tls_config(tls)
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .timeout(Duration::from_secs(10));
+    let sock: std::net::SocketAddr = addr.parse().map_err(|e| format!("{addr}: {e}"))?;
+    let connects = connects.unwrap_or_default();
+    ep.connect_with_connector(tower::service_fn(move |_| {
+        connects.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        async move {
+            Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
+                tokio::net::TcpStream::connect(sock).await?,
+            ))
+        }
+    }))
+    .await
+    .map_err(|e| format!("{e:?}"))
+}
+
+/// The chain (leaf first) the replica at `addr` presents to a new TLS handshake, verified against `dir/bundle.pem`
+/// for `localhost`, the client presenting `dir`'s admin credential.
+async fn served(addr: &str, dir: &Path) -> Result<Vec<Vec<u8>>, String> {
+    use tokio_rustls::rustls;
+    let mut roots = rustls::RootCertStore::empty();
+    let bundle = std::fs::read_to_string(dir.join("bundle.pem")).map_err(|e| e.to_string())?;
+    for r in ders(&bundle) {
+        roots.add(r.into()).map_err(|e| e.to_string())?;
+    }
+    let (c, k) = read_pair(&dir.join("admin.pem"), &dir.join("admin.key"))?;
+    let chain: Vec<rustls::pki_types::CertificateDer<'static>> =
+        ders(&c).into_iter().map(Into::into).collect();
+    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
+        pem::parse(&k)
+            .map_err(|e| e.to_string())?
+            .contents()
+            .to_vec()
+            .into(),
+    );
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| e.to_string())?
+    .with_root_certificates(roots)
+    .with_client_auth_cert(chain, key)
+    .map_err(|e| e.to_string())?;
+    cfg.alpn_protocols = vec![b"h2".to_vec()];
+    let tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .map_err(|e| e.to_string())?;
+    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
+        .connect("localhost".try_into().unwrap(), tcp)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .unwrap_or_default()
+        .iter()
+        .map(|c| c.to_vec())
+        .collect())
+}
+
+fn serial(der: &[u8]) -> Vec<u8> {
+    x509_parser::parse_x509_certificate(der)
+        .unwrap()
+        .1
+        .raw_serial()
+        .to_vec()
+}
+
+/// Whether `root`'s key signed `leaf`.
+fn signed_by(leaf: &[u8], root: &[u8]) -> bool {
+    let (_, l) = x509_parser::parse_x509_certificate(leaf).unwrap();
+    let (_, r) = x509_parser::parse_x509_certificate(root).unwrap();
+    l.verify_signature(Some(r.public_key())).is_ok()
+}
+
+/// `signet mint x509-svid` for the test's client through the replica at `addr`, into `out` (svid.pem, svid.key).
+async fn mint_client(rig: &Rig, addr: &str, out: PathBuf) {
+    let mut c = signet(rig);
+    c.env("SIGNET_ADDR", addr)
+        .args([
+            "mint",
+            "x509-svid",
+            "--spiffe-id",
+            "spiffe://example.org/client",
+            "--ttl",
+            "60s",
+        ])
+        .arg("--out")
+        .arg(&out);
+    let o = tokio::task::spawn_blocking(move || c.output().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "mint: {}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+/// Why `retire` was refused, in short.
+fn refusal(message: &str) -> String {
+    if message.contains("live replicas serve") {
+        "a live replica serves a credential of the old root"
+    } else if message.contains("valid descendant in use here") {
+        "a credential of the old root is held by the replica asked"
+    } else if message.contains("still has valid descendants") {
+        "what the old root signed may still be valid"
+    } else {
+        message
+    }
+    .to_string()
+}
+
+/// A client calling `Admin.GetStatus` on one connection (the credential in `cred`, minted once) until `stop`;
+/// returns how many connections it made.
+fn steady_client(
+    addr: String,
+    bundle: PathBuf,
+    cred: PathBuf,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    tally: Arc<Tally>,
+) -> tokio::task::JoinHandle<usize> {
+    tokio::spawn(async move {
+        let connects = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let ch = client_channel(
+            &addr,
+            &bundle,
+            &cred.join("svid.pem"),
+            &cred.join("svid.key"),
+            Some(connects.clone()),
+        )
+        .await
+        .unwrap();
+        let mut c = AdminClient::new(ch);
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            let r = c.get_status(spb::GetStatusRequest {}).await.map(|_| ());
+            tally.count(r, &format!("a call on the open connection to {addr}"));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        connects.load(std::sync::atomic::Ordering::Relaxed)
+    })
+}
+
+/// Two replicas on PostgreSQL renew their own server and admin credentials every 3 s (a 6 s life) and go through a
+/// root rotation by hand (prepare, publish, activate, retire through r1) without a restart, under a client calling
+/// each replica on new connections (with the admin credential and bundle read anew each time, as the CLI does) and
+/// on one open connection (a client credential of its own; the one minted before the rotation is of the old root,
+/// which cannot outlive its retirement, so the open connection is made again once with a credential of the new
+/// root): each served certificate changes at least three times, both replicas serve the new root's right after
+/// activate, retire succeeds once nothing the old root signed is valid, and no call fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_renew_their_credentials_through_a_rotation() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let Some(rig) = Rig::new() else { return };
+    // The X509-SVIDs this test mints live 60 s: the superseded root's descendants are valid until 60 s after
+    // activate, when retire may take it out of the bundle.
+    let edit = |c: String| {
+        c.replace("[server]\n", "[server]\nservice_svid_ttl = \"6s\"\n")
+            .replace(
+                "check_every = \"1s\"\n",
+                "check_every = \"1s\"\nschedule = false\n",
+            )
+            .replace(
+                &format!("root_ttl = \"{ROOT_TTL_SECS}s\"\n"),
+                &format!("root_ttl = \"{ROOT_TTL_SECS}s\"\nintermediate_ttl = \"60s\"\n"),
+            )
+            .replace("max_ttl = \"15m\"\n", "max_ttl = \"60s\"\n")
+            + "\n[[policy]]\ncaller = \"spiffe://example.org/client\"\nmay = [\"admin\"]\nmax_ttl = \"60s\"\n"
+    };
+    let r1 = rig.start_edited("r1", None, &edit);
+    let r2 = rig.start_edited("r2", None, &edit);
+    let replicas = [&r1, &r2];
+    let data = |r: &Replica| r.dir.join("data");
+    let old_root = ders(&std::fs::read_to_string(data(&r1).join("bundle.pem")).unwrap()).remove(0);
+
+    // The client: per replica, calls on new connections and calls on one open connection.
+    let stop_new = Arc::new(AtomicBool::new(false));
+    let on_new = Arc::new(Tally::default());
+    let mut fresh = Vec::new();
+    for r in replicas {
+        let (stop, tally, addr, dir) = (stop_new.clone(), on_new.clone(), r.addr.clone(), data(r));
+        fresh.push(tokio::spawn(async move {
+            while !stop.load(Ordering::Relaxed) {
+                let r = async {
+                    let ch = client_channel(
+                        &addr,
+                        &dir.join("bundle.pem"),
+                        &dir.join("admin.pem"),
+                        &dir.join("admin.key"),
+                        None,
+                    )
+                    .await?;
+                    AdminClient::new(ch)
+                        .get_status(spb::GetStatusRequest {})
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| e.to_string())
+                }
+                .await;
+                tally.count(r, &format!("a call on a new connection to {addr}"));
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }));
+    }
+    let steady = |batch: &str, stop: &Arc<AtomicBool>, tally: &Arc<Tally>| {
+        let (rig, batch) = (&rig, batch.to_string());
+        let (stop, tally) = (stop.clone(), tally.clone());
+        async move {
+            let mut tasks = Vec::new();
+            for r in replicas {
+                let cred = rig.root.path().join(format!("client-{batch}-{}", r.name));
+                mint_client(rig, &r.addr, cred.clone()).await;
+                tasks.push(steady_client(
+                    r.addr.clone(),
+                    data(r).join("bundle.pem"),
+                    cred,
+                    stop.clone(),
+                    tally.clone(),
+                ));
+            }
+            tasks
+        }
+    };
+    let stop_old = Arc::new(AtomicBool::new(false));
+    let on_old = Arc::new(Tally::default());
+    let old_conns = steady("old", &stop_old, &on_old).await;
+    let old_not_after = {
+        let pem = std::fs::read_to_string(rig.root.path().join("client-old-r1/svid.pem")).unwrap();
+        x509_parser::parse_x509_certificate(&ders(&pem)[0])
+            .unwrap()
+            .1
+            .validity()
+            .not_after
+            .timestamp()
+    };
+
+    // 1. Each replica's served certificate changes three times (by new handshakes), always of the first root.
+    let mut serials: Vec<Vec<Vec<u8>>> = vec![Vec::new(); 2];
+    let handshakes = Tally::default();
+    for _ in 0..300 {
+        if serials.iter().all(|s| s.len() >= 4) {
+            break;
+        }
+        for (i, r) in replicas.iter().enumerate() {
+            let got = served(&r.addr, &data(r)).await;
+            if let Ok(chain) = &got {
+                assert!(
+                    signed_by(&chain[0], &old_root),
+                    "{} serves a stranger's",
+                    r.name
+                );
+                let s = serial(&chain[0]);
+                if serials[i].last() != Some(&s) {
+                    serials[i].push(s);
+                }
+            }
+            handshakes.count(got.map(|_| ()), &format!("a handshake with {}", r.name));
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    for (i, r) in replicas.iter().enumerate() {
+        assert!(
+            serials[i].len() >= 4,
+            "{}'s server certificate changed {} times, not 3",
+            r.name,
+            serials[i].len().saturating_sub(1)
+        );
+    }
+
+    // 2. A root rotation by hand through r1.
+    let mut admin = AdminClient::new(
+        client_channel(
+            &r1.addr,
+            &data(&r1).join("bundle.pem"),
+            &rig.root.path().join("client-old-r1/svid.pem"),
+            &rig.root.path().join("client-old-r1/svid.key"),
+            None,
+        )
+        .await
+        .unwrap(),
+    );
+    let step = |s: &str| spb::RotateRequest {
+        step: s.into(),
+        kind: "x509".into(),
+        label: String::new(),
+    };
+    admin.rotate(step("prepare")).await.unwrap();
+    admin.rotate(step("publish")).await.unwrap();
+    // Activate once the publish lead is over (refused as too early until then).
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match admin.rotate(step("activate")).await {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::FailedPrecondition && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("activate: {e:?}"),
+        }
+    }
+    let new_root = {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let roots = ders(&std::fs::read_to_string(data(&r1).join("bundle.pem")).unwrap());
+            if let Some(n) = roots.into_iter().find(|r| *r != old_root) {
+                break n;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "r1's bundle.pem lacks the new root"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    // Retire right after activate is refused: what the old root signed is still valid (and the replicas may not
+    // have reported their renewed credentials yet).
+    let e = admin.rotate(step("retire")).await.unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    eprintln!("retire right after activate refused: {}", e.message());
+    let first_refusal = refusal(e.message());
+    let root2 = rig.root.path().join("root2.pem");
+    std::fs::write(&root2, pem(&new_root)).unwrap();
+    // Both replicas serve a credential of the new root, without a restart.
+    for r in replicas {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let chain = loop {
+            let got = served(&r.addr, &data(r)).await;
+            if let Ok(chain) = &got
+                && signed_by(&chain[0], &new_root)
+            {
+                break chain.clone();
+            }
+            handshakes.count(got.map(|_| ()), &format!("a handshake with {}", r.name));
+            assert!(
+                Instant::now() < deadline,
+                "{} still serves a credential of the old root",
+                r.name
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        };
+        let leaf = rig.root.path().join(format!("served-{}.pem", r.name));
+        std::fs::write(&leaf, pem(&chain[0])).unwrap();
+        let v = Command::new("openssl")
+            .args(["verify", "-x509_strict", "-CAfile"])
+            .arg(&root2)
+            .arg(&leaf)
+            .output()
+            .unwrap();
+        assert!(
+            v.status.success(),
+            "{}'s server certificate does not verify with the new root alone: {}",
+            r.name,
+            String::from_utf8_lossy(&v.stdout)
+        );
+    }
+    // The open connections made before the rotation still work after it.
+    let after_activate = on_old.get().0;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while on_old.get().0 < after_activate + 10 {
+        assert!(
+            Instant::now() < deadline,
+            "no call on the open connections after activate"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // 3. The open connections are made again with credentials of the new root (those of the old one cannot
+    //    outlive its retirement), 10 s before the old ones expire or now, whichever is later.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    while time::OffsetDateTime::now_utc().unix_timestamp() < old_not_after - 10 {
+        assert!(Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    stop_old.store(true, Ordering::Relaxed);
+    let mut connects = Vec::new();
+    for t in old_conns {
+        connects.push(t.await.unwrap());
+    }
+    let stop_new_conns = Arc::new(AtomicBool::new(false));
+    let on_new_conn = Arc::new(Tally::default());
+    let new_conns = steady("new", &stop_new_conns, &on_new_conn).await;
+
+    // 4. Retire through r1, once nothing the old root signed is valid and both replicas report the new root.
+    let mut admin = AdminClient::new(
+        client_channel(
+            &r1.addr,
+            &data(&r1).join("bundle.pem"),
+            &rig.root.path().join("client-new-r1/svid.pem"),
+            &rig.root.path().join("client-new-r1/svid.key"),
+            None,
+        )
+        .await
+        .unwrap(),
+    );
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut refusals = BTreeSet::new();
+    refusals.insert(first_refusal);
+    loop {
+        match admin.rotate(step("retire")).await {
+            Ok(_) => break,
+            Err(e) if e.code() == tonic::Code::FailedPrecondition && Instant::now() < deadline => {
+                if refusals.insert(refusal(e.message())) {
+                    eprintln!("retire refused: {}", e.message());
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            Err(e) => panic!("retire: {e:?}"),
+        }
+    }
+    // Each replica's bundle file holds the new root alone; each serves a credential its clients verify with it.
+    for r in replicas {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let roots = ders(&std::fs::read_to_string(data(r).join("bundle.pem")).unwrap());
+            if roots == vec![new_root.clone()] {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{}'s bundle.pem still holds the old root",
+                r.name
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let chain = served(&r.addr, &data(r)).await;
+        handshakes.count(
+            chain.map(|_| ()),
+            &format!("a handshake with {} after retire", r.name),
+        );
+    }
+    // A few more calls on the open connections and on new ones, then the client stops.
+    let (new_then, fresh_then) = (on_new_conn.get().0, on_new.get().0);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while on_new_conn.get().0 < new_then + 10 || on_new.get().0 < fresh_then + 10 {
+        assert!(Instant::now() < deadline, "no calls after retire");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    stop_new_conns.store(true, Ordering::Relaxed);
+    stop_new.store(true, Ordering::Relaxed);
+    for t in new_conns {
+        connects.push(t.await.unwrap());
+    }
+    for t in fresh {
+        t.await.unwrap();
+    }
+
+    let (ok_old, failed_old) = on_old.get();
+    let (ok_newc, failed_newc) = on_new_conn.get();
+    let (ok_fresh, failed_fresh) = on_new.get();
+    let (ok_hs, failed_hs) = handshakes.get();
+    eprintln!(
+        "server certificate changes before the rotation: r1 {}, r2 {}; calls on the open connections: {ok_old} ok / \
+         {failed_old} failed (old root's client credential), {ok_newc} ok / {failed_newc} failed (new root's); on \
+         new connections: {ok_fresh} ok / {failed_fresh} failed; handshakes: {ok_hs} ok / {failed_hs} failed; \
+         connections made by the open-connection clients: {connects:?}; retire refused first for: {refusals:?}",
+        serials[0].len() - 1,
+        serials[1].len() - 1
+    );
+    assert_eq!(
+        failed_old + failed_newc,
+        0,
+        "calls failed on the open connections"
+    );
+    assert_eq!(failed_fresh, 0, "calls failed on new connections");
+    assert_eq!(failed_hs, 0, "handshakes failed");
+    assert!(
+        connects.iter().all(|&n| n == 1),
+        "an open connection was made again: {connects:?}"
+    );
+    assert!(ok_old > 0 && ok_newc > 0 && ok_fresh > 0);
 }

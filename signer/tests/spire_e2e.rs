@@ -990,7 +990,8 @@ fn spire_from_the_readme_in_three_commands() {
     const SERVE: &str = "signet serve";
     const CONFIG: &str = "signet spire config --upstream-authority";
     let readme =
-        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md")).unwrap();
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
     assert!(
         readme.lines().any(|l| l.starts_with(&format!("{SERVE} ")))
             && readme
@@ -1047,7 +1048,9 @@ fn spire_from_the_readme_in_three_commands() {
         }
     }
     assert!(
-        banner.contains("policy          spiffe://example.org/spire/server may upstream-authority, key-manager"),
+        banner.contains(
+            "policy          spiffe://example.org/spire/server may upstream-authority, key-manager"
+        ),
         "{banner}"
     );
     assert!(banner.contains("  bootstrap       127.0.0.1:"), "{banner}");
@@ -1068,7 +1071,9 @@ fn spire_from_the_readme_in_three_commands() {
         format!("plugin_checksum = \"{}\"", sha256_hex(&exe)),
         format!(
             "endpoint           = \"{}\"",
-            std::fs::read_to_string(data.join("endpoint")).unwrap().trim()
+            std::fs::read_to_string(data.join("endpoint"))
+                .unwrap()
+                .trim()
         ),
         format!(
             "trust_bundle_path  = \"{}\"",

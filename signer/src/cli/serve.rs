@@ -165,7 +165,7 @@ fn print_banner(a: &Appliance, td: &str, embedded: &str, policy: &[PolicyRule]) 
     println!("  signet status{data_flag}");
     if spire_rule && a.bootstrap_addr().is_some() {
         println!(
-            "  signet spire config{data_flag} --upstream-authority >> server.conf   # a SPIRE server's plug-in stanza"
+            "  signet spire config{data_flag} --upstream-authority >> stanza.conf   # for SPIRE: its server.conf plug-in stanza"
         );
     }
     println!(

@@ -876,17 +876,6 @@ impl Config {
             key_manager: KeyManagerSettings::default(),
             pipeline: PipelineSettings::default(),
             policy: vec![
-                // The SPIRE server of the trust domain (`signet spire config` plugs it in with a join token).
-                PolicyRule {
-                    caller: format!("spiffe://{td}{SPIRE_SERVER_ID_PATH}"),
-                    may: vec!["upstream-authority".into(), "key-manager".into()],
-                    ids: Vec::new(),
-                    max_ttl: Some(ConfigDuration(Duration::from_secs(24 * 3600))),
-                    jwt_max_ttl: None,
-                    rate: None,
-                    burst: None,
-                    downstream_credentials: false,
-                },
                 PolicyRule {
                     caller: format!("spiffe://{td}{ADMIN_ID_PATH}"),
                     may: vec![
@@ -898,6 +887,17 @@ impl Config {
                     ids: vec![format!("spiffe://{td}/")],
                     max_ttl: Some(ConfigDuration(Duration::from_secs(24 * 3600))),
                     jwt_max_ttl: Some(ConfigDuration(Duration::from_secs(3600))),
+                    rate: None,
+                    burst: None,
+                    downstream_credentials: false,
+                },
+                // The SPIRE server of the trust domain (`signet spire config` plugs it in with a join token).
+                PolicyRule {
+                    caller: format!("spiffe://{td}{SPIRE_SERVER_ID_PATH}"),
+                    may: vec!["upstream-authority".into(), "key-manager".into()],
+                    ids: Vec::new(),
+                    max_ttl: Some(ConfigDuration(Duration::from_secs(24 * 3600))),
+                    jwt_max_ttl: None,
                     rate: None,
                     burst: None,
                     downstream_credentials: false,

@@ -835,6 +835,9 @@ pub const SERVER_ID_PATH: &str = "/signet/server";
 /// The SPIFFE ID path of the admin client credential made for the CLI.
 pub const ADMIN_ID_PATH: &str = "/signet/admin";
 
+/// The path of the SPIRE server's SPIFFE ID that the embedded default's policy lets use the SPIRE services.
+pub const SPIRE_SERVER_ID_PATH: &str = "/spire/server";
+
 impl Config {
     /// Reads and checks a configuration file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
@@ -852,34 +855,54 @@ impl Config {
         Ok(cfg)
     }
 
-    /// The embedded default: trust domain `example.org`, data in `./signet-data/`, an embedded token, and a
-    /// policy that lets the generated admin credential use every service for the whole trust domain.
+    /// The embedded default: trust domain `example.org`, data in `./signet-data/`, an embedded token, a bootstrap
+    /// port for join tokens on a free loopback port, and a policy that lets the generated admin credential use every
+    /// service for the whole trust domain and the SPIRE server (`spiffe://example.org/spire/server`) use signet as
+    /// its UpstreamAuthority and KeyManager (CAs of at most 24 h).
     pub fn embedded_default() -> Self {
         let td = "example.org";
         Config {
             trust_domain: td.into(),
             data_dir: default_data_dir(),
             datastore: default_datastore(),
-            server: ServerSettings::default(),
+            server: ServerSettings {
+                // A bootstrap port for join tokens, on a free loopback port (the banner and `signet join-token
+                // create` / `signet spire config` say which).
+                bootstrap_listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+                ..ServerSettings::default()
+            },
             tokens: Vec::new(),
             authority: AuthoritySettings::default(),
             key_manager: KeyManagerSettings::default(),
             pipeline: PipelineSettings::default(),
-            policy: vec![PolicyRule {
-                caller: format!("spiffe://{td}{ADMIN_ID_PATH}"),
-                may: vec![
-                    "issuer".into(),
-                    "admin".into(),
-                    "upstream-authority".into(),
-                    "key-manager".into(),
-                ],
-                ids: vec![format!("spiffe://{td}/")],
-                max_ttl: Some(ConfigDuration(Duration::from_secs(24 * 3600))),
-                jwt_max_ttl: Some(ConfigDuration(Duration::from_secs(3600))),
-                rate: None,
-                burst: None,
-                downstream_credentials: false,
-            }],
+            policy: vec![
+                PolicyRule {
+                    caller: format!("spiffe://{td}{ADMIN_ID_PATH}"),
+                    may: vec![
+                        "issuer".into(),
+                        "admin".into(),
+                        "upstream-authority".into(),
+                        "key-manager".into(),
+                    ],
+                    ids: vec![format!("spiffe://{td}/")],
+                    max_ttl: Some(ConfigDuration(Duration::from_secs(24 * 3600))),
+                    jwt_max_ttl: Some(ConfigDuration(Duration::from_secs(3600))),
+                    rate: None,
+                    burst: None,
+                    downstream_credentials: false,
+                },
+                // The SPIRE server of the trust domain (`signet spire config` plugs it in with a join token).
+                PolicyRule {
+                    caller: format!("spiffe://{td}{SPIRE_SERVER_ID_PATH}"),
+                    may: vec!["upstream-authority".into(), "key-manager".into()],
+                    ids: Vec::new(),
+                    max_ttl: Some(ConfigDuration(Duration::from_secs(24 * 3600))),
+                    jwt_max_ttl: None,
+                    rate: None,
+                    burst: None,
+                    downstream_credentials: false,
+                },
+            ],
             federation: FederationSettings::default(),
         }
     }

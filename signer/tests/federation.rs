@@ -54,6 +54,8 @@ fn config(td: &str, hsm: &SoftHsm, dir: &Path) -> Config {
     }];
     cfg.policy[0].caller = format!("spiffe://{td}/signet/admin");
     cfg.policy[0].ids = vec![format!("spiffe://{td}/")];
+    cfg.policy.truncate(1);
+    cfg.server.bootstrap_listen = None;
     cfg.federation.refresh_hint = ConfigDuration(HINT);
     cfg.federation.refresh_floor = ConfigDuration(Duration::from_secs(1));
     cfg.federation.fetch_timeout = ConfigDuration(Duration::from_secs(5));

@@ -979,3 +979,133 @@ async fn spire_joins_with_a_token_and_renews_its_credential() {
     drop(spire);
     bed.stop().await;
 }
+
+/// The README's "SPIRE in three commands", as processes and word for word: `signet serve` on the embedded default in
+/// an empty directory, `signet spire config --upstream-authority` beside it, its stdout pasted into server.conf's
+/// plugins block, then spire-server and an agent. The workload's X509-SVID chains to signet's root. The only
+/// difference from the README is the environment moving signet's gRPC and metrics ports to free ones
+/// (`SIGNET_LISTEN`, `SIGNET_METRICS`, which the README names for that), so the test never meets a taken port.
+#[test]
+fn spire_from_the_readme_in_three_commands() {
+    const SERVE: &str = "signet serve";
+    const CONFIG: &str = "signet spire config --upstream-authority";
+    let readme =
+        std::fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"))
+            .unwrap();
+    assert!(
+        readme.lines().any(|l| l.starts_with(&format!("{SERVE} ")))
+            && readme
+                .lines()
+                .any(|l| l.starts_with(&format!("{CONFIG} >> stanza.conf"))),
+        "the README's SPIRE quick start runs `{SERVE}` and `{CONFIG} >> stanza.conf`"
+    );
+    // Skipped loudly without Go; with SIGNET_REQUIRE_SPIRE=1 a missing SPIRE fails here.
+    let Some(bin) = spire_bin() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let cwd = dir.path().join("signet");
+    let spire_dir = dir.path().join("spire");
+    std::fs::create_dir_all(&cwd).unwrap();
+    std::fs::create_dir_all(&spire_dir).unwrap();
+    let signet = |line: &str| {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_signet"));
+        c.args(line.split_whitespace().skip(1))
+            .current_dir(&cwd)
+            .env("SIGNET_LISTEN", "127.0.0.1:0")
+            .env("SIGNET_METRICS", "127.0.0.1:0")
+            .env_remove("SIGNET_CONFIG")
+            .env_remove("SIGNET_DATA_DIR")
+            .env_remove("SIGNET_ADDR")
+            .env_remove("SIGNET_BOOTSTRAP_LISTEN")
+            .env_remove("SOFTHSM2_CONF");
+        c
+    };
+
+    // 1. signet serve: its banner names the SPIRE server's rule and the bootstrap port.
+    let serve_log = dir.path().join("serve.log");
+    let mut child = signet(SERVE)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&serve_log).unwrap())
+        .spawn()
+        .expect("starting signet serve");
+    let out = child.stdout.take().unwrap();
+    let _serve = Killed(child);
+    let mut banner = String::new();
+    {
+        use std::io::BufRead as _;
+        let mut out = std::io::BufReader::new(out);
+        loop {
+            let mut line = String::new();
+            let n = out.read_line(&mut line).unwrap();
+            assert!(
+                n > 0,
+                "signet serve exited before serving: {banner}\n--- its log:\n{}",
+                std::fs::read_to_string(&serve_log).unwrap_or_default()
+            );
+            banner.push_str(&line);
+            if line.starts_with("Stop with") {
+                break;
+            }
+        }
+    }
+    assert!(
+        banner.contains(
+            "policy          spiffe://example.org/spire/server may upstream-authority, key-manager"
+        ),
+        "{banner}"
+    );
+    assert!(banner.contains("  bootstrap       127.0.0.1:"), "{banner}");
+
+    // 2. signet spire config --upstream-authority: stdout is the stanza, nothing else.
+    let o = run(&mut signet(CONFIG));
+    assert!(o.status.success(), "{CONFIG}: {}", text(&o));
+    let stanza = String::from_utf8(o.stdout).unwrap();
+    assert!(
+        stanza.starts_with("UpstreamAuthority \"signet\" {\n") && stanza.ends_with("}\n"),
+        "{stanza}"
+    );
+    let data = std::fs::canonicalize(cwd.join("signet-data")).unwrap();
+    let exe = std::fs::canonicalize(env!("CARGO_BIN_EXE_signet")).unwrap();
+    for want in [
+        format!("plugin_cmd      = \"{}\"", exe.display()),
+        "plugin_args     = [\"spire-plugin\", \"upstream-authority\"]".to_string(),
+        format!("plugin_checksum = \"{}\"", sha256_hex(&exe)),
+        format!(
+            "endpoint           = \"{}\"",
+            std::fs::read_to_string(data.join("endpoint"))
+                .unwrap()
+                .trim()
+        ),
+        format!(
+            "trust_bundle_path  = \"{}\"",
+            data.join("bundle.pem").display()
+        ),
+        format!(
+            "client_cert_path   = \"{}\"",
+            data.join("spire-client/upstream-authority.pem").display()
+        ),
+        "spiffe_id          = \"spiffe://example.org/spire/server\"".to_string(),
+        "bootstrap_endpoint = \"127.0.0.1:".to_string(),
+    ] {
+        assert!(stanza.contains(&want), "{want} in:\n{stanza}");
+    }
+
+    // 3. The stanza in server.conf's plugins block (beside the KeyManager every server.conf has), spire-server.
+    let plugins = format!("  KeyManager \"memory\" {{\n    plugin_data {{}}\n  }}\n{stanza}");
+    let mut spire = Spire::start_server(&bin, &spire_dir, &plugins);
+    let signet_root = pem_ders(&std::fs::read(data.join("bundle.pem")).unwrap());
+    assert!(
+        spire.bundle_roots().contains(&signet_root[0]),
+        "spire-server bundle show lacks signet's root"
+    );
+    spire.start_agent();
+    let (chain, _) = spire.fetch_x509();
+    assert!(chain.len() >= 2, "leaf and SPIRE's intermediate CA");
+    openssl_verify(&signet_root, &chain[1..], &chain[0])
+        .expect("the workload X509-SVID verifies against signet's root (openssl)");
+    // The plug-in keeps the credential it got for the token where the stanza says.
+    assert!(
+        first_serial(&data.join("spire-client/upstream-authority.pem")).is_some(),
+        "the plug-in's credential in signet-data/spire-client/"
+    );
+    drop(spire);
+}

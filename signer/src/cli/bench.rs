@@ -41,6 +41,7 @@ async fn start(spec: InProcess) -> Result<Started, String> {
         .parse()
         .map_err(|e| format!("listen address: {e}"))?;
     cfg.server.metrics = None;
+    cfg.server.bootstrap_listen = None;
     cfg.pipeline.cpu_threads = spec.cpu_threads;
     cfg.authority.x509.mode = match spec.mode {
         Mode::Direct => ModeSetting::Direct,

@@ -99,24 +99,39 @@ impl Connection {
         }
     }
 
-    /// A channel presenting the configured client credential (the admin's by default).
-    pub(super) async fn channel(&self) -> Result<Channel, CliError> {
-        let d = &self.data_dir;
-        let addr = match &self.addr {
+    /// The data directory.
+    pub(super) fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// The trust bundle file the CLI trusts (--ca, else `<data dir>/bundle.pem`).
+    pub(super) fn bundle_path(&self) -> PathBuf {
+        self.ca
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("bundle.pem"))
+    }
+
+    /// The appliance's address(es): --addr, else the one in `<data dir>/endpoint`, else 127.0.0.1:8443.
+    pub(super) fn address(&self) -> String {
+        match &self.addr {
             Some(a) => a.clone(),
-            None => std::fs::read_to_string(d.join("endpoint"))
+            None => std::fs::read_to_string(self.data_dir.join("endpoint"))
                 .map(|s| s.trim().to_string())
                 .unwrap_or_else(|_| "127.0.0.1:8443".into()),
-        };
+        }
+    }
+
+    /// The trust domain of the client credential (the admin's by default).
+    pub(super) fn trust_domain(&self) -> Result<String, CliError> {
+        let (cert, _) = self.credential()?;
+        trust_domain_of_cert(&cert)
+    }
+
+    /// A channel presenting the configured client credential (the admin's by default).
+    pub(super) async fn channel(&self) -> Result<Channel, CliError> {
+        let addr = self.address();
         let (cert, key) = self.credential()?;
-        let td = signet::plugin::settings::spiffe_id_of_pem(&cert)
-            .ok()
-            .and_then(|id| connect::trust_domain_of(&id).map(str::to_string))
-            .ok_or_else(|| {
-                CliError::new(
-                    "the client certificate carries no SPIFFE ID: it must be an X509-SVID issued by signet",
-                )
-            })?;
+        let td = trust_domain_of_cert(&cert)?;
         let identity = connect::certified_key_pem(&cert, &key).map_err(CliError::new)?;
         drop(key);
         let identity: Arc<dyn ResolvesClientCert> =
@@ -173,6 +188,18 @@ impl Connection {
             .to_string();
         self.connect(addr, &td, None).await
     }
+}
+
+/// The trust domain of a client certificate's SPIFFE ID.
+fn trust_domain_of_cert(cert: &[u8]) -> Result<String, CliError> {
+    signet::plugin::settings::spiffe_id_of_pem(cert)
+        .ok()
+        .and_then(|id| connect::trust_domain_of(&id).map(str::to_string))
+        .ok_or_else(|| {
+            CliError::new(
+                "the client certificate carries no SPIFFE ID: it must be an X509-SVID issued by signet",
+            )
+        })
 }
 
 /// How long a connection (TCP and the TLS handshake) to one address may take.
@@ -247,7 +274,7 @@ enum MintCommand {
     },
 }
 
-fn parse_duration(s: &str) -> Result<ConfigDuration, String> {
+pub(super) fn parse_duration(s: &str) -> Result<ConfigDuration, String> {
     ConfigDuration::parse(s)
 }
 
@@ -310,7 +337,7 @@ fn key_and_csr(
     Ok((kp, csr.der().to_vec()))
 }
 
-fn ttl_secs(ttl: ConfigDuration) -> i64 {
+pub(super) fn ttl_secs(ttl: ConfigDuration) -> i64 {
     i64::try_from(ttl.0.as_secs()).unwrap_or(i64::MAX)
 }
 

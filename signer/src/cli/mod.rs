@@ -15,6 +15,7 @@ mod doctor;
 mod plugin;
 mod rotate;
 mod serve;
+mod spire;
 mod token;
 mod when;
 
@@ -66,6 +67,9 @@ enum Command {
     Status(client::StatusArgs),
     /// Measure issuance rates and latency under load, beside the token's bare signing rate.
     Bench(Box<signet_bench::BenchArgs>),
+    /// Plug a SPIRE server into this appliance: `signet spire config --upstream-authority` prints its server.conf
+    /// stanza, with a join token.
+    Spire(spire::SpireArgs),
     /// The SPIRE plug-in process (SPIRE's server starts it: plugin_cmd in server.conf).
     SpirePlugin(plugin::PluginArgs),
     /// Rotate the root or the JWT key: status, prepare, publish, activate, retire, taint, destroy.
@@ -105,6 +109,7 @@ pub fn main() -> ExitCode {
         Command::JoinToken(j) => client::join_token(j),
         Command::Status(s) => client::status_cmd(s),
         Command::Bench(b) => bench::run(*b),
+        Command::Spire(s) => spire::run(s),
         Command::SpirePlugin(_) => Ok(()),
         Command::Rotate(r) => rotate::run(r),
         Command::Doctor(d) => doctor::run(d),

@@ -4,7 +4,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use clap::Args;
-use signet::config::{ADMIN_ID_PATH, Config};
+use signet::config::{ADMIN_ID_PATH, Config, PolicyRule};
 use signet::serve::{Appliance, default_embedded_token};
 
 use super::CliError;
@@ -19,13 +19,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SIGNET_DATA_DIR")]
     data_dir: Option<PathBuf>,
     /// The gRPC listen address (overrides server.listen; port 0 picks a free port).
-    #[arg(long)]
+    #[arg(long, env = "SIGNET_LISTEN")]
     listen: Option<SocketAddr>,
     /// The Prometheus listen address (overrides server.metrics; "" disables it).
-    #[arg(long)]
+    #[arg(long, env = "SIGNET_METRICS")]
     metrics: Option<String>,
-    /// The bootstrap port for join tokens (overrides server.bootstrap_listen; e.g. 127.0.0.1:8445).
-    #[arg(long)]
+    /// The bootstrap port for join tokens (overrides server.bootstrap_listen; e.g. 127.0.0.1:8445; the embedded
+    /// default has one on a free loopback port).
+    #[arg(long, env = "SIGNET_BOOTSTRAP_LISTEN")]
     bootstrap_listen: Option<SocketAddr>,
 }
 
@@ -63,10 +64,11 @@ pub fn run(args: ServeArgs) -> Result<(), CliError> {
         .build()?;
     runtime.block_on(async move {
         let td = cfg.trust_domain.clone();
+        let policy = cfg.policy.clone();
         let appliance = Appliance::start_with(cfg, embedded.clone())
             .await
             .map_err(|e| CliError::new(e.to_string()))?;
-        print_banner(&appliance, &td, embedded.name());
+        print_banner(&appliance, &td, embedded.name(), &policy);
         wait_for_signal().await?;
         tracing::info!("shutting down: finishing requests in flight");
         appliance
@@ -110,7 +112,7 @@ fn reexec_with_token_environment(env: &[(String, PathBuf)]) -> Result<(), CliErr
     }
 }
 
-fn print_banner(a: &Appliance, td: &str, embedded: &str) {
+fn print_banner(a: &Appliance, td: &str, embedded: &str, policy: &[PolicyRule]) {
     let p = a.paths();
     let token = if a.token_names() == ["embedded"] {
         format!("embedded {embedded} token in {}", p.dir.display())
@@ -143,11 +145,29 @@ fn print_banner(a: &Appliance, td: &str, embedded: &str) {
         ),
         None => println!("  bootstrap       off (--bootstrap-listen for join tokens)"),
     }
+    for rule in policy {
+        println!(
+            "  policy          {} may {}",
+            rule.caller,
+            rule.may.join(", ")
+        );
+    }
+    let spire_rule = policy.iter().any(|r| {
+        r.may
+            .iter()
+            .any(|m| m == "upstream-authority" || m == "key-manager")
+            && !r.caller.ends_with(ADMIN_ID_PATH)
+    });
     println!("Try:");
     println!("  signet mint x509-svid{data_flag} --spiffe-id spiffe://{td}/demo --out ./svid");
     println!("  signet mint jwt-svid{data_flag} --spiffe-id spiffe://{td}/demo --audience demo");
     println!("  signet bundle{data_flag}");
     println!("  signet status{data_flag}");
+    if spire_rule && a.bootstrap_addr().is_some() {
+        println!(
+            "  signet spire config{data_flag} --upstream-authority >> stanza.conf   # for SPIRE: its server.conf plug-in stanza"
+        );
+    }
     println!(
         "  grpcurl -cacert {} -cert {} -key {} localhost:{} list",
         p.bundle.display(),

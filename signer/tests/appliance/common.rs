@@ -70,6 +70,8 @@ pub fn config_on(name: &str, module: &Path, label: &str, user_pin: &str, dir: &P
     cfg.server.listen = "127.0.0.1:0".parse().unwrap();
     cfg.server.metrics = None;
     cfg.pipeline.cpu_threads = 3;
+    // No bootstrap port unless a test asks for one.
+    cfg.server.bootstrap_listen = None;
     cfg.tokens = vec![TokenSettings {
         name: name.into(),
         module: module.to_path_buf(),

@@ -248,11 +248,13 @@ enum MintCommand {
         out: PathBuf,
         /// Get the SVID with this one-time join token (from `signet join-token create`) instead of a client
         /// credential, on the appliance's bootstrap port (--bootstrap-addr).
+        // A token is base64url and may start with '-': taken as the value, not as another flag.
         #[arg(
             long,
             env = "SIGNET_JOIN_TOKEN",
             hide_env_values = true,
-            requires = "bootstrap_addr"
+            requires = "bootstrap_addr",
+            allow_hyphen_values = true
         )]
         join_token: Option<String>,
         /// The appliance's bootstrap port (host:port, `[server] bootstrap_listen`), for --join-token.

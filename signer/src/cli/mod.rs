@@ -170,3 +170,29 @@ impl From<std::io::Error> for CliError {
         CliError::new(format!("I/O error: {e}"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::Cli;
+
+    #[test]
+    fn a_join_token_that_starts_with_a_hyphen_is_a_value() {
+        // Join tokens are base64url: one in 64 starts with '-'.
+        let parsed = Cli::try_parse_from([
+            "signet",
+            "mint",
+            "x509-svid",
+            "--spiffe-id",
+            "spiffe://example.org/spire/server",
+            "--join-token",
+            "-aBc_dEf",
+            "--bootstrap-addr",
+            "127.0.0.1:8445",
+            "--out",
+            "svid",
+        ]);
+        assert!(parsed.is_ok(), "{:?}", parsed.err());
+    }
+}

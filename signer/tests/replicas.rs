@@ -36,6 +36,10 @@ use signet_proto::spire::plugin::server::upstreamauthority::v1 as ua;
 use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authority_client::UpstreamAuthorityClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+#[path = "support/handshake.rs"]
+mod handshake;
+use handshake::{ders, serial, served_chain, signed_by};
+
 const REQUIRE_ENV: &str = "SIGNET_REQUIRE_POSTGRES";
 /// The roots' life in this test: the schedule prepares the next root at 1.6 % of it (38 s after the first start,
 /// after the phases that need r1 alive, with room for a slow machine) and activates it at 2.4 % (58 s), leaving room
@@ -1011,15 +1015,6 @@ impl Tally {
     }
 }
 
-fn ders(pem_text: &str) -> Vec<Vec<u8>> {
-    pem::parse_many(pem_text)
-        .unwrap_or_default()
-        .into_iter()
-        .filter(|p| p.tag() == "CERTIFICATE")
-        .map(|p| p.contents().to_vec())
-        .collect()
-}
-
 /// A client credential (chain PEM, key PEM) from `cert` and `key`, read again until the two are a pair (a replica
 /// renewing its admin credential replaces the two files one after the other).
 fn read_pair(cert: &Path, key: &Path) -> Result<(String, String), String> {
@@ -1086,61 +1081,9 @@ async fn client_channel(
 /// The chain (leaf first) the replica at `addr` presents to a new TLS handshake, verified against `dir/bundle.pem`
 /// for `localhost`, the client presenting `dir`'s admin credential.
 async fn served(addr: &str, dir: &Path) -> Result<Vec<Vec<u8>>, String> {
-    use tokio_rustls::rustls;
-    let mut roots = rustls::RootCertStore::empty();
     let bundle = std::fs::read_to_string(dir.join("bundle.pem")).map_err(|e| e.to_string())?;
-    for r in ders(&bundle) {
-        roots.add(r.into()).map_err(|e| e.to_string())?;
-    }
     let (c, k) = read_pair(&dir.join("admin.pem"), &dir.join("admin.key"))?;
-    let chain: Vec<rustls::pki_types::CertificateDer<'static>> =
-        ders(&c).into_iter().map(Into::into).collect();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
-        pem::parse(&k)
-            .map_err(|e| e.to_string())?
-            .contents()
-            .to_vec()
-            .into(),
-    );
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)
-    .map_err(|e| e.to_string())?;
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .unwrap_or_default()
-        .iter()
-        .map(|c| c.to_vec())
-        .collect())
-}
-
-fn serial(der: &[u8]) -> Vec<u8> {
-    x509_parser::parse_x509_certificate(der)
-        .unwrap()
-        .1
-        .raw_serial()
-        .to_vec()
-}
-
-/// Whether `root`'s key signed `leaf`.
-fn signed_by(leaf: &[u8], root: &[u8]) -> bool {
-    let (_, l) = x509_parser::parse_x509_certificate(leaf).unwrap();
-    let (_, r) = x509_parser::parse_x509_certificate(root).unwrap();
-    l.verify_signature(Some(r.public_key())).is_ok()
+    served_chain(addr, &bundle, &c, &k).await
 }
 
 /// `signet mint x509-svid` for the test's client through the replica at `addr`, into `out` (svid.pem, svid.key).

@@ -15,6 +15,8 @@ mod cli;
 mod common;
 mod doctor;
 mod figures;
+#[path = "../support/handshake.rs"]
+mod handshake;
 mod hostile;
 mod issuer;
 mod join;

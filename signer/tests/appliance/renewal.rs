@@ -13,20 +13,11 @@ use signet_proto::signet::v1 as pb;
 use signet_proto::signet::v1::admin_client::AdminClient;
 use signet_proto::signet::v1::issuer_client::IssuerClient;
 use time::OffsetDateTime;
-use tokio_rustls::rustls;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
 use crate::common::*;
-
-fn ders(pem_text: &str) -> Vec<Vec<u8>> {
-    pem::parse_many(pem_text)
-        .unwrap()
-        .into_iter()
-        .filter(|p| p.tag() == "CERTIFICATE")
-        .map(|p| p.contents().to_vec())
-        .collect()
-}
+use crate::handshake::{ders, serial, served_chain, signed_by};
 
 fn tls_for(roots_pem: &str, who: &Credential) -> ClientTlsConfig {
     ClientTlsConfig::new()
@@ -42,54 +33,7 @@ async fn served(
     roots_pem: &str,
     who: &Credential,
 ) -> Result<Vec<Vec<u8>>, String> {
-    let mut roots = rustls::RootCertStore::empty();
-    for r in ders(roots_pem) {
-        roots.add(r.into()).unwrap();
-    }
-    let chain: Vec<rustls::pki_types::CertificateDer<'static>> =
-        ders(&who.chain_pem).into_iter().map(Into::into).collect();
-    let key = rustls::pki_types::PrivateKeyDer::Pkcs8(
-        pem::parse(&who.key_pem).unwrap().contents().to_vec().into(),
-    );
-    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_client_auth_cert(chain, key)
-    .unwrap();
-    cfg.alpn_protocols = vec![b"h2".to_vec()];
-    let tcp = tokio::net::TcpStream::connect(addr)
-        .await
-        .map_err(|e| e.to_string())?;
-    let tls = tokio_rustls::TlsConnector::from(Arc::new(cfg))
-        .connect("localhost".try_into().unwrap(), tcp)
-        .await
-        .map_err(|e| e.to_string())?;
-    Ok(tls
-        .get_ref()
-        .1
-        .peer_certificates()
-        .unwrap_or_default()
-        .iter()
-        .map(|c| c.to_vec())
-        .collect())
-}
-
-fn serial(der: &[u8]) -> Vec<u8> {
-    x509_parser::parse_x509_certificate(der)
-        .unwrap()
-        .1
-        .raw_serial()
-        .to_vec()
-}
-
-/// Whether `root`'s key signed `leaf`.
-fn signed_by(leaf: &[u8], root: &[u8]) -> bool {
-    let (_, l) = x509_parser::parse_x509_certificate(leaf).unwrap();
-    let (_, r) = x509_parser::parse_x509_certificate(root).unwrap();
-    l.verify_signature(Some(r.public_key())).is_ok()
+    served_chain(&addr.to_string(), roots_pem, &who.chain_pem, &who.key_pem).await
 }
 
 /// The admin credential from the data directory, read until the certificate and the key are a pair (a renewal may

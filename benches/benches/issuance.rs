@@ -26,10 +26,10 @@ use rcgen::{
     KeyPair, KeyUsagePurpose, SanType, SerialNumber,
 };
 use signet::jwt::JwtIssuer;
+use signet::keys::spki::SubjectKey;
 use signet::keys::{AuthorityKey, KeyType, SignatureScheme, SoftwareKey, verify_signature};
+use signet::lint::x509::{IssuerFacts, LintContext, Profile, lint_tbs};
 use signet::spiffe::{SpiffeId, TrustDomain};
-use signet::spki::SubjectKey;
-use signet::x509::lint::{IssuerFacts, LintContext, Profile, lint_tbs};
 use signet::x509::{Authority, LeafRequest, RootRequest, parse_and_verify_csr};
 use time::OffsetDateTime;
 use x509_parser::prelude::FromDer as _;

@@ -30,14 +30,14 @@ use std::time::{Duration, Instant};
 
 use criterion::Criterion;
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, SanType};
+use signet::keys::spki::SubjectKey;
+use signet::keys::token::TokenKey;
 use signet::keys::{AuthorityKey, KeyType as CoreKeyType, SoftwareKey};
-use signet::keys_token::TokenKey;
 use signet::pipeline::{
     DelegatedConfig, Pipeline, PipelineConfig, PipelineKey, SigningMode, TokenMember, VerifyPolicy,
     X509SvidIssuer,
 };
 use signet::spiffe::TrustDomain;
-use signet::spki::SubjectKey;
 use signet::x509::{
     Authority, IntermediateRequest, LeafRequest, RootRequest, parse_and_verify_csr,
 };

@@ -5,11 +5,18 @@ use std::fmt;
 use cryptoki::object::ObjectHandle;
 
 use crate::error::{Error, ErrorKind};
-use crate::sign::Family;
 
-/// The key types the layer generates and signs with.
+/// The family of key an algorithm needs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
+pub(crate) enum Family {
+    Ec,
+    Rsa,
+    Ed25519,
+}
+
+/// The key types signet generates and signs with: the one key type of the whole workspace (the issuance core
+/// re-exports it as `signet::keys::KeyType` and adds the signature schemes each signs with).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum KeyType {
     /// ECDSA on P-256.
     EcP256,
@@ -56,6 +63,11 @@ impl KeyType {
             KeyType::Rsa4096 => Some(4096),
             _ => None,
         }
+    }
+
+    /// True for the RSA key types.
+    pub fn is_rsa(self) -> bool {
+        matches!(self, KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096)
     }
 
     /// The EC field size in bytes (half a raw ECDSA signature), for ECDSA types.

@@ -25,9 +25,10 @@ use ring::rand::SecureRandom;
 
 use crate::encoding;
 use crate::error::{Error, ErrorKind, Result};
+use crate::keys::Family;
 use crate::keys::{Key, KeyGenOptions, KeyInfo, KeyType};
 use crate::module::ModuleState;
-use crate::sign::{Family, HashAlg, SignAlgorithm};
+use crate::sign::{HashAlg, SignAlgorithm};
 use crate::token::Token;
 
 static EPOCHS: AtomicU64 = AtomicU64::new(1);

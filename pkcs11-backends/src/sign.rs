@@ -3,7 +3,7 @@
 use ring::digest;
 
 use crate::error::{Error, ErrorKind, Result};
-use crate::keys::KeyType;
+use crate::keys::{Family, KeyType};
 
 /// A hash computed on the host (ring), before the token signs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -61,14 +61,6 @@ pub enum SignAlgorithm {
     /// RSASSA-PSS with SHA-512, MGF1-SHA-512, 64-byte salt.
     RsaPssSha512,
     /// Ed25519 (CKM_EDDSA over the message; no host hashing, no `sign_digest`).
-    Ed25519,
-}
-
-/// The family of key an algorithm needs.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub(crate) enum Family {
-    Ec,
-    Rsa,
     Ed25519,
 }
 

@@ -10,8 +10,11 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
+pub use crate::federation::{EndpointProfile, FederatedTrustDomain, FederationSettings};
 use crate::keys::KeyType;
+pub use crate::policy::{ADMIN_ID_PATH, PolicyRule, SERVER_ID_PATH};
 use crate::spiffe::{SpiffeIdError, TrustDomain};
+pub use crate::units::{ConfigDuration, Rate};
 
 /// Why a configuration was refused.
 #[derive(Debug, thiserror::Error)]
@@ -34,96 +37,6 @@ pub enum ConfigError {
     /// The trust domain is not a valid SPIFFE trust domain name.
     #[error("invalid trust_domain: {0}")]
     TrustDomain(#[from] SpiffeIdError),
-}
-
-/// A duration written `90s`, `5m`, `1h`, `30d` or combinations (`1h30m`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct ConfigDuration(pub Duration);
-
-impl ConfigDuration {
-    /// Parses `text` (see the type docs).
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let t = text.trim();
-        if t.is_empty() {
-            return Err("an empty duration".into());
-        }
-        let mut total: u64 = 0;
-        let mut number = String::new();
-        for c in t.chars() {
-            if c.is_ascii_digit() {
-                number.push(c);
-                continue;
-            }
-            let unit: u64 = match c {
-                's' => 1,
-                'm' => 60,
-                'h' => 3600,
-                'd' => 86_400,
-                _ => return Err(format!("{text:?}: unknown unit {c:?} (use s, m, h or d)")),
-            };
-            let n: u64 = number
-                .parse()
-                .map_err(|_| format!("{text:?}: a number must come before each unit"))?;
-            number.clear();
-            total = n
-                .checked_mul(unit)
-                .and_then(|v| total.checked_add(v))
-                .ok_or_else(|| format!("{text:?} is too long"))?;
-        }
-        if !number.is_empty() {
-            return Err(format!(
-                "{text:?}: the number {number} has no unit (write e.g. {number}s)"
-            ));
-        }
-        Ok(Self(Duration::from_secs(total)))
-    }
-}
-
-impl<'de> Deserialize<'de> for ConfigDuration {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Self::parse(&s).map_err(serde::de::Error::custom)
-    }
-}
-
-/// A rate written `100/s`, `6000/m` or `10000/h`.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct Rate {
-    /// Requests per second.
-    pub per_second: f64,
-}
-
-impl Rate {
-    /// Parses `text` (see the type docs).
-    pub fn parse(text: &str) -> Result<Self, String> {
-        let (n, unit) = text
-            .trim()
-            .split_once('/')
-            .ok_or_else(|| format!("{text:?}: write a rate as N/s, N/m or N/h"))?;
-        let n: f64 = n
-            .trim()
-            .parse()
-            .map_err(|_| format!("{text:?}: {n:?} is not a number"))?;
-        if !(n.is_finite() && n > 0.0) {
-            return Err(format!("{text:?}: a rate must be positive"));
-        }
-        let per = match unit.trim() {
-            "s" => 1.0,
-            "m" => 60.0,
-            "h" => 3600.0,
-            u => return Err(format!("{text:?}: unknown unit {u:?} (use s, m or h)")),
-        };
-        Ok(Self {
-            per_second: n / per,
-        })
-    }
-}
-
-impl<'de> Deserialize<'de> for Rate {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let s = String::deserialize(d)?;
-        Self::parse(&s).map_err(serde::de::Error::custom)
-    }
 }
 
 /// Where a token's user PIN comes from. The PIN itself never appears in the configuration.
@@ -473,7 +386,7 @@ pub struct AuthoritySettings {
 }
 
 fn default_bundle_refresh_hint() -> ConfigDuration {
-    ConfigDuration(Duration::from_secs(crate::api::bundle::REFRESH_HINT_SECS))
+    ConfigDuration(Duration::from_secs(crate::bundle::REFRESH_HINT_SECS))
 }
 
 impl Default for AuthoritySettings {
@@ -521,7 +434,7 @@ fn default_activate_at() -> f64 {
 }
 fn default_publish_lead() -> ConfigDuration {
     ConfigDuration(Duration::from_secs(
-        crate::ca::PUBLISH_LEAD_HINTS * crate::api::bundle::REFRESH_HINT_SECS,
+        crate::ca::PUBLISH_LEAD_HINTS * crate::bundle::REFRESH_HINT_SECS,
     ))
 }
 fn default_check_every() -> ConfigDuration {
@@ -648,144 +561,6 @@ impl PipelineSettings {
     }
 }
 
-/// A SPIFFE bundle endpoint profile (SPIFFE Federation §5).
-#[derive(Debug, Clone, Copy, Deserialize, PartialEq, Eq, Default)]
-#[serde(rename_all = "snake_case")]
-#[non_exhaustive]
-pub enum EndpointProfile {
-    /// Web PKI: the server certificate carries the endpoint's DNS name or IP address.
-    #[default]
-    HttpsWeb,
-    /// The server certificate is an X509-SVID, authenticated against the trust domain's bundle.
-    HttpsSpiffe,
-}
-
-impl EndpointProfile {
-    /// The name used in the configuration (`https_web`, `https_spiffe`).
-    pub fn name(self) -> &'static str {
-        match self {
-            EndpointProfile::HttpsWeb => "https_web",
-            EndpointProfile::HttpsSpiffe => "https_spiffe",
-        }
-    }
-}
-
-/// One `[[federation.trust_domains]]` entry: a foreign trust domain whose bundle signet fetches.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FederatedTrustDomain {
-    /// The foreign trust domain's name (never our own).
-    pub trust_domain: String,
-    /// Its bundle endpoint URL (`https://host[:port][/path]`).
-    pub endpoint: String,
-    /// The endpoint's profile.
-    pub profile: EndpointProfile,
-    /// https_web: the roots (PEM) that may sign the endpoint's server certificate.
-    #[serde(default)]
-    pub ca: Option<PathBuf>,
-    /// https_spiffe: the SPIFFE ID the endpoint's X509-SVID must carry.
-    #[serde(default)]
-    pub endpoint_spiffe_id: Option<String>,
-    /// https_spiffe: the foreign trust domain's bundle (SPIFFE bundle document, JSON) to authenticate the first
-    /// fetch; later fetches are authenticated against the last bundle fetched.
-    #[serde(default)]
-    pub bootstrap_bundle: Option<PathBuf>,
-}
-
-/// `[federation]`: the bundle endpoint signet serves and the foreign bundle endpoints it polls.
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FederationSettings {
-    /// Where the bundle endpoint listens; absent: no endpoint is served.
-    #[serde(default)]
-    pub listen: Option<SocketAddr>,
-    /// The endpoint's profile.
-    #[serde(default)]
-    pub profile: EndpointProfile,
-    /// https_web: the endpoint's certificate chain (PEM, leaf first) with its DNS/IP SANs.
-    #[serde(default)]
-    pub cert: Option<PathBuf>,
-    /// https_web: the certificate's private key (PEM: PKCS#8, SEC1 or PKCS#1).
-    #[serde(default)]
-    pub key: Option<PathBuf>,
-    /// The `spiffe_refresh_hint` the endpoint publishes.
-    #[serde(default = "default_refresh_hint")]
-    pub refresh_hint: ConfigDuration,
-    /// The shortest interval between two fetches of one foreign endpoint, whatever its hint says; also the first
-    /// retry delay after a failed fetch (doubling up to the refresh hint).
-    #[serde(default = "default_refresh_floor")]
-    pub refresh_floor: ConfigDuration,
-    /// The largest bundle accepted from a foreign endpoint, in bytes.
-    #[serde(default = "default_max_bundle")]
-    pub max_bundle_bytes: usize,
-    /// How long one fetch (connect, TLS, request, body) may take.
-    #[serde(default = "default_fetch_timeout")]
-    pub fetch_timeout: ConfigDuration,
-    /// The foreign trust domains.
-    #[serde(default)]
-    pub trust_domains: Vec<FederatedTrustDomain>,
-}
-
-fn default_refresh_hint() -> ConfigDuration {
-    ConfigDuration(Duration::from_secs(300))
-}
-fn default_refresh_floor() -> ConfigDuration {
-    ConfigDuration(Duration::from_secs(30))
-}
-fn default_max_bundle() -> usize {
-    1024 * 1024
-}
-fn default_fetch_timeout() -> ConfigDuration {
-    ConfigDuration(Duration::from_secs(10))
-}
-
-impl Default for FederationSettings {
-    fn default() -> Self {
-        Self {
-            listen: None,
-            profile: EndpointProfile::HttpsWeb,
-            cert: None,
-            key: None,
-            refresh_hint: default_refresh_hint(),
-            refresh_floor: default_refresh_floor(),
-            max_bundle_bytes: default_max_bundle(),
-            fetch_timeout: default_fetch_timeout(),
-            trust_domains: Vec::new(),
-        }
-    }
-}
-
-/// One `[[policy]]` rule (see [`crate::policy`]).
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct PolicyRule {
-    /// The caller's SPIFFE ID, exactly, or a prefix ending in `/*`.
-    pub caller: String,
-    /// Services it may use: `upstream-authority`, `key-manager`, `issuer`, `admin`.
-    pub may: Vec<String>,
-    /// SPIFFE ID prefixes it may request SVIDs for (issuer).
-    #[serde(default)]
-    pub ids: Vec<String>,
-    /// Longest X509-SVID (and, for upstream-authority, SPIRE CA) lifetime: a longer request is cut to it.
-    #[serde(default)]
-    pub max_ttl: Option<ConfigDuration>,
-    /// Longest JWT-SVID lifetime (defaults to `max_ttl`, then to `authority.jwt.max_ttl`): a longer request is cut
-    /// to it.
-    #[serde(default)]
-    pub jwt_max_ttl: Option<ConfigDuration>,
-    /// Credentials or signatures per unit of time for each caller matching this rule (token bucket).
-    #[serde(default)]
-    pub rate: Option<Rate>,
-    /// Bucket size (default: one second of `rate`, at least 1).
-    #[serde(default)]
-    pub burst: Option<u32>,
-    /// Also admit this rule's callers when their X509-SVID was signed by a CA below signet (a SPIRE server's CA
-    /// from `MintX509CA`) rather than by signet itself. Off by default; only for rules that grant `issuer` alone
-    /// (admin, key-manager and upstream-authority only ever accept credentials signet issued).
-    #[serde(default)]
-    pub downstream_credentials: bool,
-}
-
 /// The whole configuration.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -829,11 +604,6 @@ fn default_data_dir() -> PathBuf {
 fn default_datastore() -> String {
     "sqlite://state.db".into()
 }
-
-/// The SPIFFE ID path of the appliance's own server certificate.
-pub const SERVER_ID_PATH: &str = "/signet/server";
-/// The SPIFFE ID path of the admin client credential made for the CLI.
-pub const ADMIN_ID_PATH: &str = "/signet/admin";
 
 /// The path of the SPIRE server's SPIFFE ID that the embedded default's policy lets use the SPIRE services.
 pub const SPIRE_SERVER_ID_PATH: &str = "/spire/server";
@@ -1018,7 +788,8 @@ impl Config {
             ));
         }
         self.pipeline.pipeline_config()?;
-        crate::federation::check_settings(&self.federation, &self.trust_domain()?)?;
+        crate::federation::check_settings(&self.federation, &self.trust_domain()?)
+            .map_err(|e| ConfigError::Invalid(e.0))?;
         crate::policy::Policy::from_rules(&self.policy, self.authority.jwt.max_ttl.0)
             .map_err(|e| ConfigError::Invalid(e.to_string()))?;
         Ok(())

@@ -25,13 +25,14 @@
 
 pub mod api;
 pub mod audit;
+pub mod bundle;
 pub mod ca;
 pub mod config;
+pub mod datadir;
 pub mod federation;
 pub mod health;
 pub mod jwt;
 pub mod keys;
-pub mod keys_token;
 pub mod lint;
 pub mod own;
 pub mod pipeline;
@@ -39,7 +40,8 @@ pub mod plugin;
 pub mod policy;
 pub mod replica;
 pub mod serve;
+pub mod shutdown;
 pub mod spiffe;
-pub mod spki;
 pub mod store;
+pub mod units;
 pub mod x509;

@@ -35,9 +35,10 @@ use tokio::sync::watch;
 use tokio_rustls::rustls;
 
 use crate::ca::{ActiveSet, Authorities};
+use crate::datadir::{DataPaths, pem_certs, rename_over, write_aside};
 use crate::replica::Replication;
-use crate::serve::{DataPaths, ServeError};
 use crate::spiffe::SpiffeId;
+use crate::x509::root_id;
 use crate::x509::{Authority, LeafRequest};
 
 /// The first retry after a failed renewal; doubled per failure up to [`MAX_BACKOFF`].
@@ -199,18 +200,6 @@ pub struct OwnSettings {
     pub bundle_endpoint: bool,
 }
 
-/// The root id a heartbeat reports and `retire` compares: the root certificate's SubjectKeyIdentifier in hex (as
-/// `Admin.GetRotation` shows it), or the SHA-256 of its SubjectPublicKeyInfo when it has none.
-pub fn root_id(root_der: &[u8]) -> String {
-    if let Some(ski) = crate::api::cert_ski(root_der) {
-        return ski;
-    }
-    let spki = x509_parser::parse_x509_certificate(root_der)
-        .map(|(_, c)| c.public_key().raw.to_vec())
-        .unwrap_or_default();
-    hex::encode(ring::digest::digest(&ring::digest::SHA256, &spki))
-}
-
 fn spki_of(der: &[u8]) -> Option<Vec<u8>> {
     x509_parser::parse_x509_certificate(der)
         .ok()
@@ -224,45 +213,6 @@ fn leaf_facts(der: &[u8]) -> Result<(OffsetDateTime, OffsetDateTime, String), St
     let na = c.validity().not_after.to_datetime();
     let backdate = time::Duration::try_from(crate::x509::issue::BACKDATE).unwrap_or_default();
     Ok(((nb + backdate).min(na), na, hex::encode(c.raw_serial())))
-}
-
-/// Replaces `path` with `data` atomically: written aside (0600 when `private`), then renamed over it.
-pub fn replace_file(path: &Path, data: &[u8], private: bool) -> Result<(), ServeError> {
-    let aside = write_aside(path, data, private)?;
-    rename_over(&aside, path)
-}
-
-/// Writes `data` next to `path` (`.<name>.new`, 0600 when `private`) and returns where.
-fn write_aside(path: &Path, data: &[u8], private: bool) -> Result<std::path::PathBuf, ServeError> {
-    let name = path
-        .file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default();
-    let aside = path.with_file_name(format!(".{name}.new"));
-    // A file left aside by a crash may have other permissions: start afresh.
-    let _ = std::fs::remove_file(&aside);
-    if private {
-        crate::serve::write_private(&aside, data)?;
-    } else {
-        std::fs::write(&aside, data).map_err(|source| ServeError::Io {
-            what: format!("writing {}", aside.display()),
-            source,
-        })?;
-    }
-    Ok(aside)
-}
-
-fn rename_over(aside: &Path, path: &Path) -> Result<(), ServeError> {
-    std::fs::rename(aside, path).map_err(|source| ServeError::Io {
-        what: format!("replacing {}", path.display()),
-        source,
-    })
-}
-
-fn pem_certs(ders: &[Vec<u8>]) -> String {
-    ders.iter()
-        .map(|d| pem::encode(&pem::Pem::new("CERTIFICATE", d.clone())))
-        .collect()
 }
 
 impl OwnCredentials {
@@ -457,7 +407,7 @@ impl OwnCredentials {
                     // A new root or chain: renew at once, whatever failed before.
                     retry = [None, None];
                 }
-                () = crate::api::until_shutdown(&mut shutdown) => return,
+                () = crate::shutdown::until_shutdown(&mut shutdown) => return,
             }
         }
     }

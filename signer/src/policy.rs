@@ -9,7 +9,45 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use crate::config::PolicyRule;
+use serde::Deserialize;
+
+use crate::units::{ConfigDuration, Rate};
+
+/// The SPIFFE ID path of the appliance's own server certificate.
+pub const SERVER_ID_PATH: &str = "/signet/server";
+/// The SPIFFE ID path of the admin client credential made for the CLI.
+pub const ADMIN_ID_PATH: &str = "/signet/admin";
+
+/// One `[[policy]]` rule (see [`crate::policy`]).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyRule {
+    /// The caller's SPIFFE ID, exactly, or a prefix ending in `/*`.
+    pub caller: String,
+    /// Services it may use: `upstream-authority`, `key-manager`, `issuer`, `admin`.
+    pub may: Vec<String>,
+    /// SPIFFE ID prefixes it may request SVIDs for (issuer).
+    #[serde(default)]
+    pub ids: Vec<String>,
+    /// Longest X509-SVID (and, for upstream-authority, SPIRE CA) lifetime: a longer request is cut to it.
+    #[serde(default)]
+    pub max_ttl: Option<ConfigDuration>,
+    /// Longest JWT-SVID lifetime (defaults to `max_ttl`, then to `authority.jwt.max_ttl`): a longer request is cut
+    /// to it.
+    #[serde(default)]
+    pub jwt_max_ttl: Option<ConfigDuration>,
+    /// Credentials or signatures per unit of time for each caller matching this rule (token bucket).
+    #[serde(default)]
+    pub rate: Option<Rate>,
+    /// Bucket size (default: one second of `rate`, at least 1).
+    #[serde(default)]
+    pub burst: Option<u32>,
+    /// Also admit this rule's callers when their X509-SVID was signed by a CA below signet (a SPIRE server's CA
+    /// from `MintX509CA`) rather than by signet itself. Off by default; only for rules that grant `issuer` alone
+    /// (admin, key-manager and upstream-authority only ever accept credentials signet issued).
+    #[serde(default)]
+    pub downstream_credentials: bool,
+}
 
 /// The services a rule can allow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -479,7 +517,6 @@ fn id_has_prefix(id: &str, prefix: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::{ConfigDuration, Rate};
 
     fn rule(caller: &str, may: &[&str], ids: &[&str]) -> PolicyRule {
         PolicyRule {

@@ -35,14 +35,12 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::api::AppState;
 use crate::ca::Authorities;
 use crate::store::{ReplicaRecord, Store};
 
 /// How often a replica records its heartbeat.
 pub const HEARTBEAT: Duration = Duration::from_secs(2);
-/// A replica whose heartbeat is older than this is not counted.
-pub const LIVE_WINDOW: Duration = Duration::from_secs(6);
+pub use crate::store::LIVE_WINDOW;
 /// How often a replica re-reads the datastore even without notifications.
 pub const RESYNC_EVERY: Duration = Duration::from_secs(5);
 
@@ -57,7 +55,7 @@ pub struct Replication {
     pub started_at: i64,
     leader: AtomicBool,
     live: std::sync::Mutex<Vec<ReplicaRecord>>,
-    /// The roots (see [`crate::own::root_id`]) that signed the credentials this replica serves now.
+    /// The roots (see [`crate::x509::root_id`]) that signed the credentials this replica serves now.
     serving_roots: std::sync::Mutex<Vec<String>>,
     /// Asks the heartbeat to record at once (after this replica's own credentials changed).
     beat_now: tokio::sync::Notify,
@@ -118,15 +116,15 @@ pub fn default_id(port: u16) -> String {
     format!("{host}:{port}")
 }
 
-/// Records this replica's heartbeat every [`HEARTBEAT`] and keeps the rate limits' share at the live count; leaves
-/// the table at a clean stop.
+/// Records this replica's heartbeat every [`HEARTBEAT`] and keeps the rate limits' share at the live count
+/// (`set_share` is told the count and says whether the share changed); leaves the table at a clean stop.
 pub async fn heartbeat(
     store: Store,
-    state: Arc<AppState>,
+    repl: Arc<Replication>,
+    set_share: impl Fn(u32) -> bool + Send + 'static,
     address: String,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let repl = state.replication.clone();
     let mut tick = tokio::time::interval(HEARTBEAT);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let window = i64::try_from(LIVE_WINDOW.as_secs()).unwrap_or(6);
@@ -134,7 +132,7 @@ pub async fn heartbeat(
         tokio::select! {
             _ = tick.tick() => {}
             () = repl.beat_now.notified() => {}
-            () = crate::api::until_shutdown(&mut shutdown) => {
+            () = crate::shutdown::until_shutdown(&mut shutdown) => {
                 if let Err(e) = store.leave(&repl.id).await {
                     tracing::debug!(error = %e, "cannot remove this replica's heartbeat");
                 }
@@ -151,7 +149,7 @@ pub async fn heartbeat(
         match store.heartbeat(&me, window).await {
             Ok(live) => {
                 let n = u32::try_from(live.len().max(1)).unwrap_or(u32::MAX);
-                if state.policy.set_share(n) {
+                if set_share(n) {
                     tracing::info!(
                         replicas = n,
                         "live replicas changed: each grants 1/{n} of every rate limit"
@@ -166,10 +164,11 @@ pub async fn heartbeat(
 }
 
 /// Follows what other replicas commit: re-reads the authorities and the bundle when the datastore announces a
-/// change (and every [`RESYNC_EVERY`]), and forgets KeyManager keys another replica replaced.
+/// change (and every [`RESYNC_EVERY`]), and has `forget_keys` drop the cached KeyManager keys another replica
+/// replaced (`Some((namespace, key id))`, or `None` for all of them).
 pub async fn follow_changes(
     store: Store,
-    state: Arc<AppState>,
+    forget_keys: impl Fn(Option<(&str, &str)>) + Send + 'static,
     authorities: Arc<Authorities>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -192,16 +191,16 @@ pub async fn follow_changes(
                 for what in batch {
                     let mut words = what.split(' ');
                     match (words.next(), words.next(), words.next()) {
-                        (Some("keymanager"), Some(ns), Some(id)) => state.keys.forget(Some((ns, id))),
+                        (Some("keymanager"), Some(ns), Some(id)) => forget_keys(Some((ns, id))),
                         (Some("resync"), _, _) => {
-                            state.keys.forget(None);
+                            forget_keys(None);
                             reload = true;
                         }
                         _ => reload = true,
                     }
                 }
             }
-            () = crate::api::until_shutdown(&mut shutdown) => return,
+            () = crate::shutdown::until_shutdown(&mut shutdown) => return,
         }
         if reload {
             match authorities.reload().await {
@@ -218,20 +217,19 @@ pub async fn follow_changes(
 /// left half done are finished first.
 pub async fn lead_rotations(
     store: Store,
-    state: Arc<AppState>,
+    repl: Arc<Replication>,
     authorities: Arc<Authorities>,
     every: Duration,
     schedule: bool,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let repl = state.replication.clone();
     let mut lead = None;
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            () = crate::api::until_shutdown(&mut shutdown) => return,
+            () = crate::shutdown::until_shutdown(&mut shutdown) => return,
         }
         match lead.as_mut() {
             None => match store.try_lead().await {

@@ -31,13 +31,14 @@ use tokio::task::JoinHandle;
 use tokio_stream::wrappers::ReceiverStream;
 use zeroize::Zeroizing;
 
-use crate::api::bundle::TrustBundle;
-use crate::api::issuer::{AdminService, IssuerService};
+use crate::api::admin::AdminService;
+use crate::api::issuer::IssuerService;
 use crate::api::keymanager::{KeyManagerService, KeyStore};
 use crate::api::listener::{RefusalTally, accept_loop, audit_refusals};
 use crate::api::upstream::UpstreamAuthorityService;
 use crate::api::{AppState, Signers, tls};
 use crate::audit::AuditLog;
+use crate::bundle::TrustBundle;
 use crate::ca::{
     ActiveSet, Authorities, AuthorityKind, AuthorityState, Initial, RotationPolicy, Schedule,
     TokenKeyring,
@@ -45,6 +46,7 @@ use crate::ca::{
 use crate::config::{
     ADMIN_ID_PATH, Config, ConfigError, ModeSetting, PinConfig, SERVER_ID_PATH, TokenSettings,
 };
+use crate::datadir::{DataPaths, FileError, pem_certs, replace_file, write_private, write_public};
 use crate::health::HealthBoard;
 use crate::jwt::JwtIssuer;
 use crate::keys::AuthorityKey;
@@ -85,46 +87,18 @@ pub enum ServeError {
     Server(String),
 }
 
+impl From<FileError> for ServeError {
+    fn from(e: FileError) -> Self {
+        ServeError::Io {
+            what: e.what,
+            source: e.source,
+        }
+    }
+}
+
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ServeError {
     let what = what.into();
     move |source| ServeError::Io { what, source }
-}
-
-/// The files of the data directory.
-#[derive(Debug, Clone)]
-pub struct DataPaths {
-    /// The directory.
-    pub dir: PathBuf,
-    /// The root certificate (PEM).
-    pub root: PathBuf,
-    /// The trust domain's roots for clients (PEM).
-    pub bundle: PathBuf,
-    /// The server's X509-SVID chain (PEM).
-    pub server_cert: PathBuf,
-    /// The server's key (PKCS#8 PEM, 0600).
-    pub server_key: PathBuf,
-    /// The admin client's X509-SVID chain (PEM).
-    pub admin_cert: PathBuf,
-    /// The admin client's key (PKCS#8 PEM, 0600).
-    pub admin_key: PathBuf,
-    /// The address the server listens on, written at start (for the CLI).
-    pub endpoint: PathBuf,
-}
-
-impl DataPaths {
-    /// The layout under `dir`.
-    pub fn new(dir: &Path) -> Self {
-        Self {
-            dir: dir.to_path_buf(),
-            root: dir.join("root.pem"),
-            bundle: dir.join("bundle.pem"),
-            server_cert: dir.join("server.pem"),
-            server_key: dir.join("server.key"),
-            admin_cert: dir.join("admin.pem"),
-            admin_key: dir.join("admin.key"),
-            endpoint: dir.join("endpoint"),
-        }
-    }
 }
 
 /// The token signet provisions for itself in the data directory when the configuration names none. This is the
@@ -240,33 +214,6 @@ fn random_pin() -> Result<Zeroizing<String>, ServeError> {
         .fill(b.as_mut())
         .map_err(|_| ServeError::Authority("the system random generator failed".into()))?;
     Ok(Zeroizing::new(hex::encode(&b[..])))
-}
-
-/// Writes a file only its owner can read (0600 on Unix).
-pub fn write_private(path: &Path, data: &[u8]) -> Result<(), ServeError> {
-    use std::io::Write as _;
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt as _;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(path)
-        .map_err(io(format!("writing {}", path.display())))?;
-    f.write_all(data)
-        .map_err(io(format!("writing {}", path.display())))
-}
-
-fn write_public(path: &Path, data: &[u8]) -> Result<(), ServeError> {
-    std::fs::write(path, data).map_err(io(format!("writing {}", path.display())))
-}
-
-fn pem_certs(ders: &[Vec<u8>]) -> String {
-    ders.iter()
-        .map(|d| pem::encode(&pem::Pem::new("CERTIFICATE", d.clone())))
-        .collect()
 }
 
 /// Makes sure a key labelled `label` exists on `token`, generating it when it does not.
@@ -926,7 +873,7 @@ impl Appliance {
         if schedule || store.is_shared() {
             background.push(tokio::spawn(crate::replica::lead_rotations(
                 store.clone(),
-                state.clone(),
+                state.replication.clone(),
                 authorities.clone(),
                 cfg.authority.rotation.check_every.0,
                 schedule,
@@ -936,13 +883,20 @@ impl Appliance {
         if store.is_shared() {
             background.push(tokio::spawn(crate::replica::follow_changes(
                 store.clone(),
-                state.clone(),
+                {
+                    let state = state.clone();
+                    move |which| state.keys.forget(which)
+                },
                 authorities.clone(),
                 shutdown_rx.clone(),
             )));
             background.push(tokio::spawn(crate::replica::heartbeat(
                 store.clone(),
-                state.clone(),
+                state.replication.clone(),
+                {
+                    let state = state.clone();
+                    move |n| state.policy.set_share(n)
+                },
                 addr.to_string(),
                 shutdown_rx.clone(),
             )));
@@ -1020,7 +974,7 @@ impl Appliance {
         let mut stop = shutdown_rx.clone();
         let server = tokio::spawn(
             router.serve_with_incoming_shutdown(ReceiverStream::new(incoming_rx), async move {
-                crate::api::until_shutdown(&mut stop).await
+                crate::shutdown::until_shutdown(&mut stop).await
             }),
         );
         let federation_addr =
@@ -1296,15 +1250,11 @@ async fn follow_authorities(
                 }
                 roots = now;
                 // Readers (the CLI, clients) never see a half-written file: write aside, then rename.
-                let aside = bundle_pem.with_extension("pem.new");
-                let written = write_public(&aside, pem_certs(&roots).as_bytes()).and_then(|()| {
-                    std::fs::rename(&aside, &bundle_pem).map_err(io("replacing bundle.pem"))
-                });
-                if let Err(e) = written {
+                if let Err(e) = replace_file(&bundle_pem, pem_certs(&roots).as_bytes(), false) {
                     tracing::warn!(error = %e, "cannot update bundle.pem");
                 }
             }
-            () = crate::api::until_shutdown(&mut shutdown) => return,
+            () = crate::shutdown::until_shutdown(&mut shutdown) => return,
         }
     }
 }
@@ -1456,7 +1406,7 @@ async fn health_loop(
         }
         tokio::select! {
             _ = tick.tick() => {}
-            () = crate::api::until_shutdown(&mut shutdown) => {
+            () = crate::shutdown::until_shutdown(&mut shutdown) => {
                 board.not_serving("shutting down");
                 for s in services {
                     health.set_service_status(s, ServingStatus::NotServing).await;

@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use http_body_util::Full;
 use hyper::body::Bytes;
-use signet::api::bundle::JwtKey;
+use signet::bundle::JwtKey;
 use signet::config::{
     Config, ConfigDuration, EndpointProfile, FederatedTrustDomain, PinConfig, TokenSettings,
 };
@@ -247,7 +247,7 @@ fn fresh_jwt_key(kid: &str) -> JwtKey {
         spki: rcgen::PublicKeyData::subject_public_key_info(&kp),
         expires_at: 0,
         tainted: false,
-        owner: signet::api::bundle::KeyOwner::Publisher("spiffe://test/spire".into()),
+        owner: signet::bundle::KeyOwner::Publisher("spiffe://test/spire".into()),
     }
 }
 

@@ -307,8 +307,8 @@ mod support {
 mod token_key {
     use std::sync::Arc;
 
+    use signet::keys::token::TokenKey;
     use signet::keys::{AuthorityKey, KeyError, SignatureScheme, verify_signature};
-    use signet::keys_token::TokenKey;
     use signet_pkcs11::KeyType;
 
     #[test]

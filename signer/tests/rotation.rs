@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{DistinguishedName, DnType};
-use signet::api::bundle::BundleSnapshot;
+use signet::bundle::BundleSnapshot;
 use signet::ca::{
     Authorities, AuthorityKind as K, Clock, Initial, Keyring, ManualClock, RotationError,
     RotationPolicy, TokenKeyring,
@@ -493,12 +493,12 @@ async fn a_restart_keeps_the_rotation_state() {
     rig.auth.prepare(K::X509).await.unwrap();
     rig.auth.publish(K::X509).await.unwrap();
     // A JWT key a SPIRE server published is kept too.
-    let spire_key = signet::api::bundle::JwtKey {
+    let spire_key = signet::bundle::JwtKey {
         kid: "spire-a".into(),
         spki: rcgen::PublicKeyData::subject_public_key_info(&rcgen::KeyPair::generate().unwrap()),
         expires_at: 0,
         tainted: false,
-        owner: signet::api::bundle::KeyOwner::Publisher("spiffe://example.org/spire/a".into()),
+        owner: signet::bundle::KeyOwner::Publisher("spiffe://example.org/spire/a".into()),
     };
     assert!(
         rig.auth
@@ -560,8 +560,8 @@ async fn the_schedule_rotates_on_time() {
 /// older than the live window does not. A local hold on the old root is replaced when the credential is renewed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retire_waits_for_every_live_replica_to_serve_the_new_root() {
-    use signet::own::root_id;
     use signet::store::ReplicaRecord;
+    use signet::x509::root_id;
     let Some(rig) = rig().await else { return };
     let old_root = rig.auth.active().x509.cert_der().to_vec();
     let old_spki = rig.auth.active().x509.key().spki_der().to_vec();

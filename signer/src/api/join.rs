@@ -525,7 +525,7 @@ pub async fn start_bootstrap(
     background.push(tokio::spawn(async move {
         if let Err(e) = router
             .serve_with_incoming_shutdown(ReceiverStream::new(rx), async move {
-                super::until_shutdown(&mut stop).await
+                crate::shutdown::until_shutdown(&mut stop).await
             })
             .await
         {

@@ -166,7 +166,7 @@ pub async fn audit_refusals(
     loop {
         tokio::select! {
             _ = tick.tick() => tally.flush(&audit, interval).await,
-            () = super::until_shutdown(&mut shutdown) => {
+            () = crate::shutdown::until_shutdown(&mut shutdown) => {
                 tally.flush(&audit, interval).await;
                 return;
             }
@@ -280,7 +280,7 @@ pub async fn accept_loop(
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            () = super::until_shutdown(&mut shutdown) => return,
+            () = crate::shutdown::until_shutdown(&mut shutdown) => return,
         }
     }
 }

@@ -22,11 +22,12 @@
 //! `refused`, then the first success; `none` if it audited nothing). For a subscription stream that is the stream's
 //! life.
 
-pub mod bundle;
+pub mod admin;
 pub mod issuer;
 pub mod join;
 pub mod keymanager;
 pub mod listener;
+pub mod status;
 pub mod tls;
 pub mod upstream;
 
@@ -34,15 +35,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::watch;
-use tonic::{Code, Status};
+use tonic::Status;
 
 use crate::audit::{AuditLog, AuditRecord, Outcome};
-use crate::jwt::{JwtError, JwtIssuer};
-use crate::pipeline::{Pipeline, PipelineError, SvidError, X509SvidIssuer};
+use crate::bundle::TrustBundle;
+use crate::jwt::JwtIssuer;
+use crate::pipeline::{Pipeline, X509SvidIssuer};
 use crate::policy::{Denied, Grant, Policy, Service};
 use crate::spiffe::TrustDomain;
-use crate::x509::{Authority, IssueError};
-use bundle::TrustBundle;
+use crate::x509::Authority;
+pub use crate::x509::{cert_facts, cert_ski};
+pub use status::{
+    code_name, denied_status, issue_status, jwt_status, pipeline_status, rotation_status,
+    svid_status,
+};
 
 /// The authorities that sign now. A rotation replaces the whole set at once ([`AppState::set_signers`]); a request
 /// takes the set once ([`AppState::signers`]) and finishes with it.
@@ -489,131 +495,6 @@ impl Drop for InFlightGuard {
             }
         }
     }
-}
-
-/// The gRPC status of a policy refusal.
-pub fn denied_status(d: &Denied) -> Status {
-    match d {
-        Denied::RateLimited { .. } | Denied::BeyondBurst { .. } => {
-            Status::resource_exhausted(d.to_string())
-        }
-        _ => Status::permission_denied(d.to_string()),
-    }
-}
-
-/// The gRPC status of a pipeline failure.
-pub fn pipeline_status(e: &PipelineError) -> Status {
-    let m = e.to_string();
-    match e {
-        PipelineError::Overloaded { .. } => Status::resource_exhausted(m),
-        PipelineError::DeadlineExceeded => Status::deadline_exceeded(m),
-        PipelineError::Unavailable { .. } | PipelineError::ShuttingDown => Status::unavailable(m),
-        PipelineError::Key(_) => Status::failed_precondition(m),
-        PipelineError::InvalidRequest(_) => Status::invalid_argument(m),
-        _ => Status::internal(m),
-    }
-}
-
-/// The gRPC status of an issuance failure.
-pub fn issue_status(e: &IssueError) -> Status {
-    if let Some(p) = PipelineError::in_chain(e) {
-        return pipeline_status(&p);
-    }
-    let m = e.to_string();
-    match e {
-        IssueError::Csr(_)
-        | IssueError::SpiffeId(_)
-        | IssueError::MissingSpiffeId
-        | IssueError::BadDnsName(_)
-        | IssueError::InvalidTtl(_)
-        | IssueError::TtlExceedsIssuer { .. }
-        | IssueError::Lint(_) => Status::invalid_argument(m),
-        IssueError::Key(k) if k.is_transient() => Status::unavailable(m),
-        IssueError::Authority(_) => Status::failed_precondition(m),
-        _ => Status::internal(m),
-    }
-}
-
-/// The gRPC status of an X509-SVID failure.
-pub fn svid_status(e: &SvidError) -> Status {
-    match e {
-        SvidError::Issue(i) => issue_status(i),
-        SvidError::Pipeline(p) => pipeline_status(p),
-    }
-}
-
-/// The gRPC status of a JWT-SVID failure.
-pub fn jwt_status(e: &JwtError) -> Status {
-    if let Some(p) = PipelineError::in_chain(e) {
-        return pipeline_status(&p);
-    }
-    let m = e.to_string();
-    match e {
-        JwtError::SpiffeId(_) | JwtError::Audience(_) | JwtError::Ttl(_) | JwtError::Lint(_) => {
-            Status::invalid_argument(m)
-        }
-        JwtError::Key(k) if k.is_transient() => Status::unavailable(m),
-        _ => Status::internal(m),
-    }
-}
-
-/// The canonical name of a gRPC code, for the audit log.
-pub fn code_name(code: Code) -> &'static str {
-    match code {
-        Code::Ok => "OK",
-        Code::Cancelled => "CANCELLED",
-        Code::Unknown => "UNKNOWN",
-        Code::InvalidArgument => "INVALID_ARGUMENT",
-        Code::DeadlineExceeded => "DEADLINE_EXCEEDED",
-        Code::NotFound => "NOT_FOUND",
-        Code::AlreadyExists => "ALREADY_EXISTS",
-        Code::PermissionDenied => "PERMISSION_DENIED",
-        Code::ResourceExhausted => "RESOURCE_EXHAUSTED",
-        Code::FailedPrecondition => "FAILED_PRECONDITION",
-        Code::Aborted => "ABORTED",
-        Code::OutOfRange => "OUT_OF_RANGE",
-        Code::Unimplemented => "UNIMPLEMENTED",
-        Code::Internal => "INTERNAL",
-        Code::Unavailable => "UNAVAILABLE",
-        Code::DataLoss => "DATA_LOSS",
-        Code::Unauthenticated => "UNAUTHENTICATED",
-    }
-}
-
-/// Serial number and issuer key identifier of a certificate (both lowercase hex), for responses and the audit log.
-pub fn cert_facts(der: &[u8]) -> (String, Option<String>) {
-    use x509_parser::extensions::ParsedExtension;
-    match x509_parser::parse_x509_certificate(der) {
-        Ok((_, cert)) => {
-            let serial = hex::encode(cert.raw_serial());
-            let aki = cert
-                .iter_extensions()
-                .find_map(|e| match e.parsed_extension() {
-                    ParsedExtension::AuthorityKeyIdentifier(a) => {
-                        a.key_identifier.as_ref().map(|k| hex::encode(k.0))
-                    }
-                    _ => None,
-                });
-            (serial, aki)
-        }
-        Err(_) => (String::new(), None),
-    }
-}
-
-/// The SubjectKeyIdentifier of a certificate in hex.
-pub fn cert_ski(der: &[u8]) -> Option<String> {
-    use x509_parser::extensions::ParsedExtension;
-    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-    cert.iter_extensions()
-        .find_map(|e| match e.parsed_extension() {
-            ParsedExtension::SubjectKeyIdentifier(k) => Some(hex::encode(k.0)),
-            _ => None,
-        })
-}
-
-/// Resolves once `shutdown` turns true (or its sender is gone).
-pub async fn until_shutdown(shutdown: &mut watch::Receiver<bool>) {
-    let _ = shutdown.wait_for(|s| *s).await.map(|_| ());
 }
 
 /// Counts audited outcomes per service, method and outcome (`signet_api_outcomes_total`).

@@ -20,7 +20,7 @@ use tokio_rustls::rustls;
 
 use x509_parser::certificate::X509Certificate;
 
-use super::bundle::TrustBundle;
+use crate::bundle::TrustBundle;
 use crate::spiffe::TrustDomain;
 use crate::x509::issuing;
 

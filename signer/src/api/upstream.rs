@@ -21,9 +21,9 @@ use tokio_stream::Stream;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
-use super::bundle::{BundleSnapshot, JwtKey, KeyOwner, PublishError, check_kid, check_publishable};
 use super::{AppState, Subject, cert_facts, issue_status, pipeline_status};
 use crate::audit::Outcome;
+use crate::bundle::{BundleSnapshot, JwtKey, KeyOwner, PublishError, check_kid, check_publishable};
 use crate::ca::RotationError;
 use crate::pipeline::with_deadline;
 use crate::policy::Service;
@@ -110,7 +110,7 @@ fn follow<T: Send + 'static>(
                         last = now;
                     }
                 }
-                () = super::until_shutdown(&mut shutdown) => return,
+                () = crate::shutdown::until_shutdown(&mut shutdown) => return,
                 () = tx.closed() => return,
             }
         }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use signet_pkcs11::{ErrorKind, KeyGenOptions, Token};
 
 use crate::keys::AuthorityKey;
-use crate::keys_token::TokenKey;
+use crate::keys::token::TokenKey;
 use crate::pipeline::Pipeline;
 
 /// A token refused or failed an operation.

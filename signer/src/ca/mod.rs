@@ -55,10 +55,10 @@ use rcgen::{DistinguishedName, DnType};
 use time::OffsetDateTime;
 use tokio::sync::{Mutex, watch};
 
-use crate::api::bundle::{BundleSnapshot, JwtKey, KeyOwner, TrustBundle};
+use crate::bundle::{BundleSnapshot, JwtKey, KeyOwner, TrustBundle};
 use crate::keys::AuthorityKey;
+use crate::keys::spki::SubjectKey;
 use crate::spiffe::TrustDomain;
-use crate::spki::SubjectKey;
 pub use crate::store::{AuthorityKind, AuthorityRecord, AuthorityState};
 use crate::store::{Store, StoreError, Txn};
 use crate::x509::{Authority, IntermediateRequest, RootRequest};
@@ -190,7 +190,7 @@ impl RotationPolicy {
             x509_label: x509_label.into(),
             jwt_label: jwt_label.into(),
             publish_lead: Duration::from_secs(
-                PUBLISH_LEAD_HINTS * crate::api::bundle::REFRESH_HINT_SECS,
+                PUBLISH_LEAD_HINTS * crate::bundle::REFRESH_HINT_SECS,
             ),
             max_x509_issued_ttl: Duration::from_secs(24 * 3600),
             max_jwt_issued_ttl: Duration::from_secs(24 * 3600),
@@ -1286,9 +1286,8 @@ impl Authorities {
             )));
         }
         if let Some(cert) = rec.certificate.as_deref() {
-            let root = crate::own::root_id(cert);
-            let since =
-                OffsetDateTime::now_utc().unix_timestamp() - dur(crate::replica::LIVE_WINDOW);
+            let root = crate::x509::root_id(cert);
+            let since = OffsetDateTime::now_utc().unix_timestamp() - dur(crate::store::LIVE_WINDOW);
             let on_old: Vec<String> = self
                 .store
                 .live_replicas(since)

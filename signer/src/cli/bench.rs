@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 
 use rcgen::{DistinguishedName, DnType};
 use signet::config::{Config, ModeSetting, PinConfig, TokenSettings};
+use signet::keys::token::TokenKey;
 use signet::keys::{AuthorityKey, KeyType, SoftwareKey};
-use signet::keys_token::TokenKey;
 use signet::serve::{Appliance, EmbeddedToken as _, HsmSimEmbedded};
 use signet::spiffe::TrustDomain;
 use signet::x509::{Authority, LeafRequest, RootRequest, parse_and_verify_csr};
@@ -78,7 +78,7 @@ async fn start(spec: InProcess) -> Result<Started, String> {
         }
         InProcessToken::Module(t) => {
             let pin_file = spec.data_dir.join("token.pin");
-            signet::serve::write_private(&pin_file, t.pin.expose().as_bytes())
+            signet::datadir::write_private(&pin_file, t.pin.expose().as_bytes())
                 .map_err(|e| e.to_string())?;
             cfg.tokens = vec![TokenSettings {
                 name: "bench".into(),

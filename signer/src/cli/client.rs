@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use clap::{Args, Subcommand, ValueEnum};
 use signet::config::ConfigDuration;
-use signet::serve::write_private;
+use signet::datadir::write_private;
 use signet_proto::signet::v1 as pb;
 use signet_proto::signet::v1::issuer_client::IssuerClient;
 use std::sync::Arc;

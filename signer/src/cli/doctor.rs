@@ -32,7 +32,7 @@ use std::time::Duration;
 
 use clap::Args;
 use signet::config::{Config, KeyTypeSetting, PolicyRule};
-use signet::serve::DataPaths;
+use signet::datadir::DataPaths;
 use signet::store::{AuthorityRecord, AuthorityState, Store};
 use signet_pkcs11::cryptoki::mechanism::MechanismType;
 use signet_pkcs11::{ErrorKind, KeyType, Token};

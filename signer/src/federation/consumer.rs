@@ -33,9 +33,9 @@ use tokio::task::JoinHandle;
 use tokio_rustls::rustls;
 
 use super::verify::{SpiffeServerVerifier, provider};
+use super::{EndpointProfile, FederatedTrustDomain, FederationSettings};
 use super::{FederatedBundle, FederatedBundles, FetchFailure, StoredBundle};
-use crate::api::bundle::{BundleSnapshot, TrustBundle};
-use crate::config::{EndpointProfile, FederatedTrustDomain, FederationSettings};
+use crate::bundle::{BundleSnapshot, TrustBundle};
 use crate::spiffe::{BundleDocument, SpiffeId, TrustDomain};
 
 /// The refresh interval used when a bundle has no `spiffe_refresh_hint`.
@@ -466,7 +466,7 @@ impl Poller {
                     "timeout",
                     format!("no complete answer within federation.fetch_timeout = {:?}", self.timeout),
                 ))),
-                () = crate::api::until_shutdown(&mut shutdown) => return,
+                () = crate::shutdown::until_shutdown(&mut shutdown) => return,
             };
             let now = OffsetDateTime::now_utc().unix_timestamp();
             let delay = match result {
@@ -519,7 +519,7 @@ impl Poller {
             };
             tokio::select! {
                 () = tokio::time::sleep(delay) => {}
-                () = crate::api::until_shutdown(&mut shutdown) => return,
+                () = crate::shutdown::until_shutdown(&mut shutdown) => return,
             }
         }
     }

@@ -18,7 +18,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio_rustls::rustls;
 
-use crate::api::bundle::TrustBundle;
+use crate::bundle::TrustBundle;
 
 /// Connections served at once; more wait in the kernel's backlog.
 const MAX_CONNECTIONS: usize = 256;
@@ -218,7 +218,7 @@ pub async fn serve(
                 Ok(p) => p,
                 Err(_) => return,
             },
-            () = crate::api::until_shutdown(&mut shutdown) => return,
+            () = crate::shutdown::until_shutdown(&mut shutdown) => return,
         };
         let (tcp, peer) = tokio::select! {
             a = listener.accept() => match a {
@@ -229,7 +229,7 @@ pub async fn serve(
                     continue;
                 }
             },
-            () = crate::api::until_shutdown(&mut shutdown) => return,
+            () = crate::shutdown::until_shutdown(&mut shutdown) => return,
         };
         // Small responses go out at once rather than waiting for the client's delayed ACK.
         let _ = tcp.set_nodelay(true);

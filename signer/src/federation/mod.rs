@@ -20,93 +20,20 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
 
-use crate::config::{ConfigError, EndpointProfile, FederationSettings};
-use crate::spiffe::{BundleDocument, SpiffeId, TrustDomain};
+use crate::spiffe::{BundleDocument, TrustDomain};
 
 pub mod consumer;
 pub mod endpoint;
+pub mod settings;
 pub mod verify;
+
+pub use settings::{
+    EndpointProfile, FederatedTrustDomain, FederationSettings, InvalidSettings, check_settings,
+};
 
 /// The SPIFFE ID of the appliance's own X509-SVID, which the `https_spiffe` endpoint presents.
 pub fn endpoint_spiffe_id(td: &TrustDomain) -> String {
-    format!("spiffe://{td}{}", crate::config::SERVER_ID_PATH)
-}
-
-/// Checks `[federation]` beyond what the types say.
-pub fn check_settings(f: &FederationSettings, own: &TrustDomain) -> Result<(), ConfigError> {
-    let bad = |m: String| Err(ConfigError::Invalid(m));
-    if f.listen.is_some()
-        && f.profile == EndpointProfile::HttpsWeb
-        && (f.cert.is_none() || f.key.is_none())
-    {
-        return bad(
-            "federation.profile = \"https_web\" needs federation.cert and federation.key (a certificate with the \
-             endpoint's DNS name or IP address)"
-                .into(),
-        );
-    }
-    if f.refresh_hint.0.is_zero() || f.refresh_floor.0.is_zero() || f.fetch_timeout.0.is_zero() {
-        return bad(
-            "federation.refresh_hint, refresh_floor and fetch_timeout must be positive".into(),
-        );
-    }
-    if f.max_bundle_bytes < 1024 {
-        return bad("federation.max_bundle_bytes must be at least 1024".into());
-    }
-    let mut seen = std::collections::HashSet::new();
-    for t in &f.trust_domains {
-        let td = TrustDomain::parse(&t.trust_domain).map_err(|e| {
-            ConfigError::Invalid(format!(
-                "federation.trust_domains: {:?}: {e}",
-                t.trust_domain
-            ))
-        })?;
-        let name = format!("federation.trust_domains {td}");
-        if td == *own {
-            return bad(format!(
-                "{name}: a trust domain does not federate with itself"
-            ));
-        }
-        if !seen.insert(td.clone()) {
-            return bad(format!("{name} is listed twice"));
-        }
-        consumer::EndpointUrl::parse(&t.endpoint)
-            .map_err(|e| ConfigError::Invalid(format!("{name}: {e}")))?;
-        match t.profile {
-            EndpointProfile::HttpsWeb => {
-                if t.ca.is_none() {
-                    return bad(format!(
-                        "{name}: profile https_web needs `ca` (the roots for the endpoint's certificate, PEM)"
-                    ));
-                }
-                if t.endpoint_spiffe_id.is_some() || t.bootstrap_bundle.is_some() {
-                    return bad(format!(
-                        "{name}: endpoint_spiffe_id and bootstrap_bundle belong to profile https_spiffe"
-                    ));
-                }
-            }
-            EndpointProfile::HttpsSpiffe => {
-                let Some(id) = &t.endpoint_spiffe_id else {
-                    return bad(format!(
-                        "{name}: profile https_spiffe needs endpoint_spiffe_id"
-                    ));
-                };
-                SpiffeId::parse(id).map_err(|e| {
-                    ConfigError::Invalid(format!("{name}: endpoint_spiffe_id: {e}"))
-                })?;
-                if t.bootstrap_bundle.is_none() {
-                    return bad(format!(
-                        "{name}: profile https_spiffe needs bootstrap_bundle (the foreign trust domain's bundle, \
-                         JSON, to authenticate the first fetch)"
-                    ));
-                }
-                if t.ca.is_some() {
-                    return bad(format!("{name}: `ca` belongs to profile https_web"));
-                }
-            }
-        }
-    }
-    Ok(())
+    format!("spiffe://{td}{}", crate::policy::SERVER_ID_PATH)
 }
 
 /// A foreign trust domain's bundle as last fetched (or bootstrapped).

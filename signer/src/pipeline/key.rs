@@ -24,8 +24,9 @@ use signet_pkcs11::SignAlgorithm;
 use super::error::PipelineError;
 use super::job::{Continuation, Signed, current_deadline};
 use super::{Pipeline, RegisteredKey, TokenState};
+use crate::keys::KeySchemes as _;
+use crate::keys::token::sign_algorithm;
 use crate::keys::{AuthorityKey, KeyError, KeyType, SignThen, SignatureScheme};
-use crate::keys_token::sign_algorithm;
 
 /// Which token made the signature this thread received last, and a fingerprint of that signature.
 #[derive(Clone)]

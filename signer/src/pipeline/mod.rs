@@ -538,8 +538,7 @@ impl Pipeline {
                 retry_after: self.shared.config.backoff_initial,
             });
         };
-        let key_type = crate::keys_token::key_type_of(token_type)
-            .map_err(|e| PipelineError::Key(e.to_string()))?;
+        let key_type = token_type;
         // Fail closed: a key whose signatures could not be checked after signing is not used at all.
         let Some(verifier) = verify::DigestVerifier::new(key_type, &spki) else {
             return Err(PipelineError::Key(format!(
@@ -782,6 +781,7 @@ mod tests {
     use std::sync::Mutex;
 
     use super::*;
+    use crate::keys::KeySchemes as _;
     use crate::keys::{AuthorityKey, KeyError, SignatureScheme, SoftwareKey};
 
     fn registered(key_type: KeyType, spki: &[u8]) -> RegisteredKey {
@@ -804,7 +804,7 @@ mod tests {
         ] {
             let reg = registered(key_type, b"not a SubjectPublicKeyInfo");
             assert!(reg.verifier.is_none(), "{key_type}");
-            let alg = crate::keys_token::sign_algorithm(key_type.x509_scheme());
+            let alg = crate::keys::token::sign_algorithm(key_type.x509_scheme());
             let e = verify_digest(&reg, alg, &[0u8; 32], &[1u8; 64]).unwrap_err();
             assert!(
                 matches!(e, PipelineError::PostSignCheck(_)),

@@ -30,8 +30,9 @@ use tokio::sync::oneshot;
 use super::cpu::CpuPool;
 use super::error::PipelineError;
 use super::job::with_deadline;
+use crate::keys::KeySchemes as _;
+use crate::keys::spki::SubjectKey;
 use crate::keys::{AuthorityKey, KeyError, KeyType, SignThen, SoftwareKey};
-use crate::spki::SubjectKey;
 use crate::x509::{
     Authority, IntermediateRequest, IssueError, LeafRequest, UnsignedCertificate,
     parse_and_verify_csr,

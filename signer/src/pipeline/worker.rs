@@ -26,6 +26,7 @@
 //! group. Every held answer is sent before the worker takes its next batch (or stops); errors are answered at once.
 //! On a slow (network) HSM the expected signing time alone exceeds the bound, so every answer goes out at once.
 
+use crate::keys::KeySchemes as _;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};

@@ -113,7 +113,7 @@ fn key_and_csr(id: &str) -> Result<(Vec<u8>, Vec<u8>), String> {
 fn write_atomically(path: &Path, data: &[u8], private: bool) -> Result<(), String> {
     let tmp = path.with_extension("signet-tmp");
     if private {
-        crate::serve::write_private(&tmp, data).map_err(|e| e.to_string())?;
+        crate::datadir::write_private(&tmp, data).map_err(|e| e.to_string())?;
     } else {
         std::fs::write(&tmp, data).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
     }
@@ -683,7 +683,7 @@ fn relay<T: Clone + Send + 'static>(
                         "the appliance ended the stream; reconnecting (SPIRE's stream stays open)"),
                 },
                 () = tx.closed() => return,
-                () = crate::api::until_shutdown(&mut shutdown) => return,
+                () = crate::shutdown::until_shutdown(&mut shutdown) => return,
             }
             // Reconnect (to the next replica, if there are several) until it works, SPIRE goes away or the plug-in
             // stops.
@@ -694,12 +694,12 @@ fn relay<T: Clone + Send + 'static>(
                 tokio::select! {
                     () = tokio::time::sleep(wait) => {}
                     () = tx.closed() => return,
-                    () = crate::api::until_shutdown(&mut shutdown) => return,
+                    () = crate::shutdown::until_shutdown(&mut shutdown) => return,
                 }
                 let made = tokio::select! {
                     r = reconnect(app.clone()) => r,
                     () = tx.closed() => return,
-                    () = crate::api::until_shutdown(&mut shutdown) => return,
+                    () = crate::shutdown::until_shutdown(&mut shutdown) => return,
                 };
                 match made {
                     Ok(s) => {

@@ -152,7 +152,7 @@ impl gp::grpc_broker_server::GrpcBroker for Broker {
                             address = %c.address, "broker: host announced a connection (not used)"),
                         _ => break,
                     },
-                    () = crate::api::until_shutdown(&mut shutdown) => break,
+                    () = crate::shutdown::until_shutdown(&mut shutdown) => break,
                 }
             }
             drop(tx);
@@ -195,7 +195,7 @@ impl gp::grpc_stdio_server::GrpcStdio for Stdio {
         let (tx, rx) = tokio::sync::mpsc::channel::<Result<gp::StdioData, Status>>(1);
         tokio::spawn(async move {
             tokio::select! {
-                () = crate::api::until_shutdown(&mut shutdown) => {}
+                () = crate::shutdown::until_shutdown(&mut shutdown) => {}
                 () = tx.closed() => {}
             }
         });
@@ -405,7 +405,7 @@ pub async fn run(opts: PluginOptions) -> Result<(), PluginError> {
     let mut stop = stop_rx.clone();
     let served = router
         .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-            crate::api::until_shutdown(&mut stop).await;
+            crate::shutdown::until_shutdown(&mut stop).await;
         })
         .await;
     drop(interrupts);

@@ -12,7 +12,7 @@ use serde_json::{Map, Value};
 use x509_parser::prelude::FromDer as _;
 
 use crate::keys::KeyType;
-use crate::spki::{SubjectKey, SubjectKeyKind};
+use crate::keys::spki::{SubjectKey, SubjectKeyKind};
 
 const USE_X509: &str = "x509-svid";
 const USE_JWT: &str = "jwt-svid";
@@ -258,7 +258,7 @@ fn key_params(spki_der: &[u8]) -> Result<Map<String, Value>, BundleError> {
             m.insert("y".into(), b64(y));
         }
         SubjectKeyKind::Rsa(_) => {
-            let (n, e) = crate::spki::rsa_components(key.raw())
+            let (n, e) = crate::keys::spki::rsa_components(key.raw())
                 .ok_or_else(|| BundleError::Key("malformed RSA public key".into()))?;
             m.insert("kty".into(), Value::from("RSA"));
             m.insert("n".into(), b64(n));
@@ -313,7 +313,7 @@ fn spki_from_jwk(jwk: &Map<String, Value>) -> Result<Vec<u8>, String> {
             point.push(4);
             point.extend_from_slice(&x);
             point.extend_from_slice(&y);
-            crate::spki::ec_spki(key_type, &point)
+            crate::keys::spki::ec_spki(key_type, &point)
         }
         "RSA" => {
             let n = b64_member(jwk, "n")?;
@@ -321,9 +321,9 @@ fn spki_from_jwk(jwk: &Map<String, Value>) -> Result<Vec<u8>, String> {
             if n.first() == Some(&0) || e.first() == Some(&0) {
                 return Err("\"n\"/\"e\" must not have leading zero bytes".into());
             }
-            let rsa = crate::spki::rsa_public_key_der(&n, &e)
+            let rsa = crate::keys::spki::rsa_public_key_der(&n, &e)
                 .ok_or("\"n\"/\"e\" are not valid integers")?;
-            crate::spki::rsa_spki(&rsa)
+            crate::keys::spki::rsa_spki(&rsa)
         }
         "OKP" => {
             let crv = jwk
@@ -333,7 +333,7 @@ fn spki_from_jwk(jwk: &Map<String, Value>) -> Result<Vec<u8>, String> {
             if crv != "Ed25519" {
                 return Err(format!("OKP curve {crv:?} is not supported (Ed25519)"));
             }
-            crate::spki::ed25519_spki(&b64_member(jwk, "x")?)
+            crate::keys::spki::ed25519_spki(&b64_member(jwk, "x")?)
         }
         other => {
             return Err(format!(

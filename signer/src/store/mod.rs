@@ -29,6 +29,9 @@ use sqlx::postgres::{PgConnectOptions, PgConnection, PgListener, PgPool, PgPoolO
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions};
 use sqlx::{Connection as _, Row};
 
+/// A replica whose heartbeat is older than this is not counted as live (see [`crate::replica`]).
+pub const LIVE_WINDOW: std::time::Duration = std::time::Duration::from_secs(6);
+
 /// A datastore failure.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -243,7 +246,7 @@ pub struct ReplicaRecord {
     pub started_at: i64,
     /// Unix seconds of its last heartbeat.
     pub seen_at: i64,
-    /// The ids of the roots that signed the credentials it serves now (see [`crate::own::root_id`]),
+    /// The ids of the roots that signed the credentials it serves now (see [`crate::x509::root_id`]),
     /// comma-separated; `None` when it does not report them.
     pub serving_roots: Option<String>,
 }

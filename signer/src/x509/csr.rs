@@ -5,8 +5,9 @@
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer as _;
 
+use crate::keys::spki::{SubjectKey, SubjectKeyError};
+use crate::lint::x509::valid_dns_name;
 use crate::spiffe::{SpiffeId, SpiffeIdError};
-use crate::spki::{SubjectKey, SubjectKeyError};
 
 /// Largest CSR accepted, in bytes.
 pub const MAX_CSR_LEN: usize = 64 * 1024;
@@ -178,22 +179,5 @@ fn parse(der: &[u8], verify: bool) -> Result<VerifiedCsr, CsrError> {
         subject_der: info.subject.as_raw().to_vec(),
         spiffe_id,
         dns_names,
-    })
-}
-
-/// A DNS name as a certificate may carry it: LDH labels (a leading `*.` wildcard allowed), 1..=253 bytes.
-pub fn valid_dns_name(name: &str) -> bool {
-    let name = name.strip_prefix("*.").unwrap_or(name);
-    if name.is_empty() || name.len() > 253 {
-        return false;
-    }
-    name.split('.').all(|label| {
-        !label.is_empty()
-            && label.len() <= 63
-            && !label.starts_with('-')
-            && !label.ends_with('-')
-            && label
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
     })
 }

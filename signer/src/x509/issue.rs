@@ -32,14 +32,16 @@ use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer as _;
 
-use super::csr::{CsrError, VerifiedCsr, parse_and_verify_csr, valid_dns_name};
-use super::lint::{IssuerFacts, LintContext, Profile, lint_tbs};
+use super::csr::{CsrError, VerifiedCsr, parse_and_verify_csr};
+use crate::keys::KeySchemes as _;
+use crate::keys::spki::{SubjectKey, SubjectKeyKind};
 use crate::keys::{
     AuthorityKey, KeyError, KeyType, SignatureScheme, ecdsa_raw_to_der, verify_signature,
 };
 use crate::lint::LintFailure;
+use crate::lint::x509::valid_dns_name;
+use crate::lint::x509::{IssuerFacts, LintContext, Profile, lint_tbs};
 use crate::spiffe::{SpiffeId, SpiffeIdError, TrustDomain};
-use crate::spki::{SubjectKey, SubjectKeyKind};
 
 /// How far NotBefore is backdated to tolerate clock skew (SPIRE uses the same).
 pub const BACKDATE: Duration = Duration::from_secs(10);

@@ -15,17 +15,10 @@
 use der::Encode as _;
 use der::asn1::AnyRef;
 use x509_parser::certificate::X509Certificate;
-use x509_parser::extensions::{ParsedExtension, PolicyInformation};
+use x509_parser::extensions::ParsedExtension;
 
-/// The certificate policy of signet's issuing intermediates (`2.25.<uuid>`), for people and documents.
-pub const ISSUING_POLICY: &str = "2.25.179879812387938072244352974979413002308";
-
-/// [`ISSUING_POLICY`] as the content octets of its DER OBJECT IDENTIFIER (the UUID arc is 128 bits, beyond what
-/// the `der` crate's OID type holds, so it is carried and compared as its encoding; a unit test decodes it back).
-const ISSUING_POLICY_OID: [u8; 20] = [
-    0x69, 0x82, 0x8e, 0xd3, 0xcb, 0xde, 0xc3, 0x9f, 0x92, 0xbd, 0xef, 0x94, 0xb2, 0x8d, 0xa1, 0xd7,
-    0x86, 0xcd, 0x90, 0x44,
-];
+pub use crate::lint::x509::ISSUING_POLICY;
+use crate::lint::x509::{ISSUING_POLICY_OID, is_issuing_policy};
 
 /// id-ce-certificatePolicies, as rcgen takes OIDs.
 const CERTIFICATE_POLICIES: &[u64] = &[2, 5, 29, 32];
@@ -44,11 +37,6 @@ pub(crate) fn issuing_extension() -> Result<rcgen::CustomExtension, String> {
         CERTIFICATE_POLICIES,
         der,
     ))
-}
-
-/// True when `policy` is [`ISSUING_POLICY`] with no qualifiers.
-pub(crate) fn is_issuing_policy(policy: &PolicyInformation<'_>) -> bool {
-    policy.policy_id.as_bytes() == ISSUING_POLICY_OID && policy.policy_qualifiers.is_none()
 }
 
 /// True when `cert` carries a certificatePolicies extension naming [`ISSUING_POLICY`].

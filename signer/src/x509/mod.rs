@@ -2,17 +2,19 @@
 //! ([`lint`]) that every to-be-signed certificate passes before an authority key signs it.
 
 pub mod csr;
+pub mod inspect;
 pub mod issue;
 pub mod issuing;
-pub mod lint;
+
 pub mod names;
 
+pub use crate::lint::x509::{LintContext, Profile, lint_tbs};
 pub use csr::{CsrError, VerifiedCsr, parse_and_verify_csr, parse_csr_unverified};
+pub use inspect::{cert_facts, cert_ski, root_id};
 pub use issue::{
     Authority, IntermediateRequest, IssueError, IssuedCertificate, LeafRequest, MintedCa,
     RootRequest, UnsignedCertificate,
 };
-pub use lint::{LintContext, Profile, lint_tbs};
 
 /// The SPIFFE ID of the X509-SVID `der`: exactly one URI SAN, a valid SPIFFE ID. `what` names the certificate in
 /// the error ("the client certificate").

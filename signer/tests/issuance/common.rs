@@ -264,7 +264,7 @@ impl AuthorityKey for ProbeKey {
 /// Keys generated on a real SoftHSM2 token (one fresh token per factory), signing through [`TokenKey`]: the
 /// signature comes from the token, the issuance core lints, assembles and checks it.
 ///
-/// [`TokenKey`]: signet::keys_token::TokenKey
+/// [`TokenKey`]: signet::keys::token::TokenKey
 pub struct SoftHsmKeys {
     _hsm: signet_pkcs11::testing::SoftHsm,
     token: signet_pkcs11::Token,
@@ -289,16 +289,7 @@ impl KeyFactory for SoftHsmKeys {
         "softhsm2"
     }
     fn make(&self, key_type: KeyType) -> Option<Arc<dyn AuthorityKey>> {
-        use signet_pkcs11::KeyType as T;
-        let token_type = match key_type {
-            KeyType::EcP256 => T::EcP256,
-            KeyType::EcP384 => T::EcP384,
-            KeyType::Rsa2048 => T::Rsa2048,
-            KeyType::Rsa3072 => T::Rsa3072,
-            KeyType::Rsa4096 => T::Rsa4096,
-            KeyType::Ed25519 => T::Ed25519,
-            other => panic!("no token key type for {other}"),
-        };
+        let token_type = key_type;
         if !self.token.supports(token_type) {
             eprintln!("SKIP softhsm2 {key_type}: not supported by this token");
             return None;
@@ -309,7 +300,7 @@ impl KeyFactory for SoftHsmKeys {
         session
             .generate_key(&label, token_type, signet_pkcs11::KeyGenOptions::default())
             .unwrap();
-        let key = signet::keys_token::TokenKey::open(self.token.clone(), &label, 2).unwrap();
+        let key = signet::keys::token::TokenKey::open(self.token.clone(), &label, 2).unwrap();
         Some(Arc::new(key))
     }
 }

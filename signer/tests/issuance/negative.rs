@@ -9,9 +9,9 @@ use rcgen::{
     KeyUsagePurpose,
 };
 use signet::jwt::JwtIssuer;
+use signet::keys::spki::SubjectKey;
 use signet::keys::{AuthorityKey, KeyType, SoftwareKey};
 use signet::spiffe::{BundleDocument, SpiffeId, TrustDomain};
-use signet::spki::SubjectKey;
 use signet::x509::{Authority, LeafRequest, Profile, RootRequest, parse_and_verify_csr};
 
 use crate::common::*;

@@ -4,9 +4,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::PublicKeyData as _;
+use signet::keys::KeySchemes as _;
+use signet::keys::spki::SubjectKey;
 use signet::keys::{AuthorityKey, KeyType, SoftwareKey};
 use signet::spiffe::SpiffeId;
-use signet::spki::SubjectKey;
 use signet::x509::{Authority, IntermediateRequest, LeafRequest, parse_and_verify_csr};
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::oid_registry;

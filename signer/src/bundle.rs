@@ -204,7 +204,7 @@ pub fn check_kid(kid: &str) -> Result<(), PublishError> {
 
 /// Checks that `spki` is a JWT key signet accepts (see [`check_publishable`]).
 pub fn check_jwt_spki(spki: &[u8]) -> Result<(), PublishError> {
-    use crate::spki::{SubjectKey, SubjectKeyKind};
+    use crate::keys::spki::{SubjectKey, SubjectKeyKind};
     let key = SubjectKey::from_spki_der(spki).map_err(|e| PublishError::Invalid(e.to_string()))?;
     let on_curve = match key.kind() {
         SubjectKeyKind::EcP256 => p256::PublicKey::from_sec1_bytes(key.raw()).is_ok(),

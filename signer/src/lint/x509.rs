@@ -8,13 +8,13 @@
 use std::collections::HashSet;
 
 use x509_parser::certificate::TbsCertificate;
-use x509_parser::extensions::{GeneralName, ParsedExtension};
+use x509_parser::extensions::{GeneralName, ParsedExtension, PolicyInformation};
 use x509_parser::oid_registry as oids;
 use x509_parser::prelude::FromDer as _;
 
+use crate::keys::spki::{SubjectKeyKind, classify};
 use crate::lint::{LintFailure, ensure};
 use crate::spiffe::{SpiffeId, TrustDomain};
-use crate::spki::{SubjectKeyKind, classify};
 
 /// Which certificate profile a TBS must satisfy.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -199,7 +199,7 @@ pub fn lint_tbs(tbs_der: &[u8], ctx: &LintContext<'_>) -> Result<(), LintFailure
             ParsedExtension::CertificatePolicies(p) => {
                 // Only signet's issuing intermediates carry a policy, and exactly the issuing one: it is what the
                 // trust boundary tells them apart by, so nothing else signet signs may carry it.
-                let only_issuing = p.len() == 1 && super::issuing::is_issuing_policy(&p[0]);
+                let only_issuing = p.len() == 1 && is_issuing_policy(&p[0]);
                 ensure(
                     ctx.issuing
                         && ctx.profile == Profile::IntermediateCa
@@ -242,7 +242,7 @@ pub fn lint_tbs(tbs_der: &[u8], ctx: &LintContext<'_>) -> Result<(), LintFailure
                 ensure(!is_ca, "x509.san-type", || {
                     format!("CA certificates carry no DNS SAN ({d})")
                 })?;
-                ensure(super::csr::valid_dns_name(d), "x509.san-type", || {
+                ensure(valid_dns_name(d), "x509.san-type", || {
                     format!("DNS SAN {d:?} is not valid")
                 })?;
             }
@@ -420,4 +420,36 @@ pub fn lint_tbs(tbs_der: &[u8], ctx: &LintContext<'_>) -> Result<(), LintFailure
         }
     }
     Ok(())
+}
+
+/// The certificate policy of signet's issuing intermediates (`2.25.<uuid>`), for people and documents.
+pub const ISSUING_POLICY: &str = "2.25.179879812387938072244352974979413002308";
+
+/// [`ISSUING_POLICY`] as the content octets of its DER OBJECT IDENTIFIER (the UUID arc is 128 bits, beyond what
+/// the `der` crate's OID type holds, so it is carried and compared as its encoding; a unit test decodes it back).
+pub(crate) const ISSUING_POLICY_OID: [u8; 20] = [
+    0x69, 0x82, 0x8e, 0xd3, 0xcb, 0xde, 0xc3, 0x9f, 0x92, 0xbd, 0xef, 0x94, 0xb2, 0x8d, 0xa1, 0xd7,
+    0x86, 0xcd, 0x90, 0x44,
+];
+
+/// True when `policy` is [`ISSUING_POLICY`] with no qualifiers.
+pub(crate) fn is_issuing_policy(policy: &PolicyInformation<'_>) -> bool {
+    policy.policy_id.as_bytes() == ISSUING_POLICY_OID && policy.policy_qualifiers.is_none()
+}
+
+/// A DNS name as a certificate may carry it: LDH labels (a leading `*.` wildcard allowed), 1..=253 bytes.
+pub fn valid_dns_name(name: &str) -> bool {
+    let name = name.strip_prefix("*.").unwrap_or(name);
+    if name.is_empty() || name.len() > 253 {
+        return false;
+    }
+    name.split('.').all(|label| {
+        !label.is_empty()
+            && label.len() <= 63
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    })
 }

@@ -1,6 +1,6 @@
 //! Pre-issuance lint: the shared failure type and the metric every failed check increments.
 //!
-//! The X.509 checks live in [`crate::x509::lint`], the JWT checks in [`crate::jwt`]; both run on the exact bytes
+//! The X.509 checks live in [`crate::lint::x509`], the JWT checks in [`crate::jwt`]; both run on the exact bytes
 //! that are about to be signed, before the key signs them. A failure is an error naming the rule (a rule of
 //! the SPIFFE standards, RFC 5280 or RFC 7515); nothing is ever fixed silently.
 //!
@@ -24,6 +24,9 @@
 //! | `x509.ski`, `x509.aki` | SKI on CAs; AKI = issuer SKI on everything below a root |
 //! | `jwt.json`, `jwt.header-members`, `jwt.alg`, `jwt.kid`, `jwt.typ` | header is exactly alg/kid/typ, matching the key |
 //! | `jwt.claims-members`, `jwt.sub`, `jwt.aud`, `jwt.exp` | only sub/aud/exp/iat; workload sub; aud array; exp bounded |
+
+pub mod jwt;
+pub mod x509;
 
 /// Counter incremented once per lint failure, labelled `rule`.
 pub const LINT_FAILURES_METRIC: &str = "signet_lint_failures_total";

@@ -10,33 +10,28 @@
 //!
 //! [`verify_signature`] is the independent (ring) check every returned signature passes before a credential leaves.
 
+pub mod spki;
+pub mod token;
+
 use std::fmt;
 
 use der::Encode as _;
 use ring::rand::SystemRandom;
 use ring::signature::{self as rsig, KeyPair as _};
 
-/// The kinds of authority keys signet issues with.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum KeyType {
-    /// ECDSA on NIST P-256.
-    EcP256,
-    /// ECDSA on NIST P-384.
-    EcP384,
-    /// RSA with a 2048-bit modulus.
-    Rsa2048,
-    /// RSA with a 3072-bit modulus.
-    Rsa3072,
-    /// RSA with a 4096-bit modulus.
-    Rsa4096,
-    /// Ed25519.
-    Ed25519,
+pub use signet_pkcs11::KeyType;
+
+/// What the issuance core adds to the token layer's [`KeyType`]: the signature schemes a key of each type signs
+/// with.
+pub trait KeySchemes {
+    /// The scheme signet uses for X.509 signatures made with this key.
+    fn x509_scheme(self) -> SignatureScheme;
+    /// Whether a key of this type can produce signatures of `scheme`.
+    fn supports(self, scheme: SignatureScheme) -> bool;
 }
 
-impl KeyType {
-    /// The scheme signet uses for X.509 signatures made with this key.
-    pub fn x509_scheme(self) -> SignatureScheme {
+impl KeySchemes for KeyType {
+    fn x509_scheme(self) -> SignatureScheme {
         match self {
             KeyType::EcP256 => SignatureScheme::EcdsaP256Sha256,
             KeyType::EcP384 => SignatureScheme::EcdsaP384Sha384,
@@ -47,47 +42,13 @@ impl KeyType {
         }
     }
 
-    /// Whether a key of this type can produce signatures of `scheme`.
-    pub fn supports(self, scheme: SignatureScheme) -> bool {
+    fn supports(self, scheme: SignatureScheme) -> bool {
         match self {
             KeyType::EcP256 => scheme == SignatureScheme::EcdsaP256Sha256,
             KeyType::EcP384 => scheme == SignatureScheme::EcdsaP384Sha384,
             KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096 => scheme.is_rsa(),
             KeyType::Ed25519 => scheme == SignatureScheme::Ed25519,
         }
-    }
-
-    /// True for the RSA key types.
-    pub fn is_rsa(self) -> bool {
-        matches!(self, KeyType::Rsa2048 | KeyType::Rsa3072 | KeyType::Rsa4096)
-    }
-
-    /// A short stable name (`ec-p256`, `rsa-2048`, ...), as used in configuration.
-    pub fn name(self) -> &'static str {
-        match self {
-            KeyType::EcP256 => "ec-p256",
-            KeyType::EcP384 => "ec-p384",
-            KeyType::Rsa2048 => "rsa-2048",
-            KeyType::Rsa3072 => "rsa-3072",
-            KeyType::Rsa4096 => "rsa-4096",
-            KeyType::Ed25519 => "ed25519",
-        }
-    }
-
-    /// Every key type, for tests and tables.
-    pub const ALL: [KeyType; 6] = [
-        KeyType::EcP256,
-        KeyType::EcP384,
-        KeyType::Rsa2048,
-        KeyType::Rsa3072,
-        KeyType::Rsa4096,
-        KeyType::Ed25519,
-    ];
-}
-
-impl fmt::Display for KeyType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
     }
 }
 
@@ -314,7 +275,7 @@ impl SoftwareKey {
         if let Ok(k) =
             rsig::EcdsaKeyPair::from_pkcs8(&rsig::ECDSA_P256_SHA256_FIXED_SIGNING, pkcs8, &rng)
         {
-            let spki = crate::spki::ec_spki(KeyType::EcP256, k.public_key().as_ref());
+            let spki = crate::keys::spki::ec_spki(KeyType::EcP256, k.public_key().as_ref());
             return Ok(Self {
                 inner: SoftwareInner::Ecdsa(k),
                 key_type: KeyType::EcP256,
@@ -325,7 +286,7 @@ impl SoftwareKey {
         if let Ok(k) =
             rsig::EcdsaKeyPair::from_pkcs8(&rsig::ECDSA_P384_SHA384_FIXED_SIGNING, pkcs8, &rng)
         {
-            let spki = crate::spki::ec_spki(KeyType::EcP384, k.public_key().as_ref());
+            let spki = crate::keys::spki::ec_spki(KeyType::EcP384, k.public_key().as_ref());
             return Ok(Self {
                 inner: SoftwareInner::Ecdsa(k),
                 key_type: KeyType::EcP384,
@@ -334,7 +295,7 @@ impl SoftwareKey {
             });
         }
         if let Ok(k) = rsig::Ed25519KeyPair::from_pkcs8_maybe_unchecked(pkcs8) {
-            let spki = crate::spki::ed25519_spki(k.public_key().as_ref());
+            let spki = crate::keys::spki::ed25519_spki(k.public_key().as_ref());
             return Ok(Self {
                 inner: SoftwareInner::Ed25519(k),
                 key_type: KeyType::Ed25519,
@@ -354,7 +315,7 @@ impl SoftwareKey {
                         )));
                     }
                 };
-                let spki = crate::spki::rsa_spki(k.public().as_ref());
+                let spki = crate::keys::spki::rsa_spki(k.public().as_ref());
                 Ok(Self {
                     inner: SoftwareInner::Rsa(k),
                     key_type,

@@ -13,6 +13,7 @@ use std::sync::{Condvar, Mutex, MutexGuard};
 
 use signet_pkcs11::{Key, RvClass, SignAlgorithm, Token, TokenSession};
 
+use crate::keys::KeySchemes as _;
 use crate::keys::{AuthorityKey, KeyError, KeyType, SignatureScheme};
 
 /// How many times a transient failure is retried before it is reported.
@@ -30,24 +31,6 @@ pub fn sign_algorithm(scheme: SignatureScheme) -> SignAlgorithm {
         SignatureScheme::RsaPssSha384 => SignAlgorithm::RsaPssSha384,
         SignatureScheme::Ed25519 => SignAlgorithm::Ed25519,
     }
-}
-
-/// The issuance core's key type for a token key type.
-pub fn key_type_of(token_type: signet_pkcs11::KeyType) -> Result<KeyType, KeyError> {
-    use signet_pkcs11::KeyType as T;
-    Ok(match token_type {
-        T::EcP256 => KeyType::EcP256,
-        T::EcP384 => KeyType::EcP384,
-        T::Rsa2048 => KeyType::Rsa2048,
-        T::Rsa3072 => KeyType::Rsa3072,
-        T::Rsa4096 => KeyType::Rsa4096,
-        T::Ed25519 => KeyType::Ed25519,
-        other => {
-            return Err(KeyError::InvalidKey(format!(
-                "token key type {other} is not one the issuance core signs with"
-            )));
-        }
-    })
 }
 
 /// A token-layer error as a [`KeyError`], keeping its transience and the error itself as the source.
@@ -96,7 +79,7 @@ impl TokenKey {
         let key = session
             .find_key(label)
             .map_err(|e| key_error("finding the key", e))?;
-        let key_type = key_type_of(key.key_type())?;
+        let key_type = key.key_type();
         let spki = session
             .public_key_der(label)
             .map_err(|e| key_error("reading the public key", e))?;

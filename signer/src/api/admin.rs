@@ -1,0 +1,411 @@
+//! `signet.v1.Admin`: status, rotation steps, join tokens, federated bundles, process figures. Every call needs the
+//! `admin` grant ([`crate::policy::Service::Admin`]); each step is audited before it takes effect.
+
+use std::sync::Arc;
+
+use signet_proto::signet::v1 as pb;
+use tonic::{Request, Response, Status};
+
+use super::{AppState, Caller, code_name, rotation_status};
+use crate::audit::Outcome;
+use crate::policy::Service;
+use crate::spiffe::TrustDomain;
+use crate::x509::cert_ski;
+
+/// The Admin service.
+#[derive(Debug, Clone)]
+pub struct AdminService {
+    state: Arc<AppState>,
+}
+
+impl AdminService {
+    /// The service over `state`.
+    pub fn new(state: Arc<AppState>) -> Self {
+        Self { state }
+    }
+}
+
+#[tonic::async_trait]
+impl pb::admin_server::Admin for AdminService {
+    async fn get_status(
+        &self,
+        request: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::GetStatusResponse>, Status> {
+        let st = &self.state;
+        st.admit(&request, Service::Admin, "GetStatus").await?;
+        let token_names: Vec<String> = st
+            .pipeline
+            .token_status()
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        let first_token = token_names.first().cloned().unwrap_or_default();
+        let signers = st.signers();
+        let mut authorities = Vec::new();
+        match &st.authorities {
+            Some(a) => {
+                for r in a.list().await {
+                    if r.destroyed_at.is_some() || r.state == crate::ca::AuthorityState::Retired {
+                        continue;
+                    }
+                    authorities.push(pb::AuthorityStatus {
+                        kind: r.kind.name().into(),
+                        state: r.state.name().into(),
+                        id: authority_id(&r),
+                        not_after: r.not_after.unwrap_or(0),
+                        tainted: r.tainted,
+                        token: r.token.clone(),
+                    });
+                }
+            }
+            None => {
+                authorities.push(pb::AuthorityStatus {
+                    kind: "x509".into(),
+                    state: "active".into(),
+                    id: cert_ski(signers.root.cert_der()).unwrap_or_default(),
+                    not_after: signers.root.not_after().unix_timestamp(),
+                    tainted: false,
+                    token: first_token.clone(),
+                });
+                authorities.push(pb::AuthorityStatus {
+                    kind: "jwt".into(),
+                    state: "active".into(),
+                    id: signers.jwt.kid().to_string(),
+                    not_after: 0,
+                    tainted: false,
+                    token: first_token,
+                });
+            }
+        }
+        if let Some(inter) = signers.x509.current_intermediate() {
+            let not_after = x509_parser::parse_x509_certificate(&inter)
+                .map(|(_, c)| c.validity().not_after.timestamp())
+                .unwrap_or_default();
+            authorities.push(pb::AuthorityStatus {
+                kind: "x509-issuing".into(),
+                state: "active".into(),
+                id: cert_ski(&inter).unwrap_or_default(),
+                not_after,
+                tainted: false,
+                token: "memory".into(),
+            });
+        }
+        let tokens = st
+            .pipeline
+            .token_status()
+            .into_iter()
+            .map(|t| pb::TokenStatus {
+                sessions: st.token_sessions(&t.name),
+                name: t.name,
+                healthy: t.healthy,
+                last_error: match (&t.reason, t.failures) {
+                    (Some(why), _) => format!("out of rotation: {why}"),
+                    (None, 0) => String::new(),
+                    (None, n) => format!("{n} transient failures so far"),
+                },
+            })
+            .collect();
+        Ok(Response::new(pb::GetStatusResponse {
+            trust_domain: st.trust_domain.to_string(),
+            authorities,
+            tokens,
+            bundle_sequence: st.bundle.current().sequence,
+            process_cpu_seconds: process_cpu_seconds().unwrap_or(0.0),
+            peak_rss_bytes: peak_rss_bytes().unwrap_or(0),
+            replica_id: st.replication.id.clone(),
+            rotation_leader: st.replication.is_leader(),
+            replicas: st
+                .replication
+                .live()
+                .into_iter()
+                .map(|r| pb::ReplicaStatus {
+                    id: r.id,
+                    address: r.address,
+                    started_at: r.started_at,
+                    seen_at: r.seen_at,
+                })
+                .collect(),
+            datastore: st.replication.engine.to_string(),
+        }))
+    }
+
+    async fn get_rotation(
+        &self,
+        request: Request<pb::GetRotationRequest>,
+    ) -> Result<Response<pb::GetRotationResponse>, Status> {
+        self.rotation(request).await
+    }
+
+    async fn rotate(
+        &self,
+        request: Request<pb::RotateRequest>,
+    ) -> Result<Response<pb::RotateResponse>, Status> {
+        self.rotate_step(request).await
+    }
+
+    async fn list_federated_bundles(
+        &self,
+        request: Request<pb::ListFederatedBundlesRequest>,
+    ) -> Result<Response<pb::ListFederatedBundlesResponse>, Status> {
+        self.federated_bundles(request).await
+    }
+
+    async fn create_join_token(
+        &self,
+        request: Request<pb::CreateJoinTokenRequest>,
+    ) -> Result<Response<pb::CreateJoinTokenResponse>, Status> {
+        super::join::create_join_token(&self.state, request).await
+    }
+}
+
+fn authority_id(r: &crate::ca::AuthorityRecord) -> String {
+    match (&r.kid, &r.certificate) {
+        (Some(kid), _) => kid.clone(),
+        (None, Some(cert)) => cert_ski(cert).unwrap_or_default(),
+        (None, None) => String::new(),
+    }
+}
+
+async fn rotation_view(
+    st: &AppState,
+    a: &crate::ca::Authorities,
+) -> Result<pb::GetRotationResponse, Status> {
+    let (orphaned_keys, lost_keys) = a.orphans().await.map_err(|e| rotation_status(&e))?;
+    let authorities = a
+        .list()
+        .await
+        .into_iter()
+        .map(|r| pb::RotationAuthority {
+            kind: r.kind.name().into(),
+            id: authority_id(&r),
+            label: r.label,
+            generation: r.generation,
+            state: r.state.name().into(),
+            token: r.token,
+            not_after: r.not_after.unwrap_or(0),
+            published_at: r.published_at.unwrap_or(0),
+            activated_at: r.activated_at.unwrap_or(0),
+            issued_until: r.issued_until.unwrap_or(0),
+            retired_at: r.retired_at.unwrap_or(0),
+            tainted: r.tainted,
+            destroyed: r.destroyed_at.is_some(),
+        })
+        .collect();
+    Ok(pb::GetRotationResponse {
+        authorities,
+        bundle_sequence: st.bundle.current().sequence,
+        publish_lead_seconds: i64::try_from(a.policy().publish_lead.as_secs()).unwrap_or(i64::MAX),
+        orphaned_keys,
+        lost_keys,
+    })
+}
+
+/// Writes a Rotate call's audit line just before its step commits ([`crate::ca::StepWitness`]).
+struct AuditWitness<'a> {
+    st: &'a AppState,
+    caller: &'a Caller,
+    step: String,
+    recorded: std::sync::atomic::AtomicBool,
+}
+
+impl crate::ca::StepWitness for AuditWitness<'_> {
+    async fn before_commit(&self, _step: &'static str, label: &str) -> Result<(), String> {
+        let mut r = self.caller.record(Outcome::Rotated);
+        r.key_id = Some(label.to_string());
+        r.reason = Some(self.step.clone());
+        self.st
+            .audit(&[r])
+            .await
+            .map_err(|s| s.message().to_string())?;
+        self.recorded
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+fn rotation_of(st: &AppState) -> Result<std::sync::Arc<crate::ca::Authorities>, Status> {
+    st.authorities.clone().ok_or_else(|| {
+        Status::unimplemented("this appliance runs without a datastore: no rotation")
+    })
+}
+
+impl AdminService {
+    async fn rotation(
+        &self,
+        request: Request<pb::GetRotationRequest>,
+    ) -> Result<Response<pb::GetRotationResponse>, Status> {
+        let st = &self.state;
+        let caller = st.admit(&request, Service::Admin, "GetRotation").await?;
+        let a = match rotation_of(st) {
+            Ok(a) => a,
+            Err(s) => return Err(st.refuse(&caller, s, None).await),
+        };
+        Ok(Response::new(rotation_view(st, &a).await?))
+    }
+
+    async fn rotate_step(
+        &self,
+        request: Request<pb::RotateRequest>,
+    ) -> Result<Response<pb::RotateResponse>, Status> {
+        use crate::ca::AuthorityKind;
+        let st = &self.state;
+        let caller = st.admit(&request, Service::Admin, "Rotate").await?;
+        let req = request.into_inner();
+        let a = match rotation_of(st) {
+            Ok(a) => a,
+            Err(s) => return Err(st.refuse(&caller, s, None).await),
+        };
+        let kind = match req.kind.as_str() {
+            "" | "x509" => AuthorityKind::X509,
+            "jwt" => AuthorityKind::Jwt,
+            other => {
+                let s = Status::invalid_argument(format!("kind {other:?}: use x509 or jwt"));
+                return Err(st.refuse(&caller, s, None).await);
+            }
+        };
+        let need_label = || {
+            if req.label.is_empty() {
+                Err(Status::invalid_argument(format!(
+                    "{} needs the authority's label (see GetRotation)",
+                    req.step
+                )))
+            } else {
+                Ok(req.label.clone())
+            }
+        };
+        // The step's audit line is written just before it commits; if it cannot be, the step does not happen.
+        let w = AuditWitness {
+            st,
+            caller: &caller,
+            step: req.step.clone(),
+            recorded: std::sync::atomic::AtomicBool::new(false),
+        };
+        let done = match req.step.as_str() {
+            "prepare" => a.prepare_with(kind, &w).await,
+            "publish" => a.publish_with(kind, &w).await,
+            "activate" => a.activate_with(kind, &w).await,
+            "retire" => a.retire_with(kind, &w).await,
+            "taint" => match need_label() {
+                Ok(l) => a.taint_with(&l, &w).await.map(|()| l),
+                Err(s) => return Err(st.refuse(&caller, s, None).await),
+            },
+            "destroy" => match need_label() {
+                Ok(l) => a.destroy_with(&l, &w).await.map(|()| l),
+                Err(s) => return Err(st.refuse(&caller, s, None).await),
+            },
+            other => {
+                let s = Status::invalid_argument(format!(
+                    "step {other:?}: use prepare, publish, activate, retire, taint or destroy"
+                ));
+                return Err(st.refuse(&caller, s, None).await);
+            }
+        };
+        let recorded = w.recorded.load(std::sync::atomic::Ordering::SeqCst);
+        let label = match done {
+            Ok(l) => l,
+            // The step was recorded as about to commit and then failed: the failure follows its line.
+            Err(e) if recorded => {
+                let s = rotation_status(&e);
+                let mut r = caller.record(Outcome::Failed);
+                r.key_id = (!req.label.is_empty()).then(|| req.label.clone());
+                r.code = Some(code_name(s.code()));
+                r.reason = Some(format!("{}: {}", req.step, s.message()));
+                st.audit(&[r]).await?;
+                return Err(s);
+            }
+            Err(e) => return Err(st.refuse(&caller, rotation_status(&e), None).await),
+        };
+        if !recorded {
+            // Nothing was committed (tainting a tainted authority, destroying a destroyed key): recorded now.
+            let mut r = caller.record(Outcome::Rotated);
+            r.key_id = Some(label.clone());
+            r.reason = Some(format!("{} (already done)", req.step));
+            st.audit(&[r]).await?;
+        }
+        Ok(Response::new(pb::RotateResponse {
+            label,
+            rotation: Some(rotation_view(st, &a).await?),
+        }))
+    }
+
+    async fn federated_bundles(
+        &self,
+        request: Request<pb::ListFederatedBundlesRequest>,
+    ) -> Result<Response<pb::ListFederatedBundlesResponse>, Status> {
+        let st = &self.state;
+        let caller = st
+            .admit(&request, Service::Admin, "ListFederatedBundles")
+            .await?;
+        let wanted = request.get_ref().trust_domain.trim();
+        let entries = if wanted.is_empty() {
+            st.federated.all()
+        } else {
+            let found = TrustDomain::parse(wanted)
+                .map_err(|e| Status::invalid_argument(format!("trust_domain {wanted:?}: {e}")))
+                .and_then(|td| {
+                    st.federated.get(&td).ok_or_else(|| {
+                        Status::not_found(format!(
+                            "{td} is not a federated trust domain (see [[federation.trust_domains]])"
+                        ))
+                    })
+                });
+            match found {
+                Ok(e) => vec![e],
+                Err(s) => return Err(st.refuse(&caller, s, None).await),
+            }
+        };
+        let mut bundles = Vec::with_capacity(entries.len());
+        for e in entries {
+            let (spiffe_bundle, sequence, source, stored_at) = match &e.bundle {
+                Some(b) => (
+                    b.document
+                        .to_json()
+                        .map_err(|err| Status::internal(err.to_string()))?
+                        .into_bytes(),
+                    b.document.sequence,
+                    b.source.to_string(),
+                    b.stored_at,
+                ),
+                None => (Vec::new(), 0, String::new(), 0),
+            };
+            let (last_error_reason, last_error, last_error_at) = match &e.last_failure {
+                Some(f) => (f.reason.to_string(), f.message.clone(), f.at),
+                None => (String::new(), String::new(), 0),
+            };
+            bundles.push(pb::FederatedBundle {
+                trust_domain: e.trust_domain.to_string(),
+                endpoint: e.endpoint,
+                spiffe_bundle,
+                sequence,
+                source,
+                stored_at,
+                last_error_reason,
+                last_error,
+                last_error_at,
+                fetches: e.fetches,
+                failures: e.failures,
+            });
+        }
+        Ok(Response::new(pb::ListFederatedBundlesResponse { bundles }))
+    }
+}
+
+/// CPU seconds (user + system) of this process, from /proc/self/stat (Linux; clock ticks of 1/100 s, the kernel's
+/// fixed USER_HZ).
+fn process_cpu_seconds() -> Option<f64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name (field 2) may hold spaces; fields after its closing parenthesis are plain.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the line, 12 and 13 after the name and state.
+    let ticks: u64 = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / 100.0)
+}
+
+/// Peak resident set size of this process (VmHWM in /proc/self/status), bytes.
+fn peak_rss_bytes() -> Option<u64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}

@@ -101,6 +101,10 @@ fn process_conf() -> Option<&'static Path> {
         // inside a OnceLock initialiser. Test code only; other threads of a test process do not write
         // the environment.
         #[allow(unsafe_code)]
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "test bed: SoftHSM2 reads its configuration's path from the environment when loaded in this process"
+        )]
         unsafe {
             std::env::set_var("SOFTHSM2_CONF", &conf);
         }

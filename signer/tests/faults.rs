@@ -26,6 +26,7 @@
     reason = "the appliance tests' bed, shared: this binary uses part of it"
 )]
 mod common;
+mod support;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

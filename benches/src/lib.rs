@@ -26,6 +26,7 @@ pub mod ceiling;
 pub mod check;
 pub mod load;
 pub mod report;
+pub mod softhsm;
 pub mod stats;
 
 use std::future::Future;
@@ -362,8 +363,14 @@ async fn servers_usage(endpoints: &[load::Endpoint]) -> Option<(f64, u64)> {
 }
 
 /// Runs `signet bench`; `launcher` starts an in-process appliance when no `--addr` is given. Returns the report
-/// (also printed, and written where asked), or why the bench failed; bad credentials fail it.
-pub fn run(args: &BenchArgs, launcher: &Launcher) -> Result<BenchReport, String> {
+/// (also printed, and written where asked), or why the bench failed; bad credentials fail it. An in-process run on
+/// SoftHSM2 runs in a child process with a token directory of its own ([`softhsm`]): then the child printed and
+/// wrote the report, and this returns `None`.
+pub fn run(args: &BenchArgs, launcher: &Launcher) -> Result<Option<BenchReport>, String> {
+    if args.addr.is_none() && args.token == TokenKind::Softhsm && softhsm::private_dir().is_none() {
+        let dir = TempDir::new()?;
+        return softhsm::run_in_child(dir.path()).map(|()| None);
+    }
     // Two runtimes: the bench client's threads carry their own name, so that in process the server's CPU can be
     // told from the client's (see `client_cpu_seconds`).
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -379,7 +386,7 @@ pub fn run(args: &BenchArgs, launcher: &Launcher) -> Result<BenchReport, String>
     let result = rt.block_on(run_async(args, launcher, server_rt.handle()));
     drop(rt);
     drop(server_rt);
-    result
+    result.map(Some)
 }
 
 /// CPU seconds (user + system) of this whole process (Linux; clock ticks of 1/100 s).
@@ -444,8 +451,6 @@ async fn run_async(
         return Err("--duration must be a positive number of seconds".into());
     }
     let load_before = loadavg();
-    // Keeps a SoftHSM2 token alive for the run.
-    let mut _softhsm = None;
     let data_dir = tempdir()?;
     let (target, ceiling_token, ceiling_sessions, work_loop, description, stop, in_process) =
         match &args.addr {
@@ -502,15 +507,14 @@ async fn run_async(
                         latency_ms: args.latency_ms,
                     },
                     TokenKind::Softhsm => {
-                        let hsm = signet_pkcs11::testing::SoftHsm::new()
-                            .ok_or("SoftHSM2 is not available (install softhsm2)")?;
-                        let spec = TokenSpec {
-                            module: hsm.module().to_path_buf(),
-                            label: hsm.label().to_string(),
-                            pin: signet_pkcs11::Pin::new(signet_pkcs11::testing::USER_PIN),
-                        };
-                        _softhsm = Some(hsm);
-                        InProcessToken::Module(spec)
+                        // `run` started this process with a SoftHSM2 directory of its own.
+                        let dir = softhsm::private_dir().ok_or_else(|| {
+                            format!(
+                                "{} is not set: not the bench's own SoftHSM2 process",
+                                softhsm::DIR_ENV
+                            )
+                        })?;
+                        InProcessToken::Module(softhsm::fresh_token(&dir)?)
                     }
                     TokenKind::Tpm => {
                         let var = |n: &str| {

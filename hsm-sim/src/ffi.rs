@@ -1,6 +1,7 @@
 //! The PKCS#11 v2.40 C ABI: `C_GetFunctionList` and the functions of its `CK_FUNCTION_LIST`. This is the only
 //! module with `unsafe`: it checks and converts C arguments (null pointers give CKR_ARGUMENTS_BAD), calls the safe
-//! [`Device`](crate::token::Device), and writes results back with the two-call length convention. Every entry
+//! [`Device`](crate::token::Device) it finds in the process's [`Registry`](crate::registry::Registry), and writes
+//! results back with the two-call length convention. Every entry
 //! point catches panics and answers CKR_GENERAL_ERROR instead of unwinding into C.
 //!
 //! Only `C_GetFunctionList` is exported by name; the list points at private functions, so another PKCS#11 module
@@ -10,29 +11,23 @@
 
 use crate::config::Config;
 use crate::crypto::{HashAlg, SignMechanism};
+use crate::registry::{InitializeError, Registry};
 use crate::rv::{CkResult, Rv};
 use crate::token::{AttrValue, Device, SLOT_ID, SignOutput};
 use cryptoki_sys::*;
 use std::os::raw::c_void;
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::sync::{Arc, PoisonError, RwLock};
+use std::sync::Arc;
 
-static DEVICE: RwLock<Option<Arc<Device>>> = RwLock::new(None);
-
-/// The configuration a program that embeds hsm-sim handed over (see [`set_embedded_config`]).
-static EMBEDDED_CONFIG: std::sync::OnceLock<Config> = std::sync::OnceLock::new();
-/// The fault engine of the last finalised device, carried into the next C_Initialize of this process (see
-/// [`Device::take_faults`]): an application that re-initialises the library after CKR_DEVICE_REMOVED finds the
-/// device still unplugged until its time is up, and one-shot faults are not armed a second time.
-static CARRIED_FAULTS: std::sync::Mutex<Option<crate::faults::Faults>> =
-    std::sync::Mutex::new(None);
+/// The process's device and what outlives it (the module is loaded once per process).
+static REGISTRY: Registry = Registry::new();
 
 /// Gives the embedded device its configuration: `C_Initialize` uses it instead of reading `HSM_SIM_CONFIG` and
 /// the `HSM_SIM_*` variables. For programs that link hsm-sim in (setting environment variables in a running,
 /// multi-threaded program is unsound); call it before the module is first initialised. Returns false, and
 /// keeps the first, when a configuration was set already.
 pub fn set_embedded_config(config: Config) -> bool {
-    EMBEDDED_CONFIG.set(config).is_ok()
+    REGISTRY.set_embedded_config(config)
 }
 
 const MANUFACTURER: &str = "signet hsm-sim";
@@ -52,11 +47,7 @@ fn guard(f: impl FnOnce() -> CK_RV) -> CK_RV {
 }
 
 fn device() -> Result<Arc<Device>, CK_RV> {
-    DEVICE
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clone()
-        .ok_or(CKR_CRYPTOKI_NOT_INITIALIZED)
+    REGISTRY.device().map_err(|Rv(v)| v)
 }
 
 /// Runs `f` with the initialised device.
@@ -242,33 +233,14 @@ unsafe extern "C" fn initialize(args: *mut c_void) -> CK_RV {
                 return CKR_CANT_LOCK;
             }
         }
-        let mut slot = DEVICE.write().unwrap_or_else(PoisonError::into_inner);
-        if slot.is_some() {
-            return CKR_CRYPTOKI_ALREADY_INITIALIZED;
-        }
-        let config = match EMBEDDED_CONFIG.get() {
-            Some(config) => Ok(config.clone()),
-            None => Config::from_env(),
-        };
-        let opened = config
-            .map_err(crate::token::DeviceError::from)
-            .and_then(Device::open);
-        match opened {
-            Ok(d) => {
-                if let Some(f) = CARRIED_FAULTS
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner)
-                    .take()
-                {
-                    d.carry_faults(f);
-                }
-                *slot = Some(Arc::new(d));
-                CKR_OK
-            }
+        match REGISTRY.initialize() {
+            Ok(()) => CKR_OK,
             Err(e) => {
-                // The only channel a PKCS#11 module has to say why it cannot start.
-                eprintln!("hsm-sim: {e}");
-                CKR_GENERAL_ERROR
+                if matches!(e, InitializeError::Device(_)) {
+                    // The only channel a PKCS#11 module has to say why it cannot start.
+                    eprintln!("hsm-sim: {e}");
+                }
+                e.rv().0
             }
         }
     })
@@ -279,19 +251,9 @@ unsafe extern "C" fn finalize(reserved: *mut c_void) -> CK_RV {
         if !reserved.is_null() {
             return CKR_ARGUMENTS_BAD;
         }
-        match DEVICE
-            .write()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
-            Some(d) => {
-                d.shutdown();
-                *CARRIED_FAULTS
-                    .lock()
-                    .unwrap_or_else(PoisonError::into_inner) = Some(d.take_faults());
-                CKR_OK
-            }
-            None => CKR_CRYPTOKI_NOT_INITIALIZED,
+        match REGISTRY.finalize() {
+            Ok(()) => CKR_OK,
+            Err(Rv(v)) => v,
         }
     })
 }

@@ -47,8 +47,10 @@
 //! for one process at a time: a second process sees objects created by the first only after it re-initialises.
 //!
 //! # Layout
-//! [`token::Device`] is the whole token in safe Rust; [`crypto`] the keys and mechanisms; [`store`] the sealed
-//! files; [`limiter`] the rate limit; the `ffi` module is the C ABI and the only place with `unsafe`.
+//! [`token::Device`] is the whole token in safe Rust (its operations grouped in `token/`); [`registry`] the
+//! process's device between C_Initialize and C_Finalize; [`crypto`] the keys and mechanisms; [`store`] the sealed
+//! files; [`limiter`] the rate limit; the `ffi` module is the C ABI and the only place with `unsafe`: it converts
+//! pointers and calls the registry's device.
 
 pub mod config;
 pub mod control;
@@ -57,6 +59,7 @@ pub mod faults;
 mod ffi;
 pub mod limiter;
 mod p256_sign;
+pub mod registry;
 pub mod rv;
 pub mod store;
 pub mod token;

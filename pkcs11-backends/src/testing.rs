@@ -13,8 +13,9 @@
 //! test then gets a **fresh token** of its own, initialised in the free slot (C_InitToken), serialised
 //! by a mutex. Tests in one process may run in parallel on their own tokens.
 //!
-//! If SoftHSM2 is not installed, [`SoftHsm::new`] prints why and returns `None`: the test must then
-//! return early (it is skipped loudly, never silently passed).
+//! If SoftHSM2 is not installed or its test bed cannot be set up, [`SoftHsm::new`] prints why and returns
+//! `None`: the test must then return early (it is skipped loudly). With [`REQUIRE_ENV`] set (the test script
+//! sets it) it panics instead, so that a suite which ran without its token fails.
 //!
 //! ```no_run
 //! let Some(hsm) = signet_pkcs11::testing::SoftHsm::new() else { return };
@@ -64,6 +65,17 @@ pub fn softhsm_available(test: &str) -> bool {
     }
 }
 
+/// A test bed that is installed but cannot be set up: fails the test when [`REQUIRE_ENV`] is set (a suite that ran
+/// without its token can never pass), else prints a loud SKIP line.
+fn skip_or_fail(why: &str) {
+    if std::env::var_os(REQUIRE_ENV).is_some() {
+        panic!(
+            "SoftHSM2 is required ({REQUIRE_ENV} is set) but its test bed cannot be set up: {why}"
+        );
+    }
+    eprintln!("SKIP: {why}");
+}
+
 /// Writes a SoftHSM2 configuration with its own token directory under `dir`; returns the file's path.
 /// For tests that run a separate process (set `SOFTHSM2_CONF` to it in the child's environment).
 pub fn write_softhsm_conf(dir: &Path) -> std::io::Result<PathBuf> {
@@ -86,14 +98,14 @@ fn process_conf() -> Option<&'static Path> {
         let dir = match tempfile::Builder::new().prefix("signet-softhsm-").tempdir() {
             Ok(d) => d.keep(),
             Err(e) => {
-                eprintln!("SKIP: cannot create a temporary SoftHSM2 directory: {e}");
+                skip_or_fail(&format!("cannot create a temporary SoftHSM2 directory: {e}"));
                 return None;
             }
         };
         let conf = match write_softhsm_conf(&dir) {
             Ok(c) => c,
             Err(e) => {
-                eprintln!("SKIP: cannot write a SoftHSM2 configuration: {e}");
+                skip_or_fail(&format!("cannot write a SoftHSM2 configuration: {e}"));
                 return None;
             }
         };
@@ -101,6 +113,10 @@ fn process_conf() -> Option<&'static Path> {
         // inside a OnceLock initialiser. Test code only; other threads of a test process do not write
         // the environment.
         #[allow(unsafe_code)]
+        #[allow(
+            clippy::disallowed_methods,
+            reason = "test bed: SoftHSM2 reads its configuration's path from the environment when loaded in this process"
+        )]
         unsafe {
             std::env::set_var("SOFTHSM2_CONF", &conf);
         }
@@ -138,7 +154,7 @@ impl SoftHsm {
             &Pin::new(SO_PIN),
             &Pin::new(USER_PIN),
         ) {
-            eprintln!("SKIP: cannot initialise a SoftHSM2 test token: {e}");
+            skip_or_fail(&format!("cannot initialise a SoftHSM2 test token: {e}"));
             return None;
         }
         Some(SoftHsm { label, conf })

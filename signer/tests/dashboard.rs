@@ -13,6 +13,7 @@
 #[path = "appliance/common.rs"]
 #[allow(dead_code)]
 mod common;
+mod support;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;

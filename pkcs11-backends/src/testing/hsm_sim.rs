@@ -84,6 +84,10 @@ fn setup() -> Result<Process, String> {
     // SAFETY: set once per process, before the hsm-sim module is loaded (it reads them at
     // C_Initialize), from inside a OnceLock initialiser. Test code only.
     #[allow(unsafe_code)]
+    #[allow(
+        clippy::disallowed_methods,
+        reason = "test bed: the module reads its directory from the environment when loaded in this process"
+    )]
     unsafe {
         std::env::set_var("HSM_SIM_DIR", &dir);
         std::env::set_var("HSM_SIM_CONTROL", &control);

@@ -1,9 +1,7 @@
 //! The test bed: an appliance on a fresh SoftHSM2 token, clients with chosen identities, and oracles.
 
 use std::any::Any;
-use std::io::Write as _;
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::Duration;
 
 use signet::config::{Config, ConfigDuration, PinConfig, PolicyRule, Rate, TokenSettings};
@@ -12,6 +10,13 @@ use signet_pkcs11::testing::SoftHsm;
 use signet_proto::signet::v1 as pb;
 use signet_proto::signet::v1::issuer_client::IssuerClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+
+/// The shared helpers the appliance tests took from here before they moved to `support`.
+#[allow(
+    unused_imports,
+    reason = "binaries that borrow this bed use part of it"
+)]
+pub use crate::support::{free_port, openssl_verify, pem_chain};
 
 pub const TD: &str = "example.org";
 pub const ADMIN: &str = "spiffe://example.org/signet/admin";
@@ -356,41 +361,6 @@ pub fn expect_failure(r: &pb::X509svidResult) -> &pb::Failure {
     }
 }
 
-pub fn pem_chain(ders: &[Vec<u8>]) -> String {
-    ders.iter()
-        .map(|d| pem::encode(&pem::Pem::new("CERTIFICATE", d.clone())))
-        .collect()
-}
-
-/// `openssl verify -x509_strict` of `leaf` against `roots` with `untrusted` intermediates.
-pub fn openssl_verify(roots: &[Vec<u8>], untrusted: &[Vec<u8>], leaf: &[u8]) -> Result<(), String> {
-    let dir = tempfile::tempdir().unwrap();
-    let write = |name: &str, ders: &[Vec<u8>]| -> PathBuf {
-        let path = dir.path().join(name);
-        let mut f = std::fs::File::create(&path).unwrap();
-        f.write_all(pem_chain(ders).as_bytes()).unwrap();
-        path
-    };
-    let root = write("root.pem", roots);
-    let leaf = write("leaf.pem", &[leaf.to_vec()]);
-    let mut cmd = Command::new("openssl");
-    cmd.args(["verify", "-x509_strict", "-purpose", "any", "-CAfile"])
-        .arg(&root);
-    if !untrusted.is_empty() {
-        cmd.arg("-untrusted").arg(write("chain.pem", untrusted));
-    }
-    let out = cmd.arg(&leaf).output().expect("running openssl");
-    if out.status.success() {
-        Ok(())
-    } else {
-        Err(format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ))
-    }
-}
-
 /// Waits for the next stream message, failing (instead of hanging) if none comes within a generous bound.
 pub async fn next<T>(s: &mut tonic::Streaming<T>) -> T {
     tokio::time::timeout(Duration::from_secs(60), s.message())
@@ -425,13 +395,4 @@ pub fn audit_lines<'a>(
         .iter()
         .filter(|l| l["caller"] == caller && l["method"] == method)
         .collect()
-}
-
-/// A loopback port nothing listens on (bound, then released).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }

@@ -15,17 +15,20 @@ mod cli;
 mod common;
 mod doctor;
 mod figures;
-#[path = "../support/handshake.rs"]
-mod handshake;
 mod hostile;
 mod issuer;
 mod join;
+mod judges;
 mod keymanager;
 mod ops;
 mod plugin;
 mod renewal;
 mod rotation;
 mod security;
+#[path = "../support/mod.rs"]
+mod support;
 mod tpm;
 mod ttl;
 mod upstream;
+
+use support::handshake;

@@ -16,4 +16,6 @@ mod lint_metric;
 mod negative;
 mod oracles;
 mod props;
+#[path = "../support/mod.rs"]
+mod support;
 mod x509;

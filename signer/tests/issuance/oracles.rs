@@ -1,9 +1,10 @@
 //! More independent verifiers, run over the same chains: Go's crypto/x509 (the parser and chain builder SPIRE and
-//! go-spiffe use) and Python cryptography's RFC 5280 client verifier. Each runs only if its tool is present on the
-//! machine (asked, not guessed); openssl and the spiffe crate in the other modules are always required.
+//! go-spiffe use) and Python cryptography's RFC 5280 client verifier (`support::judges`). A judge that is missing
+//! fails these tests under its REQUIRE variable (`scripts/test` sets them) and is skipped loudly otherwise; openssl
+//! and the spiffe crate in the other modules are always required. The appliance's own output (from a SoftHSM2
+//! token, over gRPC) goes before the same judges in the appliance tests (`appliance/judges.rs`).
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,80 +14,7 @@ use signet::spiffe::SpiffeId;
 use signet::x509::{Authority, LeafRequest};
 
 use crate::common::*;
-
-const GO_VERIFIER: &str = r#"package main
-
-import (
-	"crypto/x509"
-	"fmt"
-	"os"
-	"path/filepath"
-	"sort"
-	"strings"
-)
-
-func load(p string) *x509.Certificate {
-	b, err := os.ReadFile(p)
-	if err != nil { panic(err) }
-	c, err := x509.ParseCertificate(b)
-	if err != nil { fmt.Printf("FAIL %s: parse: %v\n", p, err); os.Exit(1) }
-	return c
-}
-
-func main() {
-	dirs, _ := filepath.Glob(filepath.Join(os.Args[1], "case-*"))
-	sort.Strings(dirs)
-	failed := false
-	for _, d := range dirs {
-		roots := x509.NewCertPool()
-		roots.AddCert(load(filepath.Join(d, "root.der")))
-		inter := x509.NewCertPool()
-		ims, _ := filepath.Glob(filepath.Join(d, "inter-*.der"))
-		for _, p := range ims {
-			c := load(p)
-			if !c.BasicConstraintsValid || !c.IsCA { fmt.Printf("FAIL %s: %s is not a CA\n", d, p); failed = true }
-			inter.AddCert(c)
-		}
-		leaf := load(filepath.Join(d, "leaf.der"))
-		_, err := leaf.Verify(x509.VerifyOptions{Roots: roots, Intermediates: inter, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}})
-		if err != nil { fmt.Printf("FAIL %s: verify: %v\n", d, err); failed = true; continue }
-		if len(leaf.URIs) != 1 || leaf.URIs[0].Scheme != "spiffe" || leaf.IsCA || strings.ToLower(leaf.URIs[0].Host) != leaf.URIs[0].Host {
-			fmt.Printf("FAIL %s: not an X509-SVID leaf\n", d); failed = true; continue
-		}
-		fmt.Printf("ok %s\n", filepath.Base(d))
-	}
-	if failed || len(dirs) == 0 { os.Exit(1) }
-}
-"#;
-
-const PY_VERIFIER: &str = r#"
-import glob, os, sys
-from cryptography import x509
-from cryptography.x509.verification import PolicyBuilder, Store
-bad = 0
-dirs = sorted(glob.glob(os.path.join(sys.argv[1], "case-*")))
-for d in dirs:
-    load = lambda p: x509.load_der_x509_certificate(open(p, "rb").read())
-    root = load(os.path.join(d, "root.der"))
-    inters = [load(p) for p in sorted(glob.glob(os.path.join(d, "inter-*.der")))]
-    leaf = load(os.path.join(d, "leaf.der"))
-    try:
-        PolicyBuilder().store(Store([root])).build_client_verifier().verify(leaf, inters)
-        print("ok", os.path.basename(d))
-    except Exception as e:
-        print("FAIL", d, repr(e)); bad += 1
-sys.exit(1 if bad or not dirs else 0)
-"#;
-
-fn write_case(dir: &Path, n: usize, roots: &[Vec<u8>], chain: &[Vec<u8>], leaf: &[u8]) {
-    let d = dir.join(format!("case-{n:02}"));
-    std::fs::create_dir_all(&d).unwrap();
-    std::fs::write(d.join("root.der"), &roots[0]).unwrap();
-    for (i, c) in chain.iter().enumerate() {
-        std::fs::write(d.join(format!("inter-{i}.der")), c).unwrap();
-    }
-    std::fs::write(d.join("leaf.der"), leaf).unwrap();
-}
+use crate::support::judges::{Judge, write_case};
 
 fn leaf_under(a: &Authority, path: &str) -> Vec<u8> {
     let wl = workload_key(KeyType::EcP256);
@@ -133,45 +61,14 @@ fn mismatched_case(dir: &Path) {
     write_case(dir, 0, a.roots(), &[], &leaf_under(&b, "w"));
 }
 
-/// Run a verifier command over a directory of cases: (success, output).
-fn run_over(cmd: &mut Command) -> (bool, String) {
-    let out = cmd.output().unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
-}
-
-fn tool_works(cmd: &str, args: &[&str]) -> bool {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .map(|o| o.status.success())
-        .unwrap_or(false)
-}
-
 #[test]
 fn go_crypto_x509_accepts_every_chain() {
-    if !tool_works("go", &["version"]) {
-        eprintln!("go is not installed: Go crypto/x509 oracle not run");
+    if !Judge::Go.available("go_crypto_x509_accepts_every_chain") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
     build_cases(&SoftwareKeys, dir.path());
-    let src = dir.path().join("verify.go");
-    std::fs::write(&src, GO_VERIFIER).unwrap();
-    let go = |cases: &Path| {
-        let mut c = Command::new("go");
-        c.args(["run", src.to_str().unwrap(), cases.to_str().unwrap()])
-            .env("GOTOOLCHAIN", "local")
-            .env("GOPROXY", "off")
-            .env("GOFLAGS", "")
-            .env("GO111MODULE", "off");
-        run_over(&mut c)
-    };
-    let (ok, text) = go(dir.path());
+    let (ok, text) = Judge::Go.judge(dir.path());
     assert!(ok, "Go crypto/x509 rejects a chain:\n{text}");
     assert_eq!(
         text.matches("ok case-").count(),
@@ -180,7 +77,7 @@ fn go_crypto_x509_accepts_every_chain() {
     );
     let bad = tempfile::tempdir().unwrap();
     mismatched_case(bad.path());
-    let (ok, text) = go(bad.path());
+    let (ok, text) = Judge::Go.judge(bad.path());
     assert!(
         !ok && text.contains("FAIL"),
         "Go accepted a leaf under the wrong root: {text}"
@@ -189,8 +86,7 @@ fn go_crypto_x509_accepts_every_chain() {
 
 #[test]
 fn python_cryptography_accepts_every_chain_it_supports() {
-    if !tool_works("python3", &["-c", "import cryptography.x509.verification"]) {
-        eprintln!("python3 cryptography (>= 42) is not installed: its RFC 5280 oracle not run");
+    if !Judge::Python.available("python_cryptography_accepts_every_chain_it_supports") {
         return;
     }
     let dir = tempfile::tempdir().unwrap();
@@ -201,12 +97,7 @@ fn python_cryptography_accepts_every_chain_it_supports() {
             std::fs::remove_dir_all(dir.path().join(format!("case-{i:02}"))).unwrap();
         }
     }
-    let script = dir.path().join("verify.py");
-    std::fs::write(&script, PY_VERIFIER).unwrap();
-    let py = |cases: &Path| {
-        run_over(Command::new("python3").args([script.to_str().unwrap(), cases.to_str().unwrap()]))
-    };
-    let (ok, text) = py(dir.path());
+    let (ok, text) = Judge::Python.judge(dir.path());
     assert!(ok, "Python cryptography rejects a chain:\n{text}");
     assert_eq!(
         text.matches("ok case-").count(),
@@ -215,7 +106,7 @@ fn python_cryptography_accepts_every_chain_it_supports() {
     );
     let bad = tempfile::tempdir().unwrap();
     mismatched_case(bad.path());
-    let (ok, text) = py(bad.path());
+    let (ok, text) = Judge::Python.judge(bad.path());
     assert!(
         !ok && text.contains("FAIL"),
         "Python accepted a leaf under the wrong root: {text}"

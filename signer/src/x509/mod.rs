@@ -10,7 +10,7 @@ pub mod names;
 pub use csr::{CsrError, VerifiedCsr, parse_and_verify_csr, parse_csr_unverified};
 pub use issue::{
     Authority, IntermediateRequest, IssueError, IssuedCertificate, LeafRequest, MintedCa,
-    RootRequest, UnsignedCertificate,
+    RootRequest, UnsignedCertificate, certificate_request,
 };
 pub use lint::{LintContext, Profile, lint_tbs};
 

@@ -21,6 +21,7 @@ mod hostile;
 mod issuer;
 mod join;
 mod keymanager;
+mod offline_root;
 mod ops;
 mod plugin;
 mod renewal;

@@ -324,7 +324,9 @@ fn external_parent(cfg: &Config) -> Result<Option<ExternalParent>, ServeError> {
         return Ok(None);
     }
     let path = x.upstream_roots.as_ref().ok_or_else(|| {
-        ConfigError::Invalid("authority.x509.parent = \"external\" needs authority.x509.upstream_roots".into())
+        ConfigError::Invalid(
+            "authority.x509.parent = \"external\" needs authority.x509.upstream_roots".into(),
+        )
     })?;
     let roots = crate::ca::external::load_roots(path).map_err(ServeError::Authority)?;
     Ok(Some(ExternalParent {
@@ -350,12 +352,9 @@ fn load_installed(
     ext: &ExternalParent,
 ) -> Result<(Vec<u8>, Vec<Vec<u8>>), ServeError> {
     if !paths.authority.exists() {
-        let csr = crate::x509::certificate_request(
-            key,
-            td,
-            &crate::ca::intermediate_subject(td, 1),
-        )
-        .map_err(|e| ServeError::Authority(format!("cannot make the CSR: {e}")))?;
+        let csr =
+            crate::x509::certificate_request(key, td, &crate::ca::intermediate_subject(td, 1))
+                .map_err(|e| ServeError::Authority(format!("cannot make the CSR: {e}")))?;
         write_public(
             &paths.authority_csr,
             pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", csr)).as_bytes(),
@@ -369,8 +368,9 @@ fn load_installed(
     }
     let text = std::fs::read(&paths.authority)
         .map_err(io(format!("reading {}", paths.authority.display())))?;
-    let mut certs = crate::ca::external::pem_certificates(&text, &paths.authority.display().to_string())
-        .map_err(ServeError::Authority)?;
+    let mut certs =
+        crate::ca::external::pem_certificates(&text, &paths.authority.display().to_string())
+            .map_err(ServeError::Authority)?;
     if certs.is_empty() {
         return Err(ServeError::Authority(format!(
             "{} holds no certificate",
@@ -394,7 +394,11 @@ fn load_installed(
 /// ceremony returned (`cert_pem`, with `chain_pem` the CA certificates between it and the upstream root) against
 /// the CSR the waiting `signet serve` wrote to the data directory and the configured upstream roots, and writes it
 /// where the start picks it up (`authority.pem`). The start checks it again against the key on the token.
-pub fn install_offline(cfg: &Config, cert_pem: &[u8], chain_pem: &[u8]) -> Result<PathBuf, ServeError> {
+pub fn install_offline(
+    cfg: &Config,
+    cert_pem: &[u8],
+    chain_pem: &[u8],
+) -> Result<PathBuf, ServeError> {
     cfg.validate()?;
     let ext = external_parent(cfg)?.ok_or_else(|| {
         ConfigError::Invalid(
@@ -948,7 +952,8 @@ impl Appliance {
                 .await
                 .map_err(|e| ServeError::Authority(e.to_string()))?;
             let prior = prior_of(&store, &td).await?;
-            let (cfg2, dir2, emb, ext) = (cfg.clone(), dir.clone(), embedded.clone(), external.clone());
+            let (cfg2, dir2, emb, ext) =
+                (cfg.clone(), dir.clone(), embedded.clone(), external.clone());
             let boot = tokio::task::spawn_blocking(move || {
                 bootstrap(&cfg2, emb.as_ref(), dir2, prior, ext.as_ref())
             })

@@ -475,24 +475,25 @@ async fn rotation_view(
         .map(|r| {
             let awaiting = awaited.as_ref().filter(|(l, _)| *l == r.label);
             pb::RotationAuthority {
-            awaiting_certificate: awaiting.is_some(),
-            certificate_awaited_by: awaiting
-                .and_then(|(_, by)| *by)
-                .map_or(0, |t| t.unix_timestamp()),
-            kind: r.kind.name().into(),
-            id: authority_id(&r),
-            label: r.label,
-            generation: r.generation,
-            state: r.state.name().into(),
-            token: r.token,
-            not_after: r.not_after.unwrap_or(0),
-            published_at: r.published_at.unwrap_or(0),
-            activated_at: r.activated_at.unwrap_or(0),
-            issued_until: r.issued_until.unwrap_or(0),
-            retired_at: r.retired_at.unwrap_or(0),
-            tainted: r.tainted,
-            destroyed: r.destroyed_at.is_some(),
-        }})
+                awaiting_certificate: awaiting.is_some(),
+                certificate_awaited_by: awaiting
+                    .and_then(|(_, by)| *by)
+                    .map_or(0, |t| t.unix_timestamp()),
+                kind: r.kind.name().into(),
+                id: authority_id(&r),
+                label: r.label,
+                generation: r.generation,
+                state: r.state.name().into(),
+                token: r.token,
+                not_after: r.not_after.unwrap_or(0),
+                published_at: r.published_at.unwrap_or(0),
+                activated_at: r.activated_at.unwrap_or(0),
+                issued_until: r.issued_until.unwrap_or(0),
+                retired_at: r.retired_at.unwrap_or(0),
+                tainted: r.tainted,
+                destroyed: r.destroyed_at.is_some(),
+            }
+        })
         .collect();
     Ok(pb::GetRotationResponse {
         authorities,
@@ -631,7 +632,9 @@ impl AdminService {
                 if done.is_ok() && kind == AuthorityKind::X509 && a.policy().external.is_some() {
                     match a.certificate_request().await {
                         Ok((_, pem)) => csr_pem = pem,
-                        Err(e) => tracing::warn!(error = %e, "cannot make the prepared authority's CSR"),
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot make the prepared authority's CSR")
+                        }
                     }
                 }
                 done

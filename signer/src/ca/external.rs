@@ -150,7 +150,8 @@ pub fn check_installed(
     });
     if !has_ski {
         return Err(
-            "the certificate has no subjectKeyIdentifier: sign it with subjectKeyIdentifier = hash".into(),
+            "the certificate has no subjectKeyIdentifier: sign it with subjectKeyIdentifier = hash"
+                .into(),
         );
     }
     let room = u32::from(parent.path_len_room);

@@ -1247,7 +1247,9 @@ impl Authorities {
                 .unwrap_or(active.created_at)
                 .min(active.created_at);
             let life = (active.not_after? - born).max(1) as f64;
-            Some(at(born + (s.activate_at * life) as i64 - dur(self.policy.publish_lead)))
+            Some(at(
+                born + (s.activate_at * life) as i64 - dur(self.policy.publish_lead)
+            ))
         });
         Some((r.label.clone(), by))
     }
@@ -1260,13 +1262,13 @@ impl Authorities {
             return;
         }
         let awaited = self.awaited_in(records);
-        metrics::gauge!("signet_authority_certificate_awaited", "kind" => "x509").set(
-            if awaited.is_some() { 1.0 } else { 0.0 },
-        );
+        metrics::gauge!("signet_authority_certificate_awaited", "kind" => "x509")
+            .set(if awaited.is_some() { 1.0 } else { 0.0 });
         let by = awaited
             .and_then(|(_, by)| by)
             .map_or(0.0, |t| unix(t) as f64);
-        metrics::gauge!("signet_authority_certificate_awaited_by_seconds", "kind" => "x509").set(by);
+        metrics::gauge!("signet_authority_certificate_awaited_by_seconds", "kind" => "x509")
+            .set(by);
     }
 
     /// Below an offline root: the certificate signing request (PEM) of the X.509 authority whose certificate is
@@ -1281,7 +1283,10 @@ impl Authorities {
         }
         let rec = {
             let records = self.records.lock().await;
-            records.iter().find(|r| Self::awaits_certificate(r)).cloned()
+            records
+                .iter()
+                .find(|r| Self::awaits_certificate(r))
+                .cloned()
         };
         let Some(rec) = rec else {
             return Err(RotationError::Precondition(
@@ -1326,7 +1331,11 @@ impl Authorities {
         };
         let mut records = self.records.lock().await;
         let _step = self.lock_step(&mut records).await?;
-        let Some(mut rec) = records.iter().find(|r| Self::awaits_certificate(r)).cloned() else {
+        let Some(mut rec) = records
+            .iter()
+            .find(|r| Self::awaits_certificate(r))
+            .cloned()
+        else {
             return Err(RotationError::Precondition(
                 "no X.509 authority awaits a certificate: run signet rotate prepare first".into(),
             ));

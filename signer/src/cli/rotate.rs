@@ -132,7 +132,8 @@ fn write_csr(pem: &str, to: Option<&std::path::Path>) -> Result<(), CliError> {
 }
 
 fn read_file(p: &std::path::Path, what: &str) -> Result<Vec<u8>, CliError> {
-    std::fs::read(p).map_err(|e| CliError::new(format!("cannot read the {what} {}: {e}", p.display())))
+    std::fs::read(p)
+        .map_err(|e| CliError::new(format!("cannot read the {what} {}: {e}", p.display())))
 }
 
 fn install_offline(i: &InstallArgs) -> Result<(), CliError> {
@@ -215,7 +216,9 @@ pub fn run(args: RotateArgs) -> Result<(), CliError> {
                 return Ok(());
             }
             Step::Install(i) => {
-                let certificate_pem = String::from_utf8_lossy(&read_file(&i.certificate, "certificate")?).into_owned();
+                let certificate_pem =
+                    String::from_utf8_lossy(&read_file(&i.certificate, "certificate")?)
+                        .into_owned();
                 let chain_pem = match &i.chain {
                     Some(c) => String::from_utf8_lossy(&read_file(c, "chain")?).into_owned(),
                     None => String::new(),

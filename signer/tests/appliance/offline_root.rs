@@ -62,7 +62,10 @@ fn make_root(dir: &Path, name: &str) -> OfflineRoot {
         ),
     )
     .unwrap();
-    let (key, cert) = (dir.join(format!("{name}.key")), dir.join(format!("{name}.pem")));
+    let (key, cert) = (
+        dir.join(format!("{name}.key")),
+        dir.join(format!("{name}.pem")),
+    );
     openssl(
         dir,
         &[
@@ -127,7 +130,10 @@ fn sign(root: &OfflineRoot, dir: &Path, csr_pem: &str, ext: &str, days: u32) -> 
             "-CAkey",
             root.key.to_str().unwrap(),
             "-set_serial",
-            &format!("0x{:016x}{n:04x}", OffsetDateTime::now_utc().unix_timestamp()),
+            &format!(
+                "0x{:016x}{n:04x}",
+                OffsetDateTime::now_utc().unix_timestamp()
+            ),
             "-days",
             &days.to_string(),
             "-sha256",
@@ -195,8 +201,15 @@ async fn issue_and_verify(bed: &Bed, root: &OfflineRoot, what: &str) -> Vec<u8> 
     let mut issuer = IssuerClient::new(bed.channel(Some(&bed.admin())).await);
     let (csr, kp) = csr_for("spiffe://example.org/workloads/w1");
     let svid = expect_svid(mint_one(&mut issuer, csr, 600).await);
-    assert_eq!(svid.cert_chain.len(), 2, "{what}: leaf and signet's intermediate, no root");
-    assert!(!svid.cert_chain.contains(&root.der), "{what}: the root is not sent");
+    assert_eq!(
+        svid.cert_chain.len(),
+        2,
+        "{what}: leaf and signet's intermediate, no root"
+    );
+    assert!(
+        !svid.cert_chain.contains(&root.der),
+        "{what}: the root is not sent"
+    );
     let intermediate = svid.cert_chain[1].clone();
     openssl_verify(
         std::slice::from_ref(&root.der),
@@ -206,11 +219,19 @@ async fn issue_and_verify(bed: &Bed, root: &OfflineRoot, what: &str) -> Vec<u8> 
     .unwrap_or_else(|e| panic!("{what}: openssl verify of the X509-SVID: {e}"));
     let parsed = spiffe::X509Svid::parse_from_der(&svid.cert_chain.concat(), &kp.serialize_der())
         .unwrap_or_else(|e| panic!("{what}: the spiffe crate refuses the X509-SVID: {e}"));
-    assert_eq!(parsed.spiffe_id().to_string(), "spiffe://example.org/workloads/w1");
+    assert_eq!(
+        parsed.spiffe_id().to_string(),
+        "spiffe://example.org/workloads/w1"
+    );
     // The oracle can refuse: another root does not verify it.
     let (foreign, _) = foreign_ca();
     assert!(
-        openssl_verify(&[foreign.der().to_vec()], &svid.cert_chain[1..], &svid.cert_chain[0]).is_err()
+        openssl_verify(
+            &[foreign.der().to_vec()],
+            &svid.cert_chain[1..],
+            &svid.cert_chain[0]
+        )
+        .is_err()
     );
 
     // SPIRE's CA: signet's intermediate in x509_ca_chain, the offline root alone in upstream_x509_roots.
@@ -232,8 +253,16 @@ async fn issue_and_verify(bed: &Bed, root: &OfflineRoot, what: &str) -> Vec<u8> 
         .iter()
         .map(|r| r.asn1.clone())
         .collect();
-    assert_eq!(roots, vec![root.der.clone()], "{what}: upstream_x509_roots is the offline root");
-    assert_eq!(chain.len(), 2, "{what}: SPIRE's CA and signet's intermediate");
+    assert_eq!(
+        roots,
+        vec![root.der.clone()],
+        "{what}: upstream_x509_roots is the offline root"
+    );
+    assert_eq!(
+        chain.len(),
+        2,
+        "{what}: SPIRE's CA and signet's intermediate"
+    );
     assert_eq!(chain[1], intermediate, "{what}");
     openssl_verify(&roots, &chain[1..], &chain[0])
         .unwrap_or_else(|e| panic!("{what}: openssl verify of SPIRE's CA: {e}"));
@@ -310,16 +339,37 @@ async fn an_offline_root_certifies_signets_intermediates() {
     let mut waited = 0;
     while !csr_path.exists() {
         assert!(waited < 600, "no CSR within 60 s");
-        assert!(!starting.is_finished(), "the start ended instead of waiting");
+        assert!(
+            !starting.is_finished(),
+            "the start ended instead of waiting"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
         waited += 1;
     }
-    assert!(!starting.is_finished(), "the start waits for the certificate");
+    assert!(
+        !starting.is_finished(),
+        "the start waits for the certificate"
+    );
     let csr_pem = std::fs::read_to_string(&csr_path).unwrap();
-    openssl(&ceremony, &["req", "-verify", "-noout", "-in", csr_path.to_str().unwrap()]);
+    openssl(
+        &ceremony,
+        &[
+            "req",
+            "-verify",
+            "-noout",
+            "-in",
+            csr_path.to_str().unwrap(),
+        ],
+    );
 
     // The offline install refuses a certificate for another key, and writes nothing.
-    let wrong = sign(&root, &ceremony, &foreign_csr(&csr_pem), &extensions(Some(1), true), 365);
+    let wrong = sign(
+        &root,
+        &ceremony,
+        &foreign_csr(&csr_pem),
+        &extensions(Some(1), true),
+        365,
+    );
     let e = signet::serve::install_offline(&cfg, wrong.as_bytes(), b"").unwrap_err();
     assert_eq!(
         e.to_string(),
@@ -331,7 +381,8 @@ async fn an_offline_root_certifies_signets_intermediates() {
 
     // The ceremony signs the real CSR; install; the start goes on.
     let good = sign(&root, &ceremony, &csr_pem, &extensions(Some(1), true), 365);
-    signet::serve::install_offline(&cfg, good.as_bytes(), b"").expect("the certificate is accepted");
+    signet::serve::install_offline(&cfg, good.as_bytes(), b"")
+        .expect("the certificate is accepted");
     let app = tokio::time::timeout(Duration::from_secs(120), starting)
         .await
         .expect("the start finishes once the certificate is installed")
@@ -341,7 +392,11 @@ async fn an_offline_root_certifies_signets_intermediates() {
     // The bundle is the offline root alone, not signet's intermediate.
     assert_eq!(bed.roots_pem(), pem_chain(std::slice::from_ref(&root.der)));
     let first = issue_and_verify(&bed, &root, "generation 1").await;
-    assert_eq!(first, pem::parse(&good).unwrap().contents(), "the installed certificate signs");
+    assert_eq!(
+        first,
+        pem::parse(&good).unwrap().contents(),
+        "the installed certificate signs"
+    );
 
     // Second generation over the Admin API: prepare returns the CSR; publish waits for the certificate.
     let mut admin = AdminClient::new(bed.channel(Some(&bed.admin())).await);
@@ -353,7 +408,11 @@ async fn an_offline_root_certifies_signets_intermediates() {
     let prepared = admin.rotate(step("prepare")).await.unwrap().into_inner();
     let label = prepared.label.clone();
     assert_eq!(label, "signet-x509-root-g2");
-    assert!(prepared.csr_pem.starts_with("-----BEGIN CERTIFICATE REQUEST-----"));
+    assert!(
+        prepared
+            .csr_pem
+            .starts_with("-----BEGIN CERTIFICATE REQUEST-----")
+    );
     let again = admin.rotate(step("csr")).await.unwrap().into_inner();
     assert_eq!(again.label, label);
     let csr2 = prepared.csr_pem.clone();
@@ -428,8 +487,9 @@ async fn an_offline_root_certifies_signets_intermediates() {
             let (_, c) = x509_parser::parse_x509_certificate(&der).unwrap();
             let not_after = c.validity().not_after.to_datetime();
             assert!(
-                e.message()
-                    .starts_with(&format!("the certificate has expired: notAfter {not_after} is before now (")),
+                e.message().starts_with(&format!(
+                    "the certificate has expired: notAfter {not_after} is before now ("
+                )),
                 "{what}: {}",
                 e.message()
             );
@@ -441,7 +501,11 @@ async fn an_offline_root_certifies_signets_intermediates() {
             .await
             .unwrap()
             .into_inner();
-        assert_eq!(x509_rows(&now), x509_rows(&before), "{what}: nothing changed");
+        assert_eq!(
+            x509_rows(&now),
+            x509_rows(&before),
+            "{what}: nothing changed"
+        );
         let lines = bed.audit();
         let refused = audit_lines(&lines, ADMIN, "InstallAuthority");
         let last = refused.last().expect("an audit line for the refusal");
@@ -464,7 +528,10 @@ async fn an_offline_root_certifies_signets_intermediates() {
     admin.rotate(step("publish")).await.unwrap();
     clock.advance(Duration::from_secs(3600));
     admin.rotate(step("activate")).await.unwrap();
-    assert_eq!(bed.app.bundle().current().x509_roots, vec![root.der.clone()]);
+    assert_eq!(
+        bed.app.bundle().current().x509_roots,
+        vec![root.der.clone()]
+    );
     assert!(bed.app.bundle().current().sequence > seq);
     // Issuers switch to the new intermediate (asynchronously, on the active set's change).
     let mut second = Vec::new();
@@ -476,14 +543,21 @@ async fn an_offline_root_certifies_signets_intermediates() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert_eq!(subject_and_issuer(&second).0, g2_subject);
-    assert_eq!(second, pem::parse(&cert2).unwrap().contents(), "the installed certificate signs");
+    assert_eq!(
+        second,
+        pem::parse(&cert2).unwrap().contents(),
+        "the installed certificate signs"
+    );
     let done = admin
         .get_rotation(spb::GetRotationRequest {})
         .await
         .unwrap()
         .into_inner();
     let rows = x509_rows(&done);
-    assert!(rows.contains(&(label.clone(), "active".into(), false)), "{rows:?}");
+    assert!(
+        rows.contains(&(label.clone(), "active".into(), false)),
+        "{rows:?}"
+    );
     assert!(
         rows.contains(&("signet-x509-root".into(), "superseded".into(), false)),
         "{rows:?}"

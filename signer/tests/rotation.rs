@@ -119,6 +119,7 @@ async fn open(
         Initial {
             x509_label: "root".into(),
             x509_root: root,
+            x509_chain: Vec::new(),
             jwt_label: "jwt".into(),
         },
     )

@@ -734,6 +734,13 @@ fn bootstrap(
                         "the key {label:?} on the token is not the datastore's active root's key"
                     )));
                 }
+                if external.is_some() && c.subject().as_raw() == c.issuer().as_raw() {
+                    return Err(ServeError::Authority(format!(
+                        "authority.x509.parent = \"external\", but the datastore's active X.509 authority {label:?} is \
+                         signet's own self-signed root: an offline root is set up on a fresh datastore and data \
+                         directory"
+                    )));
+                }
                 if external.is_none() {
                     write_public(
                         &paths.root,

@@ -90,6 +90,9 @@ pub struct BundleSnapshot {
     pub x509_roots: Vec<Vec<u8>>,
     /// Those of the roots that are tainted (DER): SPIRE moves off them at once.
     pub x509_tainted: Vec<Vec<u8>>,
+    /// signet's own X.509 authorities when they are intermediates below offline roots (DER; empty when its
+    /// authorities are the roots): not part of the bundle, but what they sign is signet's (see `api::tls`).
+    pub own_cas: Vec<Vec<u8>>,
     /// The JWT keys.
     pub jwt_keys: Vec<JwtKey>,
 }
@@ -241,6 +244,7 @@ impl TrustBundle {
             sequence,
             x509_roots,
             x509_tainted: Vec::new(),
+            own_cas: Vec::new(),
             jwt_keys,
         })
     }

@@ -306,6 +306,27 @@ pub struct X509Settings {
     /// Lifetime of delegated mode's issuing intermediates.
     #[serde(default = "default_intermediate_ttl")]
     pub intermediate_ttl: ConfigDuration,
+    /// `self` (default): signet's X.509 authority is a self-signed root it makes on the token; `external`: it is an
+    /// intermediate whose certificate an offline root signs (`signet rotate prepare` writes the CSR, `signet rotate
+    /// install` takes the certificate back; see the offline-root chapter of the book).
+    #[serde(default)]
+    pub parent: ParentSetting,
+    /// With `parent = "external"`: the PEM file of the upstream roots the installed certificates must chain to;
+    /// they, not signet's intermediate, are the trust domain's X.509 bundle.
+    #[serde(default)]
+    pub upstream_roots: Option<PathBuf>,
+}
+
+/// `authority.x509.parent`: who certifies signet's X.509 authority.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ParentSetting {
+    /// Nobody: a self-signed root on the token.
+    #[default]
+    #[serde(rename = "self")]
+    SelfSigned,
+    /// An offline root outside signet (the key never reaches signet).
+    External,
 }
 
 fn default_key_type() -> KeyTypeSetting {
@@ -333,6 +354,8 @@ impl Default for X509Settings {
             mode: ModeSetting::Direct,
             root_ttl: default_root_ttl(),
             intermediate_ttl: default_intermediate_ttl(),
+            parent: ParentSetting::SelfSigned,
+            upstream_roots: None,
         }
     }
 }
@@ -717,6 +740,22 @@ impl Config {
                  fetched a new key before it signs",
                 3 * hint
             )));
+        }
+        let x = &self.authority.x509;
+        match (x.parent, &x.upstream_roots) {
+            (ParentSetting::External, None) => {
+                return Err(ConfigError::Invalid(
+                    "authority.x509.parent = \"external\" needs authority.x509.upstream_roots (the PEM file of the \
+                     offline roots the authority's certificate chains to)"
+                        .into(),
+                ));
+            }
+            (ParentSetting::SelfSigned, Some(_)) => {
+                return Err(ConfigError::Invalid(
+                    "authority.x509.upstream_roots is only for parent = \"external\"".into(),
+                ));
+            }
+            _ => {}
         }
         if r.check_every.0.is_zero() {
             return Err(ConfigError::Invalid(

@@ -37,6 +37,11 @@ pub struct DataPaths {
     pub admin_key: PathBuf,
     /// The address the server listens on, written at start (for the CLI).
     pub endpoint: PathBuf,
+    /// Below an offline root, before the first start: the authority's certificate and its chain up to (not
+    /// including) the upstream root, as `signet rotate install --offline` checked and wrote it (PEM).
+    pub authority: PathBuf,
+    /// Below an offline root, before the first start: the authority's certificate signing request (PEM).
+    pub authority_csr: PathBuf,
 }
 
 impl DataPaths {
@@ -51,6 +56,8 @@ impl DataPaths {
             admin_cert: dir.join("admin.pem"),
             admin_key: dir.join("admin.key"),
             endpoint: dir.join("endpoint"),
+            authority: dir.join("authority.pem"),
+            authority_csr: dir.join("authority.csr.pem"),
         }
     }
 }

@@ -39,6 +39,7 @@ use crate::api::upstream::UpstreamAuthorityService;
 use crate::api::{AppState, Signers, tls};
 use crate::audit::AuditLog;
 use crate::bundle::TrustBundle;
+use crate::ca::external::ExternalParent;
 use crate::ca::{
     ActiveSet, Authorities, AuthorityKind, AuthorityState, Initial, RotationPolicy, Schedule,
     TokenKeyring,
@@ -85,6 +86,10 @@ pub enum ServeError {
     /// The gRPC server failed.
     #[error("the gRPC server failed: {0}")]
     Server(String),
+    /// Below an offline root, on the first start: the authority's certificate is not installed yet (the CSR is
+    /// written; the message says where and what to run).
+    #[error("{0}")]
+    AwaitingCertificate(String),
 }
 
 impl From<FileError> for ServeError {
@@ -249,6 +254,133 @@ fn ensure_key(
     }
 }
 
+/// How often a first start below an offline root looks again for the installed certificate.
+const AWAIT_CERTIFICATE_POLL: Duration = Duration::from_secs(2);
+
+/// The external parent the configuration names, with its upstream roots loaded, or `None` for signet's own roots.
+fn external_parent(cfg: &Config) -> Result<Option<ExternalParent>, ServeError> {
+    let x = &cfg.authority.x509;
+    if x.parent != crate::config::ParentSetting::External {
+        return Ok(None);
+    }
+    let path = x.upstream_roots.as_ref().ok_or_else(|| {
+        ConfigError::Invalid(
+            "authority.x509.parent = \"external\" needs authority.x509.upstream_roots".into(),
+        )
+    })?;
+    let roots = crate::ca::external::load_roots(path).map_err(ServeError::Authority)?;
+    Ok(Some(ExternalParent {
+        roots,
+        source: path.display().to_string(),
+        path_len_room: PATH_LEN_ROOM,
+        least_life: rotation_policy(cfg, true).least_life(),
+    }))
+}
+
+/// How many levels of CA signet issues below its X.509 authority: SPIRE servers' CAs (pathlen 0) and delegated
+/// mode's issuing intermediates are one level.
+const PATH_LEN_ROOM: u8 = 1;
+
+/// Below an offline root, the first start's authority: the certificate `signet rotate install --offline` wrote to
+/// the data directory (checked again here, against the key on the token), with its chain. Without one, the CSR is
+/// written for the ceremony and [`ServeError::AwaitingCertificate`] says what to do.
+fn load_installed(
+    paths: &DataPaths,
+    key: &dyn AuthorityKey,
+    td: &TrustDomain,
+    label: &str,
+    ext: &ExternalParent,
+) -> Result<(Vec<u8>, Vec<Vec<u8>>), ServeError> {
+    if !paths.authority.exists() {
+        let csr =
+            crate::x509::certificate_request(key, td, &crate::ca::intermediate_subject(td, 1))
+                .map_err(|e| ServeError::Authority(format!("cannot make the CSR: {e}")))?;
+        write_public(
+            &paths.authority_csr,
+            pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", csr)).as_bytes(),
+        )?;
+        return Err(ServeError::AwaitingCertificate(format!(
+            "awaiting the authority's certificate: have the offline root sign {} (a CA certificate for {label}), then \
+             run signet rotate install --offline --config FILE --cert FILE [--chain FILE]; signet starts serving once \
+             it is installed",
+            paths.authority_csr.display()
+        )));
+    }
+    let text = std::fs::read(&paths.authority)
+        .map_err(io(format!("reading {}", paths.authority.display())))?;
+    let mut certs =
+        crate::ca::external::pem_certificates(&text, &paths.authority.display().to_string())
+            .map_err(ServeError::Authority)?;
+    if certs.is_empty() {
+        return Err(ServeError::Authority(format!(
+            "{} holds no certificate",
+            paths.authority.display()
+        )));
+    }
+    let cert = certs.remove(0);
+    crate::ca::external::check_installed(
+        &cert,
+        &certs,
+        label,
+        key.spki_der(),
+        ext,
+        OffsetDateTime::now_utc(),
+    )
+    .map_err(|e| ServeError::Authority(format!("{}: {e}", paths.authority.display())))?;
+    Ok((cert, certs))
+}
+
+/// `signet rotate install --offline`: below an offline root, before the first start, checks the certificate the
+/// ceremony returned (`cert_pem`, with `chain_pem` the CA certificates between it and the upstream root) against
+/// the CSR the waiting `signet serve` wrote to the data directory and the configured upstream roots, and writes it
+/// where the start picks it up (`authority.pem`). The start checks it again against the key on the token.
+pub fn install_offline(
+    cfg: &Config,
+    cert_pem: &[u8],
+    chain_pem: &[u8],
+) -> Result<PathBuf, ServeError> {
+    cfg.validate()?;
+    let ext = external_parent(cfg)?.ok_or_else(|| {
+        ConfigError::Invalid(
+            "install is for an X.509 authority below an offline root: set authority.x509.parent = \"external\"".into(),
+        )
+    })?;
+    let paths = DataPaths::new(&cfg.data_dir);
+    let csr_pem = std::fs::read(&paths.authority_csr).map_err(io(format!(
+        "reading {} (start signet serve once: it writes the CSR and waits)",
+        paths.authority_csr.display()
+    )))?;
+    let csr_der = pem::parse(&csr_pem)
+        .map_err(|e| ServeError::Authority(format!("{}: {e}", paths.authority_csr.display())))?
+        .contents()
+        .to_vec();
+    let csr = crate::x509::parse_and_verify_csr(&csr_der)
+        .map_err(|e| ServeError::Authority(format!("{}: {e}", paths.authority_csr.display())))?;
+    let mut certs = crate::ca::external::pem_certificates(cert_pem, "the certificate file")
+        .map_err(ServeError::Authority)?;
+    if certs.len() != 1 {
+        return Err(ServeError::Authority(format!(
+            "the certificate file holds {} certificates: give signet's certificate alone (--cert) and the CA \
+             certificates above it with --chain",
+            certs.len()
+        )));
+    }
+    let chain = crate::ca::external::pem_certificates(chain_pem, "the chain file")
+        .map_err(ServeError::Authority)?;
+    crate::ca::external::check_installed(
+        &certs[0],
+        &chain,
+        &cfg.authority.x509.key_label,
+        csr.subject_key().spki_der(),
+        &ext,
+        OffsetDateTime::now_utc(),
+    )
+    .map_err(ServeError::Authority)?;
+    certs.extend(chain);
+    write_public(&paths.authority, pem_certs(&certs).as_bytes())?;
+    Ok(paths.authority)
+}
+
 fn load_root(
     paths: &DataPaths,
     key: Arc<dyn AuthorityKey>,
@@ -400,6 +532,10 @@ struct Bootstrapped {
     pipeline: Pipeline,
     km_pipeline: Option<Pipeline>,
     root_der: Vec<u8>,
+    /// Below an offline root: the CA certificates between `root_der` (signet's intermediate) and the upstream root.
+    root_chain: Vec<Vec<u8>>,
+    /// Below an offline root: the upstream roots and what installed certificates are checked against.
+    external: Option<ExternalParent>,
     server: (Vec<Vec<u8>>, Vec<u8>),
     /// The admin's chain (leaf first).
     admin: Vec<Vec<u8>>,
@@ -414,6 +550,8 @@ struct Bootstrapped {
 struct Prior {
     /// The active root's label and certificate.
     x509: Option<(String, Vec<u8>)>,
+    /// Below an offline root: the chain installed with the active intermediate.
+    x509_chain: Vec<Vec<u8>>,
     /// The active JWT key's label.
     jwt: Option<String>,
 }
@@ -423,6 +561,7 @@ fn bootstrap(
     embedded: &dyn EmbeddedToken,
     dir: PathBuf,
     prior: Prior,
+    external: Option<&ExternalParent>,
 ) -> Result<Bootstrapped, ServeError> {
     let td = cfg.trust_domain()?;
     #[cfg(unix)]
@@ -535,21 +674,37 @@ fn bootstrap(
                         "the key {label:?} on the token is not the datastore's active root's key"
                     )));
                 }
-                write_public(
-                    &paths.root,
-                    pem_certs(std::slice::from_ref(cert)).as_bytes(),
-                )?;
-                cert.clone()
+                if external.is_some() && c.subject().as_raw() == c.issuer().as_raw() {
+                    return Err(ServeError::Authority(format!(
+                        "authority.x509.parent = \"external\", but the datastore's active X.509 authority {label:?} is \
+                         signet's own self-signed root: an offline root is set up on a fresh datastore and data \
+                         directory"
+                    )));
+                }
+                if external.is_none() {
+                    write_public(
+                        &paths.root,
+                        pem_certs(std::slice::from_ref(cert)).as_bytes(),
+                    )?;
+                }
+                (cert.clone(), prior.x509_chain.clone())
             }
-            None => load_root(&paths, root_key.clone(), &td, x.root_ttl.0)?,
+            None => match external {
+                Some(ext) => load_installed(&paths, root_key.as_ref(), &td, &root_label, ext)?,
+                None => (
+                    load_root(&paths, root_key.clone(), &td, x.root_ttl.0)?,
+                    Vec::new(),
+                ),
+            },
         };
+        let (root_der, root_chain) = root_der;
         let root = Arc::new(
             Authority::new(
                 root_der.clone(),
                 root_key.clone(),
                 td.clone(),
-                Vec::new(),
-                Vec::new(),
+                root_chain.clone(),
+                external.map(|e| e.roots.clone()).unwrap_or_default(),
             )
             .map_err(|e| ServeError::Authority(e.to_string()))?,
         );
@@ -580,15 +735,12 @@ fn bootstrap(
             &paths.admin_cert,
             &paths.admin_key,
         )?;
-        write_public(
-            &paths.bundle,
-            pem_certs(std::slice::from_ref(&root_der)).as_bytes(),
-        )?;
+        write_public(&paths.bundle, pem_certs(root.roots()).as_bytes())?;
         // The JWT key was checked by building its issuer; the running issuers come from the datastore's active set.
         drop(jwt);
-        Ok::<_, ServeError>((root_der, server, admin))
+        Ok::<_, ServeError>((root_der, root_chain, server, admin))
     })();
-    let (root_der, server, admin) = match started {
+    let (root_der, root_chain, server, admin) = match started {
         Ok(v) => v,
         Err(e) => {
             pipeline.shutdown();
@@ -636,6 +788,8 @@ fn bootstrap(
         pipeline,
         km_pipeline,
         root_der,
+        root_chain,
+        external: external.cloned(),
         server,
         admin,
         keys,
@@ -725,21 +879,8 @@ impl Appliance {
         let store = Store::open(&cfg.datastore, &dir)
             .await
             .map_err(|e| ServeError::Authority(e.to_string()))?;
-        // Replicas sharing a datastore start one at a time up to the adoption of the first authorities, so that only
-        // the first makes the root and keys.
-        let start_lock = store
-            .start_lock()
-            .await
-            .map_err(|e| ServeError::Authority(e.to_string()))?;
-        let prior = prior_of(&store, &td).await?;
-        let cfg2 = cfg.clone();
-        let boot =
-            tokio::task::spawn_blocking(move || bootstrap(&cfg2, embedded.as_ref(), dir, prior))
-                .await
-                .map_err(|e| ServeError::Server(format!("start-up task failed: {e}")))
-                .and_then(|r| r);
-        let boot = match boot {
-            Ok(b) => b,
+        let external = match external_parent(&cfg) {
+            Ok(e) => e,
             Err(e) => {
                 for b in &background {
                     b.abort();
@@ -747,6 +888,44 @@ impl Appliance {
                 return Err(e);
             }
         };
+        // Below an offline root, the first start waits until the authority's certificate is installed (see
+        // `load_installed`): it says so, then looks again every few seconds.
+        let mut told = false;
+        let (start_lock, boot) = loop {
+            // Replicas sharing a datastore start one at a time up to the adoption of the first authorities, so that
+            // only the first makes the root and keys.
+            let start_lock = store
+                .start_lock()
+                .await
+                .map_err(|e| ServeError::Authority(e.to_string()))?;
+            let prior = prior_of(&store, &td).await?;
+            let (cfg2, dir2, emb, ext) =
+                (cfg.clone(), dir.clone(), embedded.clone(), external.clone());
+            let boot = tokio::task::spawn_blocking(move || {
+                bootstrap(&cfg2, emb.as_ref(), dir2, prior, ext.as_ref())
+            })
+            .await
+            .map_err(|e| ServeError::Server(format!("start-up task failed: {e}")))
+            .and_then(|r| r);
+            match boot {
+                Ok(b) => break (start_lock, b),
+                Err(ServeError::AwaitingCertificate(m)) => {
+                    start_lock.release().await;
+                    if !told {
+                        tracing::warn!("{m}");
+                        told = true;
+                    }
+                    tokio::time::sleep(AWAIT_CERTIFICATE_POLL).await;
+                }
+                Err(e) => {
+                    for b in &background {
+                        b.abort();
+                    }
+                    return Err(e);
+                }
+            }
+        };
+
         let mode = match cfg.authority.x509.mode {
             ModeSetting::Direct => SigningMode::Direct,
             ModeSetting::Delegated => SigningMode::Delegated(DelegatedConfig {
@@ -1107,6 +1286,9 @@ async fn prior_of(store: &Store, td: &TrustDomain) -> Result<Prior, ServeError> 
     Ok(Prior {
         x509: active(AuthorityKind::X509)
             .and_then(|r| Some((r.label.clone(), r.certificate.clone()?))),
+        x509_chain: active(AuthorityKind::X509)
+            .map(|r| crate::ca::external::split_ders(r.chain.as_deref().unwrap_or_default()))
+            .unwrap_or_default(),
         jwt: active(AuthorityKind::Jwt).map(|r| r.label.clone()),
     })
 }
@@ -1166,10 +1348,14 @@ async fn open_authorities(
         store,
         keyring,
         clock,
-        rotation_policy(cfg, boot.single),
+        RotationPolicy {
+            external: boot.external.clone(),
+            ..rotation_policy(cfg, boot.single)
+        },
         Initial {
             x509_label: boot.root_label.clone(),
             x509_root: boot.root_der.clone(),
+            x509_chain: boot.root_chain.clone(),
             jwt_label: boot.jwt_label.clone(),
         },
     )
@@ -1191,7 +1377,7 @@ async fn signers_of(
             a.cert_der().to_vec(),
             a.key().clone(),
             td.clone(),
-            a.chain(),
+            a.intermediates().to_vec(),
             a.roots().to_vec(),
         )
         .map_err(|e| ServeError::Authority(e.to_string()))

@@ -150,6 +150,13 @@ impl pb::admin_server::Admin for AdminService {
         self.federated_bundles(request).await
     }
 
+    async fn install_authority(
+        &self,
+        request: Request<pb::InstallAuthorityRequest>,
+    ) -> Result<Response<pb::RotateResponse>, Status> {
+        self.install_step(request).await
+    }
+
     async fn create_join_token(
         &self,
         request: Request<pb::CreateJoinTokenRequest>,
@@ -171,24 +178,32 @@ async fn rotation_view(
     a: &crate::ca::Authorities,
 ) -> Result<pb::GetRotationResponse, Status> {
     let (orphaned_keys, lost_keys) = a.orphans().await.map_err(|e| rotation_status(&e))?;
+    let awaited = a.awaited_certificate().await;
     let authorities = a
         .list()
         .await
         .into_iter()
-        .map(|r| pb::RotationAuthority {
-            kind: r.kind.name().into(),
-            id: authority_id(&r),
-            label: r.label,
-            generation: r.generation,
-            state: r.state.name().into(),
-            token: r.token,
-            not_after: r.not_after.unwrap_or(0),
-            published_at: r.published_at.unwrap_or(0),
-            activated_at: r.activated_at.unwrap_or(0),
-            issued_until: r.issued_until.unwrap_or(0),
-            retired_at: r.retired_at.unwrap_or(0),
-            tainted: r.tainted,
-            destroyed: r.destroyed_at.is_some(),
+        .map(|r| {
+            let awaiting = awaited.as_ref().filter(|(l, _)| *l == r.label);
+            pb::RotationAuthority {
+                awaiting_certificate: awaiting.is_some(),
+                certificate_awaited_by: awaiting
+                    .and_then(|(_, by)| *by)
+                    .map_or(0, |t| t.unix_timestamp()),
+                kind: r.kind.name().into(),
+                id: authority_id(&r),
+                label: r.label,
+                generation: r.generation,
+                state: r.state.name().into(),
+                token: r.token,
+                not_after: r.not_after.unwrap_or(0),
+                published_at: r.published_at.unwrap_or(0),
+                activated_at: r.activated_at.unwrap_or(0),
+                issued_until: r.issued_until.unwrap_or(0),
+                retired_at: r.retired_at.unwrap_or(0),
+                tainted: r.tainted,
+                destroyed: r.destroyed_at.is_some(),
+            }
         })
         .collect();
     Ok(pb::GetRotationResponse {
@@ -247,10 +262,37 @@ impl AdminService {
         &self,
         request: Request<pb::RotateRequest>,
     ) -> Result<Response<pb::RotateResponse>, Status> {
+        let caller = self.state.admit(&request, Service::Admin, "Rotate").await?;
+        self.rotate_as(caller, request.into_inner(), None).await
+    }
+
+    async fn install_step(
+        &self,
+        request: Request<pb::InstallAuthorityRequest>,
+    ) -> Result<Response<pb::RotateResponse>, Status> {
+        let caller = self
+            .state
+            .admit(&request, Service::Admin, "InstallAuthority")
+            .await?;
+        let r = request.into_inner();
+        let step = pb::RotateRequest {
+            step: "install".into(),
+            kind: "x509".into(),
+            label: String::new(),
+        };
+        self.rotate_as(caller, step, Some((r.certificate_pem, r.chain_pem)))
+            .await
+    }
+
+    /// A rotation step for `caller`; `install` carries the certificate and chain PEM of an install.
+    async fn rotate_as(
+        &self,
+        caller: Caller,
+        req: pb::RotateRequest,
+        install: Option<(String, String)>,
+    ) -> Result<Response<pb::RotateResponse>, Status> {
         use crate::ca::AuthorityKind;
         let st = &self.state;
-        let caller = st.admit(&request, Service::Admin, "Rotate").await?;
-        let req = request.into_inner();
         let a = match rotation_of(st) {
             Ok(a) => a,
             Err(s) => return Err(st.refuse(&caller, s, None).await),
@@ -280,8 +322,50 @@ impl AdminService {
             step: req.step.clone(),
             recorded: std::sync::atomic::AtomicBool::new(false),
         };
+        let mut csr_pem = String::new();
         let done = match req.step.as_str() {
-            "prepare" => a.prepare_with(kind, &w).await,
+            "prepare" => {
+                let done = a.prepare_with(kind, &w).await;
+                // Below an offline root the new X.509 authority's CSR goes back to the caller for the ceremony.
+                if done.is_ok() && kind == AuthorityKind::X509 && a.policy().external.is_some() {
+                    match a.certificate_request().await {
+                        Ok((_, pem)) => csr_pem = pem,
+                        Err(e) => {
+                            tracing::warn!(error = %e, "cannot make the prepared authority's CSR")
+                        }
+                    }
+                }
+                done
+            }
+            "csr" => match a.certificate_request().await {
+                Ok((label, pem)) => {
+                    csr_pem = pem;
+                    Ok(label)
+                }
+                Err(e) => Err(e),
+            },
+            "install" => {
+                let (cert_pem, chain_pem) = install.clone().unwrap_or_default();
+                let parsed = crate::ca::external::pem_certificates(cert_pem.as_bytes(), "certificate_pem")
+                    .and_then(|c| match <[Vec<u8>; 1]>::try_from(c) {
+                        Ok([one]) => Ok(one),
+                        Err(c) => Err(format!(
+                            "certificate_pem holds {} certificates: give signet's certificate alone, and the CA \
+                             certificates above it in chain_pem",
+                            c.len()
+                        )),
+                    })
+                    .and_then(|cert| {
+                        crate::ca::external::pem_certificates(chain_pem.as_bytes(), "chain_pem")
+                            .map(|chain| (cert, chain))
+                    });
+                match parsed {
+                    Ok((cert, chain)) => a.install_with(cert, chain, &w).await,
+                    Err(m) => {
+                        return Err(st.refuse(&caller, Status::invalid_argument(m), None).await);
+                    }
+                }
+            }
             "publish" => a.publish_with(kind, &w).await,
             "activate" => a.activate_with(kind, &w).await,
             "retire" => a.retire_with(kind, &w).await,
@@ -295,7 +379,7 @@ impl AdminService {
             },
             other => {
                 let s = Status::invalid_argument(format!(
-                    "step {other:?}: use prepare, publish, activate, retire, taint or destroy"
+                    "step {other:?}: use prepare, publish, activate, retire, taint, destroy or csr"
                 ));
                 return Err(st.refuse(&caller, s, None).await);
             }
@@ -319,12 +403,17 @@ impl AdminService {
             // Nothing was committed (tainting a tainted authority, destroying a destroyed key): recorded now.
             let mut r = caller.record(Outcome::Rotated);
             r.key_id = Some(label.clone());
-            r.reason = Some(format!("{} (already done)", req.step));
+            r.reason = Some(if req.step == "csr" {
+                "csr".to_string()
+            } else {
+                format!("{} (already done)", req.step)
+            });
             st.audit(&[r]).await?;
         }
         Ok(Response::new(pb::RotateResponse {
             label,
             rotation: Some(rotation_view(st, &a).await?),
+            csr_pem,
         }))
     }
 

@@ -6,6 +6,8 @@
 //! refusals in aggregate. Every RPC checks the chain again ([`ClientTrust::authenticate`], cached per chain) and
 //! learns who signed the leaf ([`SignedBy`]): signet's own issuing keys (a root, or an issuing intermediate of
 //! delegated mode directly below one, see [`crate::x509::issuing`]), or a CA below signet such as a SPIRE server's.
+//! Below an offline root (`authority.x509.parent = "external"`) the roots are not signet's: its issuing keys are then
+//! its own intermediates (the bundle's `own_cas`), and a CA the offline root signed for someone else is not signet's.
 //! The services give a role only to the first kind (see `AppState::admit`).
 
 use std::collections::HashMap;
@@ -71,6 +73,8 @@ pub struct ClientTrust {
     verifier: Arc<dyn ClientCertVerifier>,
     trust_domain: TrustDomain,
     roots: Arc<Vec<Vec<u8>>>,
+    /// signet's own intermediates below offline roots: their leaves and issuing intermediates are signet's.
+    own_cas: Arc<Vec<Vec<u8>>>,
     verified: Arc<Mutex<Verified>>,
 }
 
@@ -112,8 +116,16 @@ impl ClientTrust {
             verifier: verifier_for(roots)?,
             trust_domain,
             roots: Arc::new(roots.to_vec()),
+            own_cas: Arc::new(Vec::new()),
             verified: Arc::new(Mutex::new(HashMap::new())),
         })
+    }
+
+    /// The same trust, with `own_cas` (signet's own intermediates below offline roots, DER) counted as signet's
+    /// issuing keys like its roots: a leaf they sign, or an issuing intermediate directly below one, is signet's.
+    pub fn with_own_cas(mut self, own_cas: &[Vec<u8>]) -> Self {
+        self.own_cas = Arc::new(own_cas.to_vec());
+        self
     }
 
     /// Who signed `leaf`: a root of the bundle or an issuing intermediate of signet's directly below one (both
@@ -123,11 +135,14 @@ impl ClientTrust {
         let Ok((_, leaf)) = x509_parser::parse_x509_certificate(leaf) else {
             return SignedBy::Downstream("an unparsable certificate".into());
         };
-        let roots: Vec<X509Certificate<'_>> = self
-            .roots
-            .iter()
-            .filter_map(|r| x509_parser::parse_x509_certificate(r).ok().map(|(_, c)| c))
-            .collect();
+        // signet's issuing keys: its roots, or (below an offline root) its own intermediates.
+        let roots: Vec<X509Certificate<'_>> = if self.own_cas.is_empty() {
+            self.roots.iter()
+        } else {
+            self.own_cas.iter()
+        }
+        .filter_map(|r| x509_parser::parse_x509_certificate(r).ok().map(|(_, c)| c))
+        .collect();
         if roots.iter().any(|r| signed_by(&leaf, r)) {
             return SignedBy::Signet;
         }
@@ -224,7 +239,8 @@ impl LiveClientTrust {
         {
             return Ok(v.clone());
         }
-        let v = ClientTrust::new(&snapshot.x509_roots, self.trust_domain.clone())?;
+        let v = ClientTrust::new(&snapshot.x509_roots, self.trust_domain.clone())?
+            .with_own_cas(&snapshot.own_cas);
         *cached = Some((snapshot.sequence, v.clone()));
         Ok(v)
     }

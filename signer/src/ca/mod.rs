@@ -46,6 +46,7 @@
 
 pub mod clock;
 pub mod crash;
+pub mod external;
 pub mod keyring;
 
 use std::sync::Arc;
@@ -98,6 +99,9 @@ pub enum RotationError {
     /// A certificate could not be made.
     #[error("certificate: {0}")]
     Certificate(String),
+    /// An installed certificate was refused (below an offline root): why.
+    #[error("{0}")]
+    Refused(String),
     /// The step's witness (the Admin API's audit log) could not record it: the step did not happen.
     #[error("the step could not be recorded ({0}); nothing was changed")]
     NotRecorded(String),
@@ -178,6 +182,8 @@ pub struct RotationPolicy {
     /// Why new keys cannot be prepared here, if they cannot (e.g. the authority signs with several tokens and a
     /// new key would exist on one of them only).
     pub cannot_prepare: Option<String>,
+    /// The X.509 authority is an intermediate below an offline root ([`external`]); `None`: signet's own roots.
+    pub external: Option<external::ExternalParent>,
 }
 
 impl RotationPolicy {
@@ -196,7 +202,14 @@ impl RotationPolicy {
             max_jwt_issued_ttl: Duration::from_secs(24 * 3600),
             schedule: Some(Schedule::default()),
             cannot_prepare: None,
+            external: None,
         }
+    }
+
+    /// Below an offline root, the least life an installed certificate must have left: the publish lead plus the
+    /// longest life of what it signs.
+    pub fn least_life(&self) -> Duration {
+        self.publish_lead.saturating_add(self.max_x509_issued_ttl)
     }
 
     fn label_family(&self, kind: AuthorityKind) -> &str {
@@ -256,6 +269,8 @@ struct ActivePlan {
     x509_label: String,
     x509_cert: Vec<u8>,
     intermediates: Vec<Vec<u8>>,
+    /// The upstream roots, when the authority is an intermediate below them; `None`: it is itself the root.
+    roots: Option<Vec<Vec<u8>>>,
     jwt_label: Option<String>,
 }
 
@@ -334,6 +349,29 @@ fn root_subject(td: &TrustDomain, generation: i64) -> DistinguishedName {
         );
     }
     subject
+}
+
+/// The subject signet asks the offline root for (below an offline root): one name per generation, like roots.
+pub fn intermediate_subject(td: &TrustDomain, generation: i64) -> DistinguishedName {
+    let mut subject = DistinguishedName::new();
+    subject.push(DnType::OrganizationName, "signet");
+    if generation <= 1 {
+        subject.push(DnType::CommonName, format!("signet intermediate {td}"));
+    } else {
+        subject.push(
+            DnType::CommonName,
+            format!("signet intermediate {td} #{generation}"),
+        );
+    }
+    subject
+}
+
+/// Why an authority below an offline root cannot be published yet.
+fn awaiting_message(label: &str) -> String {
+    format!(
+        "awaiting the authority's certificate: {label} has no certificate yet; have the offline root sign its CSR \
+         (signet rotate csr), then run signet rotate install --cert FILE [--chain FILE]"
+    )
 }
 
 fn subject_of(der: &[u8]) -> Result<DistinguishedName, RotationError> {
@@ -434,6 +472,12 @@ impl Authorities {
                 },
                 public_key: Some(spki),
                 certificate: cert,
+                chain: match kind {
+                    AuthorityKind::X509 if !initial.x509_chain.is_empty() => {
+                        Some(initial.x509_chain.concat())
+                    }
+                    _ => None,
+                },
                 cross_from_previous: None,
                 cross_to_previous: None,
                 created_at: unix(now),
@@ -471,7 +515,7 @@ impl Authorities {
             sequence = tx.bump_sequence(&tds, floor).await?;
             tx.commit().await?;
         }
-        let mut snapshot = Self::snapshot_of(&records, sequence);
+        let mut snapshot = Self::snapshot_of(&records, sequence, policy.external.as_ref());
         let now_unix = unix(now);
         snapshot.jwt_keys.extend(
             store
@@ -489,7 +533,7 @@ impl Authorities {
         );
         lock.release().await;
         let bundle = TrustBundle::from_snapshot(snapshot);
-        let plan = Self::plan_of(&records)?;
+        let plan = Self::plan_of(&records, policy.external.as_ref())?;
         let set = Self::active_of(&td, keyring.clone(), plan.clone()).await?;
         let (active, _) = watch::channel(Arc::new(set));
         let this = Self {
@@ -506,6 +550,7 @@ impl Authorities {
         };
         this.recover().await?;
         export_metrics(&this.records.lock().await);
+        this.export_awaited(&this.records.lock().await);
         Ok(this)
     }
 
@@ -653,21 +698,37 @@ impl Authorities {
         Ok((orphans, lost))
     }
 
-    fn snapshot_of(records: &[AuthorityRecord], sequence: u64) -> BundleSnapshot {
+    fn snapshot_of(
+        records: &[AuthorityRecord],
+        sequence: u64,
+        external: Option<&external::ExternalParent>,
+    ) -> BundleSnapshot {
         let in_bundle = |k: AuthorityKind| {
             records
                 .iter()
                 .filter(move |r| r.kind == k && r.state.in_bundle())
         };
+        let own: Vec<Vec<u8>> = in_bundle(AuthorityKind::X509)
+            .filter_map(|r| r.certificate.clone())
+            .collect();
+        // Below an offline root the bundle holds the upstream roots; signet's intermediates are its own CAs (the
+        // trust boundary counts what they sign as signet's). A tainted intermediate leaves the roots as they are.
+        let (x509_roots, x509_tainted, own_cas) = match external {
+            Some(e) => (e.roots.clone(), Vec::new(), own),
+            None => (
+                own,
+                in_bundle(AuthorityKind::X509)
+                    .filter(|r| r.tainted)
+                    .filter_map(|r| r.certificate.clone())
+                    .collect(),
+                Vec::new(),
+            ),
+        };
         BundleSnapshot {
             sequence,
-            x509_roots: in_bundle(AuthorityKind::X509)
-                .filter_map(|r| r.certificate.clone())
-                .collect(),
-            x509_tainted: in_bundle(AuthorityKind::X509)
-                .filter(|r| r.tainted)
-                .filter_map(|r| r.certificate.clone())
-                .collect(),
+            x509_roots,
+            x509_tainted,
+            own_cas,
             jwt_keys: in_bundle(AuthorityKind::Jwt)
                 .filter_map(|r| {
                     Some(JwtKey {
@@ -682,7 +743,10 @@ impl Authorities {
         }
     }
 
-    fn plan_of(records: &[AuthorityRecord]) -> Result<ActivePlan, RotationError> {
+    fn plan_of(
+        records: &[AuthorityRecord],
+        external: Option<&external::ExternalParent>,
+    ) -> Result<ActivePlan, RotationError> {
         let active = |k: AuthorityKind| {
             records
                 .iter()
@@ -702,10 +766,13 @@ impl Authorities {
                 && r.generation == x.generation + 1
                 && r.state == AuthorityState::Published
         });
-        let intermediates: Vec<Vec<u8>> = match (previous_in_bundle, successor) {
-            (true, _) => x.cross_from_previous.iter().cloned().collect(),
-            (false, Some(s)) => s.cross_to_previous.iter().cloned().collect(),
-            (false, None) => Vec::new(),
+        let intermediates: Vec<Vec<u8>> = match (external, previous_in_bundle, successor) {
+            // Below an offline root: the chain installed with the intermediate (every generation chains to the
+            // same root, no cross-certificate is needed).
+            (Some(_), _, _) => external::split_ders(x.chain.as_deref().unwrap_or_default()),
+            (None, true, _) => x.cross_from_previous.iter().cloned().collect(),
+            (None, false, Some(s)) => s.cross_to_previous.iter().cloned().collect(),
+            (None, false, None) => Vec::new(),
         };
         let cert = x.certificate.clone().ok_or_else(|| {
             RotationError::Precondition(format!("root {:?} has no certificate", x.label))
@@ -714,6 +781,7 @@ impl Authorities {
             x509_label: x.label,
             x509_cert: cert,
             intermediates,
+            roots: external.map(|e| e.roots.clone()),
             jwt_label: active(AuthorityKind::Jwt).map(|j| j.label),
         })
     }
@@ -727,8 +795,9 @@ impl Authorities {
         tokio::task::spawn_blocking(move || {
             let key = keyring.signer(&plan.x509_label)?;
             let cert = plan.x509_cert;
-            let authority = Authority::new(cert.clone(), key, td, plan.intermediates, vec![cert])
-                .map_err(cert_err)?;
+            let roots = plan.roots.unwrap_or_else(|| vec![cert.clone()]);
+            let authority =
+                Authority::new(cert, key, td, plan.intermediates, roots).map_err(cert_err)?;
             let jwt = match plan.jwt_label {
                 Some(j) => {
                     let signer = keyring.signer(&j)?;
@@ -756,9 +825,10 @@ impl Authorities {
     /// names) stay.
     async fn take_effect(&self, records: &[AuthorityRecord]) -> Result<(), RotationError> {
         export_metrics(records);
+        self.export_awaited(records);
         let tds = self.td.to_string();
         let sequence = self.store.sequence(&tds).await?.unwrap_or(1);
-        let mut snapshot = Self::snapshot_of(records, sequence);
+        let mut snapshot = Self::snapshot_of(records, sequence, self.policy.external.as_ref());
         let ours = |kid: &str| records.iter().any(|r| r.kid.as_deref() == Some(kid));
         let now = unix(self.clock.now());
         for k in self.store.published_jwt_keys(&tds).await? {
@@ -779,7 +849,7 @@ impl Authorities {
             }
         }
         self.bundle.replace(snapshot);
-        let plan = Self::plan_of(records)?;
+        let plan = Self::plan_of(records, self.policy.external.as_ref())?;
         let same = self.plan.lock().unwrap_or_else(|p| p.into_inner()).as_ref() == Some(&plan);
         if !same {
             let set = Self::active_of(&self.td, self.keyring.clone(), plan.clone()).await?;
@@ -1007,6 +1077,7 @@ impl Authorities {
             key_type: self.policy.key_type(kind).name().to_string(),
             public_key: None,
             certificate: None,
+            chain: None,
             cross_from_previous: None,
             cross_to_previous: None,
             kid: None,
@@ -1065,6 +1136,15 @@ impl Authorities {
             AuthorityKind::Jwt => {
                 rec.kid = Some(crate::jwt::kid_for_spki(&spki));
                 rec.not_after = Some(unix(now) + dur(self.policy.root_ttl));
+            }
+            AuthorityKind::X509 if self.policy.external.is_some() => {
+                // Below an offline root: the certificate comes back from the ceremony (`install`); until then the
+                // authority is prepared without one and cannot be published.
+                tracing::warn!(
+                    label = rec.label,
+                    "authority key generated on the token: its certificate is awaited from the offline root (signet \
+                     rotate csr writes the request, signet rotate install takes the certificate)"
+                );
             }
             AuthorityKind::X509 => {
                 let current = records
@@ -1142,6 +1222,164 @@ impl Authorities {
         Ok(())
     }
 
+    fn awaits_certificate(r: &AuthorityRecord) -> bool {
+        r.kind == AuthorityKind::X509
+            && r.state == AuthorityState::Prepared
+            && r.certificate.is_none()
+    }
+
+    /// Below an offline root: the X.509 authority whose certificate is awaited, if one is, and by when it must be
+    /// installed for the schedule to activate it on time (the schedule's activation time less the publish lead;
+    /// `None` without a schedule).
+    pub async fn awaited_certificate(&self) -> Option<(String, Option<OffsetDateTime>)> {
+        let records = self.records.lock().await;
+        self.awaited_in(&records)
+    }
+
+    fn awaited_in(&self, records: &[AuthorityRecord]) -> Option<(String, Option<OffsetDateTime>)> {
+        let r = records.iter().find(|r| Self::awaits_certificate(r))?;
+        let by = self.policy.schedule.and_then(|s| {
+            let active = records
+                .iter()
+                .find(|r| r.kind == AuthorityKind::X509 && r.state == AuthorityState::Active)?;
+            let born = active
+                .activated_at
+                .unwrap_or(active.created_at)
+                .min(active.created_at);
+            let life = (active.not_after? - born).max(1) as f64;
+            Some(at(
+                born + (s.activate_at * life) as i64 - dur(self.policy.publish_lead)
+            ))
+        });
+        Some((r.label.clone(), by))
+    }
+
+    /// Sets `signet_authority_certificate_awaited{kind}` (1 while an authority below an offline root waits for its
+    /// certificate) and `signet_authority_certificate_awaited_by_seconds{kind}` (by when, Unix seconds; 0: no
+    /// schedule or nothing awaited).
+    fn export_awaited(&self, records: &[AuthorityRecord]) {
+        if self.policy.external.is_none() {
+            return;
+        }
+        let awaited = self.awaited_in(records);
+        metrics::gauge!("signet_authority_certificate_awaited", "kind" => "x509")
+            .set(if awaited.is_some() { 1.0 } else { 0.0 });
+        let by = awaited
+            .and_then(|(_, by)| by)
+            .map_or(0.0, |t| unix(t) as f64);
+        metrics::gauge!("signet_authority_certificate_awaited_by_seconds", "kind" => "x509")
+            .set(by);
+    }
+
+    /// Below an offline root: the certificate signing request (PEM) of the X.509 authority whose certificate is
+    /// awaited, signed by its key on the token, and its label.
+    pub async fn certificate_request(&self) -> Result<(String, String), RotationError> {
+        if self.policy.external.is_none() {
+            return Err(RotationError::Precondition(
+                "the X.509 authority is signet's own root (authority.x509.parent = \"self\"): there is no \
+                 certificate to request"
+                    .into(),
+            ));
+        }
+        let rec = {
+            let records = self.records.lock().await;
+            records
+                .iter()
+                .find(|r| Self::awaits_certificate(r))
+                .cloned()
+        };
+        let Some(rec) = rec else {
+            return Err(RotationError::Precondition(
+                "no X.509 authority awaits a certificate: run signet rotate prepare first".into(),
+            ));
+        };
+        let td = self.td.clone();
+        let label = rec.label.clone();
+        let der = self
+            .blocking(move |kr| {
+                let key = kr.signer(&label)?;
+                crate::x509::certificate_request(
+                    key.as_ref(),
+                    &td,
+                    &intermediate_subject(&td, rec.generation),
+                )
+                .map_err(cert_err)
+            })
+            .await?;
+        Ok((
+            rec.label,
+            pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", der)),
+        ))
+    }
+
+    /// Install: below an offline root, the certificate the ceremony returned for the authority that awaits one
+    /// (`cert`, DER) with the CA certificates between it and the upstream root (`chain`), once
+    /// [`external::check_installed`] and the authority's own checks found it fit. The authority can then be
+    /// published. Returns its label.
+    pub async fn install_with<W: StepWitness>(
+        &self,
+        cert: Vec<u8>,
+        chain: Vec<Vec<u8>>,
+        w: &W,
+    ) -> Result<String, RotationError> {
+        let Some(ext) = self.policy.external.clone() else {
+            return Err(RotationError::Precondition(
+                "install is for an X.509 authority below an offline root (authority.x509.parent = \"external\"); \
+                 this one makes its own roots"
+                    .into(),
+            ));
+        };
+        let mut records = self.records.lock().await;
+        let _step = self.lock_step(&mut records).await?;
+        let Some(mut rec) = records
+            .iter()
+            .find(|r| Self::awaits_certificate(r))
+            .cloned()
+        else {
+            return Err(RotationError::Precondition(
+                "no X.509 authority awaits a certificate: run signet rotate prepare first".into(),
+            ));
+        };
+        let spki = rec.public_key.clone().unwrap_or_default();
+        let not_after = external::check_installed(
+            &cert,
+            &chain,
+            &rec.label,
+            &spki,
+            &ext,
+            OffsetDateTime::now_utc(),
+        )
+        .map_err(RotationError::Refused)?;
+        // What signs with it must accept it too (the key on the token, the trust domain's names).
+        let (label, td, c2, ch2, roots) = (
+            rec.label.clone(),
+            self.td.clone(),
+            cert.clone(),
+            chain.clone(),
+            ext.roots.clone(),
+        );
+        self.blocking(move |kr| {
+            Authority::new(c2, kr.signer(&label)?, td, ch2, roots)
+                .map(|_| ())
+                .map_err(|e| RotationError::Refused(format!("the certificate is not usable: {e}")))
+        })
+        .await?;
+        rec.certificate = Some(cert);
+        rec.chain = (!chain.is_empty()).then(|| chain.concat());
+        rec.not_after = Some(unix(not_after));
+        witness(w, "install", &rec.label).await?;
+        let mut tx = self.begin("install", &rec.label, rec.kind.name()).await?;
+        tx.update_authority(&rec).await?;
+        self.commit(tx, "install").await?;
+        let label = rec.label.clone();
+        if let Some(r) = records.iter_mut().find(|r| r.label == label) {
+            *r = rec;
+        }
+        self.take_effect(&records).await?;
+        tracing::info!(label, %not_after, "authority certificate installed");
+        Ok(label)
+    }
+
     /// Publish: the prepared authority of `kind` joins the bundle.
     pub async fn publish(&self, kind: AuthorityKind) -> Result<String, RotationError> {
         self.publish_with(kind, &Unwitnessed).await
@@ -1165,6 +1403,9 @@ impl Authorities {
                 kind.name()
             )));
         };
+        if Self::awaits_certificate(&rec) {
+            return Err(RotationError::Precondition(awaiting_message(&rec.label)));
+        }
         let now = self.clock.now();
         rec.state = AuthorityState::Published;
         rec.published_at = Some(unix(now));
@@ -1440,7 +1681,31 @@ impl Authorities {
                 .min(active.created_at);
             let life = (active.not_after.unwrap_or(i64::MAX) - born).max(1) as f64;
             let age = (now - born) as f64;
-            let result = match Self::in_progress(&records, kind).map(|r| r.state) {
+            // Below an offline root the successor is prepared early (at half of prepare_at), so that the ceremony
+            // has time, and published as soon as its certificate is installed (the bundle does not change).
+            let external = kind == AuthorityKind::X509 && self.policy.external.is_some();
+            let in_progress = Self::in_progress(&records, kind);
+            let result = match in_progress.map(|r| r.state) {
+                None if external && age >= s.prepare_at / 2.0 * life => {
+                    self.prepare(kind).await.map(|l| ("prepare", l))
+                }
+                Some(AuthorityState::Prepared)
+                    if external && in_progress.is_some_and(Self::awaits_certificate) =>
+                {
+                    if let Some((label, by)) = self.awaited_in(&records) {
+                        tracing::warn!(
+                            label,
+                            by = %by.map_or_else(|| "-".to_string(), |t| t.to_string()),
+                            "the X.509 authority's certificate is awaited from the offline root: signet rotate csr \
+                             writes its request, signet rotate install takes the certificate"
+                        );
+                    }
+                    Err(RotationError::Precondition(String::new()))
+                }
+                Some(AuthorityState::Prepared) if external => {
+                    self.publish(kind).await.map(|l| ("publish", l))
+                }
+                None if external => Err(RotationError::Precondition(String::new())),
                 None if age >= s.prepare_at * life => match self.prepare(kind).await {
                     Ok(_) => self.publish(kind).await.map(|l| ("prepare+publish", l)),
                     Err(e) => Err(e),
@@ -1486,8 +1751,10 @@ impl Authorities {
 pub struct Initial {
     /// The root key's label.
     pub x509_label: String,
-    /// Its self-signed certificate.
+    /// Its self-signed certificate (below an offline root: the installed intermediate certificate).
     pub x509_root: Vec<u8>,
+    /// Below an offline root: the CA certificates between `x509_root` and the upstream root (else empty).
+    pub x509_chain: Vec<Vec<u8>>,
     /// The JWT key's label.
     pub jwt_label: String,
 }

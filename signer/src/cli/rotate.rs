@@ -9,7 +9,16 @@
 //! signet rotate retire   [--kind x509|jwt]
 //! signet rotate taint    --label LABEL
 //! signet rotate destroy  --label LABEL
+//! signet rotate csr      [--out FILE]
+//! signet rotate install  --cert FILE [--chain FILE]
+//! signet rotate install  --offline --config FILE --cert FILE [--chain FILE]
 //! ```
+//! Below an offline root (`[authority.x509] parent = "external"`), `prepare` writes the new intermediate's
+//! certificate signing request (`--csr FILE`, else stdout), `csr` writes it again, and `install` takes the certificate
+//! the offline root signed back (checked before anything changes; then `publish` as usual). Before the very first
+//! start there is no appliance to talk to: `install --offline` checks the certificate against the CSR the waiting
+//! `signet serve` wrote to its data directory and the configured upstream roots, and writes it there for the start
+//! to pick up.
 //! Times are printed in RFC 3339 with a relative hint (`2026-12-06T10:00:00Z (in 23 h)`).
 //! A refused step exits non-zero with the server's reason (e.g. `FAILED_PRECONDITION: activate is allowed from
 //! ... on`) and changes nothing.
@@ -54,12 +63,46 @@ struct LabelArg {
     label: String,
 }
 
+#[derive(Debug, Args)]
+struct PrepareArgs {
+    #[command(flatten)]
+    kind: KindArg,
+    /// Below an offline root: write the new intermediate's CSR to this file (default: print it).
+    #[arg(long)]
+    csr: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct CsrArgs {
+    /// Write the CSR to this file (default: print it).
+    #[arg(long)]
+    out: Option<std::path::PathBuf>,
+}
+
+#[derive(Debug, Args)]
+struct InstallArgs {
+    /// The certificate the offline root signed (PEM, one certificate).
+    #[arg(long = "cert", value_name = "FILE")]
+    certificate: std::path::PathBuf,
+    /// The CA certificates between it and the upstream root, if any (PEM).
+    #[arg(long, value_name = "FILE")]
+    chain: Option<std::path::PathBuf>,
+    /// Before the first start: check the certificate against the data directory's CSR and the configured upstream
+    /// roots and write it there, without an appliance to talk to (needs --config).
+    #[arg(long, requires = "config")]
+    offline: bool,
+    /// The configuration file (with --offline).
+    #[arg(long, value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
+}
+
 #[derive(Debug, Subcommand)]
 enum Step {
     /// Show every authority, its state and times, and the token's consistency.
     Status,
-    /// Generate the next key on the token; for X.509 its root and the cross-certificates.
-    Prepare(KindArg),
+    /// Generate the next key on the token; for X.509 its root and the cross-certificates (below an offline root: its
+    /// CSR).
+    Prepare(PrepareArgs),
     /// Put the prepared root or key into the bundle.
     Publish(KindArg),
     /// Sign with the published root or key (allowed once the publish lead has passed).
@@ -70,6 +113,46 @@ enum Step {
     Taint(LabelArg),
     /// Destroy a retired authority's key on the token.
     Destroy(LabelArg),
+    /// Below an offline root: the CSR of the X.509 authority whose certificate is awaited.
+    Csr(CsrArgs),
+    /// Below an offline root: install the certificate the offline root signed for the awaited authority.
+    Install(InstallArgs),
+}
+
+fn write_csr(pem: &str, to: Option<&std::path::Path>) -> Result<(), CliError> {
+    match to {
+        Some(p) => {
+            std::fs::write(p, pem)
+                .map_err(|e| CliError::new(format!("cannot write {}: {e}", p.display())))?;
+            println!("CSR written to {}", p.display());
+        }
+        None => print!("{pem}"),
+    }
+    Ok(())
+}
+
+fn read_file(p: &std::path::Path, what: &str) -> Result<Vec<u8>, CliError> {
+    std::fs::read(p)
+        .map_err(|e| CliError::new(format!("cannot read the {what} {}: {e}", p.display())))
+}
+
+fn install_offline(i: &InstallArgs) -> Result<(), CliError> {
+    let Some(config) = &i.config else {
+        return Err(CliError::new("--offline needs --config"));
+    };
+    let cfg = signet::config::Config::load(config).map_err(|e| CliError::new(e.to_string()))?;
+    let cert = read_file(&i.certificate, "certificate")?;
+    let chain = match &i.chain {
+        Some(c) => read_file(c, "chain")?,
+        None => Vec::new(),
+    };
+    let path = signet::serve::install_offline(&cfg, &cert, &chain)
+        .map_err(|e| CliError::new(format!("install refused: {e}")))?;
+    println!(
+        "install: the certificate is accepted and written to {}; signet serve starts serving with it",
+        path.display()
+    );
+    Ok(())
 }
 
 fn print(r: &pb::GetRotationResponse) {
@@ -90,6 +173,16 @@ fn print(r: &pb::GetRotationResponse) {
             if a.tainted { " TAINTED" } else { "" },
             if a.destroyed { " key-destroyed" } else { "" },
         );
+        if a.awaiting_certificate {
+            println!(
+                "      certificate awaited from the offline root{} (signet rotate csr, then signet rotate install)",
+                if a.certificate_awaited_by > 0 {
+                    format!(" by {}", when(a.certificate_awaited_by))
+                } else {
+                    String::new()
+                }
+            );
+        }
     }
     for k in &r.orphaned_keys {
         println!("orphaned key     {k} (on the token, named by no authority)");
@@ -101,6 +194,11 @@ fn print(r: &pb::GetRotationResponse) {
 
 /// Runs `signet rotate`.
 pub fn run(args: RotateArgs) -> Result<(), CliError> {
+    if let Step::Install(i) = &args.step
+        && i.offline
+    {
+        return install_offline(i);
+    }
     runtime()?.block_on(async move {
         let mut client = AdminClient::new(args.conn.channel().await?);
         let kind = |k: &KindArg| match k.kind {
@@ -117,7 +215,30 @@ pub fn run(args: RotateArgs) -> Result<(), CliError> {
                 print(&r);
                 return Ok(());
             }
-            Step::Prepare(k) => ("prepare", kind(k), String::new()),
+            Step::Install(i) => {
+                let certificate_pem =
+                    String::from_utf8_lossy(&read_file(&i.certificate, "certificate")?)
+                        .into_owned();
+                let chain_pem = match &i.chain {
+                    Some(c) => String::from_utf8_lossy(&read_file(c, "chain")?).into_owned(),
+                    None => String::new(),
+                };
+                let r = client
+                    .install_authority(pb::InstallAuthorityRequest {
+                        certificate_pem,
+                        chain_pem,
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                println!("install: {} (publish it next)", r.label);
+                if let Some(v) = &r.rotation {
+                    print(v);
+                }
+                return Ok(());
+            }
+            Step::Csr(_) => ("csr", "x509".to_string(), String::new()),
+            Step::Prepare(p) => ("prepare", kind(&p.kind), String::new()),
             Step::Publish(k) => ("publish", kind(k), String::new()),
             Step::Activate(k) => ("activate", kind(k), String::new()),
             Step::Retire(k) => ("retire", kind(k), String::new()),
@@ -133,6 +254,18 @@ pub fn run(args: RotateArgs) -> Result<(), CliError> {
             .await
             .map_err(status)?
             .into_inner();
+        if !r.csr_pem.is_empty() {
+            let to = match &args.step {
+                Step::Prepare(p) => p.csr.as_deref(),
+                Step::Csr(c) => c.out.as_deref(),
+                _ => None,
+            };
+            // Printed alone when it goes to stdout, so that it can be piped to the ceremony.
+            if to.is_none() {
+                return write_csr(&r.csr_pem, None);
+            }
+            write_csr(&r.csr_pem, to)?;
+        }
         println!("{step}: {}", r.label);
         if let Some(v) = &r.rotation {
             print(v);

@@ -164,6 +164,9 @@ pub struct AuthorityRecord {
     pub cross_from_previous: Option<Vec<u8>>,
     /// X.509: the previous root's key certified by this root (new -> old).
     pub cross_to_previous: Option<Vec<u8>>,
+    /// X.509 below an offline root: the CA certificates between `certificate` and the upstream root, concatenated
+    /// DER (see [`crate::ca::external`]).
+    pub chain: Option<Vec<u8>>,
     /// JWT: the key id.
     pub kid: Option<String>,
     /// Unix seconds.
@@ -310,7 +313,7 @@ const LOCK_START: i64 = 0x7367_6e74_0000_0003;
 
 const COLUMNS: &str = "label, trust_domain, kind, generation, state, token, key_type, public_key, certificate, \
     cross_from_previous, cross_to_previous, kid, not_after, created_at, published_at, activated_at, superseded_at, \
-    issued_until, retired_at, destroy_requested_at, destroyed_at, tainted";
+    issued_until, retired_at, destroy_requested_at, destroyed_at, tainted, chain";
 
 /// Reads an authority row of either engine.
 fn record<'r, R>(row: &'r R) -> Result<AuthorityRecord, StoreError>
@@ -338,6 +341,7 @@ where
         certificate: row.try_get("certificate")?,
         cross_from_previous: row.try_get("cross_from_previous")?,
         cross_to_previous: row.try_get("cross_to_previous")?,
+        chain: row.try_get("chain")?,
         kid: row.try_get("kid")?,
         not_after: row.try_get("not_after")?,
         created_at: row.try_get("created_at")?,
@@ -927,7 +931,7 @@ impl Txn {
     pub async fn insert_authority(&mut self, a: &AuthorityRecord) -> Result<(), StoreError> {
         let q = format!(
             "INSERT INTO authorities ({COLUMNS}) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, \
-             $14, $15, $16, $17, $18, $19, $20, $21, $22)"
+             $14, $15, $16, $17, $18, $19, $20, $21, $22, $23)"
         );
         on_tx!(&mut self.tx, t => { sqlx::query(&q)
             .bind(&a.label)
@@ -952,6 +956,7 @@ impl Txn {
             .bind(a.destroy_requested_at)
             .bind(a.destroyed_at)
             .bind(a.tainted)
+            .bind(&a.chain)
             .execute(&mut **t)
             .await?; });
         self.announce("authorities");
@@ -963,7 +968,7 @@ impl Txn {
         let q = "UPDATE authorities SET state = $1, public_key = $2, certificate = $3, cross_from_previous = $4, \
                  cross_to_previous = $5, kid = $6, not_after = $7, published_at = $8, activated_at = $9, \
                  superseded_at = $10, issued_until = $11, retired_at = $12, destroy_requested_at = $13, \
-                 destroyed_at = $14, tainted = $15 WHERE label = $16";
+                 destroyed_at = $14, tainted = $15, chain = $16 WHERE label = $17";
         let affected = on_tx!(&mut self.tx, t => sqlx::query(q)
             .bind(a.state.name())
             .bind(&a.public_key)
@@ -980,6 +985,7 @@ impl Txn {
             .bind(a.destroy_requested_at)
             .bind(a.destroyed_at)
             .bind(a.tainted)
+            .bind(&a.chain)
             .bind(&a.label)
             .execute(&mut **t)
             .await?

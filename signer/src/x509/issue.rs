@@ -622,6 +622,11 @@ impl Authority {
         chain
     }
 
+    /// The CA certificates above this one up to (not including) the root, as given to [`new`](Self::new).
+    pub fn intermediates(&self) -> &[Vec<u8>] {
+        &self.intermediates
+    }
+
     /// The roots this authority chains to.
     pub fn roots(&self) -> &[Vec<u8>] {
         &self.roots
@@ -954,6 +959,70 @@ impl Authority {
         }
         Ok(())
     }
+}
+
+/// rcgen's signing adapter for a certificate signing request: the token key signs, the signature is checked against
+/// its public half (no certificate lint: a request is not a certificate).
+struct RequestSigner<'a> {
+    key: &'a dyn AuthorityKey,
+    alg: &'static rcgen::SignatureAlgorithm,
+    public_bits: Vec<u8>,
+    failure: RefCell<Option<IssueError>>,
+}
+
+impl rcgen::PublicKeyData for RequestSigner<'_> {
+    fn der_bytes(&self) -> &[u8] {
+        &self.public_bits
+    }
+    fn algorithm(&self) -> &'static rcgen::SignatureAlgorithm {
+        self.alg
+    }
+}
+
+impl rcgen::SigningKey for RequestSigner<'_> {
+    fn sign(&self, msg: &[u8]) -> Result<Vec<u8>, rcgen::Error> {
+        let scheme = self.key.key_type().x509_scheme();
+        let signed = self
+            .key
+            .sign(scheme, msg)
+            .map_err(IssueError::from)
+            .and_then(|raw| checked_signature(self.key, scheme, msg, raw));
+        signed.map_err(|e| {
+            *self.failure.borrow_mut() = Some(e);
+            rcgen::Error::RemoteKeyError
+        })
+    }
+}
+
+/// A PKCS#10 certificate signing request (DER) for `key`, signed by it on the token: the subject `subject`, the URI
+/// SAN `spiffe://<td>` and, as requested extensions, what a CA of the trust domain carries (BasicConstraints cA,
+/// KeyUsage keyCertSign and cRLSign). An offline root signs it into signet's intermediate.
+pub fn certificate_request(
+    key: &dyn AuthorityKey,
+    trust_domain: &TrustDomain,
+    subject: &DistinguishedName,
+) -> Result<Vec<u8>, IssueError> {
+    let own = SubjectKey::from_spki_der(key.spki_der())
+        .map_err(|e| IssueError::Authority(format!("authority public key: {e}")))?;
+    let (alg, _) = issuer_alg(key.key_type());
+    let signer = RequestSigner {
+        key,
+        alg,
+        public_bits: own.raw().to_vec(),
+        failure: RefCell::new(None),
+    };
+    let mut params = CertificateParams::default();
+    params.distinguished_name = subject.clone();
+    params.subject_alt_names = vec![san_uri(&trust_domain.id())?];
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+    let result = params.serialize_request(&signer);
+    if let Some(failure) = signer.failure.borrow_mut().take() {
+        return Err(failure);
+    }
+    result
+        .map(|csr| csr.der().to_vec())
+        .map_err(|e| IssueError::Assembly(e.to_string()))
 }
 
 fn san_uri(id: &SpiffeId) -> Result<SanType, IssueError> {

@@ -13,7 +13,7 @@ pub use csr::{CsrError, VerifiedCsr, parse_and_verify_csr, parse_csr_unverified}
 pub use inspect::{cert_facts, cert_ski, root_id};
 pub use issue::{
     Authority, IntermediateRequest, IssueError, IssuedCertificate, LeafRequest, MintedCa,
-    RootRequest, UnsignedCertificate,
+    RootRequest, UnsignedCertificate, certificate_request,
 };
 
 /// The SPIFFE ID of the X509-SVID `der`: exactly one URI SAN, a valid SPIFFE ID. `what` names the certificate in

@@ -176,6 +176,21 @@ impl Bed {
         }
     }
 
+    /// A bed around an appliance the test started itself (e.g. one that waited for its certificate).
+    pub fn from_started(
+        app: Appliance,
+        dir: tempfile::TempDir,
+        cfg: Config,
+        hsm: Box<dyn Any + Send + Sync>,
+    ) -> Bed {
+        Bed {
+            app,
+            dir,
+            cfg,
+            _hsm: hsm,
+        }
+    }
+
     /// The appliance's SoftHSM2 token, opened again (to look at its keys).
     pub fn token(&self) -> signet_pkcs11::Token {
         self._hsm

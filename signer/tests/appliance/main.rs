@@ -20,6 +20,7 @@ mod issuer;
 mod join;
 mod judges;
 mod keymanager;
+mod offline_root;
 mod ops;
 mod plugin;
 mod renewal;

@@ -1,0 +1,243 @@
+//! An X.509 authority below an offline root (`[authority.x509] parent = "external"`).
+//!
+//! signet's X.509 authority is then an intermediate: its key is generated on the token as for a root, but instead of
+//! a self-signed certificate `prepare` makes a certificate signing request ([`crate::x509::certificate_request`]),
+//! the operator has the offline root sign it, and `install` takes the certificate back after [`check_installed`]
+//! found it fit. Until then the authority is `prepared` without a certificate and cannot be published.
+//!
+//! What changes elsewhere:
+//! - the bundle holds the upstream roots (from `authority.x509.upstream_roots`), not signet's intermediates; they
+//!   stay the same across rotations of the intermediate, so publish, activate and retire change what signs but not
+//!   the roots relying parties hold (no cross-certificates are needed: both generations chain to the same root);
+//! - credentials are presented with the chain up to, not including, the root: the intermediate, then the chain
+//!   installed with it;
+//! - the trust boundary ([`crate::api::tls`]) counts leaves signed by signet's own intermediates (those in the
+//!   bundle's life: published, active, superseded) as signet's, since the upstream root may also sign CAs that are
+//!   not signet's.
+
+use std::time::Duration;
+
+use time::OffsetDateTime;
+use x509_parser::certificate::X509Certificate;
+
+/// What an external parent's certificates are checked against.
+#[derive(Debug, Clone)]
+pub struct ExternalParent {
+    /// The upstream roots (DER): the bundle's X.509 roots.
+    pub roots: Vec<Vec<u8>>,
+    /// Where they come from, for messages (the configured file).
+    pub source: String,
+    /// How many levels of CA signet issues below its intermediate (SPIRE servers' CAs, delegated mode's issuing
+    /// intermediates): the intermediate's pathLenConstraint must leave room for them.
+    pub path_len_room: u8,
+    /// The least life an installed certificate must have left: long enough to be published, wait out the publish
+    /// lead, and sign credentials of the longest life signet issues.
+    pub least_life: Duration,
+}
+
+/// The certificates of `ders`, DER concatenated (as the datastore keeps a chain).
+pub fn split_ders(mut ders: &[u8]) -> Vec<Vec<u8>> {
+    let mut out = Vec::new();
+    while !ders.is_empty() {
+        match x509_parser::parse_x509_certificate(ders) {
+            Ok((rest, _)) => {
+                out.push(ders[..ders.len() - rest.len()].to_vec());
+                ders = rest;
+            }
+            Err(_) => break,
+        }
+    }
+    out
+}
+
+/// Every certificate (DER) of the PEM text `pem`, in order; `what` names it in errors.
+pub fn pem_certificates(pem: &[u8], what: &str) -> Result<Vec<Vec<u8>>, String> {
+    let blocks = pem::parse_many(pem).map_err(|e| format!("{what} is not PEM: {e}"))?;
+    let mut out = Vec::with_capacity(blocks.len());
+    for b in blocks {
+        if b.tag() != "CERTIFICATE" {
+            return Err(format!(
+                "{what} holds a {} block: only CERTIFICATE blocks are expected",
+                b.tag()
+            ));
+        }
+        x509_parser::parse_x509_certificate(b.contents())
+            .map_err(|e| format!("{what}: a certificate does not parse: {e}"))?;
+        out.push(b.contents().to_vec());
+    }
+    Ok(out)
+}
+
+/// The upstream roots of the PEM file `path`: at least one, each a self-signed CA.
+pub fn load_roots(path: &std::path::Path) -> Result<Vec<Vec<u8>>, String> {
+    let what = format!("authority.x509.upstream_roots ({})", path.display());
+    let text = std::fs::read(path).map_err(|e| format!("cannot read {what}: {e}"))?;
+    let roots = pem_certificates(&text, &what)?;
+    if roots.is_empty() {
+        return Err(format!("{what} holds no certificate"));
+    }
+    for r in &roots {
+        let (_, c) = x509_parser::parse_x509_certificate(r)
+            .map_err(|e| format!("{what}: a certificate does not parse: {e}"))?;
+        let ca = matches!(c.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
+        if !ca || c.subject().as_raw() != c.issuer().as_raw() {
+            return Err(format!(
+                "{what}: {} is not a self-signed CA certificate",
+                c.subject()
+            ));
+        }
+    }
+    Ok(roots)
+}
+
+fn signs(parent: &X509Certificate<'_>, child: &X509Certificate<'_>) -> bool {
+    child.issuer().as_raw() == parent.subject().as_raw()
+        && child.verify_signature(Some(parent.public_key())).is_ok()
+}
+
+fn path_len(c: &X509Certificate<'_>) -> Option<u32> {
+    match c.basic_constraints() {
+        Ok(Some(bc)) => bc.value.path_len_constraint,
+        _ => None,
+    }
+}
+
+/// Checks the certificate `cert` (DER) the offline ceremony returned for the authority `label` whose key on the
+/// token has the SubjectPublicKeyInfo `token_spki`, with `chain` the CA certificates between it and a root of
+/// `parent` (may be empty). The error says what is wrong and how to fix it; the checks, in order: it parses and is
+/// not self-signed; it certifies the token's key; it is a CA (basicConstraints cA, keyUsage keyCertSign) with a
+/// subjectKeyIdentifier; its pathLenConstraint (and the chain's) leaves room for what signet issues below it; it is
+/// valid now and for [`ExternalParent::least_life`] more; it chains to an upstream root through `chain`.
+pub fn check_installed(
+    cert: &[u8],
+    chain: &[Vec<u8>],
+    label: &str,
+    token_spki: &[u8],
+    parent: &ExternalParent,
+    now: OffsetDateTime,
+) -> Result<OffsetDateTime, String> {
+    let (rest, c) = x509_parser::parse_x509_certificate(cert)
+        .map_err(|e| format!("the certificate does not parse: {e}"))?;
+    if !rest.is_empty() {
+        return Err("the certificate has trailing bytes".into());
+    }
+    if c.subject().as_raw() == c.issuer().as_raw() && signs(&c, &c) {
+        return Err(
+            "the certificate is self-signed: install the certificate the offline root signed for the CSR".into(),
+        );
+    }
+    if c.public_key().raw != token_spki {
+        return Err(format!(
+            "the certificate is for another key, not the key of {label} on the token: have the offline root sign \
+             the CSR that `signet rotate prepare` wrote for {label}"
+        ));
+    }
+    if !matches!(c.basic_constraints(), Ok(Some(bc)) if bc.value.ca) {
+        return Err(
+            "the certificate is not a CA: it needs basicConstraints critical, CA:TRUE to sign what signet issues"
+                .into(),
+        );
+    }
+    if !matches!(c.key_usage(), Ok(Some(ku)) if ku.value.key_cert_sign()) {
+        return Err(
+            "the certificate's keyUsage lacks keyCertSign: a CA certificate needs keyUsage critical, keyCertSign, \
+             cRLSign"
+                .into(),
+        );
+    }
+    let has_ski = c.iter_extensions().any(|e| {
+        matches!(e.parsed_extension(), x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) if !k.0.is_empty())
+    });
+    if !has_ski {
+        return Err(
+            "the certificate has no subjectKeyIdentifier: sign it with subjectKeyIdentifier = hash"
+                .into(),
+        );
+    }
+    let room = u32::from(parent.path_len_room);
+    if let Some(n) = path_len(&c)
+        && n < room
+    {
+        return Err(format!(
+            "the certificate's pathLenConstraint is {n}: signet issues {room} level(s) of CA below its \
+             intermediate (SPIRE servers' CAs, delegated mode's issuing intermediates), so it needs pathlen:{room} \
+             or more, or none"
+        ));
+    }
+    let not_before = c.validity().not_before.to_datetime();
+    let not_after = c.validity().not_after.to_datetime();
+    if now < not_before {
+        return Err(format!(
+            "the certificate is not valid yet: notBefore {not_before} is after now ({now})"
+        ));
+    }
+    if not_after <= now {
+        return Err(format!(
+            "the certificate has expired: notAfter {not_after} is before now ({now})"
+        ));
+    }
+    let least = time::Duration::try_from(parent.least_life).unwrap_or(time::Duration::MAX);
+    let need = now.checked_add(least).unwrap_or(OffsetDateTime::UNIX_EPOCH);
+    if not_after < need {
+        return Err(format!(
+            "the certificate's notAfter {not_after} is too soon: signet needs it valid until at least {need} \
+             ({} s from now: the publish lead plus the longest life of what it signs)",
+            parent.least_life.as_secs()
+        ));
+    }
+    // Up the chain to an upstream root, each step a CA valid now that leaves room for the levels below it.
+    let roots: Vec<X509Certificate<'_>> = parent
+        .roots
+        .iter()
+        .filter_map(|r| x509_parser::parse_x509_certificate(r).ok().map(|(_, c)| c))
+        .collect();
+    let mut above: Vec<X509Certificate<'_>> = Vec::with_capacity(chain.len());
+    for (i, d) in chain.iter().enumerate() {
+        let (_, a) = x509_parser::parse_x509_certificate(d)
+            .map_err(|e| format!("chain certificate {} does not parse: {e}", i + 1))?;
+        above.push(a);
+    }
+    let mut current = c;
+    let mut depth = room;
+    for _ in 0..=above.len() {
+        if roots.iter().any(|r| signs(r, &current)) {
+            return Ok(not_after);
+        }
+        let Some(next) = above.iter().find(|a| signs(a, &current)) else {
+            return Err(format!(
+                "the certificate does not chain to the upstream roots ({}): neither an upstream root nor a --chain \
+                 certificate signed {} (issuer {})",
+                parent.source,
+                current.subject(),
+                current.issuer()
+            ));
+        };
+        depth += 1;
+        if !matches!(next.basic_constraints(), Ok(Some(bc)) if bc.value.ca) {
+            return Err(format!(
+                "the chain certificate {} is not a CA",
+                next.subject()
+            ));
+        }
+        if !next.validity().is_valid_at(now.into()) {
+            return Err(format!(
+                "the chain certificate {} is not valid now",
+                next.subject()
+            ));
+        }
+        if let Some(n) = path_len(next)
+            && n < depth
+        {
+            return Err(format!(
+                "the chain certificate {} has pathLenConstraint {n}: it needs {depth} or more for signet's \
+                 intermediate and what signet issues below it",
+                next.subject()
+            ));
+        }
+        current = next.clone();
+    }
+    Err(format!(
+        "the certificate does not chain to the upstream roots ({}): the --chain certificates loop",
+        parent.source
+    ))
+}

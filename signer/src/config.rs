@@ -784,6 +784,12 @@ pub struct PolicyRule {
     /// (admin, key-manager and upstream-authority only ever accept credentials signet issued).
     #[serde(default)]
     pub downstream_credentials: bool,
+    /// pathLenConstraint of the CA minted for a SPIRE server with `upstream-authority` (`MintX509CA`): how many CAs
+    /// may follow it, such as downstream SPIRE servers (SPIRE's `spire` UpstreamAuthority). Absent: none is written,
+    /// as SPIRE's own upstream authorities do (below a signing CA that has a constraint, the most it allows). A CSR
+    /// that asks for a longer path is refused.
+    #[serde(default)]
+    pub spire_ca_path_len: Option<u8>,
 }
 
 /// The whole configuration.
@@ -890,6 +896,7 @@ impl Config {
                     rate: None,
                     burst: None,
                     downstream_credentials: false,
+                    spire_ca_path_len: None,
                 },
                 // The SPIRE server of the trust domain (`signet spire config` plugs it in with a join token).
                 PolicyRule {
@@ -901,6 +908,7 @@ impl Config {
                     rate: None,
                     burst: None,
                     downstream_credentials: false,
+                    spire_ca_path_len: None,
                 },
             ],
             federation: FederationSettings::default(),

@@ -7,7 +7,7 @@ pub mod issuing;
 pub mod lint;
 pub mod names;
 
-pub use csr::{CsrError, VerifiedCsr, parse_and_verify_csr, parse_csr_unverified};
+pub use csr::{CsrError, RequestedCa, VerifiedCsr, parse_and_verify_csr, parse_csr_unverified};
 pub use issue::{
     Authority, IntermediateRequest, IssueError, IssuedCertificate, LeafRequest, MintedCa,
     RootRequest, UnsignedCertificate,

@@ -636,7 +636,7 @@ async fn spire_with_signet_as_key_manager() {
 }
 
 /// The downstream SPIRE server's SPIFFE ID (registered with `-downstream` on the upstream SPIRE server).
-const DOWNSTREAM: &str = "spiffe://example.org/spire/downstream";
+const DOWNSTREAM: &str = "spiffe://example.org/downstream/spire-b";
 
 /// Nested SPIRE below signet, and what a credential from a SPIRE agent's Workload API may do on signet.
 ///

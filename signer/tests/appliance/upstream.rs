@@ -193,25 +193,23 @@ fn spire_csr_asking(path_len: Option<u8>) -> (Vec<u8>, rcgen::KeyPair) {
     (der, kp)
 }
 
-/// A CA below `issuer_der` (held with `issuer_key`) with `path_len`, as a downstream SPIRE server's CA would be.
+/// A CA named `name` below `issuer_der` (held with `issuer_key`), as a downstream SPIRE server's CA would be.
 fn ca_under(
     issuer_der: &[u8],
     issuer_key: rcgen::KeyPair,
-    path_len: Option<u8>,
+    name: &str,
 ) -> (Vec<u8>, rcgen::KeyPair) {
     let issuer = rcgen::Issuer::from_ca_cert_der(&issuer_der.to_vec().into(), issuer_key).unwrap();
     let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
     let mut p = rcgen::CertificateParams::default();
     p.distinguished_name = rcgen::DistinguishedName::new();
+    // Its own subject: a CA whose subject is its issuer's is self-issued and does not count against a pathLen.
     p.distinguished_name
-        .push(rcgen::DnType::OrganizationName, "downstream SPIRE");
+        .push(rcgen::DnType::OrganizationName, name);
     p.subject_alt_names = vec![rcgen::SanType::URI(
         "spiffe://example.org".try_into().unwrap(),
     )];
-    p.is_ca = rcgen::IsCa::Ca(match path_len {
-        None => rcgen::BasicConstraints::Unconstrained,
-        Some(n) => rcgen::BasicConstraints::Constrained(n),
-    });
+    p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
     p.key_usages = vec![
         rcgen::KeyUsagePurpose::KeyCertSign,
         rcgen::KeyUsagePurpose::CrlSign,
@@ -276,7 +274,7 @@ async fn spire_ca_path_len_is_set_per_caller() {
     let (csr, key) = spire_csr();
     let (ca, roots) = mint(&mut cb, csr).await.unwrap();
     assert_eq!(path_len_of(&ca), Some(1));
-    let (down, down_key) = ca_under(&ca, key, None);
+    let (down, down_key) = ca_under(&ca, key, "downstream SPIRE");
     let (leaf, leaf_key) = leaf_under(&down, down_key);
     openssl_verify(&roots, &[down.clone(), ca.clone()], &leaf)
         .expect("root -> SPIRE CA (pathLen 1) -> downstream CA -> leaf verifies");
@@ -287,8 +285,8 @@ async fn spire_ca_path_len_is_set_per_caller() {
     // One level more breaks the constraint: the oracle refuses it.
     let (csr, key) = spire_csr();
     let (ca, _) = mint(&mut cb, csr).await.unwrap();
-    let (down, down_key) = ca_under(&ca, key, None);
-    let (deeper, deeper_key) = ca_under(&down, down_key, None);
+    let (down, down_key) = ca_under(&ca, key, "downstream SPIRE");
+    let (deeper, deeper_key) = ca_under(&down, down_key, "downstream of downstream");
     let (leaf, _) = leaf_under(&deeper, deeper_key);
     let e = openssl_verify(&roots, &[deeper, down, ca], &leaf).unwrap_err();
     assert!(e.contains("path length"), "{e}");
@@ -338,12 +336,17 @@ async fn spire_ca_path_len_is_set_per_caller() {
 
     // At configuration load: only on a rule that mints SPIRE CAs.
     let mut cfg = signet::config::Config::embedded_default();
-    let agents = cfg
-        .policy
-        .iter_mut()
-        .find(|r| !r.may.iter().any(|m| m == "upstream-authority"))
-        .unwrap();
-    agents.spire_ca_path_len = Some(0);
+    cfg.policy.push(signet::config::PolicyRule {
+        caller: AGENT.into(),
+        may: vec!["issuer".into()],
+        ids: vec!["spiffe://example.org/workloads/".into()],
+        max_ttl: None,
+        jwt_max_ttl: None,
+        rate: None,
+        burst: None,
+        downstream_credentials: false,
+        spire_ca_path_len: Some(0),
+    });
     let e = cfg.validate().unwrap_err().to_string();
     assert!(
         e.contains("spire_ca_path_len") && e.contains("needs upstream-authority"),

@@ -683,6 +683,7 @@ impl Config {
                     rate: None,
                     burst: None,
                     downstream_credentials: false,
+                    spire_ca_path_len: None,
                 },
                 // The SPIRE server of the trust domain (`signet spire config` plugs it in with a join token).
                 PolicyRule {
@@ -694,6 +695,7 @@ impl Config {
                     rate: None,
                     burst: None,
                     downstream_credentials: false,
+                    spire_ca_path_len: None,
                 },
             ],
             federation: FederationSettings::default(),

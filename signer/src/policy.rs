@@ -47,6 +47,12 @@ pub struct PolicyRule {
     /// (admin, key-manager and upstream-authority only ever accept credentials signet issued).
     #[serde(default)]
     pub downstream_credentials: bool,
+    /// pathLenConstraint of the CA minted for a SPIRE server with `upstream-authority` (`MintX509CA`): how many CAs
+    /// may follow it, such as downstream SPIRE servers (SPIRE's `spire` UpstreamAuthority). Absent: none is written,
+    /// as SPIRE's own upstream authorities do (below a signing CA that has a constraint, the most it allows). A CSR
+    /// that asks for a longer path is refused.
+    #[serde(default)]
+    pub spire_ca_path_len: Option<u8>,
 }
 
 /// The services a rule can allow.
@@ -184,6 +190,7 @@ struct Rule {
     jwt_max_ttl: Duration,
     rate: Option<(f64, u32)>,
     downstream: bool,
+    spire_ca_path_len: Option<u8>,
 }
 
 impl Rule {
@@ -268,6 +275,13 @@ impl Policy {
                         .into(),
                 ));
             }
+            if r.spire_ca_path_len.is_some() && !services.contains(&Service::UpstreamAuthority) {
+                return Err(err(
+                    "spire_ca_path_len is the path length of the CA minted for a SPIRE server: it needs \
+                     upstream-authority in this rule's `may`"
+                        .into(),
+                ));
+            }
             for id in &r.ids {
                 if !id.starts_with("spiffe://") {
                     return Err(err(format!("ids entry {id:?} is not a spiffe:// prefix")));
@@ -305,6 +319,7 @@ impl Policy {
                 jwt_max_ttl,
                 rate,
                 downstream: r.downstream_credentials,
+                spire_ca_path_len: r.spire_ca_path_len,
             });
         }
         Ok(Self {
@@ -312,6 +327,44 @@ impl Policy {
             buckets: Mutex::new(HashMap::new()),
             share: std::sync::atomic::AtomicU32::new(1),
         })
+    }
+
+    /// Checks every rule's `spire_ca_path_len` against the pathLenConstraint of the authority that signs SPIRE's
+    /// CAs (`None`: it has none): a CA below one with pathLen `p` can have at most `p - 1`, and one with pathLen 0
+    /// signs no CA at all.
+    pub fn check_spire_path_lens(&self, authority: Option<u32>) -> Result<(), PolicyError> {
+        let Some(p) = authority else { return Ok(()) };
+        for (index, r) in self.rules.iter().enumerate() {
+            if !r.services.contains(&Service::UpstreamAuthority) {
+                continue;
+            }
+            let caller = r
+                .exact
+                .clone()
+                .or_else(|| r.prefix.clone().map(|p| format!("{p}*")));
+            let err = |message: String| PolicyError {
+                index,
+                caller: caller.clone().unwrap_or_default(),
+                message,
+            };
+            if p == 0 {
+                return Err(err(
+                    "the signing authority has pathLen 0, so it can sign no CA for a SPIRE server: grant \
+                     upstream-authority to no one, or give the authority a longer path"
+                        .into(),
+                ));
+            }
+            if let Some(n) = r.spire_ca_path_len
+                && u32::from(n) >= p
+            {
+                return Err(err(format!(
+                    "spire_ca_path_len = {n} is longer than the signing authority allows (its pathLen is {p}, so \
+                     at most {} below it)",
+                    p - 1
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Sets how many replicas share the rate limits: each bucket then refills at `rate / n` and holds `burst / n`
@@ -426,6 +479,11 @@ impl Grant<'_> {
         self.rule.max_ttl
     }
 
+    /// The pathLenConstraint of the CA minted for this caller (`spire_ca_path_len`; `None`: no constraint).
+    pub fn spire_ca_path_len(&self) -> Option<u8> {
+        self.rule.spire_ca_path_len
+    }
+
     /// Takes `cost` tokens from the caller's bucket, or says when to retry.
     pub fn take(&self, cost: u32) -> Result<(), Denied> {
         let Some((full_rate, burst)) = self.rule.rate else {
@@ -528,6 +586,7 @@ mod tests {
             rate: None,
             burst: None,
             downstream_credentials: false,
+            spire_ca_path_len: None,
         }
     }
 
@@ -598,6 +657,37 @@ mod tests {
             let e = Policy::from_rules(&[r], Duration::from_secs(3600)).unwrap_err();
             assert!(e.to_string().contains("downstream_credentials"), "{e}");
         }
+    }
+
+    #[test]
+    fn spire_ca_path_len_needs_upstream_authority_and_fits_the_authority() {
+        let mut r = rule("spiffe://td/spire", &["upstream-authority"], &[]);
+        r.spire_ca_path_len = Some(2);
+        let p = Policy::from_rules(std::slice::from_ref(&r), Duration::MAX).unwrap();
+        let g = p
+            .authorize("spiffe://td/spire", Service::UpstreamAuthority)
+            .unwrap();
+        assert_eq!(g.spire_ca_path_len(), Some(2));
+        assert!(p.check_spire_path_lens(None).is_ok());
+        assert!(p.check_spire_path_lens(Some(3)).is_ok());
+        let e = p.check_spire_path_lens(Some(2)).unwrap_err().to_string();
+        assert!(
+            e.contains("spire_ca_path_len = 2") && e.contains("at most 1"),
+            "{e}"
+        );
+        let e = p.check_spire_path_lens(Some(0)).unwrap_err().to_string();
+        assert!(e.contains("pathLen 0"), "{e}");
+        // Absent: no constraint of its own, capped only by a constrained authority at minting.
+        r.spire_ca_path_len = None;
+        let p = Policy::from_rules(std::slice::from_ref(&r), Duration::MAX).unwrap();
+        assert!(p.check_spire_path_lens(Some(1)).is_ok());
+        // Only on a rule that mints SPIRE CAs.
+        let mut r = rule("spiffe://td/agents/*", &["issuer"], &["spiffe://td/w/"]);
+        r.spire_ca_path_len = Some(0);
+        let e = Policy::from_rules(&[r], Duration::MAX)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("needs upstream-authority"), "{e}");
     }
 
     #[test]

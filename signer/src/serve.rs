@@ -960,6 +960,11 @@ impl Appliance {
                 return Err(e);
             }
         };
+        // The SPIRE CAs the policy asks for must fit below the authority that signs them.
+        if let Err(e) = policy.check_spire_path_lens(signers.root.path_len()) {
+            stop_pipeline(boot.pipeline.clone()).await;
+            return Err(ConfigError::Invalid(e.to_string()).into());
+        }
         let bundle = authorities.bundle().clone();
         bundle.set_refresh_hint(cfg.authority.bundle_refresh_hint.0);
         write_public(

@@ -235,6 +235,17 @@ impl Spire {
         s
     }
 
+    /// The port the server listens on (from its server.conf).
+    fn port(&self) -> String {
+        std::fs::read_to_string(self.dir.join("server.conf"))
+            .unwrap()
+            .lines()
+            .find_map(|l| l.trim().strip_prefix("bind_port = "))
+            .unwrap()
+            .trim_matches('"')
+            .to_string()
+    }
+
     fn server(&self, args: &[&str]) -> Output {
         run(Command::new(self.bin.join("spire-server"))
             .args(args)
@@ -251,6 +262,12 @@ impl Spire {
 
     /// Starts an agent attested with a join token and registers a workload for this test's uid.
     fn start_agent(&mut self) {
+        self.start_agent_with(&["-spiffeID", "spiffe://example.org/workload/e2e"]);
+    }
+
+    /// Starts an agent attested with a join token and registers, for this test's uid, the entry `entry` names
+    /// (`entry create` arguments besides the parent and the selector).
+    fn start_agent_with(&mut self, entry: &[&str]) {
         let o = self.server(&[
             "token",
             "generate",
@@ -266,13 +283,7 @@ impl Spire {
         let bundle = self.dir.join("spire-bundle.pem");
         let o = self.server(&["bundle", "show"]);
         std::fs::write(&bundle, &o.stdout).unwrap();
-        let port = std::fs::read_to_string(self.dir.join("server.conf"))
-            .unwrap()
-            .lines()
-            .find_map(|l| l.trim().strip_prefix("bind_port = "))
-            .unwrap()
-            .trim_matches('"')
-            .to_string();
+        let port = self.port();
         let conf = format!(
             "agent {{\n  data_dir = \"{data}\"\n  log_level = \"DEBUG\"\n  server_address = \"127.0.0.1\"\n  \
              server_port = \"{port}\"\n  socket_path = \"{sock}\"\n  trust_bundle_path = \"{bundle}\"\n  \
@@ -294,16 +305,17 @@ impl Spire {
         self._agent = Some(Killed(agent));
         use std::os::unix::fs::MetadataExt as _;
         let uid = std::fs::metadata(&self.dir).unwrap().uid();
-        let o = self.server(&[
+        let selector = format!("unix:uid:{uid}");
+        let mut args = vec![
             "entry",
             "create",
             "-parentID",
             "spiffe://example.org/agent1",
-            "-spiffeID",
-            "spiffe://example.org/workload/e2e",
             "-selector",
-            &format!("unix:uid:{uid}"),
-        ]);
+            &selector,
+        ];
+        args.extend_from_slice(entry);
+        let o = self.server(&args);
         assert!(o.status.success(), "entry create: {}", text(&o));
     }
 
@@ -613,6 +625,240 @@ async fn spire_with_signet_as_key_manager() {
         "SPIRE's JWT key is a token key"
     );
     drop(spire);
+    bed.stop().await;
+}
+
+/// The downstream SPIRE server's SPIFFE ID (registered with `-downstream` on the upstream SPIRE server).
+const DOWNSTREAM: &str = "spiffe://example.org/downstream/spire-b";
+
+/// Nested SPIRE below signet, and what a credential from a SPIRE agent's Workload API may do on signet.
+///
+/// signet <- upstream spire-server (signet's UpstreamAuthority plug-in; its rule sets `spire_ca_path_len = 1`) with
+/// an agent <- downstream spire-server (SPIRE's built-in `spire` UpstreamAuthority: the upstream server's address and
+/// its agent's Workload API socket, through a `-downstream` entry) with its own agent. A workload's X509-SVID from the
+/// downstream agent (root -> upstream SPIRE CA, pathLen 1, minted by signet -> downstream SPIRE CA -> leaf) verifies
+/// with `openssl verify -x509_strict` against signet's root alone, and the `spiffe` crate's Workload API client gets
+/// the same SVID and a bundle that is signet's root.
+///
+/// The downstream server's signet KeyManager plug-in with `workload_api_socket` takes its X509-SVID from the upstream
+/// agent, as SPIRE's `spire` UpstreamAuthority does: SPIRE's CA signed it, so signet refuses it for the KeyManager
+/// (PERMISSION_DENIED naming that CA; audited) even though the caller's rule opts in to downstream credentials,
+/// which admit the Issuer alone: the same credential mints an X509-SVID through the Issuer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nested_spire_below_signet() {
+    let Some(bin) = spire_bin() else { return };
+    let Some(bed) = Bed::start_with(|c| {
+        let a = c.policy.iter_mut().find(|r| r.caller == SPIRE_A).unwrap();
+        a.spire_ca_path_len = Some(1);
+        c.policy.push(signet::config::PolicyRule {
+            caller: DOWNSTREAM.into(),
+            may: vec!["issuer".into()],
+            ids: vec!["spiffe://example.org/workloads/".into()],
+            max_ttl: Some(ConfigDuration(Duration::from_secs(3600))),
+            jwt_max_ttl: None,
+            rate: None,
+            burst: None,
+            downstream_credentials: true,
+            spire_ca_path_len: None,
+        });
+    })
+    .await
+    else {
+        return;
+    };
+    let signet_root = pem_ders(bed.roots_pem().as_bytes());
+    let up_dir = tempfile::tempdir().unwrap();
+    let u = up_dir.path().to_path_buf();
+    let data = plugin_data(&bed, &u).await;
+    let plugins = format!(
+        "  KeyManager \"memory\" {{\n    plugin_data {{}}\n  }}\n{}",
+        plugin_stanza("UpstreamAuthority", "upstream-authority", &data)
+    );
+    let mut up = tokio::task::block_in_place(|| Spire::start_server(&bin, &u, &plugins));
+    tokio::task::block_in_place(|| up.start_agent_with(&["-spiffeID", DOWNSTREAM, "-downstream"]));
+    // The upstream agent serves the downstream server's X509-SVID (once it synced the entry).
+    let socket = format!("unix://{}", up.agent_sock.display());
+    let logs = [up.agent_log.as_path(), up.server_log.as_path()];
+    tokio::task::block_in_place(|| {
+        eventually(
+            Duration::from_secs(60),
+            "the downstream server's SVID from the upstream agent",
+            &logs,
+            || {
+                let o = run(Command::new(bin.join("spire-agent"))
+                    .args(["api", "fetch", "x509", "-socketPath"])
+                    .arg(&up.agent_sock));
+                (o.status.success() && text(&o).contains(DOWNSTREAM)).then_some(())
+            },
+        )
+    });
+    let source = spiffe::X509Source::builder()
+        .endpoint(&socket)
+        .build()
+        .await
+        .expect("the spiffe crate's Workload API client reaches the upstream agent");
+    let svid = source.svid().unwrap();
+    assert_eq!(svid.spiffe_id().to_string(), DOWNSTREAM);
+    let downstream_cred = Credential {
+        chain_pem: pem_chain(
+            &svid
+                .cert_chain()
+                .iter()
+                .map(|c| c.as_bytes().to_vec())
+                .collect::<Vec<_>>(),
+        ),
+        key_pem: pem::encode(&pem::Pem::new(
+            "PRIVATE KEY",
+            svid.private_key().as_bytes().to_vec(),
+        )),
+    };
+    // The upstream SPIRE server's CA, which signed that SVID, was minted by signet with the rule's pathLen.
+    let up_ca = svid.cert_chain()[1].as_bytes().to_vec();
+    openssl_verify(&signet_root, &[], &up_ca)
+        .expect("the upstream SPIRE CA chains to signet's root");
+    let (_, parsed) = x509_parser::parse_x509_certificate(&up_ca).unwrap();
+    assert_eq!(
+        parsed
+            .basic_constraints()
+            .unwrap()
+            .unwrap()
+            .value
+            .path_len_constraint,
+        Some(1)
+    );
+    drop(source);
+
+    let down_dir = tempfile::tempdir().unwrap();
+    let d = down_dir.path().to_path_buf();
+    let spire_ua = format!(
+        "  UpstreamAuthority \"spire\" {{\n    plugin_data {{\n      server_address = \"127.0.0.1\"\n      \
+         server_port = \"{}\"\n      workload_api_socket = \"{}\"\n    }}\n  }}\n",
+        up.port(),
+        up.agent_sock.display()
+    );
+
+    // First run: signet's KeyManager plug-in with its credential from the upstream agent's Workload API.
+    let km = plugin_stanza(
+        "KeyManager",
+        "key-manager",
+        &format!(
+            "      endpoint = \"{}\"\n      workload_api_socket = \"{socket}\"\n      max_backoff = \"2s\"\n",
+            bed.app.addr()
+        ),
+    );
+    let conf = Spire::conf(&d, free_port(), &format!("{km}{spire_ua}"));
+    std::fs::write(d.join("server.conf"), &conf).unwrap();
+    let refused_run = Killed(
+        Command::new(bin.join("spire-server"))
+            .args(["run", "-config"])
+            .arg(d.join("server.conf"))
+            .stdout(std::fs::File::create(d.join("refused.log")).unwrap())
+            .stderr(std::fs::File::create(d.join("refused.err")).unwrap())
+            .spawn()
+            .expect("starting spire-server"),
+    );
+    let refused_logs = [d.join("refused.log"), d.join("refused.err")];
+    let line = tokio::task::block_in_place(|| {
+        eventually(
+            Duration::from_secs(60),
+            "signet refusing the KeyManager plug-in's Workload API credential",
+            &[refused_logs[0].as_path(), refused_logs[1].as_path()],
+            || {
+                bed.audit()
+                    .into_iter()
+                    .find(|l| l["caller"] == DOWNSTREAM && l["outcome"] == "refused")
+            },
+        )
+    });
+    assert_eq!(line["code"], "PERMISSION_DENIED", "{line}");
+    let reason = line["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("a CA below signet") && reason.contains("key-manager"),
+        "{reason}"
+    );
+    // SPIRE says why, in signet's words.
+    tokio::task::block_in_place(|| {
+        eventually(
+            Duration::from_secs(30),
+            "spire-server reporting the refusal",
+            &[refused_logs[0].as_path(), refused_logs[1].as_path()],
+            || {
+                let log = refused_logs
+                    .iter()
+                    .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+                    .collect::<String>();
+                (log.contains("PermissionDenied") && log.contains("a CA below signet"))
+                    .then_some(())
+            },
+        )
+    });
+    drop(refused_run);
+    assert!(
+        !bed.audit()
+            .iter()
+            .any(|l| l["caller"] == DOWNSTREAM && l["outcome"] != "refused"),
+        "nothing done on signet for the downstream credential through the KeyManager"
+    );
+    // The same credential, which the rule admits for the Issuer alone, mints there.
+    let mut issuer = signet_proto::signet::v1::issuer_client::IssuerClient::new(
+        bed.channel(Some(&downstream_cred)).await,
+    );
+    let (csr, _) = csr_for("spiffe://example.org/workloads/from-downstream");
+    expect_svid(mint_one(&mut issuer, csr, 600).await);
+
+    // Second run: the downstream server with SPIRE's memory KeyManager, and an agent of its own.
+    let _ = std::fs::remove_dir_all(d.join("server"));
+    let plugins = format!("  KeyManager \"memory\" {{\n    plugin_data {{}}\n  }}\n{spire_ua}");
+    let mut down = tokio::task::block_in_place(|| Spire::start_server(&bin, &d, &plugins));
+    assert_eq!(
+        down.bundle_roots(),
+        signet_root,
+        "the downstream server's bundle is signet's root"
+    );
+    tokio::task::block_in_place(|| down.start_agent());
+    let (chain, agent_bundle) = tokio::task::block_in_place(|| down.fetch_x509());
+    assert_eq!(agent_bundle, signet_root);
+    assert_eq!(
+        chain.len(),
+        3,
+        "leaf, downstream SPIRE CA, upstream SPIRE CA"
+    );
+    assert_eq!(chain[2], up_ca, "the upstream SPIRE CA signet minted");
+    openssl_verify(&signet_root, &chain[1..], &chain[0])
+        .expect("the downstream workload's X509-SVID verifies against signet's root alone");
+
+    // The spiffe crate's Workload API client at the downstream agent: the same chain, and signet's root as bundle.
+    let source = spiffe::X509Source::builder()
+        .endpoint(format!("unix://{}", down.agent_sock.display()))
+        .build()
+        .await
+        .expect("the spiffe crate's Workload API client reaches the downstream agent");
+    let svid = source.svid().unwrap();
+    assert_eq!(
+        svid.spiffe_id().to_string(),
+        "spiffe://example.org/workload/e2e"
+    );
+    let fetched: Vec<Vec<u8>> = svid
+        .cert_chain()
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+    assert_eq!(fetched.len(), 3);
+    let bundle: Vec<Vec<u8>> = source
+        .bundle_set()
+        .unwrap()
+        .get(&spiffe::TrustDomain::new(TD).unwrap())
+        .unwrap()
+        .authorities()
+        .iter()
+        .map(|c| c.as_bytes().to_vec())
+        .collect();
+    assert_eq!(bundle, signet_root);
+    openssl_verify(&bundle, &fetched[1..], &fetched[0])
+        .expect("the spiffe crate's SVID verifies against its bundle, signet's root");
+    drop(source);
+    drop(down);
+    drop(up);
     bed.stop().await;
 }
 

@@ -48,6 +48,7 @@ pub fn issue_status(e: &IssueError) -> Status {
         | IssueError::Lint(_) => Status::invalid_argument(m),
         IssueError::Key(k) if k.is_transient() => Status::unavailable(m),
         IssueError::Authority(_) => Status::failed_precondition(m),
+        IssueError::PathLenBeyondPolicy { .. } => Status::permission_denied(m),
         _ => Status::internal(m),
     }
 }

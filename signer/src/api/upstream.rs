@@ -2,7 +2,9 @@
 //!
 //! `MintX509CAAndSubscribe` signs the SPIRE server's intermediate with the root (through the pipeline, on the CPU
 //! pool), answers with the chain and the roots, then keeps the stream open and pushes the roots (without a chain)
-//! whenever they change. `PublishJWTKeyAndSubscribe` adds the server's JWT key to the bundle and streams the JWT
+//! whenever they change. The intermediate's pathLenConstraint is the caller's policy rule's `spire_ca_path_len`
+//! (none by default, so downstream SPIRE servers can chain below it); a CSR that asks for a longer path than the rule
+//! allows is PERMISSION_DENIED, and a rule value the signing root cannot give is FAILED_PRECONDITION. `PublishJWTKeyAndSubscribe` adds the server's JWT key to the bundle and streams the JWT
 //! keys (and keeps them in the datastore, when there is one, so a restart still publishes them). The key belongs to
 //! its publisher (see [`super::bundle`]): a key id of signet's own authorities or of another publisher is
 //! PERMISSION_DENIED; an empty, over-long or unprintable key id, an expiry not in the future, or a public key that is
@@ -164,6 +166,7 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
             ttl = ttl.min(i64::try_from(max.as_secs()).unwrap_or(i64::MAX));
         }
         let ttl = i32::try_from(ttl).unwrap_or(i32::MAX);
+        let path_len = grant.spire_ca_path_len();
         let root = st.signers().root.clone();
         let deadline = caller.deadline;
         let csr = req.csr;
@@ -172,7 +175,7 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
             .cpu()
             .run(move || {
                 with_deadline(deadline, || {
-                    root.mint_spire_ca(&csr, ttl, time::OffsetDateTime::now_utc())
+                    root.mint_spire_ca(&csr, ttl, path_len, time::OffsetDateTime::now_utc())
                 })
             })
             .await;

@@ -915,6 +915,7 @@ mod tests {
             rate: None,
             burst: None,
             downstream_credentials: false,
+            spire_ca_path_len: None,
         }
     }
 

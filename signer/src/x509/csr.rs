@@ -1,6 +1,7 @@
 //! PKCS#10 certificate signing requests: parse (x509-parser), verify the self-signature (ring), and extract what
 //! issuance may use: the subject public key (P-256, P-384, RSA 2048-8192, Ed25519 only), the subject, the URI SANs
-//! (at most one, and it must be a valid SPIFFE ID) and the DNS SANs. Anything else is rejected with the reason.
+//! (at most one, and it must be a valid SPIFFE ID), the DNS SANs, and the path length a CA request asks for in
+//! BasicConstraints (which `MintX509CA` holds against the policy). Anything else is rejected with the reason.
 
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer as _;
@@ -80,6 +81,16 @@ pub struct VerifiedCsr {
     subject_der: Vec<u8>,
     spiffe_id: Option<SpiffeId>,
     dns_names: Vec<String>,
+    requested_ca: Option<RequestedCa>,
+}
+
+/// What a CSR asks of a CA through a requested BasicConstraints extension with cA=true.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RequestedCa {
+    /// No pathLenConstraint: any number of CAs below it.
+    Unconstrained,
+    /// At most this many CAs below it.
+    PathLen(u32),
 }
 
 impl VerifiedCsr {
@@ -102,6 +113,10 @@ impl VerifiedCsr {
     /// The requested DNS names.
     pub fn dns_names(&self) -> &[String] {
         &self.dns_names
+    }
+    /// The CA path the request asks for, when it requests BasicConstraints with cA=true (SPIRE's CSRs do not).
+    pub fn requested_ca(&self) -> Option<RequestedCa> {
+        self.requested_ca
     }
 }
 
@@ -132,8 +147,18 @@ fn parse(der: &[u8], verify: bool) -> Result<VerifiedCsr, CsrError> {
 
     let mut uris = Vec::new();
     let mut dns_names = Vec::new();
+    let mut requested_ca = None;
     if let Some(exts) = csr.requested_extensions() {
         for ext in exts {
+            if let ParsedExtension::BasicConstraints(bc) = ext {
+                if bc.ca {
+                    requested_ca = Some(match bc.path_len_constraint {
+                        None => RequestedCa::Unconstrained,
+                        Some(n) => RequestedCa::PathLen(n),
+                    });
+                }
+                continue;
+            }
             let ParsedExtension::SubjectAlternativeName(san) = ext else {
                 continue;
             };
@@ -179,5 +204,6 @@ fn parse(der: &[u8], verify: bool) -> Result<VerifiedCsr, CsrError> {
         subject_der: info.subject.as_raw().to_vec(),
         spiffe_id,
         dns_names,
+        requested_ca,
     })
 }

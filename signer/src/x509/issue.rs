@@ -32,7 +32,7 @@ use time::OffsetDateTime;
 use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer as _;
 
-use super::csr::{CsrError, VerifiedCsr, parse_and_verify_csr};
+use super::csr::{CsrError, RequestedCa, VerifiedCsr, parse_and_verify_csr};
 use crate::keys::KeySchemes as _;
 use crate::keys::spki::{SubjectKey, SubjectKeyKind};
 use crate::keys::{
@@ -96,6 +96,17 @@ pub enum IssueError {
     /// The certificate could not be assembled.
     #[error("certificate assembly failed: {0}")]
     Assembly(String),
+    /// A CA request asks for a longer path (more CAs below it) than the caller's policy allows.
+    #[error(
+        "the CSR asks for a CA with {requested}, but the policy allows this caller pathLen {allowed} at most \
+         (spire_ca_path_len): ask for no BasicConstraints or a pathLen within it, or raise the policy's value"
+    )]
+    PathLenBeyondPolicy {
+        /// What the CSR asks for ("no path length limit" or "pathLen N").
+        requested: String,
+        /// The policy's `spire_ca_path_len`.
+        allowed: u8,
+    },
 }
 
 impl IssueError {
@@ -112,6 +123,7 @@ impl IssueError {
             IssueError::Key(_) => "key",
             IssueError::PostSignCheck(_) => "post-sign-check",
             IssueError::Authority(_) => "authority",
+            IssueError::PathLenBeyondPolicy { .. } => "x509.path-len",
             IssueError::Assembly(_) => "assembly",
         }
     }
@@ -419,6 +431,8 @@ pub struct Authority {
     intermediates: Vec<Vec<u8>>,
     /// The roots this CA chains to (itself, for a root).
     roots: Vec<Vec<u8>>,
+    /// This CA's own pathLenConstraint (`None`: none).
+    path_len: Option<u32>,
 }
 
 fn random_serial() -> Result<SerialNumber, IssueError> {
@@ -476,11 +490,14 @@ impl Authority {
                 "the certificate's public key is not the key's public key".into(),
             ));
         }
-        if !matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca) {
-            return Err(bad(
-                "the certificate is not a CA (BasicConstraints cA=true)".into(),
-            ));
-        }
+        let path_len = match cert.basic_constraints() {
+            Ok(Some(bc)) if bc.value.ca => bc.value.path_len_constraint,
+            _ => {
+                return Err(bad(
+                    "the certificate is not a CA (BasicConstraints cA=true)".into(),
+                ));
+            }
+        };
         if !matches!(cert.key_usage(), Ok(Some(ku)) if ku.value.key_cert_sign()) {
             return Err(bad("the certificate's KeyUsage lacks keyCertSign".into()));
         }
@@ -533,6 +550,7 @@ impl Authority {
             trust_domain,
             intermediates,
             roots,
+            path_len,
         })
     }
 
@@ -630,6 +648,11 @@ impl Authority {
     /// The roots this authority chains to.
     pub fn roots(&self) -> &[Vec<u8>] {
         &self.roots
+    }
+
+    /// This CA's own pathLenConstraint (`None`: none).
+    pub fn path_len(&self) -> Option<u32> {
+        self.path_len
     }
 
     /// True when this authority is a self-signed root.
@@ -807,13 +830,14 @@ impl Authority {
     }
 
     /// SPIRE's `MintX509CA`: sign the CSR of a SPIRE server's CA. The CSR's URI SAN must be exactly
-    /// `spiffe://<td>`; the result has CA=true, KeyUsage keyCertSign|cRLSign (critical), pathlen 0, SKI and AKI, the
-    /// CSR's subject, NotBefore backdated 10 s, TTL `preferred_ttl_secs` (1 h if 0), NotAfter capped at this
-    /// authority's NotAfter.
+    /// `spiffe://<td>`; the result has CA=true, KeyUsage keyCertSign|cRLSign (critical), SKI and AKI, the CSR's
+    /// subject, NotBefore backdated 10 s, TTL `preferred_ttl_secs` (1 h if 0), NotAfter capped at this authority's
+    /// NotAfter, and the pathLenConstraint [`spire_ca_path_len`](Self::spire_ca_path_len) picks from `policy_path_len`.
     pub fn mint_spire_ca(
         &self,
         csr_der: &[u8],
         preferred_ttl_secs: i32,
+        policy_path_len: Option<u8>,
         now: OffsetDateTime,
     ) -> Result<MintedCa, IssueError> {
         let csr = parse_and_verify_csr(csr_der)?;
@@ -838,6 +862,7 @@ impl Authority {
             }
             n => Duration::from_secs(n.unsigned_abs().into()),
         };
+        let path_len = self.spire_ca_path_len(policy_path_len, csr.requested_ca())?;
         let (now, _) = validity(now)?;
         let not_after = self.capped_not_after(now, ttl)?;
         let issued = self.issue_ca(
@@ -845,7 +870,7 @@ impl Authority {
             csr.subject(),
             Some(csr.subject_der()),
             not_after,
-            Some(0),
+            path_len,
             false,
             now,
         )?;
@@ -856,6 +881,53 @@ impl Authority {
             upstream_x509_roots: self.roots.clone(),
             not_after,
         })
+    }
+
+    /// The pathLenConstraint of a SPIRE server's CA: the policy's (`None`: none, as SPIRE's own upstream
+    /// authorities write), or the shorter one the CSR asks for; below a CA that is itself constrained to `p`, at most
+    /// `p - 1`. A CSR asking for more than the policy allows is refused
+    /// ([`PathLenBeyondPolicy`](IssueError::PathLenBeyondPolicy)), and so is a policy value this authority cannot
+    /// give (the configuration check at start makes that one rare: it is left for an authority that a rotation
+    /// brought in).
+    pub fn spire_ca_path_len(
+        &self,
+        policy: Option<u8>,
+        requested: Option<RequestedCa>,
+    ) -> Result<Option<u8>, IssueError> {
+        let mut path_len = policy;
+        match (requested, policy) {
+            (Some(RequestedCa::Unconstrained), Some(allowed)) => {
+                return Err(IssueError::PathLenBeyondPolicy {
+                    requested: "no path length limit".into(),
+                    allowed,
+                });
+            }
+            (Some(RequestedCa::PathLen(n)), Some(allowed)) if n > u32::from(allowed) => {
+                return Err(IssueError::PathLenBeyondPolicy {
+                    requested: format!("pathLen {n}"),
+                    allowed,
+                });
+            }
+            (Some(RequestedCa::PathLen(n)), _) => {
+                // Shorter than (or as long as) the policy allows, or no policy limit: as asked.
+                path_len = Some(u8::try_from(n).unwrap_or(u8::MAX));
+            }
+            _ => {}
+        }
+        match (self.path_len, path_len) {
+            (None, p) => Ok(p),
+            (Some(0), _) => Err(IssueError::Authority(
+                "the signing authority has pathLen 0: it cannot sign a CA for a SPIRE server"
+                    .into(),
+            )),
+            (Some(own), None) => Ok(Some(u8::try_from(own - 1).unwrap_or(u8::MAX))),
+            (Some(own), Some(p)) if u32::from(p) < own => Ok(Some(p)),
+            (Some(own), Some(p)) => Err(IssueError::Authority(format!(
+                "a CA with pathLen {p} cannot be signed by this authority, whose pathLen is {own}: lower \
+                 spire_ca_path_len to {} at most",
+                own - 1
+            ))),
+        }
     }
 
     #[allow(

@@ -5,11 +5,10 @@ pub mod csr;
 pub mod inspect;
 pub mod issue;
 pub mod issuing;
-
 pub mod names;
 
 pub use crate::lint::x509::{LintContext, Profile, lint_tbs};
-pub use csr::{CsrError, VerifiedCsr, parse_and_verify_csr, parse_csr_unverified};
+pub use csr::{CsrError, RequestedCa, VerifiedCsr, parse_and_verify_csr, parse_csr_unverified};
 pub use inspect::{cert_facts, cert_ski, root_id};
 pub use issue::{
     Authority, IntermediateRequest, IssueError, IssuedCertificate, LeafRequest, MintedCa,

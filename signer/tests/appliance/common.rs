@@ -51,6 +51,7 @@ fn rule(caller: &str, may: &[&str], ids: &[&str], max_ttl: u64) -> PolicyRule {
         rate: None,
         burst: None,
         downstream_credentials: false,
+        spire_ca_path_len: None,
     }
 }
 

@@ -52,6 +52,7 @@ fn rule(caller: &str, may: &[&str], ids: &[&str]) -> PolicyRule {
         rate: None,
         burst: None,
         downstream_credentials: false,
+        spire_ca_path_len: None,
     }
 }
 

@@ -234,7 +234,7 @@ fn rejected_csrs_and_requests() {
     assert!(k1.contains("secp256k1"), "{k1}");
 
     // MintX509CA: CA requests.
-    let mint = |der: &[u8], ttl| c.root.mint_spire_ca(der, ttl, now()).map(|_| ());
+    let mint = |der: &[u8], ttl| c.root.mint_spire_ca(der, ttl, None, now()).map(|_| ());
     let spire = workload_key(KeyType::EcP256);
     expect_rule(
         "path on a CA request",

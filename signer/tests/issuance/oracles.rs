@@ -38,7 +38,7 @@ fn build_cases(factory: &dyn KeyFactory, dir: &Path) -> Vec<KeyType> {
         let (spire_key, pkcs8) = SoftwareKey::generate(KeyType::EcP256).unwrap();
         let kp = rcgen::KeyPair::try_from(pkcs8.0.as_slice()).unwrap();
         let csr_der = csr(&kp, &["spiffe://example.org"], &[], spire_subject());
-        let minted = root.mint_spire_ca(&csr_der, 3600, now()).unwrap();
+        let minted = root.mint_spire_ca(&csr_der, 3600, None, now()).unwrap();
         let spire = Authority::new(
             minted.x509_ca_chain[0].clone(),
             Arc::new(spire_key) as Arc<dyn AuthorityKey>,

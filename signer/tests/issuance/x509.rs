@@ -160,7 +160,7 @@ pub fn spire_ca_case(authority: &Authority, spire_kt: KeyType) {
         .subject_der()
         .to_vec();
     let t0 = now();
-    let minted = authority.mint_spire_ca(&csr_der, 0, t0).unwrap();
+    let minted = authority.mint_spire_ca(&csr_der, 0, None, t0).unwrap();
     assert_eq!(minted.upstream_x509_roots, authority.roots().to_vec());
     assert_eq!(minted.x509_ca_chain.len(), 1 + authority.chain().len());
     assert_eq!(&minted.x509_ca_chain[1..], authority.chain().as_slice());
@@ -172,7 +172,9 @@ pub fn spire_ca_case(authority: &Authority, spire_kt: KeyType) {
         "subject copied byte for byte"
     );
     let bc = cc.basic_constraints().unwrap().unwrap();
-    assert!(bc.critical && bc.value.ca && bc.value.path_len_constraint == Some(0));
+    // No constraint of its own (as SPIRE's upstream authorities); below a constrained CA, the most it allows.
+    let expected = authority.path_len().map(|p| p - 1);
+    assert!(bc.critical && bc.value.ca && bc.value.path_len_constraint == expected);
     let ku = cc.key_usage().unwrap().unwrap();
     assert!(
         ku.critical
@@ -199,7 +201,9 @@ pub fn spire_ca_case(authority: &Authority, spire_kt: KeyType) {
     assert!(ok, "openssl rejects the SPIRE CA: {out}");
 
     // Capped at the issuer's NotAfter.
-    let long = authority.mint_spire_ca(&csr_der, i32::MAX, now()).unwrap();
+    let long = authority
+        .mint_spire_ca(&csr_der, i32::MAX, None, now())
+        .unwrap();
     assert_eq!(
         long.not_after,
         authority.not_after(),
@@ -268,6 +272,61 @@ fn three_level_chain_root_intermediate_spire_ca_leaf() {
     )
     .unwrap();
     spire_ca_case(&inter, KeyType::EcP256);
+}
+
+/// The SPIRE CA's pathLen: the policy's value, a shorter one the CSR asks for, a refusal of a longer one; below a
+/// constrained authority at most one less than its own.
+#[test]
+fn spire_ca_path_len_follows_policy_csr_and_authority() {
+    use signet::x509::{IssueError, RequestedCa};
+    let root = root(&SoftwareKeys, KeyType::EcP256).unwrap();
+    assert_eq!(root.path_len(), None);
+    assert_eq!(root.spire_ca_path_len(None, None).unwrap(), None);
+    assert_eq!(root.spire_ca_path_len(Some(2), None).unwrap(), Some(2));
+    assert_eq!(
+        root.spire_ca_path_len(Some(2), Some(RequestedCa::PathLen(1)))
+            .unwrap(),
+        Some(1)
+    );
+    assert_eq!(
+        root.spire_ca_path_len(None, Some(RequestedCa::PathLen(4)))
+            .unwrap(),
+        Some(4)
+    );
+    for asked in [RequestedCa::Unconstrained, RequestedCa::PathLen(3)] {
+        let e = root.spire_ca_path_len(Some(2), Some(asked)).unwrap_err();
+        assert!(
+            matches!(e, IssueError::PathLenBeyondPolicy { allowed: 2, .. }),
+            "{e}"
+        );
+        assert_eq!(e.rule(), "x509.path-len");
+    }
+    let below = |path_len: u8| {
+        let (ikey, _) = SoftwareKey::generate(KeyType::EcP256).unwrap();
+        let ikey: Arc<dyn AuthorityKey> = Arc::new(ikey);
+        let req = IntermediateRequest {
+            subject_key: SubjectKey::from_spki_der(ikey.spki_der()).unwrap(),
+            subject: root_subject("constrained intermediate"),
+            ttl: Duration::from_secs(3600),
+            path_len: Some(path_len),
+        };
+        let der = root.issue_intermediate(&req, now()).unwrap().der;
+        Authority::new(der, ikey, td(), Vec::new(), vec![root.cert_der().to_vec()]).unwrap()
+    };
+    let two = below(2);
+    assert_eq!(two.path_len(), Some(2));
+    assert_eq!(two.spire_ca_path_len(None, None).unwrap(), Some(1));
+    assert_eq!(two.spire_ca_path_len(Some(0), None).unwrap(), Some(0));
+    let e = two.spire_ca_path_len(Some(2), None).unwrap_err();
+    assert!(
+        matches!(e, IssueError::Authority(ref m) if m.contains("pathLen 2") && m.contains("1 at most")),
+        "{e}"
+    );
+    let e = below(0).spire_ca_path_len(None, None).unwrap_err();
+    assert!(
+        matches!(e, IssueError::Authority(ref m) if m.contains("pathLen 0")),
+        "{e}"
+    );
 }
 
 #[test]

@@ -1049,10 +1049,11 @@ impl Appliance {
             );
         let mut stop = shutdown_rx.clone();
         let server = network.then(|| {
-            tokio::spawn(router.serve_with_incoming_shutdown(
-                ReceiverStream::new(incoming_rx),
-                async move { crate::api::until_shutdown(&mut stop).await },
-            ))
+            tokio::spawn(
+                router.serve_with_incoming_shutdown(ReceiverStream::new(incoming_rx), async move {
+                    crate::api::until_shutdown(&mut stop).await
+                }),
+            )
         });
         let federation_addr =
             match start_federation(&cfg, &server_cert, &state, &shutdown_rx, &mut background).await

@@ -379,7 +379,10 @@ mod queue {
         let rt = runtime();
         let until = Instant::now() + Duration::from_secs(30);
         while p.idle_workers() < N {
-            assert!(Instant::now() < until, "the {N} workers never waited for jobs");
+            assert!(
+                Instant::now() < until,
+                "the {N} workers never waited for jobs"
+            );
             std::thread::sleep(Duration::from_millis(2));
         }
         faults.hold();

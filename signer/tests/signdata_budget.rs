@@ -86,16 +86,16 @@ where
             .add_service(KeyManagerServer::new(svc))
             .serve_with_incoming(tokio_stream::wrappers::UnixListenerStream::new(listener)),
     );
-    Endpoint::from_static("http://plugin.invalid").connect_with_connector_lazy(
-        tower::service_fn(move |_| {
+    Endpoint::from_static("http://plugin.invalid").connect_with_connector_lazy(tower::service_fn(
+        move |_| {
             let path = path.clone();
             async move {
                 Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(
                     tokio::net::UnixStream::connect(path).await?,
                 ))
             }
-        }),
-    )
+        },
+    ))
 }
 
 /// The appliance's per-stage medians (µs) from the recorder's summaries: `(metric, label filter)`.
@@ -209,7 +209,11 @@ async fn signdata_latency_budget() {
 
     let in_process = round_trips(n, || {
         let l = local.clone();
-        async move { l.sign_data(tonic::Request::new(sign_request())).await.map(drop) }
+        async move {
+            l.sign_data(tonic::Request::new(sign_request()))
+                .await
+                .map(drop)
+        }
     })
     .await;
     // The stage histograms now hold the in-process calls only: read them before the network path adds its own.
@@ -221,7 +225,11 @@ async fn signdata_latency_budget() {
     .await;
     let network = round_trips(n, || {
         let f = forwarder.clone();
-        async move { f.sign_data(tonic::Request::new(sign_request())).await.map(drop) }
+        async move {
+            f.sign_data(tonic::Request::new(sign_request()))
+                .await
+                .map(drop)
+        }
     })
     .await;
     let network_socket = round_trips(n, || {

@@ -951,7 +951,12 @@ async fn spire_svid_rate() {
     for _ in 0..rounds {
         if wanted("memory") {
             let r = tokio::task::block_in_place(|| {
-                svid_rate(&bin, "  KeyManager \"memory\" {\n    plugin_data {}\n  }\n", n, agents)
+                svid_rate(
+                    &bin,
+                    "  KeyManager \"memory\" {\n    plugin_data {}\n  }\n",
+                    n,
+                    agents,
+                )
             });
             push("KeyManager memory (SPIRE alone)", r);
         }
@@ -1014,7 +1019,10 @@ async fn spire_svid_rate() {
         let m = median_of(all.clone());
         let ratio = memory.map_or(String::new(), |mem| format!("{:.2} of memory", m / mem));
         let runs: Vec<String> = all.iter().map(|v| format!("{v:.0}")).collect();
-        println!("  {name:48} {m:8.0} SVIDs/s  {ratio:16} runs: {}", runs.join(" "));
+        println!(
+            "  {name:48} {m:8.0} SVIDs/s  {ratio:16} runs: {}",
+            runs.join(" ")
+        );
         assert!(m > 0.0);
     }
     if let Some(bare) = bare {

@@ -668,17 +668,17 @@ impl Pipeline {
             let reply = reply?;
             // A lost reply cannot hold the caller past its deadline (on a tokio runtime; the pipeline answers every
             // job it holds in any case).
-            let job::Signed { sig, token, answered } =
-                if tokio::runtime::Handle::try_current().is_ok() {
-                    tokio::time::timeout_at(
-                        tokio::time::Instant::from_std(deadline),
-                        reply.signed(),
-                    )
+            let job::Signed {
+                sig,
+                token,
+                answered,
+            } = if tokio::runtime::Handle::try_current().is_ok() {
+                tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), reply.signed())
                     .await
                     .unwrap_or(Err(PipelineError::DeadlineExceeded))?
-                } else {
-                    reply.signed().await?
-                };
+            } else {
+                reply.signed().await?
+            };
             let resumed = Instant::now();
             shared
                 .handles

@@ -10,9 +10,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use signet_proto::spire::plugin::server::keymanager::v1 as km;
-use signet_proto::spire::plugin::server::keymanager::v1::key_manager_server::KeyManager as _;
 use signet_proto::spire::plugin::server::upstreamauthority::v1 as ua;
-use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authority_server::UpstreamAuthority as _;
 use tonic::{Request, Response, Status};
 
 use crate::api::InProcess;
@@ -66,7 +64,9 @@ impl km::key_manager_server::KeyManager for InProcessKeyManager {
         request: Request<km::GetPublicKeyRequest>,
     ) -> Result<Response<km::GetPublicKeyResponse>, Status> {
         ready(&self.configured)?;
-        self.inner.get_public_key(self.caller.request(request)).await
+        self.inner
+            .get_public_key(self.caller.request(request))
+            .await
     }
 
     async fn get_public_keys(
@@ -74,7 +74,9 @@ impl km::key_manager_server::KeyManager for InProcessKeyManager {
         request: Request<km::GetPublicKeysRequest>,
     ) -> Result<Response<km::GetPublicKeysResponse>, Status> {
         ready(&self.configured)?;
-        self.inner.get_public_keys(self.caller.request(request)).await
+        self.inner
+            .get_public_keys(self.caller.request(request))
+            .await
     }
 
     async fn sign_data(

@@ -402,9 +402,9 @@ pub async fn run(opts: PluginOptions) -> Result<(), PluginError> {
         }
         (PluginKind::KeyManager, Some((caller, configured))) => {
             use signet_proto::spire::plugin::server::keymanager::v1::key_manager_server::KeyManagerServer;
-            router.add_service(KeyManagerServer::new(
-                in_process::InProcessKeyManager::new(caller, configured),
-            ))
+            router.add_service(KeyManagerServer::new(in_process::InProcessKeyManager::new(
+                caller, configured,
+            )))
         }
         (PluginKind::UpstreamAuthority, None) => {
             use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authority_server::UpstreamAuthorityServer;

@@ -496,7 +496,10 @@ async fn embedded_key_manager_runs_the_appliance_in_the_plugin() {
         .iter()
         .find(|l| l["method"] == "SignData")
         .unwrap_or_else(|| panic!("no SignData audit line: {audit:?}"));
-    assert_eq!(signed["caller"], "spiffe://example.org/signet/admin", "{signed}");
+    assert_eq!(
+        signed["caller"], "spiffe://example.org/signet/admin",
+        "{signed}"
+    );
     assert_eq!(signed["via"], "in-process", "{signed}");
     assert_eq!(signed["outcome"], "key_used", "{signed}");
     p.shutdown().await;
@@ -568,7 +571,10 @@ async fn embedded_key_manager_is_bound_by_the_policy() {
         .iter()
         .find(|l| l["method"] == "GenerateKey")
         .unwrap_or_else(|| panic!("no GenerateKey audit line: {audit:?}"));
-    assert_eq!(line["caller"], "spiffe://example.org/signet/admin", "{line}");
+    assert_eq!(
+        line["caller"], "spiffe://example.org/signet/admin",
+        "{line}"
+    );
     assert_eq!(line["via"], "in-process", "{line}");
     assert_eq!(line["outcome"], "refused", "{line}");
     assert_eq!(line["code"], "PERMISSION_DENIED", "{line}");

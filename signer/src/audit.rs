@@ -75,6 +75,10 @@ pub struct AuditRecord {
     /// The peer's address, for refusals before authentication (which have no caller).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub peer: Option<String>,
+    /// How the caller reached the service when not over the gRPC port: `in-process` for the SPIRE plug-in running
+    /// the appliance itself (`--embedded`), which presents its credential without TLS.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub via: Option<&'static str>,
 }
 
 impl AuditRecord {
@@ -102,6 +106,7 @@ impl AuditRecord {
             code: None,
             reason: None,
             peer: None,
+            via: None,
         }
     }
 }

@@ -817,7 +817,8 @@ pub struct Appliance {
     state: Arc<AppState>,
     km_pipeline: Option<Pipeline>,
     shutdown_tx: watch::Sender<bool>,
-    server: JoinHandle<Result<(), tonic::transport::Error>>,
+    /// The gRPC server; `None` for an appliance started [in process](Self::start_in_process).
+    server: Option<JoinHandle<Result<(), tonic::transport::Error>>>,
     background: Vec<JoinHandle<()>>,
     grace: Duration,
     token_names: Vec<String>,
@@ -835,7 +836,22 @@ impl Appliance {
         cfg: Config,
         embedded: Arc<dyn EmbeddedToken>,
     ) -> Result<Self, ServeError> {
-        Self::start_inner(cfg, embedded, crate::ca::crash::clock()).await
+        Self::start_inner(cfg, embedded, crate::ca::crash::clock(), true).await
+    }
+
+    /// [`start`](Self::start) without the gRPC port: everything else of the appliance (pipeline, authorities,
+    /// policy, audit log, own credentials, rotation, the bootstrap and bundle-endpoint ports when configured) runs,
+    /// and callers in this process reach the services through [`in_process`](Self::in_process) (the SPIRE plug-in
+    /// with `--embedded`). [`addr`](Self::addr) is then the unspecified address `0.0.0.0:0` and no endpoint file is
+    /// written.
+    pub async fn start_in_process(cfg: Config) -> Result<Self, ServeError> {
+        Self::start_inner(
+            cfg,
+            default_embedded_token(),
+            crate::ca::crash::clock(),
+            false,
+        )
+        .await
     }
 
     /// [`start`](Self::start) with the rotation life cycle reading `clock` (tests move it past a publish lead or
@@ -845,13 +861,14 @@ impl Appliance {
         cfg: Config,
         clock: Arc<dyn crate::ca::Clock>,
     ) -> Result<Self, ServeError> {
-        Self::start_inner(cfg, default_embedded_token(), clock).await
+        Self::start_inner(cfg, default_embedded_token(), clock, true).await
     }
 
     async fn start_inner(
         cfg: Config,
         embedded: Arc<dyn EmbeddedToken>,
         clock: Arc<dyn crate::ca::Clock>,
+        network: bool,
     ) -> Result<Self, ServeError> {
         cfg.validate()?;
         let policy = Policy::from_rules(&cfg.policy, cfg.authority.jwt.max_ttl.0)
@@ -972,12 +989,19 @@ impl Appliance {
             pem_certs(&bundle.current().x509_roots).as_bytes(),
         )?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
-        let listener = TcpListener::bind(cfg.server.listen)
-            .await
-            .map_err(io(format!("listening on {}", cfg.server.listen)))?;
-        let addr = listener
-            .local_addr()
-            .map_err(io("reading the listen address"))?;
+        let listener = if network {
+            Some(
+                TcpListener::bind(cfg.server.listen)
+                    .await
+                    .map_err(io(format!("listening on {}", cfg.server.listen)))?,
+            )
+        } else {
+            None
+        };
+        let addr = match &listener {
+            Some(l) => l.local_addr().map_err(io("reading the listen address"))?,
+            None => SocketAddr::from(([0, 0, 0, 0], 0)),
+        };
         let replication = Arc::new(if store.is_shared() {
             let id = cfg
                 .server
@@ -1081,21 +1105,27 @@ impl Appliance {
                     let state = state.clone();
                     move |n| state.policy.set_share(n)
                 },
-                addr.to_string(),
+                if network {
+                    addr.to_string()
+                } else {
+                    format!("in-process (pid {})", std::process::id())
+                },
                 shutdown_rx.clone(),
             )));
         }
 
         let (incoming_tx, incoming_rx) = mpsc::channel(64);
         let refusals = Arc::new(RefusalTally::default());
-        background.push(tokio::spawn(accept_loop(
-            listener,
-            tokio_rustls::TlsAcceptor::from(Arc::new(tls_cfg)),
-            cfg.server.max_connections,
-            refusals.clone(),
-            incoming_tx,
-            shutdown_rx.clone(),
-        )));
+        if let Some(listener) = listener {
+            background.push(tokio::spawn(accept_loop(
+                listener,
+                tokio_rustls::TlsAcceptor::from(Arc::new(tls_cfg)),
+                cfg.server.max_connections,
+                refusals.clone(),
+                incoming_tx,
+                shutdown_rx.clone(),
+            )));
+        }
         if let Some(listen) = cfg.server.bootstrap_listen {
             let tls = crate::api::join::bootstrap_tls(boot.server.0.clone(), boot.server.1.clone())
                 .map_err(ServeError::Server)?;
@@ -1156,11 +1186,13 @@ impl Appliance {
                 AdminServer::new(AdminService::new(state.clone())).max_decoding_message_size(max),
             );
         let mut stop = shutdown_rx.clone();
-        let server = tokio::spawn(
-            router.serve_with_incoming_shutdown(ReceiverStream::new(incoming_rx), async move {
-                crate::shutdown::until_shutdown(&mut stop).await
-            }),
-        );
+        let server = network.then(|| {
+            tokio::spawn(
+                router.serve_with_incoming_shutdown(ReceiverStream::new(incoming_rx), async move {
+                    crate::shutdown::until_shutdown(&mut stop).await
+                }),
+            )
+        });
         let federation_addr =
             match start_federation(&cfg, &server_cert, &state, &shutdown_rx, &mut background).await
             {
@@ -1175,8 +1207,12 @@ impl Appliance {
                     return Err(e);
                 }
             };
-        tracing::info!(%addr, trust_domain = %boot.td, "signet is serving");
-        write_public(&boot.paths.endpoint, addr.to_string().as_bytes())?;
+        if network {
+            tracing::info!(%addr, trust_domain = %boot.td, "signet is serving");
+            write_public(&boot.paths.endpoint, addr.to_string().as_bytes())?;
+        } else {
+            tracing::info!(trust_domain = %boot.td, "signet is serving callers in this process (no gRPC port)");
+        }
         Ok(Self {
             addr,
             metrics_addr,
@@ -1190,6 +1226,13 @@ impl Appliance {
             grace: cfg.server.shutdown_grace.0,
             token_names: boot.token_names,
         })
+    }
+
+    /// The services for callers in this process, authenticated by the admin credential of the data directory
+    /// (see [`crate::api::InProcess`]).
+    pub fn in_process(&self) -> Result<crate::api::InProcess, ServeError> {
+        crate::api::InProcess::new(self.state.clone(), self.paths.admin_cert.clone())
+            .map_err(ServeError::Server)
     }
 
     /// The gRPC address.
@@ -1251,7 +1294,10 @@ impl Appliance {
     /// then the pipeline stops and the audit log is closed.
     pub async fn shutdown(self) -> Result<(), ServeError> {
         let _ = self.shutdown_tx.send(true);
-        let served = tokio::time::timeout(self.grace, self.server).await;
+        let served = match self.server {
+            Some(server) => tokio::time::timeout(self.grace, server).await,
+            None => Ok(Ok(Ok(()))),
+        };
         for b in self.background {
             b.abort();
         }

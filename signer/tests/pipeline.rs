@@ -363,6 +363,42 @@ mod queue {
         config, digest, far, member, runtime, single_token, token_with_key, verify_digest,
     };
 
+    /// Concurrent digest signatures spread over every session of the token: with C_Sign held at the gate, N
+    /// submissions made at once are all seen inside C_Sign together, one per session. A worker that drained the
+    /// queue into one batch would sign them one after another on its own session while the others idle (fewer calls
+    /// at the gate). Counted, not timed.
+    #[test]
+    fn concurrent_signatures_spread_over_every_session() {
+        const N: usize = 8;
+        let Some(token) = token_with_key("spread", KeyType::EcP256) else {
+            return;
+        };
+        let (m, faults) = member("a", token, N);
+        let p = Pipeline::start(config(), vec![m]).unwrap();
+        let key = p.key("spread").unwrap();
+        let rt = runtime();
+        let until = Instant::now() + Duration::from_secs(30);
+        while p.idle_workers() < N {
+            assert!(
+                Instant::now() < until,
+                "the {N} workers never waited for jobs"
+            );
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        faults.hold();
+        let tasks: Vec<_> = (0..N as u64)
+            .map(|i| rt.spawn(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(i), far())))
+            .collect();
+        faults.wait_held(N as u64);
+        assert_eq!(faults.held.load(Ordering::SeqCst), N as u64);
+        faults.release();
+        for t in tasks {
+            rt.block_on(t).unwrap().unwrap();
+        }
+        assert_eq!(faults.signs.load(Ordering::SeqCst), N as u64);
+        p.shutdown();
+    }
+
     /// Many threads (sync `sign`) and many async tasks (`submit_digest`) at once: every job gets exactly one answer,
     /// every answer is a valid signature, and the token made exactly as many signatures as there were jobs.
     #[test]

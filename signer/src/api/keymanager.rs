@@ -279,6 +279,21 @@ fn join_status(e: tokio::task::JoinError) -> Status {
     Status::internal(format!("key manager: the token task failed: {e}"))
 }
 
+/// The stages of a `SignData` in the appliance, recorded per successful call in the histogram
+/// `signet_keymanager_sign_stage_seconds{stage}`: `admit` (authentication of the caller's credential, policy,
+/// in-flight bound), `checks` (key look-up, algorithm and digest checks, rate limit), `pipeline` (queue, HSM worker,
+/// C_Sign, reply, post-sign check: the pipeline's own histograms split it further) and `audit` (the audit line, DER
+/// encoding of the signature).
+pub const SIGN_STAGE_SECONDS: &str = "signet_keymanager_sign_stage_seconds";
+
+fn sign_stages() -> &'static [metrics::Histogram; 4] {
+    static STAGES: std::sync::OnceLock<[metrics::Histogram; 4]> = std::sync::OnceLock::new();
+    STAGES.get_or_init(|| {
+        ["admit", "checks", "pipeline", "audit"]
+            .map(|stage| metrics::histogram!(SIGN_STAGE_SECONDS, "stage" => stage))
+    })
+}
+
 /// The KeyManager service.
 #[derive(Debug, Clone)]
 pub struct KeyManagerService {
@@ -568,7 +583,9 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
         request: Request<pb::SignDataRequest>,
     ) -> Result<Response<pb::SignDataResponse>, Status> {
         let st = &self.state;
+        let started = std::time::Instant::now();
         let caller = st.admit(&request, Service::KeyManager, "SignData").await?;
+        let admitted = std::time::Instant::now();
         let req = request.into_inner();
         let subject = || Some(Subject::KeyId(req.key_id.clone()));
         let found = match st.keys.get(&caller.id, &req.key_id).await {
@@ -602,11 +619,13 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
         {
             return Err(st.refuse(&caller, d, subject()).await);
         }
+        let submitted = std::time::Instant::now();
         let signed = k
             .key
             .pipeline()
             .submit_digest(&k.key, alg, &req.data, caller.deadline)
             .await;
+        let returned = std::time::Instant::now();
         let sig = match signed {
             Ok(raw) if matches!(k.key_type, pb::KeyType::EcP256 | pb::KeyType::EcP384) => {
                 crate::keys::ecdsa_raw_to_der(&raw).map_err(|e| {
@@ -625,6 +644,13 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
             r.reason = Some(s.message().to_string());
         }
         st.audit(&[r]).await?;
+        if sig.is_ok() {
+            let stages = sign_stages();
+            stages[0].record(admitted.duration_since(started).as_secs_f64());
+            stages[1].record(submitted.duration_since(admitted).as_secs_f64());
+            stages[2].record(returned.duration_since(submitted).as_secs_f64());
+            stages[3].record(returned.elapsed().as_secs_f64());
+        }
         Ok(Response::new(pb::SignDataResponse {
             signature: sig?,
             key_fingerprint: k.fingerprint.clone(),

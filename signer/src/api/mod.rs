@@ -263,15 +263,24 @@ impl AppState {
         decide: impl FnOnce(&str, &tls::SignedBy) -> Result<(), Denied>,
     ) -> Result<Caller, Status> {
         let timer = Arc::new(RequestTimer::start(service.name(), method));
+        // Over the gRPC port, the chain the TLS handshake verified; from a caller in this process (no TLS), the
+        // chain it presents through [`InProcess`]. Both go through the same checks.
+        let (certs, via) = match req.peer_certs() {
+            Some(c) => (Some(c), None),
+            None => match req.extensions().get::<InProcessPeer>() {
+                Some(p) => (Some(p.0.clone()), Some(IN_PROCESS)),
+                None => (None, None),
+            },
+        };
         let peer = match self
             .client_trust
-            .authenticate(req.peer_certs().as_deref().map(Vec::as_slice))
+            .authenticate(certs.as_deref().map(Vec::as_slice))
         {
             Ok(p) => p,
             Err(reason) => {
                 return Err(self
                     .refuse(
-                        &Caller::anonymous(service, method, timer),
+                        &Caller::anonymous(service, method, via, timer),
                         Status::unauthenticated(reason),
                         None,
                     )
@@ -283,6 +292,7 @@ impl AppState {
             service,
             method,
             deadline: self.deadline_of(req),
+            via,
             _in_flight: None,
             timer,
         };
@@ -372,17 +382,25 @@ pub struct Caller {
     pub method: &'static str,
     /// When the answer is due.
     pub deadline: Instant,
+    /// `Some("in-process")` for a caller in this process ([`InProcess`]); recorded in its audit lines.
+    pub via: Option<&'static str>,
     _in_flight: Option<Arc<InFlightGuard>>,
     timer: Arc<RequestTimer>,
 }
 
 impl Caller {
-    fn anonymous(service: Service, method: &'static str, timer: Arc<RequestTimer>) -> Self {
+    fn anonymous(
+        service: Service,
+        method: &'static str,
+        via: Option<&'static str>,
+        timer: Arc<RequestTimer>,
+    ) -> Self {
         Self {
             id: String::new(),
             service,
             method,
             deadline: Instant::now(),
+            via,
             _in_flight: None,
             timer,
         }
@@ -391,7 +409,9 @@ impl Caller {
     /// An audit record for this call (its outcome also labels the call's time in `signet_api_request_seconds`).
     pub fn record(&self, outcome: Outcome) -> AuditRecord {
         self.timer.saw(outcome);
-        AuditRecord::new(&self.id, self.service.name(), self.method, outcome)
+        let mut r = AuditRecord::new(&self.id, self.service.name(), self.method, outcome);
+        r.via = self.via;
+        r
     }
 }
 
@@ -442,6 +462,90 @@ impl Drop for RequestTimer {
             "outcome" => outcome
         )
         .record(self.started.elapsed().as_secs_f64());
+    }
+}
+
+/// The `via` of audit lines of callers in this process.
+pub const IN_PROCESS: &str = "in-process";
+
+/// The certificate chain a caller in this process presents instead of a TLS client certificate. Only
+/// [`InProcess`] puts it into a request's extensions: a request from the network never carries it (tonic fills
+/// extensions from the connection, not from what the peer sends).
+#[derive(Clone)]
+struct InProcessPeer(Arc<Vec<tokio_rustls::rustls::pki_types::CertificateDer<'static>>>);
+
+/// The appliance's services for a caller in the same process: the SPIRE plug-in with `--embedded` calls them
+/// directly, with no TLS, no TCP and no second gRPC server, and still through the same admission as a caller over
+/// the network: the credential it presents (the data directory's admin X509-SVID, re-read when renewed) is checked
+/// against the live bundle ([`AppState::admit`]: signed by signet, of the trust domain, not expired), the policy
+/// decides what its SPIFFE ID may do, per-caller limits apply, and every audit line names that SPIFFE ID with
+/// `"via": "in-process"`.
+#[derive(Clone)]
+pub struct InProcess {
+    state: Arc<AppState>,
+    cert_path: std::path::PathBuf,
+    /// The chain presented now, and when the file was last looked at.
+    current: Arc<Mutex<(Instant, InProcessPeer)>>,
+}
+
+impl std::fmt::Debug for InProcess {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InProcess")
+            .field("cert_path", &self.cert_path)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How often the credential file is looked at again (the appliance renews it at half its life).
+const IN_PROCESS_RELOAD: Duration = Duration::from_secs(1);
+
+fn read_chain(path: &std::path::Path) -> Result<InProcessPeer, String> {
+    let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+    let chain: Vec<_> = pem::parse_many(&text)
+        .map_err(|e| format!("{}: {e}", path.display()))?
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(|p| tokio_rustls::rustls::pki_types::CertificateDer::from(p.into_contents()))
+        .collect();
+    if chain.is_empty() {
+        return Err(format!("{}: no certificate", path.display()));
+    }
+    Ok(InProcessPeer(Arc::new(chain)))
+}
+
+impl InProcess {
+    /// Callers presenting the certificate chain in `cert_path` (PEM, leaf first).
+    pub fn new(state: Arc<AppState>, cert_path: std::path::PathBuf) -> Result<Self, String> {
+        let chain = read_chain(&cert_path)?;
+        Ok(Self {
+            state,
+            cert_path,
+            current: Arc::new(Mutex::new((Instant::now(), chain))),
+        })
+    }
+
+    /// The shared state (the services are built over it).
+    pub fn state(&self) -> &Arc<AppState> {
+        &self.state
+    }
+
+    fn peer(&self) -> InProcessPeer {
+        let mut cur = self.current.lock().unwrap_or_else(|p| p.into_inner());
+        if cur.0.elapsed() >= IN_PROCESS_RELOAD {
+            cur.0 = Instant::now();
+            // A file being replaced (renewal writes through a rename) or unreadable keeps the chain held.
+            match read_chain(&self.cert_path) {
+                Ok(c) => cur.1 = c,
+                Err(e) => tracing::debug!(error = %e, "in-process credential not reloaded"),
+            }
+        }
+        cur.1.clone()
+    }
+
+    /// `req` as the in-process caller sends it: its metadata (SPIRE's `grpc-timeout`) kept, the credential added.
+    pub fn request<T>(&self, mut req: tonic::Request<T>) -> tonic::Request<T> {
+        req.extensions_mut().insert(self.peer());
+        req
     }
 }
 

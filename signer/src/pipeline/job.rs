@@ -28,6 +28,8 @@ use super::error::PipelineError;
 pub(crate) struct Signed {
     pub(crate) sig: Vec<u8>,
     pub(crate) token: Arc<TokenState>,
+    /// When the worker answered (the reply's hand-off time is measured from it).
+    pub(crate) answered: Instant,
 }
 
 pub(crate) type SignResult = Result<Signed, PipelineError>;

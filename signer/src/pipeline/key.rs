@@ -197,7 +197,7 @@ impl AuthorityKey for PipelineKey {
         }
         let deadline = current_deadline()
             .unwrap_or_else(|| Instant::now() + self.pipeline.config().default_timeout);
-        let Signed { sig, token } = self
+        let Signed { sig, token, .. } = self
             .submit_message(scheme, message, deadline)
             .and_then(|reply| reply.wait_signed_until(deadline))
             .map_err(to_key_error)?;
@@ -247,7 +247,7 @@ impl Continuation for KeyContinuation {
         self.0.abandoned()
     }
     fn resume(self: Box<Self>, result: Result<Signed, PipelineError>) {
-        let result = result.map(|Signed { sig, token }| {
+        let result = result.map(|Signed { sig, token, .. }| {
             note_signer(token, &sig);
             sig
         });

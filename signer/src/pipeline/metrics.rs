@@ -7,6 +7,8 @@
 //! | `signet_pipeline_batch_size` | histogram | | jobs a worker took in one wake-up |
 //! | `signet_pipeline_sign_seconds` | histogram | `token` | time of one C_Sign on that token |
 //! | `signet_pipeline_queue_wait_seconds` | histogram | | time from submit to a worker picking the job |
+//! | `signet_pipeline_reply_seconds` | histogram | | digest signatures (`submit_digest`): time from the worker's answer to the awaiting task running again (the hand-off back) |
+//! | `signet_pipeline_digest_check_seconds` | histogram | | digest signatures: the post-sign check, from the hand-off to the CPU pool to its answer |
 //! | `signet_pipeline_jobs_total` | counter | `outcome` | jobs by how they ended (`ok`, `overloaded`, `deadline_exceeded`, `abandoned`, `unavailable`, `shutting_down`, `key_error`, `invalid_request`, `post_sign_check`, `internal`) |
 //! | `signet_pipeline_token_healthy` | gauge | `token` | 1 while the token is in rotation, 0 while it is out |
 //! | `signet_pipeline_token_sessions` | gauge | `token` | HSM worker sessions of the token (set at start) |
@@ -34,6 +36,10 @@ pub const BATCH_SIZE: &str = "signet_pipeline_batch_size";
 pub const SIGN_SECONDS: &str = "signet_pipeline_sign_seconds";
 /// Queue wait histogram.
 pub const QUEUE_WAIT_SECONDS: &str = "signet_pipeline_queue_wait_seconds";
+/// Reply hand-off histogram (digest signatures).
+pub const REPLY_SECONDS: &str = "signet_pipeline_reply_seconds";
+/// Post-sign check histogram (digest signatures).
+pub const DIGEST_CHECK_SECONDS: &str = "signet_pipeline_digest_check_seconds";
 /// Jobs by outcome, label `outcome`.
 pub const JOBS: &str = "signet_pipeline_jobs_total";
 /// Token health gauge, label `token`.
@@ -73,6 +79,8 @@ pub(crate) struct Handles {
     pub(crate) queue_depth: Gauge,
     pub(crate) batch_size: Histogram,
     pub(crate) queue_wait: Histogram,
+    pub(crate) reply: Histogram,
+    pub(crate) digest_check: Histogram,
 }
 
 impl Handles {
@@ -82,6 +90,8 @@ impl Handles {
             queue_depth: metrics::gauge!(QUEUE_DEPTH),
             batch_size: metrics::histogram!(BATCH_SIZE),
             queue_wait: metrics::histogram!(QUEUE_WAIT_SECONDS),
+            reply: metrics::histogram!(REPLY_SECONDS),
+            digest_check: metrics::histogram!(DIGEST_CHECK_SECONDS),
         }
     }
 

@@ -257,6 +257,11 @@ pub(crate) struct Shared {
     verify_counter: ::metrics::Counter,
     /// A post-sign check of a digest signature failed: check every one from now on (see [`VerifyPolicy`]).
     verify_escalated: AtomicBool,
+    /// HSM workers (of every token) waiting for a job now. A worker that takes a job drains more into its batch only
+    /// when none is waiting: queued jobs then spread over every free session instead of being signed one after
+    /// another by the first worker that woke (on a 5 ms network HSM, eight concurrent requests answered in 5 ms,
+    /// not 40).
+    pub(crate) idle_workers: AtomicUsize,
 }
 
 impl Shared {
@@ -455,6 +460,7 @@ impl Pipeline {
             verified: AtomicU64::new(0),
             verify_counter: ::metrics::counter!(metrics::DIGEST_VERIFIED),
             verify_escalated: AtomicBool::new(false),
+            idle_workers: AtomicUsize::new(0),
         });
         let mut handles = Vec::new();
         for (i, (state, session)) in opened.into_iter().enumerate() {
@@ -661,13 +667,22 @@ impl Pipeline {
             let reply = reply?;
             // A lost reply cannot hold the caller past its deadline (on a tokio runtime; the pipeline answers every
             // job it holds in any case).
-            let job::Signed { sig, token } = if tokio::runtime::Handle::try_current().is_ok() {
+            let job::Signed {
+                sig,
+                token,
+                answered,
+            } = if tokio::runtime::Handle::try_current().is_ok() {
                 tokio::time::timeout_at(tokio::time::Instant::from_std(deadline), reply.signed())
                     .await
                     .unwrap_or(Err(PipelineError::DeadlineExceeded))?
             } else {
                 reply.signed().await?
             };
+            let resumed = Instant::now();
+            shared
+                .handles
+                .reply
+                .record(resumed.saturating_duration_since(answered).as_secs_f64());
             let Some(digest_copy) = verify else {
                 return Ok(sig);
             };
@@ -677,6 +692,10 @@ impl Pipeline {
                     verify_digest(&reg, alg, &digest_copy, &sig).map(|()| sig)
                 })
                 .await?;
+            shared
+                .handles
+                .digest_check
+                .record(resumed.elapsed().as_secs_f64());
             shared.verified.fetch_add(1, Ordering::Relaxed);
             shared.verify_counter.increment(1);
             if let Err(PipelineError::PostSignCheck(_)) = &checked {
@@ -705,6 +724,11 @@ impl Pipeline {
                     .is_multiple_of(n)
             }
         }
+    }
+
+    /// HSM workers (of every token) waiting for a job now.
+    pub fn idle_workers(&self) -> usize {
+        self.shared.idle_workers.load(Ordering::Acquire)
     }
 
     /// The state of every token behind the pipeline.

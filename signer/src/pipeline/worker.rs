@@ -1,7 +1,8 @@
 //! The HSM worker: one thread, one logged-in session, cached key handles.
 //!
 //! A worker blocks for the first job (retried jobs first, then the shared queue), drains what else is queued up to
-//! the batch bound, and signs the batch back to back. Per job: a job whose caller gave up or whose deadline passed is
+//! the batch bound when no other worker is waiting (otherwise the waiting workers take the queued jobs on their own
+//! sessions, so concurrent jobs spread over every free session), and signs the batch back to back. Per job: a job whose caller gave up or whose deadline passed is
 //! dropped before it reaches the token; a transient failure is retried on a fresh session (after re-initialising the
 //! library when the device went away) within the job's deadline and attempt budget; when the session cannot be
 //! recovered the token is taken out of rotation, the worker's unfinished jobs go to the retry queue for the other
@@ -156,15 +157,24 @@ impl Worker {
         }
         // An idle worker looks up now and then, so that a token taken out of rotation while no job comes (its
         // pipeline then refuses new jobs) is still probed back.
+        self.shared.idle_workers.fetch_add(1, Ordering::AcqRel);
         let first = select! {
-            recv(self.shared.retry_rx) -> j => j.ok(),
-            recv(self.shared.rx) -> j => j.ok(),
+            recv(self.shared.retry_rx) -> j => j.ok().map(Some),
+            recv(self.shared.rx) -> j => j.ok().map(Some),
             recv(self.shared.stop_rx) -> _ => None,
-            default(self.shared.config.backoff_max) => return true,
+            default(self.shared.config.backoff_max) => Some(None),
         };
-        let Some(first) = first else { return false };
+        let others_idle = self.shared.idle_workers.fetch_sub(1, Ordering::AcqRel) > 1;
+        let first = match first {
+            Some(Some(j)) => j,
+            // Nothing came within the idle period.
+            Some(None) => return true,
+            None => return false,
+        };
         self.batch.push(first);
-        while self.batch.len() < self.shared.config.batch {
+        // Another worker waiting takes the next queued job on its own session; only when every worker is busy does
+        // this one batch what is queued (then grouped replies save wake-ups, see the module docs).
+        while !others_idle && self.batch.len() < self.shared.config.batch {
             match self
                 .shared
                 .retry_rx
@@ -234,6 +244,7 @@ impl Worker {
         let result = result.map(|sig| Signed {
             sig,
             token: self.token.clone(),
+            answered: Instant::now(),
         });
         if job.answer(result) {
             self.handles.outcome(outcome);

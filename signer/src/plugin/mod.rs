@@ -13,10 +13,13 @@
 //!    and the plug-in service itself, which [`forward`] relays to the appliance;
 //! 4. logs to stderr as hclog JSON ([`log`]), so the lines show up in SPIRE's log.
 //!
-//! With `--embedded CONFIG`, the process runs the appliance itself (the `signet serve` configuration CONFIG, on a
-//! loopback port) and forwards to it with the appliance's admin credential: one host, no separate service.
+//! With `--embedded CONFIG`, the process runs the appliance itself (the `signet serve` configuration CONFIG) without
+//! its gRPC port, and SPIRE's calls go to the appliance's services in this process ([`in_process`]): no TLS, no TCP,
+//! no second gRPC server, but the same admission, policy and audit, as the data directory's admin credential
+//! (audit lines say `"via": "in-process"`). One host, no separate service.
 
 pub mod forward;
+pub mod in_process;
 pub mod log;
 pub mod settings;
 
@@ -238,8 +241,11 @@ impl initpb::init_server::Init for Init {
 enum Source {
     /// `plugin_data` names the appliance.
     Remote,
-    /// The appliance runs in this process; `plugin_data` may only tune timeouts.
-    Embedded(Arc<PluginSettings>),
+    /// The appliance runs in this process; `plugin_data` may only tune timeouts (which do not apply in process).
+    Embedded {
+        base: Arc<PluginSettings>,
+        configured: in_process::Configured,
+    },
 }
 
 /// SPIRE's `Config` service.
@@ -258,7 +264,7 @@ impl Configurer {
             .unwrap_or_default();
         match &self.source {
             Source::Remote => PluginSettings::parse(&req.hcl_configuration, td),
-            Source::Embedded(base) => {
+            Source::Embedded { base, .. } => {
                 let mut s = (**base).clone();
                 s.tune(&req.hcl_configuration)?;
                 Ok(s)
@@ -276,6 +282,11 @@ impl cfgpb::config_server::Config for Configurer {
         let settings = self
             .settings(request.get_ref())
             .map_err(|e| Status::invalid_argument(format!("signet plug-in configuration: {e}")))?;
+        if let Source::Embedded { configured, .. } = &self.source {
+            configured.store(true, std::sync::atomic::Ordering::Release);
+            tracing::info!(client = %settings.client_id, "configured (the appliance runs in this process)");
+            return Ok(Response::new(cfgpb::ConfigureResponse {}));
+        }
         tracing::info!(endpoints = ?settings.endpoints, client = %settings.client_id, "configured");
         let app = Appliance::connect(settings)
             .await
@@ -326,12 +337,18 @@ pub async fn run(opts: PluginOptions) -> Result<(), PluginError> {
     let stop_tx = Arc::new(stop_tx);
 
     let mut embedded_app = None;
+    let mut local = None;
     let source = match &opts.embedded {
         None => Source::Remote,
         Some(path) => {
-            let (app, settings) = start_embedded(path).await?;
+            let (app, settings, caller) = start_embedded(path).await?;
             embedded_app = Some(app);
-            Source::Embedded(Arc::new(settings))
+            let configured = in_process::Configured::default();
+            local = Some((caller, configured.clone()));
+            Source::Embedded {
+                base: Arc::new(settings),
+                configured,
+            }
         }
     };
 
@@ -376,14 +393,26 @@ pub async fn run(opts: PluginOptions) -> Result<(), PluginError> {
             slot: slot.clone(),
             source,
         }));
-    router = match opts.kind {
-        PluginKind::UpstreamAuthority => {
+    router = match (opts.kind, local) {
+        (PluginKind::UpstreamAuthority, Some((caller, configured))) => {
+            use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authority_server::UpstreamAuthorityServer;
+            router.add_service(UpstreamAuthorityServer::new(
+                in_process::InProcessUpstreamAuthority::new(caller, configured),
+            ))
+        }
+        (PluginKind::KeyManager, Some((caller, configured))) => {
+            use signet_proto::spire::plugin::server::keymanager::v1::key_manager_server::KeyManagerServer;
+            router.add_service(KeyManagerServer::new(in_process::InProcessKeyManager::new(
+                caller, configured,
+            )))
+        }
+        (PluginKind::UpstreamAuthority, None) => {
             use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authority_server::UpstreamAuthorityServer;
             router.add_service(UpstreamAuthorityServer::new(
                 UpstreamAuthorityForwarder::new(slot.clone(), stop_rx.clone()),
             ))
         }
-        PluginKind::KeyManager => {
+        (PluginKind::KeyManager, None) => {
             use signet_proto::spire::plugin::server::keymanager::v1::key_manager_server::KeyManagerServer;
             router.add_service(KeyManagerServer::new(KeyManagerForwarder::new(
                 slot.clone(),
@@ -446,7 +475,14 @@ fn ignore_interrupts() -> Option<tokio::task::JoinHandle<()>> {
 
 async fn start_embedded(
     path: &Path,
-) -> Result<(crate::serve::Appliance, PluginSettings), PluginError> {
+) -> Result<
+    (
+        crate::serve::Appliance,
+        PluginSettings,
+        crate::api::InProcess,
+    ),
+    PluginError,
+> {
     let failed =
         |e: String| PluginError::Failed(format!("embedded appliance ({}): {e}", path.display()));
     let mut cfg = crate::config::Config::load(path).map_err(|e| failed(e.to_string()))?;
@@ -457,9 +493,10 @@ async fn start_embedded(
     {
         cfg.data_dir = parent.join(&cfg.data_dir);
     }
-    let app = crate::serve::Appliance::start(cfg)
+    let app = crate::serve::Appliance::start_in_process(cfg)
         .await
         .map_err(|e| failed(e.to_string()))?;
+    let caller = app.in_process().map_err(|e| failed(e.to_string()))?;
     let p = app.paths().clone();
     let read = |f: &Path| std::fs::read(f).map_err(|e| failed(format!("{}: {e}", f.display())));
     let admin = read(&p.admin_cert)?;
@@ -468,7 +505,7 @@ async fn start_embedded(
         .unwrap_or_default()
         .to_string();
     let settings = PluginSettings {
-        endpoints: vec![format!("https://{}", app.addr())],
+        endpoints: vec!["in-process".into()],
         server_name: None,
         trust_domain,
         trust_bundle_pem: read(&p.bundle)?,
@@ -485,6 +522,7 @@ async fn start_embedded(
         request_timeout: Duration::from_secs(30),
         max_backoff: Duration::from_secs(5),
     };
-    tracing::info!(addr = %app.addr(), data_dir = %p.dir.display(), "embedded appliance started");
-    Ok((app, settings))
+    tracing::info!(data_dir = %p.dir.display(), caller = %settings.client_id,
+        "embedded appliance started in this process");
+    Ok((app, settings, caller))
 }

@@ -484,6 +484,104 @@ async fn embedded_key_manager_runs_the_appliance_in_the_plugin() {
         "the embedded token lives in the configuration's data directory: {}",
         p.log()
     );
+    // In process: no gRPC port (no endpoint file), and every call audited under the admin credential's SPIFFE ID,
+    // marked as coming from this process.
+    assert!(
+        !dir.path().join("data/endpoint").exists(),
+        "the embedded appliance opens no gRPC port: {}",
+        p.log()
+    );
+    let audit = embedded_audit(dir.path());
+    let signed = audit
+        .iter()
+        .find(|l| l["method"] == "SignData")
+        .unwrap_or_else(|| panic!("no SignData audit line: {audit:?}"));
+    assert_eq!(
+        signed["caller"], "spiffe://example.org/signet/admin",
+        "{signed}"
+    );
+    assert_eq!(signed["via"], "in-process", "{signed}");
+    assert_eq!(signed["outcome"], "key_used", "{signed}");
+    p.shutdown().await;
+}
+
+/// The audit lines of an embedded appliance whose data directory is `<dir>/data`.
+fn embedded_audit(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("data/audit.jsonl"))
+        .unwrap_or_default()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+/// The in-process caller is judged by the policy like any other: an embedded appliance whose policy does not let
+/// the admin credential use the KeyManager refuses SPIRE's calls with PERMISSION_DENIED, generates no key, and
+/// audits the refusal under that SPIFFE ID, marked in-process.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn embedded_key_manager_is_bound_by_the_policy() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("signet.toml");
+    std::fs::write(
+        &config,
+        "trust_domain = \"example.org\"\ndata_dir = \"data\"\n\n[[policy]]\n\
+         caller = \"spiffe://example.org/signet/admin\"\nmay = [\"issuer\"]\nids = [\"spiffe://example.org/\"]\n",
+    )
+    .unwrap();
+    let p = PluginProcess::start_with(
+        &[
+            "spire-plugin",
+            "key-manager",
+            "--embedded",
+            config.to_str().unwrap(),
+        ],
+        "KeyManager",
+        dir.path(),
+    );
+    let _broker =
+        spire_loader_steps(&p.channel, "spire.plugin.server.keymanager.v1.KeyManager").await;
+    let mut c = km::key_manager_client::KeyManagerClient::new(p.channel.clone());
+    // Before Configure: refused as with a remote appliance.
+    let early = c
+        .get_public_keys(km::GetPublicKeysRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(early.code(), Code::FailedPrecondition, "{early:?}");
+    cfg::config_client::ConfigClient::new(p.channel.clone())
+        .configure(cfg::ConfigureRequest {
+            core_configuration: core(TD),
+            hcl_configuration: String::new(),
+        })
+        .await
+        .unwrap();
+    let refused = c
+        .generate_key(km::GenerateKeyRequest {
+            key_id: "x509-CA-A".into(),
+            key_type: km::KeyType::EcP256 as i32,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::PermissionDenied, "{refused:?}");
+    let listed = c
+        .get_public_keys(km::GetPublicKeysRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(listed.code(), Code::PermissionDenied, "{listed:?}");
+    let audit = embedded_audit(dir.path());
+    let line = audit
+        .iter()
+        .find(|l| l["method"] == "GenerateKey")
+        .unwrap_or_else(|| panic!("no GenerateKey audit line: {audit:?}"));
+    assert_eq!(
+        line["caller"], "spiffe://example.org/signet/admin",
+        "{line}"
+    );
+    assert_eq!(line["via"], "in-process", "{line}");
+    assert_eq!(line["outcome"], "refused", "{line}");
+    assert_eq!(line["code"], "PERMISSION_DENIED", "{line}");
+    assert!(
+        !audit.iter().any(|l| l["outcome"] == "key_used"),
+        "no key was generated or used: {audit:?}"
+    );
     p.shutdown().await;
 }
 

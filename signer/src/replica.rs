@@ -193,6 +193,7 @@ pub async fn follow_changes(
                     let mut words = what.split(' ');
                     match (words.next(), words.next(), words.next()) {
                         (Some("keymanager"), Some(ns), Some(id)) => state.keys.forget(Some((ns, id))),
+                        (Some("keymanager-swept"), Some(ns), _) => state.keys.forget_namespace(ns),
                         (Some("resync"), _, _) => {
                             state.keys.forget(None);
                             reload = true;

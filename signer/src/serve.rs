@@ -810,7 +810,14 @@ impl Appliance {
         let stop_pipeline = |p: Pipeline| async move {
             let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
         };
-        boot.keys.attach_store(store.clone());
+        if let Err(e) = boot
+            .keys
+            .attach_store(store.clone(), clock.clone(), cfg.key_manager.sweep_after.0)
+            .await
+        {
+            stop_pipeline(boot.pipeline.clone()).await;
+            return Err(ServeError::Authority(e));
+        }
         let authorities = match open_authorities(&cfg, &boot, store.clone(), clock).await {
             Ok(a) => Arc::new(a),
             Err(e) => {
@@ -920,6 +927,12 @@ impl Appliance {
             mode,
             cfg.authority.jwt.max_ttl.0,
             boot.paths.bundle.clone(),
+            shutdown_rx.clone(),
+        )));
+        background.push(tokio::spawn(crate::api::keymanager::sweep(
+            state.clone(),
+            cfg.key_manager.sweep_after.0,
+            cfg.key_manager.sweep_every.0,
             shutdown_rx.clone(),
         )));
         let schedule = cfg.authority.rotation.schedule;

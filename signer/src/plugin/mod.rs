@@ -484,6 +484,7 @@ async fn start_embedded(
         connect_timeout: Duration::from_secs(10),
         request_timeout: Duration::from_secs(30),
         max_backoff: Duration::from_secs(5),
+        key_identifier: settings::KeyIdentifier::None,
     };
     tracing::info!(addr = %app.addr(), data_dir = %p.dir.display(), "embedded appliance started");
     Ok((app, settings))

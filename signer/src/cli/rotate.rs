@@ -133,8 +133,7 @@ async fn superseded(
         .await
         .map_err(status)?
         .into_inner();
-    Ok(r
-        .authorities
+    Ok(r.authorities
         .into_iter()
         .find(|a| a.kind == kind && a.state == "superseded"))
 }
@@ -200,7 +199,9 @@ async fn retire(
              bundle until a day after it expires ({}); to have them drop it at once, taint it before retiring \
              (`signet rotate retire --taint-first`)",
             r.label,
-            before.as_ref().map_or_else(|| "-".to_string(), |a| when(a.not_after))
+            before
+                .as_ref()
+                .map_or_else(|| "-".to_string(), |a| when(a.not_after))
         );
     }
     Ok(())

@@ -338,10 +338,8 @@ impl Appliance {
     fn keymanager_request<T>(&self, msg: T, t: Duration) -> Request<T> {
         let mut r = with_timeout(msg, t);
         if let Some(k) = &self.key_identifier {
-            r.metadata_mut().insert(
-                crate::api::keymanager::KEY_IDENTIFIER_HEADER,
-                k.clone(),
-            );
+            r.metadata_mut()
+                .insert(crate::api::keymanager::KEY_IDENTIFIER_HEADER, k.clone());
         }
         r
     }

@@ -116,7 +116,10 @@ impl KeyIdentifier {
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     let id = new_uuid()?;
                     crate::serve::write_private(f, id.as_bytes()).map_err(|e| {
-                        format!("key_identifier_file = {:?}: cannot create it: {e}", f.display())
+                        format!(
+                            "key_identifier_file = {:?}: cannot create it: {e}",
+                            f.display()
+                        )
                     })?;
                     tracing::info!(file = %f.display(), key_identifier = %id,
                         "made a new key identifier for this SPIRE server");
@@ -133,8 +136,12 @@ impl KeyIdentifier {
 
 /// The UUID in a key identifier file (surrounding whitespace ignored).
 fn read_identifier_file(f: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(f)
-        .map_err(|e| format!("key_identifier_file = {:?}: cannot read it: {e}", f.display()))?;
+    let text = std::fs::read_to_string(f).map_err(|e| {
+        format!(
+            "key_identifier_file = {:?}: cannot read it: {e}",
+            f.display()
+        )
+    })?;
     let id = text.trim();
     if is_uuid(id) {
         Ok(id.to_ascii_lowercase())
@@ -623,5 +630,50 @@ mod tests {
             e.contains("trust_bundle_path") && e.contains("cannot read"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn key_identifiers_as_spires_kms_key_managers() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("key-id");
+        let e = KeyIdentifier::from_raw(Some("a".into()), Some(f.clone())).unwrap_err();
+        assert!(e.contains("not both"), "{e}");
+        for bad in ["a/b", "", "a b", &"x".repeat(129)] {
+            let e = KeyIdentifier::from_raw(Some(bad.to_string()), None).unwrap_err();
+            assert!(e.contains("key_identifier_value"), "{bad:?}: {e}");
+        }
+        assert_eq!(
+            KeyIdentifier::from_raw(Some("spire-a.1".into()), None).unwrap(),
+            KeyIdentifier::Value("spire-a.1".into())
+        );
+        assert_eq!(
+            KeyIdentifier::from_raw(None, None)
+                .unwrap()
+                .resolve()
+                .unwrap(),
+            None
+        );
+        // Absent: accepted (Validate makes nothing), created with a random UUID at resolve, then kept.
+        let k = KeyIdentifier::from_raw(None, Some(f.clone())).unwrap();
+        assert!(!f.exists());
+        let id = k.resolve().unwrap().unwrap();
+        assert!(is_uuid(&id) && id.as_bytes()[14] == b'4', "{id}");
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(k.resolve().unwrap().unwrap(), id);
+        let other = KeyIdentifier::from_raw(None, Some(dir.path().join("other")))
+            .unwrap()
+            .resolve()
+            .unwrap()
+            .unwrap();
+        assert_ne!(other, id, "each file its own UUID");
+        // A file that does not hold a UUID is refused, at Validate and at Configure.
+        std::fs::write(&f, "not-a-uuid\n").unwrap();
+        let e = KeyIdentifier::from_raw(None, Some(f.clone())).unwrap_err();
+        assert!(e.contains("does not hold a UUID"), "{e}");
+        assert!(k.resolve().unwrap_err().contains("does not hold a UUID"));
     }
 }

@@ -656,7 +656,11 @@ impl Store {
     }
 
     /// Records `namespace` as used at `at` unless it is recorded already (keys found on the token at start).
-    pub async fn adopt_keymanager_namespace(&self, namespace: &str, at: i64) -> Result<(), StoreError> {
+    pub async fn adopt_keymanager_namespace(
+        &self,
+        namespace: &str,
+        at: i64,
+    ) -> Result<(), StoreError> {
         let q = "INSERT INTO keymanager_namespaces (namespace, caller, key_identifier, last_used_at) \
                  VALUES ($1, '', '', $2) ON CONFLICT (namespace) DO NOTHING";
         on!(&self.pool, p => { sqlx::query(q).bind(namespace).bind(at).execute(p).await?; });

@@ -430,8 +430,12 @@ async fn key_identifiers_keep_servers_of_one_spiffe_id_apart() {
     let cred = bed.credential_for(SPIRE_A).await;
     let mut c = KeyManagerClient::new(bed.channel(Some(&cred)).await);
 
-    let a = generate_as(&mut c, Some("spire-a"), "x509-CA-A").await.unwrap();
-    let b = generate_as(&mut c, Some("spire-b"), "x509-CA-A").await.unwrap();
+    let a = generate_as(&mut c, Some("spire-a"), "x509-CA-A")
+        .await
+        .unwrap();
+    let b = generate_as(&mut c, Some("spire-b"), "x509-CA-A")
+        .await
+        .unwrap();
     let none = generate_as(&mut c, None, "x509-CA-A").await.unwrap();
     assert_ne!(a.fingerprint, b.fingerprint, "each server its own key");
     assert_ne!(a.fingerprint, none.fingerprint);
@@ -451,11 +455,7 @@ async fn key_identifiers_keep_servers_of_one_spiffe_id_apart() {
     );
 
     // Each sees only its own key.
-    for (k, want) in [
-        (Some("spire-a"), &a),
-        (Some("spire-b"), &b),
-        (None, &none),
-    ] {
+    for (k, want) in [(Some("spire-a"), &a), (Some("spire-b"), &b), (None, &none)] {
         assert_eq!(
             ids_as(&mut c, k).await,
             vec![("x509-CA-A".to_string(), want.fingerprint.clone())],
@@ -467,16 +467,24 @@ async fn key_identifiers_keep_servers_of_one_spiffe_id_apart() {
     }
 
     // B replaces its key: A's is untouched and still signs; B's old key is gone from the token.
-    let b2 = generate_as(&mut c, Some("spire-b"), "x509-CA-A").await.unwrap();
+    let b2 = generate_as(&mut c, Some("spire-b"), "x509-CA-A")
+        .await
+        .unwrap();
     assert_ne!(b2.fingerprint, b.fingerprint);
-    let s = sign_as(&mut c, Some("spire-a"), "x509-CA-A", b"after").await.unwrap();
+    let s = sign_as(&mut c, Some("spire-a"), "x509-CA-A", b"after")
+        .await
+        .unwrap();
     assert_eq!(s.key_fingerprint, a.fingerprint);
     assert!(verifies(&a, b"after", &s.signature));
     assert_eq!(km_labels(&bed).len(), 3);
 
     // A key only A has is NOT_FOUND for B, whichever call B makes.
-    generate_as(&mut c, Some("spire-a"), "JWT-Signer-A").await.unwrap();
-    let e = sign_as(&mut c, Some("spire-b"), "JWT-Signer-A", b"m").await.unwrap_err();
+    generate_as(&mut c, Some("spire-a"), "JWT-Signer-A")
+        .await
+        .unwrap();
+    let e = sign_as(&mut c, Some("spire-b"), "JWT-Signer-A", b"m")
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
     let e = c
         .get_public_key(with_id(
@@ -494,10 +502,18 @@ async fn key_identifiers_keep_servers_of_one_spiffe_id_apart() {
     let before = km_labels(&bed);
     let long = "x".repeat(129);
     for bad in ["a/b", "a b", "", long.as_str(), "spire-a;drop"] {
-        let e = generate_as(&mut c, Some(bad), "x509-CA-B").await.unwrap_err();
+        let e = generate_as(&mut c, Some(bad), "x509-CA-B")
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}: {e:?}");
-        assert!(e.message().contains("signet-key-identifier"), "{}", e.message());
-        let e = sign_as(&mut c, Some(bad), "x509-CA-A", b"m").await.unwrap_err();
+        assert!(
+            e.message().contains("signet-key-identifier"),
+            "{}",
+            e.message()
+        );
+        let e = sign_as(&mut c, Some(bad), "x509-CA-A", b"m")
+            .await
+            .unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}: {e:?}");
     }
     assert_eq!(km_labels(&bed), before, "no key was made");
@@ -533,9 +549,15 @@ async fn unused_namespaces_are_swept_and_used_ones_kept() {
     };
     let cred = bed.credential_for(SPIRE_A).await;
     let mut c = KeyManagerClient::new(bed.channel(Some(&cred)).await);
-    let live = generate_as(&mut c, Some("live"), "x509-CA-A").await.unwrap();
-    generate_as(&mut c, Some("gone"), "x509-CA-A").await.unwrap();
-    generate_as(&mut c, Some("gone"), "JWT-Signer-A").await.unwrap();
+    let live = generate_as(&mut c, Some("live"), "x509-CA-A")
+        .await
+        .unwrap();
+    generate_as(&mut c, Some("gone"), "x509-CA-A")
+        .await
+        .unwrap();
+    generate_as(&mut c, Some("gone"), "JWT-Signer-A")
+        .await
+        .unwrap();
     let gone_ns = signet::api::keymanager::namespace(SPIRE_A, Some("gone"));
     let live_ns = signet::api::keymanager::namespace(SPIRE_A, Some("live"));
     let on_token = |ns: &str| {
@@ -549,7 +571,9 @@ async fn unused_namespaces_are_swept_and_used_ones_kept() {
     // 40 minutes on, "live" is used; 30 more, "gone" has been unused for 70 minutes (window 60 + 5 of slack),
     // "live" for 30.
     clock.advance(Duration::from_secs(40 * 60));
-    sign_as(&mut c, Some("live"), "x509-CA-A", b"m").await.unwrap();
+    sign_as(&mut c, Some("live"), "x509-CA-A", b"m")
+        .await
+        .unwrap();
     clock.advance(Duration::from_secs(30 * 60));
     let start = std::time::Instant::now();
     while on_token(&gone_ns) > 0 {
@@ -559,10 +583,18 @@ async fn unused_namespaces_are_swept_and_used_ones_kept() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(on_token(&live_ns), 1, "the namespace used within the window keeps its key");
-    let s = sign_as(&mut c, Some("live"), "x509-CA-A", b"still").await.unwrap();
+    assert_eq!(
+        on_token(&live_ns),
+        1,
+        "the namespace used within the window keeps its key"
+    );
+    let s = sign_as(&mut c, Some("live"), "x509-CA-A", b"still")
+        .await
+        .unwrap();
     assert!(verifies(&live, b"still", &s.signature));
-    let e = sign_as(&mut c, Some("gone"), "x509-CA-A", b"m").await.unwrap_err();
+    let e = sign_as(&mut c, Some("gone"), "x509-CA-A", b"m")
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
 
     let audit = bed.audit();
@@ -573,14 +605,20 @@ async fn unused_namespaces_are_swept_and_used_ones_kept() {
     assert_eq!(swept[0]["key_id"], "JWT-Signer-A,x509-CA-A");
     let reason = swept[0]["reason"].as_str().unwrap();
     assert!(
-        reason.contains(&gone_ns) && reason.contains("\"gone\"") && reason.contains("2 key(s) destroyed"),
+        reason.contains(&gone_ns)
+            && reason.contains("\"gone\"")
+            && reason.contains("2 key(s) destroyed"),
         "{reason}"
     );
 
     // The swept server comes back: a fresh namespace, new keys.
-    let again = generate_as(&mut c, Some("gone"), "x509-CA-A").await.unwrap();
+    let again = generate_as(&mut c, Some("gone"), "x509-CA-A")
+        .await
+        .unwrap();
     assert_eq!(on_token(&gone_ns), 1);
-    let s = sign_as(&mut c, Some("gone"), "x509-CA-A", b"back").await.unwrap();
+    let s = sign_as(&mut c, Some("gone"), "x509-CA-A", b"back")
+        .await
+        .unwrap();
     assert!(verifies(&again, b"back", &s.signature));
     bed.stop().await;
 }

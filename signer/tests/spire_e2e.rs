@@ -1280,74 +1280,14 @@ async fn spire_ha_pair_with_key_identifiers() {
     bed.stop().await;
 }
 
-/// One root rotation through the Admin API: prepare and publish (until SPIRE's bundle holds the new root), then
-/// [`activate_published`]. Returns the new root and the superseded authority.
-async fn rotate_until_retirable(
-    bed: &Bed,
-    clock: &signet::ca::ManualClock,
-    spire: &Spire,
-) -> (Vec<u8>, signet_proto::signet::v1::RotationAuthority) {
-    let root = publish_next_root(bed, spire).await;
-    let old = activate_published(bed, clock, spire, &root).await;
-    (root, old)
-}
-
-/// `signet rotate prepare` + `publish` through the Admin API; returns once SPIRE's bundle holds the new root.
-async fn publish_next_root(bed: &Bed, spire: &Spire) -> Vec<u8> {
-    use signet_proto::signet::v1 as spb;
-    use signet_proto::signet::v1::admin_client::AdminClient;
-    let paths = bed.app.paths().clone();
-    let admin = Credential {
-        chain_pem: std::fs::read_to_string(&paths.admin_cert).unwrap(),
-        key_pem: std::fs::read_to_string(&paths.admin_key).unwrap(),
-    };
-    let mut admin = AdminClient::new(bed.channel(Some(&admin)).await);
-    let step = |step: &str| spb::RotateRequest {
-        step: step.into(),
-        kind: "x509".into(),
-        label: String::new(),
-    };
-    let before = bed.app.bundle().current().x509_roots.clone();
-    admin.rotate(step("prepare")).await.expect("prepare");
-    admin.rotate(step("publish")).await.expect("publish");
-    let root = bed
-        .app
-        .bundle()
-        .current()
-        .x509_roots
-        .iter()
-        .find(|r| !before.contains(r))
-        .expect("a new root in signet's bundle")
-        .clone();
-    let logs = [spire.server_log.as_path()];
-    tokio::task::block_in_place(|| {
-        eventually(
-            Duration::from_secs(30),
-            "the new root in SPIRE's bundle",
-            &logs,
-            || spire.bundle_roots().contains(&root).then_some(()),
-        )
-    });
-    root
-}
-
-fn signet_rotate(bed: &Bed, args: &[&str]) -> Output {
-    run(Command::new(env!("CARGO_BIN_EXE_signet"))
-        .arg("rotate")
-        .args(args)
-        .arg("--data-dir")
-        .arg(&bed.app.paths().dir))
-}
-
-/// What SPIRE (v1.15) does with a root signet retires, with the real binaries:
-/// - retired without a taint, the root stays in SPIRE's bundle (SPIRE appends the stream's roots and only revokes
-///   roots it recorded as tainted): a later root published after the retire reaches SPIRE, so SPIRE has processed
-///   the update without the retired root, and still lists it;
-/// - `signet rotate retire --taint-first`: SPIRE records the taint from the stream (and moves its own CA off that
-///   root), then, once the stream no longer carries the root, revokes it: `spire-server bundle show` no longer lists
-///   it, the new roots stay, and SPIRE keeps issuing SVIDs that verify.
+/// What SPIRE does with a root signet retires, with the real binaries: signet rotates to a new root; `signet rotate
+/// retire --taint-first` taints the old one (SPIRE records the taint from the UpstreamAuthority stream, moving its
+/// own CA off it), waits, then retires it: SPIRE revokes it and `spire-server bundle show` no longer lists it, while
+/// the new root stays and workloads keep getting SVIDs that verify.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retired_root_leaves_spires_bundle_after_taint() {
+    use signet_proto::signet::v1 as spb;
+    use signet_proto::signet::v1::admin_client::AdminClient;
     let Some(bin) = spire_bin() else { return };
     let clock = signet::ca::ManualClock::new(time::OffsetDateTime::now_utc());
     let Some(bed) = Bed::start_clocked(
@@ -1370,114 +1310,54 @@ async fn retired_root_leaves_spires_bundle_after_taint() {
         plugin_stanza("UpstreamAuthority", "upstream-authority", &data)
     );
     let spire = tokio::task::block_in_place(|| Spire::start_server(&bin, &d, &plugins));
-    let root1 = pem_ders(bed.roots_pem().as_bytes()).remove(0);
-    assert!(spire.bundle_roots().contains(&root1));
+    let old_root = pem_ders(bed.roots_pem().as_bytes()).remove(0);
+    assert!(spire.bundle_roots().contains(&old_root));
+
+    // Rotate to a new root: prepare, publish (SPIRE gets it), activate once the publish lead has passed.
+    let admin_of = || {
+        let p = bed.app.paths();
+        Credential {
+            chain_pem: std::fs::read_to_string(&p.admin_cert).unwrap(),
+            key_pem: std::fs::read_to_string(&p.admin_key).unwrap(),
+        }
+    };
+    let mut admin = AdminClient::new(bed.channel(Some(&admin_of())).await);
+    let step = |step: &str| spb::RotateRequest {
+        step: step.into(),
+        kind: "x509".into(),
+        label: String::new(),
+    };
+    admin.rotate(step("prepare")).await.expect("prepare");
+    admin.rotate(step("publish")).await.expect("publish");
+    let new_root = bed
+        .app
+        .bundle()
+        .current()
+        .x509_roots
+        .iter()
+        .find(|r| **r != old_root)
+        .unwrap()
+        .clone();
     let logs = [spire.server_log.as_path()];
-
-    // root1 -> root2, root1 retired without a taint: out of signet's bundle, and the CLI says SPIRE keeps it.
-    let (root2, old) = rotate_until_retirable(&bed, &clock, &spire).await;
-    let o = tokio::task::block_in_place(|| signet_rotate(&bed, &["retire"]));
-    assert!(o.status.success(), "signet rotate retire: {}", text(&o));
-    assert!(
-        text(&o).contains("was not tainted") && text(&o).contains("--taint-first"),
-        "{}",
-        text(&o)
-    );
-    assert!(!bed.app.bundle().current().x509_roots.contains(&root1));
-    // A root published after the retire reaches SPIRE: the update without root1 was processed before it.
-    let root3 = publish_next_root(&bed, &spire).await;
-    let roots = spire.bundle_roots();
-    assert!(roots.contains(&root3) && roots.contains(&root2));
-    assert!(
-        roots.contains(&root1),
-        "SPIRE keeps a root retired without a taint (until it expires): {}",
-        old.label
-    );
-
-    // root3 (published already) activated, then root2 retired with --taint-first: SPIRE drops it.
-    let old = activate_published(&bed, &clock, &spire, &root3).await;
-    let o = tokio::task::block_in_place(|| {
-        signet_rotate(&bed, &["retire", "--taint-first", "--settle", "5s"])
-    });
-    assert!(
-        o.status.success(),
-        "signet rotate retire --taint-first: {}",
-        text(&o)
-    );
-    let out = text(&o);
-    assert!(
-        out.contains(&format!("taint: {}", old.label))
-            && out.contains(&format!("retire: {}", old.label))
-            && !out.contains("was not tainted"),
-        "{out}"
-    );
-    assert!(!bed.app.bundle().current().x509_roots.contains(&root2));
     tokio::task::block_in_place(|| {
         eventually(
             Duration::from_secs(30),
-            "root2 gone from spire-server bundle show",
+            "the new root in SPIRE's bundle",
             &logs,
-            || (!spire.bundle_roots().contains(&root2)).then_some(()),
+            || spire.bundle_roots().contains(&new_root).then_some(()),
         )
     });
-    assert!(spire.bundle_roots().contains(&root3), "the new root stays");
-    let log = std::fs::read_to_string(&spire.server_log).unwrap();
-    assert!(
-        log.contains("X.509 authority tainted") && log.contains("X.509 authority revoked"),
-        "SPIRE's log tells the taint and the revocation"
-    );
-    // SPIRE keeps issuing, and what it issues verifies against its bundle.
-    tokio::task::block_in_place(|| mint_and_verify(&spire, "after"));
-    drop(spire);
-    bed.stop().await;
-}
-
-/// Activates the published root `new_root` (once the publish lead has passed on the test clock), waits for
-/// signet's own credentials to move to it, and moves the clock past what the old root signed, so that the old one
-/// may be retired. Returns the superseded authority.
-async fn activate_published(
-    bed: &Bed,
-    clock: &signet::ca::ManualClock,
-    spire: &Spire,
-    new_root: &[u8],
-) -> signet_proto::signet::v1::RotationAuthority {
-    use signet_proto::signet::v1 as spb;
-    use signet_proto::signet::v1::admin_client::AdminClient;
-    let paths = bed.app.paths().clone();
-    let admin = Credential {
-        chain_pem: std::fs::read_to_string(&paths.admin_cert).unwrap(),
-        key_pem: std::fs::read_to_string(&paths.admin_key).unwrap(),
-    };
-    let mut admin = AdminClient::new(bed.channel(Some(&admin)).await);
-    let rotation = admin
-        .get_rotation(spb::GetRotationRequest {})
-        .await
-        .unwrap()
-        .into_inner();
-    let next = rotation
-        .authorities
-        .iter()
-        .find(|a| a.kind == "x509" && a.state == "published")
-        .expect("a published root")
-        .clone();
-    let published = time::OffsetDateTime::from_unix_timestamp(next.published_at).unwrap();
-    let lead = Duration::from_secs(u64::try_from(rotation.publish_lead_seconds).unwrap());
-    clock.set(signet::ca::Clock::now(clock).max(published + lead + Duration::from_secs(1)));
-    admin
-        .rotate(spb::RotateRequest {
-            step: "activate".into(),
-            kind: "x509".into(),
-            label: String::new(),
-        })
-        .await
-        .expect("activate");
+    clock.advance(Duration::from_secs(4));
+    admin.rotate(step("activate")).await.expect("activate");
+    // signet's own credentials move to the new root right after activate; then nothing of the old root is in use
+    // here, and the clock goes past what the old root signed.
     let signed_by_new = |path: &Path| {
         let chain = pem_ders(&std::fs::read(path).unwrap());
         let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
-        let (_, root) = x509_parser::parse_x509_certificate(new_root).unwrap();
+        let (_, root) = x509_parser::parse_x509_certificate(&new_root).unwrap();
         leaf.verify_signature(Some(root.public_key())).is_ok()
     };
-    let logs = [spire.server_log.as_path()];
+    let paths = bed.app.paths().clone();
     tokio::task::block_in_place(|| {
         eventually(
             Duration::from_secs(30),
@@ -1489,15 +1369,66 @@ async fn activate_published(
             },
         )
     });
-    let old = admin
+    let rotation = admin
         .get_rotation(spb::GetRotationRequest {})
         .await
         .unwrap()
-        .into_inner()
+        .into_inner();
+    let old = rotation
         .authorities
-        .into_iter()
+        .iter()
         .find(|a| a.kind == "x509" && a.state == "superseded")
-        .expect("the old root is superseded");
+        .expect("the old root is superseded")
+        .clone();
     clock.set(time::OffsetDateTime::from_unix_timestamp(old.issued_until + 1).unwrap());
-    old
+
+    // The CLI: taint, settle, retire.
+    let o = run(Command::new(env!("CARGO_BIN_EXE_signet"))
+        .args([
+            "rotate",
+            "retire",
+            "--taint-first",
+            "--settle",
+            "5s",
+            "--data-dir",
+        ])
+        .arg(&paths.dir));
+    assert!(
+        o.status.success(),
+        "signet rotate retire --taint-first: {}",
+        text(&o)
+    );
+    let out = text(&o);
+    assert!(
+        out.contains(&format!("taint: {}", old.label))
+            && out.contains(&format!("retire: {}", old.label)),
+        "{out}"
+    );
+    assert!(!bed.app.bundle().current().x509_roots.contains(&old_root));
+    // SPIRE revokes the tainted root once the stream no longer carries it.
+    tokio::task::block_in_place(|| {
+        eventually(
+            Duration::from_secs(30),
+            "the old root gone from spire-server bundle show",
+            &logs,
+            || (!spire.bundle_roots().contains(&old_root)).then_some(()),
+        )
+    });
+    assert!(
+        spire.bundle_roots().contains(&new_root),
+        "the new root stays"
+    );
+    let log = std::fs::read_to_string(&spire.server_log).unwrap();
+    assert!(
+        log.contains("X.509 authority tainted") && log.contains("X.509 authority revoked"),
+        "SPIRE's log tells the taint and the revocation"
+    );
+    // SPIRE keeps issuing, under the new root.
+    tokio::task::block_in_place(|| mint_and_verify(&spire, "after"));
+    let out = spire.dir.join("mint-after");
+    let chain = pem_ders(&std::fs::read(out.join("svid.pem")).unwrap());
+    openssl_verify(std::slice::from_ref(&new_root), &chain[1..], &chain[0])
+        .expect("an SVID after the retire chains to the new root");
+    drop(spire);
+    bed.stop().await;
 }

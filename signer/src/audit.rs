@@ -35,6 +35,8 @@ pub enum Outcome {
     Failed,
     /// A rotation step was committed (the step is in `reason`, the authority's label in `key_id`).
     Rotated,
+    /// Keys were destroyed on the token (a KeyManager namespace nobody used for the sweep window).
+    Destroyed,
 }
 
 /// One audit line.

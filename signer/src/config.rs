@@ -477,12 +477,37 @@ impl Default for RotationSettings {
 }
 
 /// `[key_manager]`: the keys SPIRE servers keep on signet's token.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyManagerSettings {
     /// The token the keys are generated on (a name from `[[tokens]]`; the first token by default).
     #[serde(default)]
     pub token: Option<String>,
+    /// The keys of a namespace (one SPIRE server: SPIFFE ID and key identifier) that no KeyManager call used for
+    /// this long are destroyed on the token; default 14 days, as SPIRE's KMS key managers; `0s`: never.
+    #[serde(default = "default_sweep_after")]
+    pub sweep_after: ConfigDuration,
+    /// How often the sweep looks for such namespaces (default 1 hour).
+    #[serde(default = "default_sweep_every")]
+    pub sweep_every: ConfigDuration,
+}
+
+fn default_sweep_after() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(14 * 86_400))
+}
+
+fn default_sweep_every() -> ConfigDuration {
+    ConfigDuration(Duration::from_secs(3600))
+}
+
+impl Default for KeyManagerSettings {
+    fn default() -> Self {
+        Self {
+            token: None,
+            sweep_after: default_sweep_after(),
+            sweep_every: default_sweep_every(),
+        }
+    }
 }
 
 /// `[pipeline]`.
@@ -719,6 +744,12 @@ impl Config {
     /// Checks what the types alone cannot.
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.trust_domain()?;
+        let km = &self.key_manager;
+        if !km.sweep_after.0.is_zero() && km.sweep_every.0.is_zero() {
+            return Err(ConfigError::Invalid(
+                "key_manager.sweep_every must be longer than 0 (or sweep_after = \"0s\" to never sweep)".into(),
+            ));
+        }
         let r = &self.authority.rotation;
         if !(r.prepare_at > 0.0 && r.prepare_at < r.activate_at && r.activate_at < 1.0) {
             return Err(ConfigError::Invalid(format!(

@@ -163,12 +163,23 @@ pub async fn heartbeat(
     }
 }
 
+/// Cached KeyManager keys that another replica changed, for [`follow_changes`] to have forgotten.
+#[derive(Debug, Clone, Copy)]
+pub enum Forget<'a> {
+    /// One key (namespace, key id) was replaced.
+    Key(&'a str, &'a str),
+    /// A namespace was swept.
+    Namespace(&'a str),
+    /// Anything may have changed.
+    All,
+}
+
 /// Follows what other replicas commit: re-reads the authorities and the bundle when the datastore announces a
 /// change (and every [`RESYNC_EVERY`]), and has `forget_keys` drop the cached KeyManager keys another replica
-/// replaced (`Some((namespace, key id))`, or `None` for all of them).
+/// replaced or swept.
 pub async fn follow_changes(
     store: Store,
-    forget_keys: impl Fn(Option<(&str, &str)>) + Send + 'static,
+    forget_keys: impl Fn(Forget<'_>) + Send + 'static,
     authorities: Arc<Authorities>,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -191,9 +202,10 @@ pub async fn follow_changes(
                 for what in batch {
                     let mut words = what.split(' ');
                     match (words.next(), words.next(), words.next()) {
-                        (Some("keymanager"), Some(ns), Some(id)) => forget_keys(Some((ns, id))),
+                        (Some("keymanager"), Some(ns), Some(id)) => forget_keys(Forget::Key(ns, id)),
+                        (Some("keymanager-swept"), Some(ns), _) => forget_keys(Forget::Namespace(ns)),
                         (Some("resync"), _, _) => {
-                            forget_keys(None);
+                            forget_keys(Forget::All);
                             reload = true;
                         }
                         _ => reload = true,

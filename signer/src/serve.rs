@@ -953,7 +953,14 @@ impl Appliance {
         let stop_pipeline = |p: Pipeline| async move {
             let _ = tokio::task::spawn_blocking(move || p.shutdown()).await;
         };
-        boot.keys.attach_store(store.clone());
+        if let Err(e) = boot
+            .keys
+            .attach_store(store.clone(), clock.clone(), cfg.key_manager.sweep_after.0)
+            .await
+        {
+            stop_pipeline(boot.pipeline.clone()).await;
+            return Err(ServeError::Authority(e));
+        }
         let authorities = match open_authorities(&cfg, &boot, store.clone(), clock).await {
             Ok(a) => Arc::new(a),
             Err(e) => {
@@ -1077,6 +1084,12 @@ impl Appliance {
             boot.paths.bundle.clone(),
             shutdown_rx.clone(),
         )));
+        background.push(tokio::spawn(crate::api::keymanager::sweep(
+            state.clone(),
+            cfg.key_manager.sweep_after.0,
+            cfg.key_manager.sweep_every.0,
+            shutdown_rx.clone(),
+        )));
         let schedule = cfg.authority.rotation.schedule;
         if schedule || store.is_shared() {
             background.push(tokio::spawn(crate::replica::lead_rotations(
@@ -1093,7 +1106,11 @@ impl Appliance {
                 store.clone(),
                 {
                     let state = state.clone();
-                    move |which| state.keys.forget(which)
+                    move |which| match which {
+                        crate::replica::Forget::Key(ns, id) => state.keys.forget(Some((ns, id))),
+                        crate::replica::Forget::Namespace(ns) => state.keys.forget_namespace(ns),
+                        crate::replica::Forget::All => state.keys.forget(None),
+                    }
                 },
                 authorities.clone(),
                 shutdown_rx.clone(),

@@ -519,7 +519,7 @@ async fn a_restart_keeps_the_rotation_state() {
         "the authorities changed across the restart"
     );
     assert_eq!(*again.bundle().current(), *before);
-    assert_eq!(again.store().schema_version().await.unwrap(), 6);
+    assert_eq!(again.store().schema_version().await.unwrap(), 7);
 }
 
 /// The automatic schedule: prepare+publish at half the life, activate at ~83 %, retire when nothing is valid.

@@ -1552,3 +1552,326 @@ fn spire_from_the_readme_in_three_commands() {
     );
     drop(spire);
 }
+
+/// `spire-server x509 mint` on `spire`: an X509-SVID signed by SPIRE's CA (whose key is signet's KeyManager key),
+/// checked with openssl against SPIRE's bundle.
+fn mint_and_verify(spire: &Spire, what: &str) {
+    let out = spire.dir.join(format!("mint-{what}"));
+    std::fs::create_dir_all(&out).unwrap();
+    let o = spire.server(&[
+        "x509",
+        "mint",
+        "-spiffeID",
+        "spiffe://example.org/minted",
+        "-write",
+        out.to_str().unwrap(),
+    ]);
+    assert!(o.status.success(), "{what}: x509 mint: {}", text(&o));
+    let chain = pem_ders(&std::fs::read(out.join("svid.pem")).unwrap());
+    let roots = pem_ders(&std::fs::read(out.join("bundle.pem")).unwrap());
+    openssl_verify(&roots, &chain[1..], &chain[0])
+        .unwrap_or_else(|e| panic!("{what}: the minted X509-SVID does not verify: {e}"));
+}
+
+/// The KeyManager labels on the token, by namespace.
+fn km_labels_in(bed: &Bed, ns: &str) -> Vec<String> {
+    let prefix = format!("spire-km/{ns}/");
+    let mut l: Vec<String> = bed
+        .token()
+        .session()
+        .unwrap()
+        .list_keys()
+        .unwrap()
+        .into_iter()
+        .map(|k| k.label)
+        .filter(|l| l.starts_with(&prefix))
+        .collect();
+    l.sort();
+    l
+}
+
+/// Two spire-servers of one SPIFFE ID (an HA pair), with different key identifiers (one from a file made on first
+/// start, one given), both keep their CA and JWT keys in signet: each signs SVIDs (an agent's workload SVID, `x509
+/// mint`), one rotates its CA key (`localauthority x509 prepare`) without touching the other's; then one server is
+/// gone for good and its namespace is swept off the token once unused past the window (on a clock the test moves),
+/// while the other keeps its keys and keeps signing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spire_ha_pair_with_key_identifiers() {
+    use signet::api::keymanager::namespace;
+    let Some(bin) = spire_bin() else { return };
+    let clock = signet::ca::ManualClock::new(time::OffsetDateTime::now_utc());
+    let Some(bed) = Bed::start_clocked(
+        |c| {
+            c.authority.rotation.schedule = false;
+            c.key_manager.sweep_after = ConfigDuration(Duration::from_secs(3600));
+            c.key_manager.sweep_every = ConfigDuration(Duration::from_millis(500));
+        },
+        std::sync::Arc::new(clock.clone()),
+    )
+    .await
+    else {
+        return;
+    };
+    let (da, db) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let (da, db) = (da.path().to_path_buf(), db.path().to_path_buf());
+    let id_file = da.join("key-identifier");
+    let data_a = format!(
+        "{}      key_identifier_file = \"{}\"\n",
+        plugin_data(&bed, &da).await,
+        id_file.display()
+    );
+    let data_b = format!(
+        "{}      key_identifier_value = \"spire-b\"\n",
+        plugin_data(&bed, &db).await
+    );
+    // Both at once is refused by `spire-server validate`, in signet's words.
+    let both = format!(
+        "{data_b}      key_identifier_file = \"{}\"\n",
+        id_file.display()
+    );
+    let v = tokio::task::block_in_place(|| {
+        Spire::validate(
+            &bin,
+            &db,
+            &plugin_stanza("KeyManager", "key-manager", &both),
+        )
+    });
+    assert!(!v.status.success());
+    assert!(text(&v).contains("not both"), "{}", text(&v));
+
+    let mut a = tokio::task::block_in_place(|| {
+        Spire::start_server(
+            &bin,
+            &da,
+            &plugin_stanza("KeyManager", "key-manager", &data_a),
+        )
+    });
+    let b = tokio::task::block_in_place(|| {
+        Spire::start_server(
+            &bin,
+            &db,
+            &plugin_stanza("KeyManager", "key-manager", &data_b),
+        )
+    });
+    // A's identifier: a UUID the plug-in wrote on its first start.
+    let uuid = std::fs::read_to_string(&id_file).unwrap();
+    assert_eq!(uuid.len(), 36, "{uuid:?}");
+    let (ns_a, ns_b) = (
+        namespace(SPIRE_A, Some(&uuid)),
+        namespace(SPIRE_A, Some("spire-b")),
+    );
+    let (keys_a, keys_b) = (km_labels_in(&bed, &ns_a), km_labels_in(&bed, &ns_b));
+    for (who, keys) in [("A", &keys_a), ("B", &keys_b)] {
+        assert!(
+            keys.iter().any(|l| l.contains("/x509-CA-"))
+                && keys.iter().any(|l| l.contains("/JWT-Signer-")),
+            "{who}'s CA and JWT keys in its own namespace: {keys:?}"
+        );
+    }
+    assert!(
+        km_labels_in(&bed, &namespace(SPIRE_A, None)).is_empty(),
+        "nothing in the SPIFFE ID's own namespace"
+    );
+    assert_ne!(a.bundle_roots(), b.bundle_roots(), "each server its own CA");
+
+    // Both sign: a workload SVID through A's agent, `x509 mint` on each.
+    tokio::task::block_in_place(|| a.start_agent());
+    let (chain, bundle) = tokio::task::block_in_place(|| a.fetch_x509());
+    openssl_verify(&bundle, &chain[1..], &chain[0]).expect("A's workload SVID verifies");
+    tokio::task::block_in_place(|| {
+        mint_and_verify(&a, "a1");
+        mint_and_verify(&b, "b1");
+    });
+    // B prepares its next CA key: a new key in B's namespace; A's keys are untouched and A keeps signing.
+    let o = b.server(&["localauthority", "x509", "prepare"]);
+    assert!(
+        o.status.success(),
+        "localauthority x509 prepare: {}",
+        text(&o)
+    );
+    let keys_b2 = km_labels_in(&bed, &ns_b);
+    assert!(keys_b2.len() > keys_b.len(), "{keys_b:?} -> {keys_b2:?}");
+    assert_eq!(km_labels_in(&bed, &ns_a), keys_a);
+    tokio::task::block_in_place(|| mint_and_verify(&a, "a2"));
+
+    // B is gone for good. 40 minutes on A signs again; 30 more, B's namespace has been unused for 70 minutes
+    // (window 60, plus 5 of recording slack) and is swept; A's, used 30 minutes ago, is kept.
+    drop(b);
+    clock.advance(Duration::from_secs(40 * 60));
+    tokio::task::block_in_place(|| mint_and_verify(&a, "a3"));
+    clock.advance(Duration::from_secs(30 * 60));
+    let logs = [a.server_log.as_path()];
+    tokio::task::block_in_place(|| {
+        eventually(
+            Duration::from_secs(30),
+            "B's namespace swept off the token",
+            &logs,
+            || km_labels_in(&bed, &ns_b).is_empty().then_some(()),
+        )
+    });
+    assert_eq!(km_labels_in(&bed, &ns_a), keys_a, "A's keys are kept");
+    tokio::task::block_in_place(|| mint_and_verify(&a, "a4"));
+    let audit = bed.audit();
+    let swept = audit_lines(&audit, SPIRE_A, "Sweep");
+    assert_eq!(swept.len(), 1, "{swept:?}");
+    let reason = swept[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&ns_b) && reason.contains("spire-b"),
+        "{reason}"
+    );
+    drop(a);
+    bed.stop().await;
+}
+
+/// What SPIRE does with a root signet retires, with the real binaries: signet rotates to a new root; `signet rotate
+/// retire --taint-first` taints the old one (SPIRE records the taint from the UpstreamAuthority stream, moving its
+/// own CA off it), waits, then retires it: SPIRE revokes it and `spire-server bundle show` no longer lists it, while
+/// the new root stays and workloads keep getting SVIDs that verify.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retired_root_leaves_spires_bundle_after_taint() {
+    use signet_proto::signet::v1 as spb;
+    use signet_proto::signet::v1::admin_client::AdminClient;
+    let Some(bin) = spire_bin() else { return };
+    let clock = signet::ca::ManualClock::new(time::OffsetDateTime::now_utc());
+    let Some(bed) = Bed::start_clocked(
+        |c| {
+            c.authority.bundle_refresh_hint = ConfigDuration(Duration::from_secs(1));
+            c.authority.rotation.publish_lead = ConfigDuration(Duration::from_secs(3));
+            c.authority.rotation.schedule = false;
+        },
+        std::sync::Arc::new(clock.clone()),
+    )
+    .await
+    else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path().to_path_buf();
+    let data = plugin_data(&bed, &d).await;
+    let plugins = format!(
+        "  KeyManager \"memory\" {{\n    plugin_data {{}}\n  }}\n{}",
+        plugin_stanza("UpstreamAuthority", "upstream-authority", &data)
+    );
+    let spire = tokio::task::block_in_place(|| Spire::start_server(&bin, &d, &plugins));
+    let old_root = pem_ders(bed.roots_pem().as_bytes()).remove(0);
+    assert!(spire.bundle_roots().contains(&old_root));
+
+    // Rotate to a new root: prepare, publish (SPIRE gets it), activate once the publish lead has passed.
+    let admin_of = || {
+        let p = bed.app.paths();
+        Credential {
+            chain_pem: std::fs::read_to_string(&p.admin_cert).unwrap(),
+            key_pem: std::fs::read_to_string(&p.admin_key).unwrap(),
+        }
+    };
+    let mut admin = AdminClient::new(bed.channel(Some(&admin_of())).await);
+    let step = |step: &str| spb::RotateRequest {
+        step: step.into(),
+        kind: "x509".into(),
+        label: String::new(),
+    };
+    admin.rotate(step("prepare")).await.expect("prepare");
+    admin.rotate(step("publish")).await.expect("publish");
+    let new_root = bed
+        .app
+        .bundle()
+        .current()
+        .x509_roots
+        .iter()
+        .find(|r| **r != old_root)
+        .unwrap()
+        .clone();
+    let logs = [spire.server_log.as_path()];
+    tokio::task::block_in_place(|| {
+        eventually(
+            Duration::from_secs(30),
+            "the new root in SPIRE's bundle",
+            &logs,
+            || spire.bundle_roots().contains(&new_root).then_some(()),
+        )
+    });
+    clock.advance(Duration::from_secs(4));
+    admin.rotate(step("activate")).await.expect("activate");
+    // signet's own credentials move to the new root right after activate; then nothing of the old root is in use
+    // here, and the clock goes past what the old root signed.
+    let signed_by_new = |path: &Path| {
+        let chain = pem_ders(&std::fs::read(path).unwrap());
+        let (_, leaf) = x509_parser::parse_x509_certificate(&chain[0]).unwrap();
+        let (_, root) = x509_parser::parse_x509_certificate(&new_root).unwrap();
+        leaf.verify_signature(Some(root.public_key())).is_ok()
+    };
+    let paths = bed.app.paths().clone();
+    tokio::task::block_in_place(|| {
+        eventually(
+            Duration::from_secs(30),
+            "signet's own credentials renewed",
+            &logs,
+            || {
+                (signed_by_new(&paths.server_cert) && signed_by_new(&paths.admin_cert))
+                    .then_some(())
+            },
+        )
+    });
+    let rotation = admin
+        .get_rotation(spb::GetRotationRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let old = rotation
+        .authorities
+        .iter()
+        .find(|a| a.kind == "x509" && a.state == "superseded")
+        .expect("the old root is superseded")
+        .clone();
+    clock.set(time::OffsetDateTime::from_unix_timestamp(old.issued_until + 1).unwrap());
+
+    // The CLI: taint, settle, retire.
+    let o = run(Command::new(env!("CARGO_BIN_EXE_signet"))
+        .args([
+            "rotate",
+            "retire",
+            "--taint-first",
+            "--settle",
+            "5s",
+            "--data-dir",
+        ])
+        .arg(&paths.dir));
+    assert!(
+        o.status.success(),
+        "signet rotate retire --taint-first: {}",
+        text(&o)
+    );
+    let out = text(&o);
+    assert!(
+        out.contains(&format!("taint: {}", old.label))
+            && out.contains(&format!("retire: {}", old.label)),
+        "{out}"
+    );
+    assert!(!bed.app.bundle().current().x509_roots.contains(&old_root));
+    // SPIRE revokes the tainted root once the stream no longer carries it.
+    tokio::task::block_in_place(|| {
+        eventually(
+            Duration::from_secs(30),
+            "the old root gone from spire-server bundle show",
+            &logs,
+            || (!spire.bundle_roots().contains(&old_root)).then_some(()),
+        )
+    });
+    assert!(
+        spire.bundle_roots().contains(&new_root),
+        "the new root stays"
+    );
+    let log = std::fs::read_to_string(&spire.server_log).unwrap();
+    assert!(
+        log.contains("X.509 authority tainted") && log.contains("X.509 authority revoked"),
+        "SPIRE's log tells the taint and the revocation"
+    );
+    // SPIRE keeps issuing, under the new root.
+    tokio::task::block_in_place(|| mint_and_verify(&spire, "after"));
+    let out = spire.dir.join("mint-after");
+    let chain = pem_ders(&std::fs::read(out.join("svid.pem")).unwrap());
+    openssl_verify(std::slice::from_ref(&new_root), &chain[1..], &chain[0])
+        .expect("an SVID after the retire chains to the new root");
+    drop(spire);
+    bed.stop().await;
+}

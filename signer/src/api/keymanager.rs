@@ -2,8 +2,22 @@
 //! signing pipeline.
 //!
 //! Keys are namespaced per calling SPIRE server: the token label is `spire-km/<ns>/<key id>/<generation>`, where
-//! `<ns>` is the first 16 hex digits of SHA-256 of the caller's SPIFFE ID, so two servers never share a key even
-//! when they use the same key ids. `GenerateKey` on an existing id makes a new key under a new generation (a new
+//! `<ns>` is the first 16 hex digits of SHA-256 of the caller's SPIFFE ID and, when the plug-in sends one, its key
+//! identifier (the `signet-key-identifier` request header, from `key_identifier_value` / `key_identifier_file` in
+//! `plugin_data`, as SPIRE's cloud KMS key managers have it), so two servers never share a key even when they use
+//! the same key ids, and neither do two servers of an HA pair that share one SPIFFE ID. A call without a key
+//! identifier uses the SPIFFE ID's namespace alone, as before identifiers existed, so a running SPIRE deployment
+//! keeps its keys; adding an identifier later moves that server to a new, empty namespace (SPIRE then generates
+//! new keys) and the old one is swept once unused. A key identifier is 1 to 128 characters of `A-Z a-z 0-9 - _ .`;
+//! anything else is INVALID_ARGUMENT.
+//!
+//! Every KeyManager call records its namespace's last use in the datastore (at most every [`KeyStore::touch_every`]
+//! per replica, at once for `GenerateKey`), shared by the replicas. [`sweep_once`] (run every
+//! `[key_manager] sweep_every` by [`sweep`]) destroys on the token the keys of every namespace not used for
+//! `[key_manager] sweep_after` (default 14 days, as SPIRE's KMS key managers): the datastore decides, in one
+//! transaction that deletes the namespace only if it is still unused, so a namespace used within the window is never
+//! swept and two replicas never sweep the same one. Each sweep writes an audit line (`method` `Sweep`, outcome
+//! `destroyed`) and counts `signet_keymanager_swept_namespaces_total` and `signet_keymanager_swept_keys_total`. `GenerateKey` on an existing id makes a new key under a new generation (a new
 //! fingerprint) and destroys the old one. The fingerprint is the SHA-256 of the key's SubjectPublicKeyInfo, in hex.
 //! `SignData` takes a digest of the hash the request names (its length is checked) and returns ECDSA signatures as
 //! ASN.1 DER, RSA signatures as PKCS#1 v1.5 or PSS (salt length = hash length) per the request.
@@ -23,12 +37,42 @@ use signet_proto::spire::plugin::server::keymanager::v1 as pb;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
-use super::{AppState, Subject, pipeline_status};
-use crate::audit::Outcome;
+use super::{AppState, Caller, Subject, pipeline_status};
+use crate::audit::{AuditRecord, Outcome};
+use crate::ca::Clock;
 use crate::pipeline::{Pipeline, PipelineKey};
 use crate::policy::Service;
 
 const LABEL_PREFIX: &str = "spire-km/";
+
+/// The request header that carries the plug-in's key identifier.
+pub const KEY_IDENTIFIER_HEADER: &str = "signet-key-identifier";
+
+/// Whether `id` is a usable key identifier: 1 to 128 characters of `A-Z a-z 0-9 - _ .`.
+pub fn valid_key_identifier(id: &str) -> bool {
+    !id.is_empty()
+        && id.len() <= 128
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+}
+
+/// The key identifier a request carries, if any; INVALID_ARGUMENT when it is not one.
+fn key_identifier_of<T>(request: &Request<T>) -> Result<Option<String>, Status> {
+    let Some(v) = request.metadata().get(KEY_IDENTIFIER_HEADER) else {
+        return Ok(None);
+    };
+    let v = v.to_str().map_err(|_| {
+        Status::invalid_argument(format!("{KEY_IDENTIFIER_HEADER} is not ASCII text"))
+    })?;
+    if !valid_key_identifier(v) {
+        return Err(Status::invalid_argument(format!(
+            "{KEY_IDENTIFIER_HEADER} {:?} is not a key identifier: 1 to 128 characters of A-Z a-z 0-9 - _ .",
+            v.chars().take(140).collect::<String>()
+        )));
+    }
+    Ok(Some(v.to_string()))
+}
 
 #[derive(Debug)]
 struct KmKey {
@@ -60,11 +104,29 @@ pub struct KeyStore {
     store: std::sync::OnceLock<crate::store::Store>,
     /// Serialises key generation (rare: SPIRE rotations), never held while signing.
     generating: Mutex<()>,
+    /// The time last uses are recorded in and the sweep reads.
+    clock: std::sync::OnceLock<Arc<dyn Clock>>,
+    /// When this replica last recorded each namespace's use (unix seconds of the clock).
+    touched: std::sync::Mutex<HashMap<String, i64>>,
+    /// See [`KeyStore::touch_every`].
+    touch_every: std::sync::OnceLock<i64>,
 }
 
-/// The namespace of a caller's keys.
-pub fn namespace(caller: &str) -> String {
-    hex::encode(&digest(&SHA256, caller.as_bytes()).as_ref()[..8])
+/// The namespace of a caller's keys: the SPIFFE ID's alone without a key identifier (as before identifiers
+/// existed), or the pair's. A SPIFFE ID holds no newline and an identifier neither, so no two pairs meet.
+pub fn namespace(caller: &str, key_identifier: Option<&str>) -> String {
+    let d = match key_identifier {
+        None => digest(&SHA256, caller.as_bytes()),
+        Some(k) => digest(&SHA256, format!("{caller}\n{k}").as_bytes()),
+    };
+    hex::encode(&d.as_ref()[..8])
+}
+
+/// A caller's namespace, as a KeyManager call names it.
+#[derive(Debug, Clone)]
+struct Space {
+    ns: String,
+    key_identifier: Option<String>,
 }
 
 fn fingerprint(spki: &[u8]) -> String {
@@ -145,12 +207,101 @@ impl KeyStore {
             keys: std::sync::RwLock::new(keys),
             store: std::sync::OnceLock::new(),
             generating: Mutex::new(()),
+            clock: std::sync::OnceLock::new(),
+            touched: std::sync::Mutex::new(HashMap::new()),
+            touch_every: std::sync::OnceLock::new(),
         })
     }
 
-    /// Keeps the keys' records in `store` from now on, and looks there for keys another replica generated.
-    pub fn attach_store(&self, store: crate::store::Store) {
+    /// Keeps the keys' records in `store` from now on, and looks there for keys another replica generated; last
+    /// uses are recorded in `clock`'s time. The namespaces of keys found on the token that the datastore does not
+    /// know yet are recorded as used now (so they get the whole sweep window).
+    pub async fn attach_store(
+        &self,
+        store: crate::store::Store,
+        clock: Arc<dyn Clock>,
+        sweep_after: std::time::Duration,
+    ) -> Result<(), String> {
+        let now = clock.now().unix_timestamp();
+        let _ = self.clock.set(clock);
+        let _ = self.touch_every.set(Self::touch_every(sweep_after));
+        let namespaces: std::collections::BTreeSet<String> = self
+            .keys
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys()
+            .map(|(ns, _)| ns.clone())
+            .collect();
+        for ns in namespaces {
+            store
+                .adopt_keymanager_namespace(&ns, now)
+                .await
+                .map_err(|e| format!("key manager: {e}"))?;
+        }
         let _ = self.store.set(store);
+        Ok(())
+    }
+
+    /// How often (seconds) a replica records a namespace's use at most: a quarter of `sweep_after`, 5 minutes at
+    /// most. The sweep adds it to its window, so a use not recorded yet never lets it destroy a key.
+    pub fn touch_every(sweep_after: std::time::Duration) -> i64 {
+        i64::try_from((sweep_after / 4).as_secs().min(300)).unwrap_or(300)
+    }
+
+    fn now(&self) -> i64 {
+        self.clock.get().map_or_else(
+            || time::OffsetDateTime::now_utc().unix_timestamp(),
+            |c| c.now().unix_timestamp(),
+        )
+    }
+
+    /// Records that `space` of `caller` is in use (see [`touch_every`](Self::touch_every)); `now`: whatever the
+    /// last record (`GenerateKey`). A datastore failure is returned; the caller decides.
+    async fn touch(
+        &self,
+        caller: &str,
+        space: &Space,
+        now_anyway: bool,
+    ) -> Result<(), crate::store::StoreError> {
+        let Some(store) = self.store.get() else {
+            return Ok(());
+        };
+        let every = self.touch_every.get().copied().unwrap_or(300);
+        let now = self.now();
+        let fresh = self
+            .touched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&space.ns)
+            .is_some_and(|t| now.saturating_sub(*t) < every && now >= *t);
+        if fresh && !now_anyway {
+            return Ok(());
+        }
+        store
+            .touch_keymanager_namespace(&crate::store::KeyManagerNamespace {
+                namespace: space.ns.clone(),
+                caller: caller.to_string(),
+                key_identifier: space.key_identifier.clone().unwrap_or_default(),
+                last_used_at: now,
+            })
+            .await?;
+        self.touched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(space.ns.clone(), now);
+        Ok(())
+    }
+
+    /// Forgets every key of namespace `ns` (swept here or by another replica).
+    pub fn forget_namespace(&self, ns: &str) {
+        self.keys
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|(n, _), _| n != ns);
+        self.touched
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(ns);
     }
 
     fn cached(&self, ns: &str, id: &str) -> Option<Arc<KmKey>> {
@@ -161,10 +312,10 @@ impl KeyStore {
             .cloned()
     }
 
-    /// The key `id` of `caller`: known here, or (with a datastore) generated through another replica and found on
-    /// the shared token by the label the datastore records.
-    async fn get(&self, caller: &str, id: &str) -> Result<Option<Arc<KmKey>>, Status> {
-        let ns = namespace(caller);
+    /// The key `id` of namespace `ns`: known here, or (with a datastore) generated through another replica and
+    /// found on the shared token by the label the datastore records.
+    async fn get(&self, ns: &str, id: &str) -> Result<Option<Arc<KmKey>>, Status> {
+        let ns = ns.to_string();
         if let Some(k) = self.cached(&ns, id) {
             return Ok(Some(k));
         }
@@ -222,6 +373,130 @@ impl KeyStore {
             .write()
             .unwrap_or_else(|p| p.into_inner())
             .insert((ns, id), key);
+    }
+}
+
+/// What one sweep did: the namespaces it swept and how many keys it destroyed on the token.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Swept {
+    /// The namespaces swept.
+    pub namespaces: Vec<String>,
+    /// Keys destroyed on the token.
+    pub keys: usize,
+}
+
+/// Destroys the keys of every namespace not used for `after` (plus the recording interval, see
+/// [`KeyStore::touch_every`]). For each stale namespace: the token's keys of that namespace are listed, then the
+/// datastore claims the sweep (only if the namespace is still unused: a call in between keeps it), then the audit
+/// line is written, then the listed keys are destroyed. A key generated after the listing belongs to a call that
+/// recorded its use first, so the claim fails and nothing is destroyed.
+pub async fn sweep_once(state: &AppState, after: std::time::Duration) -> Result<Swept, String> {
+    let ks = &state.keys;
+    let mut out = Swept::default();
+    let Some(store) = ks.store.get() else {
+        return Ok(out);
+    };
+    let after = i64::try_from(after.as_secs()).unwrap_or(i64::MAX);
+    let every = ks.touch_every.get().copied().unwrap_or(300);
+    let now = ks.now();
+    let cutoff = now.saturating_sub(after).saturating_sub(every);
+    let stale = store
+        .stale_keymanager_namespaces(cutoff)
+        .await
+        .map_err(|e| format!("key manager sweep: {e}"))?;
+    for n in stale {
+        let prefix = format!("{LABEL_PREFIX}{}/", n.namespace);
+        let token = ks.token.clone();
+        let labels = tokio::task::spawn_blocking(move || {
+            let mut s = token.session()?;
+            Ok::<_, signet_pkcs11::Error>(
+                s.list_keys()?
+                    .into_iter()
+                    .map(|k| k.label)
+                    .filter(|l| l.starts_with(&prefix))
+                    .collect::<Vec<_>>(),
+            )
+        })
+        .await
+        .map_err(|e| format!("key manager sweep: the token task failed: {e}"))?
+        .map_err(|e| format!("key manager sweep: cannot list the token's keys: {e}"))?;
+        let Some(ids) = store
+            .claim_keymanager_sweep(&n.namespace, cutoff)
+            .await
+            .map_err(|e| format!("key manager sweep: {e}"))?
+        else {
+            continue;
+        };
+        ks.forget_namespace(&n.namespace);
+        let since = time::OffsetDateTime::from_unix_timestamp(n.last_used_at)
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_else(|| n.last_used_at.to_string());
+        let mut r = AuditRecord::new(&n.caller, "key-manager", "Sweep", Outcome::Destroyed);
+        r.key_id = (!ids.is_empty()).then(|| ids.join(","));
+        r.reason = Some(format!(
+            "namespace {} ({}) unused since {since}: {} key(s) destroyed on the token",
+            n.namespace,
+            if n.key_identifier.is_empty() {
+                "no key identifier".to_string()
+            } else {
+                format!("key identifier {:?}", n.key_identifier)
+            },
+            labels.len()
+        ));
+        // Audit first: if it cannot be written the keys stay on the token (found and adopted at the next start).
+        state
+            .audit(&[r])
+            .await
+            .map_err(|s| format!("key manager sweep: {}", s.message()))?;
+        let token = ks.token.clone();
+        let destroyed = tokio::task::spawn_blocking(move || {
+            let mut n = 0usize;
+            for label in labels {
+                match token.session().and_then(|mut s| s.destroy_key(&label)) {
+                    Ok(()) => n += 1,
+                    Err(e) => {
+                        tracing::warn!(label, error = %e, "key manager sweep: cannot destroy a key")
+                    }
+                }
+            }
+            n
+        })
+        .await
+        .unwrap_or(0);
+        metrics::counter!("signet_keymanager_swept_namespaces_total").increment(1);
+        metrics::counter!("signet_keymanager_swept_keys_total").increment(destroyed as u64);
+        tracing::info!(namespace = %n.namespace, caller = %n.caller, key_identifier = %n.key_identifier,
+            last_used = %since, keys = destroyed, "key manager: swept an unused namespace");
+        out.keys += destroyed;
+        out.namespaces.push(n.namespace);
+    }
+    Ok(out)
+}
+
+/// Runs [`sweep_once`] every `every` until shutdown; `after` zero: never.
+pub async fn sweep(
+    state: Arc<AppState>,
+    after: std::time::Duration,
+    every: std::time::Duration,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    if after.is_zero() || every.is_zero() {
+        return;
+    }
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            () = super::until_shutdown(&mut shutdown) => return,
+        }
+        if let Err(e) = sweep_once(&state, after).await {
+            tracing::warn!(error = %e, "key manager: the sweep failed; it runs again later");
+        }
     }
 }
 
@@ -304,6 +579,35 @@ impl KeyManagerService {
     /// The service over `state`.
     pub fn new(state: Arc<AppState>) -> Self {
         Self { state }
+    }
+
+    /// Admits a call, reads its key identifier (a bad one is refused with INVALID_ARGUMENT, audited) and records
+    /// the use of its namespace. A datastore that cannot record the use does not stop the call (it is logged):
+    /// the sweep needs the same datastore to act, and `GenerateKey` needs it anyway.
+    async fn enter<T>(
+        &self,
+        request: &Request<T>,
+        method: &'static str,
+    ) -> Result<(Caller, Space), Status> {
+        let st = &self.state;
+        let caller = st.admit(request, Service::KeyManager, method).await?;
+        let key_identifier = match key_identifier_of(request) {
+            Ok(k) => k,
+            Err(s) => return Err(st.refuse(&caller, s, None).await),
+        };
+        let space = Space {
+            ns: namespace(&caller.id, key_identifier.as_deref()),
+            key_identifier,
+        };
+        if let Err(e) = st
+            .keys
+            .touch(&caller.id, &space, method == "GenerateKey")
+            .await
+        {
+            tracing::warn!(caller = %caller.id, namespace = %space.ns, error = %e,
+                "key manager: cannot record the namespace's use");
+        }
+        Ok((caller, space))
     }
 }
 
@@ -407,9 +711,7 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
         request: Request<pb::GenerateKeyRequest>,
     ) -> Result<Response<pb::GenerateKeyResponse>, Status> {
         let st = &self.state;
-        let caller = st
-            .admit(&request, Service::KeyManager, "GenerateKey")
-            .await?;
+        let (caller, space) = self.enter(&request, "GenerateKey").await?;
         let req = request.into_inner();
         let subject = || Some(Subject::KeyId(req.key_id.clone()));
         if !valid_key_id(&req.key_id) {
@@ -428,7 +730,7 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
             return Err(st.refuse(&caller, d, subject()).await);
         }
         let ks = &st.keys;
-        let ns = namespace(&caller.id);
+        let ns = space.ns.clone();
         // One generation at a time per store: key generation is rare (SPIRE rotations) and must not interleave
         // with the replacement of the same id.
         let generating = ks.generating.lock().await;
@@ -436,7 +738,7 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
             .unix_timestamp_nanos()
             .max(0) as u128;
         let label = format!("{LABEL_PREFIX}{ns}/{}/{generation:x}", req.key_id);
-        let old = ks.get(&caller.id, &req.key_id).await.ok().flatten();
+        let old = ks.get(&ns, &req.key_id).await.ok().flatten();
         let (token, pipeline, l) = (ks.token.clone(), ks.pipeline.clone(), label.clone());
         let made = tokio::task::spawn_blocking(move || {
             let mut s = token
@@ -523,12 +825,10 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
         request: Request<pb::GetPublicKeyRequest>,
     ) -> Result<Response<pb::GetPublicKeyResponse>, Status> {
         let st = &self.state;
-        let caller = st
-            .admit(&request, Service::KeyManager, "GetPublicKey")
-            .await?;
+        let (caller, space) = self.enter(&request, "GetPublicKey").await?;
         let id = request.into_inner().key_id;
         let subject = || Some(Subject::KeyId(id.clone()));
-        match st.keys.get(&caller.id, &id).await {
+        match st.keys.get(&space.ns, &id).await {
             Ok(Some(k)) => Ok(Response::new(pb::GetPublicKeyResponse {
                 public_key: Some(k.public_key(&id)),
             })),
@@ -547,10 +847,8 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
         request: Request<pb::GetPublicKeysRequest>,
     ) -> Result<Response<pb::GetPublicKeysResponse>, Status> {
         let st = &self.state;
-        let caller = st
-            .admit(&request, Service::KeyManager, "GetPublicKeys")
-            .await?;
-        let ns = namespace(&caller.id);
+        let (caller, space) = self.enter(&request, "GetPublicKeys").await?;
+        let ns = space.ns;
         if let Some(store) = st.keys.store.get() {
             let ids = match store.keymanager_ids(&ns).await {
                 Ok(ids) => ids,
@@ -560,7 +858,7 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
                 }
             };
             for id in ids {
-                if let Err(s) = st.keys.get(&caller.id, &id).await {
+                if let Err(s) = st.keys.get(&ns, &id).await {
                     return Err(st.refuse(&caller, s, Some(Subject::KeyId(id))).await);
                 }
             }
@@ -584,11 +882,11 @@ impl pb::key_manager_server::KeyManager for KeyManagerService {
     ) -> Result<Response<pb::SignDataResponse>, Status> {
         let st = &self.state;
         let started = std::time::Instant::now();
-        let caller = st.admit(&request, Service::KeyManager, "SignData").await?;
+        let (caller, space) = self.enter(&request, "SignData").await?;
         let admitted = std::time::Instant::now();
         let req = request.into_inner();
         let subject = || Some(Subject::KeyId(req.key_id.clone()));
-        let found = match st.keys.get(&caller.id, &req.key_id).await {
+        let found = match st.keys.get(&space.ns, &req.key_id).await {
             Ok(k) => k,
             Err(s) => return Err(st.refuse(&caller, s, subject()).await),
         };

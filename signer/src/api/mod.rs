@@ -623,6 +623,7 @@ fn outcome_name(o: Outcome) -> &'static str {
         Outcome::Refused => "refused",
         Outcome::Failed => "failed",
         Outcome::Rotated => "rotated",
+        Outcome::Destroyed => "destroyed",
     }
 }
 

@@ -9,7 +9,7 @@
 //! | prepare | generates the next key on the token; for X.509 a self-signed root and two cross-certificates: the new root's key certified by the old root (old -> new) and the old root's key certified by the new root (new -> old), so either generation's clients verify the other's credentials | a rotation of that kind is already under way; the token refuses to generate the key (nothing is left behind) |
 //! | publish | the new root / key joins the bundle; `spiffe_sequence` increases; every subscription stream gets the new roots or keys | nothing is prepared |
 //! | activate | new issuance signs with the new key; the old one is `superseded`: it stops signing, stays in the bundle, and records until when what it signed can be valid | less than `publish_lead` (3–5 × the bundle's refresh hint) since publishing |
-//! | retire | the superseded root / key leaves the bundle | something it signed may still be valid |
+//! | retire | the superseded root / key leaves the bundle (SPIRE servers drop an X.509 root from their bundle only if it was tainted first and they recorded the taint; an untainted one stays there until it expires: `signet rotate retire --taint-first`) | something it signed may still be valid |
 //! | taint | marks an authority compromised: SPIRE receives the root `tainted` and re-mints its intermediate at once | the authority is not in the bundle |
 //! | destroy | destroys a retired authority's key on the token | the authority is not retired |
 //!

@@ -6,7 +6,7 @@
 //! signet rotate prepare  [--kind x509|jwt]
 //! signet rotate publish  [--kind x509|jwt]
 //! signet rotate activate [--kind x509|jwt]
-//! signet rotate retire   [--kind x509|jwt]
+//! signet rotate retire   [--kind x509|jwt] [--taint-first [--settle 60s]]
 //! signet rotate taint    --label LABEL
 //! signet rotate destroy  --label LABEL
 //! signet rotate csr      [--out FILE]
@@ -22,6 +22,13 @@
 //! Times are printed in RFC 3339 with a relative hint (`2026-12-06T10:00:00Z (in 23 h)`).
 //! A refused step exits non-zero with the server's reason (e.g. `FAILED_PRECONDITION: activate is allowed from
 //! ... on`) and changes nothing.
+//!
+//! SPIRE (v1.15) adds the roots of its UpstreamAuthority's stream to its bundle and never drops one the stream
+//! stops sending, unless SPIRE recorded that root as tainted first: then the next update without it revokes it
+//! (`spire-server bundle show` no longer lists it). An untainted root stays in SPIRE's bundle until SPIRE prunes it,
+//! a day after it expires. So `retire` of an untainted X.509 root says so, and `retire --taint-first` taints the
+//! superseded root, waits `--settle` for SPIRE servers to record the taint (SPIRE retries its side for up to a
+//! minute), then retires it, which removes it from SPIRE's bundles too.
 
 use clap::{Args, Subcommand, ValueEnum};
 use signet_proto::signet::v1 as pb;
@@ -54,6 +61,23 @@ struct KindArg {
     /// The X.509 root or the JWT signing key.
     #[arg(long, value_enum, default_value = "x509")]
     kind: Kind,
+}
+
+#[derive(Debug, Args)]
+struct RetireArgs {
+    #[command(flatten)]
+    kind: KindArg,
+    /// Taint the superseded authority first, wait --settle, then retire it: SPIRE servers then drop the root from
+    /// their bundles (SPIRE keeps an untainted root until it expires).
+    #[arg(long)]
+    taint_first: bool,
+    /// With --taint-first: how long SPIRE servers get to record the taint before the retire (e.g. 60s, 2m).
+    #[arg(long, default_value = "60s", value_parser = parse_duration)]
+    settle: std::time::Duration,
+}
+
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    signet::config::ConfigDuration::parse(s).map(|d| d.0)
 }
 
 #[derive(Debug, Args)]
@@ -108,7 +132,7 @@ enum Step {
     /// Sign with the published root or key (allowed once the publish lead has passed).
     Activate(KindArg),
     /// Take the superseded root or key out of the bundle (allowed once nothing it signed is valid).
-    Retire(KindArg),
+    Retire(RetireArgs),
     /// Mark an authority compromised: SPIRE re-mints its intermediate at once.
     Taint(LabelArg),
     /// Destroy a retired authority's key on the token.
@@ -192,6 +216,90 @@ fn print(r: &pb::GetRotationResponse) {
     }
 }
 
+/// The superseded authority of `kind`, as the server shows it.
+async fn superseded(
+    client: &mut AdminClient<tonic::transport::Channel>,
+    kind: &str,
+) -> Result<Option<pb::RotationAuthority>, CliError> {
+    let r = client
+        .get_rotation(pb::GetRotationRequest {})
+        .await
+        .map_err(status)?
+        .into_inner();
+    Ok(r.authorities
+        .into_iter()
+        .find(|a| a.kind == kind && a.state == "superseded"))
+}
+
+/// `signet rotate retire`, with `--taint-first` tainting (and waiting `settle`) before.
+async fn retire(
+    client: &mut AdminClient<tonic::transport::Channel>,
+    kind: &str,
+    taint_first: bool,
+    settle: std::time::Duration,
+) -> Result<(), CliError> {
+    let before = superseded(client, kind).await?;
+    if taint_first {
+        let Some(a) = &before else {
+            return Err(CliError::new(format!(
+                "no superseded {kind} authority to taint and retire; nothing changed"
+            )));
+        };
+        if !a.tainted {
+            client
+                .rotate(pb::RotateRequest {
+                    step: "taint".into(),
+                    kind: String::new(),
+                    label: a.label.clone(),
+                })
+                .await
+                .map_err(status)?;
+            println!("taint: {}", a.label);
+            eprintln!(
+                "waiting {} s for SPIRE servers to record the taint (check with `spire-server bundle show -output \
+                 json`: the root shows \"tainted\": true)",
+                settle.as_secs()
+            );
+            tokio::time::sleep(settle).await;
+        }
+    }
+    let r = client
+        .rotate(pb::RotateRequest {
+            step: "retire".into(),
+            kind: kind.to_string(),
+            label: String::new(),
+        })
+        .await
+        .map_err(|s| {
+            if taint_first {
+                CliError::new(format!(
+                    "{}; the authority stays tainted and in the bundle: run `signet rotate retire` again once \
+                     retire is allowed",
+                    status(s)
+                ))
+            } else {
+                status(s)
+            }
+        })?
+        .into_inner();
+    println!("retire: {}", r.label);
+    if let Some(v) = &r.rotation {
+        print(v);
+    }
+    if kind == "x509" && before.as_ref().is_some_and(|a| !a.tainted) && !taint_first {
+        eprintln!(
+            "note: {} was not tainted, so SPIRE servers that use signet as their UpstreamAuthority keep it in their \
+             bundle until a day after it expires ({}); to have them drop it at once, taint it before retiring \
+             (`signet rotate retire --taint-first`)",
+            r.label,
+            before
+                .as_ref()
+                .map_or_else(|| "-".to_string(), |a| when(a.not_after))
+        );
+    }
+    Ok(())
+}
+
 /// Runs `signet rotate`.
 pub fn run(args: RotateArgs) -> Result<(), CliError> {
     if let Step::Install(i) = &args.step
@@ -241,7 +349,9 @@ pub fn run(args: RotateArgs) -> Result<(), CliError> {
             Step::Prepare(p) => ("prepare", kind(&p.kind), String::new()),
             Step::Publish(k) => ("publish", kind(k), String::new()),
             Step::Activate(k) => ("activate", kind(k), String::new()),
-            Step::Retire(k) => ("retire", kind(k), String::new()),
+            Step::Retire(r) => {
+                return retire(&mut client, &kind(&r.kind), r.taint_first, r.settle).await;
+            }
             Step::Taint(l) => ("taint", String::new(), l.label.clone()),
             Step::Destroy(l) => ("destroy", String::new(), l.label.clone()),
         };

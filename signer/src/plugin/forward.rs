@@ -139,6 +139,8 @@ pub struct Appliance {
     tls: Arc<rustls::ClientConfig>,
     /// How many times the credential was renewed or reloaded.
     swaps: Arc<AtomicUsize>,
+    /// The key identifier KeyManager calls carry (`signet-key-identifier`), resolved at `Configure`.
+    key_identifier: Option<tonic::metadata::AsciiMetadataValue>,
     /// Ends the renewal task when the last clone goes (a new Configure replaced this one).
     _renewal: Arc<AbortOnDrop>,
 }
@@ -158,6 +160,13 @@ impl Appliance {
     /// Gets the first credential (exchanging a join token when the configuration has one), then builds lazily
     /// connecting channels (tonic reconnects on its own after an appliance comes back) and starts the renewal.
     pub async fn connect(settings: PluginSettings) -> Result<Self, String> {
+        let key_identifier = match settings.key_identifier.resolve()? {
+            Some(k) => Some(
+                k.parse::<tonic::metadata::AsciiMetadataValue>()
+                    .map_err(|e| format!("key identifier {k:?}: {e}"))?,
+            ),
+            None => None,
+        };
         let roots = if settings.trust_bundle_pem.is_empty() {
             LiveRoots::default()
         } else {
@@ -223,6 +232,7 @@ impl Appliance {
             roots,
             tls,
             swaps: Arc::new(AtomicUsize::new(0)),
+            key_identifier,
             _renewal: Arc::new(AbortOnDrop(None)),
         };
         if let Some(src) = source {
@@ -322,6 +332,16 @@ impl Appliance {
 
     fn keymanager(&self) -> KeyManagerClient<Channel> {
         KeyManagerClient::new(self.channel(self.current()))
+    }
+
+    /// A KeyManager request: `msg`, its timeout and this server's key identifier, if it has one.
+    fn keymanager_request<T>(&self, msg: T, t: Duration) -> Request<T> {
+        let mut r = with_timeout(msg, t);
+        if let Some(k) = &self.key_identifier {
+            r.metadata_mut()
+                .insert(crate::api::keymanager::KEY_IDENTIFIER_HEADER, k.clone());
+        }
+        r
     }
 }
 
@@ -903,7 +923,10 @@ macro_rules! unary {
         let req = $request.into_inner();
         let answer = retrying(&app, |t| {
             let (a, req) = (app.clone(), req.clone());
-            async move { a.keymanager().$method(with_timeout(req, t)).await }
+            async move {
+                let r = a.keymanager_request(req, t);
+                a.keymanager().$method(r).await
+            }
         })
         .await?;
         Ok(Response::new(answer.into_inner()))

@@ -521,6 +521,7 @@ async fn start_embedded(
         connect_timeout: Duration::from_secs(10),
         request_timeout: Duration::from_secs(30),
         max_backoff: Duration::from_secs(5),
+        key_identifier: settings::KeyIdentifier::None,
     };
     tracing::info!(data_dir = %p.dir.display(), caller = %settings.client_id,
         "embedded appliance started in this process");

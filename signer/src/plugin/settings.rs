@@ -21,8 +21,17 @@
 //!   connect_timeout   = "10s"
 //!   request_timeout   = "30s"                          # per RPC, retries included
 //!   max_backoff       = "30s"                          # longest wait between reconnections of a stream
+//!   # KeyManager only: this SPIRE server instance's key identifier, so that servers sharing one SPIFFE ID (an HA
+//!   # pair) keep their keys apart, as SPIRE's aws_kms / gcp_kms / azure_key_vault key managers do. One of:
+//!   # key_identifier_file  = "/var/lib/spire/signet-key-id"  # made with a random UUID on the first start
+//!   # key_identifier_value = "spire-a"                       # 1-128 of A-Z a-z 0-9 - _ .
 //! }
 //! ```
+//!
+//! Without a key identifier the keys are namespaced by the SPIFFE ID alone (as before identifiers existed), so a
+//! running deployment keeps its keys. `key_identifier_file` is read at `Configure`; when it does not exist it is
+//! created (mode 0600) with a new random UUID, which is then kept; a file that exists must hold a UUID. Losing
+//! the file means a new identifier, so new keys (SPIRE makes them), and the old namespace is swept once unused.
 //!
 //! The appliance is checked by its SPIFFE ID, `spiffe://<trust domain>/signet/server`, against the trust bundle,
 //! whatever address `endpoint` names (so `127.0.0.1:8443` works); `server_name` switches to a DNS-name check.
@@ -52,6 +61,127 @@ struct Raw {
     connect_timeout: Option<ConfigDuration>,
     request_timeout: Option<ConfigDuration>,
     max_backoff: Option<ConfigDuration>,
+    key_identifier_value: Option<String>,
+    key_identifier_file: Option<PathBuf>,
+}
+
+/// Where the KeyManager plug-in's key identifier comes from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyIdentifier {
+    /// None: keys are namespaced by the SPIFFE ID alone.
+    None,
+    /// `key_identifier_value`.
+    Value(String),
+    /// `key_identifier_file`: read at `Configure`, created with a random UUID when absent.
+    File(PathBuf),
+}
+
+impl KeyIdentifier {
+    fn from_raw(value: Option<String>, file: Option<PathBuf>) -> Result<Self, String> {
+        match (value, file) {
+            (Some(_), Some(_)) => Err(
+                "give key_identifier_value or key_identifier_file, not both (as SPIRE's KMS key managers)".into(),
+            ),
+            (Some(v), None) => {
+                if crate::api::keymanager::valid_key_identifier(&v) {
+                    Ok(Self::Value(v))
+                } else {
+                    Err(format!(
+                        "key_identifier_value {v:?} must be 1 to 128 characters of A-Z a-z 0-9 - _ ."
+                    ))
+                }
+            }
+            (None, Some(f)) => {
+                if f.as_os_str().is_empty() {
+                    return Err("key_identifier_file is empty".into());
+                }
+                // Checked now when it exists; created at Configure when it does not.
+                if f.exists() {
+                    read_identifier_file(&f)?;
+                }
+                Ok(Self::File(f))
+            }
+            (None, None) => Ok(Self::None),
+        }
+    }
+
+    /// The identifier to send: the value, or the file's UUID (the file made with a new random UUID when it does not
+    /// exist).
+    pub fn resolve(&self) -> Result<Option<String>, String> {
+        match self {
+            Self::None => Ok(None),
+            Self::Value(v) => Ok(Some(v.clone())),
+            Self::File(f) => match std::fs::metadata(f) {
+                Ok(_) => read_identifier_file(f).map(Some),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    let id = new_uuid()?;
+                    crate::serve::write_private(f, id.as_bytes()).map_err(|e| {
+                        format!(
+                            "key_identifier_file = {:?}: cannot create it: {e}",
+                            f.display()
+                        )
+                    })?;
+                    tracing::info!(file = %f.display(), key_identifier = %id,
+                        "made a new key identifier for this SPIRE server");
+                    Ok(Some(id))
+                }
+                Err(e) => Err(format!(
+                    "key_identifier_file = {:?}: cannot read it: {e}",
+                    f.display()
+                )),
+            },
+        }
+    }
+}
+
+/// The UUID in a key identifier file (surrounding whitespace ignored).
+fn read_identifier_file(f: &Path) -> Result<String, String> {
+    let text = std::fs::read_to_string(f).map_err(|e| {
+        format!(
+            "key_identifier_file = {:?}: cannot read it: {e}",
+            f.display()
+        )
+    })?;
+    let id = text.trim();
+    if is_uuid(id) {
+        Ok(id.to_ascii_lowercase())
+    } else {
+        Err(format!(
+            "key_identifier_file = {:?} does not hold a UUID (it holds {:?}); delete it to have a new one made, or \
+             use key_identifier_value",
+            f.display(),
+            id.chars().take(40).collect::<String>()
+        ))
+    }
+}
+
+/// Whether `s` is a UUID in its canonical text form (`8-4-4-4-12` hex digits).
+fn is_uuid(s: &str) -> bool {
+    s.len() == 36
+        && s.char_indices().all(|(i, c)| match i {
+            8 | 13 | 18 | 23 => c == '-',
+            _ => c.is_ascii_hexdigit(),
+        })
+}
+
+/// A random (version 4) UUID.
+fn new_uuid() -> Result<String, String> {
+    use ring::rand::SecureRandom as _;
+    let mut b = [0u8; 16];
+    ring::rand::SystemRandom::new()
+        .fill(&mut b)
+        .map_err(|_| "cannot draw random bytes for a key identifier".to_string())?;
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    let h = hex::encode(b);
+    Ok(format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    ))
 }
 
 /// Where the plug-in's first credential comes from.
@@ -125,6 +255,8 @@ pub struct PluginSettings {
     pub request_timeout: Duration,
     /// Longest wait between two reconnection attempts.
     pub max_backoff: Duration,
+    /// The KeyManager plug-in's key identifier.
+    pub key_identifier: KeyIdentifier,
 }
 
 impl std::fmt::Debug for PluginSettings {
@@ -151,6 +283,8 @@ impl PluginSettings {
     /// says what is wrong.
     pub fn parse(hcl: &str, trust_domain: &str) -> Result<Self, String> {
         let raw: Raw = hcl::from_str(hcl).map_err(|e| format!("plugin_data: {e}"))?;
+        let key_identifier =
+            KeyIdentifier::from_raw(raw.key_identifier_value, raw.key_identifier_file)?;
         let (field, given) = match (raw.endpoint, raw.endpoints) {
             (Some(_), Some(_)) => {
                 return Err(
@@ -233,6 +367,7 @@ impl PluginSettings {
                 connect_timeout: secs(raw.connect_timeout, 10, "connect_timeout")?,
                 request_timeout: secs(raw.request_timeout, 30, "request_timeout")?,
                 max_backoff: secs(raw.max_backoff, 30, "max_backoff")?,
+                key_identifier,
             });
         }
         let bundle_path = required(
@@ -333,6 +468,7 @@ impl PluginSettings {
             connect_timeout: secs(raw.connect_timeout, 10, "connect_timeout")?,
             request_timeout: secs(raw.request_timeout, 30, "request_timeout")?,
             max_backoff: secs(raw.max_backoff, 30, "max_backoff")?,
+            key_identifier,
         })
     }
 }
@@ -415,10 +551,13 @@ impl PluginSettings {
         {
             return Err(
                 "with --embedded the plug-in runs the appliance itself: plugin_data may set \
-                        connect_timeout, request_timeout and max_backoff only"
+                        connect_timeout, request_timeout, max_backoff and key_identifier_value or \
+                        key_identifier_file only"
                     .into(),
             );
         }
+        self.key_identifier =
+            KeyIdentifier::from_raw(raw.key_identifier_value, raw.key_identifier_file)?;
         for (d, field, slot) in [
             (
                 raw.connect_timeout,
@@ -491,5 +630,50 @@ mod tests {
             e.contains("trust_bundle_path") && e.contains("cannot read"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn key_identifiers_as_spires_kms_key_managers() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("key-id");
+        let e = KeyIdentifier::from_raw(Some("a".into()), Some(f.clone())).unwrap_err();
+        assert!(e.contains("not both"), "{e}");
+        for bad in ["a/b", "", "a b", &"x".repeat(129)] {
+            let e = KeyIdentifier::from_raw(Some(bad.to_string()), None).unwrap_err();
+            assert!(e.contains("key_identifier_value"), "{bad:?}: {e}");
+        }
+        assert_eq!(
+            KeyIdentifier::from_raw(Some("spire-a.1".into()), None).unwrap(),
+            KeyIdentifier::Value("spire-a.1".into())
+        );
+        assert_eq!(
+            KeyIdentifier::from_raw(None, None)
+                .unwrap()
+                .resolve()
+                .unwrap(),
+            None
+        );
+        // Absent: accepted (Validate makes nothing), created with a random UUID at resolve, then kept.
+        let k = KeyIdentifier::from_raw(None, Some(f.clone())).unwrap();
+        assert!(!f.exists());
+        let id = k.resolve().unwrap().unwrap();
+        assert!(is_uuid(&id) && id.as_bytes()[14] == b'4', "{id}");
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&f).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(k.resolve().unwrap().unwrap(), id);
+        let other = KeyIdentifier::from_raw(None, Some(dir.path().join("other")))
+            .unwrap()
+            .resolve()
+            .unwrap()
+            .unwrap();
+        assert_ne!(other, id, "each file its own UUID");
+        // A file that does not hold a UUID is refused, at Validate and at Configure.
+        std::fs::write(&f, "not-a-uuid\n").unwrap();
+        let e = KeyIdentifier::from_raw(None, Some(f.clone())).unwrap_err();
+        assert!(e.contains("does not hold a UUID"), "{e}");
+        assert!(k.resolve().unwrap_err().contains("does not hold a UUID"));
     }
 }

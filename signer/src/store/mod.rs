@@ -1,6 +1,7 @@
 //! signet's datastore: the authorities of each trust domain and their life cycle, the bundle's sequence number,
 //! the JWT keys SPIRE servers publish, the journal of rotation steps, which token key answers for each KeyManager
-//! key id, and the heartbeats of the replicas sharing it.
+//! key id, when each KeyManager namespace was last used (the sweep's arbiter), and the heartbeats of the replicas
+//! sharing it.
 //!
 //! It is an existing engine, never a home-made one, reached through `sqlx` with runtime queries (`sqlx::query`, no
 //! compile-time checked macros, so building needs no database):
@@ -219,6 +220,19 @@ pub struct KeyManagerRecord {
     pub public_key: Vec<u8>,
     /// Unix seconds.
     pub updated_at: i64,
+}
+
+/// A KeyManager namespace (one calling SPIRE server) and when it was last used.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeyManagerNamespace {
+    /// The namespace (see [`crate::api::keymanager::namespace`]).
+    pub namespace: String,
+    /// The SPIRE server's SPIFFE ID (`""` for keys generated before namespaces were recorded).
+    pub caller: String,
+    /// Its key identifier (`""`: none).
+    pub key_identifier: String,
+    /// Unix seconds of its last KeyManager call.
+    pub last_used_at: i64,
 }
 
 /// A join token (Admin.CreateJoinToken), by the SHA-256 of its secret.
@@ -625,6 +639,91 @@ impl Store {
     pub async fn keymanager_ids(&self, namespace: &str) -> Result<Vec<String>, StoreError> {
         let q = "SELECT key_id FROM keymanager_keys WHERE namespace = $1 ORDER BY key_id";
         Ok(on!(&self.pool, p => sqlx::query_scalar(q).bind(namespace).fetch_all(p).await?))
+    }
+
+    /// Records that `namespace` was used at `at` (unix seconds): its row is created, or its last use moved
+    /// forward (never back, whatever order replicas write in).
+    pub async fn touch_keymanager_namespace(
+        &self,
+        ns: &KeyManagerNamespace,
+    ) -> Result<(), StoreError> {
+        let q = "INSERT INTO keymanager_namespaces (namespace, caller, key_identifier, last_used_at) \
+                 VALUES ($1, $2, $3, $4) ON CONFLICT (namespace) DO UPDATE SET caller = excluded.caller, \
+                 key_identifier = excluded.key_identifier, last_used_at = CASE \
+                 WHEN excluded.last_used_at > keymanager_namespaces.last_used_at THEN excluded.last_used_at \
+                 ELSE keymanager_namespaces.last_used_at END";
+        on!(&self.pool, p => { sqlx::query(q)
+            .bind(&ns.namespace)
+            .bind(&ns.caller)
+            .bind(&ns.key_identifier)
+            .bind(ns.last_used_at)
+            .execute(p)
+            .await?; });
+        Ok(())
+    }
+
+    /// Records `namespace` as used at `at` unless it is recorded already (keys found on the token at start).
+    pub async fn adopt_keymanager_namespace(
+        &self,
+        namespace: &str,
+        at: i64,
+    ) -> Result<(), StoreError> {
+        let q = "INSERT INTO keymanager_namespaces (namespace, caller, key_identifier, last_used_at) \
+                 VALUES ($1, '', '', $2) ON CONFLICT (namespace) DO NOTHING";
+        on!(&self.pool, p => { sqlx::query(q).bind(namespace).bind(at).execute(p).await?; });
+        Ok(())
+    }
+
+    /// The namespaces last used before `cutoff` (unix seconds), oldest first.
+    pub async fn stale_keymanager_namespaces(
+        &self,
+        cutoff: i64,
+    ) -> Result<Vec<KeyManagerNamespace>, StoreError> {
+        let q = "SELECT namespace, caller, key_identifier, last_used_at FROM keymanager_namespaces \
+                 WHERE last_used_at < $1 ORDER BY last_used_at, namespace";
+        on!(&self.pool, p => {
+            let rows = sqlx::query(q).bind(cutoff).fetch_all(p).await?;
+            rows.iter()
+                .map(|r| Ok(KeyManagerNamespace {
+                    namespace: r.try_get("namespace")?,
+                    caller: r.try_get("caller")?,
+                    key_identifier: r.try_get("key_identifier")?,
+                    last_used_at: r.try_get("last_used_at")?,
+                }))
+                .collect()
+        })
+    }
+
+    /// Claims the sweep of `namespace`: in one transaction, deletes its row if it is still last used before
+    /// `cutoff`, and its keys' records. `Some(key ids)`: this caller won and must destroy the keys on the token;
+    /// `None`: it was used since (or another replica swept it), nothing changed. The datastore is the arbiter, so
+    /// replicas sweeping at once never both act, and a namespace used meanwhile is kept.
+    pub async fn claim_keymanager_sweep(
+        &self,
+        namespace: &str,
+        cutoff: i64,
+    ) -> Result<Option<Vec<String>>, StoreError> {
+        let mut tx = self.begin().await?;
+        let claim = "DELETE FROM keymanager_namespaces WHERE namespace = $1 AND last_used_at < $2";
+        let ids = "SELECT key_id FROM keymanager_keys WHERE namespace = $1 ORDER BY key_id";
+        let keys = "DELETE FROM keymanager_keys WHERE namespace = $1";
+        let won = on_tx!(&mut tx.tx, t => sqlx::query(claim)
+            .bind(namespace)
+            .bind(cutoff)
+            .execute(&mut **t)
+            .await?
+            .rows_affected());
+        if won == 0 {
+            return Ok(None);
+        }
+        let ids: Vec<String> = on_tx!(&mut tx.tx, t => sqlx::query_scalar(ids)
+            .bind(namespace)
+            .fetch_all(&mut **t)
+            .await?);
+        on_tx!(&mut tx.tx, t => { sqlx::query(keys).bind(namespace).execute(&mut **t).await?; });
+        tx.announce(format!("keymanager-swept {namespace}"));
+        tx.commit().await?;
+        Ok(Some(ids))
     }
 
     /// Records this replica's heartbeat and returns the replicas seen within `window_secs` of `now` (this one

@@ -337,3 +337,288 @@ async fn bad_requests_get_the_right_status_and_make_nothing() {
     );
     bed.stop().await;
 }
+
+/// `msg` as a request that carries `key_identifier` (when given) in the plug-in's header.
+fn with_id<T>(msg: T, key_identifier: Option<&str>) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(msg);
+    if let Some(k) = key_identifier {
+        r.metadata_mut()
+            .insert("signet-key-identifier", k.parse().unwrap());
+    }
+    r
+}
+
+async fn generate_as(
+    c: &mut KeyManagerClient<tonic::transport::Channel>,
+    key_identifier: Option<&str>,
+    id: &str,
+) -> Result<pb::PublicKey, tonic::Status> {
+    c.generate_key(with_id(
+        pb::GenerateKeyRequest {
+            key_id: id.into(),
+            key_type: pb::KeyType::EcP256 as i32,
+        },
+        key_identifier,
+    ))
+    .await
+    .map(|r| r.into_inner().public_key.unwrap())
+}
+
+async fn sign_as(
+    c: &mut KeyManagerClient<tonic::transport::Channel>,
+    key_identifier: Option<&str>,
+    id: &str,
+    msg: &[u8],
+) -> Result<pb::SignDataResponse, tonic::Status> {
+    c.sign_data(with_id(
+        pb::SignDataRequest {
+            key_id: id.into(),
+            data: sha256(msg),
+            signer_opts: Some(pb::sign_data_request::SignerOpts::HashAlgorithm(
+                pb::HashAlgorithm::Sha256 as i32,
+            )),
+        },
+        key_identifier,
+    ))
+    .await
+    .map(|r| r.into_inner())
+}
+
+async fn ids_as(
+    c: &mut KeyManagerClient<tonic::transport::Channel>,
+    key_identifier: Option<&str>,
+) -> Vec<(String, String)> {
+    c.get_public_keys(with_id(pb::GetPublicKeysRequest {}, key_identifier))
+        .await
+        .unwrap()
+        .into_inner()
+        .public_keys
+        .into_iter()
+        .map(|k| (k.id, k.fingerprint))
+        .collect()
+}
+
+fn km_labels(bed: &Bed) -> Vec<String> {
+    let mut l: Vec<String> = bed
+        .token()
+        .session()
+        .unwrap()
+        .list_keys()
+        .unwrap()
+        .into_iter()
+        .map(|k| k.label)
+        .filter(|l| l.starts_with("spire-km/"))
+        .collect();
+    l.sort();
+    l
+}
+
+fn verifies(pk: &pb::PublicKey, msg: &[u8], sig: &[u8]) -> bool {
+    UnparsedPublicKey::new(&signature::ECDSA_P256_SHA256_ASN1, raw_key(&pk.pkix_data))
+        .verify(msg, sig)
+        .is_ok()
+}
+
+/// Two SPIRE servers with one SPIFFE ID and different key identifiers (an HA pair), and one without: three
+/// namespaces. Neither sees, signs with nor replaces another's keys, over the wire; a bad identifier is
+/// INVALID_ARGUMENT, audited, and makes nothing; no identifier keeps the namespace keys had before identifiers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_identifiers_keep_servers_of_one_spiffe_id_apart() {
+    let Some(bed) = Bed::start().await else {
+        return;
+    };
+    let cred = bed.credential_for(SPIRE_A).await;
+    let mut c = KeyManagerClient::new(bed.channel(Some(&cred)).await);
+
+    let a = generate_as(&mut c, Some("spire-a"), "x509-CA-A")
+        .await
+        .unwrap();
+    let b = generate_as(&mut c, Some("spire-b"), "x509-CA-A")
+        .await
+        .unwrap();
+    let none = generate_as(&mut c, None, "x509-CA-A").await.unwrap();
+    assert_ne!(a.fingerprint, b.fingerprint, "each server its own key");
+    assert_ne!(a.fingerprint, none.fingerprint);
+    assert_ne!(b.fingerprint, none.fingerprint);
+    // Without an identifier the label's namespace is the SPIFFE ID's alone, as keys had before identifiers.
+    let legacy_ns = hex::encode(&sha256(SPIRE_A.as_bytes())[..8]);
+    assert_eq!(signet::api::keymanager::namespace(SPIRE_A, None), legacy_ns);
+    let labels = km_labels(&bed);
+    assert_eq!(labels.len(), 3, "{labels:?}");
+    assert_eq!(
+        labels
+            .iter()
+            .filter(|l| l.starts_with(&format!("spire-km/{legacy_ns}/x509-CA-A/")))
+            .count(),
+        1,
+        "{labels:?}"
+    );
+
+    // Each sees only its own key.
+    for (k, want) in [(Some("spire-a"), &a), (Some("spire-b"), &b), (None, &none)] {
+        assert_eq!(
+            ids_as(&mut c, k).await,
+            vec![("x509-CA-A".to_string(), want.fingerprint.clone())],
+            "{k:?}"
+        );
+        let s = sign_as(&mut c, k, "x509-CA-A", b"m").await.unwrap();
+        assert_eq!(s.key_fingerprint, want.fingerprint, "{k:?}");
+        assert!(verifies(want, b"m", &s.signature), "{k:?}");
+    }
+
+    // B replaces its key: A's is untouched and still signs; B's old key is gone from the token.
+    let b2 = generate_as(&mut c, Some("spire-b"), "x509-CA-A")
+        .await
+        .unwrap();
+    assert_ne!(b2.fingerprint, b.fingerprint);
+    let s = sign_as(&mut c, Some("spire-a"), "x509-CA-A", b"after")
+        .await
+        .unwrap();
+    assert_eq!(s.key_fingerprint, a.fingerprint);
+    assert!(verifies(&a, b"after", &s.signature));
+    assert_eq!(km_labels(&bed).len(), 3);
+
+    // A key only A has is NOT_FOUND for B, whichever call B makes.
+    generate_as(&mut c, Some("spire-a"), "JWT-Signer-A")
+        .await
+        .unwrap();
+    let e = sign_as(&mut c, Some("spire-b"), "JWT-Signer-A", b"m")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = c
+        .get_public_key(with_id(
+            pb::GetPublicKeyRequest {
+                key_id: "JWT-Signer-A".into(),
+            },
+            Some("spire-b"),
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(ids_as(&mut c, Some("spire-b")).await.len(), 1);
+
+    // Bad identifiers: refused, audited, nothing made.
+    let before = km_labels(&bed);
+    let long = "x".repeat(129);
+    for bad in ["a/b", "a b", "", long.as_str(), "spire-a;drop"] {
+        let e = generate_as(&mut c, Some(bad), "x509-CA-B")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}: {e:?}");
+        assert!(
+            e.message().contains("signet-key-identifier"),
+            "{}",
+            e.message()
+        );
+        let e = sign_as(&mut c, Some(bad), "x509-CA-A", b"m")
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{bad:?}: {e:?}");
+    }
+    assert_eq!(km_labels(&bed), before, "no key was made");
+    let audit = bed.audit();
+    assert_eq!(
+        audit_lines(&audit, SPIRE_A, "GenerateKey")
+            .iter()
+            .filter(|l| l["code"] == "INVALID_ARGUMENT")
+            .count(),
+        5
+    );
+    bed.stop().await;
+}
+
+/// The sweep, on a clock the test moves: a namespace unused for `sweep_after` loses its keys on the token (audit
+/// line), one used within the window keeps them and keeps signing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unused_namespaces_are_swept_and_used_ones_kept() {
+    use signet::ca::ManualClock;
+    use std::time::Duration;
+    let clock = ManualClock::new(time::OffsetDateTime::now_utc());
+    let Some(bed) = Bed::start_clocked(
+        |c| {
+            c.authority.rotation.schedule = false;
+            c.key_manager.sweep_after = signet::config::ConfigDuration(Duration::from_secs(3600));
+            c.key_manager.sweep_every = signet::config::ConfigDuration(Duration::from_millis(200));
+        },
+        std::sync::Arc::new(clock.clone()),
+    )
+    .await
+    else {
+        return;
+    };
+    let cred = bed.credential_for(SPIRE_A).await;
+    let mut c = KeyManagerClient::new(bed.channel(Some(&cred)).await);
+    let live = generate_as(&mut c, Some("live"), "x509-CA-A")
+        .await
+        .unwrap();
+    generate_as(&mut c, Some("gone"), "x509-CA-A")
+        .await
+        .unwrap();
+    generate_as(&mut c, Some("gone"), "JWT-Signer-A")
+        .await
+        .unwrap();
+    let gone_ns = signet::api::keymanager::namespace(SPIRE_A, Some("gone"));
+    let live_ns = signet::api::keymanager::namespace(SPIRE_A, Some("live"));
+    let on_token = |ns: &str| {
+        km_labels(&bed)
+            .into_iter()
+            .filter(|l| l.starts_with(&format!("spire-km/{ns}/")))
+            .count()
+    };
+    assert_eq!((on_token(&gone_ns), on_token(&live_ns)), (2, 1));
+
+    // 40 minutes on, "live" is used; 30 more, "gone" has been unused for 70 minutes (window 60 + 5 of slack),
+    // "live" for 30.
+    clock.advance(Duration::from_secs(40 * 60));
+    sign_as(&mut c, Some("live"), "x509-CA-A", b"m")
+        .await
+        .unwrap();
+    clock.advance(Duration::from_secs(30 * 60));
+    let start = std::time::Instant::now();
+    while on_token(&gone_ns) > 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(30),
+            "the unused namespace was not swept"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        on_token(&live_ns),
+        1,
+        "the namespace used within the window keeps its key"
+    );
+    let s = sign_as(&mut c, Some("live"), "x509-CA-A", b"still")
+        .await
+        .unwrap();
+    assert!(verifies(&live, b"still", &s.signature));
+    let e = sign_as(&mut c, Some("gone"), "x509-CA-A", b"m")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    let audit = bed.audit();
+    let swept = audit_lines(&audit, SPIRE_A, "Sweep");
+    assert_eq!(swept.len(), 1, "{swept:?}");
+    assert_eq!(swept[0]["outcome"], "destroyed");
+    assert_eq!(swept[0]["service"], "key-manager");
+    assert_eq!(swept[0]["key_id"], "JWT-Signer-A,x509-CA-A");
+    let reason = swept[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains(&gone_ns)
+            && reason.contains("\"gone\"")
+            && reason.contains("2 key(s) destroyed"),
+        "{reason}"
+    );
+
+    // The swept server comes back: a fresh namespace, new keys.
+    let again = generate_as(&mut c, Some("gone"), "x509-CA-A")
+        .await
+        .unwrap();
+    assert_eq!(on_token(&gone_ns), 1);
+    let s = sign_as(&mut c, Some("gone"), "x509-CA-A", b"back")
+        .await
+        .unwrap();
+    assert!(verifies(&again, b"back", &s.signature));
+    bed.stop().await;
+}

@@ -295,10 +295,16 @@ impl Token {
                 Profile::detect(&lm, &ld, &summary.manufacturer, &summary.model)
             }
         };
-        // Ask for the mechanisms the layer uses one by one (C_GetMechanismInfo): the full
-        // C_GetMechanismList makes cryptoki log an error for every vendor mechanism it does not know.
+        // A mechanism the layer uses counts when the token lists it (C_GetMechanismList) and describes it
+        // (C_GetMechanismInfo): a token restricted by its policy (SoftHSM2's `slots.mechanisms`, an HSM in a
+        // certified mode) drops mechanisms from its list while C_GetMechanismInfo may still describe them.
+        // cryptoki logs an error for each vendor mechanism of the list it has no name for (target
+        // `cryptoki::mechanism`; the CLI's default log filter silences it). A module whose list fails is asked
+        // mechanism by mechanism only.
+        let listed = module.read().ctx.get_mechanism_list(slot).ok();
         let mechanisms = LAYER_MECHANISMS
             .into_iter()
+            .filter(|m| listed.as_ref().is_none_or(|l| l.contains(m)))
             .filter(|m| module.read().ctx.get_mechanism_info(slot, *m).is_ok())
             .collect();
         let token = Token {

@@ -86,8 +86,14 @@ pub fn main() -> ExitCode {
         return plugin::run(p);
     }
     let serving = matches!(cli.command, Command::Serve(_));
+    // cryptoki logs an error for each vendor mechanism of a token's list it has no name for: not an error of
+    // signet's (the token layer reads the list for the mechanisms it knows), so silenced by default.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
-        tracing_subscriber::EnvFilter::new(if serving { "info" } else { "warn" })
+        tracing_subscriber::EnvFilter::new(if serving {
+            "info,cryptoki::mechanism=off"
+        } else {
+            "warn,cryptoki::mechanism=off"
+        })
     });
     let format = cli.log_format.unwrap_or_else(LogFormat::default_for_stderr);
     let _ = match format {

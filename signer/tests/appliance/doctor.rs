@@ -1,6 +1,6 @@
 //! `signet doctor` as a process against appliances on fresh SoftHSM2 tokens: all well after a first start, and
-//! each fault found with its line and exit status 1 (wrong PIN, a missing key, an unreachable datastore), or as a
-//! warning with exit status 0 (an authority within its alert window).
+//! each fault found with its line and exit status 1 (wrong PIN, a missing key, a mechanism the token lacks, an
+//! unreachable datastore), or as a warning with exit status 0 (an authority within its alert window).
 
 use std::path::{Path, PathBuf};
 use std::process::Output;
@@ -54,10 +54,15 @@ async fn start_once(config: &Path) {
 }
 
 fn doctor(hsm: &SoftHsm, config: &Path) -> (i32, String) {
+    doctor_on(hsm.conf(), config)
+}
+
+/// `signet doctor --config config` with SoftHSM2 reading `softhsm_conf`.
+fn doctor_on(softhsm_conf: &Path, config: &Path) -> (i32, String) {
     let out: Output = std::process::Command::new(env!("CARGO_BIN_EXE_signet"))
         .args(["doctor", "--config"])
         .arg(config)
-        .env("SOFTHSM2_CONF", hsm.conf())
+        .env("SOFTHSM2_CONF", softhsm_conf)
         .env_remove("SIGNET_DATA_DIR")
         .env_remove("SIGNET_CONFIG")
         .output()
@@ -159,6 +164,84 @@ async fn doctor_finds_a_missing_key() {
             "FAIL  token softhsm: key \"signet-jwt\" (jwt authority (active)) is not on the token: restore it from \
              the token's backup, or generate it (`signet token generate`) and fix the label"
         ],
+        "{text}"
+    );
+}
+
+/// A copy of `hsm`'s SoftHSM2 configuration in `dir` under which its token lists only the `enabled` mechanisms
+/// (SoftHSM2's `slots.mechanisms`): the same token and keys, as a token whose firmware or policy lacks the others.
+fn conf_with_only(hsm: &SoftHsm, dir: &Path, enabled: &[&str]) -> PathBuf {
+    let mut text = std::fs::read_to_string(hsm.conf()).unwrap();
+    assert!(!text.contains("slots.mechanisms"), "{text}");
+    text.push_str(&format!("slots.mechanisms = {}\n", enabled.join(",")));
+    let path = dir.join(format!("softhsm2-{}.conf", enabled.join("-")));
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+#[tokio::test]
+async fn doctor_finds_a_missing_mechanism() {
+    let Some(hsm) = SoftHsm::new() else { return };
+    let dir = tempfile::tempdir().unwrap();
+
+    // Before the first start: the configuration asks for an RSA root, the token has no RSA.
+    let rsa = tempfile::tempdir().unwrap();
+    let rsa_config = write_config(
+        &hsm,
+        rsa.path(),
+        "",
+        "[authority.x509]\nkey_type = \"rsa-3072\"\n",
+    );
+    let (code, text) = doctor(&hsm, &rsa_config);
+    assert_eq!(code, 0, "the full token has RSA: {text}");
+    assert!(
+        text.contains("ok    token softhsm: mechanisms for rsa-3072 supported (CKM_RSA_PKCS, CKM_RSA_PKCS_KEY_PAIR_GEN)"),
+        "{text}"
+    );
+    let no_rsa = conf_with_only(&hsm, dir.path(), &["CKM_ECDSA", "CKM_EC_KEY_PAIR_GEN"]);
+    let (code, text) = doctor_on(&no_rsa, &rsa_config);
+    assert_eq!(code, 1, "{text}");
+    assert_eq!(
+        lines_with(&text, "FAIL"),
+        vec![
+            "FAIL  token softhsm: rsa-3072 keys need CKM_RSA_PKCS and CKM_RSA_PKCS_KEY_PAIR_GEN, which the token \
+             does not support: choose another key_type or token"
+        ],
+        "{text}"
+    );
+    // The JWT key type (ec-p256) is still fine on that token.
+    assert!(
+        text.contains(
+            "ok    token softhsm: mechanisms for ec-p256 supported (CKM_ECDSA, CKM_EC_KEY_PAIR_GEN)"
+        ),
+        "{text}"
+    );
+    assert!(text.contains("error: 1 check(s) failed"), "{text}");
+
+    // After a start on EC P-256: the token stops offering ECDSA signatures; the keys are still there.
+    let config = write_config(&hsm, dir.path(), "", "");
+    start_once(&config).await;
+    let no_ecdsa = conf_with_only(
+        &hsm,
+        dir.path(),
+        &[
+            "CKM_EC_KEY_PAIR_GEN",
+            "CKM_RSA_PKCS",
+            "CKM_RSA_PKCS_KEY_PAIR_GEN",
+        ],
+    );
+    let (code, text) = doctor_on(&no_ecdsa, &config);
+    assert_eq!(code, 1, "{text}");
+    assert_eq!(
+        lines_with(&text, "FAIL"),
+        vec![
+            "FAIL  token softhsm: ec-p256 keys need CKM_ECDSA, which the token does not support: choose another \
+             key_type or token"
+        ],
+        "{text}"
+    );
+    assert!(
+        text.contains("ok    token softhsm: key \"signet-x509-root\" (x509 authority (active)) is on the token, ec-p256"),
         "{text}"
     );
 }

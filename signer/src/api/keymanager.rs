@@ -492,7 +492,7 @@ pub async fn sweep(
     loop {
         tokio::select! {
             _ = tick.tick() => {}
-            () = super::until_shutdown(&mut shutdown) => return,
+            () = crate::shutdown::until_shutdown(&mut shutdown) => return,
         }
         if let Err(e) = sweep_once(&state, after).await {
             tracing::warn!(error = %e, "key manager: the sweep failed; it runs again later");

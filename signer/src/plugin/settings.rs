@@ -115,7 +115,7 @@ impl KeyIdentifier {
                 Ok(_) => read_identifier_file(f).map(Some),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     let id = new_uuid()?;
-                    crate::serve::write_private(f, id.as_bytes()).map_err(|e| {
+                    crate::datadir::write_private(f, id.as_bytes()).map_err(|e| {
                         format!(
                             "key_identifier_file = {:?}: cannot create it: {e}",
                             f.display()

@@ -26,6 +26,7 @@ const SPIRE_API: &[&str] = &[
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?).join("proto");
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);
+    println!("cargo:rerun-if-changed=build.rs");
     let files: Vec<PathBuf> = PROTOS.iter().map(|p| root.join(p)).collect();
     for file in &files {
         println!("cargo:rerun-if-changed={}", file.display());

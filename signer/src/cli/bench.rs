@@ -27,9 +27,22 @@ use super::CliError;
 
 /// Runs `signet bench`.
 pub fn run(args: BenchArgs) -> Result<(), CliError> {
-    signet_bench::run(&args, &launch)
+    let result = signet_bench::run(&args, &launch)
         .map(|_| ())
-        .map_err(CliError::new)
+        .map_err(CliError::new);
+    if let Some(home) = SIM_HOME.get() {
+        let _ = std::fs::remove_dir_all(home);
+    }
+    result
+}
+
+/// The simulated device's directory and its token's PINs for this process (removed when the bench ends).
+static SIM_HOME: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn sim_home() -> &'static Path {
+    SIM_HOME.get_or_init(|| {
+        std::env::temp_dir().join(format!("signet-bench-sim-{}", std::process::id()))
+    })
 }
 
 fn launch(spec: InProcess) -> BoxFuture<Result<Started, String>> {
@@ -60,9 +73,19 @@ async fn start(spec: InProcess) -> Result<Started, String> {
     };
     let (token, what) = match &spec.token {
         InProcessToken::HsmSim { latency_ms } => {
-            let dir = spec.data_dir.join("hsm-sim");
+            // One simulated device per process (its first configuration stays): its directory and the token's
+            // PINs outlive each appliance, so that the next appliance of the run (`--target cfssl` starts one per
+            // mode, `--target spire` may too) logs in to the same token.
+            let home = sim_home();
+            let dir = home.join("hsm-sim");
             std::fs::create_dir_all(&dir)
                 .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            for f in ["token.pin", "token.so-pin"] {
+                if home.join(f).exists() {
+                    std::fs::copy(home.join(f), spec.data_dir.join(f))
+                        .map_err(|e| format!("copying the token's PIN: {e}"))?;
+                }
+            }
             // Configured before the embedded token is provisioned: the first configuration of the process stays.
             hsm_sim::set_embedded_config(hsm_sim::Config {
                 dir: Some(dir),
@@ -72,6 +95,12 @@ async fn start(spec: InProcess) -> Result<Started, String> {
             let mut settings = HsmSimEmbedded
                 .provision(&spec.data_dir)
                 .map_err(|e| e.to_string())?;
+            for f in ["token.pin", "token.so-pin"] {
+                if !home.join(f).exists() {
+                    std::fs::copy(spec.data_dir.join(f), home.join(f))
+                        .map_err(|e| format!("keeping the token's PIN: {e}"))?;
+                }
+            }
             settings.sessions = spec.sessions;
             let PinConfig::File(pin_file) = &settings.pin else {
                 return Err("the embedded token has no PIN file".into());

@@ -37,7 +37,8 @@ pub fn binary(flag: Option<&Path>) -> Result<PathBuf, String> {
         .map(|d| d.join("cfssl"))
         .find(|p| p.is_file())
         .ok_or_else(|| {
-            "cfssl is not installed: apt-get install -y golang-cfssl (or give --cfssl-bin)".to_string()
+            "cfssl is not installed: apt-get install -y golang-cfssl (or give --cfssl-bin)"
+                .to_string()
         })
 }
 
@@ -87,7 +88,9 @@ impl Cfssl {
             .port();
         let log = dir.join("cfssl.log");
         let out = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let err = out.try_clone().map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| format!("{}: {e}", log.display()))?;
         let child = Command::new(bin)
             .args(["serve", "-address", "127.0.0.1", "-port", &port.to_string()])
             .arg("-ca")
@@ -133,7 +136,10 @@ impl Cfssl {
             match attempt.await {
                 Ok(der) => return Ok(der),
                 Err(e) if Instant::now() >= end => {
-                    return Err(format!("cfssl at {} does not sign within {limit:?}: {e}", self.addr));
+                    return Err(format!(
+                        "cfssl at {} does not sign within {limit:?}: {e}",
+                        self.addr
+                    ));
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
             }
@@ -156,7 +162,9 @@ pub struct Client {
 
 impl std::fmt::Debug for Client {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Client").field("host", &self.host).finish_non_exhaustive()
+        f.debug_struct("Client")
+            .field("host", &self.host)
+            .finish_non_exhaustive()
     }
 }
 
@@ -167,9 +175,10 @@ impl Client {
             .await
             .map_err(|e| format!("cannot connect to cfssl at {addr}: {e}"))?;
         let _ = tcp.set_nodelay(true);
-        let (sender, conn) = hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
-            .await
-            .map_err(|e| format!("HTTP/1.1 to {addr}: {e}"))?;
+        let (sender, conn) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+                .await
+                .map_err(|e| format!("HTTP/1.1 to {addr}: {e}"))?;
         tokio::spawn(conn);
         Ok(Client {
             sender,
@@ -232,12 +241,15 @@ pub fn csr_pem(der: &[u8]) -> String {
 pub fn has_uri_san(der: &[u8]) -> bool {
     use x509_parser::prelude::*;
     X509Certificate::from_der(der).is_ok_and(|(_, c)| {
-        c.subject_alternative_name().ok().flatten().is_some_and(|s| {
-            s.value
-                .general_names
-                .iter()
-                .any(|n| matches!(n, GeneralName::URI(_)))
-        })
+        c.subject_alternative_name()
+            .ok()
+            .flatten()
+            .is_some_and(|s| {
+                s.value
+                    .general_names
+                    .iter()
+                    .any(|n| matches!(n, GeneralName::URI(_)))
+            })
     })
 }
 
@@ -299,7 +311,15 @@ impl PeerReport {
         let _ = writeln!(
             s,
             "{:<16} {:>9} {:>8} {:>8} {:>8} {:>10} {:>6} {:>8} {:>5}  errors; notes",
-            "server", "certs/s", "p50 ms", "p99 ms", "p99.9", "CPU µs/crt", "cores", "checked", "bad"
+            "server",
+            "certs/s",
+            "p50 ms",
+            "p99 ms",
+            "p99.9",
+            "CPU µs/crt",
+            "cores",
+            "checked",
+            "bad"
         );
         for r in &self.rows {
             let errors = if r.errors.is_empty() {
@@ -409,7 +429,11 @@ pub async fn measure(
             );
             async move {
                 let k = (agent.wrapping_mul(7919).wrapping_add(seq as usize)) % pems.len();
-                let der = clients[agent % clients.len()].lock().await.sign(&pems[k]).await?;
+                let der = clients[agent % clients.len()]
+                    .lock()
+                    .await
+                    .sign(&pems[k])
+                    .await?;
                 let mut out = Outcome {
                     credentials: 1,
                     ..Outcome::default()
@@ -498,7 +522,8 @@ mod tests {
         let der: Vec<u8> = (0..200u16).map(|i| i as u8).collect();
         let pem = csr_pem(&der);
         assert!(pem.lines().all(|l| l.len() <= 64));
-        let back = signet_proto::connect::pem_blocks(pem.as_bytes(), "CERTIFICATE REQUEST").unwrap();
+        let back =
+            signet_proto::connect::pem_blocks(pem.as_bytes(), "CERTIFICATE REQUEST").unwrap();
         assert_eq!(back, vec![der]);
     }
 }

@@ -35,7 +35,11 @@ where
     Fut: Future<Output = Result<Outcome, String>> + Send + 'static,
 {
     let start = Instant::now();
-    let deadline = start + offer.duration.unwrap_or(offer.hard_limit).min(offer.hard_limit);
+    let deadline = start
+        + offer
+            .duration
+            .unwrap_or(offer.hard_limit)
+            .min(offer.hard_limit);
     let mut total = match offer.rate {
         None => closed(offer, deadline, progress, request).await,
         Some(rate) => open(offer, rate, deadline, progress, request).await,

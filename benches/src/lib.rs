@@ -187,7 +187,12 @@ pub struct BenchArgs {
     #[arg(long)]
     pub spire_pid: Option<u32>,
     /// --target spire: the set-ups to run, in this order (the ratios are to `memory`).
-    #[arg(long, value_enum, value_delimiter = ',', default_value = "memory,key-manager,upstream-authority")]
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "memory,key-manager,upstream-authority"
+    )]
     pub spire_setups: Vec<spire::SpireSetup>,
     /// --target cfssl: the cfssl program (default: cfssl on the PATH; Debian's golang-cfssl).
     #[arg(long)]
@@ -521,10 +526,14 @@ async fn run_async(
     match args.target {
         BenchTarget::Signet => {}
         BenchTarget::Spire => {
-            return run_spire(args, launcher, server_rt).await.map(Report::Spire);
+            return run_spire(args, launcher, server_rt)
+                .await
+                .map(Report::Spire);
         }
         BenchTarget::Cfssl => {
-            return run_cfssl(args, launcher, server_rt).await.map(Report::Peers);
+            return run_cfssl(args, launcher, server_rt)
+                .await
+                .map(Report::Peers);
         }
     }
     let report = run_signet(args, launcher, server_rt).await?;
@@ -1109,7 +1118,10 @@ async fn run_spire(
 ) -> Result<spire::SpireReport, String> {
     check_load_flags(args)?;
     if !matches!(args.workload, Workload::X509 | Workload::Jwt) {
-        return Err("--target spire drives X509-SVIDs (--workload x509) or JWT-SVIDs (--workload jwt)".into());
+        return Err(
+            "--target spire drives X509-SVIDs (--workload x509) or JWT-SVIDs (--workload jwt)"
+                .into(),
+        );
     }
     if args.spire_setups.is_empty() {
         return Err("--spire-setups names no set-up".into());
@@ -1156,7 +1168,10 @@ async fn run_spire(
     } else {
         let bin = spire::bin_dir(args.spire_bin_dir.as_deref())?;
         version = spire::version(&bin);
-        let wants_signet = args.spire_setups.iter().any(|s| *s != spire::SpireSetup::Memory);
+        let wants_signet = args
+            .spire_setups
+            .iter()
+            .any(|s| *s != spire::SpireSetup::Memory);
         let app = if wants_signet {
             Some(Appliance::start(args, args.mode, true, launcher, server_rt).await?)
         } else {
@@ -1184,7 +1199,9 @@ async fn run_spire(
                 let stanza = match (&app, setup) {
                     (_, spire::SpireSetup::Memory) => None,
                     (None, _) => return Err("no appliance for the plug-in set-ups".to_string()),
-                    (Some(a), _) => Some(plugin_stanza(&a.started, setup, &dir.path().join("signet-client")).await?),
+                    (Some(a), _) => Some(
+                        plugin_stanza(&a.started, setup, &dir.path().join("signet-client")).await?,
+                    ),
                 };
                 let plugins = spire::plugins(setup, stanza.as_deref())?;
                 let mut server = spire::SpireServer::start(&bin, dir.path(), &td, &plugins)?;
@@ -1218,7 +1235,12 @@ async fn run_spire(
     spire::set_ratios(&mut runs);
     let report = spire::SpireReport {
         workload: args.workload,
-        loop_mode: if args.rate.is_some() { "open" } else { "closed" }.into(),
+        loop_mode: if args.rate.is_some() {
+            "open"
+        } else {
+            "closed"
+        }
+        .into(),
         entries_per_agent: args.batch,
         spire_version: version,
         signet: signet_line,
@@ -1235,7 +1257,9 @@ async fn run_spire(
     }
     let bad = report.bad_credentials();
     if bad > 0 {
-        return Err(format!("{bad} SVIDs failed the check against SPIRE's bundle"));
+        return Err(format!(
+            "{bad} SVIDs failed the check against SPIRE's bundle"
+        ));
     }
     Ok(report)
 }
@@ -1267,7 +1291,8 @@ async fn plugin_stanza(
         .await
         .map_err(|s| format!("Admin.CreateJoinToken: {}: {}", s.code(), s.message()))?
         .into_inner();
-    std::fs::create_dir_all(cred_dir).map_err(|e| format!("creating {}: {e}", cred_dir.display()))?;
+    std::fs::create_dir_all(cred_dir)
+        .map_err(|e| format!("creating {}: {e}", cred_dir.display()))?;
     make(setup, &token, cred_dir)
 }
 
@@ -1318,7 +1343,11 @@ async fn run_cfssl(
         a.json = None;
         a.plot = None;
         let r = Box::pin(run_signet(&a, launcher, server_rt)).await?;
-        let run = r.runs.into_iter().next().ok_or("the signet run measured nothing")?;
+        let run = r
+            .runs
+            .into_iter()
+            .next()
+            .ok_or("the signet run measured nothing")?;
         rows.push(cfssl::PeerRow {
             server: format!("signet {}", format!("{mode:?}").to_lowercase()),
             credentials: run.credentials,
@@ -1331,12 +1360,20 @@ async fn run_cfssl(
             checked: run.checked,
             bad_credentials: run.bad_credentials,
             bad_examples: run.bad_examples,
-            notes: format!("gRPC over mTLS, linted and checked, SPIFFE ID kept; {}", r.target),
+            notes: format!(
+                "gRPC over mTLS, linted and checked, SPIFFE ID kept; {}",
+                r.target
+            ),
         });
     }
     let report = cfssl::PeerReport {
         concurrency: args.concurrency,
-        loop_mode: if args.rate.is_some() { "open" } else { "closed" }.into(),
+        loop_mode: if args.rate.is_some() {
+            "open"
+        } else {
+            "closed"
+        }
+        .into(),
         cfssl_version: cfssl::version(&bin),
         rows,
         load_average: (load_before, loadavg()),

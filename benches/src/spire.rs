@@ -67,7 +67,11 @@ impl SpireSetup {
 
 /// The server.conf stanza of a signet plug-in, for a join token: what `signet spire config` prints.
 pub type StanzaMaker = Box<
-    dyn Fn(SpireSetup, &signet_proto::signet::v1::CreateJoinTokenResponse, &Path) -> Result<String, String>
+    dyn Fn(
+            SpireSetup,
+            &signet_proto::signet::v1::CreateJoinTokenResponse,
+            &Path,
+        ) -> Result<String, String>
         + Send
         + Sync,
 >;
@@ -130,7 +134,12 @@ impl SpireServer {
     }
 
     /// Writes the configuration into `dir` and starts `spire-server run`.
-    pub fn start(bin: &Path, dir: &Path, trust_domain: &str, plugins: &str) -> Result<Self, String> {
+    pub fn start(
+        bin: &Path,
+        dir: &Path,
+        trust_domain: &str,
+        plugins: &str,
+    ) -> Result<Self, String> {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .and_then(|l| l.local_addr())
             .map_err(|e| format!("a free port: {e}"))?
@@ -140,7 +149,9 @@ impl SpireServer {
             .map_err(|e| format!("writing {}: {e}", conf.display()))?;
         let log = dir.join("server.log");
         let out = std::fs::File::create(&log).map_err(|e| format!("{}: {e}", log.display()))?;
-        let err = out.try_clone().map_err(|e| format!("{}: {e}", log.display()))?;
+        let err = out
+            .try_clone()
+            .map_err(|e| format!("{}: {e}", log.display()))?;
         let child = Command::new(bin.join("spire-server"))
             .args(["run", "-config"])
             .arg(&conf)
@@ -167,7 +178,10 @@ impl SpireServer {
         let end = Instant::now() + limit;
         loop {
             if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
-                return Err(format!("spire-server exited ({status}): {}", self.log_tail()));
+                return Err(format!(
+                    "spire-server exited ({status}): {}",
+                    self.log_tail()
+                ));
             }
             if let Ok(ch) = admin_channel(&self.socket).await
                 && get_bundle(&ch).await.is_ok()
@@ -268,7 +282,11 @@ fn checker(bundle: &types::Bundle) -> Checker {
         jwt_keys.push((k.key_id.clone(), alg, spki.subject_public_key.data.to_vec()));
     }
     Checker {
-        roots: bundle.x509_authorities.iter().map(|a| a.asn1.clone()).collect(),
+        roots: bundle
+            .x509_authorities
+            .iter()
+            .map(|a| a.asn1.clone())
+            .collect(),
         jwt_keys,
         audience: "signet-bench".into(),
         ..Checker::default()
@@ -379,7 +397,10 @@ pub async fn prepare_agents(
         for ((agent, asked), res) in chunk.iter().zip(r.results) {
             let status = res.status.unwrap_or_default();
             let Some(e) = res.entry.filter(|_| status.code == 0) else {
-                return Err(format!("Entry.BatchCreateEntry refused an entry: {}", status.message));
+                return Err(format!(
+                    "Entry.BatchCreateEntry refused an entry: {}",
+                    status.message
+                ));
             };
             let id = asked
                 .spiffe_id
@@ -412,7 +433,11 @@ pub async fn prepare_agents(
         loop {
             let r = SvidClient::new(last.channel.clone())
                 .new_jwtsvid(svidpb::NewJwtsvidRequest {
-                    entry_id: last.entries.first().map(|e| e.0.clone()).unwrap_or_default(),
+                    entry_id: last
+                        .entries
+                        .first()
+                        .map(|e| e.0.clone())
+                        .unwrap_or_default(),
                     audience: vec!["signet-bench".into()],
                 })
                 .await;
@@ -465,7 +490,9 @@ async fn attest(ch: &Channel, token: &str) -> Result<(Vec<Vec<u8>>, Vec<u8>), St
         .ok_or("Agent.AttestAgent: the stream closed without an answer")?;
     match reply.step {
         Some(agentpb::attest_agent_response::Step::Result(r)) => {
-            let svid = r.svid.ok_or("Agent.AttestAgent: a result without an SVID")?;
+            let svid = r
+                .svid
+                .ok_or("Agent.AttestAgent: a result without an SVID")?;
             Ok((svid.cert_chain, key.serialize_der()))
         }
         _ => Err("Agent.AttestAgent: a challenge for a join token (expected the result)".into()),
@@ -575,7 +602,16 @@ impl SpireReport {
         let _ = writeln!(
             s,
             "{:<34} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}  errors",
-            "set-up", "agents", "SVIDs/s", "x alone", "p50 ms", "p90 ms", "p99 ms", "checked", "bad", "spire µs"
+            "set-up",
+            "agents",
+            "SVIDs/s",
+            "x alone",
+            "p50 ms",
+            "p90 ms",
+            "p99 ms",
+            "checked",
+            "bad",
+            "spire µs"
         );
         for r in &self.runs {
             let errors = if r.errors.is_empty() {
@@ -627,16 +663,16 @@ impl SpireReport {
 
     /// Draws SVIDs a second against agents, one line per set-up, into an SVG or a PNG.
     pub fn write_plot(&self, path: &Path) -> Result<(), String> {
-        let series: Vec<(String, Vec<(usize, f64)>)> = self
-            .runs
-            .iter()
-            .fold(Vec::<(String, Vec<(usize, f64)>)>::new(), |mut acc, r| {
-                match acc.iter_mut().find(|(d, _)| *d == r.description) {
-                    Some((_, pts)) => pts.push((r.concurrency, r.rate)),
-                    None => acc.push((r.description.clone(), vec![(r.concurrency, r.rate)])),
-                }
-                acc
-            });
+        let series: Vec<(String, Vec<(usize, f64)>)> =
+            self.runs
+                .iter()
+                .fold(Vec::<(String, Vec<(usize, f64)>)>::new(), |mut acc, r| {
+                    match acc.iter_mut().find(|(d, _)| *d == r.description) {
+                        Some((_, pts)) => pts.push((r.concurrency, r.rate)),
+                        None => acc.push((r.description.clone(), vec![(r.concurrency, r.rate)])),
+                    }
+                    acc
+                });
         crate::report::plot_series(
             path,
             "signet bench --target spire: SVIDs/s against agents",
@@ -679,7 +715,11 @@ pub async fn measure(
 ) -> Result<Vec<SpireRun>, String> {
     let bundle = get_bundle(admin).await?;
     let td = bundle.trust_domain.clone();
-    let roots: Vec<Vec<u8>> = bundle.x509_authorities.iter().map(|a| a.asn1.clone()).collect();
+    let roots: Vec<Vec<u8>> = bundle
+        .x509_authorities
+        .iter()
+        .map(|a| a.asn1.clone())
+        .collect();
     if roots.is_empty() {
         return Err("SPIRE's bundle has no X.509 authority".into());
     }
@@ -690,8 +730,12 @@ pub async fn measure(
     let mut runs = Vec::new();
     for &concurrency in &plan.levels {
         let request = {
-            let (agents, pool, checker, sampling) =
-                (agents.clone(), pool.clone(), checker.clone(), sampling.clone());
+            let (agents, pool, checker, sampling) = (
+                agents.clone(),
+                pool.clone(),
+                checker.clone(),
+                sampling.clone(),
+            );
             let workload = plan.workload;
             move |agent: usize, seq: u64| {
                 let a = agents[agent % concurrency].clone();
@@ -833,7 +877,10 @@ async fn one(
                 .await
                 .map_err(|s| format!("{:?}", s.code()))?
                 .into_inner();
-            let token = r.svid.map(|s| s.token).ok_or("a JWT-SVID answer without an SVID")?;
+            let token = r
+                .svid
+                .map(|s| s.token)
+                .ok_or("a JWT-SVID answer without an SVID")?;
             out.credentials += 1;
             if sampling.take() {
                 out.judge(checker.jwt_svid(&token, id));
@@ -876,7 +923,12 @@ mod tests {
 
     #[test]
     fn conf_turns_rate_limits_off_and_plugins_go_in() {
-        let c = SpireServer::conf(Path::new("/tmp/x"), 8081, "example.org", &plugins(SpireSetup::Memory, None).unwrap());
+        let c = SpireServer::conf(
+            Path::new("/tmp/x"),
+            8081,
+            "example.org",
+            &plugins(SpireSetup::Memory, None).unwrap(),
+        );
         for want in [
             "bind_port = \"8081\"",
             "attestation = false",
@@ -887,8 +939,14 @@ mod tests {
             assert!(c.contains(want), "{want} missing from\n{c}");
         }
         assert!(plugins(SpireSetup::KeyManager, None).is_err());
-        let ua = plugins(SpireSetup::UpstreamAuthority, Some("UpstreamAuthority \"signet\" {\n}\n")).unwrap();
-        assert!(ua.contains("KeyManager \"memory\"") && ua.contains("  UpstreamAuthority \"signet\" {"));
+        let ua = plugins(
+            SpireSetup::UpstreamAuthority,
+            Some("UpstreamAuthority \"signet\" {\n}\n"),
+        )
+        .unwrap();
+        assert!(
+            ua.contains("KeyManager \"memory\"") && ua.contains("  UpstreamAuthority \"signet\" {")
+        );
     }
 
     #[test]

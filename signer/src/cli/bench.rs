@@ -19,8 +19,8 @@ use signet_bench::spire::{SpireSetup, StanzaMaker};
 use signet_bench::{
     BenchArgs, BoxFuture, InProcess, InProcessToken, Mode, Started, Target, WorkLoop,
 };
-use signet_proto::signet::v1 as pb;
 use signet_pkcs11::{KeyGenOptions, PinSource, Token, TokenConfig};
+use signet_proto::signet::v1 as pb;
 use time::OffsetDateTime;
 
 use super::CliError;

@@ -67,6 +67,17 @@ impl Checker {
     /// Checks an X509-SVID chain (leaf first): each certificate signed by the next, the last by a bundle root; the
     /// leaf currently valid, not a CA, for `spiffe_id`, and for the key of the CSR (`spki`: SubjectPublicKeyInfo DER).
     pub fn x509_svid(&self, chain: &[Vec<u8>], spiffe_id: &str, spki: &[u8]) -> Result<(), String> {
+        self.x509_chain(chain, Some(spiffe_id), spki)
+    }
+
+    /// [`Checker::x509_svid`], the URI SAN checked only when `spiffe_id` is given (a peer CA that issues plain
+    /// certificates, such as cfssl, which leaves the CSR's URI SAN out).
+    pub fn x509_chain(
+        &self,
+        chain: &[Vec<u8>],
+        spiffe_id: Option<&str>,
+        spki: &[u8],
+    ) -> Result<(), String> {
         let parsed = chain
             .iter()
             .map(|der| {
@@ -100,7 +111,9 @@ impl Checker {
                     .collect()
             })
             .unwrap_or_default();
-        if uris != [spiffe_id] {
+        if let Some(spiffe_id) = spiffe_id
+            && uris != [spiffe_id]
+        {
             return Err(format!(
                 "the leaf's URI SANs are {uris:?}, not [{spiffe_id:?}]"
             ));

@@ -23,10 +23,13 @@
 #![forbid(unsafe_code)]
 
 pub mod ceiling;
+pub mod cfssl;
 pub mod check;
+pub mod drive;
 pub mod load;
 pub mod report;
 pub mod softhsm;
+pub mod spire;
 pub mod stats;
 
 use std::future::Future;
@@ -96,6 +99,8 @@ pub struct InProcess {
     pub cpu_threads: usize,
     /// A fresh data directory.
     pub data_dir: PathBuf,
+    /// For SPIRE's plug-ins: a bootstrap port (join tokens), and [`Started::spire_stanza`].
+    pub spire_plugins: bool,
 }
 
 /// The client side of an appliance.
@@ -124,6 +129,8 @@ pub struct Started {
     pub work_loop: Option<WorkLoop>,
     /// A line saying what runs.
     pub description: String,
+    /// With [`InProcess::spire_plugins`]: the server.conf stanza of a signet plug-in for a join token.
+    pub spire_stanza: Option<spire::StanzaMaker>,
     /// Stops it.
     pub stop: Box<dyn FnOnce() -> BoxFuture<()> + Send>,
 }
@@ -148,9 +155,50 @@ pub enum TokenKind {
     Tpm,
 }
 
+/// What `signet bench` measures.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum BenchTarget {
+    /// signet's own API (the appliance at --addr, or one in process).
+    Signet,
+    /// A real SPIRE server through its agent API: alone (KeyManager memory), with signet as its KeyManager and
+    /// with signet as its UpstreamAuthority, side by side (see `--spire-setups`).
+    Spire,
+    /// cfssl (`cfssl serve`, key in memory) beside signet's delegated and direct modes, one CSR a request.
+    Cfssl,
+}
+
 /// `signet bench`: issuance-rate benchmarking with the token's ceiling side by side.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
+    /// What to measure: signet's API, a SPIRE server beside signet's plug-ins, or cfssl beside signet.
+    #[arg(long, value_enum, default_value_t = BenchTarget::Signet)]
+    pub target: BenchTarget,
+    /// --target spire: the directory of spire-server (default: $SIGNET_SPIRE_BIN_DIR, else the cache of
+    /// scripts/spire-install, ~/.cache/signet/spire-1.15.3/bin).
+    #[arg(long)]
+    pub spire_bin_dir: Option<PathBuf>,
+    /// --target spire: drive the SPIRE server at this address (host:port) instead of starting one (with
+    /// --spire-socket; --spire-setups does not apply).
+    #[arg(long, requires = "spire_socket")]
+    pub spire_address: Option<String>,
+    /// --target spire with --spire-address: its admin socket (registration entries, join tokens, the bundle).
+    #[arg(long)]
+    pub spire_socket: Option<PathBuf>,
+    /// --target spire with --spire-address: its process id, for its CPU time per SVID.
+    #[arg(long)]
+    pub spire_pid: Option<u32>,
+    /// --target spire: the set-ups to run, in this order (the ratios are to `memory`).
+    #[arg(
+        long,
+        value_enum,
+        value_delimiter = ',',
+        default_value = "memory,key-manager,upstream-authority"
+    )]
+    pub spire_setups: Vec<spire::SpireSetup>,
+    /// --target cfssl: the cfssl program (default: cfssl on the PATH; Debian's golang-cfssl).
+    #[arg(long)]
+    pub cfssl_bin: Option<PathBuf>,
+
     /// Drive a running appliance at this address (host:port), or several replicas (a:8443,b:8443,...: the agents
     /// are spread over them, and a request that cannot reach its replica goes to the next); without it an appliance
     /// starts in this process.
@@ -248,6 +296,17 @@ pub struct BenchArgs {
     /// No progress bar (the summary table is printed all the same).
     #[arg(long)]
     pub quiet: bool,
+}
+
+/// What a bench measured (also printed, and written where asked).
+#[derive(Debug, Clone)]
+pub enum Report {
+    /// `--target signet`.
+    Signet(BenchReport),
+    /// `--target spire`.
+    Spire(spire::SpireReport),
+    /// `--target cfssl`.
+    Peers(cfssl::PeerReport),
 }
 
 /// Never longer than this per run, whatever the flags say.
@@ -366,7 +425,7 @@ async fn servers_usage(endpoints: &[load::Endpoint]) -> Option<(f64, u64)> {
 /// (also printed, and written where asked), or why the bench failed; bad credentials fail it. An in-process run on
 /// SoftHSM2 runs in a child process with a token directory of its own ([`softhsm`]): then the child printed and
 /// wrote the report, and this returns `None`.
-pub fn run(args: &BenchArgs, launcher: &Launcher) -> Result<Option<BenchReport>, String> {
+pub fn run(args: &BenchArgs, launcher: &Launcher) -> Result<Option<Report>, String> {
     if args.addr.is_none() && args.token == TokenKind::Softhsm && softhsm::private_dir().is_none() {
         let dir = TempDir::new()?;
         return softhsm::run_in_child(dir.path()).map(|()| None);
@@ -427,11 +486,80 @@ fn client_cpu_seconds() -> Option<f64> {
     Some(ticks as f64 / 100.0)
 }
 
+/// The token of an in-process appliance (and the SoftHSM2 token kept alive while it runs).
+fn in_process_token(args: &BenchArgs) -> Result<InProcessToken, String> {
+    Ok(match args.token {
+        TokenKind::HsmSim => InProcessToken::HsmSim {
+            latency_ms: args.latency_ms,
+        },
+        TokenKind::Softhsm => {
+            // `run` started this process with a SoftHSM2 directory of its own.
+            let dir = softhsm::private_dir().ok_or_else(|| {
+                format!(
+                    "{} is not set: not the bench's own SoftHSM2 process",
+                    softhsm::DIR_ENV
+                )
+            })?;
+            InProcessToken::Module(softhsm::fresh_token(&dir)?)
+        }
+        TokenKind::Tpm => {
+            let var = |n: &str| {
+                std::env::var(n).map_err(|_| {
+                    format!("{n} is not set: start the TPM rig first (eval \"$(scripts/tpm-rig start)\")")
+                })
+            };
+            InProcessToken::Module(TokenSpec {
+                module: var("TPM2_PKCS11_MODULE")?.into(),
+                label: var("TPM_RIG_TOKEN_LABEL")?,
+                pin: signet_pkcs11::Pin::new(var("TPM_RIG_USER_PIN")?),
+            })
+        }
+    })
+}
+
 async fn run_async(
     args: &BenchArgs,
     launcher: &Launcher,
     server_rt: &tokio::runtime::Handle,
-) -> Result<BenchReport, String> {
+) -> Result<Report, String> {
+    match args.target {
+        BenchTarget::Signet => {}
+        BenchTarget::Spire => {
+            return run_spire(args, launcher, server_rt)
+                .await
+                .map(Report::Spire);
+        }
+        BenchTarget::Cfssl => {
+            return run_cfssl(args, launcher, server_rt)
+                .await
+                .map(Report::Peers);
+        }
+    }
+    let report = run_signet(args, launcher, server_rt).await?;
+    println!("{}", report.table());
+    if let Some(p) = &args.json {
+        report.write_json(p)?;
+    }
+    if let Some(p) = &args.plot {
+        report.write_plot(p)?;
+    }
+    let bad = report.bad_credentials();
+    if bad > 0 {
+        return Err(format!(
+            "{bad} credentials failed the check against the bundle"
+        ));
+    }
+    let repeated: u64 = report.runs.iter().map(|r| r.duplicate_serials).sum();
+    if repeated > 0 {
+        return Err(format!(
+            "{repeated} X509-SVIDs carried a serial number an earlier one of the run already had"
+        ));
+    }
+    Ok(Report::Signet(report))
+}
+
+/// Checks the load flags every target shares.
+fn check_load_flags(args: &BenchArgs) -> Result<(), String> {
     if args.batch == 0 || args.pool == 0 || args.connections == 0 {
         return Err("--batch, --pool and --connections must be at least 1".into());
     }
@@ -450,6 +578,16 @@ async fn run_async(
     if args.duration.is_some_and(|d| d.is_nan() || d <= 0.0) {
         return Err("--duration must be a positive number of seconds".into());
     }
+    Ok(())
+}
+
+/// signet's own API: the appliance at --addr, or one in process. The report, not printed.
+async fn run_signet(
+    args: &BenchArgs,
+    launcher: &Launcher,
+    server_rt: &tokio::runtime::Handle,
+) -> Result<BenchReport, String> {
+    check_load_flags(args)?;
     let load_before = loadavg();
     let data_dir = tempdir()?;
     let (target, ceiling_token, ceiling_sessions, work_loop, description, stop, in_process) =
@@ -502,33 +640,7 @@ async fn run_async(
                 )
             }
             None => {
-                let token = match args.token {
-                    TokenKind::HsmSim => InProcessToken::HsmSim {
-                        latency_ms: args.latency_ms,
-                    },
-                    TokenKind::Softhsm => {
-                        // `run` started this process with a SoftHSM2 directory of its own.
-                        let dir = softhsm::private_dir().ok_or_else(|| {
-                            format!(
-                                "{} is not set: not the bench's own SoftHSM2 process",
-                                softhsm::DIR_ENV
-                            )
-                        })?;
-                        InProcessToken::Module(softhsm::fresh_token(&dir)?)
-                    }
-                    TokenKind::Tpm => {
-                        let var = |n: &str| {
-                            std::env::var(n).map_err(|_| {
-                                format!("{n} is not set: start the TPM rig first (eval \"$(scripts/tpm-rig start)\")")
-                            })
-                        };
-                        InProcessToken::Module(TokenSpec {
-                            module: var("TPM2_PKCS11_MODULE")?.into(),
-                            label: var("TPM_RIG_TOKEN_LABEL")?,
-                            pin: signet_pkcs11::Pin::new(var("TPM_RIG_USER_PIN")?),
-                        })
-                    }
-                };
+                let token = in_process_token(args)?;
                 if args.sessions == 0 {
                     return Err("--sessions must be at least 1".into());
                 }
@@ -539,6 +651,7 @@ async fn run_async(
                         sessions: args.sessions,
                         cpu_threads: args.cpu_threads,
                         data_dir: data_dir.path().to_path_buf(),
+                        spire_plugins: false,
                     }))
                     .await
                     .map_err(|e| format!("starting the appliance: {e}"))??;
@@ -568,27 +681,7 @@ async fn run_async(
         let _ = server_rt.spawn(stop()).await;
     }
     drop(data_dir);
-    let report = result?;
-    println!("{}", report.table());
-    if let Some(p) = &args.json {
-        report.write_json(p)?;
-    }
-    if let Some(p) = &args.plot {
-        report.write_plot(p)?;
-    }
-    let bad = report.bad_credentials();
-    if bad > 0 {
-        return Err(format!(
-            "{bad} credentials failed the check against the bundle"
-        ));
-    }
-    let repeated: u64 = report.runs.iter().map(|r| r.duplicate_serials).sum();
-    if repeated > 0 {
-        return Err(format!(
-            "{repeated} X509-SVIDs carried a serial number an earlier one of the run already had"
-        ));
-    }
-    Ok(report)
+    result
 }
 
 fn tempdir() -> Result<TempDir, String> {
@@ -952,4 +1045,341 @@ fn trust_domain_of(der: &[u8]) -> Option<String> {
             .map(|td| td.split('/').next().unwrap_or_default().to_string()),
         _ => None,
     })
+}
+
+/// The run's length: `--duration`, else none with `--requests`, else 10 s.
+fn run_duration(args: &BenchArgs) -> Option<Duration> {
+    match (args.duration, args.requests) {
+        (Some(d), _) => Some(Duration::from_secs_f64(d)),
+        (None, Some(_)) => None,
+        (None, None) => Some(Duration::from_secs(10)),
+    }
+}
+
+fn sampling_of(args: &BenchArgs) -> Sampling {
+    match args.check_rate {
+        Some(f) => Sampling::fraction(f),
+        None => Sampling::budget(CHECK_BUDGET),
+    }
+}
+
+/// An in-process appliance started for SPIRE's plug-ins or for the cfssl comparison.
+struct Appliance {
+    started: Started,
+    _dir: TempDir,
+}
+
+impl Appliance {
+    async fn start(
+        args: &BenchArgs,
+        mode: Mode,
+        spire_plugins: bool,
+        launcher: &Launcher,
+        server_rt: &tokio::runtime::Handle,
+    ) -> Result<Self, String> {
+        if args.sessions == 0 {
+            return Err("--sessions must be at least 1".into());
+        }
+        let token = in_process_token(args)?;
+        let dir = tempdir()?;
+        let started = server_rt
+            .spawn(launcher(InProcess {
+                token,
+                mode,
+                sessions: args.sessions,
+                cpu_threads: args.cpu_threads,
+                data_dir: dir.path().to_path_buf(),
+                spire_plugins,
+            }))
+            .await
+            .map_err(|e| format!("starting the appliance: {e}"))??;
+        Ok(Appliance {
+            started,
+            _dir: dir,
+        })
+    }
+
+    async fn stop(self, server_rt: &tokio::runtime::Handle) {
+        let _ = server_rt.spawn((self.started.stop)()).await;
+    }
+}
+
+/// `--target spire`.
+async fn run_spire(
+    args: &BenchArgs,
+    launcher: &Launcher,
+    server_rt: &tokio::runtime::Handle,
+) -> Result<spire::SpireReport, String> {
+    check_load_flags(args)?;
+    if !matches!(args.workload, Workload::X509 | Workload::Jwt) {
+        return Err(
+            "--target spire drives X509-SVIDs (--workload x509) or JWT-SVIDs (--workload jwt)"
+                .into(),
+        );
+    }
+    if args.spire_setups.is_empty() {
+        return Err("--spire-setups names no set-up".into());
+    }
+    let load_before = loadavg();
+    let levels = if args.sweep.is_empty() {
+        vec![args.concurrency]
+    } else {
+        args.sweep.clone()
+    };
+    let plan = spire::SpirePlan {
+        workload: args.workload,
+        levels,
+        per_agent: args.batch,
+        requests: args.requests,
+        duration: run_duration(args),
+        rate: args.rate,
+        warmup: Duration::from_secs_f64(args.warmup.clamp(0.0, 30.0)),
+        sampling: Arc::new(sampling_of(args)),
+        quiet: args.quiet,
+        hard_limit: HARD_LIMIT,
+    };
+    let mut runs;
+    let mut signet_line = None;
+    let version;
+    if let Some(addr) = &args.spire_address {
+        let socket = args
+            .spire_socket
+            .as_deref()
+            .ok_or("--spire-address needs --spire-socket (SPIRE's admin socket)")?;
+        version = "(given by address)".to_string();
+        let pool = Arc::new(Pool::generate("bench.invalid", args.pool, args.key_type)?);
+        let admin = spire::admin_channel(socket).await?;
+        runs = spire::measure(
+            "external",
+            &format!("SPIRE at {addr}"),
+            &admin,
+            addr,
+            args.spire_pid,
+            &plan,
+            &pool,
+        )
+        .await?;
+    } else {
+        let bin = spire::bin_dir(args.spire_bin_dir.as_deref())?;
+        version = spire::version(&bin);
+        let wants_signet = args
+            .spire_setups
+            .iter()
+            .any(|s| *s != spire::SpireSetup::Memory);
+        let app = if wants_signet {
+            Some(Appliance::start(args, args.mode, true, launcher, server_rt).await?)
+        } else {
+            None
+        };
+        let result = async {
+            // The trust domain: the appliance's (its root signs SPIRE's CA as UpstreamAuthority).
+            let td = match &app {
+                Some(a) => {
+                    signet_line = Some(a.started.description.clone());
+                    let ch = connect(&a.started.target, &a.started.target.addr).await?;
+                    AdminClient::new(ch)
+                        .get_status(pb::GetStatusRequest {})
+                        .await
+                        .map_err(|s| format!("Admin.GetStatus: {}: {}", s.code(), s.message()))?
+                        .into_inner()
+                        .trust_domain
+                }
+                None => "example.org".to_string(),
+            };
+            let pool = Arc::new(Pool::generate(&td, args.pool, args.key_type)?);
+            let mut runs = Vec::new();
+            for &setup in &args.spire_setups {
+                let dir = tempdir()?;
+                let stanza = match (&app, setup) {
+                    (_, spire::SpireSetup::Memory) => None,
+                    (None, _) => return Err("no appliance for the plug-in set-ups".to_string()),
+                    (Some(a), _) => Some(
+                        plugin_stanza(&a.started, setup, &dir.path().join("signet-client")).await?,
+                    ),
+                };
+                let plugins = spire::plugins(setup, stanza.as_deref())?;
+                let mut server = spire::SpireServer::start(&bin, dir.path(), &td, &plugins)?;
+                let admin = server.ready(Duration::from_secs(90)).await?;
+                let label = setup
+                    .to_possible_value()
+                    .map(|v| v.get_name().to_string())
+                    .unwrap_or_default();
+                let measured = spire::measure(
+                    &label,
+                    setup.label(),
+                    &admin,
+                    &server.addr,
+                    server.pid(),
+                    &plan,
+                    &pool,
+                )
+                .await;
+                drop(admin);
+                tokio::task::block_in_place(|| server.stop());
+                runs.extend(measured?);
+            }
+            Ok(runs)
+        }
+        .await;
+        if let Some(a) = app {
+            a.stop(server_rt).await;
+        }
+        runs = result?;
+    }
+    spire::set_ratios(&mut runs);
+    let report = spire::SpireReport {
+        workload: args.workload,
+        loop_mode: if args.rate.is_some() {
+            "open"
+        } else {
+            "closed"
+        }
+        .into(),
+        entries_per_agent: args.batch,
+        spire_version: version,
+        signet: signet_line,
+        runs,
+        load_average: (load_before, loadavg()),
+        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+    };
+    println!("{}", report.table());
+    if let Some(p) = &args.json {
+        report.write_json(p)?;
+    }
+    if let Some(p) = &args.plot {
+        report.write_plot(p)?;
+    }
+    let bad = report.bad_credentials();
+    if bad > 0 {
+        return Err(format!(
+            "{bad} SVIDs failed the check against SPIRE's bundle"
+        ));
+    }
+    Ok(report)
+}
+
+/// A join token for SPIRE's server (Admin.CreateJoinToken, as `signet spire config` asks for one) and the plug-in
+/// stanza for it, its credential kept in `cred_dir`.
+async fn plugin_stanza(
+    started: &Started,
+    setup: spire::SpireSetup,
+    cred_dir: &std::path::Path,
+) -> Result<String, String> {
+    let make = started
+        .spire_stanza
+        .as_ref()
+        .ok_or("the appliance was started without SPIRE plug-in support")?;
+    let ch = connect(&started.target, &started.target.addr).await?;
+    let mut admin = AdminClient::new(ch.clone());
+    let td = admin
+        .get_status(pb::GetStatusRequest {})
+        .await
+        .map_err(|s| format!("Admin.GetStatus: {}: {}", s.code(), s.message()))?
+        .into_inner()
+        .trust_domain;
+    let token = admin
+        .create_join_token(pb::CreateJoinTokenRequest {
+            spiffe_id: format!("spiffe://{td}/spire/server"),
+            ttl_seconds: 600,
+        })
+        .await
+        .map_err(|s| format!("Admin.CreateJoinToken: {}: {}", s.code(), s.message()))?
+        .into_inner();
+    std::fs::create_dir_all(cred_dir)
+        .map_err(|e| format!("creating {}: {e}", cred_dir.display()))?;
+    make(setup, &token, cred_dir)
+}
+
+/// `--target cfssl`.
+async fn run_cfssl(
+    args: &BenchArgs,
+    launcher: &Launcher,
+    server_rt: &tokio::runtime::Handle,
+) -> Result<cfssl::PeerReport, String> {
+    check_load_flags(args)?;
+    let load_before = loadavg();
+    let bin = cfssl::binary(args.cfssl_bin.as_deref())?;
+    let pool = Arc::new(Pool::generate("example.org", args.pool, args.key_type)?);
+    let offer = drive::Offer {
+        concurrency: args.concurrency,
+        requests: args.requests,
+        duration: run_duration(args),
+        rate: args.rate,
+        per_request: 1,
+        hard_limit: HARD_LIMIT,
+    };
+    let warmup = Duration::from_secs_f64(args.warmup.clamp(0.0, 30.0));
+    let dir = tempdir()?;
+    let mut server = cfssl::Cfssl::start(&bin, dir.path())?;
+    let first = cfssl::csr_pem(&pool.csrs[0].0);
+    server.ready(&first, Duration::from_secs(30)).await?;
+    let row = cfssl::measure(
+        &server,
+        offer,
+        warmup,
+        &pool,
+        Arc::new(sampling_of(args)),
+        args.quiet,
+    )
+    .await;
+    drop(server);
+    drop(dir);
+    let mut rows = vec![row?];
+    for mode in [Mode::Delegated, Mode::Direct] {
+        let mut a = args.clone();
+        a.target = BenchTarget::Signet;
+        a.addr = None;
+        a.mode = mode;
+        a.batch = 1;
+        a.workload = Workload::X509;
+        a.ceiling_seconds = 0.0;
+        a.sweep = Vec::new();
+        a.json = None;
+        a.plot = None;
+        let r = Box::pin(run_signet(&a, launcher, server_rt)).await?;
+        let run = r
+            .runs
+            .into_iter()
+            .next()
+            .ok_or("the signet run measured nothing")?;
+        rows.push(cfssl::PeerRow {
+            server: format!("signet {}", format!("{mode:?}").to_lowercase()),
+            credentials: run.credentials,
+            seconds: run.seconds,
+            rate: run.rate,
+            latency: run.latency,
+            cpu_us_per_certificate: run.server.map(|u| u.cpu_us_per_credential),
+            cores_busy: run.server.map(|u| u.cores_busy),
+            errors: run.errors,
+            checked: run.checked,
+            bad_credentials: run.bad_credentials,
+            bad_examples: run.bad_examples,
+            notes: format!(
+                "gRPC over mTLS, linted and checked, SPIFFE ID kept; {}",
+                r.target
+            ),
+        });
+    }
+    let report = cfssl::PeerReport {
+        concurrency: args.concurrency,
+        loop_mode: if args.rate.is_some() {
+            "open"
+        } else {
+            "closed"
+        }
+        .into(),
+        cfssl_version: cfssl::version(&bin),
+        rows,
+        load_average: (load_before, loadavg()),
+        cores: std::thread::available_parallelism().map_or(0, |n| n.get()),
+    };
+    println!("{}", report.table());
+    if let Some(p) = &args.json {
+        report.write_json(p)?;
+    }
+    let bad = report.bad_credentials();
+    if bad > 0 {
+        return Err(format!("{bad} certificates failed their check"));
+    }
+    Ok(report)
 }

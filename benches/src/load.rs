@@ -142,7 +142,8 @@ pub struct Outcome {
 }
 
 impl Outcome {
-    fn merge(&mut self, o: Outcome) {
+    /// Adds `o` to this outcome.
+    pub fn merge(&mut self, o: Outcome) {
         self.credentials += o.credentials;
         self.requests += o.requests;
         self.latencies_us.extend(o.latencies_us);
@@ -163,11 +164,13 @@ impl Outcome {
         }
     }
 
-    fn error(&mut self, kind: impl Into<String>) {
+    /// Counts one failure of `kind`.
+    pub fn error(&mut self, kind: impl Into<String>) {
         *self.errors.entry(kind.into()).or_default() += 1;
     }
 
-    fn judge(&mut self, verdict: Result<(), String>) {
+    /// Counts one checked credential and, when it failed, why.
+    pub fn judge(&mut self, verdict: Result<(), String>) {
         self.checked += 1;
         if let Err(e) = verdict {
             self.bad += 1;

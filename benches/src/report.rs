@@ -363,6 +363,89 @@ impl BenchReport {
     }
 }
 
+/// Draws one line per named series of (concurrency, rate) points, log-scale x, into an SVG or a PNG.
+pub fn plot_series(
+    path: &Path,
+    caption: &str,
+    x_desc: &str,
+    y_desc: &str,
+    series: &[(String, Vec<(usize, f64)>)],
+) -> Result<(), String> {
+    use plotters::prelude::*;
+    let format = PlotFormat::of(path)?;
+    if series.iter().all(|(_, p)| p.is_empty()) {
+        return Err("nothing to plot".into());
+    }
+    register_font()?;
+    fn draw<DB: DrawingBackend>(
+        root: plotters::drawing::DrawingArea<DB, plotters::coord::Shift>,
+        caption: &str,
+        x_desc: &str,
+        y_desc: &str,
+        series: &[(String, Vec<(usize, f64)>)],
+    ) -> Result<(), String> {
+        let err = |e: &dyn std::fmt::Display| format!("plot: {e}");
+        let points = series.iter().flat_map(|(_, p)| p.iter());
+        let x_max = points.clone().map(|p| p.0).max().unwrap_or(1).max(2) as f64 * 1.2;
+        let y_max = points.map(|p| p.1).fold(1.0f64, f64::max) * 1.15;
+        root.fill(&WHITE).map_err(|e| err(&e))?;
+        let mut chart = ChartBuilder::on(&root)
+            .caption(caption, ("sans-serif", 20))
+            .margin(12)
+            .x_label_area_size(42)
+            .y_label_area_size(70)
+            .build_cartesian_2d((0.8f64..x_max).log_scale(), 0f64..y_max)
+            .map_err(|e| err(&e))?;
+        chart
+            .configure_mesh()
+            .x_desc(x_desc)
+            .y_desc(y_desc)
+            .x_label_formatter(&|x| format!("{x:.0}"))
+            .y_label_formatter(&|y| format!("{y:.0}"))
+            .draw()
+            .map_err(|e| err(&e))?;
+        for (i, (name, pts)) in series.iter().enumerate() {
+            let color = Palette99::pick(i).to_rgba();
+            let pts: Vec<(f64, f64)> = pts.iter().map(|&(x, y)| (x.max(1) as f64, y)).collect();
+            chart
+                .draw_series(LineSeries::new(pts.clone(), color.stroke_width(2)))
+                .map_err(|e| err(&e))?
+                .label(name.as_str())
+                .legend(move |(x, y)| {
+                    PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+                });
+            chart
+                .draw_series(pts.iter().map(|&p| Circle::new(p, 4, color.filled())))
+                .map_err(|e| err(&e))?;
+        }
+        chart
+            .configure_series_labels()
+            .position(SeriesLabelPosition::UpperLeft)
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .draw()
+            .map_err(|e| err(&e))?;
+        root.present().map_err(|e| err(&e))?;
+        Ok(())
+    }
+    match format {
+        PlotFormat::Svg => draw(
+            SVGBackend::new(path, PLOT_SIZE).into_drawing_area(),
+            caption,
+            x_desc,
+            y_desc,
+            series,
+        ),
+        PlotFormat::Png => draw(
+            BitMapBackend::new(path, PLOT_SIZE).into_drawing_area(),
+            caption,
+            x_desc,
+            y_desc,
+            series,
+        ),
+    }
+}
+
 /// Width and height of the plot (pixels; SVG user units).
 const PLOT_SIZE: (u32, u32) = (900, 520);
 

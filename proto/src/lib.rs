@@ -6,6 +6,8 @@
 //!   `Config`);
 //! - HashiCorp go-plugin's broker, controller and stdio services ([`plugin`]), which SPIRE uses to load external
 //!   plug-ins;
+//! - SPIRE's server API ([`spire::api`]: Agent, SVID, Entry, Bundle; clients only), vendored from spire-api-sdk,
+//!   which `signet bench --target spire` drives as SPIRE's agents do;
 //! - signet's own API, [`signet::v1`]: `Issuer` (batch X509-SVIDs, JWT-SVIDs, the bundle) and `Admin`.
 //!
 //! [`connect`] builds the clients' channels to the appliance (checked by its SPIFFE ID).
@@ -29,8 +31,46 @@ pub mod connect;
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     include_bytes!(concat!(env!("OUT_DIR"), "/signet_descriptor.bin"));
 
-/// SPIRE's plug-in API.
+/// SPIRE's plug-in API, and the part of SPIRE's server API that `signet bench --target spire` drives (clients only).
 pub mod spire {
+    /// SPIRE's server API (spiffe/spire-api-sdk at the version SPIRE v1.15.3 requires).
+    pub mod api {
+        /// Services of the SPIRE server.
+        pub mod server {
+            /// Agents: node attestation, join tokens.
+            pub mod agent {
+                /// Version 1.
+                pub mod v1 {
+                    tonic::include_proto!("spire.api.server.agent.v1");
+                }
+            }
+            /// SVIDs for agents and workloads.
+            pub mod svid {
+                /// Version 1.
+                pub mod v1 {
+                    tonic::include_proto!("spire.api.server.svid.v1");
+                }
+            }
+            /// Registration entries.
+            pub mod entry {
+                /// Version 1.
+                pub mod v1 {
+                    tonic::include_proto!("spire.api.server.entry.v1");
+                }
+            }
+            /// The trust bundle.
+            pub mod bundle {
+                /// Version 1.
+                pub mod v1 {
+                    tonic::include_proto!("spire.api.server.bundle.v1");
+                }
+            }
+        }
+        /// Types shared by the server API.
+        pub mod types {
+            tonic::include_proto!("spire.api.types");
+        }
+    }
     /// Plug-in services.
     pub mod plugin {
         /// Server-side plug-in types.

@@ -271,3 +271,180 @@ fn bench_drives_a_running_appliance() {
         "{run}"
     );
 }
+
+/// SPIRE's binaries (v1.15.3, from scripts/spire-install), or `None` (said loudly) when Go is missing to build
+/// them and SIGNET_REQUIRE_SPIRE is not 1.
+fn spire_bin_dir() -> Option<std::path::PathBuf> {
+    if let Some(d) = std::env::var_os("SIGNET_SPIRE_BIN_DIR") {
+        return Some(d.into());
+    }
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/spire-install");
+    let out = Command::new(&script)
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .expect("running scripts/spire-install");
+    match out.status.code() {
+        Some(0) => Some(String::from_utf8(out.stdout).unwrap().trim().into()),
+        Some(3) if std::env::var("SIGNET_REQUIRE_SPIRE").as_deref() != Ok("1") => {
+            eprintln!(
+                "!!!!! SKIPPED: `signet bench --target spire` needs Go to build SPIRE (scripts/spire-install)."
+            );
+            None
+        }
+        _ => panic!(
+            "SPIRE is not available ({}), and SIGNET_REQUIRE_SPIRE=1 requires it",
+            out.status
+        ),
+    }
+}
+
+/// Every run of a `--target spire` or `--target cfssl` document answered `want` credentials, each checked and
+/// good, with no failure and ordered percentiles.
+fn assert_runs(runs: &[serde_json::Value], want: u64) {
+    for run in runs {
+        assert_eq!(run["credentials"].as_u64(), Some(want), "{run}");
+        assert_eq!(
+            run["checked"].as_u64(),
+            Some(want),
+            "every credential is checked: {run}"
+        );
+        assert_eq!(run["bad_credentials"].as_u64(), Some(0), "{run}");
+        assert_eq!(run["errors"], serde_json::json!({}), "{run}");
+        let l = &run["latency"];
+        assert!(
+            f(&l["p50_ms"]) > 0.0 && f(&l["p50_ms"]) <= f(&l["p99_ms"]),
+            "{run}"
+        );
+    }
+}
+
+/// `--target spire` against the real spire-server: SPIRE alone, with signet as its KeyManager and as its
+/// UpstreamAuthority. 2 agents attested with join tokens ask BatchNewX509SVID 4 times in all, each time for the
+/// agent's 3 entries: 12 X509-SVIDs per set-up, each checked against the bundle SPIRE publishes (with signet as UpstreamAuthority
+/// that bundle is signet's root, and the SVIDs chain through SPIRE's CA to it). Ratios are to SPIRE alone, and
+/// SPIRE's CPU time per SVID is read from /proc.
+#[test]
+fn bench_spire_issues_svids_that_verify_in_every_setup() {
+    let Some(bin) = spire_bin_dir() else { return };
+    let (out, doc) = bench(&[
+        "--target",
+        "spire",
+        "--spire-bin-dir",
+        bin.to_str().unwrap(),
+        "--concurrency",
+        "2",
+        "--batch",
+        "3",
+        "--requests",
+        "4",
+        "--quiet",
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let doc = doc.expect("the JSON document");
+    assert_eq!(doc["workload"], "x509");
+    assert!(
+        doc["spire_version"].as_str().unwrap().starts_with("1.15.3"),
+        "{doc}"
+    );
+    let runs = doc["runs"].as_array().unwrap();
+    let setups: Vec<&str> = runs.iter().map(|r| r["setup"].as_str().unwrap()).collect();
+    assert_eq!(setups, ["memory", "key-manager", "upstream-authority"]);
+    assert_runs(runs, 12);
+    assert_eq!(runs[0]["ratio_to_memory"].as_f64(), Some(1.0));
+    for r in runs {
+        assert!(f(&r["ratio_to_memory"]) > 0.0, "{r}");
+        // Read from /proc (ticks of 10 ms: a run this short may see none).
+        assert!(f(&r["spire_cpu_us_per_credential"]) >= 0.0, "{r}");
+    }
+    for label in [
+        "SPIRE alone (KeyManager memory)",
+        "SPIRE + signet KeyManager",
+        "SPIRE + signet UpstreamAuthority",
+    ] {
+        assert!(
+            text.contains(label),
+            "{label} missing from the table:\n{text}"
+        );
+    }
+}
+
+/// `--target spire --workload jwt` with signet as SPIRE's KeyManager: SPIRE's JWT key is on signet's token, and
+/// 8 JWT-SVIDs from NewJWTSVID verify against the JWT authorities of SPIRE's bundle.
+#[test]
+fn bench_spire_jwt_svids_verify_with_signet_as_key_manager() {
+    let Some(bin) = spire_bin_dir() else { return };
+    let (out, doc) = bench(&[
+        "--target",
+        "spire",
+        "--workload",
+        "jwt",
+        "--spire-setups",
+        "key-manager",
+        "--spire-bin-dir",
+        bin.to_str().unwrap(),
+        "--concurrency",
+        "2",
+        "--requests",
+        "8",
+        "--quiet",
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc = doc.expect("the JSON document");
+    assert_eq!(doc["workload"], "jwt");
+    let runs = doc["runs"].as_array().unwrap();
+    assert_eq!(runs.len(), 1);
+    assert_eq!(runs[0]["setup"], "key-manager");
+    assert_runs(runs, 8);
+}
+
+/// `--target cfssl`: Debian's `cfssl serve` (installed by scripts/test) beside signet's delegated and direct modes,
+/// 30 one-CSR requests each; every certificate checked (cfssl's against its CA, without the SPIFFE ID it drops),
+/// and each server's CPU time per certificate measured.
+#[test]
+fn bench_cfssl_side_by_side_with_signet() {
+    if Command::new("cfssl").arg("version").output().is_err() {
+        panic!(
+            "cfssl is not installed: apt-get install -y golang-cfssl (scripts/test installs it)"
+        );
+    }
+    let (out, doc) = bench(&[
+        "--target",
+        "cfssl",
+        "--concurrency",
+        "3",
+        "--requests",
+        "30",
+        "--quiet",
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let doc = doc.expect("the JSON document");
+    let rows = doc["rows"].as_array().unwrap();
+    let servers: Vec<&str> = rows.iter().map(|r| r["server"].as_str().unwrap()).collect();
+    assert_eq!(servers, ["cfssl", "signet delegated", "signet direct"]);
+    assert_runs(rows, 30);
+    for r in rows {
+        // From /proc (ticks of 10 ms: a run this short may see none).
+        assert!(f(&r["cpu_us_per_certificate"]) >= 0.0, "{r}");
+    }
+    assert!(
+        rows[0]["notes"]
+            .as_str()
+            .unwrap()
+            .contains("URI SAN dropped"),
+        "{text}"
+    );
+}

@@ -2,7 +2,7 @@
 //! an appliance in this process (on the embedded hsm-sim, a SoftHSM2 token or the TPM rig's token) and a loop of the
 //! same per-certificate work without gRPC and pipeline, for the second ratio.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
@@ -15,19 +15,34 @@ use signet::serve::{Appliance, EmbeddedToken as _, HsmSimEmbedded};
 use signet::spiffe::TrustDomain;
 use signet::x509::{Authority, LeafRequest, RootRequest, parse_and_verify_csr};
 use signet_bench::ceiling::{CEILING_KEY, TokenSpec};
+use signet_bench::spire::{SpireSetup, StanzaMaker};
 use signet_bench::{
     BenchArgs, BoxFuture, InProcess, InProcessToken, Mode, Started, Target, WorkLoop,
 };
 use signet_pkcs11::{KeyGenOptions, PinSource, Token, TokenConfig};
+use signet_proto::signet::v1 as pb;
 use time::OffsetDateTime;
 
 use super::CliError;
 
 /// Runs `signet bench`.
 pub fn run(args: BenchArgs) -> Result<(), CliError> {
-    signet_bench::run(&args, &launch)
+    let result = signet_bench::run(&args, &launch)
         .map(|_| ())
-        .map_err(CliError::new)
+        .map_err(CliError::new);
+    if let Some(home) = SIM_HOME.get() {
+        let _ = std::fs::remove_dir_all(home);
+    }
+    result
+}
+
+/// The simulated device's directory and its token's PINs for this process (removed when the bench ends).
+static SIM_HOME: std::sync::OnceLock<PathBuf> = std::sync::OnceLock::new();
+
+fn sim_home() -> &'static Path {
+    SIM_HOME.get_or_init(|| {
+        std::env::temp_dir().join(format!("signet-bench-sim-{}", std::process::id()))
+    })
 }
 
 fn launch(spec: InProcess) -> BoxFuture<Result<Started, String>> {
@@ -41,7 +56,16 @@ async fn start(spec: InProcess) -> Result<Started, String> {
         .parse()
         .map_err(|e| format!("listen address: {e}"))?;
     cfg.server.metrics = None;
-    cfg.server.bootstrap_listen = None;
+    // SPIRE's plug-ins get their first credentials for join tokens, exchanged on the bootstrap port.
+    cfg.server.bootstrap_listen = if spec.spire_plugins {
+        Some(
+            "127.0.0.1:0"
+                .parse()
+                .map_err(|e| format!("bootstrap address: {e}"))?,
+        )
+    } else {
+        None
+    };
     cfg.pipeline.cpu_threads = spec.cpu_threads;
     cfg.authority.x509.mode = match spec.mode {
         Mode::Direct => ModeSetting::Direct,
@@ -49,9 +73,19 @@ async fn start(spec: InProcess) -> Result<Started, String> {
     };
     let (token, what) = match &spec.token {
         InProcessToken::HsmSim { latency_ms } => {
-            let dir = spec.data_dir.join("hsm-sim");
+            // One simulated device per process (its first configuration stays): its directory and the token's
+            // PINs outlive each appliance, so that the next appliance of the run (`--target cfssl` starts one per
+            // mode, `--target spire` may too) logs in to the same token.
+            let home = sim_home();
+            let dir = home.join("hsm-sim");
             std::fs::create_dir_all(&dir)
                 .map_err(|e| format!("creating {}: {e}", dir.display()))?;
+            for f in ["token.pin", "token.so-pin"] {
+                if home.join(f).exists() {
+                    std::fs::copy(home.join(f), spec.data_dir.join(f))
+                        .map_err(|e| format!("copying the token's PIN: {e}"))?;
+                }
+            }
             // Configured before the embedded token is provisioned: the first configuration of the process stays.
             hsm_sim::set_embedded_config(hsm_sim::Config {
                 dir: Some(dir),
@@ -61,6 +95,12 @@ async fn start(spec: InProcess) -> Result<Started, String> {
             let mut settings = HsmSimEmbedded
                 .provision(&spec.data_dir)
                 .map_err(|e| e.to_string())?;
+            for f in ["token.pin", "token.so-pin"] {
+                if !home.join(f).exists() {
+                    std::fs::copy(spec.data_dir.join(f), home.join(f))
+                        .map_err(|e| format!("keeping the token's PIN: {e}"))?;
+                }
+            }
             settings.sessions = spec.sessions;
             let PinConfig::File(pin_file) = &settings.pin else {
                 return Err("the embedded token has no PIN file".into());
@@ -109,7 +149,13 @@ async fn start(spec: InProcess) -> Result<Started, String> {
     )
     .to_lowercase();
     let trust_domain = app.trust_domain().clone();
+    let spire_stanza = if spec.spire_plugins {
+        Some(stanza_maker(app.addr().to_string(), p.bundle.clone())?)
+    } else {
+        None
+    };
     Ok(Started {
+        spire_stanza,
         target,
         ceiling_token: Some(token.clone()),
         work_loop: Some(work_loop(spec.mode, token, spec.sessions, trust_domain)),
@@ -122,6 +168,32 @@ async fn start(spec: InProcess) -> Result<Started, String> {
             })
         }),
     })
+}
+
+/// The plug-in stanzas of `signet spire config` for the in-process appliance at `endpoint` (bundle in `bundle`).
+fn stanza_maker(endpoint: String, bundle: PathBuf) -> Result<StanzaMaker, String> {
+    let (exe, checksum) = super::spire::this_program().map_err(|e| e.to_string())?;
+    Ok(Box::new(
+        move |setup: SpireSetup, token: &pb::CreateJoinTokenResponse, cred_dir: &Path| {
+            let (kind, arg) = match setup {
+                SpireSetup::UpstreamAuthority => ("UpstreamAuthority", "upstream-authority"),
+                SpireSetup::KeyManager => ("KeyManager", "key-manager"),
+                SpireSetup::Memory => return Err("SPIRE alone has no signet plug-in".into()),
+            };
+            Ok(super::spire::Stanza {
+                kind,
+                arg,
+                exe: &exe,
+                checksum: &checksum,
+                endpoint: &endpoint,
+                bundle: &bundle,
+                cert: cred_dir.join(format!("{arg}.pem")),
+                key: cred_dir.join(format!("{arg}.key")),
+                token,
+            }
+            .render())
+        },
+    ))
 }
 
 /// The appliance's per-certificate work in a tight loop (CSR parse and verify, template, lint, sign, post-sign

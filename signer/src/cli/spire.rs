@@ -106,20 +106,41 @@ fn make_private_dir(dir: &Path) -> Result<(), CliError> {
 }
 
 /// The plug-in stanza for SPIRE's `plugins { }` block.
-struct Stanza<'a> {
-    kind: &'a str,
-    arg: &'a str,
-    exe: &'a Path,
-    checksum: &'a str,
-    endpoint: &'a str,
-    bundle: &'a Path,
-    cert: PathBuf,
-    key: PathBuf,
-    token: &'a pb::CreateJoinTokenResponse,
+pub(super) struct Stanza<'a> {
+    /// `UpstreamAuthority` or `KeyManager`.
+    pub(super) kind: &'a str,
+    /// `upstream-authority` or `key-manager`.
+    pub(super) arg: &'a str,
+    /// This program, by absolute path.
+    pub(super) exe: &'a Path,
+    /// Its SHA-256 (hex).
+    pub(super) checksum: &'a str,
+    /// The appliance's address(es).
+    pub(super) endpoint: &'a str,
+    /// Its trust bundle (PEM), by absolute path.
+    pub(super) bundle: &'a Path,
+    /// Where the plug-in keeps its certificate.
+    pub(super) cert: PathBuf,
+    /// Where the plug-in keeps its key.
+    pub(super) key: PathBuf,
+    /// The join token.
+    pub(super) token: &'a pb::CreateJoinTokenResponse,
+}
+
+/// This program's absolute path and its SHA-256 (hex), for plugin_cmd and plugin_checksum.
+pub(super) fn this_program() -> Result<(PathBuf, String), CliError> {
+    let exe = std::env::current_exe()
+        .and_then(std::fs::canonicalize)
+        .map_err(|e| CliError::new(format!("cannot find this program's path: {e}")))?;
+    let binary = std::fs::read(&exe)
+        .map_err(|e| CliError::new(format!("cannot read {}: {e}", exe.display())))?;
+    let checksum = hex::encode(ring::digest::digest(&ring::digest::SHA256, &binary));
+    Ok((exe, checksum))
 }
 
 impl Stanza<'_> {
-    fn render(&self) -> String {
+    /// The stanza's text.
+    pub(super) fn render(&self) -> String {
         let addrs: Vec<&str> = self
             .endpoint
             .split(',')
@@ -153,13 +174,7 @@ impl Stanza<'_> {
 }
 
 fn config(conn: &Connection, args: ConfigArgs) -> Result<(), CliError> {
-    let exe = std::env::current_exe()
-        .and_then(std::fs::canonicalize)
-        .map_err(|e| CliError::new(format!("cannot find this program's path: {e}")))?;
-    let binary = std::fs::read(&exe)
-        .map_err(|e| CliError::new(format!("cannot read {}: {e}", exe.display())))?;
-    let checksum = hex::encode(ring::digest::digest(&ring::digest::SHA256, &binary));
-    drop(binary);
+    let (exe, checksum) = this_program()?;
     let spiffe_id = match args.spiffe_id {
         Some(id) => id,
         None => format!("spiffe://{}{SPIRE_SERVER_ID_PATH}", conn.trust_domain()?),

@@ -1093,10 +1093,7 @@ impl Appliance {
             }))
             .await
             .map_err(|e| format!("starting the appliance: {e}"))??;
-        Ok(Appliance {
-            started,
-            _dir: dir,
-        })
+        Ok(Appliance { started, _dir: dir })
     }
 
     async fn stop(self, server_rt: &tokio::runtime::Handle) {

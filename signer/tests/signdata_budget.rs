@@ -23,6 +23,7 @@
 )]
 #[path = "appliance/common.rs"]
 mod common;
+mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
@@ -31,7 +32,7 @@ use std::time::{Duration, Instant};
 use common::*;
 use signet::plugin::forward::{Appliance as Remote, KeyManagerForwarder};
 use signet::plugin::in_process::InProcessKeyManager;
-use signet::plugin::settings::{FirstCredential, PluginSettings};
+use signet::plugin::settings::{FirstCredential, KeyIdentifier, PluginSettings};
 use signet_proto::spire::plugin::server::keymanager::v1 as km;
 use signet_proto::spire::plugin::server::keymanager::v1::key_manager_client::KeyManagerClient;
 use signet_proto::spire::plugin::server::keymanager::v1::key_manager_server::{
@@ -175,6 +176,7 @@ async fn signdata_latency_budget() {
         connect_timeout: Duration::from_secs(10),
         request_timeout: Duration::from_secs(30),
         max_backoff: Duration::from_secs(2),
+        key_identifier: KeyIdentifier::None,
     };
     let remote = Remote::connect(settings).await.unwrap();
     let forwarder = KeyManagerForwarder::new(Arc::new(tokio::sync::RwLock::new(Some(remote))));

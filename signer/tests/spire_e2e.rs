@@ -906,8 +906,6 @@ async fn nested_spire_below_signet() {
     bed.stop().await;
 }
 
-/// Entries for `spire-server entry create -data`: `n` workloads under the test agent, all for this uid.
-fn entries_json(n: usize, uid: u32) -> String {
 /// Entries for `spire-server entry create -data`: `n` workloads spread over `agents` bench agents
 /// (`spiffe://example.org/agent1`, `.../bench-agent-<i>`), all for this uid.
 fn entries_json(n: usize, agents: usize, uid: u32) -> String {
@@ -1125,7 +1123,11 @@ fn embedded_stanza(kind: &str, arg: &str, config: &Path) -> String {
 fn hsm_sim_bare_rate(latency_ms: u32, concurrency: usize) -> f64 {
     // SAFETY: the measurement runs alone in its process and loads hsm-sim here for the first time (the module
     // reads its latency at C_Initialize); no other thread reads the environment meanwhile.
-    #[allow(unsafe_code)]
+    #[allow(
+        unsafe_code,
+        clippy::disallowed_methods,
+        reason = "hsm-sim reads its latency from the environment when it loads, before any other thread runs"
+    )]
     unsafe {
         std::env::set_var("HSM_SIM_LATENCY_MS", latency_ms.to_string());
     }

@@ -322,15 +322,7 @@ impl PeerReport {
             "bad"
         );
         for r in &self.rows {
-            let errors = if r.errors.is_empty() {
-                "none".to_string()
-            } else {
-                r.errors
-                    .iter()
-                    .map(|(k, v)| format!("{k}: {v}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
+            let errors = crate::report::error_summary(&r.errors);
             let _ = writeln!(
                 s,
                 "{:<16} {:>9.0} {:>8.2} {:>8.2} {:>8.2} {:>10} {:>6} {:>8} {:>5}  {errors}; {}",
@@ -365,8 +357,7 @@ impl PeerReport {
 
     /// Writes the JSON document.
     pub fn write_json(&self, path: &Path) -> Result<(), String> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| format!("JSON: {e}"))?;
-        std::fs::write(path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))
+        crate::report::write_json_file(self, path)
     }
 
     /// Bad certificates over every row.

@@ -170,15 +170,7 @@ impl BenchReport {
         );
         let opt = |r: Option<f64>| r.map_or("-".to_string(), |v| format!("{v:.3}"));
         for r in &self.runs {
-            let errors = if r.errors.is_empty() {
-                "none".to_string()
-            } else {
-                r.errors
-                    .iter()
-                    .map(|(k, v)| format!("{k}: {v}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
+            let errors = error_summary(&r.errors);
             let (cpu, client, rss) = r.server.map_or(("-".into(), "-".into(), "-".into()), |u| {
                 (
                     format!("{:.0}", u.cpu_us_per_credential),
@@ -241,8 +233,7 @@ impl BenchReport {
 
     /// Writes the JSON document.
     pub fn write_json(&self, path: &Path) -> Result<(), String> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| format!("JSON: {e}"))?;
-        std::fs::write(path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))
+        write_json_file(self, path)
     }
 
     /// Draws throughput and p99 latency against concurrency (log scale), with the ceiling as a line, into an SVG
@@ -490,6 +481,24 @@ fn register_font() -> Result<(), String> {
             .map_err(|_| "plot: the embedded DejaVu Sans font does not load".to_string())
         })
         .clone()
+}
+
+/// A run's error counts in one line: `none`, or `kind: n, kind: n`.
+pub fn error_summary(errors: &BTreeMap<String, u64>) -> String {
+    if errors.is_empty() {
+        return "none".into();
+    }
+    errors
+        .iter()
+        .map(|(k, v)| format!("{k}: {v}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Writes a report as pretty JSON (with a final newline).
+pub fn write_json_file<T: Serialize>(report: &T, path: &Path) -> Result<(), String> {
+    let text = serde_json::to_string_pretty(report).map_err(|e| format!("JSON: {e}"))?;
+    std::fs::write(path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))
 }
 
 #[cfg(test)]

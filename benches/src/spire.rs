@@ -614,15 +614,7 @@ impl SpireReport {
             "spire µs"
         );
         for r in &self.runs {
-            let errors = if r.errors.is_empty() {
-                "none".to_string()
-            } else {
-                r.errors
-                    .iter()
-                    .map(|(k, v)| format!("{k}: {v}"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            };
+            let errors = crate::report::error_summary(&r.errors);
             let _ = writeln!(
                 s,
                 "{:<34} {:>6} {:>9.0} {:>8} {:>8.2} {:>8.2} {:>8.2} {:>8} {:>8} {:>9}  {errors}",
@@ -657,8 +649,7 @@ impl SpireReport {
 
     /// Writes the JSON document.
     pub fn write_json(&self, path: &Path) -> Result<(), String> {
-        let text = serde_json::to_string_pretty(self).map_err(|e| format!("JSON: {e}"))?;
-        std::fs::write(path, text + "\n").map_err(|e| format!("writing {}: {e}", path.display()))
+        crate::report::write_json_file(self, path)
     }
 
     /// Draws SVIDs a second against agents, one line per set-up, into an SVG or a PNG.

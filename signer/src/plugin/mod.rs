@@ -98,7 +98,7 @@ pub fn check_launch(
             "this is a SPIRE plug-in: a SPIRE server starts it itself. Add it to server.conf as\n  {key} \"signet\" {{\n    \
              plugin_cmd = \"<path to signet>\"\n    plugin_args = [\"spire-plugin\", \"{}\"]\n    \
              plugin_checksum = \"<sha256sum of signet>\"\n    plugin_data {{ endpoint = ..., trust_bundle_path = ..., \
-             client_cert_path = ..., client_key_path = ... }}\n  }}\n(the README has the whole snippet). \
+             client_cert_path = ..., client_key_path = ... }}\n  }}\n(the manual's SPIRE chapter, docs/src/spire.md, has the whole snippet). \
              The environment variable {key}={key} that SPIRE sets is missing.",
             match kind {
                 PluginKind::UpstreamAuthority => "upstream-authority",

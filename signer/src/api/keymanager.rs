@@ -37,6 +37,7 @@ use signet_proto::spire::plugin::server::keymanager::v1 as pb;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
+use super::status::token_status;
 use super::{AppState, Caller, Subject, pipeline_status};
 use crate::audit::{AuditRecord, Outcome};
 use crate::ca::Clock;
@@ -525,29 +526,6 @@ fn register(
         spki,
         key,
     })
-}
-
-/// The gRPC status of a token failure while managing keys, by what went wrong: a transient failure (device busy or
-/// unplugged, session lost) is UNAVAILABLE, the one answer SPIRE retries; a key type or mechanism the token cannot
-/// do is UNIMPLEMENTED; a token that is not usable as configured (PIN wrong, locked or missing, token or module
-/// missing) is FAILED_PRECONDITION; anything else permanent (a template the token refuses, a key it will not show)
-/// is INTERNAL. Retrying any of those repeats the answer, and SPIRE retries UNAVAILABLE without end.
-pub(crate) fn token_status(e: &signet_pkcs11::Error, what: &str) -> Status {
-    use signet_pkcs11::ErrorKind as K;
-    let m = format!("{what}: {e}");
-    if e.is_transient() {
-        return Status::unavailable(m);
-    }
-    match e.kind() {
-        K::NotSupported => Status::unimplemented(m),
-        K::PinIncorrect
-        | K::PinLocked
-        | K::PinUnavailable
-        | K::TokenNotFound
-        | K::ModuleLoad
-        | K::KeyNotFound => Status::failed_precondition(m),
-        _ => Status::internal(m),
-    }
 }
 
 fn join_status(e: tokio::task::JoinError) -> Status {

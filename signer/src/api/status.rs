@@ -111,3 +111,26 @@ pub fn rotation_status(e: &crate::ca::RotationError) -> Status {
         _ => Status::internal(e.to_string()),
     }
 }
+
+/// The gRPC status of a token failure while managing keys, by what went wrong: a transient failure (device busy or
+/// unplugged, session lost) is UNAVAILABLE, the one answer SPIRE retries; a key type or mechanism the token cannot
+/// do is UNIMPLEMENTED; a token that is not usable as configured (PIN wrong, locked or missing, token or module
+/// missing) is FAILED_PRECONDITION; anything else permanent (a template the token refuses, a key it will not show)
+/// is INTERNAL. Retrying any of those repeats the answer, and SPIRE retries UNAVAILABLE without end.
+pub fn token_status(e: &signet_pkcs11::Error, what: &str) -> Status {
+    use signet_pkcs11::ErrorKind as K;
+    let m = format!("{what}: {e}");
+    if e.is_transient() {
+        return Status::unavailable(m);
+    }
+    match e.kind() {
+        K::NotSupported => Status::unimplemented(m),
+        K::PinIncorrect
+        | K::PinLocked
+        | K::PinUnavailable
+        | K::TokenNotFound
+        | K::ModuleLoad
+        | K::KeyNotFound => Status::failed_precondition(m),
+        _ => Status::internal(m),
+    }
+}

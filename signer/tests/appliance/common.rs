@@ -33,6 +33,22 @@ pub struct Credential {
     pub key_pem: String,
 }
 
+/// Whether the credential's private key is the one its leaf certificate certifies.
+fn key_matches_leaf(c: &Credential) -> bool {
+    use rcgen::PublicKeyData as _;
+    let Ok(key) = rcgen::KeyPair::from_pem(&c.key_pem) else {
+        return false;
+    };
+    let Some(leaf) = ::pem::parse_many(&c.chain_pem)
+        .ok()
+        .and_then(|blocks| blocks.into_iter().next())
+    else {
+        return false;
+    };
+    x509_parser::parse_x509_certificate(leaf.contents())
+        .is_ok_and(|(_, cert)| cert.public_key().raw == key.subject_public_key_info().as_slice())
+}
+
 pub struct Bed {
     pub app: Appliance,
     pub dir: tempfile::TempDir,
@@ -200,12 +216,22 @@ impl Bed {
             .open()
     }
 
+    /// The admin credential in the data directory. Its two files are replaced one after the other when the
+    /// appliance renews it (after every activate), so a read between the two renames sees a key and a certificate
+    /// that do not match: read again until they do (bounded).
     pub fn admin(&self) -> Credential {
         let p = self.app.paths();
-        Credential {
-            chain_pem: std::fs::read_to_string(&p.admin_cert).unwrap(),
-            key_pem: std::fs::read_to_string(&p.admin_key).unwrap(),
+        for _ in 0..500 {
+            let c = Credential {
+                chain_pem: std::fs::read_to_string(&p.admin_cert).unwrap(),
+                key_pem: std::fs::read_to_string(&p.admin_key).unwrap(),
+            };
+            if key_matches_leaf(&c) {
+                return c;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
         }
+        panic!("the admin key and certificate in the data directory never matched");
     }
 
     pub fn roots_pem(&self) -> String {

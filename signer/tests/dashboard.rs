@@ -10,16 +10,13 @@
     reason = "test fixtures and helpers outside #[test] fns: a failed fixture is a failed test"
 )]
 
-#[path = "appliance/common.rs"]
-#[allow(dead_code)]
-mod common;
 mod support;
 
 use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use common::*;
+use support::bed::*;
 use signet_proto::signet::v1 as pb;
 use signet_proto::signet::v1::issuer_client::IssuerClient;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};

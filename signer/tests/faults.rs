@@ -20,12 +20,6 @@
     reason = "test fixtures outside #[test] fns: a failed fixture is a failed test"
 )]
 
-#[path = "appliance/common.rs"]
-#[allow(
-    dead_code,
-    reason = "the appliance tests' bed, shared: this binary uses part of it"
-)]
-mod common;
 mod support;
 
 use std::collections::BTreeMap;
@@ -45,7 +39,8 @@ use tonic::Code;
 use tonic::transport::Channel;
 use x509_parser::prelude::FromDer as _;
 
-use common::*;
+use support::bed::*;
+use support::openssl_verify;
 
 /// Longest any request may take before it counts as unanswered.
 const ANSWER_WITHIN: Duration = Duration::from_secs(15);

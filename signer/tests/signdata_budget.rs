@@ -17,19 +17,13 @@
     reason = "a measurement: a failed fixture is a failed run"
 )]
 
-#[allow(
-    dead_code,
-    reason = "shared with the appliance tests; this binary uses part of it"
-)]
-#[path = "appliance/common.rs"]
-mod common;
 mod support;
 
 use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use common::*;
+use support::bed::*;
 use signet::plugin::forward::{Appliance as Remote, KeyManagerForwarder};
 use signet::plugin::in_process::InProcessKeyManager;
 use signet::plugin::settings::{FirstCredential, KeyIdentifier, PluginSettings};

@@ -18,19 +18,14 @@
     reason = "test fixtures and helpers outside #[test] fns: a failed fixture is a failed test"
 )]
 
-#[allow(
-    dead_code,
-    reason = "shared with the appliance tests; this binary uses part of it"
-)]
-#[path = "appliance/common.rs"]
-mod common;
 mod support;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use common::*;
+use support::bed::*;
+use support::{free_port, openssl_verify, pem_chain};
 use signet::config::ConfigDuration;
 use spiffe::{JwtBundle, JwtBundleSet, JwtSvid};
 

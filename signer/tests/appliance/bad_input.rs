@@ -9,7 +9,7 @@ use signet_proto::spire::plugin::server::upstreamauthority::v1 as ua;
 use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authority_client::UpstreamAuthorityClient;
 use tonic::Code;
 
-use crate::common::*;
+use crate::support::bed::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn malformed_and_empty_requests_get_clear_errors() {

@@ -19,7 +19,8 @@ use signet_proto::spire::plugin::server::upstreamauthority::v1 as ua;
 use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authority_client::UpstreamAuthorityClient;
 use tonic::Code;
 
-use crate::common::*;
+use crate::support::bed::*;
+use crate::support::pem_chain;
 
 /// A SPIRE server's CA, minted by the appliance for `spire` (a real MintX509CA answer), with its key.
 async fn spire_ca(bed: &Bed, spire: &Credential) -> (Vec<u8>, rcgen::KeyPair) {

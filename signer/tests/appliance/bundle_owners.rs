@@ -18,7 +18,7 @@ use spiffe::{JwtBundle, JwtBundleSet, JwtSvid};
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::common::*;
+use crate::support::bed::*;
 
 fn p256_spki() -> Vec<u8> {
     let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();

@@ -224,7 +224,7 @@ fn serve_then_mint_and_bundle_as_processes() {
 
     // With several addresses (replicas), the first that answers serves the command; when none does, every
     // failure is named.
-    let dead = format!("127.0.0.1:{}", crate::common::free_port());
+    let dead = format!("127.0.0.1:{}", crate::support::free_port());
     let live = std::fs::read_to_string(data.join("endpoint")).unwrap();
     let out = run(
         cwd,

@@ -250,7 +250,7 @@ async fn doctor_finds_a_missing_mechanism() {
 async fn doctor_finds_an_unreachable_datastore() {
     let Some(hsm) = SoftHsm::new() else { return };
     let dir = tempfile::tempdir().unwrap();
-    let port = crate::common::free_port();
+    let port = crate::support::free_port();
     let config = write_config(
         &hsm,
         dir.path(),

@@ -6,7 +6,7 @@ use std::time::Instant;
 use signet_proto::signet::v1 as pb;
 use signet_proto::signet::v1::issuer_client::IssuerClient;
 
-use crate::common::*;
+use crate::support::bed::*;
 
 async fn batch_rate(bed: &Bed, label: &str) {
     let ch = bed.channel(Some(&bed.admin())).await;

@@ -27,7 +27,8 @@ use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authori
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::common::*;
+use crate::support::bed::*;
+use crate::support::pem_chain;
 
 /// Callers under this prefix may use every service, for `workloads/` and `web` IDs, X509-SVIDs up to
 /// [`X509_MAX`] and JWT-SVIDs up to [`JWT_MAX`].

@@ -8,7 +8,8 @@ use signet_proto::signet::v1::issuer_client::IssuerClient;
 use spiffe::{JwtBundle, JwtBundleSet, JwtSvid};
 use tonic::Code;
 
-use crate::common::*;
+use crate::support::bed::*;
+use crate::support::openssl_verify;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_answers_each_csr_in_order() {

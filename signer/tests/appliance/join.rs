@@ -13,7 +13,8 @@ use signet_proto::signet::v1::bootstrap_client::BootstrapClient;
 use signet_proto::signet::v1::issuer_client::IssuerClient;
 use tonic::Code;
 
-use crate::common::*;
+use crate::support::bed::*;
+use crate::support::openssl_verify;
 
 const JOINER: &str = "spiffe://example.org/workloads/joiner";
 

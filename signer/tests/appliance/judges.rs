@@ -11,7 +11,7 @@ use signet_proto::signet::v1::issuer_client::IssuerClient;
 use signet_proto::spire::plugin::server::upstreamauthority::v1 as ua;
 use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authority_client::UpstreamAuthorityClient;
 
-use crate::common::*;
+use crate::support::bed::*;
 use crate::support::corrupt_signature;
 use crate::support::judges::{Judge, write_case};
 

@@ -7,7 +7,7 @@ use signet_proto::spire::plugin::server::keymanager::v1::key_manager_client::Key
 use tonic::Code;
 use x509_parser::prelude::FromDer as _;
 
-use crate::common::*;
+use crate::support::bed::*;
 
 fn raw_key(spki: &[u8]) -> Vec<u8> {
     let (_, info) = x509_parser::x509::SubjectPublicKeyInfo::from_der(spki).unwrap();

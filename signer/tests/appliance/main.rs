@@ -12,7 +12,6 @@ mod bad_input;
 mod boundary;
 mod bundle_owners;
 mod cli;
-mod common;
 mod doctor;
 mod figures;
 mod hostile;
@@ -28,6 +27,7 @@ mod rotation;
 mod security;
 #[path = "../support/mod.rs"]
 mod support;
+mod token_cli;
 mod tpm;
 mod ttl;
 mod upstream;

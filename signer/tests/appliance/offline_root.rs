@@ -21,7 +21,8 @@ use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authori
 use time::OffsetDateTime;
 use tonic::Code;
 
-use crate::common::*;
+use crate::support::bed::*;
+use crate::support::{openssl_verify, pem_chain};
 
 /// A root made by `openssl req -x509` in its own directory (the ceremony's machine).
 struct OfflineRoot {

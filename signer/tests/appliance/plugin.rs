@@ -18,7 +18,8 @@ use tonic::Code;
 use tonic::transport::{Channel, Endpoint};
 use x509_parser::prelude::FromDer as _;
 
-use crate::common::*;
+use crate::support::bed::*;
+use crate::support::{free_port, openssl_verify, pem_chain};
 
 /// A running plug-in process and a channel to its socket.
 struct PluginProcess {

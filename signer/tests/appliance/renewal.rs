@@ -16,7 +16,8 @@ use time::OffsetDateTime;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-use crate::common::*;
+use crate::support::bed::*;
+use crate::support::{openssl_verify, pem_chain};
 use crate::handshake::{ders, serial, served_chain, signed_by};
 
 fn tls_for(roots_pem: &str, who: &Credential) -> ClientTlsConfig {

@@ -8,7 +8,7 @@ use signet_proto::spire::plugin::server::upstreamauthority::v1 as pb;
 use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authority_client::UpstreamAuthorityClient;
 use tonic::Code;
 
-use crate::common::*;
+use crate::support::bed::*;
 
 fn step(step: &str, kind: &str, label: &str) -> spb::RotateRequest {
     spb::RotateRequest {

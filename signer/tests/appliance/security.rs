@@ -9,7 +9,7 @@ use signet_proto::spire::plugin::server::upstreamauthority::v1 as ua;
 use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authority_client::UpstreamAuthorityClient;
 use tonic::Code;
 
-use crate::common::*;
+use crate::support::bed::*;
 
 fn issued_count(bed: &Bed) -> usize {
     bed.audit()

@@ -12,7 +12,8 @@ use signet_proto::signet::v1 as pb;
 use signet_proto::signet::v1::issuer_client::IssuerClient;
 use spiffe::{JwtBundle, JwtBundleSet, JwtSvid};
 
-use crate::common::*;
+use crate::support::bed::*;
+use crate::support::openssl_verify;
 
 async fn issue_and_verify(tpm: &Tpm, key_type: KeyTypeSetting, mode: ModeSetting) {
     let prefix = format!("{}{key_type:?}-{mode:?}-", tpm.key_prefix());

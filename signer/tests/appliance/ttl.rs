@@ -15,7 +15,8 @@ use signet_proto::spire::plugin::server::upstreamauthority::v1::upstream_authori
 use tonic::Code;
 use tonic::transport::Channel;
 
-use crate::common::*;
+use crate::support::bed::*;
+use crate::support::openssl_verify;
 
 /// The JWT authority's own maximum in these runs (shorter than the policy's, so that it is the one that cuts).
 const JWT_AUTHORITY_MAX: u64 = 1800;

@@ -8,7 +8,8 @@ use signet_proto::spire::plugin::types::JwtKey;
 use tonic::Code;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 
-use crate::common::*;
+use crate::support::bed::*;
+use crate::support::openssl_verify;
 
 /// SPIRE's CSR: subject C=US, O=SPIFFE, one URI SAN `spiffe://<td>`.
 fn spire_csr() -> (Vec<u8>, rcgen::KeyPair) {

@@ -7,6 +7,7 @@
     reason = "each test binary uses the part of the shared helpers it needs"
 )]
 
+pub mod bed;
 pub mod handshake;
 pub mod judges;
 

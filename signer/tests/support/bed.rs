@@ -1,4 +1,6 @@
-//! The test bed: an appliance on a fresh SoftHSM2 token, clients with chosen identities, and oracles.
+//! The test bed: an appliance on a fresh SoftHSM2 token (or any token a test brings), clients with chosen
+//! identities, and oracles. Shared by the appliance binary and the binaries that need an appliance of their own
+//! process (`dashboard`, `faults`, `spire_e2e`, `signdata_budget`); a binary takes it as `support::bed`.
 
 use std::any::Any;
 use std::path::Path;
@@ -11,12 +13,7 @@ use signet_proto::signet::v1 as pb;
 use signet_proto::signet::v1::issuer_client::IssuerClient;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
-/// The shared helpers the appliance tests took from here before they moved to `support`.
-#[allow(
-    unused_imports,
-    reason = "binaries that borrow this bed use part of it"
-)]
-pub use crate::support::{free_port, openssl_verify, pem_chain};
+use super::pem_chain;
 
 pub const TD: &str = "example.org";
 pub const ADMIN: &str = "spiffe://example.org/signet/admin";

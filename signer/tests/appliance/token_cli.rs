@@ -1,8 +1,6 @@
 //! End-to-end tests of `signet token init|keygen|list|pubkey`: runs the built binary against a
 //! SoftHSM2 configuration of its own (a temporary token directory per test).
 
-#![allow(clippy::unwrap_used, clippy::expect_used)]
-
 use std::process::{Command, Output, Stdio};
 
 use signet_pkcs11::testing::{SOFTHSM_MODULE, softhsm_available, write_softhsm_conf};

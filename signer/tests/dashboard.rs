@@ -16,9 +16,9 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::Path;
 
-use support::bed::*;
 use signet_proto::signet::v1 as pb;
 use signet_proto::signet::v1::issuer_client::IssuerClient;
+use support::bed::*;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 
 /// The `signet_*` metric names in `text` (PromQL), histogram series suffixes stripped.
@@ -185,16 +185,21 @@ async fn dashboard_and_alerts_name_exported_metrics() {
     drop(c);
 
     // The RPCs' times are recorded when their handlers let go of the call: wait for them (bounded).
-    let mut text = String::new();
-    for _ in 0..100 {
-        text = get_metrics(ops).await;
-        if text.contains("signet_api_request_seconds_bucket")
-            && text.contains("signet_unauthenticated_refusals_total")
-        {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    let text = support::wait::wait_for_async(
+        "the RPCs' times and the refusal in /metrics",
+        std::time::Duration::from_secs(30),
+        || async {
+            let text = get_metrics(ops).await;
+            if text.contains("signet_api_request_seconds_bucket")
+                && text.contains("signet_unauthenticated_refusals_total")
+            {
+                Ok(text)
+            } else {
+                Err(text)
+            }
+        },
+    )
+    .await;
     let have = exported(&text);
     for (what, exprs) in [("dashboard", &queries), ("alerts.yml", &alerts)] {
         for q in exprs.iter() {

@@ -525,6 +525,7 @@ where
         }));
     }
 
+    // The load before the fault (the rate recovery is measured against); not a synchronisation.
     tokio::time::sleep(plan.before).await;
     let fault_at = t0.elapsed();
     let (mut control, back_at) = fault(control, t0, rig.poke.clone()).await;
@@ -745,6 +746,7 @@ async fn one_percent_device_errors(rig: &Rig, control: Control) -> Control {
             // 2 s, and on until the device has failed a few signatures (a slow debug build signs few): at most 30 s.
             let since = Instant::now();
             loop {
+                // The fault lasts while the load runs: its length is the thing under test (bounded at 30 s).
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 let failed = c.counters().unwrap().failures - base;
                 let held = since.elapsed();
@@ -777,6 +779,7 @@ async fn device_unplugged_for_two_seconds(rig: &Rig, control: Control) -> Contro
             let seq = c.unplug_for(Duration::from_secs(2)).unwrap();
             applied(&c, seq, &poke).await;
             let gone = t0.elapsed();
+            // The thing under test: the load runs on while the device is away.
             tokio::time::sleep(Duration::from_secs(2)).await;
             // The device counts the 2 s from when it applied the plan (within a poll interval of `gone`).
             (c, gone + Duration::from_secs(2))
@@ -803,6 +806,7 @@ async fn all_sessions_invalidated(rig: &Rig, control: Control) -> Control {
         |mut c, t0, poke| async move {
             for i in 0..3 {
                 if i > 0 {
+                    // The fault's shape: invalidations 400 ms apart under load.
                     tokio::time::sleep(Duration::from_millis(400)).await;
                 }
                 let seq = c.invalidate_sessions().unwrap();
@@ -828,6 +832,7 @@ async fn corrupted_signatures(rig: &Rig, control: Control) -> Control {
         |mut c, t0, poke| async move {
             let seq = c.corrupt_rate(0.05).unwrap();
             applied(&c, seq, &poke).await;
+            // The thing under test: the load runs on while 5% of the signatures are corrupted.
             tokio::time::sleep(Duration::from_secs(2)).await;
             let seq = c.clear().unwrap();
             applied(&c, seq, &poke).await;

@@ -97,7 +97,7 @@ fn web_pki(dir: &Path, name: &str) {
     std::fs::write(dir.join("web.key"), leaf_key.serialize_pem()).unwrap();
 }
 
-/// Waits (at most `limit`) until `f` holds for the federated bundle of `td` in `node`, polling every 50 ms.
+/// Waits (at most `limit`) until `f` holds for the federated bundle of `td` in `node`.
 async fn wait_for(
     node: &Node,
     td: &str,
@@ -105,22 +105,20 @@ async fn wait_for(
     f: impl Fn(&FederatedBundle) -> bool,
 ) -> FederatedBundle {
     let td = TrustDomain::parse(td).unwrap();
-    let start = Instant::now();
-    loop {
-        let e = node
-            .app
-            .federated_bundles()
-            .get(&td)
-            .expect("the trust domain is configured");
-        if f(&e) {
-            return e;
-        }
-        assert!(
-            start.elapsed() < limit,
-            "condition not reached within {limit:?}; last state: {e:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    support::wait::wait_for_async(
+        &format!("the federated bundle of {td} reached the state the test waits for"),
+        limit,
+        || {
+            let e = node
+                .app
+                .federated_bundles()
+                .get(&td)
+                .expect("the trust domain is configured");
+            let found = if f(&e) { Ok(e) } else { Err(format!("{e:?}")) };
+            async move { found }
+        },
+    )
+    .await
 }
 
 fn roots_of(doc: &BundleDocument) -> Vec<Vec<u8>> {
@@ -675,6 +673,7 @@ async fn fake_endpoint(fake: Fake) -> std::net::SocketAddr {
                     let hang = fake.hang.load(std::sync::atomic::Ordering::SeqCst);
                     async move {
                         if hang {
+                            // The thing under test: an endpoint that never answers (the poller's timeout ends it).
                             tokio::time::sleep(Duration::from_secs(3600)).await;
                         }
                         let mut r = hyper::Response::new(Full::new(Bytes::from(body)));

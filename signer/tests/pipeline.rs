@@ -1,12 +1,15 @@
 //! The batching signer pipeline against real SoftHSM2 tokens.
 //!
-//! Faults are injected at the worker's session seam by [`support::FaultyOpener`], a thin decorator over real token
+//! Faults are injected at the worker's session seam by [`rig::FaultyOpener`], a thin decorator over real token
 //! sessions that also counts the signatures that reached the token. Signatures are checked with ring / the `p256`
 //! crate; certificates with `openssl verify -x509_strict`.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod support {
+mod support;
+
+/// The pipeline's own test rig: tokens behind a fault injector, the configuration, digests.
+mod rig {
     use std::collections::VecDeque;
     use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
     use std::sync::{Arc, Condvar, Mutex};
@@ -63,11 +66,11 @@ mod support {
         }
         /// Waits (bounded) until `n` sign calls are held at the gate.
         pub fn wait_held(&self, n: u64) {
-            let until = Instant::now() + Duration::from_secs(30);
-            while self.held.load(Ordering::SeqCst) < n {
-                assert!(Instant::now() < until, "workers never reached the token");
-                std::thread::sleep(Duration::from_millis(2));
-            }
+            crate::support::wait::wait_until(
+                "the workers reached the token",
+                Duration::from_secs(30),
+                || self.held.load(Ordering::SeqCst) >= n,
+            );
         }
         fn before_sign(&self) -> Result<(), Error> {
             let mut g = self.gate.lock().unwrap();
@@ -295,6 +298,22 @@ mod support {
         Some((p, key, faults, runtime()))
     }
 
+    /// Waits (bounded) until `p` refuses new work because its shutdown has begun. Each look submits a digest whose
+    /// deadline has already passed, which is refused at once: `ShuttingDown` once the pipeline is closed,
+    /// `DeadlineExceeded` before; so a look is never queued nor signed.
+    pub fn wait_closed(p: &Pipeline, key: &PipelineKey, rt: &tokio::runtime::Runtime) {
+        let past = Instant::now();
+        crate::support::wait::wait_until(
+            "the pipeline's shutdown began (new work refused)",
+            Duration::from_secs(30),
+            || {
+                let look =
+                    rt.block_on(p.submit_digest(key, SignAlgorithm::EcdsaSha256, &digest(0), past));
+                matches!(look, Err(signet::pipeline::PipelineError::ShuttingDown))
+            },
+        );
+    }
+
     pub fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
@@ -313,7 +332,7 @@ mod token_key {
 
     #[test]
     fn signs_from_many_threads_through_a_small_session_pool() {
-        let Some(token) = super::support::token_with_key("tk", KeyType::EcP256) else {
+        let Some(token) = super::rig::token_with_key("tk", KeyType::EcP256) else {
             return;
         };
         let key = Arc::new(TokenKey::open(token, "tk", 2).unwrap());
@@ -359,7 +378,7 @@ mod queue {
     use signet::pipeline::{Pipeline, PipelineConfig, PipelineError};
     use signet_pkcs11::{KeyType, SignAlgorithm};
 
-    use super::support::{
+    use super::rig::{
         config, digest, far, member, runtime, single_token, token_with_key, verify_digest,
     };
 
@@ -377,14 +396,11 @@ mod queue {
         let p = Pipeline::start(config(), vec![m]).unwrap();
         let key = p.key("spread").unwrap();
         let rt = runtime();
-        let until = Instant::now() + Duration::from_secs(30);
-        while p.idle_workers() < N {
-            assert!(
-                Instant::now() < until,
-                "the {N} workers never waited for jobs"
-            );
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        crate::support::wait::wait_until(
+            &format!("the {N} workers waited for jobs"),
+            Duration::from_secs(30),
+            || p.idle_workers() >= N,
+        );
         faults.hold();
         let tasks: Vec<_> = (0..N as u64)
             .map(|i| rt.spawn(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(i), far())))
@@ -590,7 +606,10 @@ mod queue {
         for i in 21..=30 {
             drop(p.submit_digest(&key, SignAlgorithm::EcdsaSha256, &digest(i), far()));
         }
-        std::thread::sleep(Duration::from_millis(200));
+        // The thing under test: the short deadlines pass while their jobs wait in the queue.
+        std::thread::sleep(
+            short.saturating_duration_since(Instant::now()) + Duration::from_millis(1),
+        );
         assert!(Instant::now() > short);
         faults.release();
 
@@ -690,14 +709,14 @@ mod queue {
                 std::thread::spawn(move || key.sign(SignatureScheme::EcdsaP256Sha256, &[i]))
             })
             .collect();
-        while p.queued() < 54 {
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        crate::support::wait::wait_until("54 jobs queued", Duration::from_secs(30), || {
+            p.queued() >= 54
+        });
         let stopper = {
             let p = p.clone();
             std::thread::spawn(move || p.shutdown())
         };
-        std::thread::sleep(Duration::from_millis(50));
+        super::rig::wait_closed(&p, &key, &rt);
         faults.release();
         stopper.join().unwrap();
 
@@ -772,14 +791,14 @@ mod queue {
 
 mod faults {
     use std::sync::atomic::Ordering;
-    use std::time::{Duration, Instant};
+    use std::time::Duration;
 
     use signet::keys::AuthorityKey;
     use signet::pipeline::{Pipeline, PipelineError};
     use signet_pkcs11::cryptoki::error::RvError;
     use signet_pkcs11::{KeyType, SignAlgorithm};
 
-    use super::support::{
+    use super::rig::{
         config, digest, far, import_shared_p256, member, runtime, single_token, verify_digest,
     };
 
@@ -885,11 +904,9 @@ mod faults {
 
         // The device comes back: a probe puts the token back into rotation.
         fa.down.store(false, Ordering::SeqCst);
-        let until = Instant::now() + Duration::from_secs(30);
-        while !p.token_status()[0].healthy {
-            assert!(Instant::now() < until, "token a never came back");
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        crate::support::wait::wait_until("token a came back", Duration::from_secs(30), || {
+            p.token_status()[0].healthy
+        });
         // Both down: jobs are answered Unavailable at once rather than queued forever.
         fa.down.store(true, Ordering::SeqCst);
         fb.down.store(true, Ordering::SeqCst);
@@ -921,7 +938,7 @@ mod issuance {
     use signet::x509::{Authority, RootRequest};
     use signet_pkcs11::KeyType;
 
-    use super::support::{config, member, runtime, token_with_key};
+    use super::rig::{config, member, runtime, token_with_key};
 
     fn csr(path: &str) -> Vec<u8> {
         csr_and_key(path).0
@@ -1017,7 +1034,7 @@ mod issuance {
         sessions: usize,
     ) -> Option<(
         Pipeline,
-        Arc<super::support::Faults>,
+        Arc<super::rig::Faults>,
         tokio::runtime::Runtime,
         X509SvidIssuer,
     )> {
@@ -1152,14 +1169,11 @@ mod issuance {
         // probe signature verifies and brings it back.
         let st = &p.token_status()[0];
         assert_eq!(st.bad_signatures, 3, "{st:?}");
-        let until = Instant::now() + Duration::from_secs(30);
-        while !p.token_status()[0].healthy {
-            assert!(
-                Instant::now() < until,
-                "the token never came back after its probe"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        crate::support::wait::wait_until(
+            "the token came back after its probe",
+            Duration::from_secs(30),
+            || p.token_status()[0].healthy,
+        );
 
         // A permanent token error fails the request it hit, as a pipeline error; the next one is issued.
         faults.inject(RvError::KeyFunctionNotPermitted);
@@ -1187,7 +1201,7 @@ mod issuance {
             let p = p.clone();
             std::thread::spawn(move || p.shutdown())
         };
-        std::thread::sleep(Duration::from_millis(50));
+        super::rig::wait_closed(&p, &p.key("root").unwrap(), &rt);
         faults.release();
         stopper.join().unwrap();
         let results = rt.block_on(batch).unwrap();
@@ -1318,6 +1332,7 @@ mod issuance {
                 .unwrap();
             openssl_verify(&issuer.roots(), &s);
             i += 1;
+            // Paces the load while the rotation clock (real time, a short lifetime) runs; not a synchronisation.
             std::thread::sleep(Duration::from_millis(5));
         }
         p.shutdown();
@@ -1336,7 +1351,7 @@ mod hardening {
     use signet_pkcs11::cryptoki::error::RvError;
     use signet_pkcs11::{KeyType, SignAlgorithm};
 
-    use super::support::{
+    use super::rig::{
         config, digest, far, import_shared_p256, member, runtime, single_token, verify_digest,
     };
 
@@ -1362,12 +1377,8 @@ mod hardening {
             .find_map(|l| l.strip_prefix(&prefix).map(|v| v.trim().parse().unwrap()))
     }
 
-    fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
-        let until = Instant::now() + Duration::from_secs(30);
-        while !cond() {
-            assert!(Instant::now() < until, "{what}: not within 30 s");
-            std::thread::sleep(Duration::from_millis(5));
-        }
+    fn wait_for(what: &str, cond: impl FnMut() -> bool) {
+        crate::support::wait::wait_until(what, Duration::from_secs(30), cond);
     }
 
     fn status_of(p: &Pipeline, name: &str) -> TokenStatus {

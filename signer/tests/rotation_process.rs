@@ -12,6 +12,8 @@
 //! Needs the `crash-points` feature (`cargo test -p signet --features crash-points --test rotation_process`).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+mod support;
+
 use std::io::{BufRead as _, BufReader};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
@@ -239,7 +241,12 @@ fn rotate_by_hand_with_refusals_token_faults_and_a_restart() {
     let faults = rig.cwd.join("faults.toml");
     std::fs::write(&faults, "seq = 0\n").unwrap();
     let faults_s = faults.to_str().unwrap().to_string();
-    let server = rig.serve(&[("HSM_SIM_CONTROL", &faults_s)]);
+    // The simulator reads its control file at every token call (not at most every 50 ms), so a fault written
+    // before a request is the one that request meets.
+    let server = rig.serve(&[
+        ("HSM_SIM_CONTROL", &faults_s),
+        ("HSM_SIM_CONTROL_POLL_MS", "0"),
+    ]);
     rig.assert_consistent("start");
     assert_eq!(rig.state_of("signet-x509-root").as_deref(), Some("active"));
 
@@ -259,7 +266,6 @@ fn rotate_by_hand_with_refusals_token_faults_and_a_restart() {
         "seq = 1\nfail_next = 1\nfail_rv = \"CKR_DEVICE_MEMORY\"\nfail_ops = [\"keygen\"]\n",
     )
     .unwrap();
-    std::thread::sleep(Duration::from_millis(300)); // the simulator polls its control file every 50 ms
     let e = rig.refused(&["rotate", "prepare"]);
     assert!(
         e.contains("UNAVAILABLE") && e.contains("DeviceMemory"),
@@ -334,15 +340,20 @@ fn rotate_by_hand_with_refusals_token_faults_and_a_restart() {
 
 /// Waits until the server's log shows `marker`; panics after a minute.
 fn wait_for(rig: &Rig, marker: &str) {
-    let start = Instant::now();
-    while !rig.log().contains(marker) {
-        assert!(
-            start.elapsed() < Duration::from_secs(60),
-            "the server never reached {marker}; the client said: {}",
-            std::fs::read_to_string(rig.cwd.join("cli.err")).unwrap_or_default()
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    support::wait::wait_for(
+        &format!("the server reached {marker}"),
+        Duration::from_secs(60),
+        || {
+            if rig.log().contains(marker) {
+                Ok(())
+            } else {
+                Err(format!(
+                    "the client said: {}",
+                    std::fs::read_to_string(rig.cwd.join("cli.err")).unwrap_or_default()
+                ))
+            }
+        },
+    );
 }
 
 /// A step of the crash matrix: (step, CLI arguments, the label it moves, the state it leads to, the crash points,

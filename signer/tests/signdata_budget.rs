@@ -23,7 +23,6 @@ use std::sync::Arc;
 use std::sync::atomic::AtomicBool;
 use std::time::{Duration, Instant};
 
-use support::bed::*;
 use signet::plugin::forward::{Appliance as Remote, KeyManagerForwarder};
 use signet::plugin::in_process::InProcessKeyManager;
 use signet::plugin::settings::{FirstCredential, KeyIdentifier, PluginSettings};
@@ -32,6 +31,7 @@ use signet_proto::spire::plugin::server::keymanager::v1::key_manager_client::Key
 use signet_proto::spire::plugin::server::keymanager::v1::key_manager_server::{
     KeyManager, KeyManagerServer,
 };
+use support::bed::*;
 use tonic::transport::{Channel, Endpoint};
 
 fn median(mut v: Vec<f64>) -> f64 {

@@ -24,10 +24,10 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-use support::bed::*;
-use support::{free_port, openssl_verify, pem_chain};
 use signet::config::ConfigDuration;
 use spiffe::{JwtBundle, JwtBundleSet, JwtSvid};
+use support::bed::*;
+use support::{free_port, openssl_verify, pem_chain};
 
 /// The SPIRE binaries, or `None` (loudly) where Go is missing. Built once per test process (the tests run in
 /// parallel and would otherwise build into the same cache at once).

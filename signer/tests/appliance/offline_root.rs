@@ -337,16 +337,15 @@ async fn an_offline_root_certifies_signets_intermediates() {
     // First start: the key is generated on the token, the CSR written, and the start waits for the certificate.
     let starting = tokio::spawn(Appliance::start_with_clock(cfg.clone(), clock.clone()));
     let csr_path = cfg.data_dir.join("authority.csr.pem");
-    let mut waited = 0;
-    while !csr_path.exists() {
-        assert!(waited < 600, "no CSR within 60 s");
+    crate::support::wait::wait_until_async("the CSR was written", Duration::from_secs(60), || {
         assert!(
             !starting.is_finished(),
             "the start ended instead of waiting"
         );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-        waited += 1;
-    }
+        let there = csr_path.exists();
+        async move { there }
+    })
+    .await;
     assert!(
         !starting.is_finished(),
         "the start waits for the certificate"
@@ -535,14 +534,19 @@ async fn an_offline_root_certifies_signets_intermediates() {
     );
     assert!(bed.app.bundle().current().sequence > seq);
     // Issuers switch to the new intermediate (asynchronously, on the active set's change).
-    let mut second = Vec::new();
-    for _ in 0..100 {
-        second = issue_and_verify(&bed, &root, "generation 2").await;
-        if second != first {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let second = crate::support::wait::wait_for_async(
+        "the issuers switched to the new intermediate",
+        Duration::from_secs(30),
+        || async {
+            let chain = issue_and_verify(&bed, &root, "generation 2").await;
+            if chain != first {
+                Ok(chain)
+            } else {
+                Err(String::new())
+            }
+        },
+    )
+    .await;
     assert_eq!(subject_and_issuer(&second).0, g2_subject);
     assert_eq!(
         second,

@@ -19,6 +19,7 @@ use tonic::transport::{Channel, Endpoint};
 use x509_parser::prelude::FromDer as _;
 
 use crate::support::bed::*;
+use crate::support::wait::{wait_for_async, wait_until_async};
 use crate::support::{free_port, openssl_verify, pem_chain};
 
 /// A running plug-in process and a channel to its socket.
@@ -86,18 +87,17 @@ impl PluginProcess {
             .shutdown(gp::Empty {})
             .await
             .unwrap();
-        for _ in 0..50 {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                assert!(status.success(), "exit status {status}: {}", self.log());
-                return;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        let _ = self.child.kill();
-        panic!(
-            "the plug-in did not exit within 5 s of Shutdown: {}",
-            self.log()
-        );
+        let child = &mut self.child;
+        let status = wait_for_async(
+            "the plug-in exited after Shutdown",
+            Duration::from_secs(5),
+            || {
+                let exited = child.try_wait().unwrap().ok_or_else(String::new);
+                async move { exited }
+            },
+        )
+        .await;
+        assert!(status.success(), "exit status {status}: {}", self.log());
     }
 }
 
@@ -128,12 +128,14 @@ async fn spire_loader_steps(
         .await
         .expect("broker stream")
         .into_inner();
-    let held = tokio::time::timeout(Duration::from_millis(500), broker.message()).await;
-    assert!(
-        held.is_err(),
-        "the broker stream must stay open, got {held:?}"
-    );
-    tokio::spawn(async move { while let Ok(Some(_)) = broker.message().await {} });
+    // The broker stream must stay open (and quiet) through the loader's steps below: a reader notes the first
+    // thing it sees, looked at once the steps are done.
+    let (seen_tx, mut seen) = tokio::sync::oneshot::channel();
+    tokio::spawn(async move {
+        let first = broker.message().await;
+        let _ = seen_tx.send(format!("{first:?}"));
+        while let Ok(Some(_)) = broker.message().await {}
+    });
 
     let health = tonic_health::pb::health_client::HealthClient::new(ch.clone())
         .check(tonic_health::pb::HealthCheckRequest {
@@ -162,6 +164,13 @@ async fn spire_loader_steps(
     ];
     want.sort();
     assert_eq!(names, want);
+    assert!(
+        matches!(
+            seen.try_recv(),
+            Err(tokio::sync::oneshot::error::TryRecvError::Empty)
+        ),
+        "the broker stream must stay open through the loader's steps"
+    );
     tx
 }
 
@@ -343,8 +352,19 @@ async fn upstream_authority_plugin_forwards_and_its_stream_survives_an_appliance
     let bed = bed.restart().await;
     let (extra, _) = foreign_ca();
     let extra = extra.der().to_vec();
-    // The relay reconnects with backoff (max_backoff 1 s): add the root once the appliance is back.
-    tokio::time::sleep(Duration::from_secs(2)).await;
+    // The relay reconnects with backoff (max_backoff 1 s) and then follows the roots: add the root once the
+    // plug-in says its X.509 stream reconnected to the restarted appliance.
+    wait_until_async(
+        "the plug-in's MintX509CAAndSubscribe relay reconnected to the restarted appliance",
+        Duration::from_secs(30),
+        || {
+            let reconnected = p.log().lines().any(|l| {
+                l.contains("reconnected to the appliance") && l.contains("MintX509CAAndSubscribe")
+            });
+            async move { reconnected }
+        },
+    )
+    .await;
     assert!(bed.app.bundle().add_x509_root(extra.clone()));
     let pushed = next(&mut stream).await;
     assert!(
@@ -365,25 +385,23 @@ async fn upstream_authority_plugin_forwards_and_its_stream_survives_an_appliance
     );
     // The restarted appliance forgot SPIRE's JWT key; the relay published it again (SPIRE sees no message: the
     // keys it knows did not change).
-    let mut republished = false;
-    for _ in 0..100 {
-        if bed
-            .app
-            .bundle()
-            .current()
-            .jwt_keys
-            .iter()
-            .any(|k| k.kid == "spire-jwt-1")
-        {
-            republished = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
-    assert!(
-        republished,
-        "the relay republished SPIRE's JWT key after the restart"
-    );
+    wait_until_async(
+        "the relay republished SPIRE's JWT key after the restart",
+        Duration::from_secs(30),
+        || {
+            let there = bed
+                .app
+                .bundle()
+                .current()
+                .jwt_keys
+                .iter()
+                .any(|k| k.kid == "spire-jwt-1");
+            async move { there }
+        },
+    )
+    .await;
+    // A bound, not a synchronisation: nothing marks the moment the relay decided not to tell SPIRE of the
+    // republication, so the stream is watched for a while for a message that must not come.
     let quiet = tokio::time::timeout(Duration::from_millis(300), jwt.message()).await;
     assert!(
         quiet.is_err(),
@@ -702,6 +720,7 @@ async fn the_plugin_renews_its_credential_without_a_failed_call() {
         if renewals(&bed) >= 3 {
             break;
         }
+        // Paces the calls while the short-lived credentials run out (real time); the loop ends on the renewals.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert!(
@@ -872,17 +891,20 @@ async fn the_plugin_reloads_its_credential_files() {
     let fresh = bed.credential_for(SPIRE_A).await;
     std::fs::write(dir.path().join("client.key"), &fresh.key_pem).unwrap();
     std::fs::write(dir.path().join("client.pem"), &fresh.chain_pem).unwrap();
-    for _ in 0..200 {
-        if p.log().contains("reloaded the plug-in's credential") {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        p.log().contains("reloaded the plug-in's credential"),
-        "{}",
-        p.log()
-    );
+    wait_for_async(
+        "the plug-in reloaded its credential",
+        Duration::from_secs(30),
+        || {
+            let log = p.log();
+            let done = if log.contains("reloaded the plug-in's credential") {
+                Ok(())
+            } else {
+                Err(log)
+            };
+            async move { done }
+        },
+    )
+    .await;
     km::key_manager_client::KeyManagerClient::new(p.channel.clone())
         .get_public_keys(km::GetPublicKeysRequest {})
         .await
@@ -997,32 +1019,36 @@ async fn the_plugin_takes_its_credential_from_a_workload_api() {
     let second = short_credential(&bed, SPIRE_A, 3600).await;
     tx.send(Some(workload_response(&second, &bed.roots_pem())))
         .unwrap();
-    for _ in 0..200 {
-        if p.log()
-            .contains("took the rotated X509-SVID from the Workload API")
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert!(
-        p.log()
-            .contains("took the rotated X509-SVID from the Workload API"),
-        "{}",
-        p.log()
-    );
+    wait_for_async(
+        "the plug-in took the rotated X509-SVID",
+        Duration::from_secs(30),
+        || {
+            let log = p.log();
+            let done = if log.contains("took the rotated X509-SVID from the Workload API") {
+                Ok(())
+            } else {
+                Err(log)
+            };
+            async move { done }
+        },
+    )
+    .await;
     // Once the first credential has expired, calls still work: they use the rotated one.
     let first_expiry = {
         let leaf = pem::parse_many(&first.chain_pem).unwrap().remove(0);
         let (_, c) = x509_parser::parse_x509_certificate(leaf.contents()).unwrap();
         c.validity().not_after.timestamp()
     };
-    for _ in 0..200 {
-        if time::OffsetDateTime::now_utc().unix_timestamp() > first_expiry + 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // The thing under test: real time passes the first credential's expiry.
+    wait_until_async(
+        "the first credential expired",
+        Duration::from_secs(30),
+        || {
+            let past = time::OffsetDateTime::now_utc().unix_timestamp() > first_expiry + 1;
+            async move { past }
+        },
+    )
+    .await;
     km::key_manager_client::KeyManagerClient::new(p.channel.clone())
         .get_public_keys(km::GetPublicKeysRequest {})
         .await

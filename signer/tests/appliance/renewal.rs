@@ -16,9 +16,9 @@ use time::OffsetDateTime;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
 
+use crate::handshake::{ders, serial, served_chain, signed_by};
 use crate::support::bed::*;
 use crate::support::{openssl_verify, pem_chain};
-use crate::handshake::{ders, serial, served_chain, signed_by};
 
 fn tls_for(roots_pem: &str, who: &Credential) -> ClientTlsConfig {
     ClientTlsConfig::new()
@@ -133,6 +133,7 @@ async fn own_credentials_renew_live_without_a_failed_request() {
                     mint_one(&mut c).await.map_err(|e| e.to_string()),
                     "a call on the open connection",
                 );
+                // Paces the steady load (a call every 20 ms) while the certificate renews; not a synchronisation.
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
         })
@@ -156,6 +157,7 @@ async fn own_credentials_renew_live_without_a_failed_request() {
                 }
                 .await;
                 tally.count(r, "a call on a new connection");
+                // Paces the new connections (one every 50 ms); not a synchronisation.
                 tokio::time::sleep(Duration::from_millis(50)).await;
             }
         })
@@ -278,15 +280,22 @@ async fn rotate_to_new_root(bed: &Bed, clock: &ManualClock) -> Vec<u8> {
         .unwrap();
     assert_eq!(active.generation, 2);
     // The new root, from the bundle file once it has both.
-    for _ in 0..100 {
-        let roots = ders(&bed.roots_pem());
-        if roots.len() == 2 {
-            let first = ders(&std::fs::read_to_string(&bed.app.paths().root).unwrap()).remove(0);
-            return roots.into_iter().find(|r| *r != first).unwrap_or_default();
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    panic!("bundle.pem never held both roots");
+    crate::support::wait::wait_for_async(
+        "bundle.pem held both roots",
+        Duration::from_secs(30),
+        || {
+            let roots = ders(&bed.roots_pem());
+            let found = if roots.len() == 2 {
+                let first =
+                    ders(&std::fs::read_to_string(&bed.app.paths().root).unwrap()).remove(0);
+                Ok(roots.into_iter().find(|r| *r != first).unwrap_or_default())
+            } else {
+                Err(format!("{} roots", roots.len()))
+            };
+            async move { found }
+        },
+    )
+    .await
 }
 
 /// A root rotation without a restart: right after activate the server presents (and the admin files hold) a

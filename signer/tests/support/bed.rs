@@ -218,17 +218,21 @@ impl Bed {
     /// that do not match: read again until they do (bounded).
     pub fn admin(&self) -> Credential {
         let p = self.app.paths();
-        for _ in 0..500 {
-            let c = Credential {
-                chain_pem: std::fs::read_to_string(&p.admin_cert).unwrap(),
-                key_pem: std::fs::read_to_string(&p.admin_key).unwrap(),
-            };
-            if key_matches_leaf(&c) {
-                return c;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        panic!("the admin key and certificate in the data directory never matched");
+        super::wait::wait_for(
+            "the admin key and certificate in the data directory match",
+            Duration::from_secs(30),
+            || {
+                let c = Credential {
+                    chain_pem: std::fs::read_to_string(&p.admin_cert).unwrap(),
+                    key_pem: std::fs::read_to_string(&p.admin_key).unwrap(),
+                };
+                if key_matches_leaf(&c) {
+                    Ok(c)
+                } else {
+                    Err(String::new())
+                }
+            },
+        )
     }
 
     pub fn roots_pem(&self) -> String {

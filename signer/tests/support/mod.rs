@@ -10,6 +10,7 @@
 pub mod bed;
 pub mod handshake;
 pub mod judges;
+pub mod wait;
 
 use std::path::PathBuf;
 use std::process::Command;

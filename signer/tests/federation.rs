@@ -368,6 +368,61 @@ async fn two_trust_domains_federate_and_a_bundle_change_arrives_within_two_hints
         assert!(String::from_utf8_lossy(&out.stdout).starts_with("x509=1 "));
         // The oracle can fail: another endpoint SPIFFE ID is refused.
         assert!(!spiffe_auth("spiffe://beta.test/other").status.success());
+
+        // And it judges what the appliance issued from its token: beta's endpoint X509-SVID (and its bundle),
+        // presented by a stand-in endpoint, is accepted as it is and refused with one byte of its signature
+        // flipped.
+        let (chain, _) = signet::federation::endpoint::load_pem(
+            &beta.app.paths().server_cert,
+            &beta.app.paths().server_key,
+        )
+        .unwrap();
+        let presenting = |chain: Vec<Vec<u8>>| {
+            let (_, key) = signet::federation::endpoint::load_pem(
+                &beta.app.paths().server_cert,
+                &beta.app.paths().server_key,
+            )
+            .unwrap();
+            Arc::new(signet::federation::endpoint::tls_config(chain, key).unwrap())
+        };
+        let stand_in = Fake {
+            body: Arc::new(Mutex::new(beta_bundle.clone().into_bytes())),
+            status: Arc::new(Mutex::new(200)),
+            hang: Arc::default(),
+            tls: Arc::new(Mutex::new(presenting(chain.clone()))),
+        };
+        let stand_in_addr = fake_endpoint(stand_in.clone()).await;
+        let judge = || {
+            Command::new(&spire)
+                .args([
+                    "beta.test",
+                    &format!("https://{stand_in_addr}"),
+                    "spiffe://beta.test/signet/server",
+                ])
+                .arg(&beta_roots)
+                .output()
+                .unwrap()
+        };
+        let out = judge();
+        assert!(
+            out.status.success(),
+            "SPIRE refuses beta's own X509-SVID: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mut broken = chain.clone();
+        broken[0] = support::corrupt_signature(&chain[0]);
+        *stand_in.tls.lock().unwrap() = presenting(broken);
+        let out = judge();
+        let why = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success(),
+            "SPIRE accepted an endpoint X509-SVID with a corrupted signature: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            why.contains("certificate") || why.contains("x509"),
+            "SPIRE refused for another reason than the certificate: {why}"
+        );
     }
 
     // An unchanged bundle is re-validated with a conditional request (304): fetches go on, the sequence stays.

@@ -1,5 +1,6 @@
-//! The post-sign check of a signature over a bare digest: P-256 at a fraction of a general verifier's cost, the
-//! other key types with their RustCrypto crates ([`DigestVerifier`]).
+//! Post-sign checks at a fraction of a general verifier's cost: a P-256 key's precomputed tables, used for the
+//! bare-digest signatures of the KeyManager ([`DigestVerifier`], with the other key types' RustCrypto crates) and,
+//! through [`p256_tables`], for the credentials an authority's P-256 key signs ([`super::verify_signature`]).
 //!
 //! ring verifies ECDSA over whole messages only, and the `p256` crate's `verify_prehash` computes `u1·G + u2·Q`
 //! with two constant-time scalar multiplications (about 3.2 million instructions, more than six `C_Sign`s on a
@@ -9,7 +10,8 @@
 //! inversion. Building a table costs 960 inversions (milliseconds, once per key) (about 40 times fewer instructions). The group arithmetic, scalar parsing and reduction are the `p256`
 //! crate's; the unit tests hold every decision to `p256`'s own `verify_prehash`.
 
-use std::sync::OnceLock;
+use std::collections::HashMap;
+use std::sync::{Arc, OnceLock, PoisonError, RwLock};
 
 use p256::elliptic_curve::ops::{Invert as _, Reduce as _};
 use p256::elliptic_curve::point::AffineCoordinates as _;
@@ -102,6 +104,61 @@ impl P256Verifier {
         let x = acc.to_affine().x();
         *r == Scalar::reduce_bytes(&x)
     }
+}
+
+/// Checks of a key after which [`p256_tables`] builds its tables: an authority's key signs credentials by the
+/// thousand, a key seen once (a test's, a CSR's) is not worth the milliseconds.
+const TABLES_AFTER: u32 = 8;
+/// Keys [`p256_tables`] remembers; beyond, it forgets the ones still counting, then all (authority keys are few).
+const MAX_KEYS: usize = 32;
+
+enum Seen {
+    Counting(u32),
+    Tables(Arc<P256Verifier>),
+}
+
+fn seen() -> &'static RwLock<HashMap<Box<[u8]>, Seen>> {
+    static SEEN: OnceLock<RwLock<HashMap<Box<[u8]>, Seen>>> = OnceLock::new();
+    SEEN.get_or_init(|| RwLock::new(HashMap::new()))
+}
+
+/// The precomputed tables of the P-256 public key `point` (SEC1), once it has been checked [`TABLES_AFTER`] times;
+/// `None` before that, or if it is not a point on the curve (the caller then uses a general verifier, which
+/// reaches the same decision).
+pub(crate) fn p256_tables(point: &[u8]) -> Option<Arc<P256Verifier>> {
+    if let Some(Seen::Tables(t)) = seen()
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(point)
+    {
+        return Some(Arc::clone(t));
+    }
+    {
+        let mut map = seen().write().unwrap_or_else(PoisonError::into_inner);
+        if map.len() >= MAX_KEYS && !map.contains_key(point) {
+            map.retain(|_, s| matches!(s, Seen::Tables(_)));
+            if map.len() >= MAX_KEYS {
+                map.clear();
+            }
+        }
+        match map.entry(point.into()).or_insert(Seen::Counting(0)) {
+            Seen::Tables(t) => return Some(Arc::clone(t)),
+            Seen::Counting(n) => {
+                *n += 1;
+                if *n < TABLES_AFTER {
+                    return None;
+                }
+                // Built below, outside the lock; meanwhile other checks of this key use the general verifier.
+                *n = 0;
+            }
+        }
+    }
+    let tables = Arc::new(P256Verifier::from_sec1(point)?);
+    seen()
+        .write()
+        .unwrap_or_else(PoisonError::into_inner)
+        .insert(point.into(), Seen::Tables(Arc::clone(&tables)));
+    Some(tables)
 }
 
 /// The post-sign check of one registered key's bare-digest signatures: P-256 with [`P256Verifier`]'s tables,

@@ -82,7 +82,7 @@ pub(super) async fn open_authorities(
         },
     )
     .await
-    .map_err(|e| ServeError::Authority(format!("authorities: {e}")))
+    .map_err(ServeError::Authorities)
 }
 
 /// The issuers for `set`.
@@ -102,17 +102,17 @@ pub(super) async fn signers_of(
             a.intermediates().to_vec(),
             a.roots().to_vec(),
         )
-        .map_err(|e| ServeError::Authority(e.to_string()))
+        .map_err(|source| ServeError::Issue {
+            what: "the X.509 authority".into(),
+            source,
+        })
     };
     let x509 = X509SvidIssuer::start(authority(a)?, mode, pipeline.cpu().clone())
         .await
-        .map_err(|e| ServeError::Authority(format!("X.509 issuer: {e}")))?;
-    let (_, jwt_key) = set
-        .jwt
-        .clone()
-        .ok_or_else(|| ServeError::Authority("no active JWT key".into()))?;
-    let jwt = JwtIssuer::new(jwt_key, td.clone(), None, None, jwt_max_ttl)
-        .map_err(|e| ServeError::Authority(format!("JWT authority: {e}")))?;
+        .map_err(ServeError::X509Issuer)?;
+    let (_, jwt_key) = set.jwt.clone().ok_or(ServeError::NoJwtKey)?;
+    let jwt =
+        JwtIssuer::new(jwt_key, td.clone(), None, None, jwt_max_ttl).map_err(ServeError::Jwt)?;
     Ok(Signers {
         root: Arc::new(authority(a)?),
         x509,

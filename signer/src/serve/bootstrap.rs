@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 
 use super::authorities::rotation_policy;
 use super::embedded::EmbeddedToken;
-use super::error::{ServeError, io};
+use super::error::{ServeError, datastore, io};
 use crate::api::keymanager::KeyStore;
 use crate::audit::AuditLog;
 use crate::ca::external::ExternalParent;
@@ -35,28 +35,34 @@ fn ensure_key(
     key_type: signet_pkcs11::KeyType,
     may_generate: bool,
 ) -> Result<(), ServeError> {
-    let err = |message: String| ServeError::Token {
+    let failed = |source| ServeError::Token {
         token: name.to_string(),
-        message,
+        source,
     };
-    let mut s = token.session().map_err(|e| err(e.to_string()))?;
+    let mut s = token.session().map_err(failed)?;
     match s.find_key(label) {
         Ok(k) if k.key_type() == key_type => Ok(()),
-        Ok(k) => Err(err(format!(
-            "key {label:?} is {} but the configuration asks for {}: fix key_type or use another label",
-            k.key_type().name(),
-            key_type.name()
-        ))),
+        Ok(k) => Err(ServeError::KeyType {
+            token: name.to_string(),
+            label: label.to_string(),
+            found: k.key_type().name(),
+            wanted: key_type.name(),
+        }),
         Err(e) if e.kind() == ErrorKind::KeyNotFound && may_generate => {
             s.generate_key(label, key_type, KeyGenOptions::default())
-                .map_err(|e| err(format!("cannot generate {label:?}: {e}")))?;
+                .map_err(|source| ServeError::KeyGeneration {
+                    token: name.to_string(),
+                    label: label.to_string(),
+                    source,
+                })?;
             tracing::info!(token = name, label, "key generated on the token");
             Ok(())
         }
-        Err(e) if e.kind() == ErrorKind::KeyNotFound => Err(err(format!(
-            "key {label:?} is missing: with several tokens, create it on each (signet token keygen) first"
-        ))),
-        Err(e) => Err(err(e.to_string())),
+        Err(e) if e.kind() == ErrorKind::KeyNotFound => Err(ServeError::KeyMissing {
+            token: name.to_string(),
+            label: label.to_string(),
+        }),
+        Err(e) => Err(failed(e)),
     }
 }
 
@@ -74,7 +80,9 @@ pub(super) fn external_parent(cfg: &Config) -> Result<Option<ExternalParent>, Se
             "authority.x509.parent = \"external\" needs authority.x509.upstream_roots".into(),
         )
     })?;
-    let roots = crate::ca::external::load_roots(path).map_err(ServeError::Authority)?;
+    let roots = crate::ca::external::load_roots(path).map_err(|e| ServeError::UpstreamRoots {
+        reason: e.to_string(),
+    })?;
     Ok(Some(ExternalParent {
         roots,
         source: path.display().to_string(),
@@ -100,7 +108,10 @@ fn load_installed(
     if !paths.authority.exists() {
         let csr =
             crate::x509::certificate_request(key, td, &crate::ca::intermediate_subject(td, 1))
-                .map_err(|e| ServeError::Authority(format!("cannot make the CSR: {e}")))?;
+                .map_err(|source| ServeError::Issue {
+                    what: "cannot make the authority's CSR".into(),
+                    source,
+                })?;
         write_public(
             &paths.authority_csr,
             pem::encode(&pem::Pem::new("CERTIFICATE REQUEST", csr)).as_bytes(),
@@ -114,14 +125,14 @@ fn load_installed(
     }
     let text = std::fs::read(&paths.authority)
         .map_err(io(format!("reading {}", paths.authority.display())))?;
-    let mut certs =
-        crate::ca::external::pem_certificates(&text, &paths.authority.display().to_string())
-            .map_err(ServeError::Authority)?;
+    let refused = |reason: String| ServeError::CertificateRefused {
+        what: paths.authority.display().to_string(),
+        reason,
+    };
+    let mut certs = crate::ca::external::pem_certificates(&text, "the file")
+        .map_err(|e| refused(e.to_string()))?;
     if certs.is_empty() {
-        return Err(ServeError::Authority(format!(
-            "{} holds no certificate",
-            paths.authority.display()
-        )));
+        return Err(refused("it holds no certificate".into()));
     }
     let cert = certs.remove(0);
     crate::ca::external::check_installed(
@@ -132,7 +143,7 @@ fn load_installed(
         ext,
         OffsetDateTime::now_utc(),
     )
-    .map_err(|e| ServeError::Authority(format!("{}: {e}", paths.authority.display())))?;
+    .map_err(|e| refused(e.to_string()))?;
     Ok((cert, certs))
 }
 
@@ -157,22 +168,35 @@ pub fn install_offline(
         paths.authority_csr.display()
     )))?;
     let csr_der = pem::parse(&csr_pem)
-        .map_err(|e| ServeError::Authority(format!("{}: {e}", paths.authority_csr.display())))?
+        .map_err(|source| ServeError::Pem {
+            path: paths.authority_csr.clone(),
+            source,
+        })?
         .contents()
         .to_vec();
-    let csr = crate::x509::parse_and_verify_csr(&csr_der)
-        .map_err(|e| ServeError::Authority(format!("{}: {e}", paths.authority_csr.display())))?;
+    let csr = crate::x509::parse_and_verify_csr(&csr_der).map_err(|source| ServeError::Csr {
+        path: paths.authority_csr.clone(),
+        source,
+    })?;
+    let refused = |what: &str, reason: String| ServeError::CertificateRefused {
+        what: what.into(),
+        reason,
+    };
+    const CERT: &str = "the ceremony's certificate";
     let mut certs = crate::ca::external::pem_certificates(cert_pem, "the certificate file")
-        .map_err(ServeError::Authority)?;
+        .map_err(|e| refused(CERT, e.to_string()))?;
     if certs.len() != 1 {
-        return Err(ServeError::Authority(format!(
-            "the certificate file holds {} certificates: give signet's certificate alone (--cert) and the CA \
-             certificates above it with --chain",
-            certs.len()
-        )));
+        return Err(refused(
+            CERT,
+            format!(
+                "the certificate file holds {} certificates: give signet's certificate alone (--cert) and the CA \
+                 certificates above it with --chain",
+                certs.len()
+            ),
+        ));
     }
     let chain = crate::ca::external::pem_certificates(chain_pem, "the chain file")
-        .map_err(ServeError::Authority)?;
+        .map_err(|e| refused("the chain", e.to_string()))?;
     crate::ca::external::check_installed(
         &certs[0],
         &chain,
@@ -181,7 +205,7 @@ pub fn install_offline(
         &ext,
         OffsetDateTime::now_utc(),
     )
-    .map_err(ServeError::Authority)?;
+    .map_err(|e| refused(CERT, e.to_string()))?;
     certs.extend(chain);
     write_public(&paths.authority, pem_certs(&certs).as_bytes())?;
     Ok(paths.authority)
@@ -196,23 +220,26 @@ fn load_root(
     if paths.root.exists() {
         let text =
             std::fs::read(&paths.root).map_err(io(format!("reading {}", paths.root.display())))?;
-        let block = pem::parse(&text)
-            .map_err(|e| ServeError::Authority(format!("{}: {e}", paths.root.display())))?;
+        let block = pem::parse(&text).map_err(|source| ServeError::Pem {
+            path: paths.root.clone(),
+            source,
+        })?;
         let der = block.contents().to_vec();
-        let (_, cert) = x509_parser::parse_x509_certificate(&der)
-            .map_err(|e| ServeError::Authority(format!("{}: {e}", paths.root.display())))?;
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).map_err(|source| {
+            ServeError::Certificate {
+                what: paths.root.display().to_string(),
+                source,
+            }
+        })?;
         if cert.public_key().raw != key.spki_der() {
-            return Err(ServeError::Authority(format!(
-                "{} does not hold the root key's certificate: the key on the token changed; move the file away to \
-                 create a new root",
-                paths.root.display()
-            )));
+            return Err(ServeError::RootKeyChanged {
+                path: paths.root.clone(),
+            });
         }
         if !cert.validity().is_valid() {
-            return Err(ServeError::Authority(format!(
-                "the root in {} is not valid now (expired?): move it away to create a new one",
-                paths.root.display()
-            )));
+            return Err(ServeError::RootNotValid {
+                path: paths.root.clone(),
+            });
         }
         return Ok(der);
     }
@@ -229,7 +256,10 @@ fn load_root(
         },
         OffsetDateTime::now_utc(),
     )
-    .map_err(|e| ServeError::Authority(format!("cannot create the root: {e}")))?;
+    .map_err(|source| ServeError::Issue {
+        what: "cannot create the root".into(),
+        source,
+    })?;
     let der = root.cert_der().to_vec();
     write_public(
         &paths.root,
@@ -256,18 +286,24 @@ fn service_svid(
             .try_into()
             .unwrap_or_default(),
     );
-    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| ServeError::Authority(format!("cannot generate a key: {e}")))?;
+    let kp =
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(ServeError::OwnKey)?;
     let mut req = LeafRequest::from_spki(
         id.clone(),
         &rcgen::PublicKeyData::subject_public_key_info(&kp),
         ttl,
     )
-    .map_err(|e| ServeError::Authority(e.to_string()))?;
+    .map_err(|source| ServeError::Issue {
+        what: format!("the request for {id}"),
+        source,
+    })?;
     req.dns_names = dns.to_vec();
     let issued = root
         .issue_x509_svid(&req, OffsetDateTime::now_utc())
-        .map_err(|e| ServeError::Authority(format!("cannot issue the SVID for {id}: {e}")))?;
+        .map_err(|source| ServeError::Issue {
+            what: format!("cannot issue the SVID for {id}"),
+            source,
+        })?;
     let mut chain = vec![issued.der];
     chain.extend(root.chain());
     let key = kp.serialize_der();
@@ -392,9 +428,9 @@ pub(super) fn bootstrap(
     };
     let mut tokens = Vec::new();
     for s in &settings {
-        let token = Token::open(&s.token_config()?).map_err(|e| ServeError::Token {
+        let token = Token::open(&s.token_config()?).map_err(|source| ServeError::Token {
             token: s.name.clone(),
-            message: e.to_string(),
+            source,
         })?;
         tokens.push((s.clone(), token));
     }
@@ -408,9 +444,7 @@ pub(super) fn bootstrap(
         .filter(|(s, _)| x509_names.contains(&s.name))
         .collect();
     let Some((first_settings, _)) = members.first().copied() else {
-        return Err(ServeError::Authority(
-            "no token for the X.509 authority".into(),
-        ));
+        return Err(ServeError::NoX509Token);
     };
     let single = members.len() == 1;
     let x = &cfg.authority.x509;
@@ -444,13 +478,10 @@ pub(super) fn bootstrap(
         .token
         .clone()
         .unwrap_or_else(|| first_settings.name.clone());
-    let (km_settings, km_token) =
-        tokens
-            .iter()
-            .find(|(s, _)| s.name == km_name)
-            .ok_or_else(|| {
-                ServeError::Authority(format!("key_manager.token {km_name:?} is not defined"))
-            })?;
+    let (km_settings, km_token) = tokens
+        .iter()
+        .find(|(s, _)| s.name == km_name)
+        .ok_or_else(|| ServeError::UnknownKeyManagerToken(km_name.clone()))?;
     let pcfg = cfg.pipeline.pipeline_config()?;
     let pipeline = Pipeline::start(
         pcfg.clone(),
@@ -459,33 +490,40 @@ pub(super) fn bootstrap(
             .map(|(s, t)| TokenMember::new(s.name.clone(), t.clone(), s.sessions))
             .collect(),
     )
-    .map_err(|e| ServeError::Authority(format!("cannot start the signing pipeline: {e}")))?;
+    .map_err(|source| ServeError::Pipeline {
+        what: "cannot start the signing pipeline".into(),
+        source,
+    })?;
     let started = (|| {
-        let root_key: Arc<dyn AuthorityKey> = Arc::new(
-            pipeline
-                .key(&root_label)
-                .map_err(|e| ServeError::Authority(e.to_string()))?,
-        );
-        let jwt_key: Arc<dyn AuthorityKey> = Arc::new(
-            pipeline
-                .key(&jwt_label)
-                .map_err(|e| ServeError::Authority(e.to_string()))?,
-        );
+        let root_key: Arc<dyn AuthorityKey> = Arc::new(pipeline.key(&root_label).map_err(
+            |source| ServeError::Pipeline {
+                what: format!("the root key {root_label:?}"),
+                source,
+            },
+        )?);
+        let jwt_key: Arc<dyn AuthorityKey> = Arc::new(pipeline.key(&jwt_label).map_err(
+            |source| ServeError::Pipeline {
+                what: format!("the JWT key {jwt_label:?}"),
+                source,
+            },
+        )?);
         let root_der = match &prior.x509 {
             Some((label, cert)) => {
-                let (_, c) = x509_parser::parse_x509_certificate(cert)
-                    .map_err(|e| ServeError::Authority(format!("the datastore's root: {e}")))?;
+                let (_, c) = x509_parser::parse_x509_certificate(cert).map_err(|source| {
+                    ServeError::Certificate {
+                        what: "the datastore's root".into(),
+                        source,
+                    }
+                })?;
                 if c.public_key().raw != root_key.spki_der() {
-                    return Err(ServeError::Authority(format!(
-                        "the key {label:?} on the token is not the datastore's active root's key"
-                    )));
+                    return Err(ServeError::RootKeyMismatch {
+                        label: label.clone(),
+                    });
                 }
                 if external.is_some() && c.subject().as_raw() == c.issuer().as_raw() {
-                    return Err(ServeError::Authority(format!(
-                        "authority.x509.parent = \"external\", but the datastore's active X.509 authority {label:?} is \
-                         signet's own self-signed root: an offline root is set up on a fresh datastore and data \
-                         directory"
-                    )));
+                    return Err(ServeError::OwnRootNotExternal {
+                        label: label.clone(),
+                    });
                 }
                 if external.is_none() {
                     write_public(
@@ -512,19 +550,18 @@ pub(super) fn bootstrap(
                 root_chain.clone(),
                 external.map(|e| e.roots.clone()).unwrap_or_default(),
             )
-            .map_err(|e| ServeError::Authority(e.to_string()))?,
+            .map_err(|source| ServeError::Issue {
+                what: "the X.509 authority".into(),
+                source,
+            })?,
         );
         let jwt = Arc::new(
             JwtIssuer::new(jwt_key, td.clone(), None, None, j.max_ttl.0)
-                .map_err(|e| ServeError::Authority(format!("JWT authority: {e}")))?,
+                .map_err(ServeError::Jwt)?,
         );
         let svid_ttl = cfg.server.service_svid_ttl.0;
-        let server_id = td
-            .workload_id(SERVER_ID_PATH)
-            .map_err(|e| ServeError::Authority(e.to_string()))?;
-        let admin_id = td
-            .workload_id(ADMIN_ID_PATH)
-            .map_err(|e| ServeError::Authority(e.to_string()))?;
+        let server_id = td.workload_id(SERVER_ID_PATH).map_err(ServeError::OwnId)?;
+        let admin_id = td.workload_id(ADMIN_ID_PATH).map_err(ServeError::OwnId)?;
         let server = service_svid(
             &root,
             &server_id,
@@ -567,7 +604,10 @@ pub(super) fn bootstrap(
             Ok(p) => Some(p),
             Err(e) => {
                 pipeline.shutdown();
-                return Err(ServeError::Authority(format!("key manager pipeline: {e}")));
+                return Err(ServeError::Pipeline {
+                    what: "cannot start the key manager's pipeline".into(),
+                    source: e,
+                });
             }
         }
     };
@@ -581,7 +621,9 @@ pub(super) fn bootstrap(
             if let Some(p) = &km_pipeline {
                 p.shutdown();
             }
-            return Err(ServeError::Authority(e));
+            return Err(ServeError::KeyStore {
+                reason: e.to_string(),
+            });
         }
     };
     Ok(Bootstrapped {
@@ -618,7 +660,7 @@ pub(super) async fn prior_of(store: &Store, td: &TrustDomain) -> Result<Prior, S
     let rows = store
         .authorities(&td.to_string())
         .await
-        .map_err(|e| ServeError::Authority(e.to_string()))?;
+        .map_err(datastore("reading the active authorities"))?;
     let active = |k: AuthorityKind| {
         rows.iter()
             .find(|r| r.kind == k && r.state == AuthorityState::Active)

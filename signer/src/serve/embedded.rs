@@ -76,10 +76,6 @@ impl EmbeddedToken for HsmSimEmbedded {
 /// Creates the embedded token `signet` on `module` unless it exists, with random PINs kept in the data directory
 /// (0600), and returns its settings.
 fn provision_token(module: PathBuf, data_dir: &Path) -> Result<TokenSettings, ServeError> {
-    let token_err = |message: String| ServeError::Token {
-        token: "embedded".into(),
-        message,
-    };
     let pin_file = data_dir.join("token.pin");
     let so_pin_file = data_dir.join("token.so-pin");
     for f in [&pin_file, &so_pin_file] {
@@ -87,7 +83,10 @@ fn provision_token(module: PathBuf, data_dir: &Path) -> Result<TokenSettings, Se
             write_private(f, random_pin()?.as_bytes())?;
         }
     }
-    let slots = signet_pkcs11::list_slots(&module).map_err(|e| token_err(e.to_string()))?;
+    let slots = signet_pkcs11::list_slots(&module).map_err(|source| ServeError::Token {
+        token: "embedded".into(),
+        source,
+    })?;
     let exists = slots
         .iter()
         .any(|s| s.token.as_ref().is_some_and(|t| t.label == EMBEDDED_LABEL));
@@ -104,7 +103,7 @@ fn provision_token(module: PathBuf, data_dir: &Path) -> Result<TokenSettings, Se
             &read(&so_pin_file)?,
             &read(&pin_file)?,
         )
-        .map_err(|e| token_err(format!("cannot initialise the embedded token: {e}")))?;
+        .map_err(ServeError::EmbeddedToken)?;
         tracing::info!("embedded token created");
     }
     Ok(embedded_token_settings(module, data_dir))
@@ -121,6 +120,6 @@ fn random_pin() -> Result<Zeroizing<String>, ServeError> {
     let mut b = Zeroizing::new([0u8; 16]);
     ring::rand::SystemRandom::new()
         .fill(b.as_mut())
-        .map_err(|_| ServeError::Authority("the system random generator failed".into()))?;
+        .map_err(|_| ServeError::Random)?;
     Ok(Zeroizing::new(hex::encode(&b[..])))
 }

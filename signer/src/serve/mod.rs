@@ -117,8 +117,11 @@ impl Appliance {
     /// The services for callers in this process, authenticated by the admin credential of the data directory
     /// (see [`crate::api::InProcess`]).
     pub fn in_process(&self) -> Result<crate::api::InProcess, ServeError> {
-        crate::api::InProcess::new(self.state.clone(), self.paths.admin_cert.clone())
-            .map_err(ServeError::Server)
+        crate::api::InProcess::new(self.state.clone(), self.paths.admin_cert.clone()).map_err(|e| {
+            ServeError::InProcess {
+                reason: e.to_string(),
+            }
+        })
     }
 
     /// The gRPC address.
@@ -200,8 +203,11 @@ impl Appliance {
         .await;
         match served {
             Ok(Ok(Ok(()))) => Ok(()),
-            Ok(Ok(Err(e))) => Err(ServeError::Server(e.to_string())),
-            Ok(Err(e)) => Err(ServeError::Server(e.to_string())),
+            Ok(Ok(Err(e))) => Err(ServeError::Server(e)),
+            Ok(Err(source)) => Err(ServeError::Task {
+                what: "the gRPC server's task",
+                source,
+            }),
             Err(_) => {
                 tracing::warn!(grace = ?self.grace, "requests still in flight after the grace period were cut");
                 Ok(())

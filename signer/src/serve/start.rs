@@ -15,7 +15,7 @@ use super::authorities::{open_authorities, signers_of};
 use super::background::{follow_authorities, health_loop, start_federation, start_metrics};
 use super::bootstrap::{AWAIT_CERTIFICATE_POLL, bootstrap, external_parent, prior_of};
 use super::embedded::EmbeddedToken;
-use super::error::{ServeError, io};
+use super::error::{ServeError, datastore, io};
 use crate::api::admin::AdminService;
 use crate::api::issuer::IssuerService;
 use crate::api::keymanager::KeyManagerService;
@@ -61,7 +61,7 @@ impl Appliance {
             std::fs::canonicalize(&cfg.data_dir).map_err(io("resolving the data directory"))?;
         let store = Store::open(&cfg.datastore, &dir)
             .await
-            .map_err(|e| ServeError::Authority(e.to_string()))?;
+            .map_err(datastore("opening the datastore"))?;
         let external = match external_parent(&cfg) {
             Ok(e) => e,
             Err(e) => {
@@ -80,7 +80,7 @@ impl Appliance {
             let start_lock = store
                 .start_lock()
                 .await
-                .map_err(|e| ServeError::Authority(e.to_string()))?;
+                .map_err(datastore("waiting for the start lock"))?;
             let prior = prior_of(&store, &td).await?;
             let (cfg2, dir2, emb, ext) =
                 (cfg.clone(), dir.clone(), embedded.clone(), external.clone());
@@ -88,7 +88,10 @@ impl Appliance {
                 bootstrap(&cfg2, emb.as_ref(), dir2, prior, ext.as_ref())
             })
             .await
-            .map_err(|e| ServeError::Server(format!("start-up task failed: {e}")))
+            .map_err(|source| ServeError::Task {
+                what: "the start-up task",
+                source,
+            })
             .and_then(|r| r);
             match boot {
                 Ok(b) => break (start_lock, b),
@@ -125,7 +128,9 @@ impl Appliance {
             .await
         {
             stop_pipeline(boot.pipeline.clone()).await;
-            return Err(ServeError::Authority(e));
+            return Err(ServeError::KeyStore {
+                reason: e.to_string(),
+            });
         }
         let authorities = match open_authorities(&cfg, &boot, store.clone(), clock).await {
             Ok(a) => Arc::new(a),
@@ -207,19 +212,22 @@ impl Appliance {
         // signet's own credentials: what the listeners present (swapped in place when renewed), held on the root
         // that signed them (it stays in the bundle while they are in use) and reported in the heartbeat.
         let server_cert = Arc::new(
-            crate::own::LiveCert::new(&boot.server.0, &boot.server.1)
-                .map_err(ServeError::Server)?,
+            crate::own::LiveCert::new(&boot.server.0, &boot.server.1).map_err(|e| {
+                ServeError::OwnCredentials {
+                    reason: e.to_string(),
+                }
+            })?,
         );
         let own = Arc::new(crate::own::OwnCredentials::new(
             crate::own::OwnSettings {
                 server_id: boot
                     .td
                     .workload_id(SERVER_ID_PATH)
-                    .map_err(|e| ServeError::Authority(e.to_string()))?,
+                    .map_err(ServeError::OwnId)?,
                 admin_id: boot
                     .td
                     .workload_id(ADMIN_ID_PATH)
-                    .map_err(|e| ServeError::Authority(e.to_string()))?,
+                    .map_err(ServeError::OwnId)?,
                 dns: cfg.server.names.clone(),
                 ttl: cfg.server.service_svid_ttl.0,
                 paths: boot.paths.clone(),
@@ -235,13 +243,20 @@ impl Appliance {
             (crate::own::Own::Admin, &boot.admin),
         ] {
             own.adopt(which, chain, &boot.root_der)
-                .map_err(ServeError::Authority)?;
+                .map_err(|e| ServeError::OwnCredentials {
+                    reason: e.to_string(),
+                })?;
         }
         if cfg.server.renew_own_credentials {
             background.push(tokio::spawn(own.clone().run(shutdown_rx.clone())));
         }
-        let tls_cfg = tls::server_config_live(server_cert.clone(), state.client_trust())
-            .map_err(ServeError::Server)?;
+        let tls_cfg =
+            tls::server_config_live(server_cert.clone(), state.client_trust()).map_err(|e| {
+                ServeError::Tls {
+                    what: "the gRPC port's TLS",
+                    reason: e.to_string(),
+                }
+            })?;
         background.push(tokio::spawn(follow_authorities(
             state.clone(),
             authorities.clone(),
@@ -311,7 +326,10 @@ impl Appliance {
         }
         if let Some(listen) = cfg.server.bootstrap_listen {
             let tls = crate::api::join::bootstrap_tls(boot.server.0.clone(), boot.server.1.clone())
-                .map_err(ServeError::Server)?;
+                .map_err(|e| ServeError::Tls {
+                    what: "the bootstrap port's TLS",
+                    reason: e.to_string(),
+                })?;
             crate::api::join::start_bootstrap(
                 listen,
                 tls,
@@ -321,7 +339,9 @@ impl Appliance {
                 &mut background,
             )
             .await
-            .map_err(ServeError::Server)?;
+            .map_err(|e| ServeError::Bootstrap {
+                reason: e.to_string(),
+            })?;
         }
         background.push(tokio::spawn(audit_refusals(
             refusals,
@@ -340,7 +360,7 @@ impl Appliance {
         let reflection = tonic_reflection::server::Builder::configure()
             .register_encoded_file_descriptor_set(signet_proto::FILE_DESCRIPTOR_SET)
             .build_v1()
-            .map_err(|e| ServeError::Server(format!("reflection: {e}")))?;
+            .map_err(ServeError::Reflection)?;
 
         let max = cfg.server.max_message_bytes;
         use signet_proto::signet::v1::{admin_server::AdminServer, issuer_server::IssuerServer};

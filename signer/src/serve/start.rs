@@ -21,7 +21,7 @@ use crate::api::issuer::IssuerService;
 use crate::api::keymanager::KeyManagerService;
 use crate::api::listener::{RefusalTally, accept_loop, audit_refusals};
 use crate::api::upstream::UpstreamAuthorityService;
-use crate::api::{AppState, tls};
+use crate::api::{AppParts, AppState, tls};
 use crate::config::{ADMIN_ID_PATH, Config, ConfigError, ModeSetting, SERVER_ID_PATH};
 use crate::datadir::{pem_certs, write_public};
 use crate::health::HealthBoard;
@@ -190,25 +190,21 @@ impl Appliance {
         } else {
             crate::replica::Replication::single(store.engine())
         });
-        let state = Arc::new(
-            AppState::new(
-                boot.td.clone(),
-                policy,
-                boot.audit.clone(),
-                signers,
-                boot.pipeline.clone(),
-                bundle,
-                boot.keys,
-                cfg.server.max_batch,
-                cfg.pipeline.default_timeout.0,
-                shutdown_rx.clone(),
-            )
-            .with_token_sessions(boot.token_sessions.clone())
-            .with_authorities(authorities.clone())
-            .with_replication(replication)
-            .with_store(store.clone())
-            .with_max_in_flight_per_caller(cfg.server.max_in_flight_per_caller),
-        );
+        let state = Arc::new(AppState::new(AppParts {
+            trust_domain: boot.td.clone(),
+            policy,
+            audit: boot.audit.clone(),
+            signers,
+            authorities: authorities.clone(),
+            pipeline: boot.pipeline.clone(),
+            keys: boot.keys,
+            replication,
+            max_batch: cfg.server.max_batch,
+            request_timeout: cfg.pipeline.default_timeout.0,
+            max_in_flight_per_caller: cfg.server.max_in_flight_per_caller,
+            token_sessions: boot.token_sessions.into_iter().collect(),
+            shutdown: shutdown_rx.clone(),
+        }));
         // signet's own credentials: what the listeners present (swapped in place when renewed), held on the root
         // that signed them (it stays in the bundle while they are in use) and reported in the heartbeat.
         let server_cert = Arc::new(

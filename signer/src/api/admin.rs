@@ -370,7 +370,7 @@ impl AdminService {
         }
         Ok(Response::new(pb::RotateResponse {
             label,
-            rotation: Some(rotation_view(st, &a).await?),
+            rotation: Some(rotation_view(st, a).await?),
             csr_pem,
         }))
     }

@@ -33,49 +33,20 @@ impl pb::admin_server::Admin for AdminService {
     ) -> Result<Response<pb::GetStatusResponse>, Status> {
         let st = &self.state;
         st.admit(&request, Service::Admin, "GetStatus").await?;
-        let token_names: Vec<String> = st
-            .pipeline
-            .token_status()
-            .into_iter()
-            .map(|t| t.name)
-            .collect();
-        let first_token = token_names.first().cloned().unwrap_or_default();
         let signers = st.signers();
         let mut authorities = Vec::new();
-        match &st.authorities {
-            Some(a) => {
-                for r in a.list().await {
-                    if r.destroyed_at.is_some() || r.state == crate::ca::AuthorityState::Retired {
-                        continue;
-                    }
-                    authorities.push(pb::AuthorityStatus {
-                        kind: r.kind.name().into(),
-                        state: r.state.name().into(),
-                        id: authority_id(&r),
-                        not_after: r.not_after.unwrap_or(0),
-                        tainted: r.tainted,
-                        token: r.token.clone(),
-                    });
-                }
+        for r in st.authorities.list().await {
+            if r.destroyed_at.is_some() || r.state == crate::ca::AuthorityState::Retired {
+                continue;
             }
-            None => {
-                authorities.push(pb::AuthorityStatus {
-                    kind: "x509".into(),
-                    state: "active".into(),
-                    id: cert_ski(signers.root.cert_der()).unwrap_or_default(),
-                    not_after: signers.root.not_after().unix_timestamp(),
-                    tainted: false,
-                    token: first_token.clone(),
-                });
-                authorities.push(pb::AuthorityStatus {
-                    kind: "jwt".into(),
-                    state: "active".into(),
-                    id: signers.jwt.kid().to_string(),
-                    not_after: 0,
-                    tainted: false,
-                    token: first_token,
-                });
-            }
+            authorities.push(pb::AuthorityStatus {
+                kind: r.kind.name().into(),
+                state: r.state.name().into(),
+                id: authority_id(&r),
+                not_after: r.not_after.unwrap_or(0),
+                tainted: r.tainted,
+                token: r.token.clone(),
+            });
         }
         if let Some(inter) = signers.x509.current_intermediate() {
             let not_after = x509_parser::parse_x509_certificate(&inter)
@@ -238,24 +209,14 @@ impl crate::ca::StepWitness for AuditWitness<'_> {
     }
 }
 
-fn rotation_of(st: &AppState) -> Result<std::sync::Arc<crate::ca::Authorities>, Status> {
-    st.authorities.clone().ok_or_else(|| {
-        Status::unimplemented("this appliance runs without a datastore: no rotation")
-    })
-}
-
 impl AdminService {
     async fn rotation(
         &self,
         request: Request<pb::GetRotationRequest>,
     ) -> Result<Response<pb::GetRotationResponse>, Status> {
         let st = &self.state;
-        let caller = st.admit(&request, Service::Admin, "GetRotation").await?;
-        let a = match rotation_of(st) {
-            Ok(a) => a,
-            Err(s) => return Err(st.refuse(&caller, s, None).await),
-        };
-        Ok(Response::new(rotation_view(st, &a).await?))
+        st.admit(&request, Service::Admin, "GetRotation").await?;
+        Ok(Response::new(rotation_view(st, &st.authorities).await?))
     }
 
     async fn rotate_step(
@@ -293,10 +254,7 @@ impl AdminService {
     ) -> Result<Response<pb::RotateResponse>, Status> {
         use crate::ca::AuthorityKind;
         let st = &self.state;
-        let a = match rotation_of(st) {
-            Ok(a) => a,
-            Err(s) => return Err(st.refuse(&caller, s, None).await),
-        };
+        let a = &st.authorities;
         let kind = match req.kind.as_str() {
             "" | "x509" => AuthorityKind::X509,
             "jwt" => AuthorityKind::Jwt,
@@ -412,7 +370,7 @@ impl AdminService {
         }
         Ok(Response::new(pb::RotateResponse {
             label,
-            rotation: Some(rotation_view(st, &a).await?),
+            rotation: Some(rotation_view(st, a).await?),
             csr_pem,
         }))
     }

@@ -5,8 +5,8 @@
 //! - [`upstream`]: SPIRE's `UpstreamAuthority` v1 (`MintX509CAAndSubscribe`, `PublishJWTKeyAndSubscribe`,
 //!   `SubscribeToLocalBundle`);
 //! - [`keymanager`]: SPIRE's `KeyManager` v1, keys on the token namespaced per calling SPIRE server;
-//! - [`issuer`]: signet's `Issuer` (batch X509-SVIDs, JWT-SVIDs, the bundle) and `Admin` (status, rotation);
-//! - [`bundle`]: the live bundle the streams follow;
+//! - [`issuer`]: signet's `Issuer` (batch X509-SVIDs, JWT-SVIDs, the bundle);
+//! - [`admin`]: signet's `Admin` (status, rotation);
 //! - [`tls`]: the server's rustls configuration and the client-certificate check;
 //! - [`listener`]: the port's front door: connection bounds, handshake timeouts, aggregated refusals;
 //! - [`join`]: join tokens (`Admin.CreateJoinToken`, `Bootstrap.ExchangeJoinToken` on the bootstrap port) and the
@@ -73,11 +73,11 @@ pub struct AppState {
     pub audit: AuditLog,
     /// What signs now (swapped when a rotation activates a new root or JWT key).
     signers: std::sync::RwLock<Arc<Signers>>,
-    /// The authorities' life cycle (rotation), when the appliance runs on a datastore.
-    pub authorities: Option<Arc<crate::ca::Authorities>>,
+    /// The authorities' life cycle (rotation, status from the datastore).
+    pub authorities: Arc<crate::ca::Authorities>,
     /// The signing pipeline of the authorities.
     pub pipeline: Pipeline,
-    /// The live bundle.
+    /// The live bundle (the authorities' own).
     pub bundle: TrustBundle,
     /// SPIRE KeyManager keys.
     pub keys: keymanager::KeyStore,
@@ -91,8 +91,8 @@ pub struct AppState {
     pub federated: crate::federation::FederatedBundles,
     /// This replica among those sharing the datastore.
     pub replication: Arc<crate::replica::Replication>,
-    /// The datastore (join tokens), when the appliance runs on one.
-    pub store: Option<crate::store::Store>,
+    /// The datastore (join tokens; the authorities' own).
+    pub store: crate::store::Store,
     /// The bootstrap port's address, once it listens (answered with a new join token).
     pub bootstrap_addr: std::sync::OnceLock<std::net::SocketAddr>,
     client_trust: Arc<tls::LiveClientTrust>,
@@ -100,21 +100,59 @@ pub struct AppState {
     token_sessions: std::collections::HashMap<String, u32>,
 }
 
+/// What [`AppState::new`] assembles, each part named. The bundle and the datastore are the authorities' own
+/// ([`crate::ca::Authorities::bundle`], [`crate::ca::Authorities::store`]), so they cannot disagree with them.
+#[derive(Debug)]
+pub struct AppParts {
+    /// The trust domain.
+    pub trust_domain: TrustDomain,
+    /// Who may do what.
+    pub policy: Policy,
+    /// The audit log.
+    pub audit: AuditLog,
+    /// What signs when the services start (the authorities' active set).
+    pub signers: Signers,
+    /// The authorities' life cycle on the datastore.
+    pub authorities: Arc<crate::ca::Authorities>,
+    /// The signing pipeline of the authorities.
+    pub pipeline: Pipeline,
+    /// SPIRE KeyManager keys.
+    pub keys: keymanager::KeyStore,
+    /// This replica among those sharing the datastore ([`crate::replica::Replication::single`] when alone).
+    pub replication: Arc<crate::replica::Replication>,
+    /// Most CSRs per batch call (`server.max_batch`).
+    pub max_batch: usize,
+    /// Deadline of a request (`pipeline.default_timeout`).
+    pub request_timeout: Duration,
+    /// Requests one caller may have in flight at once; beyond, RESOURCE_EXHAUSTED
+    /// (`server.max_in_flight_per_caller`, [`DEFAULT_MAX_IN_FLIGHT_PER_CALLER`] by default).
+    pub max_in_flight_per_caller: usize,
+    /// Worker sessions per token, by token name (reported by `Admin.GetStatus`).
+    pub token_sessions: std::collections::HashMap<String, u32>,
+    /// Turns true when the server shuts down (ends the subscription streams).
+    pub shutdown: watch::Receiver<bool>,
+}
+
 impl AppState {
-    /// Assembles the state.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        trust_domain: TrustDomain,
-        policy: Policy,
-        audit: AuditLog,
-        signers: Signers,
-        pipeline: Pipeline,
-        bundle: TrustBundle,
-        keys: keymanager::KeyStore,
-        max_batch: usize,
-        request_timeout: Duration,
-        shutdown: watch::Receiver<bool>,
-    ) -> Self {
+    /// Assembles the state from its parts.
+    pub fn new(parts: AppParts) -> Self {
+        let AppParts {
+            trust_domain,
+            policy,
+            audit,
+            signers,
+            authorities,
+            pipeline,
+            keys,
+            replication,
+            max_batch,
+            request_timeout,
+            max_in_flight_per_caller,
+            token_sessions,
+            shutdown,
+        } = parts;
+        let bundle = authorities.bundle().clone();
+        let store = authorities.store().clone();
         let client_trust = Arc::new(tls::LiveClientTrust::new(
             bundle.clone(),
             trust_domain.clone(),
@@ -124,7 +162,7 @@ impl AppState {
             policy,
             audit,
             signers: std::sync::RwLock::new(Arc::new(signers)),
-            authorities: None,
+            authorities,
             pipeline,
             bundle,
             keys,
@@ -132,37 +170,13 @@ impl AppState {
             request_timeout,
             shutdown,
             federated: crate::federation::FederatedBundles::default(),
-            replication: Arc::new(crate::replica::Replication::single("none")),
-            store: None,
+            replication,
+            store,
             bootstrap_addr: std::sync::OnceLock::new(),
             client_trust,
-            in_flight: Arc::new(InFlight::new(DEFAULT_MAX_IN_FLIGHT_PER_CALLER)),
-            token_sessions: std::collections::HashMap::new(),
+            in_flight: Arc::new(InFlight::new(max_in_flight_per_caller)),
+            token_sessions,
         }
-    }
-
-    /// Runs the authorities' life cycle on `authorities` (rotation RPCs, status from the datastore).
-    pub fn with_authorities(mut self, authorities: Arc<crate::ca::Authorities>) -> Self {
-        self.authorities = Some(authorities);
-        self
-    }
-
-    /// Keeps join tokens in `store`.
-    pub fn with_store(mut self, store: crate::store::Store) -> Self {
-        self.store = Some(store);
-        self
-    }
-
-    /// Places this process among the replicas sharing its datastore.
-    pub fn with_replication(mut self, replication: Arc<crate::replica::Replication>) -> Self {
-        self.replication = replication;
-        self
-    }
-
-    /// Caps the requests one caller may have in flight at once (beyond: RESOURCE_EXHAUSTED).
-    pub fn with_max_in_flight_per_caller(mut self, max: usize) -> Self {
-        self.in_flight = Arc::new(InFlight::new(max));
-        self
     }
 
     /// The client trust of the live bundle, shared with the TLS handshake.
@@ -181,15 +195,6 @@ impl AppState {
     /// Replaces what signs (after a rotation step committed).
     pub fn set_signers(&self, signers: Signers) {
         *self.signers.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(signers);
-    }
-
-    /// Records how many worker sessions each token has (reported by `Admin.GetStatus`).
-    pub fn with_token_sessions(
-        mut self,
-        sessions: impl IntoIterator<Item = (String, u32)>,
-    ) -> Self {
-        self.token_sessions = sessions.into_iter().collect();
-        self
     }
 
     /// Worker sessions of the token `name` (0 if unknown).

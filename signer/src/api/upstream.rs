@@ -250,11 +250,7 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
             owner: KeyOwner::Publisher(caller.id.clone()),
         };
         // signet's own key ids, in the bundle or not (the active one, prepared and retired ones), are never taken.
-        let own = st.signers().jwt.kid() == jwt.kid
-            || match &st.authorities {
-                Some(a) => a.is_own_kid(&jwt.kid).await,
-                None => false,
-            };
+        let own = st.signers().jwt.kid() == jwt.kid || st.authorities.is_own_kid(&jwt.kid).await;
         let allowed = if own {
             Err(PublishError::SignetKey(jwt.kid.clone()))
         } else {
@@ -278,9 +274,7 @@ impl pb::upstream_authority_server::UpstreamAuthority for UpstreamAuthorityServi
         st.audit(&[r]).await?;
         if !st.bundle.current().jwt_keys.contains(&jwt) {
             // Stored first (so a restart, and every replica, still publishes it), then live.
-            if let Some(a) = &st.authorities
-                && let Err(e) = a.store_published_jwt_key(&jwt).await
-            {
+            if let Err(e) = st.authorities.store_published_jwt_key(&jwt).await {
                 let s = match &e {
                     RotationError::Store(StoreError::NotOwner(_)) => {
                         Status::permission_denied(format!(

@@ -371,10 +371,15 @@ async fn an_offline_root_certifies_signets_intermediates() {
         365,
     );
     let e = signet::serve::install_offline(&cfg, wrong.as_bytes(), b"").unwrap_err();
+    assert!(
+        matches!(e, signet::serve::ServeError::CertificateRefused { .. }),
+        "{e:?}"
+    );
     assert_eq!(
         e.to_string(),
-        "authority set-up failed: the certificate is for another key, not the key of signet-x509-root on the \
-         token: have the offline root sign the CSR that `signet rotate prepare` wrote for signet-x509-root"
+        "the ceremony's certificate is refused: the certificate is for another key, not the key of \
+         signet-x509-root on the token: have the offline root sign the CSR that `signet rotate prepare` wrote for \
+         signet-x509-root"
     );
     assert!(!cfg.data_dir.join("authority.pem").exists());
     assert!(!starting.is_finished());

@@ -10,7 +10,8 @@
 //! - the plug-in's forwarder over mTLS to the appliance's port (the network path, one warm HTTP/2 connection);
 //! - that forwarder behind the plug-in's unix socket (what SPIRE sees with a remote appliance).
 //!
-//! `cargo test --release -p signet --test signdata_budget -- --ignored --nocapture`
+//! `cargo test --release -p signet --test signdata_budget -- --ignored --nocapture` (and with
+//! `SIGNET_BUDGET_AUDIT_SYNC=0` for an audit log that is not synced to the disk before each answer)
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -130,7 +131,15 @@ async fn signdata_latency_budget() {
     let recorder = metrics_exporter_prometheus::PrometheusBuilder::new()
         .install_recorder()
         .unwrap();
-    let Some(bed) = Bed::start_with(|c| c.tokens[0].sessions = 2).await else {
+    // `SIGNET_BUDGET_AUDIT_SYNC=0` measures the same calls with `[server] audit_sync = false` (the audit line flushed
+    // to the kernel, not synced to the disk, before the answer).
+    let audit_sync = std::env::var("SIGNET_BUDGET_AUDIT_SYNC").map_or(true, |v| v != "0");
+    let Some(bed) = Bed::start_with(|c| {
+        c.tokens[0].sessions = 2;
+        c.server.audit_sync = audit_sync;
+    })
+    .await
+    else {
         return;
     };
     let n: usize = std::env::var("SIGNET_BUDGET_CALLS")
@@ -236,7 +245,8 @@ async fn signdata_latency_budget() {
 
     let load = std::fs::read_to_string("/proc/loadavg").unwrap_or_default();
     println!(
-        "SignData, EC P-256, SoftHSM2 (2 sessions), {n} sequential calls per path; medians in µs (load average: {})",
+        "SignData, EC P-256, SoftHSM2 (2 sessions), audit_sync = {audit_sync}, {n} sequential calls per path; \
+         medians in µs (load average: {})",
         load.trim()
     );
     println!("  C_Sign alone                                   {floor:8.1}");

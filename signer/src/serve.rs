@@ -1042,7 +1042,7 @@ impl Appliance {
         // that signed them (it stays in the bundle while they are in use) and reported in the heartbeat.
         let server_cert = Arc::new(
             crate::own::LiveCert::new(&boot.server.0, &boot.server.1)
-                .map_err(ServeError::Server)?,
+                .map_err(|e| ServeError::Server(e.to_string()))?,
         );
         let own = Arc::new(crate::own::OwnCredentials::new(
             crate::own::OwnSettings {
@@ -1069,13 +1069,13 @@ impl Appliance {
             (crate::own::Own::Admin, &boot.admin),
         ] {
             own.adopt(which, chain, &boot.root_der)
-                .map_err(ServeError::Authority)?;
+                .map_err(|e| ServeError::Authority(e.to_string()))?;
         }
         if cfg.server.renew_own_credentials {
             background.push(tokio::spawn(own.clone().run(shutdown_rx.clone())));
         }
         let tls_cfg = tls::server_config_live(server_cert.clone(), state.client_trust())
-            .map_err(ServeError::Server)?;
+            .map_err(|e| ServeError::Server(e.to_string()))?;
         background.push(tokio::spawn(follow_authorities(
             state.clone(),
             authorities.clone(),
@@ -1559,7 +1559,8 @@ async fn start_federation(
         tracing::info!(addr = %a, profile = f.profile.name(), "SPIFFE bundle endpoint is serving");
         bound = Some(a);
     }
-    let pollers = consumer::start(f, &state.federated, &state.bundle, shutdown).map_err(invalid)?;
+    let pollers = consumer::start(f, &state.federated, &state.bundle, shutdown)
+        .map_err(|e| invalid(e.to_string()))?;
     background.extend(pollers);
     Ok(bound)
 }

@@ -281,7 +281,7 @@ impl AppState {
                 return Err(self
                     .refuse(
                         &Caller::anonymous(service, method, via, timer),
-                        Status::unauthenticated(reason),
+                        status::auth_status(&reason),
                         None,
                     )
                     .await);

@@ -76,6 +76,16 @@ pub fn jwt_status(e: &JwtError) -> Status {
     }
 }
 
+/// The gRPC status of a client that is not authenticated: UNAUTHENTICATED when the client's credential is at
+/// fault; INTERNAL when signet cannot build the trust of its own bundle's roots.
+pub fn auth_status(e: &crate::api::tls::AuthError) -> Status {
+    use crate::api::tls::AuthError as E;
+    match e {
+        E::Trust(_) => Status::internal(e.to_string()),
+        _ => Status::unauthenticated(e.to_string()),
+    }
+}
+
 /// The canonical name of a gRPC code, for the audit log.
 pub fn code_name(code: Code) -> &'static str {
     match code {

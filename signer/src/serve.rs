@@ -375,7 +375,7 @@ pub fn install_offline(
         &ext,
         OffsetDateTime::now_utc(),
     )
-    .map_err(ServeError::Authority)?;
+    .map_err(|e| ServeError::Authority(e.to_string()))?;
     certs.extend(chain);
     write_public(&paths.authority, pem_certs(&certs).as_bytes())?;
     Ok(paths.authority)

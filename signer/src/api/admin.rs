@@ -224,14 +224,17 @@ struct AuditWitness<'a> {
 }
 
 impl crate::ca::StepWitness for AuditWitness<'_> {
-    async fn before_commit(&self, _step: &'static str, label: &str) -> Result<(), String> {
+    async fn before_commit(
+        &self,
+        _step: &'static str,
+        label: &str,
+    ) -> Result<(), crate::audit::AuditError> {
         let mut r = self.caller.record(Outcome::Rotated);
         r.key_id = Some(label.to_string());
         r.reason = Some(self.step.clone());
-        self.st
-            .audit(&[r])
-            .await
-            .map_err(|s| s.message().to_string())?;
+        let records = [r];
+        super::count(&records);
+        self.st.audit.record(&records).await?;
         self.recorded
             .store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())

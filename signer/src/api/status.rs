@@ -115,7 +115,7 @@ pub fn rotation_status(e: &crate::ca::RotationError) -> Status {
     match e {
         E::Precondition(_) | E::TooEarly { .. } => Status::failed_precondition(e.to_string()),
         E::NotFound(_) => Status::not_found(e.to_string()),
-        E::Refused(_) => Status::invalid_argument(e.to_string()),
+        E::Refused(_) | E::NotInstallable(_) => Status::invalid_argument(e.to_string()),
         E::Token(_) => Status::unavailable(format!("{e}; nothing was changed")),
         E::Store(_) | E::NotRecorded(_) => Status::unavailable(e.to_string()),
         _ => Status::internal(e.to_string()),

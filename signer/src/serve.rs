@@ -775,7 +775,7 @@ fn bootstrap(
             if let Some(p) = &km_pipeline {
                 p.shutdown();
             }
-            return Err(ServeError::Authority(e));
+            return Err(ServeError::Authority(e.to_string()));
         }
     };
     Ok(Bootstrapped {
@@ -959,7 +959,7 @@ impl Appliance {
             .await
         {
             stop_pipeline(boot.pipeline.clone()).await;
-            return Err(ServeError::Authority(e));
+            return Err(ServeError::Authority(e.to_string()));
         }
         let authorities = match open_authorities(&cfg, &boot, store.clone(), clock).await {
             Ok(a) => Arc::new(a),
@@ -1145,7 +1145,7 @@ impl Appliance {
         }
         if let Some(listen) = cfg.server.bootstrap_listen {
             let tls = crate::api::join::bootstrap_tls(boot.server.0.clone(), boot.server.1.clone())
-                .map_err(ServeError::Server)?;
+                .map_err(|e| ServeError::Server(e.to_string()))?;
             crate::api::join::start_bootstrap(
                 listen,
                 tls,
@@ -1155,7 +1155,7 @@ impl Appliance {
                 &mut background,
             )
             .await
-            .map_err(ServeError::Server)?;
+            .map_err(|e| ServeError::Server(e.to_string()))?;
         }
         background.push(tokio::spawn(audit_refusals(
             refusals,
@@ -1249,7 +1249,7 @@ impl Appliance {
     /// (see [`crate::api::InProcess`]).
     pub fn in_process(&self) -> Result<crate::api::InProcess, ServeError> {
         crate::api::InProcess::new(self.state.clone(), self.paths.admin_cert.clone())
-            .map_err(ServeError::Server)
+            .map_err(|e| ServeError::Server(e.to_string()))
     }
 
     /// The gRPC address.

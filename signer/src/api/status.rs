@@ -86,6 +86,11 @@ pub fn auth_status(e: &crate::api::tls::AuthError) -> Status {
     }
 }
 
+/// The gRPC status of a CSR whose SPIFFE ID cannot be read: the caller's request is at fault.
+pub fn csr_id_status(e: &crate::api::issuer::CsrIdError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
 /// The canonical name of a gRPC code, for the audit log.
 pub fn code_name(code: Code) -> &'static str {
     match code {

@@ -44,6 +44,9 @@ pub enum TlsError {
     /// The server's certificate or key is unusable.
     #[error(transparent)]
     Credential(#[from] crate::own::OwnError),
+    /// rustls refuses the server's certificate or key.
+    #[error("the server certificate or key is unusable: {0}")]
+    Certificate(#[source] rustls::Error),
     /// rustls refused the protocol versions of the configuration.
     #[error("cannot build the TLS configuration: {0}")]
     Config(#[source] rustls::Error),

@@ -268,7 +268,8 @@ fn external_parent(cfg: &Config) -> Result<Option<ExternalParent>, ServeError> {
             "authority.x509.parent = \"external\" needs authority.x509.upstream_roots".into(),
         )
     })?;
-    let roots = crate::ca::external::load_roots(path).map_err(ServeError::Authority)?;
+    let roots =
+        crate::ca::external::load_roots(path).map_err(|e| ServeError::Authority(e.to_string()))?;
     Ok(Some(ExternalParent {
         roots,
         source: path.display().to_string(),
@@ -310,7 +311,7 @@ fn load_installed(
         .map_err(io(format!("reading {}", paths.authority.display())))?;
     let mut certs =
         crate::ca::external::pem_certificates(&text, &paths.authority.display().to_string())
-            .map_err(ServeError::Authority)?;
+            .map_err(|e| ServeError::Authority(e.to_string()))?;
     if certs.is_empty() {
         return Err(ServeError::Authority(format!(
             "{} holds no certificate",
@@ -357,7 +358,7 @@ pub fn install_offline(
     let csr = crate::x509::parse_and_verify_csr(&csr_der)
         .map_err(|e| ServeError::Authority(format!("{}: {e}", paths.authority_csr.display())))?;
     let mut certs = crate::ca::external::pem_certificates(cert_pem, "the certificate file")
-        .map_err(ServeError::Authority)?;
+        .map_err(|e| ServeError::Authority(e.to_string()))?;
     if certs.len() != 1 {
         return Err(ServeError::Authority(format!(
             "the certificate file holds {} certificates: give signet's certificate alone (--cert) and the CA \
@@ -366,7 +367,7 @@ pub fn install_offline(
         )));
     }
     let chain = crate::ca::external::pem_certificates(chain_pem, "the chain file")
-        .map_err(ServeError::Authority)?;
+        .map_err(|e| ServeError::Authority(e.to_string()))?;
     crate::ca::external::check_installed(
         &certs[0],
         &chain,

@@ -349,7 +349,9 @@ impl AdminService {
             },
             "install" => {
                 let (cert_pem, chain_pem) = install.clone().unwrap_or_default();
+                // Every failure here is the request's (INVALID_ARGUMENT), said in its message.
                 let parsed = crate::ca::external::pem_certificates(cert_pem.as_bytes(), "certificate_pem")
+                    .map_err(|e| e.to_string())
                     .and_then(|c| match <[Vec<u8>; 1]>::try_from(c) {
                         Ok([one]) => Ok(one),
                         Err(c) => Err(format!(
@@ -361,6 +363,7 @@ impl AdminService {
                     .and_then(|cert| {
                         crate::ca::external::pem_certificates(chain_pem.as_bytes(), "chain_pem")
                             .map(|chain| (cert, chain))
+                            .map_err(|e| e.to_string())
                     });
                 match parsed {
                     Ok((cert, chain)) => a.install_with(cert, chain, &w).await,

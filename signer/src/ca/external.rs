@@ -50,41 +50,110 @@ pub fn split_ders(mut ders: &[u8]) -> Vec<Vec<u8>> {
     out
 }
 
+/// Why a PEM file of certificates (the upstream roots, a certificate or chain to install) is refused; `what` names
+/// the file or field.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertificatesError {
+    /// The file cannot be read.
+    #[error("cannot read {what}: {source}")]
+    Read {
+        /// The file.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not PEM.
+    #[error("{what} is not PEM: {source}")]
+    Pem {
+        /// The file or field.
+        what: String,
+        /// The parser's error.
+        #[source]
+        source: pem::PemError,
+    },
+    /// A PEM block other than CERTIFICATE.
+    #[error("{what} holds a {tag} block: only CERTIFICATE blocks are expected")]
+    NotCertificate {
+        /// The file or field.
+        what: String,
+        /// The block's label.
+        tag: String,
+    },
+    /// A certificate does not parse.
+    #[error("{what}: a certificate does not parse: {source}")]
+    Parse {
+        /// The file or field.
+        what: String,
+        /// The parser's error.
+        #[source]
+        source: x509_parser::nom::Err<x509_parser::error::X509Error>,
+    },
+    /// No certificate at all.
+    #[error("{what} holds no certificate")]
+    Empty {
+        /// The file.
+        what: String,
+    },
+    /// An upstream root that is not a self-signed CA.
+    #[error("{what}: {subject} is not a self-signed CA certificate")]
+    NotRoot {
+        /// The file.
+        what: String,
+        /// The certificate's subject.
+        subject: String,
+    },
+}
+
 /// Every certificate (DER) of the PEM text `pem`, in order; `what` names it in errors.
-pub fn pem_certificates(pem: &[u8], what: &str) -> Result<Vec<Vec<u8>>, String> {
-    let blocks = pem::parse_many(pem).map_err(|e| format!("{what} is not PEM: {e}"))?;
+pub fn pem_certificates(pem: &[u8], what: &str) -> Result<Vec<Vec<u8>>, CertificatesError> {
+    let blocks = pem::parse_many(pem).map_err(|source| CertificatesError::Pem {
+        what: what.to_string(),
+        source,
+    })?;
     let mut out = Vec::with_capacity(blocks.len());
     for b in blocks {
         if b.tag() != "CERTIFICATE" {
-            return Err(format!(
-                "{what} holds a {} block: only CERTIFICATE blocks are expected",
-                b.tag()
-            ));
+            return Err(CertificatesError::NotCertificate {
+                what: what.to_string(),
+                tag: b.tag().to_string(),
+            });
         }
-        x509_parser::parse_x509_certificate(b.contents())
-            .map_err(|e| format!("{what}: a certificate does not parse: {e}"))?;
+        x509_parser::parse_x509_certificate(b.contents()).map_err(|source| {
+            CertificatesError::Parse {
+                what: what.to_string(),
+                source,
+            }
+        })?;
         out.push(b.contents().to_vec());
     }
     Ok(out)
 }
 
 /// The upstream roots of the PEM file `path`: at least one, each a self-signed CA.
-pub fn load_roots(path: &std::path::Path) -> Result<Vec<Vec<u8>>, String> {
+pub fn load_roots(path: &std::path::Path) -> Result<Vec<Vec<u8>>, CertificatesError> {
     let what = format!("authority.x509.upstream_roots ({})", path.display());
-    let text = std::fs::read(path).map_err(|e| format!("cannot read {what}: {e}"))?;
+    let text = std::fs::read(path).map_err(|source| CertificatesError::Read {
+        what: what.clone(),
+        source,
+    })?;
     let roots = pem_certificates(&text, &what)?;
     if roots.is_empty() {
-        return Err(format!("{what} holds no certificate"));
+        return Err(CertificatesError::Empty { what });
     }
     for r in &roots {
-        let (_, c) = x509_parser::parse_x509_certificate(r)
-            .map_err(|e| format!("{what}: a certificate does not parse: {e}"))?;
+        let (_, c) =
+            x509_parser::parse_x509_certificate(r).map_err(|source| CertificatesError::Parse {
+                what: what.clone(),
+                source,
+            })?;
         let ca = matches!(c.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
         if !ca || c.subject().as_raw() != c.issuer().as_raw() {
-            return Err(format!(
-                "{what}: {} is not a self-signed CA certificate",
-                c.subject()
-            ));
+            return Err(CertificatesError::NotRoot {
+                what,
+                subject: c.subject().to_string(),
+            });
         }
     }
     Ok(roots)

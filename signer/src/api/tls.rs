@@ -347,7 +347,7 @@ impl ClientCertVerifier for HandshakeClientVerifier {
             .map(|_| ClientCertVerified::assertion())
             .map_err(|refusal| {
                 rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
-                    rustls::OtherError(Arc::new(refusal)),
+                    rustls::OtherError(Arc::new(Refusal(refusal))),
                 ))
             })
     }
@@ -372,6 +372,28 @@ impl ClientCertVerifier for HandshakeClientVerifier {
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
         self.schemes.supported_verify_schemes()
+    }
+}
+
+/// Why a client certificate was refused at the handshake: the [`AuthError`], its source. rustls shows a custom
+/// certificate error by its `Debug` form only (in the refusal's audit line), so that form carries the message.
+struct Refusal(AuthError);
+
+impl std::fmt::Debug for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("Refusal").field(&self.0.to_string()).finish()
+    }
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for Refusal {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
     }
 }
 
@@ -404,4 +426,52 @@ pub fn server_config_live(
         .with_cert_resolver(cert);
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn self_signed(ca: bool) -> Vec<u8> {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        if ca {
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        } else {
+            p.subject_alt_names = vec![rcgen::SanType::URI(
+                "spiffe://example.org/x".try_into().unwrap(),
+            )];
+        }
+        p.self_signed(&kp).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn refusals_keep_their_kind_and_source() {
+        let td = TrustDomain::parse("example.org").unwrap();
+        assert!(matches!(
+            ClientTrust::new(&[], td.clone()),
+            Err(TlsError::Verifier(_))
+        ));
+        let trust = ClientTrust::new(&[self_signed(true)], td).unwrap();
+        let e = trust.authenticate(None).unwrap_err();
+        assert!(matches!(e, AuthError::NoCertificate { .. }), "{e:?}");
+        let stranger = [CertificateDer::from(self_signed(false))];
+        let e = trust.authenticate(Some(&stranger)).unwrap_err();
+        assert!(matches!(e, AuthError::Untrusted { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .contains("not trusted by trust domain example.org"),
+            "{e}"
+        );
+        let source = std::error::Error::source(&e).expect("the verifier's error is the source");
+        assert!(source.downcast_ref::<rustls::Error>().is_some());
+        // At the handshake the refusal shows its message in rustls's Debug form and keeps the AuthError as source.
+        let refusal = Refusal(e);
+        assert!(format!("{refusal:?}").contains("not trusted by trust domain example.org"));
+        assert!(
+            std::error::Error::source(&refusal)
+                .and_then(|s| s.downcast_ref::<AuthError>())
+                .is_some()
+        );
+    }
 }

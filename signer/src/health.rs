@@ -27,7 +27,8 @@ const MAX_CONNECTIONS: usize = 64;
 /// How often histogram summaries are compacted.
 const UPKEEP_EVERY: Duration = Duration::from_secs(5);
 
-/// What the probes answer: serving, or why not.
+/// What the probes answer: serving, or why not. The reason is text on purpose: it is the probe's answer as shown
+/// (the HTTP body), assembled by the start-up and the token health loop, not an error of an operation.
 #[derive(Debug, Clone)]
 pub struct HealthBoard {
     state: Arc<RwLock<Result<(), String>>>,

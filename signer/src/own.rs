@@ -48,6 +48,51 @@ pub const MAX_BACKOFF: Duration = Duration::from_secs(300);
 /// The least time between two renewals of one credential (a root about to expire cuts a credential's life short).
 const MIN_INTERVAL: Duration = Duration::from_millis(500);
 
+/// Why one of signet's own credentials cannot be used, adopted or renewed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum OwnError {
+    /// rustls cannot load the private key.
+    #[error("the server key is unusable: {0}")]
+    Key(#[source] rustls::Error),
+    /// The certificate's public key is not the key's.
+    #[error("the server certificate does not match its key: {0}")]
+    KeyMismatch(#[source] rustls::Error),
+    /// A credential without a certificate.
+    #[error("{what}: an empty chain")]
+    EmptyChain {
+        /// Which credential.
+        what: &'static str,
+    },
+    /// The leaf certificate does not parse.
+    #[error("{what}: the certificate does not parse: {source}")]
+    Parse {
+        /// Which credential.
+        what: &'static str,
+        /// The parser's error.
+        #[source]
+        source: x509_parser::nom::Err<x509_parser::error::X509Error>,
+    },
+    /// The blocking task of a renewal did not finish (panicked or was cancelled).
+    #[error("the renewal task failed: {0}")]
+    Task(#[source] tokio::task::JoinError),
+    /// No new key could be generated.
+    #[error("cannot generate a key: {0}")]
+    KeyGen(#[source] rcgen::Error),
+    /// The active root refused to issue the credential.
+    #[error("cannot issue the SVID for {id}: {source}")]
+    Issue {
+        /// The credential's SPIFFE ID.
+        id: SpiffeId,
+        /// The issuance error.
+        #[source]
+        source: crate::x509::IssueError,
+    },
+    /// The credential's files cannot be written.
+    #[error(transparent)]
+    File(#[from] crate::datadir::FileError),
+}
+
 /// The server certificate the TLS listeners present, swapped in place: every new handshake reads the current one.
 pub struct LiveCert {
     current: RwLock<Arc<CertifiedKey>>,
@@ -59,31 +104,30 @@ impl std::fmt::Debug for LiveCert {
     }
 }
 
-fn certified(chain: &[Vec<u8>], key_pkcs8: &[u8]) -> Result<CertifiedKey, String> {
+fn certified(chain: &[Vec<u8>], key_pkcs8: &[u8]) -> Result<CertifiedKey, OwnError> {
     let provider = rustls::crypto::ring::default_provider();
     let key = provider
         .key_provider
         .load_private_key(PrivateKeyDer::Pkcs8(key_pkcs8.to_vec().into()))
-        .map_err(|e| format!("the server key is unusable: {e}"))?;
+        .map_err(OwnError::Key)?;
     let ck = CertifiedKey::new(
         chain.iter().cloned().map(CertificateDer::from).collect(),
         key,
     );
-    ck.keys_match()
-        .map_err(|e| format!("the server certificate does not match its key: {e}"))?;
+    ck.keys_match().map_err(OwnError::KeyMismatch)?;
     Ok(ck)
 }
 
 impl LiveCert {
     /// Presents `chain` (leaf first, DER) with its PKCS#8 key.
-    pub fn new(chain: &[Vec<u8>], key_pkcs8: &[u8]) -> Result<Self, String> {
+    pub fn new(chain: &[Vec<u8>], key_pkcs8: &[u8]) -> Result<Self, OwnError> {
         Ok(Self {
             current: RwLock::new(Arc::new(certified(chain, key_pkcs8)?)),
         })
     }
 
     /// Presents `chain` with its key from the next handshake on; open connections are not touched.
-    pub fn set(&self, chain: &[Vec<u8>], key_pkcs8: &[u8]) -> Result<(), String> {
+    pub fn set(&self, chain: &[Vec<u8>], key_pkcs8: &[u8]) -> Result<(), OwnError> {
         let ck = Arc::new(certified(chain, key_pkcs8)?);
         *self.current.write().unwrap_or_else(|p| p.into_inner()) = ck;
         Ok(())
@@ -206,9 +250,15 @@ fn spki_of(der: &[u8]) -> Option<Vec<u8>> {
         .map(|(_, c)| c.public_key().raw.to_vec())
 }
 
-/// (issued at, NotAfter, serial in hex) of a leaf.
-fn leaf_facts(der: &[u8]) -> Result<(OffsetDateTime, OffsetDateTime, String), String> {
-    let (_, c) = x509_parser::parse_x509_certificate(der).map_err(|e| e.to_string())?;
+/// (issued at, NotAfter, serial in hex) of the leaf of `which`.
+fn leaf_facts(
+    which: Own,
+    der: &[u8],
+) -> Result<(OffsetDateTime, OffsetDateTime, String), OwnError> {
+    let (_, c) = x509_parser::parse_x509_certificate(der).map_err(|source| OwnError::Parse {
+        what: which.what(),
+        source,
+    })?;
     let nb = c.validity().not_before.to_datetime();
     let na = c.validity().not_after.to_datetime();
     let backdate = time::Duration::try_from(crate::x509::issue::BACKDATE).unwrap_or_default();
@@ -238,11 +288,11 @@ impl OwnCredentials {
     }
 
     /// Records `which` as issued at start: `chain` (leaf first) signed by `root`.
-    pub fn adopt(&self, which: Own, chain: &[Vec<u8>], root: &[u8]) -> Result<(), String> {
+    pub fn adopt(&self, which: Own, chain: &[Vec<u8>], root: &[u8]) -> Result<(), OwnError> {
         let leaf = chain
             .first()
-            .ok_or_else(|| format!("{}: an empty chain", which.what()))?;
-        let (issued_at, not_after, _) = leaf_facts(leaf)?;
+            .ok_or(OwnError::EmptyChain { what: which.what() })?;
+        let (issued_at, not_after, _) = leaf_facts(which, leaf)?;
         self.record(
             which,
             Held {
@@ -295,7 +345,7 @@ impl OwnCredentials {
 
     /// Issues `which` anew from the active root, replaces its files and (for the server) what the listeners
     /// present.
-    pub async fn renew(&self, which: Own) -> Result<(), String> {
+    pub async fn renew(&self, which: Own) -> Result<(), OwnError> {
         let set = self.authorities.active();
         let authority = set.x509.clone();
         let (id, dns, cert_path, key_path) = match which {
@@ -318,11 +368,14 @@ impl OwnCredentials {
             issue(&authority, &id, &dns, ttl, now, &cert_path, &key_path)
         })
         .await
-        .map_err(|e| format!("the renewal task failed: {e}"))??;
+        .map_err(OwnError::Task)??;
         if which == Own::Server {
             self.server.set(&chain, &key)?;
         }
-        let (_, not_after, serial) = leaf_facts(&chain[0])?;
+        let leaf = chain
+            .first()
+            .ok_or(OwnError::EmptyChain { what: which.what() })?;
+        let (_, not_after, serial) = leaf_facts(which, leaf)?;
         let root = set.x509.cert_der().to_vec();
         tracing::info!(
             credential = which.name(),
@@ -423,32 +476,33 @@ fn issue(
     now: OffsetDateTime,
     cert_path: &Path,
     key_path: &Path,
-) -> Result<(Vec<Vec<u8>>, Vec<u8>), String> {
-    let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| format!("cannot generate a key: {e}"))?;
+) -> Result<(Vec<Vec<u8>>, Vec<u8>), OwnError> {
+    let kp =
+        rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).map_err(OwnError::KeyGen)?;
+    let failed = |source| OwnError::Issue {
+        id: id.clone(),
+        source,
+    };
     let mut req = LeafRequest::from_spki(
         id.clone(),
         &rcgen::PublicKeyData::subject_public_key_info(&kp),
         ttl,
     )
-    .map_err(|e| e.to_string())?;
+    .map_err(failed)?;
     req.dns_names = dns.to_vec();
-    let issued = authority
-        .issue_x509_svid(&req, now)
-        .map_err(|e| format!("cannot issue the SVID for {id}: {e}"))?;
+    let issued = authority.issue_x509_svid(&req, now).map_err(failed)?;
     let mut chain = vec![issued.der];
     chain.extend(authority.chain());
     // Both files are written aside before either is replaced, so a failure leaves the pair in use untouched.
-    let key_aside =
-        write_aside(key_path, kp.serialize_pem().as_bytes(), true).map_err(|e| e.to_string())?;
+    let key_aside = write_aside(key_path, kp.serialize_pem().as_bytes(), true)?;
     let cert_aside = match write_aside(cert_path, pem_certs(&chain).as_bytes(), false) {
         Ok(p) => p,
         Err(e) => {
             let _ = std::fs::remove_file(&key_aside);
-            return Err(e.to_string());
+            return Err(e.into());
         }
     };
-    rename_over(&key_aside, key_path).map_err(|e| e.to_string())?;
-    rename_over(&cert_aside, cert_path).map_err(|e| e.to_string())?;
+    rename_over(&key_aside, key_path)?;
+    rename_over(&cert_aside, cert_path)?;
     Ok((chain, kp.serialize_der()))
 }

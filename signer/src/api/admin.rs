@@ -195,14 +195,17 @@ struct AuditWitness<'a> {
 }
 
 impl crate::ca::StepWitness for AuditWitness<'_> {
-    async fn before_commit(&self, _step: &'static str, label: &str) -> Result<(), String> {
+    async fn before_commit(
+        &self,
+        _step: &'static str,
+        label: &str,
+    ) -> Result<(), crate::audit::AuditError> {
         let mut r = self.caller.record(Outcome::Rotated);
         r.key_id = Some(label.to_string());
         r.reason = Some(self.step.clone());
-        self.st
-            .audit(&[r])
-            .await
-            .map_err(|s| s.message().to_string())?;
+        let records = [r];
+        super::count(&records);
+        self.st.audit.record(&records).await?;
         self.recorded
             .store(true, std::sync::atomic::Ordering::SeqCst);
         Ok(())
@@ -304,7 +307,9 @@ impl AdminService {
             },
             "install" => {
                 let (cert_pem, chain_pem) = install.clone().unwrap_or_default();
+                // Every failure here is the request's (INVALID_ARGUMENT), said in its message.
                 let parsed = crate::ca::external::pem_certificates(cert_pem.as_bytes(), "certificate_pem")
+                    .map_err(|e| e.to_string())
                     .and_then(|c| match <[Vec<u8>; 1]>::try_from(c) {
                         Ok([one]) => Ok(one),
                         Err(c) => Err(format!(
@@ -316,6 +321,7 @@ impl AdminService {
                     .and_then(|cert| {
                         crate::ca::external::pem_certificates(chain_pem.as_bytes(), "chain_pem")
                             .map(|chain| (cert, chain))
+                            .map_err(|e| e.to_string())
                     });
                 match parsed {
                     Ok((cert, chain)) => a.install_with(cert, chain, &w).await,

@@ -95,7 +95,7 @@ impl pb::issuer_server::Issuer for IssuerService {
         }
         // The SPIFFE IDs, for the policy (the CSR's signature is verified when it is issued). A few are read here: a
         // DER parse takes microseconds, less than a trip to the CPU pool and back; a larger batch goes to the pool.
-        let ids: Vec<Result<SpiffeId, String>> = if reqs.len() <= INLINE_ID_READS {
+        let ids: Vec<Result<SpiffeId, CsrIdError>> = if reqs.len() <= INLINE_ID_READS {
             reqs.iter().map(|r| csr_spiffe_id(&r.csr)).collect()
         } else {
             let csrs: Vec<Vec<u8>> = reqs.iter().map(|r| r.csr.clone()).collect();
@@ -118,7 +118,7 @@ impl pb::issuer_server::Issuer for IssuerService {
         let mut admitted = Vec::with_capacity(reqs.len());
         for (req, id) in reqs.into_iter().zip(ids) {
             let checked = (|| {
-                let id = id.map_err(|m| (None, Status::invalid_argument(m)))?;
+                let id = id.map_err(|e| (None, super::status::csr_id_status(&e)))?;
                 let id = issuable(&st.trust_domain, &id, "CSR URI SAN")
                     .map_err(|s| (Some(id.as_str().to_string()), s))
                     .map(|()| id.as_str().to_string())?;
@@ -305,12 +305,22 @@ impl pb::issuer_server::Issuer for IssuerService {
 /// Batches up to this many CSRs have their SPIFFE IDs read on the request's own thread.
 const INLINE_ID_READS: usize = 4;
 
+/// Why the SPIFFE ID a CSR asks for cannot be read.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum CsrIdError {
+    /// The CSR does not parse or breaks a rule.
+    #[error(transparent)]
+    Csr(#[from] crate::x509::CsrError),
+    /// The CSR asks for no SPIFFE ID.
+    #[error("the CSR has no URI SAN: an X509-SVID needs exactly one SPIFFE ID")]
+    NoSpiffeId,
+}
+
 /// The SPIFFE ID a CSR asks for (its signature is not checked here).
-pub(super) fn csr_spiffe_id(csr: &[u8]) -> Result<SpiffeId, String> {
-    let csr = crate::x509::parse_csr_unverified(csr).map_err(|e| e.to_string())?;
-    csr.spiffe_id()
-        .cloned()
-        .ok_or_else(|| "the CSR has no URI SAN: an X509-SVID needs exactly one SPIFFE ID".into())
+pub(super) fn csr_spiffe_id(csr: &[u8]) -> Result<SpiffeId, CsrIdError> {
+    let csr = crate::x509::parse_csr_unverified(csr)?;
+    csr.spiffe_id().cloned().ok_or(CsrIdError::NoSpiffeId)
 }
 
 /// An SVID can be issued for `id` only if it is a workload ID (with a path) of this trust domain: whoever asks, so

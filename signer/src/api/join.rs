@@ -195,7 +195,7 @@ pub async fn renew_x509_svid(
     let caller = st.admit_self(&request, "RenewX509SVID").await?;
     let req = request.into_inner();
     let checked = (|| {
-        let id = csr_spiffe_id(&req.csr).map_err(|m| (None, Status::invalid_argument(m)))?;
+        let id = csr_spiffe_id(&req.csr).map_err(|e| (None, super::status::csr_id_status(&e)))?;
         let ids = id.as_str().to_string();
         issuable(&st.trust_domain, &id, "CSR URI SAN").map_err(|s| (Some(ids.clone()), s))?;
         if ids != caller.id {
@@ -459,24 +459,42 @@ impl pb::bootstrap_server::Bootstrap for BootstrapService {
     }
 }
 
+/// Why the bootstrap port cannot start.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum BootstrapError {
+    /// The address cannot be bound.
+    #[error("listening on {addr} (bootstrap): {source}")]
+    Listen {
+        /// The address.
+        addr: SocketAddr,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The bound address cannot be read.
+    #[error("the bootstrap port's address: {0}")]
+    Address(#[source] std::io::Error),
+}
+
 /// The bootstrap port's TLS: the appliance's X509-SVID (`chain`, leaf first, and its PKCS#8 key), no client
 /// certificate asked, HTTP/2 only.
 pub fn bootstrap_tls(
     chain: Vec<Vec<u8>>,
     key_pkcs8: Vec<u8>,
-) -> Result<rustls::ServerConfig, String> {
+) -> Result<rustls::ServerConfig, super::tls::TlsError> {
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     let mut cfg = rustls::ServerConfig::builder_with_provider(Arc::new(
         rustls::crypto::ring::default_provider(),
     ))
     .with_safe_default_protocol_versions()
-    .map_err(|e| e.to_string())?
+    .map_err(super::tls::TlsError::Config)?
     .with_no_client_auth()
     .with_single_cert(
         chain.into_iter().map(CertificateDer::from).collect(),
         PrivateKeyDer::Pkcs8(key_pkcs8.into()),
     )
-    .map_err(|e| format!("the server certificate or key is unusable: {e}"))?;
+    .map_err(super::tls::TlsError::Certificate)?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
 }
@@ -490,13 +508,14 @@ pub async fn start_bootstrap(
     refusals: Arc<RefusalTally>,
     shutdown: watch::Receiver<bool>,
     background: &mut Vec<JoinHandle<()>>,
-) -> Result<SocketAddr, String> {
+) -> Result<SocketAddr, BootstrapError> {
     let listener = TcpListener::bind(listen)
         .await
-        .map_err(|e| format!("listening on {listen} (bootstrap): {e}"))?;
-    let addr = listener
-        .local_addr()
-        .map_err(|e| format!("the bootstrap port's address: {e}"))?;
+        .map_err(|source| BootstrapError::Listen {
+            addr: listen,
+            source,
+        })?;
+    let addr = listener.local_addr().map_err(BootstrapError::Address)?;
     let (tx, rx) = mpsc::channel(16);
     background.push(tokio::spawn(accept_loop(
         listener,

@@ -163,17 +163,43 @@ fn parse_label(label: &str) -> Option<(String, String, u128)> {
     Some((ns.to_string(), id.to_string(), generation))
 }
 
+/// Why the KeyManager's keys cannot be loaded, recorded or swept.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyManagerError {
+    /// No session on the token.
+    #[error("key manager: cannot open a session: {0}")]
+    Session(#[source] signet_pkcs11::Error),
+    /// The token's keys cannot be listed.
+    #[error("key manager: cannot list keys: {0}")]
+    List(#[source] signet_pkcs11::Error),
+    /// A key on the token cannot be used (its public key, its type).
+    #[error("key manager: {}", .0.message())]
+    Register(#[source] Status),
+    /// The datastore failed.
+    #[error("key manager: {0}")]
+    Store(#[source] crate::store::StoreError),
+    /// The datastore failed during a sweep.
+    #[error("key manager sweep: {0}")]
+    SweepStore(#[source] crate::store::StoreError),
+    /// The blocking task listing the token's keys did not finish.
+    #[error("key manager sweep: the token task failed: {0}")]
+    SweepTask(#[source] tokio::task::JoinError),
+    /// The token's keys cannot be listed during a sweep.
+    #[error("key manager sweep: cannot list the token's keys: {0}")]
+    SweepList(#[source] signet_pkcs11::Error),
+    /// The sweep's audit line cannot be written: nothing is destroyed.
+    #[error("key manager sweep: {0}")]
+    SweepAudit(#[source] crate::audit::AuditError),
+}
+
 impl KeyStore {
     /// Loads the KeyManager keys already on `token` (the newest generation of each id; older ones left by an
     /// interrupted `GenerateKey` are destroyed) and registers them with `pipeline`, which must sign with that
     /// token. Blocking: call it from a blocking context.
-    pub fn load(token: Token, pipeline: Pipeline) -> Result<Self, String> {
-        let mut session = token
-            .session()
-            .map_err(|e| format!("key manager: cannot open a session: {e}"))?;
-        let listed = session
-            .list_keys()
-            .map_err(|e| format!("key manager: cannot list keys: {e}"))?;
+    pub fn load(token: Token, pipeline: Pipeline) -> Result<Self, KeyManagerError> {
+        let mut session = token.session().map_err(KeyManagerError::Session)?;
+        let listed = session.list_keys().map_err(KeyManagerError::List)?;
         let mut newest: HashMap<(String, String), (u128, String)> = HashMap::new();
         let mut stale = Vec::new();
         for k in listed {
@@ -198,8 +224,7 @@ impl KeyStore {
         }
         let mut keys = HashMap::new();
         for ((ns, id), (_, label)) in newest {
-            let k = register(&mut session, &pipeline, &label)
-                .map_err(|s| format!("key manager: {}", s.message()))?;
+            let k = register(&mut session, &pipeline, &label).map_err(KeyManagerError::Register)?;
             keys.insert((ns, id), Arc::new(k));
         }
         Ok(Self {
@@ -222,7 +247,7 @@ impl KeyStore {
         store: crate::store::Store,
         clock: Arc<dyn Clock>,
         sweep_after: std::time::Duration,
-    ) -> Result<(), String> {
+    ) -> Result<(), KeyManagerError> {
         let now = clock.now().unix_timestamp();
         let _ = self.clock.set(clock);
         let _ = self.touch_every.set(Self::touch_every(sweep_after));
@@ -237,7 +262,7 @@ impl KeyStore {
             store
                 .adopt_keymanager_namespace(&ns, now)
                 .await
-                .map_err(|e| format!("key manager: {e}"))?;
+                .map_err(KeyManagerError::Store)?;
         }
         let _ = self.store.set(store);
         Ok(())
@@ -391,7 +416,10 @@ pub struct Swept {
 /// datastore claims the sweep (only if the namespace is still unused: a call in between keeps it), then the audit
 /// line is written, then the listed keys are destroyed. A key generated after the listing belongs to a call that
 /// recorded its use first, so the claim fails and nothing is destroyed.
-pub async fn sweep_once(state: &AppState, after: std::time::Duration) -> Result<Swept, String> {
+pub async fn sweep_once(
+    state: &AppState,
+    after: std::time::Duration,
+) -> Result<Swept, KeyManagerError> {
     let ks = &state.keys;
     let mut out = Swept::default();
     let Some(store) = ks.store.get() else {
@@ -404,7 +432,7 @@ pub async fn sweep_once(state: &AppState, after: std::time::Duration) -> Result<
     let stale = store
         .stale_keymanager_namespaces(cutoff)
         .await
-        .map_err(|e| format!("key manager sweep: {e}"))?;
+        .map_err(KeyManagerError::SweepStore)?;
     for n in stale {
         let prefix = format!("{LABEL_PREFIX}{}/", n.namespace);
         let token = ks.token.clone();
@@ -419,12 +447,12 @@ pub async fn sweep_once(state: &AppState, after: std::time::Duration) -> Result<
             )
         })
         .await
-        .map_err(|e| format!("key manager sweep: the token task failed: {e}"))?
-        .map_err(|e| format!("key manager sweep: cannot list the token's keys: {e}"))?;
+        .map_err(KeyManagerError::SweepTask)?
+        .map_err(KeyManagerError::SweepList)?;
         let Some(ids) = store
             .claim_keymanager_sweep(&n.namespace, cutoff)
             .await
-            .map_err(|e| format!("key manager sweep: {e}"))?
+            .map_err(KeyManagerError::SweepStore)?
         else {
             continue;
         };
@@ -449,10 +477,13 @@ pub async fn sweep_once(state: &AppState, after: std::time::Duration) -> Result<
             labels.len()
         ));
         // Audit first: if it cannot be written the keys stay on the token (found and adopted at the next start).
+        let records = [r];
+        super::count(&records);
         state
-            .audit(&[r])
+            .audit
+            .record(&records)
             .await
-            .map_err(|s| format!("key manager sweep: {}", s.message()))?;
+            .map_err(KeyManagerError::SweepAudit)?;
         let token = ks.token.clone();
         let destroyed = tokio::task::spawn_blocking(move || {
             let mut n = 0usize;

@@ -286,7 +286,7 @@ impl AppState {
                 return Err(self
                     .refuse(
                         &Caller::anonymous(service, method, via, timer),
-                        Status::unauthenticated(reason),
+                        status::auth_status(&reason),
                         None,
                     )
                     .await);
@@ -504,23 +504,64 @@ impl std::fmt::Debug for InProcess {
 /// How often the credential file is looked at again (the appliance renews it at half its life).
 const IN_PROCESS_RELOAD: Duration = Duration::from_secs(1);
 
-fn read_chain(path: &std::path::Path) -> Result<InProcessPeer, String> {
-    let text = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+/// Why the in-process caller's credential cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InProcessError {
+    /// The file cannot be read.
+    #[error("{}: {source}", path.display())]
+    Read {
+        /// The credential file.
+        path: std::path::PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not PEM.
+    #[error("{}: {source}", path.display())]
+    Pem {
+        /// The credential file.
+        path: std::path::PathBuf,
+        /// The parser's error.
+        #[source]
+        source: pem::PemError,
+    },
+    /// The file holds no certificate.
+    #[error("{}: no certificate", path.display())]
+    NoCertificate {
+        /// The credential file.
+        path: std::path::PathBuf,
+    },
+}
+
+fn read_chain(path: &std::path::Path) -> Result<InProcessPeer, InProcessError> {
+    let text = std::fs::read(path).map_err(|source| InProcessError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
     let chain: Vec<_> = pem::parse_many(&text)
-        .map_err(|e| format!("{}: {e}", path.display()))?
+        .map_err(|source| InProcessError::Pem {
+            path: path.to_path_buf(),
+            source,
+        })?
         .into_iter()
         .filter(|p| p.tag() == "CERTIFICATE")
         .map(|p| tokio_rustls::rustls::pki_types::CertificateDer::from(p.into_contents()))
         .collect();
     if chain.is_empty() {
-        return Err(format!("{}: no certificate", path.display()));
+        return Err(InProcessError::NoCertificate {
+            path: path.to_path_buf(),
+        });
     }
     Ok(InProcessPeer(Arc::new(chain)))
 }
 
 impl InProcess {
     /// Callers presenting the certificate chain in `cert_path` (PEM, leaf first).
-    pub fn new(state: Arc<AppState>, cert_path: std::path::PathBuf) -> Result<Self, String> {
+    pub fn new(
+        state: Arc<AppState>,
+        cert_path: std::path::PathBuf,
+    ) -> Result<Self, InProcessError> {
         let chain = read_chain(&cert_path)?;
         Ok(Self {
             state,

@@ -1,6 +1,7 @@
 //! The one place where errors become gRPC statuses: each error kind of the layers below (policy refusals, the
-//! pipeline, issuance, X509-SVID and JWT-SVID issuance, rotation steps) maps to its status code here, by kind, so
-//! every service answers the same failure the same way. [`code_name`] names a code for the audit log and metrics.
+//! pipeline, issuance, X509-SVID and JWT-SVID issuance, rotation steps, token failures, a client that is not
+//! authenticated, a CSR without a readable SPIFFE ID) maps to its status code here, by kind, so every service
+//! answers the same failure the same way. [`code_name`] names a code for the audit log and metrics.
 
 use tonic::{Code, Status};
 
@@ -76,6 +77,21 @@ pub fn jwt_status(e: &JwtError) -> Status {
     }
 }
 
+/// The gRPC status of a client that is not authenticated: UNAUTHENTICATED when the client's credential is at
+/// fault; INTERNAL when signet cannot build the trust of its own bundle's roots.
+pub fn auth_status(e: &crate::api::tls::AuthError) -> Status {
+    use crate::api::tls::AuthError as E;
+    match e {
+        E::Trust(_) => Status::internal(e.to_string()),
+        _ => Status::unauthenticated(e.to_string()),
+    }
+}
+
+/// The gRPC status of a CSR whose SPIFFE ID cannot be read: the caller's request is at fault.
+pub fn csr_id_status(e: &crate::api::issuer::CsrIdError) -> Status {
+    Status::invalid_argument(e.to_string())
+}
+
 /// The canonical name of a gRPC code, for the audit log.
 pub fn code_name(code: Code) -> &'static str {
     match code {
@@ -105,7 +121,7 @@ pub fn rotation_status(e: &crate::ca::RotationError) -> Status {
     match e {
         E::Precondition(_) | E::TooEarly { .. } => Status::failed_precondition(e.to_string()),
         E::NotFound(_) => Status::not_found(e.to_string()),
-        E::Refused(_) => Status::invalid_argument(e.to_string()),
+        E::Refused(_) | E::NotInstallable(_) => Status::invalid_argument(e.to_string()),
         E::Token(_) => Status::unavailable(format!("{e}; nothing was changed")),
         E::Store(_) | E::NotRecorded(_) => Status::unavailable(e.to_string()),
         _ => Status::internal(e.to_string()),
@@ -132,5 +148,33 @@ pub fn token_status(e: &signet_pkcs11::Error, what: &str) -> Status {
         | K::ModuleLoad
         | K::KeyNotFound => Status::failed_precondition(m),
         _ => Status::internal(m),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::api::tls::{AuthError, TlsError};
+    use crate::spiffe::TrustDomain;
+    use tokio_rustls::rustls;
+
+    #[test]
+    fn authentication_failures_map_by_kind() {
+        let td = TrustDomain::parse("example.org").unwrap();
+        let s = auth_status(&AuthError::NoCertificate { trust_domain: td });
+        assert_eq!(s.code(), Code::Unauthenticated);
+        assert!(
+            s.message().starts_with("no client certificate"),
+            "{}",
+            s.message()
+        );
+        // signet's own bundle at fault, not the client.
+        let s = auth_status(&AuthError::Trust(TlsError::Config(rustls::Error::General(
+            "x".into(),
+        ))));
+        assert_eq!(s.code(), Code::Internal);
+        let s = csr_id_status(&crate::api::issuer::CsrIdError::NoSpiffeId);
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert!(s.message().contains("no URI SAN"), "{}", s.message());
     }
 }

@@ -30,16 +30,68 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn verifier_for(roots: &[Vec<u8>]) -> Result<Arc<dyn ClientCertVerifier>, String> {
+/// Why the TLS configuration, or the client trust of a set of roots, cannot be built (signet's own credential or
+/// bundle is at fault, not a client).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// A root of the bundle is not a usable trust anchor.
+    #[error("a bundle root is not usable as a trust anchor: {0}")]
+    Anchor(#[source] rustls::Error),
+    /// rustls refused to build the client certificate verifier (for example: no roots).
+    #[error("cannot build the client certificate verifier: {0}")]
+    Verifier(#[source] rustls::server::VerifierBuilderError),
+    /// The server's certificate or key is unusable.
+    #[error(transparent)]
+    Credential(#[from] crate::own::OwnError),
+    /// rustls refuses the server's certificate or key.
+    #[error("the server certificate or key is unusable: {0}")]
+    Certificate(#[source] rustls::Error),
+    /// rustls refused the protocol versions of the configuration.
+    #[error("cannot build the TLS configuration: {0}")]
+    Config(#[source] rustls::Error),
+}
+
+/// Why a client is not authenticated.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthError {
+    /// The client presented no certificate.
+    #[error("no client certificate: present an X509-SVID of trust domain {trust_domain} (mTLS)")]
+    NoCertificate {
+        /// The trust domain served.
+        trust_domain: TrustDomain,
+    },
+    /// The chain does not verify to a root of the bundle (expired, unknown issuer, bad signature, ...).
+    #[error("the client certificate is not trusted by trust domain {trust_domain}: {source}")]
+    Untrusted {
+        /// The trust domain served.
+        trust_domain: TrustDomain,
+        /// What the verifier found.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The leaf is not an X509-SVID (no or several URI SANs, or not a SPIFFE ID).
+    #[error(transparent)]
+    NotSvid(#[from] crate::x509::SvidIdError),
+    /// The leaf's SPIFFE ID is of another trust domain.
+    #[error("the client certificate's SPIFFE ID is not accepted: {0}")]
+    ForeignId(#[source] crate::spiffe::SpiffeIdError),
+    /// The trust of the bundle's roots cannot be built: signet's fault, not the client's.
+    #[error(transparent)]
+    Trust(#[from] TlsError),
+}
+
+fn verifier_for(roots: &[Vec<u8>]) -> Result<Arc<dyn ClientCertVerifier>, TlsError> {
     let mut store = RootCertStore::empty();
     for r in roots {
         store
             .add(CertificateDer::from(r.clone()))
-            .map_err(|e| format!("a bundle root is not usable as a trust anchor: {e}"))?;
+            .map_err(TlsError::Anchor)?;
     }
     WebPkiClientVerifier::builder_with_provider(Arc::new(store), provider())
         .build()
-        .map_err(|e| format!("cannot build the client certificate verifier: {e}"))
+        .map_err(TlsError::Verifier)
 }
 
 /// Who signed a client's leaf.
@@ -111,7 +163,7 @@ fn signed_by(child: &X509Certificate<'_>, parent: &X509Certificate<'_>) -> bool 
 
 impl ClientTrust {
     /// Trust `roots` for clients of `trust_domain`.
-    pub fn new(roots: &[Vec<u8>], trust_domain: TrustDomain) -> Result<Self, String> {
+    pub fn new(roots: &[Vec<u8>], trust_domain: TrustDomain) -> Result<Self, TlsError> {
         Ok(Self {
             verifier: verifier_for(roots)?,
             trust_domain,
@@ -165,12 +217,12 @@ impl ClientTrust {
     /// The caller from the certificates it presented (leaf first), or why it is not authenticated: the chain must
     /// verify to a root of the bundle and the leaf must be an X509-SVID of the trust domain. Who signed the leaf is
     /// reported, not judged: the services decide what a credential that signet did not sign may do.
-    pub fn authenticate(&self, certs: Option<&[CertificateDer<'_>]>) -> Result<Peer, String> {
+    pub fn authenticate(&self, certs: Option<&[CertificateDer<'_>]>) -> Result<Peer, AuthError> {
         let td = &self.trust_domain;
         let Some((leaf, intermediates)) = certs.and_then(|c| c.split_first()) else {
-            return Err(format!(
-                "no client certificate: present an X509-SVID of trust domain {td} (mTLS)"
-            ));
+            return Err(AuthError::NoCertificate {
+                trust_domain: td.clone(),
+            });
         };
         let all = certs.unwrap_or_default();
         let digest = chain_digest(all);
@@ -186,12 +238,12 @@ impl ClientTrust {
         }
         self.verifier
             .verify_client_cert(leaf, intermediates, UnixTime::now())
-            .map_err(|e| {
-                format!("the client certificate is not trusted by trust domain {td}: {e}")
+            .map_err(|source| AuthError::Untrusted {
+                trust_domain: td.clone(),
+                source,
             })?;
         let id = crate::x509::svid_spiffe_id(leaf, "the client certificate")?;
-        id.require_trust_domain(td)
-            .map_err(|e| format!("the client certificate's SPIFFE ID is not accepted: {e}"))?;
+        id.require_trust_domain(td).map_err(AuthError::ForeignId)?;
         let peer = Peer {
             id: id.as_str().to_string(),
             signed_by: self.signer_of(leaf, intermediates),
@@ -231,7 +283,7 @@ impl LiveClientTrust {
     }
 
     /// The trust of the bundle's current roots.
-    pub fn current(&self) -> Result<ClientTrust, String> {
+    pub fn current(&self) -> Result<ClientTrust, TlsError> {
         let snapshot = self.bundle.current();
         let mut cached = self.cached.lock().unwrap_or_else(|p| p.into_inner());
         if let Some((seq, v)) = cached.as_ref()
@@ -246,7 +298,7 @@ impl LiveClientTrust {
     }
 
     /// Authenticates a client's certificates against the current roots.
-    pub fn authenticate(&self, certs: Option<&[CertificateDer<'_>]>) -> Result<Peer, String> {
+    pub fn authenticate(&self, certs: Option<&[CertificateDer<'_>]>) -> Result<Peer, AuthError> {
         self.current()?.authenticate(certs)
     }
 }
@@ -293,9 +345,9 @@ impl ClientCertVerifier for HandshakeClientVerifier {
         self.trust
             .authenticate(Some(&chain))
             .map(|_| ClientCertVerified::assertion())
-            .map_err(|reason| {
+            .map_err(|refusal| {
                 rustls::Error::InvalidCertificate(rustls::CertificateError::Other(
-                    rustls::OtherError(Arc::new(Refusal(reason))),
+                    rustls::OtherError(Arc::new(Refusal(refusal))),
                 ))
             })
     }
@@ -323,17 +375,27 @@ impl ClientCertVerifier for HandshakeClientVerifier {
     }
 }
 
-/// Why a client certificate was refused at the handshake.
-#[derive(Debug)]
-struct Refusal(String);
+/// Why a client certificate was refused at the handshake: the [`AuthError`], its source. rustls shows a custom
+/// certificate error by its `Debug` form only (in the refusal's audit line), so that form carries the message.
+struct Refusal(AuthError);
 
-impl std::fmt::Display for Refusal {
+impl std::fmt::Debug for Refusal {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(&self.0)
+        f.debug_tuple("Refusal").field(&self.0.to_string()).finish()
     }
 }
 
-impl std::error::Error for Refusal {}
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Display::fmt(&self.0, f)
+    }
+}
+
+impl std::error::Error for Refusal {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        Some(&self.0)
+    }
+}
 
 /// The server's rustls configuration: `chain` (leaf first, DER) with its PKCS#8 key, HTTP/2 only, client
 /// certificates required and verified against the live bundle at the handshake (`trust`).
@@ -341,7 +403,7 @@ pub fn server_config(
     chain: Vec<Vec<u8>>,
     key_pkcs8: Vec<u8>,
     trust: Arc<LiveClientTrust>,
-) -> Result<rustls::ServerConfig, String> {
+) -> Result<rustls::ServerConfig, TlsError> {
     let cert = crate::own::LiveCert::new(&chain, &key_pkcs8)?;
     server_config_live(Arc::new(cert), trust)
 }
@@ -351,7 +413,7 @@ pub fn server_config(
 pub fn server_config_live(
     cert: Arc<dyn rustls::server::ResolvesServerCert>,
     trust: Arc<LiveClientTrust>,
-) -> Result<rustls::ServerConfig, String> {
+) -> Result<rustls::ServerConfig, TlsError> {
     let roots = trust.bundle.current().x509_roots.clone();
     let verifier = Arc::new(HandshakeClientVerifier {
         trust,
@@ -359,9 +421,57 @@ pub fn server_config_live(
     });
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
         .with_safe_default_protocol_versions()
-        .map_err(|e| e.to_string())?
+        .map_err(TlsError::Config)?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(cert);
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn self_signed(ca: bool) -> Vec<u8> {
+        let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        if ca {
+            p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        } else {
+            p.subject_alt_names = vec![rcgen::SanType::URI(
+                "spiffe://example.org/x".try_into().unwrap(),
+            )];
+        }
+        p.self_signed(&kp).unwrap().der().to_vec()
+    }
+
+    #[test]
+    fn refusals_keep_their_kind_and_source() {
+        let td = TrustDomain::parse("example.org").unwrap();
+        assert!(matches!(
+            ClientTrust::new(&[], td.clone()),
+            Err(TlsError::Verifier(_))
+        ));
+        let trust = ClientTrust::new(&[self_signed(true)], td).unwrap();
+        let e = trust.authenticate(None).unwrap_err();
+        assert!(matches!(e, AuthError::NoCertificate { .. }), "{e:?}");
+        let stranger = [CertificateDer::from(self_signed(false))];
+        let e = trust.authenticate(Some(&stranger)).unwrap_err();
+        assert!(matches!(e, AuthError::Untrusted { .. }), "{e:?}");
+        assert!(
+            e.to_string()
+                .contains("not trusted by trust domain example.org"),
+            "{e}"
+        );
+        let source = std::error::Error::source(&e).expect("the verifier's error is the source");
+        assert!(source.downcast_ref::<rustls::Error>().is_some());
+        // At the handshake the refusal shows its message in rustls's Debug form and keeps the AuthError as source.
+        let refusal = Refusal(e);
+        assert!(format!("{refusal:?}").contains("not trusted by trust domain example.org"));
+        assert!(
+            std::error::Error::source(&refusal)
+                .and_then(|s| s.downcast_ref::<AuthError>())
+                .is_some()
+        );
+    }
 }

@@ -50,41 +50,110 @@ pub fn split_ders(mut ders: &[u8]) -> Vec<Vec<u8>> {
     out
 }
 
+/// Why a PEM file of certificates (the upstream roots, a certificate or chain to install) is refused; `what` names
+/// the file or field.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertificatesError {
+    /// The file cannot be read.
+    #[error("cannot read {what}: {source}")]
+    Read {
+        /// The file.
+        what: String,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not PEM.
+    #[error("{what} is not PEM: {source}")]
+    Pem {
+        /// The file or field.
+        what: String,
+        /// The parser's error.
+        #[source]
+        source: pem::PemError,
+    },
+    /// A PEM block other than CERTIFICATE.
+    #[error("{what} holds a {tag} block: only CERTIFICATE blocks are expected")]
+    NotCertificate {
+        /// The file or field.
+        what: String,
+        /// The block's label.
+        tag: String,
+    },
+    /// A certificate does not parse.
+    #[error("{what}: a certificate does not parse: {source}")]
+    Parse {
+        /// The file or field.
+        what: String,
+        /// The parser's error.
+        #[source]
+        source: x509_parser::nom::Err<x509_parser::error::X509Error>,
+    },
+    /// No certificate at all.
+    #[error("{what} holds no certificate")]
+    Empty {
+        /// The file.
+        what: String,
+    },
+    /// An upstream root that is not a self-signed CA.
+    #[error("{what}: {subject} is not a self-signed CA certificate")]
+    NotRoot {
+        /// The file.
+        what: String,
+        /// The certificate's subject.
+        subject: String,
+    },
+}
+
 /// Every certificate (DER) of the PEM text `pem`, in order; `what` names it in errors.
-pub fn pem_certificates(pem: &[u8], what: &str) -> Result<Vec<Vec<u8>>, String> {
-    let blocks = pem::parse_many(pem).map_err(|e| format!("{what} is not PEM: {e}"))?;
+pub fn pem_certificates(pem: &[u8], what: &str) -> Result<Vec<Vec<u8>>, CertificatesError> {
+    let blocks = pem::parse_many(pem).map_err(|source| CertificatesError::Pem {
+        what: what.to_string(),
+        source,
+    })?;
     let mut out = Vec::with_capacity(blocks.len());
     for b in blocks {
         if b.tag() != "CERTIFICATE" {
-            return Err(format!(
-                "{what} holds a {} block: only CERTIFICATE blocks are expected",
-                b.tag()
-            ));
+            return Err(CertificatesError::NotCertificate {
+                what: what.to_string(),
+                tag: b.tag().to_string(),
+            });
         }
-        x509_parser::parse_x509_certificate(b.contents())
-            .map_err(|e| format!("{what}: a certificate does not parse: {e}"))?;
+        x509_parser::parse_x509_certificate(b.contents()).map_err(|source| {
+            CertificatesError::Parse {
+                what: what.to_string(),
+                source,
+            }
+        })?;
         out.push(b.contents().to_vec());
     }
     Ok(out)
 }
 
 /// The upstream roots of the PEM file `path`: at least one, each a self-signed CA.
-pub fn load_roots(path: &std::path::Path) -> Result<Vec<Vec<u8>>, String> {
+pub fn load_roots(path: &std::path::Path) -> Result<Vec<Vec<u8>>, CertificatesError> {
     let what = format!("authority.x509.upstream_roots ({})", path.display());
-    let text = std::fs::read(path).map_err(|e| format!("cannot read {what}: {e}"))?;
+    let text = std::fs::read(path).map_err(|source| CertificatesError::Read {
+        what: what.clone(),
+        source,
+    })?;
     let roots = pem_certificates(&text, &what)?;
     if roots.is_empty() {
-        return Err(format!("{what} holds no certificate"));
+        return Err(CertificatesError::Empty { what });
     }
     for r in &roots {
-        let (_, c) = x509_parser::parse_x509_certificate(r)
-            .map_err(|e| format!("{what}: a certificate does not parse: {e}"))?;
+        let (_, c) =
+            x509_parser::parse_x509_certificate(r).map_err(|source| CertificatesError::Parse {
+                what: what.clone(),
+                source,
+            })?;
         let ca = matches!(c.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
         if !ca || c.subject().as_raw() != c.issuer().as_raw() {
-            return Err(format!(
-                "{what}: {} is not a self-signed CA certificate",
-                c.subject()
-            ));
+            return Err(CertificatesError::NotRoot {
+                what,
+                subject: c.subject().to_string(),
+            });
         }
     }
     Ok(roots)
@@ -102,6 +171,144 @@ fn path_len(c: &X509Certificate<'_>) -> Option<u32> {
     }
 }
 
+/// Why a certificate from the offline ceremony is not installed: what is wrong with it and how to fix it.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InstallError {
+    /// The certificate does not parse.
+    #[error("the certificate does not parse: {0}")]
+    Parse(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// Bytes follow the certificate.
+    #[error("the certificate has trailing bytes")]
+    TrailingBytes,
+    /// The certificate is self-signed.
+    #[error(
+        "the certificate is self-signed: install the certificate the offline root signed for the CSR"
+    )]
+    SelfSigned,
+    /// The certificate certifies another key than the authority's.
+    #[error(
+        "the certificate is for another key, not the key of {label} on the token: have the offline root sign \
+         the CSR that `signet rotate prepare` wrote for {label}"
+    )]
+    OtherKey {
+        /// The authority's label.
+        label: String,
+    },
+    /// Not a CA.
+    #[error(
+        "the certificate is not a CA: it needs basicConstraints critical, CA:TRUE to sign what signet issues"
+    )]
+    NotCa,
+    /// No keyCertSign.
+    #[error(
+        "the certificate's keyUsage lacks keyCertSign: a CA certificate needs keyUsage critical, keyCertSign, \
+         cRLSign"
+    )]
+    NoKeyCertSign,
+    /// No subjectKeyIdentifier.
+    #[error(
+        "the certificate has no subjectKeyIdentifier: sign it with subjectKeyIdentifier = hash"
+    )]
+    NoSubjectKeyId,
+    /// Its pathLenConstraint leaves no room for what signet issues.
+    #[error(
+        "the certificate's pathLenConstraint is {found}: signet issues {room} level(s) of CA below its \
+         intermediate (SPIRE servers' CAs, delegated mode's issuing intermediates), so it needs pathlen:{room} \
+         or more, or none"
+    )]
+    PathLen {
+        /// Its pathLenConstraint.
+        found: u32,
+        /// The levels signet issues below it.
+        room: u32,
+    },
+    /// Not valid yet.
+    #[error("the certificate is not valid yet: notBefore {not_before} is after now ({now})")]
+    NotYetValid {
+        /// Its notBefore.
+        not_before: OffsetDateTime,
+        /// Now.
+        now: OffsetDateTime,
+    },
+    /// Expired.
+    #[error("the certificate has expired: notAfter {not_after} is before now ({now})")]
+    Expired {
+        /// Its notAfter.
+        not_after: OffsetDateTime,
+        /// Now.
+        now: OffsetDateTime,
+    },
+    /// Valid for too short a time.
+    #[error(
+        "the certificate's notAfter {not_after} is too soon: signet needs it valid until at least {need} \
+         ({least_secs} s from now: the publish lead plus the longest life of what it signs)"
+    )]
+    TooShort {
+        /// Its notAfter.
+        not_after: OffsetDateTime,
+        /// The least notAfter.
+        need: OffsetDateTime,
+        /// The least life, in seconds.
+        least_secs: u64,
+    },
+    /// A `--chain` certificate does not parse.
+    #[error("chain certificate {number} does not parse: {source}")]
+    ChainParse {
+        /// Its position, from 1.
+        number: usize,
+        /// The parser's error.
+        #[source]
+        source: x509_parser::nom::Err<x509_parser::error::X509Error>,
+    },
+    /// Nothing signed a certificate of the path.
+    #[error(
+        "the certificate does not chain to the upstream roots ({roots}): neither an upstream root nor a --chain \
+         certificate signed {subject} (issuer {issuer})"
+    )]
+    NoIssuer {
+        /// Where the upstream roots come from.
+        roots: String,
+        /// The subject of the certificate no one signed.
+        subject: String,
+        /// Its issuer.
+        issuer: String,
+    },
+    /// A chain certificate is not a CA.
+    #[error("the chain certificate {subject} is not a CA")]
+    ChainNotCa {
+        /// Its subject.
+        subject: String,
+    },
+    /// A chain certificate is not valid now.
+    #[error("the chain certificate {subject} is not valid now")]
+    ChainNotValid {
+        /// Its subject.
+        subject: String,
+    },
+    /// A chain certificate's pathLenConstraint is too small.
+    #[error(
+        "the chain certificate {subject} has pathLenConstraint {found}: it needs {need} or more for signet's \
+         intermediate and what signet issues below it"
+    )]
+    ChainPathLen {
+        /// Its subject.
+        subject: String,
+        /// Its pathLenConstraint.
+        found: u32,
+        /// What it needs.
+        need: u32,
+    },
+    /// The chain certificates sign each other in a loop.
+    #[error(
+        "the certificate does not chain to the upstream roots ({roots}): the --chain certificates loop"
+    )]
+    ChainLoop {
+        /// Where the upstream roots come from.
+        roots: String,
+    },
+}
+
 /// Checks the certificate `cert` (DER) the offline ceremony returned for the authority `label` whose key on the
 /// token has the SubjectPublicKeyInfo `token_spki`, with `chain` the CA certificates between it and a root of
 /// `parent` (may be empty). The error says what is wrong and how to fix it; the checks, in order: it parses and is
@@ -115,75 +322,53 @@ pub fn check_installed(
     token_spki: &[u8],
     parent: &ExternalParent,
     now: OffsetDateTime,
-) -> Result<OffsetDateTime, String> {
-    let (rest, c) = x509_parser::parse_x509_certificate(cert)
-        .map_err(|e| format!("the certificate does not parse: {e}"))?;
+) -> Result<OffsetDateTime, InstallError> {
+    let (rest, c) = x509_parser::parse_x509_certificate(cert).map_err(InstallError::Parse)?;
     if !rest.is_empty() {
-        return Err("the certificate has trailing bytes".into());
+        return Err(InstallError::TrailingBytes);
     }
     if c.subject().as_raw() == c.issuer().as_raw() && signs(&c, &c) {
-        return Err(
-            "the certificate is self-signed: install the certificate the offline root signed for the CSR".into(),
-        );
+        return Err(InstallError::SelfSigned);
     }
     if c.public_key().raw != token_spki {
-        return Err(format!(
-            "the certificate is for another key, not the key of {label} on the token: have the offline root sign \
-             the CSR that `signet rotate prepare` wrote for {label}"
-        ));
+        return Err(InstallError::OtherKey {
+            label: label.to_string(),
+        });
     }
     if !matches!(c.basic_constraints(), Ok(Some(bc)) if bc.value.ca) {
-        return Err(
-            "the certificate is not a CA: it needs basicConstraints critical, CA:TRUE to sign what signet issues"
-                .into(),
-        );
+        return Err(InstallError::NotCa);
     }
     if !matches!(c.key_usage(), Ok(Some(ku)) if ku.value.key_cert_sign()) {
-        return Err(
-            "the certificate's keyUsage lacks keyCertSign: a CA certificate needs keyUsage critical, keyCertSign, \
-             cRLSign"
-                .into(),
-        );
+        return Err(InstallError::NoKeyCertSign);
     }
     let has_ski = c.iter_extensions().any(|e| {
         matches!(e.parsed_extension(), x509_parser::extensions::ParsedExtension::SubjectKeyIdentifier(k) if !k.0.is_empty())
     });
     if !has_ski {
-        return Err(
-            "the certificate has no subjectKeyIdentifier: sign it with subjectKeyIdentifier = hash"
-                .into(),
-        );
+        return Err(InstallError::NoSubjectKeyId);
     }
     let room = u32::from(parent.path_len_room);
     if let Some(n) = path_len(&c)
         && n < room
     {
-        return Err(format!(
-            "the certificate's pathLenConstraint is {n}: signet issues {room} level(s) of CA below its \
-             intermediate (SPIRE servers' CAs, delegated mode's issuing intermediates), so it needs pathlen:{room} \
-             or more, or none"
-        ));
+        return Err(InstallError::PathLen { found: n, room });
     }
     let not_before = c.validity().not_before.to_datetime();
     let not_after = c.validity().not_after.to_datetime();
     if now < not_before {
-        return Err(format!(
-            "the certificate is not valid yet: notBefore {not_before} is after now ({now})"
-        ));
+        return Err(InstallError::NotYetValid { not_before, now });
     }
     if not_after <= now {
-        return Err(format!(
-            "the certificate has expired: notAfter {not_after} is before now ({now})"
-        ));
+        return Err(InstallError::Expired { not_after, now });
     }
     let least = time::Duration::try_from(parent.least_life).unwrap_or(time::Duration::MAX);
     let need = now.checked_add(least).unwrap_or(OffsetDateTime::UNIX_EPOCH);
     if not_after < need {
-        return Err(format!(
-            "the certificate's notAfter {not_after} is too soon: signet needs it valid until at least {need} \
-             ({} s from now: the publish lead plus the longest life of what it signs)",
-            parent.least_life.as_secs()
-        ));
+        return Err(InstallError::TooShort {
+            not_after,
+            need,
+            least_secs: parent.least_life.as_secs(),
+        });
     }
     // Up the chain to an upstream root, each step a CA valid now that leaves room for the levels below it.
     let roots: Vec<X509Certificate<'_>> = parent
@@ -193,8 +378,11 @@ pub fn check_installed(
         .collect();
     let mut above: Vec<X509Certificate<'_>> = Vec::with_capacity(chain.len());
     for (i, d) in chain.iter().enumerate() {
-        let (_, a) = x509_parser::parse_x509_certificate(d)
-            .map_err(|e| format!("chain certificate {} does not parse: {e}", i + 1))?;
+        let (_, a) =
+            x509_parser::parse_x509_certificate(d).map_err(|source| InstallError::ChainParse {
+                number: i + 1,
+                source,
+            })?;
         above.push(a);
     }
     let mut current = c;
@@ -204,40 +392,35 @@ pub fn check_installed(
             return Ok(not_after);
         }
         let Some(next) = above.iter().find(|a| signs(a, &current)) else {
-            return Err(format!(
-                "the certificate does not chain to the upstream roots ({}): neither an upstream root nor a --chain \
-                 certificate signed {} (issuer {})",
-                parent.source,
-                current.subject(),
-                current.issuer()
-            ));
+            return Err(InstallError::NoIssuer {
+                roots: parent.source.to_string(),
+                subject: current.subject().to_string(),
+                issuer: current.issuer().to_string(),
+            });
         };
         depth += 1;
         if !matches!(next.basic_constraints(), Ok(Some(bc)) if bc.value.ca) {
-            return Err(format!(
-                "the chain certificate {} is not a CA",
-                next.subject()
-            ));
+            return Err(InstallError::ChainNotCa {
+                subject: next.subject().to_string(),
+            });
         }
         if !next.validity().is_valid_at(now.into()) {
-            return Err(format!(
-                "the chain certificate {} is not valid now",
-                next.subject()
-            ));
+            return Err(InstallError::ChainNotValid {
+                subject: next.subject().to_string(),
+            });
         }
         if let Some(n) = path_len(next)
             && n < depth
         {
-            return Err(format!(
-                "the chain certificate {} has pathLenConstraint {n}: it needs {depth} or more for signet's \
-                 intermediate and what signet issues below it",
-                next.subject()
-            ));
+            return Err(InstallError::ChainPathLen {
+                subject: next.subject().to_string(),
+                found: n,
+                need: depth,
+            });
         }
         current = next.clone();
     }
-    Err(format!(
-        "the certificate does not chain to the upstream roots ({}): the --chain certificates loop",
-        parent.source
-    ))
+    Err(InstallError::ChainLoop {
+        roots: parent.source.to_string(),
+    })
 }

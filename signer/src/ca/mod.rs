@@ -102,9 +102,12 @@ pub enum RotationError {
     /// An installed certificate was refused (below an offline root): why.
     #[error("{0}")]
     Refused(String),
+    /// The certificate from the offline ceremony is not fit to install (below an offline root).
+    #[error(transparent)]
+    NotInstallable(#[from] external::InstallError),
     /// The step's witness (the Admin API's audit log) could not record it: the step did not happen.
     #[error("the step could not be recorded ({0}); nothing was changed")]
-    NotRecorded(String),
+    NotRecorded(#[source] crate::audit::AuditError),
 }
 
 /// Told about a rotation step just before it commits, i.e. before it takes effect anywhere (the bundle, what signs,
@@ -116,7 +119,7 @@ pub trait StepWitness: Sync {
         &self,
         step: &'static str,
         label: &str,
-    ) -> impl std::future::Future<Output = Result<(), String>> + Send;
+    ) -> impl std::future::Future<Output = Result<(), crate::audit::AuditError>> + Send;
 }
 
 /// No witness: the schedule and the CLI's steps commit without telling anyone first.
@@ -124,7 +127,11 @@ pub trait StepWitness: Sync {
 pub struct Unwitnessed;
 
 impl StepWitness for Unwitnessed {
-    async fn before_commit(&self, _step: &'static str, _label: &str) -> Result<(), String> {
+    async fn before_commit(
+        &self,
+        _step: &'static str,
+        _label: &str,
+    ) -> Result<(), crate::audit::AuditError> {
         Ok(())
     }
 }
@@ -1348,8 +1355,7 @@ impl Authorities {
             &spki,
             &ext,
             OffsetDateTime::now_utc(),
-        )
-        .map_err(RotationError::Refused)?;
+        )?;
         // What signs with it must accept it too (the key on the token, the trust domain's names).
         let (label, td, c2, ch2, roots) = (
             rec.label.clone(),

@@ -45,10 +45,13 @@ fn sim_home() -> &'static Path {
     })
 }
 
+// The launcher's error is text because `signet_bench::Launcher` (the bench crate's interface, shared with its other
+// targets) reports a failed start as the message it prints.
 fn launch(spec: InProcess) -> BoxFuture<Result<Started, String>> {
     Box::pin(async move { start(spec).await })
 }
 
+/// Starts the in-process appliance; the error is the message `signet bench` prints (see [`launch`]).
 async fn start(spec: InProcess) -> Result<Started, String> {
     let mut cfg = Config::embedded_default();
     cfg.data_dir = spec.data_dir.clone();
@@ -150,7 +153,7 @@ async fn start(spec: InProcess) -> Result<Started, String> {
     .to_lowercase();
     let trust_domain = app.trust_domain().clone();
     let spire_stanza = if spec.spire_plugins {
-        Some(stanza_maker(app.addr().to_string(), p.bundle.clone())?)
+        Some(stanza_maker(app.addr().to_string(), p.bundle.clone()).map_err(|e| e.to_string())?)
     } else {
         None
     };
@@ -171,8 +174,8 @@ async fn start(spec: InProcess) -> Result<Started, String> {
 }
 
 /// The plug-in stanzas of `signet spire config` for the in-process appliance at `endpoint` (bundle in `bundle`).
-fn stanza_maker(endpoint: String, bundle: PathBuf) -> Result<StanzaMaker, String> {
-    let (exe, checksum) = super::spire::this_program().map_err(|e| e.to_string())?;
+fn stanza_maker(endpoint: String, bundle: PathBuf) -> Result<StanzaMaker, super::CliError> {
+    let (exe, checksum) = super::spire::this_program()?;
     Ok(Box::new(
         move |setup: SpireSetup, token: &pb::CreateJoinTokenResponse, cred_dir: &Path| {
             let (kind, arg) = match setup {

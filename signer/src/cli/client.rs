@@ -276,7 +276,7 @@ enum MintCommand {
     },
 }
 
-pub(super) fn parse_duration(s: &str) -> Result<ConfigDuration, String> {
+pub(super) fn parse_duration(s: &str) -> Result<ConfigDuration, signet::units::UnitError> {
     ConfigDuration::parse(s)
 }
 

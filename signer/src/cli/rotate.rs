@@ -76,7 +76,7 @@ struct RetireArgs {
     settle: std::time::Duration,
 }
 
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+fn parse_duration(s: &str) -> Result<std::time::Duration, signet::units::UnitError> {
     signet::config::ConfigDuration::parse(s).map(|d| d.0)
 }
 

@@ -43,6 +43,177 @@ pub const DEFAULT_REFRESH: Duration = Duration::from_secs(300);
 /// The longest interval between two fetches, whatever the hint says.
 pub const MAX_REFRESH: Duration = Duration::from_secs(86_400);
 
+/// Why a bundle endpoint URL is refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum UrlError {
+    /// Not a URL at all.
+    #[error("endpoint {url:?} is not a URL: {source}")]
+    NotUrl {
+        /// The URL as written.
+        url: String,
+        /// The parser's error.
+        #[source]
+        source: hyper::http::uri::InvalidUri,
+    },
+    /// Another scheme than `https`.
+    #[error("endpoint {url:?} must be an https:// URL")]
+    NotHttps {
+        /// The URL as written.
+        url: String,
+    },
+    /// No host.
+    #[error("endpoint {url:?} has no host")]
+    NoHost {
+        /// The URL as written.
+        url: String,
+    },
+    /// A `user@` part.
+    #[error("endpoint {url:?} must not carry user information")]
+    UserInfo {
+        /// The URL as written.
+        url: String,
+    },
+}
+
+/// Why a document cannot be the bundle of a foreign trust domain.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ForeignBundleError {
+    /// An X.509 authority is not a certificate.
+    #[error("X.509 authority #{index} does not parse: {source}")]
+    Parse {
+        /// Its position in the document.
+        index: usize,
+        /// The parser's error.
+        #[source]
+        source: x509_parser::nom::Err<x509_parser::error::X509Error>,
+    },
+    /// An X.509 authority carries a `spiffe://` URI that is not a SPIFFE ID.
+    #[error("X.509 authority #{index} has an invalid SPIFFE ID: {source}")]
+    BadSpiffeId {
+        /// Its position in the document.
+        index: usize,
+        /// The rule broken.
+        #[source]
+        source: crate::spiffe::SpiffeIdError,
+    },
+    /// An X.509 authority names another trust domain.
+    #[error(
+        "X.509 authority #{index} belongs to trust domain {found}, not {expected}: this is another trust \
+         domain's bundle"
+    )]
+    OtherTrustDomain {
+        /// Its position in the document.
+        index: usize,
+        /// The trust domain it names.
+        found: TrustDomain,
+        /// The trust domain federated with.
+        expected: TrustDomain,
+    },
+    /// An X.509 authority is one of our own roots.
+    #[error(
+        "X.509 authority #{index} is one of our own trust domain's roots: a foreign bundle must not hold them"
+    )]
+    OwnRoot {
+        /// Its position in the document.
+        index: usize,
+    },
+    /// A JWT authority is one of our own keys.
+    #[error(
+        "JWT authority {kid:?} is one of our own trust domain's keys: a foreign bundle must not hold them"
+    )]
+    OwnJwtKey {
+        /// Its key ID.
+        kid: String,
+    },
+}
+
+/// Why a poller cannot be set up from its `[[federation.trust_domains]]` entry.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PollerError {
+    /// `trust_domain` is not a trust domain name.
+    #[error("trust_domain: {0}")]
+    TrustDomain(#[source] crate::spiffe::SpiffeIdError),
+    /// `endpoint` is not a usable URL.
+    #[error(transparent)]
+    Url(#[from] UrlError),
+    /// A setting the profile needs is missing.
+    #[error("profile {profile} needs {setting}")]
+    Missing {
+        /// The profile.
+        profile: &'static str,
+        /// The setting.
+        setting: &'static str,
+    },
+    /// `endpoint_spiffe_id` is not a SPIFFE ID.
+    #[error("endpoint_spiffe_id: {0}")]
+    EndpointId(#[source] crate::spiffe::SpiffeIdError),
+    /// A file cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The `ca` file is not PEM.
+    #[error("{}: {source}", path.display())]
+    Pem {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The parser's error.
+        #[source]
+        source: pem::PemError,
+    },
+    /// A certificate of the `ca` file is not a usable root.
+    #[error("{}: {source}", path.display())]
+    Root {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What rustls found.
+        #[source]
+        source: rustls::Error,
+    },
+    /// The `ca` file holds no certificate.
+    #[error("{} holds no CERTIFICATE", path.display())]
+    NoCertificate {
+        /// The file.
+        path: std::path::PathBuf,
+    },
+    /// The bootstrap bundle is not a SPIFFE bundle document.
+    #[error("bootstrap bundle {}: {source}", path.display())]
+    Bootstrap {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The parser's error.
+        #[source]
+        source: crate::spiffe::BundleError,
+    },
+    /// The bootstrap bundle is not the foreign trust domain's.
+    #[error("bootstrap bundle {}: {source}", path.display())]
+    BootstrapForeign {
+        /// The file.
+        path: std::path::PathBuf,
+        /// What is wrong with it.
+        #[source]
+        source: ForeignBundleError,
+    },
+}
+
+/// A poller that cannot start, with its trust domain.
+#[derive(Debug, thiserror::Error)]
+#[error("federation.trust_domains {trust_domain}: {source}")]
+pub struct StartError {
+    /// The entry's `trust_domain`.
+    pub trust_domain: String,
+    /// What is wrong.
+    #[source]
+    pub source: PollerError,
+}
+
 /// A bundle endpoint URL: `https://host[:port][/path]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EndpointUrl {
@@ -54,18 +225,23 @@ pub struct EndpointUrl {
 
 impl EndpointUrl {
     /// Parses and checks `url`.
-    pub fn parse(url: &str) -> Result<Self, String> {
-        let uri: hyper::Uri = url
-            .parse()
-            .map_err(|e| format!("endpoint {url:?} is not a URL: {e}"))?;
+    pub fn parse(url: &str) -> Result<Self, UrlError> {
+        let uri: hyper::Uri = url.parse().map_err(|source| UrlError::NotUrl {
+            url: url.to_string(),
+            source,
+        })?;
         if uri.scheme_str() != Some("https") {
-            return Err(format!("endpoint {url:?} must be an https:// URL"));
+            return Err(UrlError::NotHttps {
+                url: url.to_string(),
+            });
         }
-        let authority = uri
-            .authority()
-            .ok_or_else(|| format!("endpoint {url:?} has no host"))?;
+        let authority = uri.authority().ok_or_else(|| UrlError::NoHost {
+            url: url.to_string(),
+        })?;
         if authority.as_str().contains('@') {
-            return Err(format!("endpoint {url:?} must not carry user information"));
+            return Err(UrlError::UserInfo {
+                url: url.to_string(),
+            });
         }
         let host = authority
             .host()
@@ -73,7 +249,9 @@ impl EndpointUrl {
             .trim_end_matches(']')
             .to_string();
         if host.is_empty() {
-            return Err(format!("endpoint {url:?} has no host"));
+            return Err(UrlError::NoHost {
+                url: url.to_string(),
+            });
         }
         Ok(Self {
             host,
@@ -138,24 +316,23 @@ pub fn validate_foreign(
     doc: &BundleDocument,
     td: &TrustDomain,
     own: &BundleSnapshot,
-) -> Result<(), String> {
+) -> Result<(), ForeignBundleError> {
     for (i, a) in doc.x509_authorities.iter().enumerate() {
         let (_, cert) = x509_parser::parse_x509_certificate(a.cert_der())
-            .map_err(|e| format!("X.509 authority #{i} does not parse: {e}"))?;
+            .map_err(|source| ForeignBundleError::Parse { index: i, source })?;
         if let Ok(Some(san)) = cert.subject_alternative_name() {
             for n in &san.value.general_names {
                 if let x509_parser::extensions::GeneralName::URI(u) = n
                     && u.starts_with("spiffe://")
                 {
-                    let id = SpiffeId::parse(u).map_err(|e| {
-                        format!("X.509 authority #{i} has an invalid SPIFFE ID: {e}")
-                    })?;
+                    let id = SpiffeId::parse(u)
+                        .map_err(|source| ForeignBundleError::BadSpiffeId { index: i, source })?;
                     if id.trust_domain() != *td {
-                        return Err(format!(
-                            "X.509 authority #{i} belongs to trust domain {}, not {td}: this is another trust \
-                             domain's bundle",
-                            id.trust_domain()
-                        ));
+                        return Err(ForeignBundleError::OtherTrustDomain {
+                            index: i,
+                            found: id.trust_domain(),
+                            expected: td.clone(),
+                        });
                     }
                 }
             }
@@ -165,17 +342,14 @@ pub fn validate_foreign(
             x509_parser::parse_x509_certificate(r).is_ok_and(|(_, c)| c.public_key().raw == spki)
         });
         if ours {
-            return Err(format!(
-                "X.509 authority #{i} is one of our own trust domain's roots: a foreign bundle must not hold them"
-            ));
+            return Err(ForeignBundleError::OwnRoot { index: i });
         }
     }
     for a in &doc.jwt_authorities {
         if own.jwt_keys.iter().any(|k| k.spki == a.spki_der()) {
-            return Err(format!(
-                "JWT authority {:?} is one of our own trust domain's keys: a foreign bundle must not hold them",
-                a.kid()
-            ));
+            return Err(ForeignBundleError::OwnJwtKey {
+                kid: a.kid().to_string(),
+            });
         }
     }
     Ok(())
@@ -218,27 +392,38 @@ impl Poller {
         settings: &FederationSettings,
         store: FederatedBundles,
         own: TrustBundle,
-    ) -> Result<Self, String> {
-        let td = TrustDomain::parse(&cfg.trust_domain).map_err(|e| e.to_string())?;
+    ) -> Result<Self, PollerError> {
+        let td = TrustDomain::parse(&cfg.trust_domain).map_err(PollerError::TrustDomain)?;
         let url = EndpointUrl::parse(&cfg.endpoint)?;
         let mut web_roots = None;
         let mut endpoint_id = None;
         let mut bundle = None;
         match cfg.profile {
             EndpointProfile::HttpsWeb => {
-                let path = cfg.ca.as_ref().ok_or("profile https_web needs `ca`")?;
-                let text = std::fs::read(path)
-                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
+                let path = cfg.ca.as_ref().ok_or(PollerError::Missing {
+                    profile: "https_web",
+                    setting: "`ca`",
+                })?;
+                let text = std::fs::read(path).map_err(|source| PollerError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
                 let mut roots = RootCertStore::empty();
-                for p in pem::parse_many(text).map_err(|e| format!("{}: {e}", path.display()))? {
+                for p in pem::parse_many(text).map_err(|source| PollerError::Pem {
+                    path: path.clone(),
+                    source,
+                })? {
                     if p.tag() == "CERTIFICATE" {
                         roots
                             .add(CertificateDer::from(p.contents().to_vec()))
-                            .map_err(|e| format!("{}: {e}", path.display()))?;
+                            .map_err(|source| PollerError::Root {
+                                path: path.clone(),
+                                source,
+                            })?;
                     }
                 }
                 if roots.is_empty() {
-                    return Err(format!("{} holds no CERTIFICATE", path.display()));
+                    return Err(PollerError::NoCertificate { path: path.clone() });
                 }
                 web_roots = Some(Arc::new(roots));
             }
@@ -246,18 +431,30 @@ impl Poller {
                 let id = cfg
                     .endpoint_spiffe_id
                     .as_deref()
-                    .ok_or("profile https_spiffe needs endpoint_spiffe_id")?;
-                endpoint_id = Some(SpiffeId::parse(id).map_err(|e| e.to_string())?);
-                let path = cfg
-                    .bootstrap_bundle
-                    .as_ref()
-                    .ok_or("profile https_spiffe needs bootstrap_bundle")?;
-                let text = std::fs::read(path)
-                    .map_err(|e| format!("cannot read {}: {e}", path.display()))?;
-                let document = BundleDocument::parse(&text)
-                    .map_err(|e| format!("bootstrap bundle {}: {e}", path.display()))?;
-                validate_foreign(&document, &td, &own.current())
-                    .map_err(|e| format!("bootstrap bundle {}: {e}", path.display()))?;
+                    .ok_or(PollerError::Missing {
+                        profile: "https_spiffe",
+                        setting: "endpoint_spiffe_id",
+                    })?;
+                endpoint_id = Some(SpiffeId::parse(id).map_err(PollerError::EndpointId)?);
+                let path = cfg.bootstrap_bundle.as_ref().ok_or(PollerError::Missing {
+                    profile: "https_spiffe",
+                    setting: "bootstrap_bundle",
+                })?;
+                let text = std::fs::read(path).map_err(|source| PollerError::Read {
+                    path: path.clone(),
+                    source,
+                })?;
+                let document =
+                    BundleDocument::parse(&text).map_err(|source| PollerError::Bootstrap {
+                        path: path.clone(),
+                        source,
+                    })?;
+                validate_foreign(&document, &td, &own.current()).map_err(|source| {
+                    PollerError::BootstrapForeign {
+                        path: path.clone(),
+                        source,
+                    }
+                })?;
                 bundle = Some(StoredBundle {
                     document,
                     source: "bootstrap",
@@ -437,7 +634,7 @@ impl Poller {
         let document = BundleDocument::parse(text.as_bytes())
             .map_err(|e| Failure::new("garbage", format!("not a SPIFFE bundle document: {e}")))?;
         validate_foreign(&document, &self.td, &self.own.current())
-            .map_err(|e| Failure::new("wrong_trust_domain", e))?;
+            .map_err(|e| Failure::new("wrong_trust_domain", e.to_string()))?;
         let sequence = document.sequence;
         let hint = document.refresh_hint_secs.map(Duration::from_secs);
         let previous = stored.as_ref().map(|b| b.document.sequence);
@@ -531,13 +728,15 @@ pub fn start(
     store: &FederatedBundles,
     own: &TrustBundle,
     shutdown: &watch::Receiver<bool>,
-) -> Result<Vec<JoinHandle<()>>, String> {
+) -> Result<Vec<JoinHandle<()>>, StartError> {
     let pollers = settings
         .trust_domains
         .iter()
         .map(|t| {
-            Poller::new(t, settings, store.clone(), own.clone())
-                .map_err(|e| format!("federation.trust_domains {}: {e}", t.trust_domain))
+            Poller::new(t, settings, store.clone(), own.clone()).map_err(|source| StartError {
+                trust_domain: t.trust_domain.clone(),
+                source,
+            })
         })
         .collect::<Result<Vec<_>, _>>()?;
     Ok(pollers
@@ -562,9 +761,18 @@ mod tests {
             (u.host.as_str(), u.port, u.path.as_str()),
             ("::1", 443, "/bundle?x=1")
         );
-        assert!(EndpointUrl::parse("http://example.org").is_err());
-        assert!(EndpointUrl::parse("https://user@example.org").is_err());
-        assert!(EndpointUrl::parse("not a url").is_err());
+        assert!(matches!(
+            EndpointUrl::parse("http://example.org"),
+            Err(UrlError::NotHttps { .. })
+        ));
+        assert!(matches!(
+            EndpointUrl::parse("https://user@example.org"),
+            Err(UrlError::UserInfo { .. })
+        ));
+        assert!(matches!(
+            EndpointUrl::parse("not a url"),
+            Err(UrlError::NotUrl { .. }) | Err(UrlError::NotHttps { .. })
+        ));
     }
 
     #[test]

@@ -25,15 +25,59 @@ const MAX_CONNECTIONS: usize = 256;
 /// The longest a connection may live (a poller needs one request).
 const CONNECTION_LIFETIME: Duration = Duration::from_secs(30);
 
+/// Why the bundle endpoint's TLS configuration or credential cannot be set up.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EndpointError {
+    /// rustls refuses the certificate chain or the key.
+    #[error("the bundle endpoint's certificate or key is unusable: {0}")]
+    Credential(#[source] rustls::Error),
+    /// rustls refuses the protocol versions.
+    #[error("cannot build the bundle endpoint's TLS configuration: {0}")]
+    Config(#[source] rustls::Error),
+    /// A file cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A file is not PEM.
+    #[error("{}: {source}", path.display())]
+    Pem {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The parser's error.
+        #[source]
+        source: pem::PemError,
+    },
+    /// The certificate file holds no certificate.
+    #[error("{} holds no CERTIFICATE", path.display())]
+    NoCertificate {
+        /// The file.
+        path: std::path::PathBuf,
+    },
+    /// The key file's PEM block is not a private key.
+    #[error("{}: a {tag:?} block is not a private key", path.display())]
+    NotAKey {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The PEM block's label.
+        tag: String,
+    },
+}
+
 /// The server's rustls configuration: Mozilla "intermediate" (TLS 1.2 and 1.3; ring's suites, all of them ECDHE
 /// with AES-GCM or ChaCha20-Poly1305; X25519, P-256 and P-384 key exchange), no client authentication, HTTP/1.1.
 pub fn tls_config(
     chain: Vec<Vec<u8>>,
     key: PrivateKeyDer<'static>,
-) -> Result<rustls::ServerConfig, String> {
+) -> Result<rustls::ServerConfig, EndpointError> {
     let mut cfg = builder()?
         .with_single_cert(chain.into_iter().map(CertificateDer::from).collect(), key)
-        .map_err(|e| format!("the bundle endpoint's certificate or key is unusable: {e}"))?;
+        .map_err(EndpointError::Credential)?;
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
 }
@@ -42,18 +86,20 @@ pub fn tls_config(
 /// server X509-SVID, which [`crate::own`] renews in place.
 pub fn tls_config_live(
     cert: Arc<dyn rustls::server::ResolvesServerCert>,
-) -> Result<rustls::ServerConfig, String> {
+) -> Result<rustls::ServerConfig, EndpointError> {
     let mut cfg = builder()?.with_cert_resolver(cert);
     cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
     Ok(cfg)
 }
 
-fn builder()
--> Result<rustls::ConfigBuilder<rustls::ServerConfig, rustls::server::WantsServerCert>, String> {
+fn builder() -> Result<
+    rustls::ConfigBuilder<rustls::ServerConfig, rustls::server::WantsServerCert>,
+    EndpointError,
+> {
     Ok(
         rustls::ServerConfig::builder_with_provider(super::verify::provider())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| e.to_string())?
+            .map_err(EndpointError::Config)?
             .with_no_client_auth(),
     )
 }
@@ -62,30 +108,39 @@ fn builder()
 pub fn load_pem(
     cert: &std::path::Path,
     key: &std::path::Path,
-) -> Result<(Vec<Vec<u8>>, PrivateKeyDer<'static>), String> {
+) -> Result<(Vec<Vec<u8>>, PrivateKeyDer<'static>), EndpointError> {
     let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|e| format!("cannot read {}: {e}", p.display()))
+        std::fs::read(p).map_err(|source| EndpointError::Read {
+            path: p.to_path_buf(),
+            source,
+        })
+    };
+    let pem_err = |p: &std::path::Path| {
+        let path = p.to_path_buf();
+        move |source| EndpointError::Pem { path, source }
     };
     let chain: Vec<Vec<u8>> = pem::parse_many(read(cert)?)
-        .map_err(|e| format!("{}: {e}", cert.display()))?
+        .map_err(pem_err(cert))?
         .into_iter()
         .filter(|p| p.tag() == "CERTIFICATE")
         .map(|p| p.contents().to_vec())
         .collect();
     if chain.is_empty() {
-        return Err(format!("{} holds no CERTIFICATE", cert.display()));
+        return Err(EndpointError::NoCertificate {
+            path: cert.to_path_buf(),
+        });
     }
-    let block = pem::parse(read(key)?).map_err(|e| format!("{}: {e}", key.display()))?;
+    let block = pem::parse(read(key)?).map_err(pem_err(key))?;
     let der = block.contents().to_vec();
     let key = match block.tag() {
         "PRIVATE KEY" => PrivateKeyDer::Pkcs8(der.into()),
         "EC PRIVATE KEY" => PrivateKeyDer::Sec1(der.into()),
         "RSA PRIVATE KEY" => PrivateKeyDer::Pkcs1(der.into()),
         other => {
-            return Err(format!(
-                "{}: a {other:?} block is not a private key",
-                key.display()
-            ));
+            return Err(EndpointError::NotAKey {
+                path: key.to_path_buf(),
+                tag: other.to_string(),
+            });
         }
     };
     Ok((chain, key))
@@ -99,6 +154,17 @@ struct Rendered {
     etag: HeaderValue,
 }
 
+/// Why the current bundle cannot be served.
+#[derive(Debug, thiserror::Error)]
+enum RenderError {
+    /// The bundle document cannot be built or encoded.
+    #[error(transparent)]
+    Bundle(#[from] crate::spiffe::BundleError),
+    /// The ETag is not a valid header value.
+    #[error("the ETag is not a valid header value: {0}")]
+    Etag(#[from] hyper::header::InvalidHeaderValue),
+}
+
 /// What the handler needs.
 #[derive(Debug)]
 struct Shared {
@@ -108,7 +174,7 @@ struct Shared {
 }
 
 impl Shared {
-    fn current(&self) -> Result<Arc<Rendered>, String> {
+    fn current(&self) -> Result<Arc<Rendered>, RenderError> {
         let snap = self.bundle.current();
         let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(r) = cache.as_ref()
@@ -116,9 +182,9 @@ impl Shared {
         {
             return Ok(r.clone());
         }
-        let mut doc = snap.document().map_err(|e| e.to_string())?;
+        let mut doc = snap.document()?;
         doc.refresh_hint_secs = Some(self.refresh_hint_secs);
-        let json = doc.to_json().map_err(|e| e.to_string())?;
+        let json = doc.to_json()?;
         let digest = ring::digest::digest(&ring::digest::SHA256, json.as_bytes());
         let etag = format!(
             "\"{}-{}\"",
@@ -128,7 +194,7 @@ impl Shared {
         let r = Arc::new(Rendered {
             sequence: snap.sequence,
             body: Bytes::from(json),
-            etag: HeaderValue::from_str(&etag).map_err(|e| e.to_string())?,
+            etag: HeaderValue::from_str(&etag)?,
         });
         *cache = Some(r.clone());
         Ok(r)

@@ -13,6 +13,34 @@ use tokio_rustls::rustls;
 
 use crate::spiffe::SpiffeId;
 
+/// Why an endpoint's certificate is refused.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum VerifyError {
+    /// The certificate is not an X509-SVID.
+    #[error(transparent)]
+    NotSvid(#[from] crate::x509::SvidIdError),
+    /// The X509-SVID carries another SPIFFE ID than the one configured.
+    #[error(
+        "the endpoint presents SPIFFE ID {found}, but {expected} is configured (endpoint_spiffe_id)"
+    )]
+    WrongId {
+        /// The ID presented.
+        found: SpiffeId,
+        /// The ID configured.
+        expected: SpiffeId,
+    },
+    /// None of the bundle's roots is a usable trust anchor.
+    #[error("the foreign trust domain's bundle holds no usable X.509 authority")]
+    NoAuthority,
+    /// rustls-webpki cannot read the certificate as an end entity.
+    #[error("the endpoint's certificate is not usable: {0}")]
+    Unusable(#[source] webpki::Error),
+    /// Path validation failed.
+    #[error("the endpoint's X509-SVID does not chain to the trust domain's bundle: {0}")]
+    Chain(#[source] webpki::Error),
+}
+
 /// Verifies an endpoint's X509-SVID against a set of roots and one SPIFFE ID.
 #[derive(Debug)]
 pub struct SpiffeServerVerifier {
@@ -40,13 +68,13 @@ impl SpiffeServerVerifier {
         end_entity: &CertificateDer<'_>,
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
-    ) -> Result<(), String> {
+    ) -> Result<(), VerifyError> {
         let id = crate::x509::svid_spiffe_id(end_entity, "the endpoint's certificate")?;
         if id != self.expected {
-            return Err(format!(
-                "the endpoint presents SPIFFE ID {id}, but {} is configured (endpoint_spiffe_id)",
-                self.expected
-            ));
+            return Err(VerifyError::WrongId {
+                found: id,
+                expected: self.expected.clone(),
+            });
         }
         let anchors = self
             .roots
@@ -54,10 +82,9 @@ impl SpiffeServerVerifier {
             .filter_map(|r| webpki::anchor_from_trusted_cert(r).ok())
             .collect::<Vec<_>>();
         if anchors.is_empty() {
-            return Err("the foreign trust domain's bundle holds no usable X.509 authority".into());
+            return Err(VerifyError::NoAuthority);
         }
-        let ee = webpki::EndEntityCert::try_from(end_entity)
-            .map_err(|e| format!("the endpoint's certificate is not usable: {e}"))?;
+        let ee = webpki::EndEntityCert::try_from(end_entity).map_err(VerifyError::Unusable)?;
         ee.verify_for_usage(
             self.algs.all,
             &anchors,
@@ -67,9 +94,7 @@ impl SpiffeServerVerifier {
             None,
             None,
         )
-        .map_err(|e| {
-            format!("the endpoint's X509-SVID does not chain to the trust domain's bundle: {e}")
-        })?;
+        .map_err(VerifyError::Chain)?;
         Ok(())
     }
 }
@@ -83,8 +108,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
+        // rustls shows a custom certificate error by its Debug form only; the message goes through as text.
         self.check(end_entity, intermediates, now)
-            .map_err(rustls::Error::General)?;
+            .map_err(|e| rustls::Error::General(e.to_string()))?;
         Ok(ServerCertVerified::assertion())
     }
 
@@ -153,19 +179,24 @@ mod tests {
         let good = CertificateDer::from(svid("spiffe://b.test/endpoint", &issuer));
         let now = UnixTime::now();
         let v = SpiffeServerVerifier::new(&[root.der().to_vec()], want.clone(), &provider());
-        assert_eq!(v.check(&good, &[], now), Ok(()));
+        v.check(&good, &[], now).unwrap();
         let other_id = CertificateDer::from(svid("spiffe://b.test/someone", &issuer));
         let e = v.check(&other_id, &[], now).unwrap_err();
-        assert!(e.contains("spiffe://b.test/someone"), "{e}");
+        assert!(matches!(e, VerifyError::WrongId { .. }), "{e:?}");
+        assert!(e.to_string().contains("spiffe://b.test/someone"), "{e}");
         let stranger =
             SpiffeServerVerifier::new(&[other_root.der().to_vec()], want.clone(), &provider());
         let e = stranger.check(&good, &[], now).unwrap_err();
-        assert!(e.contains("does not chain"), "{e}");
+        assert!(matches!(e, VerifyError::Chain(_)), "{e:?}");
+        assert!(e.to_string().contains("does not chain"), "{e}");
         let empty = SpiffeServerVerifier::new(&[], want, &provider());
-        assert!(empty.check(&good, &[], now).is_err());
-        assert!(
-            v.check(&CertificateDer::from(vec![1, 2, 3]), &[], now)
-                .is_err()
-        );
+        assert!(matches!(
+            empty.check(&good, &[], now),
+            Err(VerifyError::NoAuthority)
+        ));
+        assert!(matches!(
+            v.check(&CertificateDer::from(vec![1, 2, 3]), &[], now),
+            Err(VerifyError::NotSvid(_))
+        ));
     }
 }

@@ -497,7 +497,8 @@ mod tests {
             let sig = key.sign(scheme, msg.as_bytes()).expect("signs");
             assert!(verify_signature(key.spki_der(), scheme, msg.as_bytes(), &sig).is_ok());
             let mut bad = sig.clone();
-            bad[(i as usize) % bad.len()] ^= 1 << (i % 8);
+            let at = (i as usize) % bad.len();
+            bad[at] ^= 1 << (i % 8);
             assert_eq!(
                 verify_signature(key.spki_der(), scheme, msg.as_bytes(), &bad).is_ok(),
                 ring_says(key.spki_der(), msg.as_bytes(), &bad)

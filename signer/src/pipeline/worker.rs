@@ -438,7 +438,7 @@ impl Worker {
             let probe = probe.map_err(|e| (e.to_string(), Some(e))).and_then(|()| {
                 self.keys.clear();
                 if self.token.needs_probe.load(Ordering::Acquire) {
-                    self.probe_signatures().map_err(|r| (r, None))
+                    self.probe_signatures().map_err(|r| (r.to_string(), None))
                 } else {
                     Ok(())
                 }
@@ -471,37 +471,78 @@ impl Worker {
 
     /// Signs [`PROBE_MESSAGE`] with every registered key and checks each signature against the key's public half
     /// (on this thread: probes are rare). Says why when one cannot be made or does not verify.
-    fn probe_signatures(&mut self) -> Result<(), String> {
+    fn probe_signatures(&mut self) -> Result<(), ProbeError> {
         let keys = self.shared.registered_all();
         if keys.is_empty() {
-            return Err("no key is registered to make a probe signature with".into());
+            return Err(ProbeError::NoKey);
         }
         for (i, reg) in keys.iter().enumerate() {
-            let index = u32::try_from(i).map_err(|_| "too many keys".to_string())?;
-            let key = self
-                .key(index)
-                .map_err(|e| format!("key {:?}: {e}", reg.label))?;
+            let index = u32::try_from(i).map_err(|_| ProbeError::TooManyKeys)?;
+            let key = self.key(index).map_err(|source| ProbeError::Key {
+                label: reg.label.clone(),
+                source,
+            })?;
             let (alg, data) = super::key::job_data(reg.key_type.x509_scheme(), PROBE_MESSAGE);
             let Some(session) = self.session.as_mut() else {
-                return Err("the worker has no open session".into());
+                return Err(ProbeError::NoSession);
             };
             let sig = if alg.hash().is_some() {
                 session.sign_digest(&key, alg, &data)
             } else {
                 session.sign_message(&key, alg, &data)
             }
-            .map_err(|e| format!("key {:?}: the probe signature failed: {e}", reg.label))?;
+            .map_err(|source| ProbeError::Sign {
+                label: reg.label.clone(),
+                source,
+            })?;
             let verified = reg
                 .verifier
                 .as_ref()
                 .is_some_and(|v| v.verify(alg, &data, &sig));
             if !verified {
-                return Err(format!(
-                    "key {:?}: the probe signature does not verify",
-                    reg.label
-                ));
+                return Err(ProbeError::NotVerified {
+                    label: reg.label.clone(),
+                });
             }
         }
         Ok(())
     }
+}
+
+/// Why a token's probe signature could not be made or did not verify (the token then stays out of rotation).
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    /// Nothing to sign with.
+    #[error("no key is registered to make a probe signature with")]
+    NoKey,
+    /// More keys than a key index holds.
+    #[error("too many keys")]
+    TooManyKeys,
+    /// The key cannot be found on the token.
+    #[error("key {label:?}: {source}")]
+    Key {
+        /// The key's label.
+        label: std::sync::Arc<str>,
+        /// The token's error.
+        #[source]
+        source: signet_pkcs11::Error,
+    },
+    /// The worker has no session to sign in.
+    #[error("the worker has no open session")]
+    NoSession,
+    /// The token failed the signature.
+    #[error("key {label:?}: the probe signature failed: {source}")]
+    Sign {
+        /// The key's label.
+        label: std::sync::Arc<str>,
+        /// The token's error.
+        #[source]
+        source: signet_pkcs11::Error,
+    },
+    /// The signature does not verify against the key's public half.
+    #[error("key {label:?}: the probe signature does not verify")]
+    NotVerified {
+        /// The key's label.
+        label: std::sync::Arc<str>,
+    },
 }

@@ -38,6 +38,148 @@ use tonic::{Code, Request, Response, Status};
 
 use super::settings::{FirstCredential, PluginSettings};
 
+/// Why the plug-in cannot reach the appliance, or get, renew or keep its credential.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ForwardError {
+    /// The configuration (the key identifier file).
+    #[error(transparent)]
+    Settings(#[from] super::settings::SettingsError),
+    /// The client certificate is not PEM.
+    #[error("the client certificate is not PEM: {0}")]
+    Pem(#[source] pem::PemError),
+    /// The client certificate file holds no certificate.
+    #[error("the client certificate holds no CERTIFICATE")]
+    NoCertificate,
+    /// The client certificate does not parse.
+    #[error("the client certificate does not parse: {0}")]
+    Parse(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// The key does not match the certificate.
+    #[error("the client key does not match its certificate: {0}")]
+    KeyMismatch(#[source] rustls::Error),
+    /// The TLS client side cannot be set up (the client plumbing of `signet-proto` reports its errors as text).
+    #[error("{0}")]
+    Tls(String),
+    /// `trust_bundle_path` holds no usable roots (as the client plumbing reports it).
+    #[error("trust_bundle_path: {0}")]
+    TrustBundle(String),
+    /// An endpoint is not a usable address (as the client plumbing reports it).
+    #[error("endpoint {url:?}: {reason}")]
+    Endpoint {
+        /// The endpoint.
+        url: String,
+        /// Why.
+        reason: String,
+    },
+    /// The configuration lists no endpoint.
+    #[error("no endpoint for the appliance")]
+    NoEndpoint,
+    /// The key identifier is not a valid header value.
+    #[error("key identifier {value:?}: {source}")]
+    KeyIdentifier {
+        /// The identifier.
+        value: String,
+        /// Why.
+        #[source]
+        source: tonic::metadata::errors::InvalidMetadataValue,
+    },
+    /// No new key could be generated.
+    #[error("cannot generate a key: {0}")]
+    KeyGen(#[source] rcgen::Error),
+    /// The client's SPIFFE ID cannot be a URI SAN.
+    #[error("{id}: {source}")]
+    SanUri {
+        /// The SPIFFE ID.
+        id: String,
+        /// Why.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// The CSR cannot be built.
+    #[error("cannot make the CSR: {0}")]
+    Csr(#[source] rcgen::Error),
+    /// A credential file cannot be written.
+    #[error("writing {}: {source}", path.display())]
+    Write {
+        /// The file.
+        path: std::path::PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A private credential file cannot be written.
+    #[error(transparent)]
+    File(#[from] crate::datadir::FileError),
+    /// The Workload API gave no X509-SVID in time.
+    #[error("the Workload API at {socket} gave no X509-SVID within {timeout:?}")]
+    WorkloadApiTimeout {
+        /// The Workload API address.
+        socket: String,
+        /// The time allowed.
+        timeout: Duration,
+    },
+    /// The Workload API source cannot start.
+    #[error("the Workload API at {socket}: {source}")]
+    WorkloadApi {
+        /// The Workload API address.
+        socket: String,
+        /// Why.
+        #[source]
+        source: spiffe::X509SourceError,
+    },
+    /// The Workload API has no X509-SVID.
+    #[error("the Workload API has no X509-SVID: {0}")]
+    NoSvid(#[source] spiffe::X509SourceError),
+    /// The Workload API's X509-SVID is of another trust domain.
+    #[error("the Workload API's X509-SVID is {id}, not of SPIRE's trust domain {trust_domain}")]
+    ForeignSvid {
+        /// The SVID's SPIFFE ID.
+        id: String,
+        /// SPIRE's trust domain.
+        trust_domain: String,
+    },
+    /// SPIRE's trust domain is not a trust domain name.
+    #[error("trust domain {trust_domain:?}: {source}")]
+    TrustDomain {
+        /// The name.
+        trust_domain: String,
+        /// Why.
+        #[source]
+        source: spiffe::SpiffeIdError,
+    },
+    /// The Workload API has no bundle.
+    #[error("the Workload API has no bundle: {0}")]
+    NoBundle(#[source] spiffe::X509SourceError),
+    /// The Workload API's bundle has no X.509 roots for the trust domain.
+    #[error("the Workload API has no X.509 roots for trust domain {0}")]
+    NoRoots(String),
+    /// The bootstrap port cannot be reached.
+    #[error("join token: cannot reach the bootstrap port {endpoint}: {reason}")]
+    Bootstrap {
+        /// The bootstrap port.
+        endpoint: String,
+        /// Why (as the client plumbing reports it).
+        reason: String,
+    },
+    /// The appliance refused the join token.
+    #[error("join token: the appliance refused it ({}): {}", crate::api::code_name(.0.code()), .0.message())]
+    JoinRefused(#[source] tonic::Status),
+    /// The appliance answered without an SVID.
+    #[error("{0}: the appliance answered no SVID")]
+    NoSvidAnswered(&'static str),
+    /// Every endpoint refused or failed the renewal.
+    #[error("{}", .0.iter().map(|(e, s)| format!("{e}: {}: {}", crate::api::code_name(s.code()), s.message())).collect::<Vec<_>>().join("; "))]
+    Renewal(Vec<(String, tonic::Status)>),
+    /// The credential files hold a credential for another SPIFFE ID.
+    #[error("the files now hold a credential for {found}, not {expected}")]
+    OtherId {
+        /// The ID in the files.
+        found: String,
+        /// The plug-in's ID.
+        expected: String,
+    },
+}
+
 /// The plug-in's X509-SVID as it holds it: PEM text (as on disk), when it got it, and its NotAfter.
 #[derive(Clone)]
 struct Held {
@@ -48,14 +190,14 @@ struct Held {
 }
 
 impl Held {
-    fn new(cert_pem: Vec<u8>, key_pem: Vec<u8>) -> Result<Self, String> {
+    fn new(cert_pem: Vec<u8>, key_pem: Vec<u8>) -> Result<Self, ForwardError> {
         let leaf = pem::parse_many(&cert_pem)
-            .map_err(|e| format!("the client certificate is not PEM: {e}"))?
+            .map_err(ForwardError::Pem)?
             .into_iter()
             .find(|p| p.tag() == "CERTIFICATE")
-            .ok_or("the client certificate holds no CERTIFICATE")?;
-        let (_, c) = x509_parser::parse_x509_certificate(leaf.contents())
-            .map_err(|e| format!("the client certificate does not parse: {e}"))?;
+            .ok_or(ForwardError::NoCertificate)?;
+        let (_, c) =
+            x509_parser::parse_x509_certificate(leaf.contents()).map_err(ForwardError::Parse)?;
         let secs = u64::try_from(c.validity().not_after.timestamp()).unwrap_or(0);
         Ok(Self {
             cert_pem,
@@ -66,10 +208,10 @@ impl Held {
     }
 
     /// rustls's form of it (the key checked against the certificate).
-    fn certified(&self) -> Result<rustls::sign::CertifiedKey, String> {
-        let k = connect::certified_key_pem(&self.cert_pem, &self.key_pem)?;
-        k.keys_match()
-            .map_err(|e| format!("the client key does not match its certificate: {e}"))?;
+    fn certified(&self) -> Result<rustls::sign::CertifiedKey, ForwardError> {
+        let k =
+            connect::certified_key_pem(&self.cert_pem, &self.key_pem).map_err(ForwardError::Tls)?;
+        k.keys_match().map_err(ForwardError::KeyMismatch)?;
         Ok(k)
     }
 
@@ -93,31 +235,36 @@ fn pem_chain(ders: &[Vec<u8>]) -> Vec<u8> {
 }
 
 /// A new P-256 key (PKCS#8 PEM) and a CSR for `id` signed with it.
-fn key_and_csr(id: &str) -> Result<(Vec<u8>, Vec<u8>), String> {
+fn key_and_csr(id: &str) -> Result<(Vec<u8>, Vec<u8>), ForwardError> {
     let kp = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
-        .map_err(|e| format!("cannot generate a key: {e}"))?;
+        .map_err(ForwardError::KeyGen)?;
     let mut params = rcgen::CertificateParams::default();
     params.distinguished_name = rcgen::DistinguishedName::new();
-    params.subject_alt_names = vec![rcgen::SanType::URI(
-        id.to_string()
-            .try_into()
-            .map_err(|e| format!("{id}: {e}"))?,
-    )];
-    let csr = params
-        .serialize_request(&kp)
-        .map_err(|e| format!("cannot make the CSR: {e}"))?;
+    params.subject_alt_names = vec![rcgen::SanType::URI(id.to_string().try_into().map_err(
+        |source| ForwardError::SanUri {
+            id: id.to_string(),
+            source,
+        },
+    )?)];
+    let csr = params.serialize_request(&kp).map_err(ForwardError::Csr)?;
     Ok((kp.serialize_pem().into_bytes(), csr.der().to_vec()))
 }
 
 /// Writes `data` to `path` through a temporary file and a rename (a reader never sees half of it); `private`: 0600.
-fn write_atomically(path: &Path, data: &[u8], private: bool) -> Result<(), String> {
+fn write_atomically(path: &Path, data: &[u8], private: bool) -> Result<(), ForwardError> {
     let tmp = path.with_extension("signet-tmp");
     if private {
-        crate::datadir::write_private(&tmp, data).map_err(|e| e.to_string())?;
+        crate::datadir::write_private(&tmp, data)?;
     } else {
-        std::fs::write(&tmp, data).map_err(|e| format!("writing {}: {e}", tmp.display()))?;
+        std::fs::write(&tmp, data).map_err(|source| ForwardError::Write {
+            path: tmp.clone(),
+            source,
+        })?;
     }
-    std::fs::rename(&tmp, path).map_err(|e| format!("writing {}: {e}", path.display()))
+    std::fs::rename(&tmp, path).map_err(|source| ForwardError::Write {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// A connection to the appliance (or to each of its replicas), built from the plug-in's configuration.
@@ -159,12 +306,14 @@ impl Drop for AbortOnDrop {
 impl Appliance {
     /// Gets the first credential (exchanging a join token when the configuration has one), then builds lazily
     /// connecting channels (tonic reconnects on its own after an appliance comes back) and starts the renewal.
-    pub async fn connect(settings: PluginSettings) -> Result<Self, String> {
+    pub async fn connect(settings: PluginSettings) -> Result<Self, ForwardError> {
         let key_identifier = match settings.key_identifier.resolve()? {
-            Some(k) => Some(
-                k.parse::<tonic::metadata::AsciiMetadataValue>()
-                    .map_err(|e| format!("key identifier {k:?}: {e}"))?,
-            ),
+            Some(k) => Some(k.parse::<tonic::metadata::AsciiMetadataValue>().map_err(
+                |source| ForwardError::KeyIdentifier {
+                    value: k.clone(),
+                    source,
+                },
+            )?),
             None => None,
         };
         let roots = if settings.trust_bundle_pem.is_empty() {
@@ -172,7 +321,7 @@ impl Appliance {
         } else {
             LiveRoots::new(
                 connect::pem_blocks(&settings.trust_bundle_pem, "CERTIFICATE")
-                    .map_err(|e| format!("trust_bundle_path: {e}"))?,
+                    .map_err(ForwardError::TrustBundle)?,
             )
         };
         let verifier = Arc::new(connect::ApplianceVerifier::new(
@@ -190,13 +339,14 @@ impl Appliance {
                     spiffe::X509Source::builder().endpoint(socket).build(),
                 )
                 .await
-                .map_err(|_| {
-                    format!(
-                        "the Workload API at {socket} gave no X509-SVID within {:?}",
-                        settings.request_timeout
-                    )
+                .map_err(|_| ForwardError::WorkloadApiTimeout {
+                    socket: socket.clone(),
+                    timeout: settings.request_timeout,
                 })?
-                .map_err(|e| format!("the Workload API at {socket}: {e}"))?;
+                .map_err(|source| ForwardError::WorkloadApi {
+                    socket: socket.clone(),
+                    source,
+                })?;
                 let (held, r) = from_source(&src, &settings.trust_domain)?;
                 roots.set(r);
                 source = Some(src);
@@ -222,7 +372,9 @@ impl Appliance {
             }
         };
         let identity = Arc::new(SwappableIdentity::new(Some(held.certified()?)));
-        let tls = Arc::new(connect::client_config(verifier, Some(identity.clone()))?);
+        let tls = Arc::new(
+            connect::client_config(verifier, Some(identity.clone())).map_err(ForwardError::Tls)?,
+        );
         let channels = build_channels(&settings, &tls)?;
         let mut app = Self {
             channels: Arc::new(StdRwLock::new(Arc::new(channels))),
@@ -272,7 +424,7 @@ impl Appliance {
     }
 
     /// Puts `held` in force: the credential new connections present, and fresh channels for new calls.
-    fn swap(&self, held: &Held, roots: Vec<Vec<u8>>) -> Result<(), String> {
+    fn swap(&self, held: &Held, roots: Vec<Vec<u8>>) -> Result<(), ForwardError> {
         let key = held.certified()?;
         if !roots.is_empty() {
             self.roots.set(roots);
@@ -348,7 +500,7 @@ impl Appliance {
 fn build_channels(
     settings: &PluginSettings,
     tls: &Arc<rustls::ClientConfig>,
-) -> Result<Vec<Channel>, String> {
+) -> Result<Vec<Channel>, ForwardError> {
     let mut channels = Vec::with_capacity(settings.endpoints.len());
     for url in &settings.endpoints {
         let timeout = settings.connect_timeout;
@@ -359,11 +511,14 @@ fn build_channels(
                     .keep_alive_timeout(Duration::from_secs(20))
                     .keep_alive_while_idle(true)
             })
-            .map_err(|e| format!("endpoint {url:?}: {e}"))?,
+            .map_err(|reason| ForwardError::Endpoint {
+                url: url.clone(),
+                reason,
+            })?,
         );
     }
     if channels.is_empty() {
-        return Err("no endpoint for the appliance".into());
+        return Err(ForwardError::NoEndpoint);
     }
     Ok(channels)
 }
@@ -375,14 +530,17 @@ async fn exchange(
     roots: &LiveRoots,
     token: &str,
     bootstrap: &str,
-) -> Result<Held, String> {
+) -> Result<Held, ForwardError> {
     use signet_proto::signet::v1::bootstrap_client::BootstrapClient;
     let (key_pem, csr) = key_and_csr(&settings.client_id)?;
-    let tls = Arc::new(connect::client_config(verifier, None)?);
+    let tls = Arc::new(connect::client_config(verifier, None).map_err(ForwardError::Tls)?);
     let timeout = settings.connect_timeout;
     let ch = connect::channel(bootstrap, tls, |e| e.connect_timeout(timeout))
         .await
-        .map_err(|e| format!("join token: cannot reach the bootstrap port {bootstrap}: {e}"))?;
+        .map_err(|reason| ForwardError::Bootstrap {
+            endpoint: bootstrap.to_string(),
+            reason,
+        })?;
     let r = BootstrapClient::new(ch)
         .exchange_join_token(with_timeout(
             pb::ExchangeJoinTokenRequest {
@@ -393,15 +551,9 @@ async fn exchange(
             settings.request_timeout,
         ))
         .await
-        .map_err(|s| {
-            format!(
-                "join token: the appliance refused it ({}): {}",
-                crate::api::code_name(s.code()),
-                s.message()
-            )
-        })?
+        .map_err(ForwardError::JoinRefused)?
         .into_inner();
-    let svid = r.svid.ok_or("join token: the appliance answered no SVID")?;
+    let svid = r.svid.ok_or(ForwardError::NoSvidAnswered("join token"))?;
     if !r.x509_authorities.is_empty() {
         roots.set(r.x509_authorities);
     }
@@ -411,7 +563,7 @@ async fn exchange(
 }
 
 /// One renewal: a new key, `Issuer.RenewX509SVID` over the authenticated connection (each endpoint in turn).
-async fn renew_once(app: &Appliance) -> Result<(Held, Vec<Vec<u8>>), String> {
+async fn renew_once(app: &Appliance) -> Result<(Held, Vec<Vec<u8>>), ForwardError> {
     let (key_pem, csr) = key_and_csr(&app.settings.client_id)?;
     let req = pb::RenewX509svidRequest {
         csr,
@@ -427,33 +579,27 @@ async fn renew_once(app: &Appliance) -> Result<(Held, Vec<Vec<u8>>), String> {
         {
             Ok(r) => {
                 let r = r.into_inner();
-                let svid = r.svid.ok_or("the appliance answered no SVID")?;
+                let svid = r.svid.ok_or(ForwardError::NoSvidAnswered("renewal"))?;
                 return Ok((
                     Held::new(pem_chain(&svid.cert_chain), key_pem)?,
                     r.x509_authorities,
                 ));
             }
-            Err(s) => errors.push(format!(
-                "{}: {}: {}",
-                app.endpoint(i),
-                crate::api::code_name(s.code()),
-                s.message()
-            )),
+            Err(s) => errors.push((app.endpoint(i).to_string(), s)),
         }
     }
-    Err(errors.join("; "))
+    Err(ForwardError::Renewal(errors))
 }
 
 /// The X509-SVID the Workload API gives now (its default one, which must be of `td`) and the roots of `td`.
-fn from_source(src: &spiffe::X509Source, td: &str) -> Result<(Held, Vec<Vec<u8>>), String> {
-    let svid = src
-        .svid()
-        .map_err(|e| format!("the Workload API has no X509-SVID: {e}"))?;
+fn from_source(src: &spiffe::X509Source, td: &str) -> Result<(Held, Vec<Vec<u8>>), ForwardError> {
+    let svid = src.svid().map_err(ForwardError::NoSvid)?;
     let id = svid.spiffe_id().to_string();
     if connect::trust_domain_of(&id) != Some(td) {
-        return Err(format!(
-            "the Workload API's X509-SVID is {id}, not of SPIRE's trust domain {td}"
-        ));
+        return Err(ForwardError::ForeignSvid {
+            id,
+            trust_domain: td.to_string(),
+        });
     }
     let chain: Vec<Vec<u8>> = svid
         .cert_chain()
@@ -464,10 +610,13 @@ fn from_source(src: &spiffe::X509Source, td: &str) -> Result<(Held, Vec<Vec<u8>>
         "PRIVATE KEY",
         svid.private_key().as_bytes().to_vec(),
     ));
-    let tdn = spiffe::TrustDomain::new(td).map_err(|e| format!("trust domain {td:?}: {e}"))?;
+    let tdn = spiffe::TrustDomain::new(td).map_err(|source| ForwardError::TrustDomain {
+        trust_domain: td.to_string(),
+        source,
+    })?;
     let roots: Vec<Vec<u8>> = src
         .bundle_set()
-        .map_err(|e| format!("the Workload API has no bundle: {e}"))?
+        .map_err(ForwardError::NoBundle)?
         .get(&tdn)
         .map(|b| {
             b.authorities()
@@ -477,9 +626,7 @@ fn from_source(src: &spiffe::X509Source, td: &str) -> Result<(Held, Vec<Vec<u8>>
         })
         .unwrap_or_default();
     if roots.is_empty() {
-        return Err(format!(
-            "the Workload API has no X.509 roots for trust domain {td}"
-        ));
+        return Err(ForwardError::NoRoots(td.to_string()));
     }
     Ok((Held::new(pem_chain(&chain), key_pem.into_bytes())?, roots))
 }
@@ -524,14 +671,15 @@ async fn renewal(app: Appliance, mut held: Held) {
         {
             // Someone else changed the files: take them if they are a whole, matching credential for this ID.
             let fresh = super::settings::check_credential(&cert_pem, &key_pem)
+                .map_err(ForwardError::from)
                 .and_then(|id| {
                     if id == app.settings.client_id {
                         Ok(())
                     } else {
-                        Err(format!(
-                            "the files now hold a credential for {id}, not {}",
-                            app.settings.client_id
-                        ))
+                        Err(ForwardError::OtherId {
+                            found: id,
+                            expected: app.settings.client_id.clone(),
+                        })
                     }
                 })
                 .and_then(|()| Held::new(cert_pem, key_pem));

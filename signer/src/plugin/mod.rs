@@ -256,7 +256,10 @@ struct Configurer {
 }
 
 impl Configurer {
-    fn settings(&self, req: &cfgpb::ConfigureRequest) -> Result<PluginSettings, String> {
+    fn settings(
+        &self,
+        req: &cfgpb::ConfigureRequest,
+    ) -> Result<PluginSettings, settings::SettingsError> {
         let td = req
             .core_configuration
             .as_ref()
@@ -311,7 +314,7 @@ impl cfgpb::config_server::Config for Configurer {
             },
             Err(e) => cfgpb::ValidateResponse {
                 valid: false,
-                notes: vec![e],
+                notes: vec![e.to_string()],
             },
         }))
     }
@@ -500,7 +503,8 @@ async fn start_embedded(
     let p = app.paths().clone();
     let read = |f: &Path| std::fs::read(f).map_err(|e| failed(format!("{}: {e}", f.display())));
     let admin = read(&p.admin_cert)?;
-    let client_id = crate::plugin::settings::spiffe_id_of_pem(&admin).map_err(failed)?;
+    let client_id =
+        crate::plugin::settings::spiffe_id_of_pem(&admin).map_err(|e| failed(e.to_string()))?;
     let trust_domain = signet_proto::connect::trust_domain_of(&client_id)
         .unwrap_or_default()
         .to_string();

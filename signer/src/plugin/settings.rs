@@ -65,6 +65,103 @@ struct Raw {
     key_identifier_file: Option<PathBuf>,
 }
 
+/// Why `plugin_data`, or a file it names, is refused. Every message names the field.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SettingsError {
+    /// `plugin_data` is not HCL of the known fields.
+    #[error("plugin_data: {0}")]
+    Hcl(#[source] hcl::Error),
+    /// A required field is missing.
+    #[error("plugin_data needs {field}: {what}")]
+    Missing {
+        /// The field.
+        field: &'static str,
+        /// What it holds.
+        what: &'static str,
+    },
+    /// A field holds a value its rule refuses (the message names the field, the value and the rule).
+    #[error("{reason}")]
+    Invalid {
+        /// The field.
+        field: &'static str,
+        /// The value and what is wrong with it.
+        reason: String,
+    },
+    /// A file a field names cannot be read.
+    #[error("{field} = {:?}: cannot read it: {source}", path.display())]
+    Read {
+        /// The field.
+        field: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The key identifier file cannot be created.
+    #[error("key_identifier_file = {:?}: cannot create it: {source}", path.display())]
+    CreateIdentifier {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: crate::datadir::FileError,
+    },
+    /// A file a field names is not PEM.
+    #[error("{field}: not PEM: {source}")]
+    Pem {
+        /// The field.
+        field: &'static str,
+        /// The parser's error.
+        #[source]
+        source: pem::PemError,
+    },
+    /// The client certificate is not an X509-SVID.
+    #[error("{field}: {source}")]
+    Certificate {
+        /// The field.
+        field: &'static str,
+        /// What is wrong with the certificate.
+        #[source]
+        source: CertIdError,
+    },
+    /// The system's random source failed (ring tells no more).
+    #[error("cannot draw random bytes for a key identifier")]
+    Random,
+}
+
+fn invalid(field: &'static str, reason: impl Into<String>) -> SettingsError {
+    SettingsError::Invalid {
+        field,
+        reason: reason.into(),
+    }
+}
+
+/// Why a certificate's SPIFFE ID cannot be read.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CertIdError {
+    /// The text is not PEM.
+    #[error("not PEM: {0}")]
+    Pem(#[source] pem::PemError),
+    /// The PEM holds no certificate.
+    #[error("no CERTIFICATE in the PEM")]
+    NoCertificate,
+    /// The certificate does not parse.
+    #[error("the certificate does not parse: {0}")]
+    Parse(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// The subjectAltName extension does not parse.
+    #[error("bad SAN extension: {0}")]
+    San(#[source] x509_parser::error::X509Error),
+    /// No subjectAltName at all.
+    #[error("the certificate has no SPIFFE ID (no URI SAN): it must be an X509-SVID")]
+    NoSan,
+    /// No `spiffe://` URI SAN.
+    #[error("the certificate has no SPIFFE ID: it must be an X509-SVID")]
+    NoSpiffeId,
+}
+
 /// Where the KeyManager plug-in's key identifier comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum KeyIdentifier {
@@ -77,23 +174,30 @@ pub enum KeyIdentifier {
 }
 
 impl KeyIdentifier {
-    fn from_raw(value: Option<String>, file: Option<PathBuf>) -> Result<Self, String> {
+    fn from_raw(value: Option<String>, file: Option<PathBuf>) -> Result<Self, SettingsError> {
         match (value, file) {
-            (Some(_), Some(_)) => Err(
-                "give key_identifier_value or key_identifier_file, not both (as SPIRE's KMS key managers)".into(),
-            ),
+            (Some(_), Some(_)) => Err(invalid(
+                "key_identifier_value",
+                "give key_identifier_value or key_identifier_file, not both (as SPIRE's KMS key managers)",
+            )),
             (Some(v), None) => {
                 if crate::api::keymanager::valid_key_identifier(&v) {
                     Ok(Self::Value(v))
                 } else {
-                    Err(format!(
-                        "key_identifier_value {v:?} must be 1 to 128 characters of A-Z a-z 0-9 - _ ."
+                    Err(invalid(
+                        "key_identifier_value",
+                        format!(
+                            "key_identifier_value {v:?} must be 1 to 128 characters of A-Z a-z 0-9 - _ ."
+                        ),
                     ))
                 }
             }
             (None, Some(f)) => {
                 if f.as_os_str().is_empty() {
-                    return Err("key_identifier_file is empty".into());
+                    return Err(invalid(
+                        "key_identifier_file",
+                        "key_identifier_file is empty",
+                    ));
                 }
                 // Checked now when it exists; created at Configure when it does not.
                 if f.exists() {
@@ -107,7 +211,7 @@ impl KeyIdentifier {
 
     /// The identifier to send: the value, or the file's UUID (the file made with a new random UUID when it does not
     /// exist).
-    pub fn resolve(&self) -> Result<Option<String>, String> {
+    pub fn resolve(&self) -> Result<Option<String>, SettingsError> {
         match self {
             Self::None => Ok(None),
             Self::Value(v) => Ok(Some(v.clone())),
@@ -115,42 +219,45 @@ impl KeyIdentifier {
                 Ok(_) => read_identifier_file(f).map(Some),
                 Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
                     let id = new_uuid()?;
-                    crate::datadir::write_private(f, id.as_bytes()).map_err(|e| {
-                        format!(
-                            "key_identifier_file = {:?}: cannot create it: {e}",
-                            f.display()
-                        )
+                    crate::datadir::write_private(f, id.as_bytes()).map_err(|source| {
+                        SettingsError::CreateIdentifier {
+                            path: f.clone(),
+                            source,
+                        }
                     })?;
                     tracing::info!(file = %f.display(), key_identifier = %id,
                         "made a new key identifier for this SPIRE server");
                     Ok(Some(id))
                 }
-                Err(e) => Err(format!(
-                    "key_identifier_file = {:?}: cannot read it: {e}",
-                    f.display()
-                )),
+                Err(source) => Err(SettingsError::Read {
+                    field: "key_identifier_file",
+                    path: f.clone(),
+                    source,
+                }),
             },
         }
     }
 }
 
 /// The UUID in a key identifier file (surrounding whitespace ignored).
-fn read_identifier_file(f: &Path) -> Result<String, String> {
-    let text = std::fs::read_to_string(f).map_err(|e| {
-        format!(
-            "key_identifier_file = {:?}: cannot read it: {e}",
-            f.display()
-        )
+fn read_identifier_file(f: &Path) -> Result<String, SettingsError> {
+    let text = std::fs::read_to_string(f).map_err(|source| SettingsError::Read {
+        field: "key_identifier_file",
+        path: f.to_path_buf(),
+        source,
     })?;
     let id = text.trim();
     if is_uuid(id) {
         Ok(id.to_ascii_lowercase())
     } else {
-        Err(format!(
-            "key_identifier_file = {:?} does not hold a UUID (it holds {:?}); delete it to have a new one made, or \
-             use key_identifier_value",
-            f.display(),
-            id.chars().take(40).collect::<String>()
+        Err(invalid(
+            "key_identifier_file",
+            format!(
+                "key_identifier_file = {:?} does not hold a UUID (it holds {:?}); delete it to have a new one made, \
+                 or use key_identifier_value",
+                f.display(),
+                id.chars().take(40).collect::<String>()
+            ),
         ))
     }
 }
@@ -165,12 +272,12 @@ fn is_uuid(s: &str) -> bool {
 }
 
 /// A random (version 4) UUID.
-fn new_uuid() -> Result<String, String> {
+fn new_uuid() -> Result<String, SettingsError> {
     use ring::rand::SecureRandom as _;
     let mut b = [0u8; 16];
     ring::rand::SystemRandom::new()
         .fill(&mut b)
-        .map_err(|_| "cannot draw random bytes for a key identifier".to_string())?;
+        .map_err(|_| SettingsError::Random)?;
     b[6] = (b[6] & 0x0f) | 0x40;
     b[8] = (b[8] & 0x3f) | 0x80;
     let h = hex::encode(b);
@@ -269,27 +376,32 @@ impl std::fmt::Debug for PluginSettings {
     }
 }
 
-fn read(path: &Path, field: &str) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|e| format!("{field} = {:?}: cannot read it: {e}", path.display()))
+fn read(path: &Path, field: &'static str) -> Result<Vec<u8>, SettingsError> {
+    std::fs::read(path).map_err(|source| SettingsError::Read {
+        field,
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
-fn required<T>(v: Option<T>, field: &str, what: &str) -> Result<T, String> {
-    v.ok_or_else(|| format!("plugin_data needs {field}: {what}"))
+fn required<T>(v: Option<T>, field: &'static str, what: &'static str) -> Result<T, SettingsError> {
+    v.ok_or(SettingsError::Missing { field, what })
 }
 
 impl PluginSettings {
     /// Parses `hcl` (the `plugin_data` block's body) and reads the files it names. `trust_domain` is SPIRE's
     /// (from the core configuration): the client certificate must belong to it. Every error names the field and
     /// says what is wrong.
-    pub fn parse(hcl: &str, trust_domain: &str) -> Result<Self, String> {
-        let raw: Raw = hcl::from_str(hcl).map_err(|e| format!("plugin_data: {e}"))?;
+    pub fn parse(hcl: &str, trust_domain: &str) -> Result<Self, SettingsError> {
+        let raw: Raw = hcl::from_str(hcl).map_err(SettingsError::Hcl)?;
         let key_identifier =
             KeyIdentifier::from_raw(raw.key_identifier_value, raw.key_identifier_file)?;
         let (field, given) = match (raw.endpoint, raw.endpoints) {
             (Some(_), Some(_)) => {
-                return Err(
-                    "give endpoint (one appliance) or endpoints (its replicas), not both".into(),
-                );
+                return Err(invalid(
+                    "endpoints",
+                    "give endpoint (one appliance) or endpoints (its replicas), not both",
+                ));
             }
             (Some(e), None) => ("endpoint", Some(vec![e])),
             (None, list) => ("endpoints", list),
@@ -300,7 +412,10 @@ impl PluginSettings {
             "the appliance's address, e.g. \"signet.example.org:8443\" (or endpoints = [...], its replicas)",
         )?;
         if given.is_empty() {
-            return Err("endpoints is empty: list the replicas' addresses (host:port)".into());
+            return Err(invalid(
+                "endpoints",
+                "endpoints is empty: list the replicas' addresses (host:port)",
+            ));
         }
         let mut endpoints = Vec::with_capacity(given.len());
         for endpoint in given {
@@ -310,16 +425,19 @@ impl PluginSettings {
                 .trim_end_matches('/')
                 .to_string();
             if host_port.contains("://") || !host_port.contains(':') {
-                return Err(format!(
-                    "{field}: {endpoint:?} is not host:port (e.g. \"127.0.0.1:8443\"); signet speaks gRPC over TLS"
+                return Err(invalid(
+                    field,
+                    format!(
+                        "{field}: {endpoint:?} is not host:port (e.g. \"127.0.0.1:8443\"); signet speaks gRPC over TLS"
+                    ),
                 ));
             }
             endpoints.push(format!("https://{host_port}"));
         }
-        let secs = |d: Option<ConfigDuration>, default: u64, field: &str| {
+        let secs = |d: Option<ConfigDuration>, default: u64, field: &'static str| {
             let d = d.map_or(Duration::from_secs(default), |d| d.0);
             if d.is_zero() {
-                Err(format!("{field} must be longer than 0"))
+                Err(invalid(field, format!("{field} must be longer than 0")))
             } else {
                 Ok(d)
             }
@@ -331,23 +449,26 @@ impl PluginSettings {
                 || raw.spiffe_id.is_some()
                 || raw.bootstrap_endpoint.is_some()
             {
-                return Err(
+                return Err(invalid(
+                    "workload_api_socket",
                     "workload_api_socket gives the plug-in its credential: leave out client_cert_path, \
-                     client_key_path and join_token"
-                        .into(),
-                );
+                     client_key_path and join_token",
+                ));
             }
             if !(socket.starts_with("unix:") || socket.starts_with("tcp:")) {
-                return Err(format!(
-                    "workload_api_socket {socket:?} is not a Workload API address: write \
-                     \"unix:///run/spire/agent.sock\" (or tcp://host:port)"
+                return Err(invalid(
+                    "workload_api_socket",
+                    format!(
+                        "workload_api_socket {socket:?} is not a Workload API address: write \
+                         \"unix:///run/spire/agent.sock\" (or tcp://host:port)"
+                    ),
                 ));
             }
             if trust_domain.is_empty() {
-                return Err(
-                    "workload_api_socket needs SPIRE's trust domain (from its core configuration)"
-                        .into(),
-                );
+                return Err(invalid(
+                    "workload_api_socket",
+                    "workload_api_socket needs SPIRE's trust domain (from its core configuration)",
+                ));
             }
             let trust_bundle_pem = match raw.trust_bundle_path {
                 Some(p) => read(&p, "trust_bundle_path")?,
@@ -376,23 +497,30 @@ impl PluginSettings {
             "the PEM roots that verify the appliance (its bundle.pem)",
         )?;
         let trust_bundle_pem = read(&bundle_path, "trust_bundle_path")?;
-        let roots = pem::parse_many(&trust_bundle_pem)
-            .map_err(|e| format!("trust_bundle_path: not PEM: {e}"))?;
+        let roots = pem::parse_many(&trust_bundle_pem).map_err(|source| SettingsError::Pem {
+            field: "trust_bundle_path",
+            source,
+        })?;
         if !roots.iter().any(|p| p.tag() == "CERTIFICATE") {
-            return Err("trust_bundle_path holds no CERTIFICATE".into());
+            return Err(invalid(
+                "trust_bundle_path",
+                "trust_bundle_path holds no CERTIFICATE",
+            ));
         }
         let paths = match (raw.client_cert_path, raw.client_key_path) {
             (Some(c), Some(k)) => Some((c, k)),
             (None, None) => None,
             (Some(_), None) => {
-                return Err(
-                    "client_cert_path needs client_key_path (the key of the certificate)".into(),
-                );
+                return Err(invalid(
+                    "client_cert_path",
+                    "client_cert_path needs client_key_path (the key of the certificate)",
+                ));
             }
             (None, Some(_)) => {
-                return Err(
-                    "client_key_path needs client_cert_path (the certificate of the key)".into(),
-                );
+                return Err(invalid(
+                    "client_key_path",
+                    "client_key_path needs client_cert_path (the certificate of the key)",
+                ));
             }
         };
         let (credential, client_id) = match raw.join_token {
@@ -407,10 +535,11 @@ impl PluginSettings {
                     "bootstrap_endpoint",
                     "the appliance's bootstrap port (host:port, [server] bootstrap_listen) that exchanges join tokens",
                 )?;
-                signet_proto::connect::check_address(&bootstrap)
-                    .map_err(|e| format!("bootstrap_endpoint: {e}"))?;
+                signet_proto::connect::check_address(&bootstrap).map_err(|e| {
+                    invalid("bootstrap_endpoint", format!("bootstrap_endpoint: {e}"))
+                })?;
                 if token.trim().is_empty() {
-                    return Err("join_token is empty".into());
+                    return Err(invalid("join_token", "join_token is empty"));
                 }
                 // A credential kept from an earlier start (the token worked once) is used instead of the token.
                 match paths.as_ref().and_then(|(c, k)| kept_credential(c, k, &id)) {
@@ -426,7 +555,10 @@ impl PluginSettings {
             }
             None => {
                 if raw.spiffe_id.is_some() || raw.bootstrap_endpoint.is_some() {
-                    return Err("spiffe_id and bootstrap_endpoint go with join_token".into());
+                    return Err(invalid(
+                        "spiffe_id",
+                        "spiffe_id and bootstrap_endpoint go with join_token",
+                    ));
                 }
                 let (cert_path, key_path) = required(
                     paths.clone(),
@@ -446,14 +578,17 @@ impl PluginSettings {
                 .and_then(|r| r.split('/').next())
                 .unwrap_or_default();
             if td != trust_domain {
-                return Err(format!(
-                    "the plug-in's credential is an SVID of trust domain {td:?} but this SPIRE server's is \
-                     {trust_domain:?}: signet must serve SPIRE's own trust domain"
+                return Err(invalid(
+                    "client_cert_path",
+                    format!(
+                        "the plug-in's credential is an SVID of trust domain {td:?} but this SPIRE server's is \
+                         {trust_domain:?}: signet must serve SPIRE's own trust domain"
+                    ),
                 ));
             }
         }
         let trust_domain = signet_proto::connect::trust_domain_of(&client_id)
-            .ok_or_else(|| format!("{client_id:?} is not a SPIFFE ID"))?
+            .ok_or_else(|| invalid("spiffe_id", format!("{client_id:?} is not a SPIFFE ID")))?
             .to_string();
         Ok(Self {
             endpoints,
@@ -474,18 +609,30 @@ impl PluginSettings {
 }
 
 /// Checks a credential (chain PEM and PKCS#8 key PEM) and returns its SPIFFE ID.
-pub fn check_credential(cert_pem: &[u8], key_pem: &[u8]) -> Result<String, String> {
-    let chain = pem::parse_many(cert_pem).map_err(|e| format!("client_cert_path: not PEM: {e}"))?;
+pub fn check_credential(cert_pem: &[u8], key_pem: &[u8]) -> Result<String, SettingsError> {
+    let chain = pem::parse_many(cert_pem).map_err(|source| SettingsError::Pem {
+        field: "client_cert_path",
+        source,
+    })?;
     let leaf = chain
         .iter()
         .find(|p| p.tag() == "CERTIFICATE")
-        .ok_or("client_cert_path holds no CERTIFICATE")?;
-    let id = spiffe_id_of(leaf.contents()).map_err(|e| format!("client_cert_path: {e}"))?;
-    let key = pem::parse(key_pem).map_err(|e| format!("client_key_path: not PEM: {e}"))?;
+        .ok_or_else(|| invalid("client_cert_path", "client_cert_path holds no CERTIFICATE"))?;
+    let id = spiffe_id_of(leaf.contents()).map_err(|source| SettingsError::Certificate {
+        field: "client_cert_path",
+        source,
+    })?;
+    let key = pem::parse(key_pem).map_err(|source| SettingsError::Pem {
+        field: "client_key_path",
+        source,
+    })?;
     if key.tag() != "PRIVATE KEY" {
-        return Err(format!(
-            "client_key_path holds a {:?} block: give the key as PKCS#8 (\"PRIVATE KEY\")",
-            key.tag()
+        return Err(invalid(
+            "client_key_path",
+            format!(
+                "client_key_path holds a {:?} block: give the key as PKCS#8 (\"PRIVATE KEY\")",
+                key.tag()
+            ),
         ));
     }
     Ok(id)
@@ -504,22 +651,21 @@ fn kept_credential(cert: &Path, key: &Path, id: &str) -> Option<(Vec<u8>, Vec<u8
 }
 
 /// The SPIFFE ID of the first certificate in `pem_text`.
-pub fn spiffe_id_of_pem(pem_text: &[u8]) -> Result<String, String> {
-    let chain = pem::parse_many(pem_text).map_err(|e| format!("not PEM: {e}"))?;
+pub fn spiffe_id_of_pem(pem_text: &[u8]) -> Result<String, CertIdError> {
+    let chain = pem::parse_many(pem_text).map_err(CertIdError::Pem)?;
     let leaf = chain
         .iter()
         .find(|p| p.tag() == "CERTIFICATE")
-        .ok_or("no CERTIFICATE in the PEM")?;
+        .ok_or(CertIdError::NoCertificate)?;
     spiffe_id_of(leaf.contents())
 }
 
-fn spiffe_id_of(der: &[u8]) -> Result<String, String> {
-    let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| format!("the certificate does not parse: {e}"))?;
+fn spiffe_id_of(der: &[u8]) -> Result<String, CertIdError> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).map_err(CertIdError::Parse)?;
     let san = cert
         .subject_alternative_name()
-        .map_err(|e| format!("bad SAN extension: {e}"))?
-        .ok_or("the certificate has no SPIFFE ID (no URI SAN): it must be an X509-SVID")?;
+        .map_err(CertIdError::San)?
+        .ok_or(CertIdError::NoSan)?;
     san.value
         .general_names
         .iter()
@@ -529,14 +675,14 @@ fn spiffe_id_of(der: &[u8]) -> Result<String, String> {
             }
             _ => None,
         })
-        .ok_or_else(|| "the certificate has no SPIFFE ID: it must be an X509-SVID".into())
+        .ok_or(CertIdError::NoSpiffeId)
 }
 
 impl PluginSettings {
     /// Applies the timeouts of `hcl` (the only settings `plugin_data` may hold when the appliance runs inside the
     /// plug-in with `--embedded`).
-    pub fn tune(&mut self, hcl: &str) -> Result<(), String> {
-        let raw: Raw = hcl::from_str(hcl).map_err(|e| format!("plugin_data: {e}"))?;
+    pub fn tune(&mut self, hcl: &str) -> Result<(), SettingsError> {
+        let raw: Raw = hcl::from_str(hcl).map_err(SettingsError::Hcl)?;
         if raw.endpoint.is_some()
             || raw.endpoints.is_some()
             || raw.server_name.is_some()
@@ -549,12 +695,12 @@ impl PluginSettings {
             || raw.bootstrap_endpoint.is_some()
             || raw.svid_ttl.is_some()
         {
-            return Err(
+            return Err(invalid(
+                "plugin_data",
                 "with --embedded the plug-in runs the appliance itself: plugin_data may set \
                         connect_timeout, request_timeout, max_backoff and key_identifier_value or \
-                        key_identifier_file only"
-                    .into(),
-            );
+                        key_identifier_file only",
+            ));
         }
         self.key_identifier =
             KeyIdentifier::from_raw(raw.key_identifier_value, raw.key_identifier_file)?;
@@ -573,7 +719,7 @@ impl PluginSettings {
         ] {
             if let Some(d) = d {
                 if d.0.is_zero() {
-                    return Err(format!("{field} must be longer than 0"));
+                    return Err(invalid(field, format!("{field} must be longer than 0")));
                 }
                 *slot = d.0;
             }
@@ -588,44 +734,60 @@ mod tests {
 
     #[test]
     fn hcl_errors_name_the_field() {
-        let e = PluginSettings::parse("endpoint = ", "example.org").unwrap_err();
+        let e = PluginSettings::parse("endpoint = ", "example.org")
+            .unwrap_err()
+            .to_string();
         assert!(e.starts_with("plugin_data: "), "{e}");
-        let e = PluginSettings::parse("endpoint = \"x:1\"", "example.org").unwrap_err();
+        let e = PluginSettings::parse("endpoint = \"x:1\"", "example.org")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("trust_bundle_path"), "{e}");
-        let e = PluginSettings::parse("endpoint = \"x:1\"\nbogus = 1", "example.org").unwrap_err();
+        let e = PluginSettings::parse("endpoint = \"x:1\"\nbogus = 1", "example.org")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("bogus"), "{e}");
-        let e = PluginSettings::parse("endpoint = \"nohost\"", "example.org").unwrap_err();
+        let e = PluginSettings::parse("endpoint = \"nohost\"", "example.org")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("host:port"), "{e}");
-        let e =
-            PluginSettings::parse("endpoints = [\"a:1\", \"nohost\"]", "example.org").unwrap_err();
+        let e = PluginSettings::parse("endpoints = [\"a:1\", \"nohost\"]", "example.org")
+            .unwrap_err()
+            .to_string();
         assert!(
             e.starts_with("endpoints: ") && e.contains("host:port"),
             "{e}"
         );
-        let e = PluginSettings::parse("endpoints = []", "example.org").unwrap_err();
+        let e = PluginSettings::parse("endpoints = []", "example.org")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("endpoints is empty"), "{e}");
         let e = PluginSettings::parse("endpoint = \"a:1\"\nendpoints = [\"b:1\"]", "example.org")
-            .unwrap_err();
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not both"), "{e}");
-        let e = PluginSettings::parse("server_name = \"x\"", "example.org").unwrap_err();
+        let e = PluginSettings::parse("server_name = \"x\"", "example.org")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("plugin_data needs endpoint"), "{e}");
         let e = PluginSettings::parse(
             "endpoint = \"x:1\"\nworkload_api_socket = \"/x\"",
             "example.org",
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("unix:///run/spire/agent.sock"), "{e}");
         let e = PluginSettings::parse(
             "endpoint = \"x:1\"\nworkload_api_socket = \"unix:///x\"\njoin_token = \"t\"",
             "example.org",
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("leave out"), "{e}");
         let e = PluginSettings::parse(
             "endpoint = \"x:1\"\ntrust_bundle_path = \"/nonexistent/b.pem\"\nclient_cert_path = \"/c\"\nclient_key_path = \"/k\"",
             "example.org",
         )
-        .unwrap_err();
+        .unwrap_err().to_string();
         assert!(
             e.contains("trust_bundle_path") && e.contains("cannot read"),
             "{e}"
@@ -636,10 +798,14 @@ mod tests {
     fn key_identifiers_as_spires_kms_key_managers() {
         let dir = tempfile::tempdir().unwrap();
         let f = dir.path().join("key-id");
-        let e = KeyIdentifier::from_raw(Some("a".into()), Some(f.clone())).unwrap_err();
+        let e = KeyIdentifier::from_raw(Some("a".into()), Some(f.clone()))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("not both"), "{e}");
         for bad in ["a/b", "", "a b", &"x".repeat(129)] {
-            let e = KeyIdentifier::from_raw(Some(bad.to_string()), None).unwrap_err();
+            let e = KeyIdentifier::from_raw(Some(bad.to_string()), None)
+                .unwrap_err()
+                .to_string();
             assert!(e.contains("key_identifier_value"), "{bad:?}: {e}");
         }
         assert_eq!(
@@ -672,8 +838,15 @@ mod tests {
         assert_ne!(other, id, "each file its own UUID");
         // A file that does not hold a UUID is refused, at Validate and at Configure.
         std::fs::write(&f, "not-a-uuid\n").unwrap();
-        let e = KeyIdentifier::from_raw(None, Some(f.clone())).unwrap_err();
+        let e = KeyIdentifier::from_raw(None, Some(f.clone()))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("does not hold a UUID"), "{e}");
-        assert!(k.resolve().unwrap_err().contains("does not hold a UUID"));
+        assert!(
+            k.resolve()
+                .unwrap_err()
+                .to_string()
+                .contains("does not hold a UUID")
+        );
     }
 }

@@ -113,7 +113,8 @@ pub(super) async fn start_federation(
         tracing::info!(addr = %a, profile = f.profile.name(), "SPIFFE bundle endpoint is serving");
         bound = Some(a);
     }
-    let pollers = consumer::start(f, &state.federated, &state.bundle, shutdown).map_err(invalid)?;
+    let pollers = consumer::start(f, &state.federated, &state.bundle, shutdown)
+        .map_err(|e| invalid(e.to_string()))?;
     background.extend(pollers);
     Ok(bound)
 }

@@ -38,11 +38,104 @@ pub enum BundleError {
         /// Position in `keys`.
         index: usize,
         /// The rule broken.
-        rule: String,
+        #[source]
+        rule: EntryError,
     },
+    /// A CA certificate given to the builder cannot be an X.509 authority.
+    #[error("authority key cannot be published: {0}")]
+    Authority(#[source] EntryError),
     /// A key given to the builder cannot be represented as a JWK.
     #[error("authority key cannot be published: {0}")]
     Key(String),
+}
+
+/// The rule a bundle's key entry (a JWK) or an X.509 authority's certificate breaks.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EntryError {
+    /// The entry is not an object.
+    #[error("entry is not a JSON object")]
+    NotObject,
+    /// No `use`.
+    #[error("\"use\" is missing")]
+    UseMissing,
+    /// `use` is not a string.
+    #[error("\"use\" is not a string")]
+    UseNotString,
+    /// Two JWT entries with one `kid`.
+    #[error("kid {0:?} is used by an earlier entry")]
+    KidReused(String),
+    /// An x509-svid entry with a `kid`.
+    #[error("an x509-svid entry must not carry \"kid\"")]
+    X509WithKid,
+    /// No `x5c` array.
+    #[error("\"x5c\" is missing or not an array")]
+    X5cMissing,
+    /// Not exactly one certificate in `x5c`.
+    #[error("\"x5c\" must hold exactly one certificate, it holds {0}")]
+    X5cCount(usize),
+    /// `x5c[0]` is not a string.
+    #[error("\"x5c\"[0] is not a string")]
+    X5cNotString,
+    /// `x5c[0]` is not standard base64.
+    #[error("\"x5c\"[0] is not standard base64")]
+    X5cNotBase64(#[source] base64::DecodeError),
+    /// The JWK's key is not the certificate's.
+    #[error("the key parameters do not match the certificate's public key")]
+    KeyMismatch,
+    /// A jwt-svid entry with an `x5c`.
+    #[error("a jwt-svid entry must not carry \"x5c\"")]
+    JwtWithX5c,
+    /// A member that must be a string is missing or is not one.
+    #[error("\"{0}\" is missing or not a string")]
+    MissingString(&'static str),
+    /// `kid` is empty.
+    #[error("\"kid\" is empty")]
+    KidEmpty,
+    /// A member is not unpadded base64url.
+    #[error("\"{name}\" is not unpadded base64url")]
+    NotBase64Url {
+        /// The member.
+        name: &'static str,
+        /// The decoder's error.
+        #[source]
+        source: base64::DecodeError,
+    },
+    /// An EC curve signet does not take.
+    #[error("EC curve {0:?} is not supported (P-256, P-384)")]
+    EcCurve(String),
+    /// EC coordinates of the wrong length.
+    #[error("\"x\"/\"y\" must be {len} bytes each for {curve}")]
+    EcLength {
+        /// The length the curve needs.
+        len: usize,
+        /// The curve.
+        curve: String,
+    },
+    /// RSA integers with leading zero bytes.
+    #[error("\"n\"/\"e\" must not have leading zero bytes")]
+    LeadingZero,
+    /// RSA integers that are not valid.
+    #[error("\"n\"/\"e\" are not valid integers")]
+    RsaIntegers,
+    /// An OKP curve other than Ed25519.
+    #[error("OKP curve {0:?} is not supported (Ed25519)")]
+    OkpCurve(String),
+    /// A key type other than EC, RSA, OKP.
+    #[error("key type {0:?} is not supported (EC, RSA, OKP)")]
+    KeyType(String),
+    /// The public key is not one signet accepts.
+    #[error(transparent)]
+    Key(#[from] crate::keys::spki::SubjectKeyError),
+    /// The certificate does not parse.
+    #[error("certificate does not parse: {0}")]
+    CertParse(#[source] x509_parser::nom::Err<x509_parser::error::X509Error>),
+    /// Bytes after the certificate.
+    #[error("trailing bytes after the certificate")]
+    TrailingBytes,
+    /// The certificate is not a CA.
+    #[error("the certificate is not a CA (BasicConstraints cA=true is required)")]
+    NotCa,
 }
 
 /// An X.509 authority: a CA certificate (DER).
@@ -54,7 +147,7 @@ pub struct X509Authority {
 impl X509Authority {
     /// Wrap a CA certificate; it must parse, be a CA, and carry an accepted public key.
     pub fn new(cert_der: Vec<u8>) -> Result<Self, BundleError> {
-        check_ca_cert(&cert_der).map_err(BundleError::Key)?;
+        check_ca_cert(&cert_der).map_err(BundleError::Authority)?;
         Ok(Self { cert_der })
     }
 
@@ -200,16 +293,12 @@ impl BundleDocument {
             ..Default::default()
         };
         for (index, key) in keys.iter().enumerate() {
-            let err = |rule: String| BundleError::Entry { index, rule };
+            let err = |rule: EntryError| BundleError::Entry { index, rule };
             let Value::Object(jwk) = key else {
-                return Err(err("entry is not a JSON object".into()));
+                return Err(err(EntryError::NotObject));
             };
-            let use_ = jwk
-                .get("use")
-                .ok_or_else(|| err("\"use\" is missing".into()))?;
-            let use_ = use_
-                .as_str()
-                .ok_or_else(|| err("\"use\" is not a string".into()))?;
+            let use_ = jwk.get("use").ok_or_else(|| err(EntryError::UseMissing))?;
+            let use_ = use_.as_str().ok_or_else(|| err(EntryError::UseNotString))?;
             match use_ {
                 USE_X509 => out
                     .x509_authorities
@@ -217,7 +306,7 @@ impl BundleDocument {
                 USE_JWT => {
                     let a = parse_jwt_entry(jwk).map_err(err)?;
                     if out.jwt_authorities.iter().any(|b| b.kid == a.kid) {
-                        return Err(err(format!("kid {:?} is used by an earlier entry", a.kid)));
+                        return Err(err(EntryError::KidReused(a.kid.clone())));
                     }
                     out.jwt_authorities.push(a);
                 }
@@ -273,41 +362,42 @@ fn key_params(spki_der: &[u8]) -> Result<Map<String, Value>, BundleError> {
     Ok(m)
 }
 
-fn b64_member(jwk: &Map<String, Value>, name: &str) -> Result<Vec<u8>, String> {
+fn b64_member(jwk: &Map<String, Value>, name: &'static str) -> Result<Vec<u8>, EntryError> {
     let s = jwk
         .get(name)
         .and_then(Value::as_str)
-        .ok_or_else(|| format!("\"{name}\" is missing or not a string"))?;
+        .ok_or(EntryError::MissingString(name))?;
     URL_SAFE_NO_PAD
         .decode(s)
-        .map_err(|_| format!("\"{name}\" is not unpadded base64url"))
+        .map_err(|source| EntryError::NotBase64Url { name, source })
 }
 
 /// The SPKI DER described by a JWK's key parameters.
-fn spki_from_jwk(jwk: &Map<String, Value>) -> Result<Vec<u8>, String> {
+fn spki_from_jwk(jwk: &Map<String, Value>) -> Result<Vec<u8>, EntryError> {
     let kty = jwk
         .get("kty")
         .and_then(Value::as_str)
-        .ok_or("\"kty\" is missing or not a string")?;
+        .ok_or(EntryError::MissingString("kty"))?;
     let spki = match kty {
         "EC" => {
             let crv = jwk
                 .get("crv")
                 .and_then(Value::as_str)
-                .ok_or("\"crv\" is missing or not a string")?;
+                .ok_or(EntryError::MissingString("crv"))?;
             let (key_type, len) = match crv {
                 "P-256" => (KeyType::EcP256, 32),
                 "P-384" => (KeyType::EcP384, 48),
                 other => {
-                    return Err(format!(
-                        "EC curve {other:?} is not supported (P-256, P-384)"
-                    ));
+                    return Err(EntryError::EcCurve(other.to_string()));
                 }
             };
             let x = b64_member(jwk, "x")?;
             let y = b64_member(jwk, "y")?;
             if x.len() != len || y.len() != len {
-                return Err(format!("\"x\"/\"y\" must be {len} bytes each for {crv}"));
+                return Err(EntryError::EcLength {
+                    len,
+                    curve: crv.to_string(),
+                });
             }
             let mut point = Vec::with_capacity(1 + 2 * len);
             point.push(4);
@@ -319,67 +409,62 @@ fn spki_from_jwk(jwk: &Map<String, Value>) -> Result<Vec<u8>, String> {
             let n = b64_member(jwk, "n")?;
             let e = b64_member(jwk, "e")?;
             if n.first() == Some(&0) || e.first() == Some(&0) {
-                return Err("\"n\"/\"e\" must not have leading zero bytes".into());
+                return Err(EntryError::LeadingZero);
             }
-            let rsa = crate::keys::spki::rsa_public_key_der(&n, &e)
-                .ok_or("\"n\"/\"e\" are not valid integers")?;
+            let rsa =
+                crate::keys::spki::rsa_public_key_der(&n, &e).ok_or(EntryError::RsaIntegers)?;
             crate::keys::spki::rsa_spki(&rsa)
         }
         "OKP" => {
             let crv = jwk
                 .get("crv")
                 .and_then(Value::as_str)
-                .ok_or("\"crv\" is missing or not a string")?;
+                .ok_or(EntryError::MissingString("crv"))?;
             if crv != "Ed25519" {
-                return Err(format!("OKP curve {crv:?} is not supported (Ed25519)"));
+                return Err(EntryError::OkpCurve(crv.to_string()));
             }
             crate::keys::spki::ed25519_spki(&b64_member(jwk, "x")?)
         }
         other => {
-            return Err(format!(
-                "key type {other:?} is not supported (EC, RSA, OKP)"
-            ));
+            return Err(EntryError::KeyType(other.to_string()));
         }
     };
-    SubjectKey::from_spki_der(&spki).map_err(|e| e.to_string())?;
+    SubjectKey::from_spki_der(&spki)?;
     Ok(spki)
 }
 
-fn parse_x509_entry(jwk: &Map<String, Value>) -> Result<X509Authority, String> {
+fn parse_x509_entry(jwk: &Map<String, Value>) -> Result<X509Authority, EntryError> {
     if jwk.contains_key("kid") {
-        return Err("an x509-svid entry must not carry \"kid\"".into());
+        return Err(EntryError::X509WithKid);
     }
     let x5c = jwk
         .get("x5c")
         .and_then(Value::as_array)
-        .ok_or("\"x5c\" is missing or not an array")?;
+        .ok_or(EntryError::X5cMissing)?;
     if x5c.len() != 1 {
-        return Err(format!(
-            "\"x5c\" must hold exactly one certificate, it holds {}",
-            x5c.len()
-        ));
+        return Err(EntryError::X5cCount(x5c.len()));
     }
-    let cert_b64 = x5c[0].as_str().ok_or("\"x5c\"[0] is not a string")?;
+    let cert_b64 = x5c[0].as_str().ok_or(EntryError::X5cNotString)?;
     let cert_der = STANDARD
         .decode(cert_b64)
-        .map_err(|_| "\"x5c\"[0] is not standard base64")?;
+        .map_err(EntryError::X5cNotBase64)?;
     let spki = check_ca_cert(&cert_der)?;
     if spki_from_jwk(jwk)? != spki {
-        return Err("the key parameters do not match the certificate's public key".into());
+        return Err(EntryError::KeyMismatch);
     }
     Ok(X509Authority { cert_der })
 }
 
-fn parse_jwt_entry(jwk: &Map<String, Value>) -> Result<JwtAuthority, String> {
+fn parse_jwt_entry(jwk: &Map<String, Value>) -> Result<JwtAuthority, EntryError> {
     if jwk.contains_key("x5c") {
-        return Err("a jwt-svid entry must not carry \"x5c\"".into());
+        return Err(EntryError::JwtWithX5c);
     }
     let kid = jwk
         .get("kid")
         .and_then(Value::as_str)
-        .ok_or("\"kid\" is missing or not a string")?;
+        .ok_or(EntryError::MissingString("kid"))?;
     if kid.is_empty() {
-        return Err("\"kid\" is empty".into());
+        return Err(EntryError::KidEmpty);
     }
     let spki_der = spki_from_jwk(jwk)?;
     Ok(JwtAuthority {
@@ -389,17 +474,17 @@ fn parse_jwt_entry(jwk: &Map<String, Value>) -> Result<JwtAuthority, String> {
 }
 
 /// Parse a CA certificate and return its SPKI DER.
-fn check_ca_cert(cert_der: &[u8]) -> Result<Vec<u8>, String> {
+fn check_ca_cert(cert_der: &[u8]) -> Result<Vec<u8>, EntryError> {
     let (rest, cert) = x509_parser::certificate::X509Certificate::from_der(cert_der)
-        .map_err(|e| format!("certificate does not parse: {e}"))?;
+        .map_err(EntryError::CertParse)?;
     if !rest.is_empty() {
-        return Err("trailing bytes after the certificate".into());
+        return Err(EntryError::TrailingBytes);
     }
     let is_ca = matches!(cert.basic_constraints(), Ok(Some(bc)) if bc.value.ca);
     if !is_ca {
-        return Err("the certificate is not a CA (BasicConstraints cA=true is required)".into());
+        return Err(EntryError::NotCa);
     }
     let spki = cert.public_key().raw.to_vec();
-    SubjectKey::from_spki_der(&spki).map_err(|e| e.to_string())?;
+    SubjectKey::from_spki_der(&spki)?;
     Ok(spki)
 }

@@ -4,5 +4,5 @@
 pub mod bundle;
 pub mod id;
 
-pub use bundle::{BundleDocument, BundleError, JwtAuthority, X509Authority};
+pub use bundle::{BundleDocument, BundleError, EntryError, JwtAuthority, X509Authority};
 pub use id::{SpiffeId, SpiffeIdError, TrustDomain};

@@ -54,6 +54,9 @@ pub enum StoreError {
     /// A row holds something this version cannot read.
     #[error("datastore row is invalid: {0}")]
     Corrupt(String),
+    /// A row names an authority kind or state this version does not know.
+    #[error("datastore row is invalid: {0}")]
+    UnknownName(#[source] UnknownName),
     /// A published JWT key is stored under another owner.
     #[error("datastore: JWT key {0:?} is stored under another owner")]
     NotOwner(String),
@@ -78,13 +81,25 @@ impl AuthorityKind {
     }
 }
 
+/// A name that is not an authority kind or state (as stored, or as given).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum UnknownName {
+    /// Not `x509` or `jwt`.
+    #[error("unknown authority kind {0:?} (x509 or jwt)")]
+    Kind(String),
+    /// Not one of the states of [`AuthorityState`].
+    #[error("unknown authority state {0:?}")]
+    State(String),
+}
+
 impl FromStr for AuthorityKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
         match s {
             "x509" => Ok(Self::X509),
             "jwt" => Ok(Self::Jwt),
-            other => Err(format!("unknown authority kind {other:?} (x509 or jwt)")),
+            other => Err(UnknownName::Kind(other.to_string())),
         }
     }
 }
@@ -126,8 +141,8 @@ impl AuthorityState {
 }
 
 impl FromStr for AuthorityState {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = UnknownName;
+    fn from_str(s: &str) -> Result<Self, UnknownName> {
         Ok(match s {
             "preparing" => Self::Preparing,
             "prepared" => Self::Prepared,
@@ -135,7 +150,7 @@ impl FromStr for AuthorityState {
             "active" => Self::Active,
             "superseded" => Self::Superseded,
             "retired" => Self::Retired,
-            other => return Err(format!("unknown authority state {other:?}")),
+            other => return Err(UnknownName::State(other.to_string())),
         })
     }
 }
@@ -346,9 +361,9 @@ where
     Ok(AuthorityRecord {
         label: row.try_get("label")?,
         trust_domain: row.try_get("trust_domain")?,
-        kind: kind.parse().map_err(StoreError::Corrupt)?,
+        kind: kind.parse().map_err(StoreError::UnknownName)?,
         generation: row.try_get("generation")?,
-        state: state.parse().map_err(StoreError::Corrupt)?,
+        state: state.parse().map_err(StoreError::UnknownName)?,
         token: row.try_get("token")?,
         key_type: row.try_get("key_type")?,
         public_key: row.try_get("public_key")?,

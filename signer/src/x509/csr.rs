@@ -197,7 +197,8 @@ fn parse(der: &[u8], verify: bool) -> Result<VerifiedCsr, CsrError> {
         Some(u) if !u.starts_with("spiffe:") => return Err(CsrError::NonSpiffeUri(u)),
         Some(u) => Some(SpiffeId::parse(&u)?),
     };
-    let subject = super::names::to_rcgen(&info.subject).map_err(CsrError::Subject)?;
+    let subject =
+        super::names::to_rcgen(&info.subject).map_err(|e| CsrError::Subject(e.to_string()))?;
     Ok(VerifiedCsr {
         subject_key,
         subject,

@@ -971,9 +971,10 @@ impl Authority {
         ctx.subject_der = subject_der;
         ctx.issuing = issuing;
         if issuing {
-            params
-                .custom_extensions
-                .push(super::issuing::issuing_extension().map_err(IssueError::Assembly)?);
+            params.custom_extensions.push(
+                super::issuing::issuing_extension()
+                    .map_err(|e| IssueError::Assembly(e.to_string()))?,
+            );
         }
         let der = self.sign_params(&params, subject_key, ctx)?;
         Ok(IssuedCertificate { der, not_after })

@@ -30,9 +30,14 @@ fn policies_der() -> Result<Vec<u8>, der::Error> {
     vec![vec![oid]].to_der()
 }
 
+/// The issuing policy could not be DER-encoded.
+#[derive(Debug, thiserror::Error)]
+#[error("encoding the issuing policy: {0}")]
+pub struct PolicyEncodingError(#[source] der::Error);
+
 /// The extension an issuing intermediate carries (non-critical).
-pub(crate) fn issuing_extension() -> Result<rcgen::CustomExtension, String> {
-    let der = policies_der().map_err(|e| format!("encoding the issuing policy: {e}"))?;
+pub(crate) fn issuing_extension() -> Result<rcgen::CustomExtension, PolicyEncodingError> {
+    let der = policies_der().map_err(PolicyEncodingError)?;
     Ok(rcgen::CustomExtension::from_oid_content(
         CERTIFICATE_POLICIES,
         der,

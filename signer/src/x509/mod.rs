@@ -15,11 +15,46 @@ pub use issue::{
     RootRequest, UnsignedCertificate, certificate_request,
 };
 
+/// Why a certificate is not an X509-SVID with one SPIFFE ID.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SvidIdError {
+    /// The DER is not a certificate.
+    #[error("{what} does not parse: {source}")]
+    Parse {
+        /// Which certificate ("the client certificate").
+        what: &'static str,
+        /// The parser's error.
+        #[source]
+        source: x509_parser::nom::Err<x509_parser::error::X509Error>,
+    },
+    /// Zero or several URI SANs.
+    #[error("{what} has {count} URI SANs: an X509-SVID has exactly one SPIFFE ID")]
+    UriSans {
+        /// Which certificate.
+        what: &'static str,
+        /// How many URI SANs it has.
+        count: usize,
+    },
+    /// The one URI SAN is not a SPIFFE ID.
+    #[error("{what}'s URI SAN is not a SPIFFE ID: {source}")]
+    NotSpiffeId {
+        /// Which certificate.
+        what: &'static str,
+        /// The SPIFFE rule it breaks.
+        #[source]
+        source: crate::spiffe::SpiffeIdError,
+    },
+}
+
 /// The SPIFFE ID of the X509-SVID `der`: exactly one URI SAN, a valid SPIFFE ID. `what` names the certificate in
 /// the error ("the client certificate").
-pub fn svid_spiffe_id(der: &[u8], what: &str) -> Result<crate::spiffe::SpiffeId, String> {
+pub fn svid_spiffe_id(
+    der: &[u8],
+    what: &'static str,
+) -> Result<crate::spiffe::SpiffeId, SvidIdError> {
     let (_, cert) = x509_parser::parse_x509_certificate(der)
-        .map_err(|e| format!("{what} does not parse: {e}"))?;
+        .map_err(|source| SvidIdError::Parse { what, source })?;
     let mut uris = Vec::new();
     if let Ok(Some(san)) = cert.subject_alternative_name() {
         for n in &san.value.general_names {
@@ -29,11 +64,10 @@ pub fn svid_spiffe_id(der: &[u8], what: &str) -> Result<crate::spiffe::SpiffeId,
         }
     }
     let [uri] = uris.as_slice() else {
-        return Err(format!(
-            "{what} has {} URI SANs: an X509-SVID has exactly one SPIFFE ID",
-            uris.len()
-        ));
+        return Err(SvidIdError::UriSans {
+            what,
+            count: uris.len(),
+        });
     };
-    crate::spiffe::SpiffeId::parse(uri)
-        .map_err(|e| format!("{what}'s URI SAN is not a SPIFFE ID: {e}"))
+    crate::spiffe::SpiffeId::parse(uri).map_err(|source| SvidIdError::NotSpiffeId { what, source })
 }

@@ -9,32 +9,69 @@ use rcgen::{DistinguishedName, DnType, DnValue};
 use x509_parser::der_parser::asn1_rs::Tag;
 use x509_parser::x509::X509Name;
 
+/// Why a name cannot be carried over into rcgen's model unchanged.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum NameError {
+    /// A multi-valued (or empty) RDN.
+    #[error("a relative distinguished name holds zero or several attributes")]
+    MultiValued,
+    /// An OID component beyond 64 bits.
+    #[error("an attribute type OID has a component beyond 64 bits")]
+    OidTooLong,
+    /// The same attribute type twice.
+    #[error("attribute {oid} appears more than once")]
+    Repeated {
+        /// The attribute type.
+        oid: String,
+    },
+    /// A value that is not text of its string type.
+    #[error("an attribute value is not valid text")]
+    NotText,
+    /// rcgen refuses the value for its string type.
+    #[error("attribute {oid}: {source}")]
+    Value {
+        /// The attribute type.
+        oid: String,
+        /// rcgen's error.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// A string type rcgen does not model.
+    #[error("attribute {oid} has unsupported string type {tag}")]
+    UnsupportedType {
+        /// The attribute type.
+        oid: String,
+        /// The ASN.1 tag.
+        tag: String,
+    },
+}
+
 /// Convert a parsed name into an rcgen [`DistinguishedName`] with the same attribute order and string types.
-pub fn to_rcgen(name: &X509Name<'_>) -> Result<DistinguishedName, String> {
+pub fn to_rcgen(name: &X509Name<'_>) -> Result<DistinguishedName, NameError> {
     let mut dn = DistinguishedName::new();
     for rdn in name.iter() {
         let mut attrs = rdn.iter();
         let (Some(attr), None) = (attrs.next(), attrs.next()) else {
-            return Err("a relative distinguished name holds zero or several attributes".into());
+            return Err(NameError::MultiValued);
         };
         let oid: Vec<u64> = attr
             .attr_type()
             .iter()
-            .ok_or_else(|| "an attribute type OID has a component beyond 64 bits".to_string())?
+            .ok_or(NameError::OidTooLong)?
             .collect();
         let ty = DnType::from_oid(&oid);
         if dn.get(&ty).is_some() {
-            return Err(format!(
-                "attribute {} appears more than once",
-                attr.attr_type()
-            ));
+            return Err(NameError::Repeated {
+                oid: attr.attr_type().to_string(),
+            });
         }
         let data = attr.attr_value().data;
-        let text = || {
-            std::str::from_utf8(data)
-                .map_err(|_| "an attribute value is not valid text".to_string())
+        let text = || std::str::from_utf8(data).map_err(|_| NameError::NotText);
+        let bad = |source: rcgen::Error| NameError::Value {
+            oid: attr.attr_type().to_string(),
+            source,
         };
-        let bad = |e: rcgen::Error| format!("attribute {}: {e}", attr.attr_type());
         let value = match attr.attr_value().header.tag() {
             Tag::Utf8String => DnValue::Utf8String(text()?.to_string()),
             Tag::PrintableString => {
@@ -51,10 +88,10 @@ pub fn to_rcgen(name: &X509Name<'_>) -> Result<DistinguishedName, String> {
                 DnValue::UniversalString(UniversalString::from_utf32be(data.to_vec()).map_err(bad)?)
             }
             other => {
-                return Err(format!(
-                    "attribute {} has unsupported string type {other}",
-                    attr.attr_type()
-                ));
+                return Err(NameError::UnsupportedType {
+                    oid: attr.attr_type().to_string(),
+                    tag: other.to_string(),
+                });
             }
         };
         dn.push(ty, value);

@@ -67,8 +67,8 @@ use job::Job;
 /// How signatures over bare digests are checked after signing (X.509 and JWT signatures are always checked by the
 /// issuance core, over the whole message).
 ///
-/// ring cannot verify ECDSA over a prehashed digest, so P-256 digests are checked on the CPU pool with per-key
-/// precomputed tables over the `p256` crate's arithmetic (see `verify.rs`): about 0.7 million instructions a check,
+/// ring cannot verify ECDSA over a prehashed digest, so P-256 digests are checked where the reply lands, with per-key
+/// precomputed tables over the `p256` crate's arithmetic (see `keys/verify.rs`): about 0.7 million instructions a check,
 /// against 3.2 million for `p256`'s own `verify_prehash` and 0.5 million for SoftHSM2's `C_Sign`. A check still costs
 /// about what a signature does on a software token, which is why sampling exists: `Sample(64)` adds about 2% of CPU
 /// per signature. P-384 (`p384`), RSA PKCS#1 v1.5 and PSS (`rsa`) and Ed25519 (ring) signatures are checked with

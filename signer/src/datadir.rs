@@ -1,6 +1,8 @@
 //! The data directory (`signet serve --data-dir`, `./signet-data/` by default): its files ([`DataPaths`]) and how
 //! they are written: private files 0600 from the first byte, and files that are replaced while the appliance runs
-//! (renewed credentials, the bundle) written aside and renamed over, so a reader never sees half a file.
+//! (renewed credentials, the bundle) written aside and renamed over, so a reader never sees half a file. Also the
+//! one reader of PEM certificate files ([`read_pem_certs`]) for the files signet is given (its own credentials, a
+//! federation `ca`, an endpoint's chain), with one error type ([`PemFileError`]).
 
 use std::path::{Path, PathBuf};
 
@@ -126,4 +128,61 @@ pub fn pem_certs(ders: &[Vec<u8>]) -> String {
     ders.iter()
         .map(|d| pem::encode(&pem::Pem::new("CERTIFICATE", d.clone())))
         .collect()
+}
+
+/// A PEM file could not be read, parsed, or holds no certificate where one is needed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum PemFileError {
+    /// The file cannot be read.
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not PEM.
+    #[error("{}: {source}", path.display())]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error.
+        #[source]
+        source: pem::PemError,
+    },
+    /// The file holds no CERTIFICATE block.
+    #[error("{} holds no CERTIFICATE", path.display())]
+    NoCertificate {
+        /// The file.
+        path: PathBuf,
+    },
+}
+
+/// Every PEM block of the file `path`, in order.
+pub fn read_pem(path: &Path) -> Result<Vec<pem::Pem>, PemFileError> {
+    let text = std::fs::read(path).map_err(|source| PemFileError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    pem::parse_many(text).map_err(|source| PemFileError::Pem {
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// The DER of every CERTIFICATE block of the PEM file `path`, in order (a chain: leaf first); at least one.
+pub fn read_pem_certs(path: &Path) -> Result<Vec<Vec<u8>>, PemFileError> {
+    let certs: Vec<Vec<u8>> = read_pem(path)?
+        .into_iter()
+        .filter(|p| p.tag() == "CERTIFICATE")
+        .map(pem::Pem::into_contents)
+        .collect();
+    if certs.is_empty() {
+        return Err(PemFileError::NoCertificate {
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
 }

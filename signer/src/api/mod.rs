@@ -505,54 +505,13 @@ impl std::fmt::Debug for InProcess {
 const IN_PROCESS_RELOAD: Duration = Duration::from_secs(1);
 
 /// Why the in-process caller's credential cannot be read.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum InProcessError {
-    /// The file cannot be read.
-    #[error("{}: {source}", path.display())]
-    Read {
-        /// The credential file.
-        path: std::path::PathBuf,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// The file is not PEM.
-    #[error("{}: {source}", path.display())]
-    Pem {
-        /// The credential file.
-        path: std::path::PathBuf,
-        /// The parser's error.
-        #[source]
-        source: pem::PemError,
-    },
-    /// The file holds no certificate.
-    #[error("{}: no certificate", path.display())]
-    NoCertificate {
-        /// The credential file.
-        path: std::path::PathBuf,
-    },
-}
+pub type InProcessError = crate::datadir::PemFileError;
 
 fn read_chain(path: &std::path::Path) -> Result<InProcessPeer, InProcessError> {
-    let text = std::fs::read(path).map_err(|source| InProcessError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    let chain: Vec<_> = pem::parse_many(&text)
-        .map_err(|source| InProcessError::Pem {
-            path: path.to_path_buf(),
-            source,
-        })?
+    let chain = crate::datadir::read_pem_certs(path)?
         .into_iter()
-        .filter(|p| p.tag() == "CERTIFICATE")
-        .map(|p| tokio_rustls::rustls::pki_types::CertificateDer::from(p.into_contents()))
+        .map(tokio_rustls::rustls::pki_types::CertificateDer::from)
         .collect();
-    if chain.is_empty() {
-        return Err(InProcessError::NoCertificate {
-            path: path.to_path_buf(),
-        });
-    }
     Ok(InProcessPeer(Arc::new(chain)))
 }
 

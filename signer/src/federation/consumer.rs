@@ -159,15 +159,9 @@ pub enum PollerError {
         #[source]
         source: std::io::Error,
     },
-    /// The `ca` file is not PEM.
-    #[error("{}: {source}", path.display())]
-    Pem {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The parser's error.
-        #[source]
-        source: pem::PemError,
-    },
+    /// The `ca` file cannot be read, is not PEM, or holds no certificate.
+    #[error(transparent)]
+    CaFile(#[from] crate::datadir::PemFileError),
     /// A certificate of the `ca` file is not a usable root.
     #[error("{}: {source}", path.display())]
     Root {
@@ -176,12 +170,6 @@ pub enum PollerError {
         /// What rustls found.
         #[source]
         source: rustls::Error,
-    },
-    /// The `ca` file holds no certificate.
-    #[error("{} holds no CERTIFICATE", path.display())]
-    NoCertificate {
-        /// The file.
-        path: std::path::PathBuf,
     },
     /// The bootstrap bundle is not a SPIFFE bundle document.
     #[error("bootstrap bundle {}: {source}", path.display())]
@@ -404,26 +392,14 @@ impl Poller {
                     profile: "https_web",
                     setting: "`ca`",
                 })?;
-                let text = std::fs::read(path).map_err(|source| PollerError::Read {
-                    path: path.clone(),
-                    source,
-                })?;
                 let mut roots = RootCertStore::empty();
-                for p in pem::parse_many(text).map_err(|source| PollerError::Pem {
-                    path: path.clone(),
-                    source,
-                })? {
-                    if p.tag() == "CERTIFICATE" {
-                        roots
-                            .add(CertificateDer::from(p.contents().to_vec()))
-                            .map_err(|source| PollerError::Root {
-                                path: path.clone(),
-                                source,
-                            })?;
-                    }
-                }
-                if roots.is_empty() {
-                    return Err(PollerError::NoCertificate { path: path.clone() });
+                for der in crate::datadir::read_pem_certs(path)? {
+                    roots
+                        .add(CertificateDer::from(der))
+                        .map_err(|source| PollerError::Root {
+                            path: path.clone(),
+                            source,
+                        })?;
                 }
                 web_roots = Some(Arc::new(roots));
             }

@@ -35,27 +35,12 @@ pub enum EndpointError {
     /// rustls refuses the protocol versions.
     #[error("cannot build the bundle endpoint's TLS configuration: {0}")]
     Config(#[source] rustls::Error),
-    /// A file cannot be read.
-    #[error("cannot read {}: {source}", path.display())]
-    Read {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The error.
-        #[source]
-        source: std::io::Error,
-    },
-    /// A file is not PEM.
-    #[error("{}: {source}", path.display())]
-    Pem {
-        /// The file.
-        path: std::path::PathBuf,
-        /// The parser's error.
-        #[source]
-        source: pem::PemError,
-    },
-    /// The certificate file holds no certificate.
-    #[error("{} holds no CERTIFICATE", path.display())]
-    NoCertificate {
+    /// A certificate or key file cannot be read, is not PEM, or holds no certificate.
+    #[error(transparent)]
+    File(#[from] crate::datadir::PemFileError),
+    /// The key file holds no PEM block.
+    #[error("{} holds no PEM block (a private key was expected)", path.display())]
+    NoKey {
         /// The file.
         path: std::path::PathBuf,
     },
@@ -109,28 +94,13 @@ pub fn load_pem(
     cert: &std::path::Path,
     key: &std::path::Path,
 ) -> Result<(Vec<Vec<u8>>, PrivateKeyDer<'static>), EndpointError> {
-    let read = |p: &std::path::Path| {
-        std::fs::read(p).map_err(|source| EndpointError::Read {
-            path: p.to_path_buf(),
-            source,
-        })
-    };
-    let pem_err = |p: &std::path::Path| {
-        let path = p.to_path_buf();
-        move |source| EndpointError::Pem { path, source }
-    };
-    let chain: Vec<Vec<u8>> = pem::parse_many(read(cert)?)
-        .map_err(pem_err(cert))?
+    let chain = crate::datadir::read_pem_certs(cert)?;
+    let block = crate::datadir::read_pem(key)?
         .into_iter()
-        .filter(|p| p.tag() == "CERTIFICATE")
-        .map(|p| p.contents().to_vec())
-        .collect();
-    if chain.is_empty() {
-        return Err(EndpointError::NoCertificate {
-            path: cert.to_path_buf(),
-        });
-    }
-    let block = pem::parse(read(key)?).map_err(pem_err(key))?;
+        .next()
+        .ok_or_else(|| EndpointError::NoKey {
+            path: key.to_path_buf(),
+        })?;
     let der = block.contents().to_vec();
     let key = match block.tag() {
         "PRIVATE KEY" => PrivateKeyDer::Pkcs8(der.into()),

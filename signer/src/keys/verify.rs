@@ -113,8 +113,13 @@ const TABLES_AFTER: u32 = 8;
 const MAX_KEYS: usize = 32;
 
 enum Seen {
+    /// Checked this many times so far.
     Counting(u32),
+    /// One check is building the tables; the others use the general verifier meanwhile.
+    Building,
     Tables(Arc<P256Verifier>),
+    /// Not a point on P-256: never worth a table (the general verifier refuses its signatures).
+    Unusable,
 }
 
 fn seen() -> &'static RwLock<HashMap<Box<[u8]>, Seen>> {
@@ -123,42 +128,49 @@ fn seen() -> &'static RwLock<HashMap<Box<[u8]>, Seen>> {
 }
 
 /// The precomputed tables of the P-256 public key `point` (SEC1), once it has been checked [`TABLES_AFTER`] times;
-/// `None` before that, or if it is not a point on the curve (the caller then uses a general verifier, which
-/// reaches the same decision).
+/// `None` before that, while another check builds them, or if it is not a point on the curve (the caller then uses
+/// a general verifier, which reaches the same decision).
 pub(crate) fn p256_tables(point: &[u8]) -> Option<Arc<P256Verifier>> {
-    if let Some(Seen::Tables(t)) = seen()
+    match seen()
         .read()
         .unwrap_or_else(PoisonError::into_inner)
         .get(point)
     {
-        return Some(Arc::clone(t));
+        Some(Seen::Tables(t)) => return Some(Arc::clone(t)),
+        Some(Seen::Building | Seen::Unusable) => return None,
+        Some(Seen::Counting(_)) | None => {}
     }
     {
         let mut map = seen().write().unwrap_or_else(PoisonError::into_inner);
         if map.len() >= MAX_KEYS && !map.contains_key(point) {
-            map.retain(|_, s| matches!(s, Seen::Tables(_)));
+            map.retain(|_, s| !matches!(s, Seen::Counting(_)));
             if map.len() >= MAX_KEYS {
                 map.clear();
             }
         }
-        match map.entry(point.into()).or_insert(Seen::Counting(0)) {
+        let entry = map.entry(point.into()).or_insert(Seen::Counting(0));
+        match entry {
             Seen::Tables(t) => return Some(Arc::clone(t)),
-            Seen::Counting(n) => {
+            Seen::Building | Seen::Unusable => return None,
+            Seen::Counting(n) if *n + 1 < TABLES_AFTER => {
                 *n += 1;
-                if *n < TABLES_AFTER {
-                    return None;
-                }
-                // Built below, outside the lock; meanwhile other checks of this key use the general verifier.
-                *n = 0;
+                return None;
             }
+            Seen::Counting(_) => *entry = Seen::Building,
         }
     }
-    let tables = Arc::new(P256Verifier::from_sec1(point)?);
+    // Built outside the lock (milliseconds), by this check alone.
+    let built = P256Verifier::from_sec1(point).map(Arc::new);
     seen()
         .write()
         .unwrap_or_else(PoisonError::into_inner)
-        .insert(point.into(), Seen::Tables(Arc::clone(&tables)));
-    Some(tables)
+        .insert(
+            point.into(),
+            built
+                .as_ref()
+                .map_or(Seen::Unusable, |t| Seen::Tables(Arc::clone(t))),
+        );
+    built
 }
 
 /// The post-sign check of one registered key's bare-digest signatures: P-256 with [`P256Verifier`]'s tables,

@@ -23,7 +23,7 @@ use crate::api::listener::{RefusalTally, accept_loop, audit_refusals};
 use crate::api::upstream::UpstreamAuthorityService;
 use crate::api::{AppParts, AppState, tls};
 use crate::config::{ADMIN_ID_PATH, Config, ConfigError, ModeSetting, SERVER_ID_PATH};
-use crate::datadir::{pem_certs, write_public};
+use crate::datadir::{pem_certs, replace_file};
 use crate::health::HealthBoard;
 use crate::pipeline::{DelegatedConfig, Pipeline, SigningMode};
 use crate::policy::Policy;
@@ -162,9 +162,10 @@ impl Appliance {
         }
         let bundle = authorities.bundle().clone();
         bundle.set_refresh_hint(cfg.authority.bundle_refresh_hint.0);
-        write_public(
+        replace_file(
             &boot.paths.bundle,
             pem_certs(&bundle.current().x509_roots).as_bytes(),
+            false,
         )?;
         let (shutdown_tx, shutdown_rx) = watch::channel(false);
         let listener = if network {
@@ -408,7 +409,8 @@ impl Appliance {
             };
         if network {
             tracing::info!(%addr, trust_domain = %boot.td, "signet is serving");
-            write_public(&boot.paths.endpoint, addr.to_string().as_bytes())?;
+            // Written aside and renamed over: a reader (the CLI, a supervisor, a test) never sees it empty.
+            replace_file(&boot.paths.endpoint, addr.to_string().as_bytes(), false)?;
         } else {
             tracing::info!(trust_domain = %boot.td, "signet is serving callers in this process (no gRPC port)");
         }

@@ -8,8 +8,8 @@
 //! returns the raw signature (r||s for ECDSA, the PKCS#1 v1.5 / PSS block for RSA, 64 bytes for Ed25519). Callers
 //! re-encode where a format wants something else ([`ecdsa_raw_to_der`] for X.509).
 //!
-//! [`verify_signature`] is the independent check every returned signature passes before a credential leaves: ring's,
-//! or for a P-256 key that has signed often, the key's precomputed tables ([`verify`]).
+//! [`verify_signature`] is the independent (ring) check every returned signature passes before a credential leaves;
+//! The `verify` module checks signatures over bare digests (the KeyManager's), which ring cannot.
 
 pub mod spki;
 pub mod token;
@@ -416,22 +416,12 @@ pub fn verify_signature(
     if !rest.is_empty() {
         return Err(VerifyError::BadPublicKey);
     }
-    let point = spki.subject_public_key.data.as_ref();
-    if scheme == SignatureScheme::EcdsaP256Sha256
-        && let Some(tables) = verify::p256_tables(point)
-    {
-        // The key's precomputed tables (an authority's key signs many credentials): the same decision as ring's
-        // (the unit tests hold it to the `p256` crate's), at a fraction of the work.
-        let digest = ring::digest::digest(&ring::digest::SHA256, message);
-        return if tables.verify(digest.as_ref(), signature) {
-            Ok(())
-        } else {
-            Err(VerifyError::Mismatch(scheme))
-        };
-    }
-    rsig::UnparsedPublicKey::new(scheme.ring_verifier(), point)
-        .verify(message, signature)
-        .map_err(|_| VerifyError::Mismatch(scheme))
+    rsig::UnparsedPublicKey::new(
+        scheme.ring_verifier(),
+        spki.subject_public_key.data.as_ref(),
+    )
+    .verify(message, signature)
+    .map_err(|_| VerifyError::Mismatch(scheme))
 }
 
 /// Re-encode a raw ECDSA signature (r||s, each half `len/2` bytes) as the DER `ECDSA-Sig-Value` X.509 wants.
@@ -455,62 +445,4 @@ pub fn ecdsa_raw_to_der(raw: &[u8]) -> Result<Vec<u8>, KeyError> {
     }
     seq.to_der()
         .map_err(|e| KeyError::signing(format!("ECDSA signature DER encoding: {e}"), false))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// A P-256 authority key that signs often is checked with its precomputed tables after a few signatures: the
-    /// decisions stay those of ring's verifier, for valid signatures, a flipped byte in the signature or the
-    /// message, and another key's signature, before and after the tables exist.
-    #[test]
-    fn p256_checks_decide_as_ring_before_and_after_the_tables() {
-        let (key, _) = SoftwareKey::generate(KeyType::EcP256).expect("a P-256 key");
-        let (other, _) = SoftwareKey::generate(KeyType::EcP256).expect("a P-256 key");
-        let scheme = SignatureScheme::EcdsaP256Sha256;
-        let ring_says = |spki: &[u8], msg: &[u8], sig: &[u8]| {
-            let (_, parsed) =
-                <x509_parser::x509::SubjectPublicKeyInfo as x509_parser::prelude::FromDer<_>>::from_der(spki)
-                    .expect("an SPKI");
-            rsig::UnparsedPublicKey::new(
-                scheme.ring_verifier(),
-                parsed.subject_public_key.data.as_ref(),
-            )
-            .verify(msg, sig)
-            .is_ok()
-        };
-        let point = {
-            let (_, parsed) =
-                <x509_parser::x509::SubjectPublicKeyInfo as x509_parser::prelude::FromDer<_>>::from_der(
-                    key.spki_der(),
-                )
-                .expect("an SPKI");
-            parsed.subject_public_key.data.to_vec()
-        };
-        assert!(
-            verify::p256_tables(&point).is_none(),
-            "no tables for a key seen once"
-        );
-        for i in 0..40u32 {
-            let msg = format!("tbs {i}");
-            let sig = key.sign(scheme, msg.as_bytes()).expect("signs");
-            assert!(verify_signature(key.spki_der(), scheme, msg.as_bytes(), &sig).is_ok());
-            let mut bad = sig.clone();
-            let at = (i as usize) % bad.len();
-            bad[at] ^= 1 << (i % 8);
-            assert_eq!(
-                verify_signature(key.spki_der(), scheme, msg.as_bytes(), &bad).is_ok(),
-                ring_says(key.spki_der(), msg.as_bytes(), &bad)
-            );
-            assert!(verify_signature(key.spki_der(), scheme, msg.as_bytes(), &bad).is_err());
-            assert!(verify_signature(key.spki_der(), scheme, b"another message", &sig).is_err());
-            let theirs = other.sign(scheme, msg.as_bytes()).expect("signs");
-            assert!(verify_signature(key.spki_der(), scheme, msg.as_bytes(), &theirs).is_err());
-        }
-        assert!(
-            verify::p256_tables(&point).is_some(),
-            "the tables are used once the key has signed often"
-        );
-    }
 }

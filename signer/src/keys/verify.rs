@@ -1,6 +1,5 @@
-//! Post-sign checks at a fraction of a general verifier's cost: a P-256 key's precomputed tables, used for the
-//! bare-digest signatures of the KeyManager ([`DigestVerifier`], with the other key types' RustCrypto crates) and,
-//! through [`p256_tables`], for the credentials an authority's P-256 key signs ([`super::verify_signature`]).
+//! The post-sign check of a signature over a bare digest (the KeyManager's `SignData`): P-256 with a key's
+//! precomputed tables, the other key types with their RustCrypto crates ([`DigestVerifier`]).
 //!
 //! ring verifies ECDSA over whole messages only, and the `p256` crate's `verify_prehash` computes `u1·G + u2·Q`
 //! with two constant-time scalar multiplications (about 3.2 million instructions, more than six `C_Sign`s on a
@@ -10,8 +9,7 @@
 //! inversion. Building a table costs 960 inversions (milliseconds, once per key) (about 40 times fewer instructions). The group arithmetic, scalar parsing and reduction are the `p256`
 //! crate's; the unit tests hold every decision to `p256`'s own `verify_prehash`.
 
-use std::collections::HashMap;
-use std::sync::{Arc, OnceLock, PoisonError, RwLock};
+use std::sync::OnceLock;
 
 use p256::elliptic_curve::ops::{Invert as _, Reduce as _};
 use p256::elliptic_curve::point::AffineCoordinates as _;
@@ -104,73 +102,6 @@ impl P256Verifier {
         let x = acc.to_affine().x();
         *r == Scalar::reduce_bytes(&x)
     }
-}
-
-/// Checks of a key after which [`p256_tables`] builds its tables: an authority's key signs credentials by the
-/// thousand, a key seen once (a test's, a CSR's) is not worth the milliseconds.
-const TABLES_AFTER: u32 = 8;
-/// Keys [`p256_tables`] remembers; beyond, it forgets the ones still counting, then all (authority keys are few).
-const MAX_KEYS: usize = 32;
-
-enum Seen {
-    /// Checked this many times so far.
-    Counting(u32),
-    /// One check is building the tables; the others use the general verifier meanwhile.
-    Building,
-    Tables(Arc<P256Verifier>),
-    /// Not a point on P-256: never worth a table (the general verifier refuses its signatures).
-    Unusable,
-}
-
-fn seen() -> &'static RwLock<HashMap<Box<[u8]>, Seen>> {
-    static SEEN: OnceLock<RwLock<HashMap<Box<[u8]>, Seen>>> = OnceLock::new();
-    SEEN.get_or_init(|| RwLock::new(HashMap::new()))
-}
-
-/// The precomputed tables of the P-256 public key `point` (SEC1), once it has been checked [`TABLES_AFTER`] times;
-/// `None` before that, while another check builds them, or if it is not a point on the curve (the caller then uses
-/// a general verifier, which reaches the same decision).
-pub(crate) fn p256_tables(point: &[u8]) -> Option<Arc<P256Verifier>> {
-    match seen()
-        .read()
-        .unwrap_or_else(PoisonError::into_inner)
-        .get(point)
-    {
-        Some(Seen::Tables(t)) => return Some(Arc::clone(t)),
-        Some(Seen::Building | Seen::Unusable) => return None,
-        Some(Seen::Counting(_)) | None => {}
-    }
-    {
-        let mut map = seen().write().unwrap_or_else(PoisonError::into_inner);
-        if map.len() >= MAX_KEYS && !map.contains_key(point) {
-            map.retain(|_, s| !matches!(s, Seen::Counting(_)));
-            if map.len() >= MAX_KEYS {
-                map.clear();
-            }
-        }
-        let entry = map.entry(point.into()).or_insert(Seen::Counting(0));
-        match entry {
-            Seen::Tables(t) => return Some(Arc::clone(t)),
-            Seen::Building | Seen::Unusable => return None,
-            Seen::Counting(n) if *n + 1 < TABLES_AFTER => {
-                *n += 1;
-                return None;
-            }
-            Seen::Counting(_) => *entry = Seen::Building,
-        }
-    }
-    // Built outside the lock (milliseconds), by this check alone.
-    let built = P256Verifier::from_sec1(point).map(Arc::new);
-    seen()
-        .write()
-        .unwrap_or_else(PoisonError::into_inner)
-        .insert(
-            point.into(),
-            built
-                .as_ref()
-                .map_or(Seen::Unusable, |t| Seen::Tables(Arc::clone(t))),
-        );
-    built
 }
 
 /// The post-sign check of one registered key's bare-digest signatures: P-256 with [`P256Verifier`]'s tables,

@@ -34,6 +34,29 @@ where
     F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
     Fut: Future<Output = Result<Outcome, String>> + Send + 'static,
 {
+    drive_counted(offer, progress, move |agent, seq| {
+        let answer = request(agent, seq);
+        async move {
+            match answer.await {
+                Ok(got) => (true, got),
+                Err(kind) => {
+                    let mut out = Outcome::default();
+                    out.error(kind);
+                    (false, out)
+                }
+            }
+        }
+    })
+    .await
+}
+
+/// [`drive`] for a request that keeps its own account even when it fails (failovers, the errors of each attempt):
+/// it answers whether it was answered, and what it saw. An answered request counts once, with its latency.
+pub async fn drive_counted<F, Fut>(offer: Offer, progress: Arc<AtomicU64>, request: F) -> Outcome
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
+    Fut: Future<Output = (bool, Outcome)> + Send + 'static,
+{
     let start = Instant::now();
     let deadline = start
         + offer
@@ -51,6 +74,21 @@ where
 /// How long one request may take past the run's end before it counts as a client timeout.
 const GRACE: Duration = Duration::from_secs(30);
 
+/// Adds one request's result to `out`: its latency (from `since`) and one answered request if it was answered.
+fn count(out: &mut Outcome, progress: &AtomicU64, since: Instant, result: Option<(bool, Outcome)>) {
+    match result {
+        Some((answered, got)) => {
+            progress.fetch_add(got.credentials, Ordering::Relaxed);
+            if answered {
+                out.requests += 1;
+                out.latencies_us.push(since.elapsed().as_micros() as u64);
+            }
+            out.merge(got);
+        }
+        None => out.error("client timeout"),
+    }
+}
+
 async fn closed<F, Fut>(
     offer: Offer,
     deadline: Instant,
@@ -59,7 +97,7 @@ async fn closed<F, Fut>(
 ) -> Outcome
 where
     F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Outcome, String>> + Send + 'static,
+    Fut: Future<Output = (bool, Outcome)> + Send + 'static,
 {
     let next = Arc::new(AtomicU64::new(0));
     let mut tasks = Vec::with_capacity(offer.concurrency);
@@ -74,16 +112,8 @@ where
                 }
                 let t = Instant::now();
                 let left = deadline.saturating_duration_since(t);
-                match tokio::time::timeout(left + GRACE, request(agent, seq)).await {
-                    Ok(Ok(got)) => {
-                        progress.fetch_add(got.credentials, Ordering::Relaxed);
-                        out.requests += 1;
-                        out.latencies_us.push(t.elapsed().as_micros() as u64);
-                        out.merge(got);
-                    }
-                    Ok(Err(kind)) => out.error(kind),
-                    Err(_) => out.error("client timeout"),
-                }
+                let result = tokio::time::timeout(left + GRACE, request(agent, seq)).await;
+                count(&mut out, &progress, t, result.ok());
             }
             out
         }));
@@ -107,7 +137,7 @@ async fn open<F, Fut>(
 ) -> Outcome
 where
     F: Fn(usize, u64) -> Fut + Clone + Send + Sync + 'static,
-    Fut: Future<Output = Result<Outcome, String>> + Send + 'static,
+    Fut: Future<Output = (bool, Outcome)> + Send + 'static,
 {
     let interval = Duration::from_secs_f64(offer.per_request.max(1) as f64 / rate.max(1e-3));
     let limit = Arc::new(tokio::sync::Semaphore::new(offer.concurrency.max(1)));
@@ -131,16 +161,8 @@ where
         let agent = (seq % offer.concurrency.max(1) as u64) as usize;
         tokio::spawn(async move {
             let mut out = Outcome::default();
-            match tokio::time::timeout(GRACE, request(agent, seq)).await {
-                Ok(Ok(got)) => {
-                    progress.fetch_add(got.credentials, Ordering::Relaxed);
-                    out.requests += 1;
-                    out.latencies_us.push(due.elapsed().as_micros() as u64);
-                    out.merge(got);
-                }
-                Ok(Err(kind)) => out.error(kind),
-                Err(_) => out.error("client timeout"),
-            }
+            let result = tokio::time::timeout(GRACE, request(agent, seq)).await;
+            count(&mut out, &progress, due, result.ok());
             drop(permit);
             let _ = tx.send(out);
         });

@@ -863,7 +863,7 @@ async fn bench(
         pool,
         checker,
         sampling,
-        progress: AtomicU64::new(0),
+        progress: Arc::new(AtomicU64::new(0)),
     });
     let levels = if args.sweep.is_empty() {
         vec![args.concurrency]

@@ -224,7 +224,7 @@ pub struct Shared {
     /// Which credentials to judge.
     pub sampling: Sampling,
     /// Credentials received so far (for the progress bar).
-    pub progress: AtomicU64,
+    pub progress: Arc<AtomicU64>,
 }
 
 /// The gRPC code's name, the kind an error is counted under.
@@ -420,115 +420,26 @@ async fn attempt(
     }
 }
 
-/// Runs `plan` to its end (count or time, whichever comes first; at most `hard_limit` in any case).
+/// Runs `plan` to its end (count or time, whichever comes first; at most `hard_limit` in any case), closed or open
+/// loop as [`crate::drive`] offers it.
 pub async fn run(sh: Arc<Shared>, plan: &Plan, hard_limit: Duration) -> Outcome {
-    let start = Instant::now();
-    let deadline = start + plan.duration.unwrap_or(hard_limit).min(hard_limit);
-    let mut total = match plan.rate {
-        None => closed(sh, plan, deadline).await,
-        Some(rate) => open(sh, plan, rate, deadline).await,
+    let offer = crate::drive::Offer {
+        concurrency: plan.concurrency,
+        requests: plan.requests,
+        duration: plan.duration,
+        rate: plan.rate,
+        per_request: plan.batch,
+        hard_limit,
     };
-    total.elapsed = start.elapsed();
-    total
-}
-
-async fn closed(sh: Arc<Shared>, plan: &Plan, deadline: Instant) -> Outcome {
-    let next = Arc::new(AtomicU64::new(0));
-    let mut tasks = Vec::with_capacity(plan.concurrency);
-    for agent in 0..plan.concurrency.max(1) {
-        let (sh, plan, next) = (sh.clone(), plan.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
+    let progress = sh.progress.clone();
+    let plan = plan.clone();
+    crate::drive::drive_counted(offer, progress, move |agent, seq| {
+        let (sh, plan) = (sh.clone(), plan.clone());
+        async move {
             let mut out = Outcome::default();
-            loop {
-                let seq = next.fetch_add(1, Ordering::Relaxed);
-                if plan.requests.is_some_and(|n| seq >= n) || Instant::now() >= deadline {
-                    break;
-                }
-                let before = out.credentials;
-                let t = Instant::now();
-                let left = deadline.saturating_duration_since(t);
-                match tokio::time::timeout(
-                    left + Duration::from_secs(10),
-                    one(&sh, &plan, agent, seq, &mut out),
-                )
-                .await
-                {
-                    Ok(true) => {
-                        out.requests += 1;
-                        out.latencies_us.push(t.elapsed().as_micros() as u64)
-                    }
-                    Ok(false) => {}
-                    Err(_) => out.error("client timeout"),
-                }
-                sh.progress
-                    .fetch_add(out.credentials - before, Ordering::Relaxed);
-            }
-            out
-        }));
-    }
-    let mut total = Outcome::default();
-    for t in tasks {
-        match t.await {
-            Ok(o) => total.merge(o),
-            Err(e) => total.error(format!("agent task failed: {e}")),
+            let answered = one(&sh, &plan, agent, seq, &mut out).await;
+            (answered, out)
         }
-    }
-    total
-}
-
-async fn open(sh: Arc<Shared>, plan: &Plan, rate: f64, deadline: Instant) -> Outcome {
-    let per_request = plan.batch.max(1) as f64 / rate.max(1e-3);
-    let interval = Duration::from_secs_f64(per_request);
-    let limit = Arc::new(tokio::sync::Semaphore::new(plan.concurrency.max(1)));
-    let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<Outcome>();
-    let start = Instant::now();
-    let mut dropped = 0u64;
-    let mut seq = 0u64;
-    loop {
-        let due = start + interval.mul_f64(seq as f64);
-        if due >= deadline || plan.requests.is_some_and(|n| seq >= n) {
-            break;
-        }
-        tokio::time::sleep_until(due.into()).await;
-        let Ok(permit) = limit.clone().try_acquire_owned() else {
-            // Every agent busy: the offered rate is beyond what answers come back at. Counted, never queued here.
-            dropped += 1;
-            seq += 1;
-            continue;
-        };
-        let (sh, plan, tx) = (sh.clone(), plan.clone(), tx.clone());
-        let agent = seq as usize;
-        tokio::spawn(async move {
-            let mut out = Outcome::default();
-            let ok = tokio::time::timeout(
-                Duration::from_secs(30),
-                one(&sh, &plan, agent, seq, &mut out),
-            )
-            .await;
-            match ok {
-                Ok(true) => {
-                    out.requests += 1;
-                    out.latencies_us.push(due.elapsed().as_micros() as u64)
-                }
-                Ok(false) => {}
-                Err(_) => out.error("client timeout"),
-            }
-            sh.progress.fetch_add(out.credentials, Ordering::Relaxed);
-            drop(permit);
-            let _ = tx.send(out);
-        });
-        seq += 1;
-    }
-    drop(tx);
-    let mut total = Outcome::default();
-    while let Some(o) = rx.recv().await {
-        total.merge(o);
-    }
-    if dropped > 0 {
-        *total
-            .errors
-            .entry("not sent: all agents busy".into())
-            .or_default() += dropped;
-    }
-    total
+    })
+    .await
 }

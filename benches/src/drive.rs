@@ -1,8 +1,8 @@
 //! The load driver of every target the bench measures with its own clients (signet's API, a SPIRE server's agent
-//! API, cfssl's HTTP API): closed loop (`concurrency` agents, each sending its next request when the last one is answered) or open
-//! loop (requests start on schedule whatever the answers do, at most `concurrency` in flight; latency counts from
-//! the moment a request was due). The request itself is the caller's: a function of (agent, sequence number) that
-//! answers what it received, or the kind of its failure.
+//! API, cfssl's HTTP API): closed loop (`concurrency` agents, each sending its next request when the last one is
+//! answered) or open loop (requests start on schedule whatever the answers do, at most `concurrency` in flight;
+//! latency counts from the moment a request was due). The request itself is the caller's: a function of (agent,
+//! sequence number) that answers what it received, or the kind of its failure.
 
 use std::future::Future;
 use std::sync::Arc;

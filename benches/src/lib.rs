@@ -1117,6 +1117,17 @@ async fn run_spire(
     if args.spire_setups.is_empty() {
         return Err("--spire-setups names no set-up".into());
     }
+    if args
+        .spire_setups
+        .contains(&spire::SpireSetup::KeyManagerEmbedded)
+        && args.token != TokenKind::Softhsm
+    {
+        return Err(
+            "--spire-setups key-manager-embedded runs the plug-in's own appliance on a SoftHSM2 token of its own: \
+             add --token softhsm"
+                .into(),
+        );
+    }
     let load_before = loadavg();
     let levels = if args.sweep.is_empty() {
         vec![args.concurrency]

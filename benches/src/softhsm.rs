@@ -88,6 +88,12 @@ pub fn run_in_child(dir: &Path) -> Result<(), String> {
 /// In the child: initialises a fresh token with random PINs in the bench's own directory `dir`. Refuses when the
 /// SoftHSM2 configuration in force is not that directory's (the operator's tokens are never touched).
 pub fn fresh_token(dir: &Path) -> Result<TokenSpec, String> {
+    fresh_token_labelled(dir, LABEL)
+}
+
+/// [`fresh_token`] with the label `label`: a second token beside the bench's own (a plug-in's appliance of its
+/// own, which must not share the keys' labels of the first).
+pub fn fresh_token_labelled(dir: &Path, label: &str) -> Result<TokenSpec, String> {
     let conf = conf_path(dir);
     if std::env::var_os(CONF_ENV).map(PathBuf::from).as_deref() != Some(conf.as_path()) {
         return Err(format!(
@@ -97,11 +103,11 @@ pub fn fresh_token(dir: &Path) -> Result<TokenSpec, String> {
     }
     let so_pin = random_pin()?;
     let user_pin = random_pin()?;
-    signet_pkcs11::init_token(Path::new(DEFAULT_MODULE), LABEL, &so_pin, &user_pin)
-        .map_err(|e| format!("initialising the bench's SoftHSM2 token: {e}"))?;
+    signet_pkcs11::init_token(Path::new(DEFAULT_MODULE), label, &so_pin, &user_pin)
+        .map_err(|e| format!("initialising the bench's SoftHSM2 token {label}: {e}"))?;
     Ok(TokenSpec {
         module: DEFAULT_MODULE.into(),
-        label: LABEL.into(),
+        label: label.into(),
         pin: user_pin,
     })
 }

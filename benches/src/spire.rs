@@ -50,6 +50,9 @@ pub enum SpireSetup {
     Memory,
     /// signet as SPIRE's KeyManager: SPIRE's CA key on signet's token, every SVID signed through SignData.
     KeyManager,
+    /// signet as SPIRE's KeyManager with `--embedded`: the plug-in runs an appliance of its own in its process (on
+    /// a SoftHSM2 token of its own), so SignData goes through no TLS, TCP or second gRPC server.
+    KeyManagerEmbedded,
     /// signet as SPIRE's UpstreamAuthority: signet's root signs SPIRE's CA; SPIRE signs SVIDs with a key in memory.
     UpstreamAuthority,
 }
@@ -60,6 +63,7 @@ impl SpireSetup {
         match self {
             SpireSetup::Memory => "SPIRE alone (KeyManager memory)",
             SpireSetup::KeyManager => "SPIRE + signet KeyManager",
+            SpireSetup::KeyManagerEmbedded => "SPIRE + signet KeyManager --embedded",
             SpireSetup::UpstreamAuthority => "SPIRE + signet UpstreamAuthority",
         }
     }
@@ -601,7 +605,7 @@ impl SpireReport {
         }
         let _ = writeln!(
             s,
-            "{:<34} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}  errors",
+            "{:<37} {:>6} {:>9} {:>8} {:>8} {:>8} {:>8} {:>8} {:>8} {:>9}  errors",
             "set-up",
             "agents",
             "SVIDs/s",
@@ -617,7 +621,7 @@ impl SpireReport {
             let errors = crate::report::error_summary(&r.errors);
             let _ = writeln!(
                 s,
-                "{:<34} {:>6} {:>9.0} {:>8} {:>8.2} {:>8.2} {:>8.2} {:>8} {:>8} {:>9}  {errors}",
+                "{:<37} {:>6} {:>9.0} {:>8} {:>8.2} {:>8.2} {:>8.2} {:>8} {:>8} {:>9}  {errors}",
                 r.description,
                 r.concurrency,
                 r.rate,
@@ -899,7 +903,7 @@ pub fn plugins(setup: SpireSetup, stanza: Option<&str>) -> Result<String, String
     let signet = || stanza.ok_or("no signet plug-in stanza").map(indent);
     Ok(match setup {
         SpireSetup::Memory => memory.to_string(),
-        SpireSetup::KeyManager => signet()?,
+        SpireSetup::KeyManager | SpireSetup::KeyManagerEmbedded => signet()?,
         SpireSetup::UpstreamAuthority => format!("{memory}{}", signet()?),
     })
 }
@@ -930,6 +934,15 @@ mod tests {
             assert!(c.contains(want), "{want} missing from\n{c}");
         }
         assert!(plugins(SpireSetup::KeyManager, None).is_err());
+        let embedded = plugins(
+            SpireSetup::KeyManagerEmbedded,
+            Some("KeyManager \"signet\" {\n}\n"),
+        )
+        .unwrap();
+        assert!(
+            embedded.contains("  KeyManager \"signet\" {") && !embedded.contains("\"memory\""),
+            "{embedded}"
+        );
         let ua = plugins(
             SpireSetup::UpstreamAuthority,
             Some("UpstreamAuthority \"signet\" {\n}\n"),

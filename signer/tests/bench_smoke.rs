@@ -406,6 +406,65 @@ fn bench_spire_jwt_svids_verify_with_signet_as_key_manager() {
     assert_runs(runs, 8);
 }
 
+/// `--spire-setups key-manager,key-manager-embedded --token softhsm`: SPIRE's KeyManager on the bench's appliance
+/// over the network, then on the plug-in's own appliance in its process (`--embedded`, a SoftHSM2 token of its
+/// own): the X509-SVIDs of both chain to the bundle SPIRE publishes. On hsm-sim the embedded set-up is refused
+/// with a message that names the token it needs.
+#[test]
+fn bench_spire_key_manager_embedded_on_softhsm() {
+    let Some(bin) = spire_bin_dir() else { return };
+    if !signet_pkcs11::testing::softhsm_available("bench_spire_key_manager_embedded_on_softhsm") {
+        return;
+    }
+    let (out, doc) = bench(&[
+        "--target",
+        "spire",
+        "--token",
+        "softhsm",
+        "--spire-setups",
+        "key-manager,key-manager-embedded",
+        "--spire-bin-dir",
+        bin.to_str().unwrap(),
+        "--concurrency",
+        "2",
+        "--batch",
+        "3",
+        "--requests",
+        "4",
+        "--quiet",
+    ]);
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{text}");
+    let doc = doc.expect("the JSON document");
+    let runs = doc["runs"].as_array().unwrap();
+    let setups: Vec<&str> = runs.iter().map(|r| r["setup"].as_str().unwrap()).collect();
+    assert_eq!(setups, ["key-manager", "key-manager-embedded"]);
+    assert_runs(runs, 12);
+    assert!(
+        text.contains("SPIRE + signet KeyManager --embedded"),
+        "{text}"
+    );
+
+    let (out, _) = bench(&[
+        "--target",
+        "spire",
+        "--spire-setups",
+        "key-manager-embedded",
+        "--spire-bin-dir",
+        bin.to_str().unwrap(),
+        "--requests",
+        "1",
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(err.contains("add --token softhsm"), "{err}");
+}
+
 /// `--target cfssl`: Debian's `cfssl serve` (installed by scripts/test) beside signet's delegated and direct modes,
 /// 30 one-CSR requests each; every certificate checked (cfssl's against its CA, without the SPIFFE ID it drops),
 /// and each server's CPU time per certificate measured.

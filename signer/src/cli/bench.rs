@@ -153,7 +153,14 @@ async fn start(spec: InProcess) -> Result<Started, String> {
     .to_lowercase();
     let trust_domain = app.trust_domain().clone();
     let spire_stanza = if spec.spire_plugins {
-        Some(stanza_maker(app.addr().to_string(), p.bundle.clone()).map_err(|e| e.to_string())?)
+        let embedded = EmbeddedPlugin {
+            trust_domain: trust_domain.to_string(),
+            sessions: spec.sessions,
+        };
+        Some(
+            stanza_maker(app.addr().to_string(), p.bundle.clone(), embedded)
+                .map_err(|e| e.to_string())?,
+        )
     } else {
         None
     };
@@ -173,14 +180,70 @@ async fn start(spec: InProcess) -> Result<Started, String> {
     })
 }
 
-/// The plug-in stanzas of `signet spire config` for the in-process appliance at `endpoint` (bundle in `bundle`).
-fn stanza_maker(endpoint: String, bundle: PathBuf) -> Result<StanzaMaker, super::CliError> {
+/// What the `key-manager-embedded` set-up's plug-in runs: an appliance of its own, of the bench's trust domain, on
+/// a fresh SoftHSM2 token of its own with as many sessions as the bench's.
+struct EmbeddedPlugin {
+    trust_domain: String,
+    sessions: usize,
+}
+
+impl EmbeddedPlugin {
+    /// Writes the plug-in's configuration into `dir` (its data directory beside it, on a fresh SoftHSM2 token
+    /// labelled `label`; the data directory's admin credential may use the KeyManager) and returns its path.
+    fn write_config(&self, dir: &Path, label: &str) -> Result<PathBuf, String> {
+        let softhsm = signet_bench::softhsm::private_dir().ok_or(
+            "the key-manager-embedded set-up needs the bench's own SoftHSM2 directory (--token softhsm)",
+        )?;
+        let token = signet_bench::softhsm::fresh_token_labelled(&softhsm, label)?;
+        let pin = dir.join("embedded.pin");
+        signet::datadir::write_private(&pin, token.pin.expose().as_bytes())
+            .map_err(|e| e.to_string())?;
+        let quoted = |p: &Path| toml::Value::String(p.to_string_lossy().into_owned()).to_string();
+        let td = &self.trust_domain;
+        let text = format!(
+            "trust_domain = {td_q}\ndata_dir = {data}\n\n[[tokens]]\nname = \"softhsm\"\nmodule = {module}\n\
+             token = {label_q}\npin = {{ file = {pin} }}\nsessions = {sessions}\n\n[[policy]]\n\
+             caller = \"spiffe://{td}/signet/admin\"\nmay = [\"key-manager\"]\n",
+            td_q = toml::Value::String(td.clone()),
+            data = quoted(&dir.join("embedded-data")),
+            module = quoted(&token.module),
+            label_q = toml::Value::String(token.label.clone()),
+            pin = quoted(&pin),
+            sessions = self.sessions,
+        );
+        let path = dir.join("embedded.toml");
+        std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;
+        Ok(path)
+    }
+}
+
+/// The plug-in stanzas of `signet spire config` for the in-process appliance at `endpoint` (bundle in `bundle`);
+/// for `key-manager-embedded`, the stanza of `signet spire-plugin key-manager --embedded` on a configuration of its
+/// own ([`EmbeddedPlugin`]).
+fn stanza_maker(
+    endpoint: String,
+    bundle: PathBuf,
+    embedded: EmbeddedPlugin,
+) -> Result<StanzaMaker, super::CliError> {
     let (exe, checksum) = super::spire::this_program()?;
+    let made = AtomicU64::new(0);
     Ok(Box::new(
         move |setup: SpireSetup, token: &pb::CreateJoinTokenResponse, cred_dir: &Path| {
             let (kind, arg) = match setup {
                 SpireSetup::UpstreamAuthority => ("UpstreamAuthority", "upstream-authority"),
                 SpireSetup::KeyManager => ("KeyManager", "key-manager"),
+                SpireSetup::KeyManagerEmbedded => {
+                    let n = made.fetch_add(1, Ordering::Relaxed);
+                    let config =
+                        embedded.write_config(cred_dir, &format!("signet-bench-embedded-{n}"))?;
+                    return Ok(super::spire::embedded_stanza(
+                        "KeyManager",
+                        "key-manager",
+                        &exe,
+                        &checksum,
+                        &config,
+                    ));
+                }
                 SpireSetup::Memory => return Err("SPIRE alone has no signet plug-in".into()),
             };
             Ok(super::spire::Stanza {

@@ -173,6 +173,26 @@ impl Stanza<'_> {
     }
 }
 
+/// The stanza of a plug-in running its own appliance (`signet spire-plugin <arg> --embedded <config>`): no
+/// endpoint, credential or join token (the appliance in the plug-in's process is its own).
+pub(super) fn embedded_stanza(
+    kind: &str,
+    arg: &str,
+    exe: &Path,
+    checksum: &str,
+    config: &Path,
+) -> String {
+    let path = |p: &Path| hcl(&p.to_string_lossy());
+    format!(
+        "{kind} \"signet\" {{\n  plugin_cmd      = {exe}\n  plugin_args     = [\"spire-plugin\", {arg}, \"--embedded\", \
+         {config}]\n  plugin_checksum = {sum}\n  plugin_data {{}}\n}}\n",
+        exe = path(exe),
+        arg = hcl(arg),
+        config = path(config),
+        sum = hcl(checksum),
+    )
+}
+
 fn config(conn: &Connection, args: ConfigArgs) -> Result<(), CliError> {
     let (exe, checksum) = this_program()?;
     let spiffe_id = match args.spiffe_id {
@@ -265,5 +285,46 @@ mod tests {
     fn hcl_strings_are_escaped() {
         assert_eq!(hcl("/a/b"), "\"/a/b\"");
         assert_eq!(hcl("a\"b\\c"), "\"a\\\"b\\\\c\"");
+    }
+
+    /// The embedded stanza is HCL SPIRE reads: the plug-in's arguments end with `--embedded` and the configuration,
+    /// whatever characters its path holds.
+    #[test]
+    fn embedded_stanza_is_hcl_with_the_config_as_last_argument() {
+        let text = embedded_stanza(
+            "KeyManager",
+            "key-manager",
+            Path::new("/opt/signet/bin/signet"),
+            "ab12",
+            Path::new("/tmp/a \"b\"/embedded.toml"),
+        );
+        let body: hcl::Body = hcl::from_str(&text).unwrap();
+        let block = body.blocks().next().unwrap();
+        assert_eq!(block.identifier(), "KeyManager");
+        let args = block
+            .body()
+            .attributes()
+            .find(|a| a.key() == "plugin_args")
+            .unwrap();
+        let hcl::Expression::Array(args) = args.expr() else {
+            panic!("plugin_args is not a list: {text}");
+        };
+        let args: Vec<String> = args
+            .iter()
+            .map(|e| match e {
+                hcl::Expression::String(s) => s.clone(),
+                other => panic!("{other:?} in plugin_args: {text}"),
+            })
+            .collect();
+        assert_eq!(
+            args,
+            [
+                "spire-plugin",
+                "key-manager",
+                "--embedded",
+                "/tmp/a \"b\"/embedded.toml"
+            ]
+        );
+        assert!(text.contains("plugin_data {}"), "{text}");
     }
 }

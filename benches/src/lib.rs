@@ -97,6 +97,10 @@ pub struct InProcess {
     pub sessions: usize,
     /// CPU pool threads (0: signet's default).
     pub cpu_threads: usize,
+    /// `[server] audit_sync`: the audit line synced to the disk before each answer (signet's default).
+    pub audit_sync: bool,
+    /// `[pipeline] verify_after_sign`: `always` (signet's default), `never` or `1/N`.
+    pub verify_after_sign: String,
     /// A fresh data directory.
     pub data_dir: PathBuf,
     /// For SPIRE's plug-ins: a bootstrap port (join tokens), and [`Started::spire_stanza`].
@@ -235,6 +239,14 @@ pub struct BenchArgs {
     /// In process: CPU pool threads (0: signet's default).
     #[arg(long, default_value_t = 0)]
     pub cpu_threads: usize,
+    /// In process (and the `key-manager-embedded` plug-in's appliance): `[server] audit_sync`, whether each audit
+    /// line is synced to the disk (`fdatasync`) before the answer; `false` measures what that durability costs.
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    pub audit_sync: bool,
+    /// In process (and the `key-manager-embedded` plug-in's appliance): `[pipeline] verify_after_sign`, the
+    /// post-sign check of KeyManager digest signatures: `always` (signet's default), `never` or `1/N` (sampled).
+    #[arg(long, default_value = "always", value_name = "always|never|1/N")]
+    pub verify_after_sign: String,
 
     /// The RPC to drive.
     #[arg(long, value_enum, default_value_t = Workload::X509)]
@@ -569,6 +581,16 @@ fn check_load_flags(args: &BenchArgs) -> Result<(), String> {
     if args.check_rate.is_some_and(|f| !(0.0..=1.0).contains(&f)) {
         return Err("--check-rate is a fraction between 0 and 1".into());
     }
+    let sampled = args
+        .verify_after_sign
+        .strip_prefix("1/")
+        .is_some_and(|n| n.parse::<u32>().is_ok_and(|n| n >= 1));
+    if !sampled && !matches!(args.verify_after_sign.as_str(), "always" | "never") {
+        return Err(format!(
+            "--verify-after-sign {:?}: use always, never or 1/N (N at least 1)",
+            args.verify_after_sign
+        ));
+    }
     if let Some(p) = &args.plot {
         report::PlotFormat::of(p)?;
     }
@@ -650,6 +672,8 @@ async fn run_signet(
                         mode: args.mode,
                         sessions: args.sessions,
                         cpu_threads: args.cpu_threads,
+                        audit_sync: args.audit_sync,
+                        verify_after_sign: args.verify_after_sign.clone(),
                         data_dir: data_dir.path().to_path_buf(),
                         spire_plugins: false,
                     }))
@@ -1088,6 +1112,8 @@ impl Appliance {
                 mode,
                 sessions: args.sessions,
                 cpu_threads: args.cpu_threads,
+                audit_sync: args.audit_sync,
+                verify_after_sign: args.verify_after_sign.clone(),
                 data_dir: dir.path().to_path_buf(),
                 spire_plugins,
             }))

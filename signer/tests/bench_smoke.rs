@@ -408,8 +408,9 @@ fn bench_spire_jwt_svids_verify_with_signet_as_key_manager() {
 
 /// `--spire-setups key-manager,key-manager-embedded --token softhsm`: SPIRE's KeyManager on the bench's appliance
 /// over the network, then on the plug-in's own appliance in its process (`--embedded`, a SoftHSM2 token of its
-/// own): the X509-SVIDs of both chain to the bundle SPIRE publishes. On hsm-sim the embedded set-up is refused
-/// with a message that names the token it needs.
+/// own), both with the audit and post-sign settings of the flags (named in the table): the X509-SVIDs of both chain
+/// to the bundle SPIRE publishes. On hsm-sim the embedded set-up is refused with a message that names the token it
+/// needs, and a post-sign setting signet does not know is refused before anything starts.
 #[test]
 fn bench_spire_key_manager_embedded_on_softhsm() {
     let Some(bin) = spire_bin_dir() else { return };
@@ -423,6 +424,10 @@ fn bench_spire_key_manager_embedded_on_softhsm() {
         "softhsm",
         "--spire-setups",
         "key-manager,key-manager-embedded",
+        "--audit-sync",
+        "false",
+        "--verify-after-sign",
+        "1/4",
         "--spire-bin-dir",
         bin.to_str().unwrap(),
         "--concurrency",
@@ -444,10 +449,12 @@ fn bench_spire_key_manager_embedded_on_softhsm() {
     let setups: Vec<&str> = runs.iter().map(|r| r["setup"].as_str().unwrap()).collect();
     assert_eq!(setups, ["key-manager", "key-manager-embedded"]);
     assert_runs(runs, 12);
-    assert!(
-        text.contains("SPIRE + signet KeyManager --embedded"),
-        "{text}"
-    );
+    for want in [
+        "SPIRE + signet KeyManager --embedded",
+        "audit_sync = false, verify_after_sign = \"1/4\"",
+    ] {
+        assert!(text.contains(want), "{want} missing from:\n{text}");
+    }
 
     let (out, _) = bench(&[
         "--target",
@@ -463,6 +470,24 @@ fn bench_spire_key_manager_embedded_on_softhsm() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(err.contains("add --token softhsm"), "{err}");
+
+    let (out, _) = bench(&[
+        "--target",
+        "spire",
+        "--verify-after-sign",
+        "1/0",
+        "--spire-bin-dir",
+        bin.to_str().unwrap(),
+        "--requests",
+        "1",
+        "--quiet",
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains("--verify-after-sign \"1/0\": use always, never or 1/N"),
+        "{err}"
+    );
 }
 
 /// `--target cfssl`: Debian's `cfssl serve` (installed by scripts/test) beside signet's delegated and direct modes,

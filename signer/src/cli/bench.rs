@@ -70,6 +70,8 @@ async fn start(spec: InProcess) -> Result<Started, String> {
         None
     };
     cfg.pipeline.cpu_threads = spec.cpu_threads;
+    cfg.server.audit_sync = spec.audit_sync;
+    cfg.pipeline.verify_after_sign = spec.verify_after_sign.clone();
     cfg.authority.x509.mode = match spec.mode {
         Mode::Direct => ModeSetting::Direct,
         Mode::Delegated => ModeSetting::Delegated,
@@ -146,16 +148,28 @@ async fn start(spec: InProcess) -> Result<Started, String> {
         cert_pem: read(&p.admin_cert)?,
         key_pem: read(&p.admin_key)?,
     };
-    let description = format!(
+    let mut description = format!(
         "in-process appliance, {:?} mode, {what}, {} sessions",
         spec.mode, spec.sessions
     )
     .to_lowercase();
+    // Settings away from signet's defaults are named, so a table says what it measured.
+    if !spec.audit_sync {
+        description.push_str(", audit_sync = false");
+    }
+    if spec.verify_after_sign != "always" {
+        description.push_str(&format!(
+            ", verify_after_sign = {:?}",
+            spec.verify_after_sign
+        ));
+    }
     let trust_domain = app.trust_domain().clone();
     let spire_stanza = if spec.spire_plugins {
         let embedded = EmbeddedPlugin {
             trust_domain: trust_domain.to_string(),
             sessions: spec.sessions,
+            audit_sync: spec.audit_sync,
+            verify_after_sign: spec.verify_after_sign.clone(),
         };
         Some(
             stanza_maker(app.addr().to_string(), p.bundle.clone(), embedded)
@@ -181,10 +195,12 @@ async fn start(spec: InProcess) -> Result<Started, String> {
 }
 
 /// What the `key-manager-embedded` set-up's plug-in runs: an appliance of its own, of the bench's trust domain, on
-/// a fresh SoftHSM2 token of its own with as many sessions as the bench's.
+/// a fresh SoftHSM2 token of its own with as many sessions as the bench's and its audit and post-sign settings.
 struct EmbeddedPlugin {
     trust_domain: String,
     sessions: usize,
+    audit_sync: bool,
+    verify_after_sign: String,
 }
 
 impl EmbeddedPlugin {
@@ -203,13 +219,16 @@ impl EmbeddedPlugin {
         let text = format!(
             "trust_domain = {td_q}\ndata_dir = {data}\n\n[[tokens]]\nname = \"softhsm\"\nmodule = {module}\n\
              token = {label_q}\npin = {{ file = {pin} }}\nsessions = {sessions}\n\n[[policy]]\n\
-             caller = \"spiffe://{td}/signet/admin\"\nmay = [\"key-manager\"]\n",
+             caller = \"spiffe://{td}/signet/admin\"\nmay = [\"key-manager\"]\n\n[server]\n\
+             audit_sync = {audit_sync}\n\n[pipeline]\nverify_after_sign = {verify}\n",
             td_q = toml::Value::String(td.clone()),
             data = quoted(&dir.join("embedded-data")),
             module = quoted(&token.module),
             label_q = toml::Value::String(token.label.clone()),
             pin = quoted(&pin),
             sessions = self.sessions,
+            audit_sync = self.audit_sync,
+            verify = toml::Value::String(self.verify_after_sign.clone()),
         );
         let path = dir.join("embedded.toml");
         std::fs::write(&path, text).map_err(|e| format!("writing {}: {e}", path.display()))?;

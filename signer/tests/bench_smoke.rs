@@ -318,15 +318,10 @@ fn assert_runs(runs: &[serde_json::Value], want: u64) {
     }
 }
 
-/// `--target spire` against the real spire-server: SPIRE alone, with signet as its KeyManager and as its
-/// UpstreamAuthority. 2 agents attested with join tokens ask BatchNewX509SVID 4 times in all, each time for the
-/// agent's 3 entries: 12 X509-SVIDs per set-up, each checked against the bundle SPIRE publishes (with signet as UpstreamAuthority
-/// that bundle is signet's root, and the SVIDs chain through SPIRE's CA to it). Ratios are to SPIRE alone, and
-/// SPIRE's CPU time per SVID is read from /proc.
-#[test]
-fn bench_spire_issues_svids_that_verify_in_every_setup() {
-    let Some(bin) = spire_bin_dir() else { return };
-    let (out, doc) = bench(&[
+/// A short `--target spire` run on SPIRE's binaries in `bin`: 2 agents, 3 entries each, 4 requests in all, plus
+/// `extra`. It must succeed; returns its output (stdout and stderr) and its JSON document.
+fn small_spire_bench(bin: &std::path::Path, extra: &[&str]) -> (String, serde_json::Value) {
+    let mut args = vec![
         "--target",
         "spire",
         "--spire-bin-dir",
@@ -338,14 +333,27 @@ fn bench_spire_issues_svids_that_verify_in_every_setup() {
         "--requests",
         "4",
         "--quiet",
-    ]);
+    ];
+    args.extend_from_slice(extra);
+    let (out, doc) = bench(&args);
     let text = format!(
         "{}{}",
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(out.status.success(), "{text}");
-    let doc = doc.expect("the JSON document");
+    (text, doc.expect("the JSON document"))
+}
+
+/// `--target spire` against the real spire-server: SPIRE alone, with signet as its KeyManager and as its
+/// UpstreamAuthority. 2 agents attested with join tokens ask BatchNewX509SVID 4 times in all, each time for the
+/// agent's 3 entries: 12 X509-SVIDs per set-up, each checked against the bundle SPIRE publishes (with signet as UpstreamAuthority
+/// that bundle is signet's root, and the SVIDs chain through SPIRE's CA to it). Ratios are to SPIRE alone, and
+/// SPIRE's CPU time per SVID is read from /proc.
+#[test]
+fn bench_spire_issues_svids_that_verify_in_every_setup() {
+    let Some(bin) = spire_bin_dir() else { return };
+    let (text, doc) = small_spire_bench(&bin, &[]);
     assert_eq!(doc["workload"], "x509");
     assert!(
         doc["spire_version"].as_str().unwrap().starts_with("1.15.3"),
@@ -417,34 +425,19 @@ fn bench_spire_key_manager_embedded_on_softhsm() {
     if !signet_pkcs11::testing::softhsm_available("bench_spire_key_manager_embedded_on_softhsm") {
         return;
     }
-    let (out, doc) = bench(&[
-        "--target",
-        "spire",
-        "--token",
-        "softhsm",
-        "--spire-setups",
-        "key-manager,key-manager-embedded",
-        "--audit-sync",
-        "false",
-        "--verify-after-sign",
-        "1/4",
-        "--spire-bin-dir",
-        bin.to_str().unwrap(),
-        "--concurrency",
-        "2",
-        "--batch",
-        "3",
-        "--requests",
-        "4",
-        "--quiet",
-    ]);
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+    let (text, doc) = small_spire_bench(
+        &bin,
+        &[
+            "--token",
+            "softhsm",
+            "--spire-setups",
+            "key-manager,key-manager-embedded",
+            "--audit-sync",
+            "false",
+            "--verify-after-sign",
+            "1/4",
+        ],
     );
-    assert!(out.status.success(), "{text}");
-    let doc = doc.expect("the JSON document");
     let runs = doc["runs"].as_array().unwrap();
     let setups: Vec<&str> = runs.iter().map(|r| r["setup"].as_str().unwrap()).collect();
     assert_eq!(setups, ["key-manager", "key-manager-embedded"]);
@@ -456,38 +449,25 @@ fn bench_spire_key_manager_embedded_on_softhsm() {
         assert!(text.contains(want), "{want} missing from:\n{text}");
     }
 
-    let (out, _) = bench(&[
-        "--target",
-        "spire",
-        "--spire-setups",
-        "key-manager-embedded",
-        "--spire-bin-dir",
-        bin.to_str().unwrap(),
-        "--requests",
-        "1",
-        "--quiet",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert!(err.contains("add --token softhsm"), "{err}");
-
-    let (out, _) = bench(&[
-        "--target",
-        "spire",
-        "--verify-after-sign",
-        "1/0",
-        "--spire-bin-dir",
-        bin.to_str().unwrap(),
-        "--requests",
-        "1",
-        "--quiet",
-    ]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{err}");
-    assert!(
-        err.contains("--verify-after-sign \"1/0\": use always, never or 1/N"),
-        "{err}"
-    );
+    // Refused before anything starts, each with a message that says what to change.
+    for (flags, want) in [
+        (
+            &["--spire-setups", "key-manager-embedded"][..],
+            "add --token softhsm",
+        ),
+        (
+            &["--verify-after-sign", "1/0"][..],
+            "--verify-after-sign \"1/0\": use always, never or 1/N",
+        ),
+    ] {
+        let mut args = vec!["--target", "spire", "--requests", "1", "--quiet"];
+        args.extend_from_slice(&["--spire-bin-dir", bin.to_str().unwrap()]);
+        args.extend_from_slice(flags);
+        let (out, _) = bench(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{flags:?}: {err}");
+        assert!(err.contains(want), "{flags:?}: {err}");
+    }
 }
 
 /// `--target cfssl`: Debian's `cfssl serve` (installed by scripts/test) beside signet's delegated and direct modes,

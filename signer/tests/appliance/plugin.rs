@@ -20,7 +20,7 @@ use x509_parser::prelude::FromDer as _;
 
 use crate::support::bed::*;
 use crate::support::wait::{wait_for_async, wait_until_async};
-use crate::support::{free_port, openssl_verify, pem_chain};
+use crate::support::{free_port, openssl_verify};
 
 /// A running plug-in process and a channel to its socket.
 struct PluginProcess {
@@ -652,26 +652,6 @@ async fn key_manager_plugin_forwards_to_keys_on_the_token() {
     bed.stop().await;
 }
 
-/// A credential for `id` with lifetime `ttl_seconds`, minted with the admin credential.
-async fn short_credential(bed: &Bed, id: &str, ttl_seconds: i64) -> Credential {
-    let mut c = signet_proto::signet::v1::issuer_client::IssuerClient::new(
-        bed.channel(Some(&bed.admin())).await,
-    );
-    let (csr, kp) = csr_for(id);
-    let r = c
-        .batch_mint_x509svid(signet_proto::signet::v1::BatchMintX509svidRequest {
-            requests: vec![signet_proto::signet::v1::X509svidRequest { csr, ttl_seconds }],
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let svid = expect_svid(r.results.into_iter().next().unwrap());
-    Credential {
-        chain_pem: pem_chain(&svid.cert_chain),
-        key_pem: kp.serialize_pem(),
-    }
-}
-
 async fn configure(p: &PluginProcess, data: String) -> Result<(), tonic::Status> {
     cfg::config_client::ConfigClient::new(p.channel.clone())
         .configure(cfg::ConfigureRequest {
@@ -691,7 +671,7 @@ async fn the_plugin_renews_its_credential_without_a_failed_call() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let spire = short_credential(&bed, SPIRE_A, 12).await;
+    let spire = bed.credential_lasting(SPIRE_A, 12).await;
     let data = plugin_data(&bed, &spire, dir.path(), bed.app.addr()) + "svid_ttl = \"12s\"\n";
     let p = PluginProcess::start("key-manager", "KeyManager", dir.path());
     let _broker =
@@ -988,7 +968,7 @@ async fn the_plugin_takes_its_credential_from_a_workload_api() {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let first = short_credential(&bed, SPIRE_A, 6).await;
+    let first = bed.credential_lasting(SPIRE_A, 6).await;
     let (tx, rx) = tokio::sync::watch::channel(Some(workload_response(&first, &bed.roots_pem())));
     let socket = dir.path().join("agent.sock");
     let listener = tokio::net::UnixListener::bind(&socket).unwrap();
@@ -1016,7 +996,7 @@ async fn the_plugin_takes_its_credential_from_a_workload_api() {
         .unwrap_or_else(|e| panic!("{e:?}\n{}", p.log()));
     generate_and_sign(&p.channel).await;
     // The agent rotates the SVID.
-    let second = short_credential(&bed, SPIRE_A, 3600).await;
+    let second = bed.credential_lasting(SPIRE_A, 3600).await;
     tx.send(Some(workload_response(&second, &bed.roots_pem())))
         .unwrap();
     wait_for_async(

@@ -304,14 +304,16 @@ impl Bed {
 
     /// An X509-SVID for `id`, minted through the Issuer API with the admin credential.
     pub async fn credential_for(&self, id: &str) -> Credential {
+        self.credential_lasting(id, 3600).await
+    }
+
+    /// [`credential_for`](Self::credential_for) with a lifetime of `ttl_seconds`.
+    pub async fn credential_lasting(&self, id: &str, ttl_seconds: i64) -> Credential {
         let mut c = IssuerClient::new(self.channel(Some(&self.admin())).await);
         let (csr, kp) = csr_for(id);
         let r = c
             .batch_mint_x509svid(pb::BatchMintX509svidRequest {
-                requests: vec![pb::X509svidRequest {
-                    csr,
-                    ttl_seconds: 3600,
-                }],
+                requests: vec![pb::X509svidRequest { csr, ttl_seconds }],
             })
             .await
             .unwrap()
